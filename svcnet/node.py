@@ -1,0 +1,92 @@
+"""``svcnet node``: one process per node running the overlay, the proxy and/or DNS.
+
+They share one store connection and one informer per resource (``InformerFactory``), so a
+node with all three opens one watch per kind, not three.
+
+A component module exposes ``add_node_arguments(parser)`` and ``node_component(args)``
+returning an object with ``name`` and ``async run(factory, store)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import signal
+from typing import Any, Protocol
+
+from svcnet.store.base import Store
+from svcnet.store.open import add_store_arguments, store_from_args
+from svcnet.watch import InformerFactory
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = {
+    "overlay": "svcnet.cni.overlay.daemon",
+    "proxy": "svcnet.proxy.daemon",
+    "dns": "svcnet.dns.daemon",
+}
+
+
+class Component(Protocol):
+    name: str
+
+    async def run(self, factory: InformerFactory, store: Store) -> None: ...
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser("node", help="run the node daemon")
+    add_store_arguments(p)
+    for name in COMPONENTS:
+        p.add_argument(f"--{name}", action="store_true", help=f"run the {name} component")
+    for module in _component_modules():
+        module.add_node_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def _component_modules() -> list[Any]:
+    modules = []
+    for path in COMPONENTS.values():
+        try:
+            modules.append(importlib.import_module(path))
+        except ModuleNotFoundError as err:
+            if err.name != path:
+                raise
+    return modules
+
+
+def _run(args: argparse.Namespace) -> int:
+    wanted = [name for name in COMPONENTS if getattr(args, name)]
+    if not wanted:
+        from svcnet.cli import UsageError
+
+        raise UsageError("svcnet node: choose at least one of --overlay, --proxy, --dns")
+    asyncio.run(run_node(args, wanted))
+    return 0
+
+
+async def run_node(args: argparse.Namespace, wanted: list[str]) -> None:
+    store = store_from_args(args)
+    factory = InformerFactory(store)
+    components: list[Component] = [
+        importlib.import_module(COMPONENTS[name]).node_component(args) for name in wanted
+    ]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks: list[asyncio.Task[Any]] = [
+        asyncio.create_task(c.run(factory, store), name=c.name) for c in components
+    ]
+    factory.start()
+    stopper: asyncio.Task[Any] = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    for task in [*tasks, stopper]:
+        task.cancel()
+    await asyncio.gather(*tasks, stopper, return_exceptions=True)
+    await factory.stop()
+    await store.close()
+    failed = [t for t in done if t is not stopper and not t.cancelled() and t.exception()]
+    if failed:
+        raise RuntimeError(f"component {failed[0].get_name()} failed") from failed[0].exception()

@@ -1,0 +1,296 @@
+"""List-then-watch informers, the one way svcnet learns about cluster objects.
+
+Layered like kopf's watcher, each layer one async generator:
+
+1. ``Store.watch``: one stream of raw events from one revision;
+2. ``changes``: list, then watch from the list's revision; re-watch from the last revision
+   after a timeout or a dropped stream (with capped, jittered backoff); relist on ``Expired``;
+3. ``Informer.run``: decodes raw objects into records (the only place that happens), keeps
+   the cache, and calls handlers in order. After a relist it reconciles the cache with the
+   listing, so an object deleted while the watch was away is still delivered as a delete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from svcnet.model import EndpointSlice, InvalidObject, Kind, Node, Pod, Service
+from svcnet.store.base import (
+    NO_SELECTOR,
+    Event,
+    EventType,
+    Expired,
+    RawObject,
+    Selector,
+    Store,
+    StoreError,
+)
+from svcnet.watch import metrics
+from svcnet.watch.cache import Cache, by_service_name
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R", Service, EndpointSlice, Node, Pod)
+R_contra = TypeVar("R_contra", Service, EndpointSlice, Node, Pod, contravariant=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """A complete listing: the informer replaces its view of the world with ``items``."""
+
+    items: list[RawObject]
+    revision: str
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter; reset after a success."""
+
+    def __init__(self, base: float = 0.1, cap: float = 10.0) -> None:
+        self.base = base
+        self.cap = cap
+        self._attempt = 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.base * (2**self._attempt))
+        self._attempt += 1
+        return random.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+
+async def changes(
+    store: Store, kind: Kind[Any], *, selector: Selector = NO_SELECTOR,
+    backoff: Backoff | None = None,
+) -> AsyncIterator[Listed | Event]:
+    """Endless list-then-watch: yields ``Listed`` after every (re)list, then events."""
+    backoff = backoff or Backoff()
+    revision: str | None = None
+    reason = "initial"
+    while True:
+        try:
+            if revision is None:
+                listing = await store.list(kind, selector=selector)
+                metrics.RELISTS.labels(kind.name, reason).inc()
+                revision = listing.revision
+                yield Listed(listing.items, listing.revision)
+                backoff.reset()
+            started, seen = time.monotonic(), 0
+            async for event in store.watch(kind, revision=revision, selector=selector):
+                if event.revision:
+                    revision = event.revision
+                seen += 1
+                yield event
+            metrics.RESTARTS.labels(kind.name, "closed").inc()
+            if not seen and time.monotonic() - started < 1.0:
+                await asyncio.sleep(backoff.next())
+        except Expired as err:
+            log.info("watch %s expired (%s); relisting", kind.name, err)
+            revision, reason = None, "expired"
+        except (TimeoutError, StoreError, OSError) as err:
+            metrics.RESTARTS.labels(kind.name, "error").inc()
+            delay = backoff.next()
+            log.warning("watch %s failed: %s; retrying in %.2fs", kind.name, err, delay)
+            if revision is None:
+                reason = "error"
+            await asyncio.sleep(delay)
+
+
+class Handler(Protocol[R_contra]):
+    """Receives changes in order per object. Methods may be plain or ``async``."""
+
+    def on_add(self, obj: R_contra) -> Awaitable[None] | None: ...
+
+    def on_update(self, old: R_contra, new: R_contra) -> Awaitable[None] | None: ...
+
+    def on_delete(self, obj: R_contra) -> Awaitable[None] | None: ...
+
+
+@dataclass(slots=True)
+class Callbacks(Generic[R]):
+    """A ``Handler`` made of optional functions; ``on_change`` gets (old, new), None = absent."""
+
+    on_change: Callable[[R | None, R | None], Awaitable[None] | None]
+
+    def on_add(self, obj: R) -> Awaitable[None] | None:
+        return self.on_change(None, obj)
+
+    def on_update(self, old: R, new: R) -> Awaitable[None] | None:
+        return self.on_change(old, new)
+
+    def on_delete(self, obj: R) -> Awaitable[None] | None:
+        return self.on_change(obj, None)
+
+
+class Informer(Generic[R]):
+    """One resource's list/watch loop, cache and handlers. Share it via ``InformerFactory``."""
+
+    def __init__(
+        self, store: Store, kind: Kind[R], *, selector: Selector = NO_SELECTOR,
+        resync_period: float = 0.0, backoff: Backoff | None = None,
+    ) -> None:
+        self.store = store
+        self.kind: Kind[R] = kind
+        self.selector = selector
+        self.resync_period = resync_period
+        self.cache: Cache[R] = Cache()
+        self.synced = asyncio.Event()
+        self.revision = ""
+        self._handlers: list[Handler[R]] = []
+        self._backoff = backoff or Backoff()
+        self._task: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Future[None]] = set()
+
+    def add_handler(self, handler: Handler[R]) -> None:
+        """Register a handler; it first receives an add for every object already cached."""
+        self._handlers.append(handler)
+        for obj in self.cache.values():
+            self._schedule(handler.on_add(obj))
+
+    def start(self) -> asyncio.Task[None]:
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name=f"informer-{self.kind.name}")
+        return self._task
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def wait_synced(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self.synced.wait(), timeout)
+
+    async def run(self) -> None:
+        resync = (
+            asyncio.create_task(self._resync_loop()) if self.resync_period > 0 else None
+        )
+        try:
+            async for change in changes(
+                self.store, self.kind, selector=self.selector, backoff=self._backoff
+            ):
+                if isinstance(change, Listed):
+                    await self._replace(change)
+                    self.synced.set()
+                else:
+                    await self._apply(change)
+                self.revision = change.revision
+                metrics.LAST_EVENT.labels(self.kind.name).set(time.time())
+                metrics.CACHED.labels(self.kind.name).set(len(self.cache))
+        finally:
+            if resync is not None:
+                resync.cancel()
+
+    async def _replace(self, listing: Listed) -> None:
+        seen: set[str] = set()
+        for raw in listing.items:
+            seen.add(raw.key)
+            obj = self._decode(raw)
+            if obj is not None:
+                await self._upsert(raw.key, obj)
+        for key in self.cache.keys_snapshot():
+            if key not in seen:
+                await self._remove(key)
+
+    async def _apply(self, event: Event) -> None:
+        metrics.EVENTS.labels(self.kind.name, event.type.value).inc()
+        raw = event.obj
+        if event.type is EventType.BOOKMARK or raw is None:
+            return
+        if event.type is EventType.DELETED:
+            await self._remove(raw.key)
+            return
+        obj = self._decode(raw)
+        if obj is not None:
+            await self._upsert(raw.key, obj)
+
+    def _decode(self, raw: RawObject) -> R | None:
+        try:
+            return self.kind.decode(raw.data)
+        except InvalidObject as err:
+            metrics.REJECTED.labels(self.kind.name).inc()
+            log.error("rejected %s; keeping its last good version: %s", raw.key, err)
+            return None
+
+    async def _upsert(self, key: str, obj: R) -> None:
+        old = self.cache.upsert(key, obj)
+        if old is None:
+            for h in self._handlers:
+                await self._call(h.on_add(obj))
+        elif old.metadata.resource_version != obj.metadata.resource_version or (
+            not obj.metadata.resource_version and old != obj
+        ):
+            for h in self._handlers:
+                await self._call(h.on_update(old, obj))
+
+    async def _remove(self, key: str) -> None:
+        old = self.cache.remove(key)
+        if old is not None:
+            for h in self._handlers:
+                await self._call(h.on_delete(old))
+
+    async def _resync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.resync_period)
+            for obj in self.cache.values():
+                for h in self._handlers:
+                    await self._call(h.on_update(obj, obj))
+
+    async def _call(self, result: Awaitable[None] | None) -> None:
+        if result is None or not inspect.isawaitable(result):
+            return
+        try:
+            await result
+        except Exception:
+            log.exception("%s handler failed", self.kind.name)
+
+    def _schedule(self, result: Awaitable[None] | None) -> None:
+        if result is not None and inspect.isawaitable(result):
+            task = asyncio.ensure_future(self._call(result))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+
+class InformerFactory:
+    """One informer per (kind, selector) per process, shared by proxy, DNS and overlay."""
+
+    def __init__(self, store: Store, *, resync_period: float = 0.0) -> None:
+        self.store = store
+        self.resync_period = resync_period
+        self._informers: dict[tuple[str, Selector], Informer[Any]] = {}
+
+    def informer(self, kind: Kind[R], *, selector: Selector = NO_SELECTOR) -> Informer[R]:
+        key = (kind.name, selector)
+        inf = self._informers.get(key)
+        if inf is None:
+            inf = Informer(self.store, kind, selector=selector, resync_period=self.resync_period)
+            if kind.name == "EndpointSlice":
+                inf.cache.add_index("service", by_service_name)
+            self._informers[key] = inf
+        return inf
+
+    def start(self) -> None:
+        for inf in self._informers.values():
+            inf.start()
+
+    async def wait_for_sync(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(
+            asyncio.gather(*(inf.synced.wait() for inf in self._informers.values())), timeout
+        )
+
+    @property
+    def synced(self) -> bool:
+        return all(inf.synced.is_set() for inf in self._informers.values())
+
+    async def stop(self) -> None:
+        for inf in self._informers.values():
+            await inf.stop()
