@@ -1,0 +1,418 @@
+"""The proxy's desired state: what every service port should do on this node, as frozen data.
+
+Computed once from the watch cache and shared by every backend (iptables, nftables, IPVS),
+which only render it. The rules follow kube-proxy (``pkg/proxy``: service and endpoints
+change trackers, ``topology.go`` CategorizeEndpoints):
+
+- one ``ServicePortState`` per service port per IP family, holding its frontends (ClusterIP,
+  NodePort on each configured node address, externalIPs, LoadBalancer ingress IPs except
+  ``ipMode: Proxy``) and the endpoints internal and external traffic may use;
+- ready endpoints; serving+terminating ones only when none is ready;
+- ``internalTrafficPolicy``/``externalTrafficPolicy: Local`` use node-local endpoints only;
+- topology hints (forNodes, then forZones) only when every ready endpoint has one and one
+  matches this node;
+- headless, ExternalName and ``service.kubernetes.io/service-proxy-name`` services are skipped.
+
+``ChangeTracker`` keeps {previous, current} per service port; ``drain`` recomputes only the
+services whose objects changed and returns what changed.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from svcnet.model import Endpoint, EndpointSlice, Service
+
+Family = Literal[4, 6]
+FAMILIES: tuple[Family, ...] = (4, 6)
+
+SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+
+def family_of(ip: str) -> Family:
+    return 6 if ":" in ip else 4
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """What the model needs to know about this node."""
+
+    name: str = ""
+    zone: str = ""
+    # Node addresses NodePorts answer on, per family (already filtered by --nodeport-addresses).
+    nodeport_addresses: tuple[str, ...] = ()
+
+    def addresses(self, family: Family) -> tuple[str, ...]:
+        return tuple(a for a in self.nodeport_addresses if family_of(a) == family)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class PortKey:
+    """One service port in one IP family: the unit of change and of rule rendering."""
+
+    namespace: str
+    name: str
+    port_name: str
+    protocol: str
+    family: Family
+
+    @property
+    def service(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def __str__(self) -> str:
+        port = f":{self.port_name}" if self.port_name else ""
+        return f"{self.namespace}/{self.name}{port}/{self.protocol.lower()}/v{self.family}"
+
+
+class FrontendKind(enum.Enum):
+    CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"
+    EXTERNAL_IP = "ExternalIP"
+    LOAD_BALANCER = "LoadBalancer"
+
+    @property
+    def external(self) -> bool:
+        return self is not FrontendKind.CLUSTER_IP
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Frontend:
+    """An address and port a client connects to."""
+
+    ip: str
+    port: int
+    kind: FrontendKind = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Backend:
+    """One endpoint as the proxy uses it."""
+
+    ip: str
+    port: int
+    local: bool = field(default=False, compare=False)
+    ready: bool = field(default=True, compare=False)
+
+    def __str__(self) -> str:
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePortState:
+    key: PortKey
+    port: int
+    frontends: tuple[Frontend, ...]
+    cluster_endpoints: tuple[Backend, ...] = ()
+    local_endpoints: tuple[Backend, ...] = ()
+    # Any endpoint usable by anyone: distinguishes "no local endpoints" (DROP) from
+    # "no endpoints at all" (REJECT).
+    has_endpoints: bool = False
+    internal_local: bool = False
+    external_local: bool = False
+    affinity_timeout: int = 0
+    source_ranges: tuple[str, ...] = ()
+    health_check_node_port: int = 0
+
+    @property
+    def protocol(self) -> str:
+        return self.key.protocol
+
+    @property
+    def family(self) -> Family:
+        return self.key.family
+
+    @property
+    def internal_endpoints(self) -> tuple[Backend, ...]:
+        """Endpoints for traffic to ClusterIPs."""
+        return self.local_endpoints if self.internal_local else self.cluster_endpoints
+
+    @property
+    def external_endpoints(self) -> tuple[Backend, ...]:
+        """Endpoints for traffic to NodePorts, externalIPs and LoadBalancer IPs."""
+        return self.local_endpoints if self.external_local else self.cluster_endpoints
+
+    def endpoints_for(self, frontend: Frontend) -> tuple[Backend, ...]:
+        return self.external_endpoints if frontend.kind.external else self.internal_endpoints
+
+    @property
+    def all_endpoints(self) -> tuple[Backend, ...]:
+        return tuple(sorted(set(self.cluster_endpoints) | set(self.local_endpoints)))
+
+    @property
+    def local_ready_count(self) -> int:
+        """What a healthCheckNodePort reports (kube-proxy counts local ready endpoints)."""
+        return sum(1 for b in self.local_endpoints if b.ready)
+
+
+# --- computing the state --------------------------------------------------------------------
+
+
+def service_skipped(svc: Service) -> bool:
+    return (
+        svc.spec.type == "ExternalName"
+        or svc.is_headless
+        or not svc.cluster_ips
+        or SERVICE_PROXY_NAME_LABEL in svc.metadata.labels
+    )
+
+
+def _externally_accessible(svc: Service) -> bool:
+    return svc.spec.type in ("NodePort", "LoadBalancer") or bool(svc.spec.external_ips)
+
+
+def service_ports(
+    svc: Service, slices: Iterable[EndpointSlice], node: NodeConfig
+) -> list[ServicePortState]:
+    """Every ``ServicePortState`` of one service on this node (empty if the proxy skips it)."""
+    if service_skipped(svc):
+        return []
+    spec = svc.spec
+    slices = list(slices)
+    external_local = spec.external_traffic_policy == "Local" and _externally_accessible(svc)
+    internal_local = spec.internal_traffic_policy == "Local"
+    lb_ips = (
+        tuple(
+            i.ip for i in svc.status.load_balancer.ingress if i.ip and i.ip_mode != "Proxy"
+        )
+        if spec.type == "LoadBalancer"
+        else ()
+    )
+    out: list[ServicePortState] = []
+    for family in FAMILIES:
+        cluster_ips = [ip for ip in svc.cluster_ips if family_of(ip) == family]
+        if not cluster_ips:
+            continue
+        external_ips = [ip for ip in spec.external_ips if family_of(ip) == family]
+        fam_lb_ips = [ip for ip in lb_ips if family_of(ip) == family]
+        ranges = tuple(
+            r for r in spec.load_balancer_source_ranges if family_of(r.split("/")[0]) == family
+        )
+        for sp in spec.ports:
+            key = PortKey(svc.metadata.namespace, svc.metadata.name, sp.name, sp.protocol, family)
+            frontends = [Frontend(ip, sp.port, FrontendKind.CLUSTER_IP) for ip in cluster_ips]
+            if sp.node_port and spec.type in ("NodePort", "LoadBalancer"):
+                frontends += [
+                    Frontend(a, sp.node_port, FrontendKind.NODE_PORT)
+                    for a in node.addresses(family)
+                ]
+            frontends += [Frontend(ip, sp.port, FrontendKind.EXTERNAL_IP) for ip in external_ips]
+            frontends += [Frontend(ip, sp.port, FrontendKind.LOAD_BALANCER) for ip in fam_lb_ips]
+            endpoints = _endpoints_for_port(slices, family, sp.name, sp.protocol, node)
+            state = ServicePortState(
+                key=key,
+                port=sp.port,
+                frontends=tuple(dict.fromkeys(frontends)),
+                internal_local=internal_local,
+                external_local=external_local,
+                affinity_timeout=svc.affinity_timeout,
+                source_ranges=ranges if fam_lb_ips else (),
+                health_check_node_port=(
+                    spec.health_check_node_port
+                    if external_local and spec.type == "LoadBalancer"
+                    else 0
+                ),
+            )
+            out.append(categorize(state, endpoints, node))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    backend: Backend
+    ready: bool
+    serving: bool
+    terminating: bool
+    zone_hints: frozenset[str]
+    node_hints: frozenset[str]
+
+
+def _endpoints_for_port(
+    slices: list[EndpointSlice], family: Family, port_name: str, protocol: str,
+    node: NodeConfig,
+) -> list[_Candidate]:
+    """Endpoints of the slices' port named like the service port, merged by ip:port."""
+    want = "IPv4" if family == 4 else "IPv6"
+    merged: dict[tuple[str, int], _Candidate] = {}
+    for sl in sorted(slices, key=lambda s: s.metadata.name):
+        if sl.address_type != want:
+            continue
+        port = next(
+            (p.port for p in sl.ports if p.name == port_name and p.protocol == protocol), 0
+        )
+        if not port:
+            continue
+        for ep in sl.endpoints:
+            if not ep.addresses:
+                continue
+            cand = _candidate(ep, port, node)
+            key = (cand.backend.ip, port)
+            old = merged.get(key)
+            if old is None or (cand.ready and not old.ready):
+                merged[key] = cand
+    return [merged[k] for k in sorted(merged)]
+
+
+def _candidate(ep: Endpoint, port: int, node: NodeConfig) -> _Candidate:
+    hints = ep.hints
+    local = bool(node.name) and ep.node_name == node.name
+    return _Candidate(
+        backend=Backend(ep.addresses[0], port, local, ep.ready),
+        ready=ep.ready,
+        serving=ep.serving,
+        terminating=ep.terminating,
+        zone_hints=frozenset(z.name for z in hints.for_zones) if hints else frozenset(),
+        node_hints=frozenset(n.name for n in hints.for_nodes) if hints else frozenset(),
+    )
+
+
+def categorize(
+    state: ServicePortState, endpoints: list[_Candidate], node: NodeConfig
+) -> ServicePortState:
+    """kube-proxy's CategorizeEndpoints: cluster and local endpoint sets for one port."""
+    uses_cluster = not state.internal_local or (
+        not state.external_local and any(f.kind.external for f in state.frontends)
+    )
+    uses_local = state.internal_local or state.external_local
+    has_any = False
+    cluster: list[Backend] = []
+    if uses_cluster:
+        topology = _topology_filter(endpoints, node)
+        cluster = [c.backend for c in endpoints if c.ready and topology(c)]
+        if not cluster:
+            cluster = [c.backend for c in endpoints if c.serving and c.terminating]
+        has_any = bool(cluster)
+    local: list[Backend] = []
+    if uses_local:
+        usable = [c for c in endpoints if c.ready or (c.serving and c.terminating)]
+        has_any = has_any or bool(usable)
+        local = [c.backend for c in usable if c.ready and c.backend.local]
+        if not local:
+            local = [c.backend for c in usable if c.backend.local and c.serving and c.terminating]
+    return replace(
+        state, cluster_endpoints=tuple(cluster), local_endpoints=tuple(local),
+        has_endpoints=has_any,
+    )
+
+
+def _topology_filter(
+    endpoints: list[_Candidate], node: NodeConfig
+) -> Callable[[_Candidate], bool]:
+    """Hints apply only if every ready endpoint carries one and some endpoint matches us."""
+    ready = [c for c in endpoints if c.ready]
+    if not ready:
+        return lambda c: True
+    if node.name and all(c.node_hints for c in ready) and any(
+        node.name in c.node_hints for c in ready
+    ):
+        return lambda c: node.name in c.node_hints
+    if node.zone and all(c.zone_hints for c in ready) and any(
+        node.zone in c.zone_hints for c in ready
+    ):
+        return lambda c: node.zone in c.zone_hints
+    return lambda c: True
+
+
+# --- change tracking --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    previous: ServicePortState | None
+    current: ServicePortState | None
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What one drain found: changed ports, and the complete current state after them."""
+
+    changed: Mapping[PortKey, Change]
+    state: Mapping[PortKey, ServicePortState]
+
+    def __bool__(self) -> bool:
+        return bool(self.changed)
+
+
+ServiceLookup = Callable[[str], Service | None]
+SliceLookup = Callable[[str], list[EndpointSlice]]
+
+
+class ChangeTracker:
+    """Marks services dirty from informer events; ``drain`` turns them into port changes.
+
+    Not thread-safe: call it from the event loop only.
+    """
+
+    def __init__(self, node: NodeConfig) -> None:
+        self._node = node
+        self._dirty: set[str] = set()
+        self._all_dirty = True
+        self._state: dict[PortKey, ServicePortState] = {}
+        self._ports_of: dict[str, set[PortKey]] = {}
+
+    @property
+    def node(self) -> NodeConfig:
+        return self._node
+
+    @property
+    def pending(self) -> bool:
+        return self._all_dirty or bool(self._dirty)
+
+    def set_node(self, node: NodeConfig) -> None:
+        if node != self._node:
+            self._node = node
+            self._all_dirty = True
+
+    def service_changed(self, old: Service | None, new: Service | None) -> None:
+        obj = new or old
+        if obj is not None:
+            self._dirty.add(f"{obj.metadata.namespace}/{obj.metadata.name}")
+
+    def slice_changed(self, old: EndpointSlice | None, new: EndpointSlice | None) -> None:
+        for obj in (old, new):
+            if obj is not None and obj.service_name:
+                self._dirty.add(f"{obj.metadata.namespace}/{obj.service_name}")
+
+    def drain(
+        self, services: ServiceLookup, slices: SliceLookup,
+        all_services: Callable[[], Iterable[str]] | None = None,
+    ) -> Changes:
+        """Recompute dirty services (all of them after ``set_node``) and diff the result."""
+        if self._all_dirty and all_services is not None:
+            keys = set(all_services()) | set(self._ports_of) | self._dirty
+            self._all_dirty = False
+        else:
+            keys = self._dirty
+        self._dirty = set()
+        changed: dict[PortKey, Change] = {}
+        for skey in keys:
+            svc = services(skey)
+            new_ports = (
+                {p.key: p for p in service_ports(svc, slices(skey), self._node)} if svc else {}
+            )
+            for pkey in self._ports_of.get(skey, set()) - new_ports.keys():
+                changed[pkey] = Change(self._state.pop(pkey), None)
+            for pkey, port in new_ports.items():
+                before = self._state.get(pkey)
+                if before != port:
+                    changed[pkey] = Change(before, port)
+                    self._state[pkey] = port
+            if new_ports:
+                self._ports_of[skey] = set(new_ports)
+            else:
+                self._ports_of.pop(skey, None)
+        return Changes(changed, dict(self._state))
+
+    @property
+    def state(self) -> Mapping[PortKey, ServicePortState]:
+        return dict(self._state)
+
+
+def in_cidrs(ip: str, cidrs: Iterable[str]) -> bool:
+    addr = ipaddress.ip_address(ip)
+    return any(addr in ipaddress.ip_network(c, strict=False) for c in cidrs)
