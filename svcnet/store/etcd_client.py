@@ -1,0 +1,513 @@
+"""A small asyncio etcd v3 client over gRPC, with fail-over between cluster members.
+
+Only what svcnet needs: single-key reads and writes, compare-and-swap, paginated prefix
+ranges, prefix watches that resume where they stopped, and leases.
+
+Fail-over rules (the same split as etcd's own clientv3 retry interceptor):
+
+- Reads, watches and lease keep-alives are safe to repeat: on a transient failure the client
+  moves to the next endpoint and tries again, a bounded number of times.
+- Writes are repeated only when the failed attempt provably never reached raft (the connection
+  could not be made, or the member said it has no leader). Otherwise the outcome is unknown
+  and ``Unavailable`` says so; the caller decides.
+- Every request carries etcd's ``hasleader`` metadata, so a member cut off from the quorum
+  fails fast instead of serving stale reads or holding watches that will never fire.
+
+A watch remembers the revision after the last response it delivered and, when its stream
+breaks, re-creates itself on the next member from exactly there: nothing lost, nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from svcnet.store.base import Expired, Invalid, NotFound, StoreError, Unavailable
+from svcnet.store.etcdpb import etcd_pb2 as pb
+from svcnet.store.etcdpb import etcd_pb2_grpc
+
+pb_grpc: Any = etcd_pb2_grpc  # generated without type hints
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_REQUIRE_LEADER = (("hasleader", "true"),)
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    # A restarted member must be usable again within a second or two, not grpc's default
+    # reconnect backoff of up to two minutes.
+    # (Not min_reconnect_backoff_ms: grpc also uses it as the connect timeout.)
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    # Detect a silently dead peer (partition, not a reset) on long-lived watch streams.
+    # etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time).
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.enable_retries", 0),
+]
+# gRPC codes that mean "this member cannot serve you right now": try another.
+_TRANSIENT = frozenset({
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,
+})
+# Error texts proving a write never reached raft, so repeating it elsewhere is safe.
+_NOT_SENT = (
+    "failed to connect",
+    "connection refused",
+    "connections to all backends failing",
+    "etcdserver: no leader",
+    "etcdserver: not capable",
+    "socket closed",
+    "DNS resolution failed",
+)
+_PAGE = 1000
+
+
+class KvEventType(enum.Enum):
+    PUT = "PUT"
+    DELETE = "DELETE"
+
+
+@dataclass(frozen=True, slots=True)
+class KvEvent:
+    """One change to one key. ``mod_revision`` of a DELETE is the deletion's revision."""
+
+    type: KvEventType
+    key: bytes
+    value: bytes
+    mod_revision: int
+    create_revision: int = 0
+    prev_value: bytes | None = None
+    prev_mod_revision: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WatchProgress:
+    """A progress notification: every change up to ``revision`` has been delivered."""
+
+    revision: int
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The ``range_end`` that makes a range cover every key starting with ``prefix``."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return b"\0"  # every key
+
+
+def _details(err: grpc.aio.AioRpcError) -> str:
+    return f"{err.code().name}: {err.details() or ''}"
+
+
+def map_error(err: grpc.aio.AioRpcError, what: str) -> StoreError:
+    """Turn a gRPC failure into the store error that tells the caller what to do next."""
+    code, text = err.code(), err.details() or ""
+    if code is grpc.StatusCode.OUT_OF_RANGE and "compacted" in text:
+        return Expired(f"{what}: {text}")
+    if code is grpc.StatusCode.NOT_FOUND:
+        return NotFound(f"{what}: {text}")
+    if code in _TRANSIENT or code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+        return Unavailable(f"{what}: {_details(err)}")
+    return Invalid(f"{what}: {_details(err)}")
+
+
+def _never_sent(err: grpc.aio.AioRpcError) -> bool:
+    text = (err.details() or "").lower()
+    return err.code() is grpc.StatusCode.UNAVAILABLE and any(
+        marker.lower() in text for marker in _NOT_SENT
+    )
+
+
+class _Member:
+    """One endpoint's channel and stubs, created on first use."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self._channel: grpc.aio.Channel | None = None
+        self._kv: Any = None
+        self._watch: Any = None
+        self._lease: Any = None
+        self._maintenance: Any = None
+
+    def channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.endpoint, options=_CHANNEL_OPTIONS)
+        return self._channel
+
+    @property
+    def kv(self) -> Any:
+        if self._kv is None:
+            self._kv = pb_grpc.KVStub(self.channel())
+        return self._kv
+
+    @property
+    def watch(self) -> Any:
+        if self._watch is None:
+            self._watch = pb_grpc.WatchStub(self.channel())
+        return self._watch
+
+    @property
+    def lease(self) -> Any:
+        if self._lease is None:
+            self._lease = pb_grpc.LeaseStub(self.channel())
+        return self._lease
+
+    @property
+    def maintenance(self) -> Any:
+        if self._maintenance is None:
+            self._maintenance = pb_grpc.MaintenanceStub(self.channel())
+        return self._maintenance
+
+    async def close(self) -> None:
+        channel, self._channel = self._channel, None
+        self._kv = self._watch = self._lease = self._maintenance = None
+        if channel is not None:
+            await channel.close()
+
+
+class EtcdClient:
+    """etcd v3 over one gRPC channel per member; requests go to the current member.
+
+    ``endpoints`` are ``host:port`` strings of members of one cluster. ``timeout`` bounds each
+    request (not watches). Failures raise ``svcnet.store.base`` errors: ``Unavailable`` when no
+    member could answer, ``Expired`` for a compacted revision, ``NotFound``, ``Invalid``.
+    """
+
+    def __init__(self, endpoints: list[str], *, timeout: float = 5.0) -> None:
+        if not endpoints:
+            raise Invalid("etcd: no endpoints given")
+        self._members = [_Member(e) for e in endpoints]
+        self._current = 0
+        self.timeout = timeout
+        self._closed = False
+
+    @property
+    def endpoint(self) -> str:
+        """The member requests and new watches go to now."""
+        return self._members[self._current].endpoint
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self._members]
+
+    # ---- key/value -------------------------------------------------------------------
+
+    async def get(self, key: bytes) -> tuple[bytes, int] | None:
+        """The value and mod_revision of ``key``, or None if it does not exist."""
+        resp = await self._read("get", lambda m: m.kv.Range(
+            pb.RangeRequest(key=key), timeout=self.timeout, metadata=_REQUIRE_LEADER))
+        if not resp.kvs:
+            return None
+        kv = resp.kvs[0]
+        return kv.value, kv.mod_revision
+
+    async def get_prefix(self, prefix: bytes, *, page: int = _PAGE
+                         ) -> tuple[list[tuple[bytes, bytes, int]], int]:
+        """Every (key, value, mod_revision) under ``prefix``, all read at one revision.
+
+        Big ranges are fetched ``page`` keys at a time, each page pinned to the revision of
+        the first, so the result is one consistent snapshot; that revision is returned too.
+        """
+        end = prefix_end(prefix)
+        items: list[tuple[bytes, bytes, int]] = []
+        start, revision = prefix, 0
+        while True:
+            request = pb.RangeRequest(key=start, range_end=end, limit=page, revision=revision)
+            resp = await self._read("range", lambda m, r=request: m.kv.Range(  # type: ignore[misc]
+                r, timeout=self.timeout, metadata=_REQUIRE_LEADER))
+            if revision == 0:
+                revision = resp.header.revision
+            items.extend((kv.key, kv.value, kv.mod_revision) for kv in resp.kvs)
+            if not resp.more or not resp.kvs:
+                return items, revision
+            start = resp.kvs[-1].key + b"\0"
+
+    async def put(self, key: bytes, value: bytes, *, lease: int = 0) -> int:
+        """Write ``key`` unconditionally; returns the new revision."""
+        resp = await self._write("put", lambda m: m.kv.Put(
+            pb.PutRequest(key=key, value=value, lease=lease),
+            timeout=self.timeout, metadata=_REQUIRE_LEADER))
+        return int(resp.header.revision)
+
+    async def create(self, key: bytes, value: bytes, *, lease: int = 0) -> bool:
+        """Write ``key`` only if it does not exist; False if it already did."""
+        return await self.create_revision(key, value, lease=lease) is not None
+
+    async def create_revision(self, key: bytes, value: bytes, *, lease: int = 0) -> int | None:
+        """Like ``create``, returning the new revision (None if the key existed)."""
+        txn = pb.TxnRequest(
+            compare=[pb.Compare(key=key, target=pb.Compare.CREATE,
+                                result=pb.Compare.EQUAL, create_revision=0)],
+            success=[pb.RequestOp(request_put=pb.PutRequest(key=key, value=value, lease=lease))],
+        )
+        resp = await self._txn("create", txn)
+        return int(resp.header.revision) if resp.succeeded else None
+
+    async def replace(self, key: bytes, value: bytes, *, expect_mod_revision: int,
+                      lease: int = 0) -> bool:
+        """Write ``key`` only if its mod_revision is still ``expect_mod_revision`` (CAS)."""
+        return await self.replace_revision(
+            key, value, expect_mod_revision=expect_mod_revision, lease=lease) is not None
+
+    async def replace_revision(self, key: bytes, value: bytes, *, expect_mod_revision: int,
+                               lease: int = 0) -> int | None:
+        """Like ``replace``, returning the new revision (None if the key had changed)."""
+        txn = pb.TxnRequest(
+            compare=[pb.Compare(key=key, target=pb.Compare.MOD, result=pb.Compare.EQUAL,
+                                mod_revision=expect_mod_revision)],
+            success=[pb.RequestOp(request_put=pb.PutRequest(key=key, value=value, lease=lease))],
+        )
+        resp = await self._txn("replace", txn)
+        return int(resp.header.revision) if resp.succeeded else None
+
+    async def delete(self, key: bytes) -> bool:
+        """Delete ``key``; False if it did not exist."""
+        return await self.delete_revision(key) is not None
+
+    async def delete_revision(self, key: bytes) -> int | None:
+        """Delete ``key``; the deletion's revision, or None if it did not exist."""
+        resp = await self._write("delete", lambda m: m.kv.DeleteRange(
+            pb.DeleteRangeRequest(key=key), timeout=self.timeout, metadata=_REQUIRE_LEADER))
+        return int(resp.header.revision) if resp.deleted else None
+
+    async def compact(self, revision: int, *, physical: bool = True) -> None:
+        """Drop history before ``revision``; watches from older revisions then expire."""
+        await self._write("compact", lambda m: m.kv.Compact(
+            pb.CompactionRequest(revision=revision, physical=physical),
+            timeout=self.timeout, metadata=_REQUIRE_LEADER))
+
+    async def revision(self) -> int:
+        """The cluster's current revision."""
+        resp = await self._read("revision", lambda m: m.kv.Range(
+            pb.RangeRequest(key=b"\0", count_only=True), timeout=self.timeout,
+            metadata=_REQUIRE_LEADER))
+        return int(resp.header.revision)
+
+    async def member_status(self) -> Any:
+        """The current member's ``StatusResponse`` (leader, raft index, version)."""
+        return await self._read("status", lambda m: m.maintenance.Status(
+            pb.StatusRequest(), timeout=self.timeout))
+
+    async def _txn(self, what: str, txn: Any) -> Any:
+        return await self._write(what, lambda m: m.kv.Txn(
+            txn, timeout=self.timeout, metadata=_REQUIRE_LEADER))
+
+    # ---- leases ----------------------------------------------------------------------
+
+    async def grant_lease(self, ttl: int) -> int:
+        """A new lease of ``ttl`` seconds; keys written with it vanish when it expires."""
+        # Granting twice after an unknown outcome only leaks a lease that expires by itself.
+        resp = await self._read("grant lease", lambda m: m.lease.LeaseGrant(
+            pb.LeaseGrantRequest(TTL=ttl), timeout=self.timeout, metadata=_REQUIRE_LEADER))
+        if resp.error:
+            raise Invalid(f"grant lease: {resp.error}")
+        return int(resp.ID)
+
+    async def keepalive(self, lease_id: int) -> int:
+        """Renew a lease once; its TTL in seconds, or 0 if the lease is gone."""
+
+        async def once(member: _Member) -> int:
+            call = member.lease.LeaseKeepAlive(timeout=self.timeout, metadata=_REQUIRE_LEADER)
+            try:
+                await call.write(pb.LeaseKeepAliveRequest(ID=lease_id))
+                resp = await call.read()
+                if resp is grpc.aio.EOF:
+                    raise Unavailable("keepalive: stream closed without an answer")
+                return max(0, int(resp.TTL))
+            finally:
+                call.cancel()
+
+        return await self._read("keepalive", once)
+
+    async def lease_ttl(self, lease_id: int) -> int:
+        """Remaining TTL of a lease without renewing it; 0 if it is gone."""
+        resp = await self._read("lease ttl", lambda m: m.lease.LeaseTimeToLive(
+            pb.LeaseTimeToLiveRequest(ID=lease_id), timeout=self.timeout,
+            metadata=_REQUIRE_LEADER))
+        return max(0, int(resp.TTL))
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        """Revoke a lease, deleting its keys; a lease already gone is not an error."""
+        with contextlib.suppress(NotFound):
+            await self._read("revoke lease", lambda m: m.lease.LeaseRevoke(
+                pb.LeaseRevokeRequest(ID=lease_id), timeout=self.timeout,
+                metadata=_REQUIRE_LEADER))
+
+    # ---- watch -----------------------------------------------------------------------
+
+    async def watch_prefix(self, prefix: bytes, *, start_revision: int
+                           ) -> AsyncIterator[KvEvent]:
+        """Every change under ``prefix`` from ``start_revision`` (inclusive), in order.
+
+        Survives member failures by resuming on another member. Raises ``Expired`` when
+        ``start_revision`` is compacted, ``Unavailable`` when no member can be reached.
+        """
+        async for item in self.watch_events(prefix, start_revision=start_revision):
+            if isinstance(item, KvEvent):
+                yield item
+
+    async def watch_events(self, prefix: bytes, *, start_revision: int,
+                           progress_notify: bool = False
+                           ) -> AsyncIterator[KvEvent | WatchProgress]:
+        """``watch_prefix`` plus ``WatchProgress`` items from etcd's progress notifications.
+
+        Only progress sent by the server for this watcher (``progress_notify``) is reported:
+        etcd 3.4 can answer an explicit progress request with a revision ahead of events it
+        has not yet sent, and resuming from such a revision would lose those events.
+        """
+        next_revision = start_revision
+        failures = 0
+        while True:
+            if self._closed:
+                raise Unavailable("etcd client closed")
+            index = self._current
+            member = self._members[index]
+            try:
+                async for batch in self._watch_stream(member, prefix, next_revision,
+                                                      progress_notify):
+                    failures = 0
+                    if isinstance(batch, WatchProgress):
+                        if batch.revision >= next_revision:
+                            next_revision = batch.revision + 1
+                            yield batch
+                        continue
+                    for event in batch:
+                        yield event
+                    next_revision = max(next_revision, batch[-1].mod_revision + 1)
+                raise Unavailable(f"watch on {member.endpoint}: stream ended")
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in _TRANSIENT and err.code() is not grpc.StatusCode.UNKNOWN:
+                    raise map_error(err, f"watch {prefix!r}") from None
+                reason = _details(err)
+            except Unavailable as err:
+                reason = str(err)
+            failures += 1
+            self._failed(index)
+            log.info("etcd watch on %s broke (%s); resuming at revision %d on %s",
+                     member.endpoint, reason, next_revision, self.endpoint)
+            if failures > 2 * len(self._members):
+                raise Unavailable(f"watch {prefix!r}: no etcd member answers: {reason}")
+            if failures >= len(self._members):
+                await asyncio.sleep(_jitter(0.05 * 2 ** (failures - len(self._members))))
+
+    async def _watch_stream(self, member: _Member, prefix: bytes, start: int,
+                            progress_notify: bool
+                            ) -> AsyncIterator[list[KvEvent] | WatchProgress]:
+        """One watch stream on one member: yields each response's events as a batch."""
+        call = member.watch.Watch(metadata=_REQUIRE_LEADER)
+        try:
+            await asyncio.wait_for(call.write(pb.WatchRequest(create_request=pb.WatchCreateRequest(
+                key=prefix, range_end=prefix_end(prefix), start_revision=start,
+                prev_kv=True, progress_notify=progress_notify))), self.timeout)
+            created = False
+            while True:
+                resp = await (call.read() if created
+                              else asyncio.wait_for(call.read(), self.timeout))
+                if resp is grpc.aio.EOF:
+                    return
+                if resp.compact_revision:
+                    raise Expired(f"watch from revision {start}: compacted at "
+                                  f"{resp.compact_revision}")
+                if resp.canceled:
+                    raise Unavailable(f"watch canceled by {member.endpoint}: "
+                                      f"{resp.cancel_reason or 'no reason given'}")
+                if resp.created:
+                    created = True
+                if resp.events:
+                    yield [_kv_event(e) for e in resp.events]
+                elif not resp.created and progress_notify:
+                    yield WatchProgress(int(resp.header.revision))
+        except TimeoutError:
+            raise Unavailable(f"watch on {member.endpoint}: no answer in {self.timeout}s"
+                              ) from None
+        finally:
+            call.cancel()
+
+    # ---- plumbing --------------------------------------------------------------------
+
+    async def _read(self, what: str, request: Callable[[_Member], Awaitable[T]]) -> T:
+        return await self._call(what, request, repeatable=True)
+
+    async def _write(self, what: str, request: Callable[[_Member], Awaitable[T]]) -> T:
+        return await self._call(what, request, repeatable=False)
+
+    async def _call(self, what: str, request: Callable[[_Member], Awaitable[T]], *,
+                    repeatable: bool) -> T:
+        """Send to the current member; on a transient failure move on and maybe retry."""
+        attempts = 2 * len(self._members)
+        reason = ""
+        for attempt in range(attempts):
+            if self._closed:
+                raise Unavailable("etcd client closed")
+            index = self._current
+            try:
+                return await request(self._members[index])
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in _TRANSIENT:
+                    raise map_error(err, what) from None
+                reason = f"{self._members[index].endpoint}: {_details(err)}"
+                self._failed(index)
+                if not repeatable and not _never_sent(err):
+                    raise Unavailable(f"{what}: outcome unknown ({reason})") from None
+            except Unavailable as err:
+                reason = str(err)
+                self._failed(index)
+            if attempt + 1 >= len(self._members):
+                await asyncio.sleep(_jitter(0.05 * 2 ** (attempt + 1 - len(self._members))))
+        raise Unavailable(f"{what}: no etcd member answers (last: {reason})")
+
+    def _failed(self, index: int) -> None:
+        """Move to the next member, unless a concurrent request already moved on."""
+        if self._current == index:
+            self._current = (index + 1) % len(self._members)
+            if len(self._members) > 1:
+                log.info("etcd: %s failed; switching to %s",
+                         self._members[index].endpoint, self.endpoint)
+
+    async def close(self) -> None:
+        self._closed = True
+        for member in self._members:
+            await member.close()
+
+    async def __aenter__(self) -> EtcdClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _kv_event(event: Any) -> KvEvent:
+    kv = event.kv
+    prev = event.prev_kv if event.HasField("prev_kv") else None
+    return KvEvent(
+        type=KvEventType.DELETE if event.type == pb.Event.DELETE else KvEventType.PUT,
+        key=kv.key,
+        value=kv.value,
+        mod_revision=kv.mod_revision,
+        create_revision=kv.create_revision,
+        prev_value=prev.value if prev is not None else None,
+        prev_mod_revision=prev.mod_revision if prev is not None else 0,
+    )
+
+
+def _jitter(delay: float) -> float:
+    delay = min(delay, 1.0)
+    return random.uniform(delay / 2, delay)
