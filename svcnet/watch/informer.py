@@ -69,11 +69,14 @@ class Backoff:
 
 async def changes(
     store: Store, kind: Kind[Any], *, selector: Selector = NO_SELECTOR,
-    backoff: Backoff | None = None,
+    backoff: Backoff | None = None, revision: str | None = None,
 ) -> AsyncIterator[Listed | Event]:
-    """Endless list-then-watch: yields ``Listed`` after every (re)list, then events."""
+    """Endless list-then-watch: yields ``Listed`` after every (re)list, then events.
+
+    Given a ``revision`` (a restarted informer that still has its cache), it watches from
+    there first and lists only if that revision has expired.
+    """
     backoff = backoff or Backoff()
-    revision: str | None = None
     reason = "initial"
     while True:
         try:
@@ -176,7 +179,8 @@ class Informer(Generic[R]):
         )
         try:
             async for change in changes(
-                self.store, self.kind, selector=self.selector, backoff=self._backoff
+                self.store, self.kind, selector=self.selector, backoff=self._backoff,
+                revision=self.revision or None,
             ):
                 if isinstance(change, Listed):
                     await self._replace(change)
