@@ -1,0 +1,98 @@
+"""``svcnet overlay status``: the node's lease and peers, and the kernel against desired state.
+
+Desired state comes from the running daemon (``/status``); the kernel is read here, by the
+same adapter the daemon uses, so the report shows drift the daemon has not fixed yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.request
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser("overlay", help="overlay network tools")
+    osub = p.add_subparsers(dest="overlay_command", required=True, metavar="COMMAND")
+    s = osub.add_parser("status", help="peers, and what the kernel holds versus what it should")
+    s.add_argument("--url", default="http://127.0.0.1:9475",
+                   help="the daemon's --overlay-listen address")
+    s.add_argument("--netns", default="", help="read the kernel of this named namespace")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=_status)
+
+
+def _status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from svcnet.cli import UsageError
+
+    try:
+        with urllib.request.urlopen(args.url.rstrip("/") + "/status", timeout=5) as resp:
+            status = json.loads(resp.read())
+    except OSError as unreachable:
+        raise UsageError(f"cannot reach the overlay daemon at {args.url}: {unreachable}"
+                         ) from None
+    pending, rules = asyncio.run(_pending(status, args.netns or None))
+    if args.json:
+        print(json.dumps({"status": status, "pending": pending, "pending_chains": rules}))
+        return 0 if not pending and not rules else 1
+    lease = status.get("lease", {})
+    print(f"node {status['node']}: {'ready' if status['ready'] else 'NOT READY'}, "
+          f"subnets {', '.join(lease.get('subnets', []))}, backend {lease.get('backend')}, "
+          f"mtu {lease.get('mtu')}, {status['syncs']} syncs, last "
+          f"{status['last_sync_seconds'] * 1000:.1f} ms")
+    print(f"{'SUBNET':<28} {'PUBLIC IP':<24} {'VTEP MAC':<18} {'PATH':<7} NODE")
+    for p in status.get("peers", []):
+        print(f"{p['subnet']:<28} {p['public_ip']:<24} {p['vtep_mac'] or '-':<18} "
+              f"{'direct' if p['direct'] else 'vxlan':<7} {p['node'] or '-'}")
+    for line in status.get("skipped", []):
+        print(f"skipped: {line}")
+    for err in status.get("last_errors", []):
+        print(f"error: {err}")
+    if not pending and not rules:
+        print("kernel: in sync with desired state")
+        return 0
+    print(f"kernel: {len(pending)} differences from desired state")
+    for op in pending:
+        what = {"add": "missing", "del": "stale"}.get(op.split(" ", 1)[0], "differs")
+        print(f"  {what}: {op}")
+    for chain in rules:
+        print(f"  rules differ: {chain}")
+    return 1
+
+
+async def _pending(status: dict[str, Any], netns: str | None) -> tuple[list[str], list[str]]:
+    from svcnet.cni.overlay.desired import (
+        Address,
+        ChainRules,
+        Desired,
+        FdbEntry,
+        KernelObjects,
+        Neighbour,
+        Route,
+        VxlanLink,
+    )
+    from svcnet.cni.overlay.iptables import IptablesFirewall
+    from svcnet.cni.overlay.netlink import IpCommandNetlink
+    from svcnet.cni.overlay.reconcile import Reconciler
+
+    d = status.get("desired") or {}
+    kernel = KernelObjects(
+        links=frozenset(VxlanLink(**x) for x in d.get("links", [])),
+        addresses=frozenset(Address(**x) for x in d.get("addresses", [])),
+        neighbours=frozenset(Neighbour(**x) for x in d.get("neighbours", [])),
+        fdb=frozenset(FdbEntry(**x) for x in d.get("fdb", [])),
+        routes=frozenset(Route(**x) for x in d.get("routes", [])),
+    )
+    chains = tuple(ChainRules(**{**c, "rules": tuple(c["rules"])}) for c in d.get("chains", []))
+    desired = Desired(kernel=kernel, chains=chains, peers=(), mtu=0)
+    reconciler = Reconciler(IpCommandNetlink(netns), IptablesFirewall(netns))
+    try:
+        _, ops, rules = await reconciler.pending(desired)
+    except OSError as failure:
+        print(f"cannot read the kernel: {failure}", file=sys.stderr)
+        return [f"unknown: {failure}"], []
+    return [str(op) for op in ops], [f"IPv{c.family} {c.table} {c.chain}" for c in rules]

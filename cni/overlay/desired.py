@@ -1,0 +1,242 @@
+"""Desired kernel state as plain frozen data, computed once from the lease snapshot.
+
+``compute_desired`` is the only place that decides what the node should hold: which peers
+exist (``peers_from``), what the backend renders for them (``svcnet.cni.overlay.vxlan`` /
+``hostgw``) and which masquerade rules apply. It is pure: the same snapshot always gives the
+same ``Desired``, which is what makes the reconciler's diff meaningful and testable without a
+kernel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass, field
+
+from svcnet.cni.overlay.config import IPNetwork, NetworkConfig
+from svcnet.cni.overlay.lease import Lease, Snapshot
+
+ROUTE_PROTO = 205
+"""Routes we own carry this ``proto`` number, so departed peers' routes can be found."""
+
+MASQ_CHAIN = "SVCNET-OVL-POSTRTG"
+FWD_CHAIN = "SVCNET-OVL-FWD"
+RULE_COMMENT = '-m comment --comment "svcnet overlay"'
+KUBE_PROXY_MASQ_MARK = "0x4000/0x4000"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class VxlanLink:
+    name: str
+    vni: int
+    port: int
+    local: str
+    underlay: str
+    mtu: int
+    mac: str
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Address:
+    dev: str
+    cidr: str
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Neighbour:
+    dev: str
+    ip: str
+    mac: str
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class FdbEntry:
+    dev: str
+    mac: str
+    dst: str
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Route:
+    dst: str
+    via: str
+    dev: str
+    onlink: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class KernelObjects:
+    """What the overlay owns in the kernel; the same shape for desired and observed state."""
+
+    links: frozenset[VxlanLink] = frozenset()
+    addresses: frozenset[Address] = frozenset()
+    neighbours: frozenset[Neighbour] = frozenset()
+    fdb: frozenset[FdbEntry] = frozenset()
+    routes: frozenset[Route] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class ChainRules:
+    """One iptables chain we own, its rules in ``iptables-save`` form, and the jump to it."""
+
+    family: int
+    table: str
+    chain: str
+    parent: str
+    rules: tuple[str, ...]
+
+    @property
+    def jump(self) -> str:
+        return f"-A {self.parent} {RULE_COMMENT} -j {self.chain}"
+
+
+@dataclass(frozen=True, slots=True)
+class Underlay:
+    """The node's underlay interface as the kernel reports it."""
+
+    name: str
+    mtu: int
+    ipv4: str = ""
+    ipv6: str = ""
+    prefixes: tuple[str, ...] = ()
+    """Connected prefixes, to tell whether a peer is on the same L2 segment."""
+
+    def on_link(self, ip: str) -> bool:
+        if not ip:
+            return False
+        addr = ipaddress.ip_address(ip)
+        return any(addr in ipaddress.ip_network(p, strict=False) for p in self.prefixes)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Peer:
+    """Another node's subnet in one address family and how to reach it."""
+
+    subnet: str
+    public_ip: str
+    vtep_mac: str
+    direct: bool
+    node: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    kernel: KernelObjects
+    chains: tuple[ChainRules, ...]
+    peers: tuple[Peer, ...]
+    mtu: int
+    skipped: tuple[str, ...] = field(default=())
+    """Peers that cannot be reached with this backend, with the reason."""
+
+
+def vtep_mac(node_name: str, device: str) -> str:
+    """A locally administered unicast MAC derived from the node name.
+
+    Stable across restarts and re-creations of the device, so peers' neighbour and FDB
+    entries stay valid when a daemon restarts (Flannel persists a random one instead).
+    """
+    digest = hashlib.sha256(f"{node_name}/{device}".encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
+
+
+def device_name(family: int, vni: int) -> str:
+    return f"flannel.{vni}" if family == 4 else f"flannel-v6.{vni}"
+
+
+def vxlan_mtu(underlay: Underlay, family: int, override: int = 0) -> int:
+    """Underlay MTU minus the VXLAN encapsulation: 50 bytes over IPv4, 70 over IPv6."""
+    if override:
+        return override
+    return underlay.mtu - (50 if family == 4 else 70)
+
+
+def peers_from(own: Lease, snapshot: Snapshot, family: int, underlay: Underlay,
+               backend: str) -> tuple[tuple[Peer, ...], tuple[str, ...]]:
+    """This family's peers: every other lease of our backend type with usable data."""
+    peers: list[Peer] = []
+    skipped: list[str] = []
+    own_subnet = own.subnet if family == 4 else own.subnet6
+    for lease in sorted(snapshot, key=lambda le: le.key):
+        subnet = lease.subnet if family == 4 else lease.subnet6
+        if subnet is None or subnet == own_subnet:
+            continue
+        a = lease.attrs
+        public = a.public_ip if family == 4 else a.public_ip6
+        mac = a.vtep_mac if family == 4 else a.vtep_mac6
+        if a.backend_type != backend:
+            skipped.append(f"{subnet}: backend {a.backend_type}, we run {backend}")
+            continue
+        if not public:
+            skipped.append(f"{subnet}: no IPv{family} public address")
+            continue
+        if backend == "vxlan" and not mac:
+            skipped.append(f"{subnet}: no VTEP MAC")
+            continue
+        peers.append(Peer(subnet=str(subnet), public_ip=public, vtep_mac=mac,
+                          direct=underlay.on_link(public), node=a.node_name))
+    return tuple(peers), tuple(skipped)
+
+
+def masq_chains(config: NetworkConfig, own: Lease) -> tuple[ChainRules, ...]:
+    """Flannel's ``--ip-masq`` rules: pods reach outside via SNAT, never each other."""
+    chains: list[ChainRules] = []
+    for family, fam, subnet in ((4, config.ipv4, own.subnet), (6, config.ipv6, own.subnet6)):
+        if fam is None or subnet is None:
+            continue
+        net, multicast = str(fam.network), ("224.0.0.0/4" if family == 4 else "ff00::/8")
+        c = RULE_COMMENT
+        nat = (
+            f"-A {MASQ_CHAIN} -m mark --mark {KUBE_PROXY_MASQ_MARK} {c} -j RETURN",
+            f"-A {MASQ_CHAIN} -s {net} -d {net} {c} -j RETURN",
+            f"-A {MASQ_CHAIN} ! -s {net} -d {subnet} {c} -j RETURN",
+            f"-A {MASQ_CHAIN} -s {net} ! -d {multicast} {c} -j MASQUERADE --random-fully",
+            f"-A {MASQ_CHAIN} ! -s {net} -d {net} {c} -j MASQUERADE --random-fully",
+        )
+        fwd = (
+            f"-A {FWD_CHAIN} -s {net} {c} -j ACCEPT",
+            f"-A {FWD_CHAIN} -d {net} {c} -j ACCEPT",
+        )
+        chains.append(ChainRules(family, "nat", MASQ_CHAIN, "POSTROUTING", nat))
+        chains.append(ChainRules(family, "filter", FWD_CHAIN, "FORWARD", fwd))
+    return tuple(chains)
+
+
+def compute_desired(config: NetworkConfig, own: Lease, snapshot: Snapshot, underlay: Underlay,
+                    node_name: str, *, ip_masq: bool = True) -> Desired:
+    from svcnet.cni.overlay import hostgw, vxlan
+
+    backend = config.backend.type
+    all_peers: list[Peer] = []
+    skipped: list[str] = []
+    kernel = KernelObjects()
+    for family, subnet in ((4, own.subnet), (6, own.subnet6)):
+        if subnet is None:
+            continue
+        peers, skip = peers_from(own, snapshot, family, underlay, backend)
+        skipped.extend(skip)
+        if backend == "vxlan":
+            part = vxlan.render(config.backend, family, subnet, peers, underlay, node_name)
+        else:
+            part, skip = hostgw.render(family, peers, underlay)
+            skipped.extend(skip)
+        kernel = merge(kernel, part)
+        all_peers.extend(peers)
+    mtu = (min(vxlan_mtu(underlay, f, config.backend.mtu) for f in _families(own))
+           if backend == "vxlan" else underlay.mtu)
+    return Desired(kernel=kernel, chains=masq_chains(config, own) if ip_masq else (),
+                   peers=tuple(all_peers), mtu=mtu, skipped=tuple(skipped))
+
+
+def _families(own: Lease) -> tuple[int, ...]:
+    return tuple(f for f, s in ((4, own.subnet), (6, own.subnet6)) if s is not None)
+
+
+def merge(a: KernelObjects, b: KernelObjects) -> KernelObjects:
+    return KernelObjects(links=a.links | b.links, addresses=a.addresses | b.addresses,
+                         neighbours=a.neighbours | b.neighbours, fdb=a.fdb | b.fdb,
+                         routes=a.routes | b.routes)
+
+
+def vtep_address(subnet: IPNetwork) -> str:
+    """The VTEP's own address: the subnet's network address (``10.244.1.0``)."""
+    return str(subnet.network_address)

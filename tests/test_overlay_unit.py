@@ -1,0 +1,240 @@
+"""Overlay logic against fakes: config, subnet choice, desired state, the reconcile plan."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from pathlib import Path
+
+import pytest
+from svcnet.cni.overlay.config import ConfigError, parse_network_config
+from svcnet.cni.overlay.daemon import OverlayDaemon, OverlayOptions, previous_subnets
+from svcnet.cni.overlay.desired import (
+    FdbEntry,
+    Neighbour,
+    Route,
+    Underlay,
+    compute_desired,
+    vtep_mac,
+)
+from svcnet.cni.overlay.iptables import FakeFirewall, restore_text
+from svcnet.cni.overlay.lease import (
+    Lease,
+    LeaseAttrs,
+    MemoryLeaseRegistry,
+    MemorySubnetManager,
+    OutOfSubnets,
+)
+from svcnet.cni.overlay.netlink import FakeNetlink, Op, command_lines
+from svcnet.cni.overlay.reconcile import Reconciler, plan
+
+NET = b'{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}'
+UNDERLAY = Underlay("eth0", 1500, "192.168.0.1", "", ("192.168.0.0/24",))
+
+
+def lease(n: int, backend: str = "vxlan") -> Lease:
+    return Lease(ipaddress.IPv4Network(f"10.244.{n}.0/24"), None,
+                 LeaseAttrs(public_ip=f"192.168.0.{n}", backend_type=backend,
+                            vtep_mac=vtep_mac(f"n{n}", "flannel.1"), node_name=f"n{n}"))
+
+
+def test_config_defaults_follow_flannel() -> None:
+    cfg = parse_network_config(NET)
+    assert cfg.ipv4 is not None
+    assert str(cfg.ipv4.subnet_min) == "10.244.1.0/24"
+    assert str(cfg.ipv4.subnet_max) == "10.244.255.0/24"
+    assert cfg.ipv4.count == 255
+    assert cfg.backend.port == 8472 and cfg.backend.vni == 1
+    assert parse_network_config(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("doc, message", [
+    (b'{"Network": "10.244.0.0/16", "SubnetLen": 8}', "SubnetLen"),
+    (b'{"Network": "nonsense"}', "Network"),
+    (b'{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}', "Backend.Type"),
+    (b'{"Network": "10.244.0.0/16", "SubnetMin": "10.9.0.0"}', "outside"),
+    (b'{}', "needs Network"),
+])
+def test_config_errors_name_the_field(doc: bytes, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_network_config(doc)
+
+
+def test_memory_leases_are_distinct_reused_and_run_out() -> None:
+    cfg = parse_network_config(b'{"Network": "10.0.0.0/22", "SubnetLen": 24}')
+
+    async def main() -> None:
+        reg = MemoryLeaseRegistry(cfg)
+        got = [await MemorySubnetManager(reg).acquire(cfg, LeaseAttrs(public_ip=f"1.1.1.{i}"))
+               for i in range(3)]
+        assert len({le.subnet for le in got}) == 3
+        again = await MemorySubnetManager(reg).acquire(cfg, LeaseAttrs(public_ip="1.1.1.1"))
+        assert again.subnet == got[1].subnet
+        with pytest.raises(OutOfSubnets, match="out of subnets: all 3 /24 subnets"):
+            await MemorySubnetManager(reg).acquire(cfg, LeaseAttrs(public_ip="1.1.1.9"))
+
+    asyncio.run(main())
+
+
+def test_lease_json_is_flannels_shape() -> None:
+    le = lease(3)
+    assert le.key == "10.244.3.0-24"
+    assert le.to_json().startswith(b'{"PublicIP":"192.168.0.3","BackendType":"vxlan",'
+                                   b'"BackendData":{"VNI":1,"VtepMAC":"02:')
+    assert Lease.from_etcd(le.key, le.to_json()) == le
+
+
+def test_desired_vxlan_has_neighbour_fdb_and_onlink_route_per_peer() -> None:
+    cfg = parse_network_config(NET)
+    d = compute_desired(cfg, lease(1), (lease(1), lease(2), lease(3)), UNDERLAY, "n1")
+    (link,) = d.kernel.links
+    assert (link.name, link.mtu, link.port, link.local) == ("flannel.1", 1450, 8472,
+                                                           "192.168.0.1")
+    assert link.mac == vtep_mac("n1", "flannel.1")
+    assert Route("10.244.2.0/24", "10.244.2.0", "flannel.1", True) in d.kernel.routes
+    assert Neighbour("flannel.1", "10.244.3.0", lease(3).attrs.vtep_mac) in d.kernel.neighbours
+    assert FdbEntry("flannel.1", lease(3).attrs.vtep_mac, "192.168.0.3") in d.kernel.fdb
+    assert len(d.kernel.routes) == 2 and d.mtu == 1450
+
+
+def test_direct_routing_and_host_gw_use_plain_routes() -> None:
+    direct = parse_network_config(b'{"Network": "10.244.0.0/16", "Backend": '
+                                  b'{"Type": "vxlan", "DirectRouting": true}}')
+    d = compute_desired(direct, lease(1), (lease(1), lease(2)), UNDERLAY, "n1")
+    assert d.kernel.routes == {Route("10.244.2.0/24", "192.168.0.2", "eth0")}
+    assert not d.kernel.neighbours
+    hostgw = parse_network_config(b'{"Network": "10.244.0.0/16", "Backend": '
+                                  b'{"Type": "host-gw"}}')
+    far = Lease(ipaddress.IPv4Network("10.244.9.0/24"), None,
+                LeaseAttrs(public_ip="172.16.0.9", backend_type="host-gw"))
+    d = compute_desired(hostgw, lease(1, "host-gw"), (lease(2, "host-gw"), far), UNDERLAY, "n1")
+    assert d.kernel.routes == {Route("10.244.2.0/24", "192.168.0.2", "eth0")}
+    assert not d.kernel.links and d.mtu == 1500
+    assert any("172.16.0.9" in s for s in d.skipped)
+
+
+def test_masquerade_rules_render_as_one_restore() -> None:
+    d = compute_desired(parse_network_config(NET), lease(1), (), UNDERLAY, "n1")
+    text = restore_text(d.chains, d.chains)
+    assert "-A SVCNET-OVL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4" in text
+    assert "! -s 10.244.0.0/16 -d 10.244.1.0/24" in text
+    assert '-I FORWARD 1 -m comment --comment "svcnet overlay" -j SVCNET-OVL-FWD' in text
+    assert text.count("COMMIT") == 2
+
+
+def _kinds(ops: list[Op]) -> list[str]:
+    return [f"{op.verb} {type(op.obj).__name__}" for op in ops]
+
+
+def test_plan_orders_neighbours_before_routes_and_routes_before_removal() -> None:
+    cfg = parse_network_config(NET)
+    fake, fw = FakeNetlink(iface=UNDERLAY), FakeFirewall()
+    rec = Reconciler(fake, fw)
+
+    async def main() -> None:
+        three = compute_desired(cfg, lease(1), (lease(1), lease(2), lease(3)), UNDERLAY, "n1")
+        first = await rec.sync(three)
+        kinds = _kinds(list(first.ops))
+        assert kinds.index("add Neighbour") < kinds.index("add Route")
+        assert kinds.index("add FdbEntry") < kinds.index("add Route")
+        assert first.chains_rewritten == 4 and not first.errors
+        assert not (await rec.sync(three)).changed, "a second sync must change nothing"
+        two = compute_desired(cfg, lease(1), (lease(1), lease(2)), UNDERLAY, "n1")
+        gone = await rec.sync(two)
+        assert _kinds(list(gone.ops)) == ["del Route", "del Neighbour", "del FdbEntry"]
+        assert fake.state == two.kernel
+
+    asyncio.run(main())
+
+
+def test_deleted_device_is_recreated_with_its_entries() -> None:
+    cfg = parse_network_config(NET)
+    fake = FakeNetlink(iface=UNDERLAY)
+    d = compute_desired(cfg, lease(1), (lease(1), lease(2)), UNDERLAY, "n1")
+
+    async def main() -> None:
+        rec = Reconciler(fake, FakeFirewall())
+        await rec.sync(d)
+        (link,) = d.kernel.links
+        await fake.apply([Op("del", link)])
+        assert not fake.state.routes
+        healed = await rec.sync(d)
+        assert _kinds(list(healed.ops))[0] == "add VxlanLink"
+        assert fake.state == d.kernel
+
+    asyncio.run(main())
+
+
+def test_changed_vni_recreates_and_mtu_change_only_sets() -> None:
+    cfg = parse_network_config(NET)
+    d = compute_desired(cfg, lease(1), (lease(1),), UNDERLAY, "n1")
+    (link,) = d.kernel.links
+    from dataclasses import replace
+
+    fake = FakeNetlink(iface=UNDERLAY)
+
+    async def main() -> None:
+        await fake.apply([Op("add", replace(link, vni=7)), Op("add", *d.kernel.addresses)])
+        ops = plan(d.kernel, await fake.observe(frozenset({link.name})))
+        assert _kinds(ops)[:2] == ["del VxlanLink", "add VxlanLink"]
+        await fake.apply(ops)
+        await fake.apply([Op("add", replace(link, mtu=1300))])
+        fake.state = replace(fake.state, links=frozenset({replace(link, mtu=1300)}))
+        ops = plan(d.kernel, await fake.observe(frozenset({link.name})))
+        assert [(op.verb, type(op.obj).__name__) for op in ops] == [("set", "VxlanLink")]
+
+    asyncio.run(main())
+
+
+def test_command_lines_are_ip_batch_syntax() -> None:
+    link = next(iter(compute_desired(parse_network_config(NET), lease(1), (), UNDERLAY,
+                                     "n1").kernel.links))
+    assert command_lines(Op("add", link))[0].endswith(
+        "type vxlan id 1 local 192.168.0.1 dev eth0 dstport 8472 nolearning")
+    assert command_lines(Op("add", Route("10.244.2.0/24", "10.244.2.0", "flannel.1", True))
+                         ) == ["route replace 10.244.2.0/24 via 10.244.2.0 dev flannel.1 "
+                               "onlink proto 205"]
+    assert command_lines(Op("del", FdbEntry("flannel.1", "02:00:00:00:00:01", "1.2.3.4"))
+                         ) == ["fdb del 02:00:00:00:00:01 dev flannel.1 dst 1.2.3.4 self"]
+
+
+def test_daemons_share_leases_and_write_subnet_env_after_sync(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "net-conf.json"
+    cfg_file.write_bytes(NET)
+    reg = MemoryLeaseRegistry(parse_network_config(NET))
+
+    async def main() -> None:
+        daemons, fakes, tasks = [], [], []
+        for i in (1, 2, 3):
+            fake = FakeNetlink(iface=Underlay("eth0", 1500, f"192.168.0.{i}", "",
+                                              ("192.168.0.0/24",)))
+            opts = OverlayOptions(node_name=f"n{i}", config_file=str(cfg_file),
+                                  subnet_file=str(tmp_path / f"n{i}.env"), listen="",
+                                  resync=0.05, watch_links=False)
+            d = OverlayDaemon(opts, netlink=fake, firewall=FakeFirewall(),
+                              manager=MemorySubnetManager(reg))
+            daemons.append(d)
+            fakes.append(fake)
+            tasks.append(asyncio.create_task(d.run(None, None)))
+            await asyncio.wait_for(d.ready.wait(), 5)
+            env = (tmp_path / f"n{i}.env").read_text()
+            assert "FLANNEL_NETWORK=10.244.0.0/16\n" in env and "FLANNEL_MTU=1450\n" in env
+            assert fake.state.links, "subnet.env must only appear once the datapath exists"
+        for _ in range(100):
+            if all(len(f.state.routes) == 2 for f in fakes):
+                break
+            await asyncio.sleep(0.02)
+        assert all(len(f.state.routes) == 2 for f in fakes)
+        subnet = previous_subnets(str(tmp_path / "n1.env"))
+        assert subnet and reg.leases[f"{subnet[0].network_address}-24"].attrs.node_name == "n1"
+        await reg.set(None, remove=f"{subnet[0].network_address}-24")
+        for _ in range(100):
+            if all(len(f.state.routes) == 1 for f in fakes[1:]):
+                break
+            await asyncio.sleep(0.02)
+        assert all(len(f.state.routes) == 1 for f in fakes[1:])
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
