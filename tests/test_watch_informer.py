@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
-import pytest
 from prometheus_client import REGISTRY
 from watchkit import Recorder, eventually, service
 
@@ -112,8 +110,9 @@ async def test_invalid_update_is_rejected_and_last_good_version_kept() -> None:
 
 async def test_selector_filters_and_factory_shares_one_informer() -> None:
     store = MemoryStore()
+    proxy_label = {"service.kubernetes.io/service-proxy-name": "x"}
     labelled = service("a") | {"metadata": {"name": "a", "namespace": "default",
-                                             "labels": {"service.kubernetes.io/service-proxy-name": "x"}}}
+                                             "labels": proxy_label}}
     await store.put(SERVICE, labelled)
     await store.put(SERVICE, service("b"))
     factory = InformerFactory(store)

@@ -8,6 +8,7 @@ replayed view must equal it too, which means every delete was delivered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -54,10 +55,8 @@ async def run_scenario(harness: Harness, ops: list[tuple[object, ...]]) -> None:
             if op[0] == "put":
                 await store.put(SERVICE, service(str(op[1]), f"10.0.0.{op[2]}"))
             elif op[0] == "delete":
-                try:
+                with contextlib.suppress(NotFound):
                     await store.delete(SERVICE, "default", str(op[1]))
-                except NotFound:
-                    pass
             elif op[0] == "drop":
                 await harness.drop()
             elif op[0] == "expire":

@@ -4,7 +4,9 @@ The records keep the Kubernetes JSON shape (``metadata`` / ``spec`` / ``status``
 fields some component reads, so msgspec can decode API bytes straight into them in C: 100k
 EndpointSlice endpoints decode in tens of milliseconds, where building dataclasses from
 ``json.loads`` dicts takes about a second (``bench/watch_decode.py`` measures both).
-Unknown fields are ignored, so newer API servers stay compatible.
+Unknown fields are ignored, so newer API servers stay compatible. Records are ``gc=False``:
+they hold only strings, numbers, tuples and string dicts, so they can never form a reference
+cycle, and untracked objects spare the cyclic collector a pass over every decoded endpoint.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ Protocol = Literal["TCP", "UDP", "SCTP"]
 IPFamily = Literal["IPv4", "IPv6"]
 
 
-class ObjectMeta(Struct, frozen=True, rename="camel", omit_defaults=True):
+class ObjectMeta(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
     name: str
     namespace: str = ""
     uid: str = ""
@@ -35,7 +37,7 @@ class ObjectMeta(Struct, frozen=True, rename="camel", omit_defaults=True):
 # --- Service -----------------------------------------------------------------------------
 
 
-class ServicePort(Struct, frozen=True, rename="camel", omit_defaults=True):
+class ServicePort(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
     port: Port
     name: str = ""
     protocol: Protocol = "TCP"
@@ -49,15 +51,15 @@ class ServicePort(Struct, frozen=True, rename="camel", omit_defaults=True):
         return self.target_port or self.port
 
 
-class ClientIPConfig(Struct, frozen=True, rename="camel", omit_defaults=True):
+class ClientIPConfig(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
     timeout_seconds: Annotated[int, Constraint(ge=1, le=86400)] = 10800
 
 
-class SessionAffinityConfig(Struct, frozen=True, rename="camel", omit_defaults=True):
+class SessionAffinityConfig(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
     client_ip: ClientIPConfig | None = field(default=None, name="clientIP")
 
 
-class ServiceSpec(Struct, frozen=True, rename="camel", omit_defaults=True):
+class ServiceSpec(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
     type: Literal["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"] = "ClusterIP"
     cluster_ip: str = field(default="", name="clusterIP")
     cluster_ips: tuple[str, ...] = field(default=(), name="clusterIPs")
@@ -79,21 +81,21 @@ class ServiceSpec(Struct, frozen=True, rename="camel", omit_defaults=True):
     load_balancer_class: str | None = None
 
 
-class LoadBalancerIngress(Struct, frozen=True, rename="camel", omit_defaults=True):
+class LoadBalancerIngress(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
     ip: str = ""
     hostname: str = ""
     ip_mode: Literal["VIP", "Proxy"] | None = None
 
 
-class LoadBalancerStatus(Struct, frozen=True, omit_defaults=True):
+class LoadBalancerStatus(Struct, frozen=True, gc=False, omit_defaults=True):
     ingress: tuple[LoadBalancerIngress, ...] = ()
 
 
-class ServiceStatus(Struct, frozen=True, rename="camel", omit_defaults=True):
+class ServiceStatus(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
     load_balancer: LoadBalancerStatus = LoadBalancerStatus()
 
 
-class Service(Struct, frozen=True, omit_defaults=True):
+class Service(Struct, frozen=True, gc=False, omit_defaults=True):
     metadata: ObjectMeta
     spec: ServiceSpec = ServiceSpec()
     status: ServiceStatus = ServiceStatus()
@@ -126,7 +128,7 @@ class Service(Struct, frozen=True, omit_defaults=True):
 # --- EndpointSlice -----------------------------------------------------------------------
 
 
-class EndpointConditions(Struct, frozen=True, omit_defaults=True):
+class EndpointConditions(Struct, frozen=True, gc=False, omit_defaults=True):
     """Nil ready/serving mean "unknown": consumers treat them as true, as Kubernetes does."""
 
     ready: bool | None = None
@@ -134,27 +136,27 @@ class EndpointConditions(Struct, frozen=True, omit_defaults=True):
     terminating: bool | None = None
 
 
-class ForZone(Struct, frozen=True):
+class ForZone(Struct, frozen=True, gc=False):
     name: str
 
 
-class ForNode(Struct, frozen=True):
+class ForNode(Struct, frozen=True, gc=False):
     name: str
 
 
-class EndpointHints(Struct, frozen=True, rename="camel", omit_defaults=True):
+class EndpointHints(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
     for_zones: tuple[ForZone, ...] = ()
     for_nodes: tuple[ForNode, ...] = ()
 
 
-class ObjectReference(Struct, frozen=True, omit_defaults=True):
+class ObjectReference(Struct, frozen=True, gc=False, omit_defaults=True):
     kind: str = ""
     namespace: str = ""
     name: str = ""
     uid: str = ""
 
 
-class Endpoint(Struct, frozen=True, rename="camel", omit_defaults=True):
+class Endpoint(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
     addresses: tuple[str, ...]
     conditions: EndpointConditions = EndpointConditions()
     hostname: str | None = None
@@ -177,7 +179,7 @@ class Endpoint(Struct, frozen=True, rename="camel", omit_defaults=True):
         return self.conditions.terminating is True
 
 
-class EndpointPort(Struct, frozen=True, rename="camel", omit_defaults=True):
+class EndpointPort(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
     name: str = ""
     protocol: Protocol = "TCP"
     port: OptionalPort = 0
@@ -187,7 +189,7 @@ class EndpointPort(Struct, frozen=True, rename="camel", omit_defaults=True):
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 
-class EndpointSlice(Struct, frozen=True, rename="camel", omit_defaults=True):
+class EndpointSlice(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
     metadata: ObjectMeta
     address_type: Literal["IPv4", "IPv6", "FQDN"]
     endpoints: tuple[Endpoint, ...] = ()
@@ -216,29 +218,29 @@ class EndpointSlice(Struct, frozen=True, rename="camel", omit_defaults=True):
 # --- Node --------------------------------------------------------------------------------
 
 
-class NodeAddress(Struct, frozen=True):
+class NodeAddress(Struct, frozen=True, gc=False):
     type: str
     address: str
 
 
-class Taint(Struct, frozen=True, omit_defaults=True):
+class Taint(Struct, frozen=True, gc=False, omit_defaults=True):
     key: str
     effect: str
     value: str = ""
 
 
-class NodeSpec(Struct, frozen=True, rename="camel", omit_defaults=True):
+class NodeSpec(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
     pod_cidr: str = field(default="", name="podCIDR")
     pod_cidrs: tuple[str, ...] = field(default=(), name="podCIDRs")
     taints: tuple[Taint, ...] = ()
     unschedulable: bool = False
 
 
-class NodeStatus(Struct, frozen=True, omit_defaults=True):
+class NodeStatus(Struct, frozen=True, gc=False, omit_defaults=True):
     addresses: tuple[NodeAddress, ...] = ()
 
 
-class Node(Struct, frozen=True, omit_defaults=True):
+class Node(Struct, frozen=True, gc=False, omit_defaults=True):
     metadata: ObjectMeta
     spec: NodeSpec = NodeSpec()
     status: NodeStatus = NodeStatus()
@@ -260,23 +262,23 @@ class Node(Struct, frozen=True, omit_defaults=True):
 # --- Pod ---------------------------------------------------------------------------------
 
 
-class PodIP(Struct, frozen=True):
+class PodIP(Struct, frozen=True, gc=False):
     ip: str
 
 
-class PodCondition(Struct, frozen=True):
+class PodCondition(Struct, frozen=True, gc=False):
     type: str
     status: str
 
 
-class PodSpec(Struct, frozen=True, rename="camel", omit_defaults=True):
+class PodSpec(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
     node_name: str = ""
     hostname: str = ""
     subdomain: str = ""
     host_network: bool = False
 
 
-class PodStatus(Struct, frozen=True, rename="camel", omit_defaults=True):
+class PodStatus(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
     phase: str = "Pending"
     pod_ip: str = field(default="", name="podIP")
     pod_ips: tuple[PodIP, ...] = field(default=(), name="podIPs")
@@ -284,7 +286,7 @@ class PodStatus(Struct, frozen=True, rename="camel", omit_defaults=True):
     conditions: tuple[PodCondition, ...] = ()
 
 
-class Pod(Struct, frozen=True, omit_defaults=True):
+class Pod(Struct, frozen=True, gc=False, omit_defaults=True):
     metadata: ObjectMeta
     spec: PodSpec = PodSpec()
     status: PodStatus = PodStatus()
