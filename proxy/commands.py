@@ -1,0 +1,55 @@
+"""The one adapter through which the proxy runs kernel tools (nft, iptables-restore, ...).
+
+Real runs go through ``subprocess``, optionally inside a named network namespace via
+``ip netns exec`` (tests and the bench drive a throwaway node namespace this way; the daemon
+itself normally already runs inside its node's namespace). ``FakeCommands`` records calls.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class CommandFailed(Exception):
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
+        super().__init__(f"{' '.join(argv)} exited {returncode}: {stderr.strip()[:2000]}")
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+class Commands(Protocol):
+    def run(self, argv: Sequence[str], *, input: str | None = None, check: bool = True) -> str:
+        """Run a tool, return its stdout; raise ``CommandFailed`` on a non-zero exit."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SubprocessCommands:
+    netns: str | None = None
+    timeout: float = 300.0
+
+    def run(self, argv: Sequence[str], *, input: str | None = None, check: bool = True) -> str:
+        full = ["ip", "netns", "exec", self.netns, *argv] if self.netns else list(argv)
+        proc = subprocess.run(
+            full, input=input, capture_output=True, text=True, timeout=self.timeout,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            raise CommandFailed(argv, proc.returncode, proc.stderr)
+        return proc.stdout
+
+
+@dataclass(slots=True)
+class FakeCommands:
+    """Records every call; ``responder`` decides output and failures for unit tests."""
+
+    responder: Callable[[Sequence[str], str | None], str] | None = None
+    calls: list[tuple[list[str], str | None]] = field(default_factory=list)
+
+    def run(self, argv: Sequence[str], *, input: str | None = None, check: bool = True) -> str:
+        self.calls.append((list(argv), input))
+        return self.responder(argv, input) if self.responder else ""

@@ -1,0 +1,408 @@
+"""nftables backend: the desired state rendered into table ``svcnet`` with few chains.
+
+``nft``'s cost grows faster than linearly with the number of chains in a table (see
+docs/proxy.md), so instead of kube-proxy's per-service and per-endpoint chains every frontend
+is an element:
+
+- ``service-ips``: ``addr . proto . port : verdict`` -- ``goto lb-N`` (N endpoints),
+  ``goto lbl-N`` (the node-local list), ``goto aff-...`` (ClientIP affinity) or ``drop``;
+- ``backends``: ``addr . proto . port . index : endpoint addr . port``; chain ``lb-N`` is
+  ``dnat to <daddr . proto . dport . numgen random mod N> map @backends`` (one chain per
+  distinct endpoint count, shared by every service);
+- ``no-endpoints``: frontends with no endpoint at all, rejected before NAT;
+- sets ``cluster-ips`` / ``external-masq`` / ``local-policy`` choose masquerading, ``hairpin``
+  (endpoint . endpoint) masquerades a pod reaching itself, ``firewall-ips`` /
+  ``firewall-allow`` implement loadBalancerSourceRanges;
+- ClientIP affinity services (rare) get kube-proxy-style chains with a timeout set per
+  endpoint.
+
+A partial sync is one ``nft -f`` transaction of element adds/deletes and the few chains that
+changed; a full sync flushes and rewrites the table in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from svcnet.proxy.commands import Commands
+from svcnet.proxy.config import BackendConfig, short_hash
+from svcnet.proxy.state import (
+    Backend,
+    Changes,
+    Family,
+    PortKey,
+    ServicePortState,
+)
+
+log = logging.getLogger(__name__)
+
+TABLE = "svcnet"
+LOCAL_OFFSET = 1 << 20
+STATIC_MAPS = (
+    "service-ips", "backends", "no-endpoints", "local-shortcut", "cluster-ips",
+    "external-masq", "local-policy", "hairpin", "firewall-ips", "firewall-allow",
+)
+
+
+def nft_family(family: Family) -> str:
+    return "ip" if family == 4 else "ip6"
+
+
+@dataclass(slots=True)
+class Rendered:
+    """Everything one service port puts in the table."""
+
+    elements: dict[str, dict[str, str]] = field(default_factory=dict)
+    chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    sets: dict[str, str] = field(default_factory=dict)
+    hairpin: frozenset[str] = frozenset()
+    lb_chains: frozenset[str] = frozenset()
+
+    def element(self, name: str, key: str, value: str = "") -> None:
+        self.elements.setdefault(name, {})[key] = value
+
+
+class NftablesBackend:
+    """Renders ``Changes`` into one nft transaction per sync, per family."""
+
+    name = "nftables"
+
+    def __init__(self, nft: Commands, config: BackendConfig) -> None:
+        self.nft = nft
+        self.config = config
+        self._rendered: dict[PortKey, Rendered] = {}
+        self._lb_chains: dict[Family, set[str]] = {f: set() for f in config.families}
+        self._hairpin: dict[Family, Counter[str]] = {f: Counter() for f in config.families}
+        self._synced_once = False
+        self.last_script_lines = 0
+
+    # --- public ---------------------------------------------------------------------------
+
+    def sync(self, changes: Changes, *, full: bool) -> None:
+        full = full or not self._synced_once
+        if full:
+            script = self._full_script(changes.state)
+        else:
+            script = self._partial_script(changes)
+        if script:
+            self.last_script_lines = script.count("\n")
+            self.nft.run(["nft", "-f", "-"], input=script)
+        self._synced_once = True
+
+    def healthy(self) -> bool:
+        """The table still exists (somebody may have flushed the ruleset)."""
+        fam = nft_family(self.config.families[0])
+        out = self.nft.run(["nft", "list", "tables", fam], check=False)
+        return f"table {fam} {TABLE}" in out
+
+    def cleanup(self) -> None:
+        for family in (4, 6):
+            fam = nft_family(family)  # type: ignore[arg-type]
+            self.nft.run(["nft", "-f", "-"],
+                         input=f"add table {fam} {TABLE}\ndelete table {fam} {TABLE}\n")
+        self._rendered.clear()
+        self._synced_once = False
+
+    def dump(self, family: Family = 4) -> dict[str, object]:
+        """The table as ``nft -j`` JSON, for the tracer and for tests."""
+        out = self.nft.run(["nft", "-j", "list", "table", nft_family(family), TABLE])
+        result: dict[str, object] = json.loads(out)
+        return result
+
+    # --- full and partial scripts -------------------------------------------------------------
+
+    def _full_script(self, state: Mapping[PortKey, ServicePortState]) -> str:
+        lines: list[str] = []
+        rendered = {k: self.render(sp) for k, sp in state.items() if sp.family in self._families}
+        for family in self._families:
+            fam = nft_family(family)
+            lines += [f"add table {fam} {TABLE}", f"delete table {fam} {TABLE}"]
+            lines += self._skeleton(family)
+            self._lb_chains[family] = set()
+            self._hairpin[family] = Counter()
+        by_family: dict[Family, list[Rendered]] = {f: [] for f in self._families}
+        for key, r in rendered.items():
+            by_family[key.family].append(r)
+        for family, items in by_family.items():
+            fam = nft_family(family)
+            for r in items:
+                self._hairpin[family].update(r.hairpin)
+            lines += self._ensure_lb_chains(family, set().union(*(r.lb_chains for r in items)))
+            for r in items:
+                for name, decl in r.sets.items():
+                    lines.append(f"add set {fam} {TABLE} {name} {decl}")
+                for name in r.chains:
+                    lines.append(f"add chain {fam} {TABLE} {name}")
+            for r in items:
+                for name, rules in r.chains.items():
+                    lines += [f"add rule {fam} {TABLE} {name} {rule}" for rule in rules]
+            merged: dict[str, dict[str, str]] = {}
+            for r in items:
+                for name, elems in r.elements.items():
+                    merged.setdefault(name, {}).update(elems)
+            for name, elems in merged.items():
+                lines += _element_lines("add", fam, name, elems)
+            hp = {_hairpin_key(ip): "" for ip in self._hairpin[family]}
+            lines += _element_lines("add", fam, "hairpin", hp)
+        self._rendered = rendered
+        return "\n".join(lines) + "\n"
+
+    def _partial_script(self, changes: Changes) -> str:
+        head: list[str] = []
+        body: list[str] = []
+        tail: list[str] = []
+        adds: dict[tuple[Family, str], dict[str, str]] = {}
+        dels: dict[tuple[Family, str], dict[str, str]] = {}
+        for key, change in changes.changed.items():
+            if key.family not in self._families:
+                continue
+            family, fam = key.family, nft_family(key.family)
+            old = self._rendered.pop(key, None) or Rendered()
+            new = self.render(change.current) if change.current else Rendered()
+            if change.current is not None:
+                self._rendered[key] = new
+            head += self._ensure_lb_chains(family, set(new.lb_chains))
+            for name, decl in new.sets.items():
+                if name not in old.sets:
+                    head.append(f"add set {fam} {TABLE} {name} {decl}")
+            for name, rules in new.chains.items():
+                if old.chains.get(name) == rules:
+                    continue
+                head.append(f"add chain {fam} {TABLE} {name}")
+                if name in old.chains:
+                    body.append(f"flush chain {fam} {TABLE} {name}")
+                body += [f"add rule {fam} {TABLE} {name} {rule}" for rule in rules]
+            for name in old.chains.keys() - new.chains.keys():
+                body.append(f"flush chain {fam} {TABLE} {name}")
+                tail.append(f"delete chain {fam} {TABLE} {name}")
+            for name in old.sets.keys() - new.sets.keys():
+                tail.append(f"delete set {fam} {TABLE} {name}")
+            for name in old.elements.keys() | new.elements.keys():
+                before, after = old.elements.get(name, {}), new.elements.get(name, {})
+                for k, v in before.items():
+                    if after.get(k) != v:
+                        dels.setdefault((family, name), {})[k] = v
+                for k, v in after.items():
+                    if before.get(k) != v:
+                        adds.setdefault((family, name), {})[k] = v
+            counts = self._hairpin[family]
+            for ip in old.hairpin - new.hairpin:
+                counts[ip] -= 1
+                if counts[ip] <= 0:
+                    del counts[ip]
+                    dels.setdefault((family, "hairpin"), {})[_hairpin_key(ip)] = ""
+            for ip in new.hairpin - old.hairpin:
+                counts[ip] += 1
+                if counts[ip] == 1:
+                    adds.setdefault((family, "hairpin"), {})[_hairpin_key(ip)] = ""
+        elements: list[str] = []
+        for (family, name), elems in dels.items():
+            elements += _element_lines("delete", nft_family(family), name, elems)
+        for (family, name), elems in adds.items():
+            elements += _element_lines("add", nft_family(family), name, elems)
+        # Chains referenced by elements must exist before the elements, and elements must go
+        # before the chains they referenced are deleted.
+        lines = head + body + elements + tail
+        return "\n".join(lines) + "\n" if lines else ""
+
+    @property
+    def _families(self) -> tuple[Family, ...]:
+        return self.config.families
+
+    def _ensure_lb_chains(self, family: Family, wanted: set[str]) -> list[str]:
+        fam, ip = nft_family(family), nft_family(family)
+        lines: list[str] = []
+        for name in sorted(wanted - self._lb_chains[family]):
+            local, count = name.startswith("lbl-"), int(name.split("-")[1])
+            offset = f" offset {LOCAL_OFFSET}" if local else ""
+            lines += [
+                f"add chain {fam} {TABLE} {name}",
+                f"add rule {fam} {TABLE} {name} dnat {ip} to {ip} daddr . meta l4proto . "
+                f"th dport . numgen random mod {count}{offset} map @backends",
+            ]
+            self._lb_chains[family].add(name)
+        return lines
+
+    # --- the fixed part of the table ------------------------------------------------------------
+
+    def _skeleton(self, family: Family) -> list[str]:
+        fam = nft_family(family)
+        addr = "ipv4_addr" if family == 4 else "ipv6_addr"
+        ip = fam
+        t = f"{fam} {TABLE}"
+        frontend = f"{addr} . inet_proto . inet_service"
+        key = f"{ip} daddr . meta l4proto . th dport"
+        mark = self.config.masq_mark
+        detect = self.config.detect_local
+        lines = [
+            f"add table {t} {{ comment \"svcnet service proxy\" ; }}",
+            f"add map {t} service-ips {{ type {frontend} : verdict ; }}",
+            f"add map {t} local-shortcut {{ type {frontend} : verdict ; }}",
+            f"add map {t} no-endpoints {{ type {frontend} : verdict ; }}",
+            f"add map {t} backends {{ typeof {ip} daddr . meta l4proto . th dport . "
+            f"numgen random mod 1 : {ip} daddr . th dport ; }}",
+            f"add set {t} cluster-ips {{ type {frontend} ; }}",
+            f"add set {t} external-masq {{ type {frontend} ; }}",
+            f"add set {t} local-policy {{ type {frontend} ; }}",
+            f"add set {t} firewall-ips {{ type {frontend} ; }}",
+            f"add set {t} firewall-allow {{ type {frontend} . {addr} ; flags interval ; }}",
+            f"add set {t} hairpin {{ type {addr} . {addr} ; }}",
+            f"add chain {t} reject-chain",
+            f"add rule {t} reject-chain reject",
+            f"add chain {t} mark-for-masquerade",
+            f"add rule {t} mark-for-masquerade meta mark set meta mark | {mark:#x}",
+            f"add chain {t} masquerading",
+            f"add rule {t} masquerading ct status dnat {ip} saddr . {ip} daddr @hairpin "
+            "masquerade fully-random",
+            f"add rule {t} masquerading meta mark & {mark:#x} == 0 return",
+            f"add rule {t} masquerading meta mark set meta mark ^ {mark:#x}",
+            f"add rule {t} masquerading masquerade fully-random",
+            f"add chain {t} services",
+        ]
+        svc = f"add rule {t} services"
+        if self.config.masquerade_all:
+            lines.append(f"{svc} {key} @cluster-ips jump mark-for-masquerade")
+        elif detect.active(family):
+            lines.append(f"{svc} {key} @cluster-ips {self._not_local(family)} "
+                         "jump mark-for-masquerade")
+        lines.append(f"{svc} {key} @external-masq jump mark-for-masquerade")
+        if detect.active(family):
+            lines.append(f"{svc} {self._local(family)} {key} vmap @local-shortcut")
+        lines += [
+            f"{svc} fib saddr type local {key} @local-policy jump mark-for-masquerade",
+            f"{svc} fib saddr type local {key} vmap @local-shortcut",
+            f"{svc} {key} vmap @service-ips",
+            f"add chain {t} filter-checks",
+            f"add rule {t} filter-checks {key} @firewall-ips {key} . {ip} saddr != "
+            "@firewall-allow drop",
+            f"add rule {t} filter-checks {key} vmap @no-endpoints",
+        ]
+        for hook, prio in (("prerouting", "-110"), ("output", "-110")):
+            lines += [
+                f"add chain {t} filter-{hook} {{ type filter hook {hook} priority {prio} ; }}",
+                f"add rule {t} filter-{hook} ct state new jump filter-checks",
+            ]
+        for hook, prio in (("prerouting", "-100"), ("output", "-100")):
+            lines += [
+                f"add chain {t} nat-{hook} {{ type nat hook {hook} priority {prio} ; }}",
+                f"add rule {t} nat-{hook} jump services",
+            ]
+        lines += [
+            f"add chain {t} nat-postrouting {{ type nat hook postrouting priority srcnat ; }}",
+            f"add rule {t} nat-postrouting jump masquerading",
+        ]
+        return lines
+
+    def _local(self, family: Family) -> str:
+        d, ip = self.config.detect_local, nft_family(family)
+        if d.mode in ("ClusterCIDR", "NodeCIDR"):
+            return f"{ip} saddr {{ {', '.join(d.cidrs_for(family))} }}"
+        iface = f"{d.interface}*" if d.mode == "InterfaceNamePrefix" else d.interface
+        return f'iifname "{iface}"'
+
+    def _not_local(self, family: Family) -> str:
+        d, ip = self.config.detect_local, nft_family(family)
+        if d.mode in ("ClusterCIDR", "NodeCIDR"):
+            return f"{ip} saddr != {{ {', '.join(d.cidrs_for(family))} }}"
+        iface = f"{d.interface}*" if d.mode == "InterfaceNamePrefix" else d.interface
+        return f'iifname != "{iface}"'
+
+    # --- one service port -----------------------------------------------------------------------
+
+    def render(self, sp: ServicePortState) -> Rendered:
+        r = Rendered()
+        proto = sp.protocol.lower()
+        lb_chains: set[str] = set()
+        hairpin = {b.ip for b in sp.all_endpoints}
+        for fe in sp.frontends:
+            key = f"{fe.ip} . {proto} . {fe.port}"
+            endpoints = sp.endpoints_for(fe)
+            if not endpoints:
+                # No endpoint at all: reject at once; only none on this node (Local
+                # policy): drop, like kube-proxy.
+                verdict = "drop" if sp.has_endpoints else "goto reject-chain"
+                r.element("no-endpoints", key, verdict)
+                continue
+            local_list = sp.external_local if fe.kind.external else sp.internal_local
+            r.element("service-ips", key, self._target(
+                r, sp, key, endpoints, local_list, lb_chains))
+            if not fe.kind.external:
+                r.element("cluster-ips", key)
+            elif not sp.external_local:
+                r.element("external-masq", key)
+            else:
+                # Pods and the node itself reach Local-policy external frontends through
+                # the cluster-wide endpoints (kube-proxy's short circuit).
+                r.element("local-policy", key)
+                if sp.cluster_endpoints:
+                    r.element("local-shortcut", key, self._target(
+                        r, sp, key, sp.cluster_endpoints, False, lb_chains))
+            if fe.kind.value == "LoadBalancer" and sp.source_ranges:
+                r.element("firewall-ips", key)
+                for cidr in sp.source_ranges:
+                    r.element("firewall-allow", f"{key} . {cidr}")
+        r.hairpin = frozenset(hairpin)
+        r.lb_chains = frozenset(lb_chains)
+        return r
+
+    def _target(
+        self, r: Rendered, sp: ServicePortState, key: str,
+        endpoints: tuple[Backend, ...], local_list: bool, lb_chains: set[str],
+    ) -> str:
+        if sp.affinity_timeout:
+            return f"goto {self._affinity_chains(r, sp, endpoints, local_list)}"
+        offset = LOCAL_OFFSET if local_list else 0
+        for i, b in enumerate(endpoints):
+            r.element("backends", f"{key} . {i + offset}", f"{b.ip} . {b.port}")
+        chain = f"{'lbl' if local_list else 'lb'}-{len(endpoints)}"
+        lb_chains.add(chain)
+        return f"goto {chain}"
+
+    def _affinity_chains(
+        self, r: Rendered, sp: ServicePortState, endpoints: tuple[Backend, ...],
+        local_list: bool,
+    ) -> str:
+        ip = nft_family(sp.family)
+        addr = "ipv4_addr" if sp.family == 4 else "ipv6_addr"
+        base = f"aff-{short_hash(str(sp.key), 'local' if local_list else 'cluster', length=12)}"
+        if base in r.chains:
+            return base
+        proto = sp.protocol.lower()
+        rules: list[str] = []
+        targets: list[str] = []
+        for b in endpoints:
+            ep = f"{base}-{short_hash(str(b), length=8)}"
+            r.sets[ep] = (f"{{ type {addr} ; flags dynamic,timeout ; "
+                          f"timeout {sp.affinity_timeout}s ; }}")
+            dest = f"[{b.ip}]:{b.port}" if sp.family == 6 else f"{b.ip}:{b.port}"
+            r.chains[ep] = (
+                f"update @{ep} {{ {ip} saddr }} meta l4proto {proto} dnat {ip} to {dest}",
+            )
+            rules.append(f"{ip} saddr @{ep} goto {ep}")
+            targets.append(ep)
+        vmap = ", ".join(f"{i} : goto {t}" for i, t in enumerate(targets))
+        rules.append(f"numgen random mod {len(targets)} vmap {{ {vmap} }}")
+        r.chains[base] = tuple(rules)
+        return base
+
+
+def _hairpin_key(ip: str) -> str:
+    return f"{ip} . {ip}"
+
+
+def _element_lines(op: str, fam: str, name: str, elems: Mapping[str, str],
+                   batch: int = 2000) -> list[str]:
+    items = [f"{k} : {v}" if v and op == "add" else k for k, v in elems.items()]
+    return [
+        f"{op} element {fam} {TABLE} {name} {{ {', '.join(chunk)} }}"
+        for chunk in _chunks(items, batch)
+    ]
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
