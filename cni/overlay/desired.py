@@ -151,8 +151,13 @@ def vxlan_mtu(underlay: Underlay, family: int, override: int = 0) -> int:
 
 
 def peers_from(own: Lease, snapshot: Snapshot, family: int, underlay: Underlay,
-               backend: str) -> tuple[tuple[Peer, ...], tuple[str, ...]]:
-    """This family's peers: every other lease of our backend type with usable data."""
+               backend: str, *, prefer_direct: bool = False
+               ) -> tuple[tuple[Peer, ...], tuple[str, ...]]:
+    """This family's peers: every other lease of our backend type with usable data.
+
+    A peer is ``direct`` (plain route, no encapsulation) when direct paths are wanted
+    (host-gw, or VXLAN's ``DirectRouting``) and its public IP is on our underlay segment.
+    """
     peers: list[Peer] = []
     skipped: list[str] = []
     own_subnet = own.subnet if family == 4 else own.subnet6
@@ -173,7 +178,8 @@ def peers_from(own: Lease, snapshot: Snapshot, family: int, underlay: Underlay,
             skipped.append(f"{subnet}: no VTEP MAC")
             continue
         peers.append(Peer(subnet=str(subnet), public_ip=public, vtep_mac=mac,
-                          direct=underlay.on_link(public), node=a.node_name))
+                          direct=prefer_direct and underlay.on_link(public),
+                          node=a.node_name))
     return tuple(peers), tuple(skipped)
 
 
@@ -212,7 +218,9 @@ def compute_desired(config: NetworkConfig, own: Lease, snapshot: Snapshot, under
     for family, subnet in ((4, own.subnet), (6, own.subnet6)):
         if subnet is None:
             continue
-        peers, skip = peers_from(own, snapshot, family, underlay, backend)
+        peers, skip = peers_from(own, snapshot, family, underlay, backend,
+                                 prefer_direct=backend == "host-gw"
+                                 or config.backend.direct_routing)
         skipped.extend(skip)
         if backend == "vxlan":
             part = vxlan.render(config.backend, family, subnet, peers, underlay, node_name)

@@ -37,7 +37,7 @@ def render(backend: BackendConfig, family: int, subnet: IPNetwork, peers: tuple[
     fdb: set[FdbEntry] = set()
     routes: set[Route] = set()
     for peer in peers:
-        if backend.direct_routing and peer.direct:
+        if peer.direct:
             routes.add(Route(dst=peer.subnet, via=peer.public_ip, dev=underlay.name))
             continue
         gateway = peer.subnet.split("/")[0]
