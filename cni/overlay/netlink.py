@@ -221,7 +221,11 @@ def command_lines(op: Op) -> list[str]:
                 f"local {o.local} dev {o.underlay} dstport {o.port} nolearning",
                 f"link set dev {o.name} up"]
     if isinstance(o, Address):
-        return [f"addr {'del' if op.verb == 'del' else 'replace'} {o.cidr} dev {o.dev}"]
+        if op.verb == "del":
+            return [f"addr del {o.cidr} dev {o.dev}"]
+        # No duplicate address detection: the VTEP address is unique by lease, and DAD would
+        # leave it tentative (unusable) for a second after every (re)creation.
+        return [f"addr replace {o.cidr} dev {o.dev}{' nodad' if ':' in o.cidr else ''}"]
     if isinstance(o, Neighbour):
         if op.verb == "del":
             return [f"neigh del {o.ip} dev {o.dev}"]

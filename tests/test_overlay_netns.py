@@ -1,0 +1,224 @@
+"""The overlay on real kernels: simulated nodes in namespaces on an underlay bridge, each
+running ``svcnet node --overlay`` against a real etcd that lives in the underlay namespace."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import require_binary
+from svcnet.cni.overlay.testbed import SimNode, Testbed, in_ns
+
+pytestmark = [pytest.mark.kernel, pytest.mark.etcd]
+
+NET_CONF = {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}
+SVCNET = str(Path(sys.executable).parent / "svcnet")
+
+
+@pytest.fixture
+def bed(netns: Callable[[str], str], tmp_path: Path) -> Iterator[Testbed]:
+    require_binary("etcd", "etcdctl", "ping", "socat", "bridge", "iptables-restore")
+    tb = Testbed(netns, tmp_path)
+    try:
+        tb.start_etcd()
+        yield tb
+    finally:
+        tb.close()
+
+
+def start_nodes(tb: Testbed, count: int, conf: dict[str, object] = NET_CONF,
+                *extra: str) -> list[SimNode]:
+    tb.etcdctl("put", "/coreos.com/network/config", json.dumps(conf))
+    nodes = [tb.add_node(f"n{i}") for i in range(count)]
+    for node in nodes:
+        tb.start_daemon(node, *extra)
+    for node in nodes:
+        tb.wait_ready(node)
+    return nodes
+
+
+def until(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout}s")
+        time.sleep(0.1)
+
+
+def pings(src: str, dst: str, *args: str) -> bool:
+    return in_ns(src, "ping", "-c", "1", "-W", "1", *args, dst, check=False).returncode == 0
+
+
+def routes(node: SimNode) -> str:
+    return (in_ns(node.ns, "ip", "route", "show", "proto", "205").stdout
+            + in_ns(node.ns, "ip", "-6", "route", "show", "proto", "205").stdout)
+
+
+def status(node: SimNode) -> subprocess.CompletedProcess[str]:
+    return in_ns(node.ns, SVCNET, "overlay", "status", "--url",
+                 f"http://127.0.0.1:{node.listen_port}", check=False)
+
+
+def tcp_echo(tb: Testbed, client: str, server: str, payload: int, rounds: int = 20) -> None:
+    """``rounds`` exchanges of ``payload`` bytes echoed back by socat in ``server``."""
+    srv = subprocess.Popen(["ip", "netns", "exec", server, "socat",
+                            "TCP-LISTEN:7000,reuseaddr", "PIPE"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        code = (
+            "import socket,sys,time\n"
+            f"data = bytes(range(256)) * ({payload} // 256 + 1)\n"
+            f"data = data[:{payload}]\n"
+            "for attempt in range(50):\n"
+            "    try:\n"
+            f"        s = socket.create_connection(('{tb.pod_ips[server]}', 7000), 2)\n"
+            "        break\n"
+            "    except OSError:\n"
+            "        time.sleep(0.1)\n"
+            "s.settimeout(5)\n"
+            f"for _ in range({rounds}):\n"
+            "    s.sendall(data)\n"
+            "    got = b''\n"
+            "    while len(got) < len(data):\n"
+            "        chunk = s.recv(65536)\n"
+            "        assert chunk, 'connection closed'\n"
+            "        got += chunk\n"
+            "    assert got == data, 'payload corrupted'\n"
+            "print('ok')\n"
+        )
+        out = in_ns(client, "python3", "-c", code, timeout=30)
+        assert out.stdout.strip() == "ok"
+    finally:
+        srv.kill()
+        srv.wait(5)
+
+
+def test_three_nodes_pods_talk_heal_and_forget_departed_node(bed: Testbed) -> None:
+    nodes = start_nodes(bed, 3)
+    pods = [bed.add_pod(n) for n in nodes]
+    subnets = {n.name: n.env()["FLANNEL_SUBNET"] for n in nodes}
+    assert len(set(subnets.values())) == 3
+    until(lambda: all(routes(n).count("flannel.1") == 2 for n in nodes), what="full mesh")
+    for a in pods:
+        for b in pods:
+            if a != b:
+                assert pings(a, bed.pod_ips[b]), f"{a} cannot ping {b}"
+    tcp_echo(bed, pods[0], pods[2], payload=1400)
+
+    # Path MTU: 1450 - 28 bytes of IP + ICMP header fits with DF set, one byte more does not.
+    assert nodes[0].env()["FLANNEL_MTU"] == "1450"
+    assert pings(pods[0], bed.pod_ips[pods[1]], "-M", "do", "-s", "1422")
+    assert not pings(pods[0], bed.pod_ips[pods[1]], "-M", "do", "-s", "1423")
+
+    report = status(nodes[0])
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert "in sync" in report.stdout and report.stdout.count("vxlan") >= 2
+    health = in_ns(nodes[0].ns, "python3", "-c", "import urllib.request as u; print(u.urlopen("
+                   f"'http://127.0.0.1:{nodes[0].listen_port}/healthz').read().decode())")
+    assert health.stdout.strip() == "ok"
+    metrics = in_ns(nodes[0].ns, "python3", "-c", "import urllib.request as u; print(u.urlopen("
+                    f"'http://127.0.0.1:{nodes[0].listen_port}/metrics').read().decode())")
+    assert "svcnet_overlay_peers 2.0" in metrics.stdout
+    assert "svcnet_overlay_reconcile_seconds_count" in metrics.stdout
+
+    # A deleted VXLAN device is recreated with its neighbours, FDB entries and routes.
+    in_ns(nodes[1].ns, "ip", "link", "del", "flannel.1")
+    until(lambda: pings(pods[0], bed.pod_ips[pods[1]]), 10, "ping after device deletion")
+    until(lambda: status(nodes[1]).returncode == 0, 10, "kernel back in sync")
+
+    # Drift in one entry is repaired without touching the rest.
+    victim = nodes[0]
+    peer_subnet = subnets["n2"].rsplit(".", 1)[0] + ".0"
+    in_ns(victim.ns, "ip", "neigh", "del", peer_subnet, "dev", "flannel.1")
+    drift = status(victim)
+    assert drift.returncode == 1 and "missing: add Neighbour" in drift.stdout
+    until(lambda: status(victim).returncode == 0, 5, "neighbour repaired")
+    assert pings(pods[0], bed.pod_ips[pods[2]])
+
+    # A node leaving the cluster: its lease goes, and every node drops its route,
+    # neighbour and FDB entry.
+    bed.kill_daemon(nodes[2])
+    key = subnets["n2"].rsplit(".", 1)[0] + ".0-24"
+    assert bed.etcdctl("del", f"/coreos.com/network/subnets/{key}").stdout.strip() == "1"
+    gone = subnets["n2"].rsplit(".", 1)[0] + ".0"
+    until(lambda: all(gone not in routes(n) for n in nodes[:2]), 10, "departed routes removed")
+    for n in nodes[:2]:
+        assert gone not in in_ns(n.ns, "ip", "neigh", "show", "dev", "flannel.1").stdout
+        assert routes(n).count("flannel.1") == 1
+    assert pings(pods[0], bed.pod_ips[pods[1]])
+
+
+def test_daemon_restart_under_ping_loses_nothing(bed: Testbed) -> None:
+    nodes = start_nodes(bed, 3)
+    pods = [bed.add_pod(n) for n in nodes]
+    until(lambda: all(routes(n).count("flannel.1") == 2 for n in nodes), what="full mesh")
+    assert pings(pods[0], bed.pod_ips[pods[1]])
+    index_before = in_ns(nodes[0].ns, "cat", "/sys/class/net/flannel.1/ifindex").stdout
+    subnet_before = nodes[0].env()["FLANNEL_SUBNET"]
+    ping = subprocess.Popen(
+        ["ip", "netns", "exec", pods[0], "ping", "-i", "0.01", "-c", "400", "-W", "1",
+         bed.pod_ips[pods[1]]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for node in nodes[:2]:
+            bed.kill_daemon(node)
+            started = time.time()
+            bed.start_daemon(node)
+            bed.wait_ready(node, since=started - 0.01)
+        out, _ = ping.communicate(timeout=30)
+    finally:
+        ping.kill()
+    assert " 0% packet loss" in out, out[-400:]
+    assert "400 received" in out
+    assert nodes[0].env()["FLANNEL_SUBNET"] == subnet_before, "subnet must survive a restart"
+    assert in_ns(nodes[0].ns, "cat", "/sys/class/net/flannel.1/ifindex").stdout == index_before
+    assert status(nodes[0]).returncode == 0
+
+
+def test_host_gw_backend(bed: Testbed) -> None:
+    conf = {"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}
+    nodes = start_nodes(bed, 3, conf)
+    pods = [bed.add_pod(n) for n in nodes]
+    until(lambda: all(routes(n).count("dev eth0") == 2 for n in nodes), what="host-gw routes")
+    assert "flannel" not in in_ns(nodes[0].ns, "ip", "link").stdout
+    assert nodes[0].env()["FLANNEL_MTU"] == "1500"
+    assert f"via {nodes[1].ip} dev eth0" in routes(nodes[0])
+    assert pings(pods[0], bed.pod_ips[pods[2]])
+    assert pings(pods[2], bed.pod_ips[pods[1]], "-M", "do", "-s", "1472")
+    tcp_echo(bed, pods[1], pods[0], payload=1400, rounds=5)
+
+
+def test_dual_stack_vxlan(netns: Callable[[str], str],
+                                             tmp_path: Path) -> None:
+    require_binary("etcd", "etcdctl", "ping")
+    tb = Testbed(netns, tmp_path, ipv6=True)
+    try:
+        tb.start_etcd()
+        conf = {"Network": "10.244.0.0/16", "EnableIPv6": True,
+                "IPv6Network": "fd00:10:244::/56", "IPv6SubnetLen": 64,
+                "Backend": {"Type": "vxlan"}}
+        nodes = start_nodes(tb, 2, conf)
+        pods = [tb.add_pod(n) for n in nodes]
+        assert "FLANNEL_IPV6_SUBNET" in nodes[0].env()
+        until(lambda: all("flannel-v6.1" in routes(n) for n in nodes), what="IPv6 routes")
+        link = in_ns(nodes[0].ns, "ip", "-d", "link", "show", "flannel-v6.1").stdout
+        assert "mtu 1430" in link and f"local {nodes[0].ip6}" in link
+        until(lambda: pings(pods[0], tb.pod_ips6[pods[1]], "-6"), 5, "IPv6 pod to pod")
+        assert pings(pods[1], tb.pod_ips[pods[0]])
+        tcp_echo(tb, pods[1], pods[0], payload=1400, rounds=5)
+    finally:
+        tb.close()
+
+
+def test_direct_routing_skips_encapsulation_on_one_segment(bed: Testbed) -> None:
+    conf = {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": True}}
+    nodes = start_nodes(bed, 2, conf)
+    pods = [bed.add_pod(n) for n in nodes]
+    until(lambda: f"via {nodes[1].ip} dev eth0" in routes(nodes[0]), what="direct route")
+    assert "flannel.1" not in routes(nodes[0])
+    assert nodes[0].env()["FLANNEL_MTU"] == "1450", "MTU stays safe for peers behind routers"
+    assert pings(pods[0], bed.pod_ips[pods[1]])
