@@ -583,3 +583,27 @@ def test_store_failover_loses_no_event(etcd3: EtcdCluster) -> None:
             await writer.close()
 
     run(body)
+
+
+def test_client_watch_survives_dropped_connections(etcd: EtcdCluster) -> None:
+    async def body() -> None:
+        async with EtcdClient(etcd.endpoints) as c:
+            start = await c.revision() + 1
+            events: list[KvEvent] = []
+
+            async def consume() -> None:
+                async for e in c.watch_prefix(b"/d/", start_revision=start):
+                    events.append(e)
+                    if len(events) == 30:
+                        return
+
+            task = asyncio.create_task(consume())
+            for i in range(30):
+                await _retry(lambda i=i: c.create(b"/d/%02d" % i, b"v"))  # type: ignore[misc]
+                if i % 7 == 3:
+                    await eventually(lambda i=i: len(events) > i)  # type: ignore[misc]
+                    await c.reconnect()
+            await asyncio.wait_for(task, 10)
+            assert [e.key for e in events] == [b"/d/%02d" % i for i in range(30)]
+
+    run(body)

@@ -438,6 +438,10 @@ class EtcdClient:
         except TimeoutError:
             raise Unavailable(f"watch on {member.endpoint}: no answer in {self.timeout}s"
                               ) from None
+        except asyncio.CancelledError:
+            if _task_cancelled():
+                raise
+            raise Unavailable(f"watch on {member.endpoint}: connection closed") from None
         finally:
             call.cancel()
 
@@ -467,6 +471,13 @@ class EtcdClient:
                 self._failed(index)
                 if not repeatable and not _never_sent(err):
                     raise Unavailable(f"{what}: outcome unknown ({reason})") from None
+            except asyncio.CancelledError:
+                # grpc.aio reports a call cut by a closed channel as a cancellation.
+                if _task_cancelled():
+                    raise
+                reason = f"{self._members[index].endpoint}: connection closed"
+                if not repeatable:
+                    raise Unavailable(f"{what}: outcome unknown ({reason})") from None
             except Unavailable as err:
                 reason = str(err)
                 self._failed(index)
@@ -481,6 +492,15 @@ class EtcdClient:
             if len(self._members) > 1:
                 log.info("etcd: %s failed; switching to %s",
                          self._members[index].endpoint, self.endpoint)
+
+    async def reconnect(self) -> None:
+        """Drop every connection (in-flight requests fail, watches resume on new ones).
+
+        For operators and tests: the same thing a load balancer resetting idle connections
+        or a NAT timeout would do.
+        """
+        for member in self._members:
+            await member.close()
 
     async def close(self) -> None:
         self._closed = True
@@ -506,6 +526,12 @@ def _kv_event(event: Any) -> KvEvent:
         prev_value=prev.value if prev is not None else None,
         prev_mod_revision=prev.mod_revision if prev is not None else 0,
     )
+
+
+def _task_cancelled() -> bool:
+    """True when the running task itself is being cancelled (not just a gRPC call)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _jitter(delay: float) -> float:
