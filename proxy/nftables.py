@@ -84,10 +84,7 @@ class NftablesBackend:
 
     def sync(self, changes: Changes, *, full: bool) -> None:
         full = full or not self._synced_once
-        if full:
-            script = self._full_script(changes.state)
-        else:
-            script = self._partial_script(changes)
+        script = self._full_script(changes.state) if full else self._partial_script(changes)
         if script:
             self.last_script_lines = script.count("\n")
             self.nft.run(["nft", "-f", "-"], input=script)

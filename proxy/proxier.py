@@ -1,0 +1,239 @@
+"""The sync loop: watch events -> change tracker -> one backend transaction per sync.
+
+kube-proxy's timing: the first change after a quiet period applies at once; further changes
+within ``min_sync_period`` of the last sync coalesce into one sync when it elapses; every
+``sync_period`` the loop checks that the rules are still in place (canary chain / table)
+and a full sync runs at start, after any failure, when the rules went missing, and every
+``full_sync_period``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from svcnet.proxy import metrics
+from svcnet.proxy.conntrack import ConntrackTable, stale_flows
+from svcnet.proxy.health import HealthCheck, NodePortHealthServers, SyncHealth
+from svcnet.proxy.state import Changes, ChangeTracker, NodeConfig
+
+from svcnet.model import ENDPOINT_SLICE, SERVICE, EndpointSlice, Service
+from svcnet.watch import Callbacks, InformerFactory
+
+log = logging.getLogger(__name__)
+
+TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+
+
+class RuleBackend(Protocol):
+    name: str
+
+    def sync(self, changes: Changes, *, full: bool) -> None: ...
+
+    def healthy(self) -> bool: ...
+
+    def cleanup(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SyncSettings:
+    min_sync_period: float = 1.0
+    sync_period: float = 30.0
+    full_sync_period: float = 3600.0
+    retry_delay: float = 1.0
+
+    @property
+    def health_timeout(self) -> float:
+        return 2 * self.sync_period
+
+
+@dataclass(slots=True)
+class SyncStats:
+    syncs: int = 0
+    full_syncs: int = 0
+    failures: int = 0
+    last_duration: float = 0.0
+    history: list[tuple[float, bool]] = field(default_factory=list)
+
+
+class Proxier:
+    def __init__(
+        self, backend: RuleBackend, node: NodeConfig, *,
+        settings: SyncSettings = SyncSettings(),
+        conntrack: ConntrackTable | None = None,
+        health_check_servers: NodePortHealthServers | None = None,
+        node_refresh: Callable[[], NodeConfig] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.tracker = ChangeTracker(node)
+        self.conntrack = conntrack
+        self.hc_servers = health_check_servers
+        self.node_refresh = node_refresh
+        self.health = SyncHealth(settings.health_timeout)
+        self.stats = SyncStats()
+        self.synced = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._need_full = True
+        self._last_sync_start = -1e9
+        self._last_full = -1e9
+        self._trigger_times: list[float] = []
+        self._services: Callable[[str], Service | None] = lambda key: None
+        self._slices: Callable[[str], list[EndpointSlice]] = lambda key: []
+        self._service_keys: Callable[[], list[str]] = list
+
+    # --- event intake ----------------------------------------------------------------------
+
+    def on_service(self, old: Service | None, new: Service | None) -> None:
+        if old is not None and new is not None and old == new:
+            return
+        self.tracker.service_changed(old, new)
+        metrics.SERVICE_CHANGES_TOTAL.inc()
+        self._queued()
+
+    def on_slice(self, old: EndpointSlice | None, new: EndpointSlice | None) -> None:
+        if old is not None and new is not None and old == new:
+            return
+        self.tracker.slice_changed(old, new)
+        metrics.ENDPOINT_CHANGES_TOTAL.inc()
+        if new is not None:
+            stamp = new.metadata.annotations.get(TRIGGER_TIME_ANNOTATION)
+            if stamp:
+                with contextlib.suppress(ValueError):
+                    self._trigger_times.append(
+                        datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
+        self._queued()
+
+    def _queued(self) -> None:
+        self.health.queued()
+        metrics.LAST_QUEUED.set(time.time())
+        self._wake.set()
+
+    # --- running -----------------------------------------------------------------------------
+
+    async def run(self, factory: InformerFactory) -> None:
+        services = factory.informer(SERVICE)
+        slices = factory.informer(ENDPOINT_SLICE)
+        self._services = services.cache.get
+        self._slices = lambda key: slices.cache.by_index("service", key)
+        self._service_keys = services.cache.keys_snapshot
+        services.add_handler(Callbacks(self.on_service))
+        slices.add_handler(Callbacks(self.on_slice))
+        services.start()
+        slices.start()
+        await services.synced.wait()
+        await slices.synced.wait()
+        try:
+            await self.loop()
+        finally:
+            if self.hc_servers is not None:
+                await self.hc_servers.stop()
+
+    async def loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_periodic = loop.time() + self.settings.sync_period
+        self._wake.set()
+        while True:
+            timeout = max(0.0, next_periodic - loop.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            periodic = loop.time() >= next_periodic
+            if periodic:
+                next_periodic = loop.time() + self.settings.sync_period
+            wait = self._last_sync_start + self.settings.min_sync_period - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._wake.clear()
+            ok = await self.sync_once(check_rules=periodic)
+            if not ok:
+                await asyncio.sleep(self.settings.retry_delay)
+                self._wake.set()
+
+    async def sync_once(self, *, check_rules: bool = False) -> bool:
+        """One sync; returns False if the backend failed (the next one will be full)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        full = self._need_full or now - self._last_full >= self.settings.full_sync_period
+        if self.node_refresh is not None and (full or check_rules):
+            self.tracker.set_node(await asyncio.to_thread(self.node_refresh))
+        if check_rules and not full and not await asyncio.to_thread(self.backend.healthy):
+            log.warning("proxy rules missing (canary gone); doing a full sync")
+            full = True
+        self._last_sync_start = now
+        changes = self.tracker.drain(self._services, self._slices, self._service_keys)
+        metrics.SERVICE_CHANGES_PENDING.set(0)
+        metrics.ENDPOINT_CHANGES_PENDING.set(0)
+        if not changes and not full:
+            self.health.updated()
+            return True
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(self.backend.sync, changes, full=full)
+        except Exception:
+            log.exception("%s sync failed (full=%s)", self.backend.name, full)
+            self.stats.failures += 1
+            self._need_full = True
+            if self.backend.name == "iptables":
+                metrics.IPTABLES_RESTORE_FAILURES.inc()
+                if not full:
+                    metrics.IPTABLES_PARTIAL_RESTORE_FAILURES.inc()
+            else:
+                metrics.NFTABLES_SYNC_FAILURES.inc()
+            return False
+        elapsed = time.monotonic() - started
+        self._need_full = False
+        if full:
+            self._last_full = now
+        self._observe(changes, full, elapsed)
+        await self._after_sync(changes)
+        return True
+
+    def _observe(self, changes: Changes, full: bool, elapsed: float) -> None:
+        self.stats.syncs += 1
+        self.stats.full_syncs += int(full)
+        self.stats.last_duration = elapsed
+        self.stats.history = [*self.stats.history[-99:], (elapsed, full)]
+        metrics.SYNC_DURATION.observe(elapsed)
+        (metrics.SYNC_FULL_DURATION if full else metrics.SYNC_PARTIAL_DURATION).observe(elapsed)
+        metrics.LAST_SYNC.set(time.time())
+        wall = time.time()
+        for stamp in self._trigger_times:
+            metrics.NETWORK_PROGRAMMING.observe(max(0.0, wall - stamp))
+        self._trigger_times.clear()
+        totals = getattr(self.backend, "rules_total", None)
+        if isinstance(totals, dict):
+            for table, count in totals.items():
+                metrics.IPTABLES_TOTAL.labels(table).set(count)
+        internal = sum(1 for p in changes.state.values()
+                       if p.internal_local and p.has_endpoints and not p.local_endpoints)
+        external = sum(1 for p in changes.state.values()
+                       if p.external_local and p.has_endpoints and not p.local_endpoints)
+        metrics.NO_LOCAL_ENDPOINTS.labels("internal").set(internal)
+        metrics.NO_LOCAL_ENDPOINTS.labels("external").set(external)
+        self.health.updated()
+        self.synced.set()
+
+    async def _after_sync(self, changes: Changes) -> None:
+        if self.conntrack is not None:
+            flows = stale_flows(changes)
+            if flows:
+                try:
+                    deleted = await asyncio.to_thread(self.conntrack.delete, flows)
+                    metrics.CONNTRACK_DELETED.inc(deleted)
+                except Exception:
+                    log.exception("deleting stale conntrack entries failed")
+        if self.hc_servers is not None:
+            wanted: dict[int, HealthCheck] = {}
+            for p in changes.state.values():
+                if p.health_check_node_port:
+                    prev = wanted.get(p.health_check_node_port)
+                    count = max(p.local_ready_count, prev.local_endpoints if prev else 0)
+                    wanted[p.health_check_node_port] = HealthCheck(
+                        p.key.namespace, p.key.name, p.health_check_node_port, count)
+            await self.hc_servers.reconcile(wanted)
