@@ -1,0 +1,131 @@
+"""The lab's pod workload and its client: tiny, standard-library only, fast to start.
+
+Server: every TCP port answers HTTP with the pod's name (``/clientip`` answers the peer's
+address, which shows masquerading); every UDP port answers each datagram with the pod's name.
+Client (``call``): N HTTP requests or UDP datagrams, one line per answer (``name`` or
+``ERROR reason``), bounded in count and time, for the demo and the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+
+def serve(name: str, tcp_ports: list[int], udp_ports: list[int]) -> None:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def do_GET(self) -> None:
+            body = (self.client_address[0] if self.path == "/clientip" else name) + "\n"
+            data = body.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("X-Pod-Name", name)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    threads = []
+    for port in tcp_ports:
+        server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+        server.daemon_threads = True
+        threads.append(threading.Thread(target=server.serve_forever, daemon=True))
+    for port in udp_ports:
+        threads.append(threading.Thread(target=_udp_echo, args=(name, port), daemon=True))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def _udp_echo(name: str, port: int) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", port))
+    answer = name.encode()
+    while True:
+        _data, peer = sock.recvfrom(2048)
+        sock.sendto(answer, peer)
+
+
+def http_get(url: str, timeout: float) -> str:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or 80
+    with socket.create_connection((host, port), timeout) as conn:
+        conn.settimeout(timeout)
+        conn.sendall(f"GET {parts.path or '/'} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        chunks = []
+        while chunk := conn.recv(4096):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+    if " 200 " not in status + " ":
+        raise OSError(f"HTTP status {status!r}")
+    return body.decode().strip()
+
+
+def udp_call(target: str, timeout: float) -> str:
+    host, _, port = target.rpartition(":")
+    addr = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_DGRAM)[0][4]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(b"hello", addr)
+        return sock.recv(2048).decode()
+
+
+def call(target: str, count: int, timeout: float, interval: float, udp: bool) -> int:
+    """Print one line per request; exit status 1 if any failed."""
+    failed = 0
+    for _ in range(count):
+        try:
+            answer = udp_call(target, timeout) if udp else http_get(target, timeout)
+            print(answer, flush=True)
+        except OSError as err:
+            failed += 1
+            print(f"ERROR {type(err).__name__}: {err}", flush=True)
+        if interval:
+            time.sleep(interval)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m svcnet.lab.echo")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--name", default=os.environ.get("POD_NAME", socket.gethostname()))
+    s.add_argument("--tcp", type=int, action="append", default=[])
+    s.add_argument("--udp", type=int, action="append", default=[])
+    c = sub.add_parser("call")
+    c.add_argument("target", help="http://HOST[:PORT]/PATH, or HOST:PORT with --udp")
+    c.add_argument("--count", type=int, default=1)
+    c.add_argument("--timeout", type=float, default=2.0)
+    c.add_argument("--interval", type=float, default=0.0)
+    c.add_argument("--udp", action="store_true")
+    r = sub.add_parser("resolve", help="resolve a name with the system resolver")
+    r.add_argument("name")
+    args = parser.parse_args(argv)
+    if args.cmd == "serve":
+        serve(args.name, args.tcp or ([] if args.udp else [8080]), args.udp)
+        return 0
+    if args.cmd == "call":
+        return call(args.target, args.count, args.timeout, args.interval, args.udp)
+    try:
+        infos = socket.getaddrinfo(args.name, None, socket.AF_INET, socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        print(f"ERROR {err}")
+        return 1
+    print(" ".join(sorted({str(i[4][0]) for i in infos})))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""A kubelet stand-in: runs the pods bound to one node, as containerd + kubelet would.
+
+Per pod: a network namespace, ``svcnet-cni`` executed from the lab's net.d (env + stdin,
+result cached, DEL on removal), ``/etc/netns/<pod-ns>/resolv.conf`` pointing at kube-dns with
+the Kubernetes search path, the pod's process, readiness probes, and the Pod's status in the
+store. It runs in the node's network namespace but the root mount namespace, so the pod
+namespaces it creates are visible to everybody. Sandboxes are recorded on disk and adopted
+after a restart of the kubelet; pods keep running meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from svcnet.lab.cnirun import Attachment, CNIRunner, first_ipv4
+from svcnet.lab.netns import NETNS_DIR, Kernel, alive, kill_pids
+from svcnet.lab.procs import start_time_of
+from svcnet.lab.state import DNS_SERVICE_IP, LabConfig, Ledger
+
+from svcnet.model import NODE, POD
+from svcnet.store.base import NotFound, Selector, Store, StoreError
+from svcnet.watch import Listed, changes
+
+log = logging.getLogger(__name__)
+
+ECHO_IMAGE = "svcnet/echo"
+DNS_IMAGE = "svcnet/dns"
+DEFAULT_GRACE_S = 1.0
+PROBE_PERIOD_S = 1.0
+FIRST_PROBE_RETRY_S = 0.05
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """What the kubelet made for one pod; on disk so a restarted kubelet adopts it."""
+
+    key: str
+    uid: str
+    netns: str
+    container_id: str
+    ip: str
+    pid: int
+    start_time: str
+    host_network: bool
+    restarts: int = 0
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def resolv_conf(namespace: str, zone: str) -> str:
+    return (f"nameserver {DNS_SERVICE_IP}\n"
+            f"search {namespace}.svc.{zone} svc.{zone} {zone}\n"
+            "options ndots:5\n")
+
+
+def container(pod: dict[str, Any]) -> dict[str, Any]:
+    containers = pod.get("spec", {}).get("containers") or [{}]
+    first: dict[str, Any] = containers[0]
+    return first
+
+
+def pod_ports(pod: dict[str, Any]) -> list[tuple[int, str]]:
+    return [(int(p["containerPort"]), str(p.get("protocol", "TCP")))
+            for p in container(pod).get("ports", []) if "containerPort" in p]
+
+
+def is_echo(pod: dict[str, Any]) -> bool:
+    c = container(pod)
+    return not c.get("command") and not c.get("args") and c.get("image") != DNS_IMAGE
+
+
+def pod_command(cfg: LabConfig, pod: dict[str, Any]) -> list[str]:
+    """The pod's process: its ``command`` + ``args``, or what its image stands for."""
+    c = container(pod)
+    subst = {"{store}": cfg.store_url, "{python}": cfg.python, "{zone}": cfg.zone}
+    cmd = [*c.get("command", []), *c.get("args", [])]
+    if cmd:
+        return [subst.get(part, part) for part in cmd]
+    if c.get("image") == DNS_IMAGE:
+        return [*cfg.svcnet_argv, "dns", *cfg.store_args(), "--zone", cfg.zone]
+    ports = pod_ports(pod)
+    argv = [cfg.python, "-m", "svcnet.lab.echo", "serve",
+            "--name", pod["metadata"]["name"]]
+    for port, proto in ports:
+        argv += ["--udp" if proto == "UDP" else "--tcp", str(port)]
+    return argv
+
+
+class Kubelet:
+    def __init__(self, cfg: LabConfig, node: str, store: Store, kernel: Kernel) -> None:
+        self.cfg = cfg
+        self.node = node
+        self.store = store
+        self.kernel = kernel
+        self.dir = cfg.node_dir(node)
+        self.sandbox_dir = self.dir / "pods"
+        self.ledger = Ledger(cfg.dir)
+        self.cni = CNIRunner(self.dir / "net.d",
+                             [str(self.dir / "cni-bin")], self.dir / "cni-results")
+        self.pods: dict[str, dict[str, Any]] = {}
+        self.sandboxes: dict[str, Sandbox] = {}
+        self.ready: dict[str, bool] = {}
+        self.workers: dict[str, asyncio.Task[None]] = {}
+        self.wake = asyncio.Event()
+        self.synced = False
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def run(self) -> None:
+        self.sandbox_dir.mkdir(parents=True, exist_ok=True)
+        self._adopt()
+        await self._register_node()
+        watcher = asyncio.create_task(self._watch())
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), PROBE_PERIOD_S)
+                self.wake.clear()
+                if self.synced:
+                    self._reconcile()
+        finally:
+            watcher.cancel()
+            for task in self.workers.values():
+                task.cancel()
+
+    async def _register_node(self) -> None:
+        cfg, node = self.cfg, self.node
+        obj = {
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": node, "labels": {
+                "kubernetes.io/hostname": node, "kubernetes.io/os": "linux",
+                "topology.kubernetes.io/zone": cfg.node_zone(node)}},
+            "spec": ({"podCIDR": cfg.node_subnet(node), "podCIDRs": [cfg.node_subnet(node)]}
+                     if cfg.overlay == "static" or cfg.store == "kubernetes" else {}),
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": cfg.node_ip(node)},
+                              {"type": "Hostname", "address": node}],
+                "conditions": [{"type": "Ready", "status": "True",
+                                "lastHeartbeatTime": now_rfc3339()}]},
+        }
+        for attempt in range(100):
+            try:
+                await self.store.put(NODE, obj)
+                return
+            except StoreError as err:
+                log.warning("registering node %s: %s", node, err)
+                await asyncio.sleep(min(2.0, 0.1 * (attempt + 1)))
+        raise RuntimeError(f"could not register node {node}")
+
+    async def _watch(self) -> None:
+        selector = Selector(fields=f"spec.nodeName={self.node}")
+        async for change in changes(self.store, POD, selector=selector):
+            if isinstance(change, Listed):
+                self.pods = {}
+                for raw in change.items:
+                    self.pods[raw.key] = json.loads(raw.data)
+                self.synced = True
+            elif change.obj is not None:
+                key = change.obj.key
+                if change.type.value == "DELETED":
+                    self.pods.pop(key, None)
+                elif change.type.value in ("ADDED", "MODIFIED"):
+                    self.pods[key] = json.loads(change.obj.data)
+            self.wake.set()
+
+    def _adopt(self) -> None:
+        for path in self.sandbox_dir.glob("*.json"):
+            try:
+                sb = Sandbox(**json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError):
+                continue
+            self.sandboxes[sb.key] = sb
+            log.info("adopted sandbox of %s (pid %d)", sb.key, sb.pid)
+
+    def _save(self, sb: Sandbox) -> None:
+        path = self.sandbox_dir / f"{sb.uid}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(sb)))
+        tmp.replace(path)
+        self.sandboxes[sb.key] = sb
+
+    # --- reconcile ---------------------------------------------------------------------
+    def _reconcile(self) -> None:
+        for key in set(self.pods) | set(self.sandboxes):
+            task = self.workers.get(key)
+            if task is not None and not task.done():
+                continue
+            self.workers[key] = asyncio.create_task(self._sync_pod(key), name=f"pod-{key}")
+
+    async def _sync_pod(self, key: str) -> None:
+        try:
+            pod = self.pods.get(key)
+            sb = self.sandboxes.get(key)
+            if sb is not None and (pod is None or pod["metadata"].get("uid", "") != sb.uid):
+                await self._teardown(sb, pod=None)
+                return
+            if pod is None:
+                return
+            if pod["metadata"].get("deletionTimestamp"):
+                if sb is not None:
+                    await self._terminate(pod, sb)
+                await self._delete_pod_object(pod)
+                return
+            if sb is None:
+                sb = await self._create(pod)
+            elif not (alive(sb.pid) and start_time_of(sb.pid) == sb.start_time):
+                log.warning("pod %s process exited; restarting", key)
+                sb = self._start_process(pod, sb.netns, sb.ip, sb.host_network,
+                                         sb.container_id, sb.restarts + 1)
+            await self._probe_and_report(pod, sb)
+        except Exception:
+            log.exception("syncing pod %s", key)
+            await asyncio.sleep(0.5)
+            self.wake.set()
+
+    async def _create(self, pod: dict[str, Any]) -> Sandbox:
+        meta = pod["metadata"]
+        namespace, name, uid = meta.get("namespace", "default"), meta["name"], meta.get("uid", "")
+        host_network = bool(pod.get("spec", {}).get("hostNetwork"))
+        container_id = (uid or f"{namespace}-{name}").replace("-", "")[:32]
+        if host_network:
+            return self._start_process(pod, self.cfg.node_ns(self.node), self.cfg.node_ip(
+                self.node), True, container_id, 0)
+        netns = self.cfg.pod_ns(namespace, name)
+        self.ledger.record("netns", netns)
+        self.ledger.record("etc", netns)
+        if self.kernel.netns_exists(netns):
+            await self._cni_del(netns, container_id, namespace, name)
+            self.kernel.delete_netns(netns)
+        await asyncio.to_thread(self.kernel.add_netns, netns)
+        try:
+            result = await self.cni.add(Attachment(
+                container_id, str(NETNS_DIR / netns), "eth0", self._cni_args(namespace, name)))
+            ip = first_ipv4(result)
+            etc = Path("/etc/netns") / netns
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "resolv.conf").write_text(resolv_conf(namespace, self.cfg.zone))
+            (etc / "hostname").write_text(pod.get("spec", {}).get("hostname") or name)
+            return self._start_process(pod, netns, ip, False, container_id, 0)
+        except BaseException:
+            await self._cni_del(netns, container_id, namespace, name)
+            self.kernel.delete_netns(netns)
+            raise
+
+    def _cni_args(self, namespace: str, name: str) -> str:
+        return (f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};"
+                f"K8S_POD_INFRA_CONTAINER_ID={namespace}-{name}")
+
+    async def _cni_del(self, netns: str, container_id: str, namespace: str, name: str) -> None:
+        try:
+            await self.cni.delete(Attachment(container_id, str(NETNS_DIR / netns), "eth0",
+                                             self._cni_args(namespace, name)))
+        except Exception as err:
+            log.warning("CNI DEL of %s/%s: %s", namespace, name, err)
+
+    def _start_process(self, pod: dict[str, Any], netns: str, ip: str, host_network: bool,
+                       container_id: str, restarts: int) -> Sandbox:
+        meta = pod["metadata"]
+        env = {"POD_NAME": meta["name"], "POD_NAMESPACE": meta.get("namespace", "default"),
+               "POD_IP": ip, "NODE_NAME": self.node}
+        key = f"{env['POD_NAMESPACE']}/{env['POD_NAME']}"
+        pid = self.kernel.spawn(netns, pod_command(self.cfg, pod),
+                                self.cfg.log(f"pod-{env['POD_NAMESPACE']}.{env['POD_NAME']}"),
+                                env=env, mount_ns=True)
+        sb = Sandbox(key, meta.get("uid", ""), netns, container_id, ip, pid,
+                     start_time_of(pid), host_network, restarts)
+        self._save(sb)
+        self.ready[key] = False
+        return sb
+
+    async def _terminate(self, pod: dict[str, Any], sb: Sandbox) -> None:
+        """Graceful stop: not ready at once, SIGTERM, SIGKILL after the grace period."""
+        if self.ready.get(sb.key, True):
+            self.ready[sb.key] = False
+            await self._put_status(pod, sb, ready=False)
+        grace = float(pod.get("spec", {}).get("terminationGracePeriodSeconds",
+                                              DEFAULT_GRACE_S))
+        await asyncio.to_thread(kill_pids, [sb.pid], grace=max(grace, 0.01))
+        await self._teardown(sb, pod)
+
+    async def _teardown(self, sb: Sandbox, pod: dict[str, Any] | None) -> None:
+        if alive(sb.pid) and start_time_of(sb.pid) == sb.start_time:
+            await asyncio.to_thread(kill_pids, [sb.pid], grace=0.5)
+        if not sb.host_network:
+            namespace, _, name = sb.key.partition("/")
+            await self._cni_del(sb.netns, sb.container_id, namespace, name)
+            for pid in self.kernel.pids_in(sb.netns):
+                kill_pids([pid])
+            await asyncio.to_thread(self.kernel.delete_netns, sb.netns)
+            import shutil
+
+            shutil.rmtree(Path("/etc/netns") / sb.netns, ignore_errors=True)
+            self.ledger.forget("etc", sb.netns)
+            self.ledger.forget("netns", sb.netns)
+        (self.sandbox_dir / f"{sb.uid}.json").unlink(missing_ok=True)
+        self.sandboxes.pop(sb.key, None)
+        self.ready.pop(sb.key, None)
+        log.info("pod %s torn down", sb.key)
+
+    async def _delete_pod_object(self, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        with contextlib.suppress(NotFound):
+            await self.store.delete(POD, meta.get("namespace", "default"), meta["name"])
+
+    # --- readiness and status ----------------------------------------------------------
+    async def _probe_and_report(self, pod: dict[str, Any], sb: Sandbox) -> None:
+        was = self.ready.get(sb.key)
+        ready = await self._probe(pod, sb)
+        if not ready and not was:
+            # Probe quickly until first ready, so a new pod serves within a fraction of a s.
+            for _ in range(40):
+                await asyncio.sleep(FIRST_PROBE_RETRY_S)
+                if (ready := await self._probe(pod, sb)) or self.pods.get(sb.key) is not pod:
+                    break
+        status = pod.get("status", {})
+        reported = any(c.get("type") == "Ready" and c.get("status") == str(ready)
+                       for c in status.get("conditions", ()))
+        if was != ready or not reported or status.get("podIP") != sb.ip:
+            self.ready[sb.key] = ready
+            await self._put_status(pod, sb, ready=ready)
+
+    async def _probe(self, pod: dict[str, Any], sb: Sandbox) -> bool:
+        if not (alive(sb.pid) and start_time_of(sb.pid) == sb.start_time):
+            return False
+        probe = container(pod).get("readinessProbe")
+        tcp_ports = [p for p, proto in pod_ports(pod) if proto == "TCP"]
+        port: int | None = None
+        path = ""
+        if probe and "httpGet" in probe:
+            port, path = int(probe["httpGet"].get("port", 80)), probe["httpGet"].get("path", "/")
+        elif probe and "tcpSocket" in probe:
+            port = int(probe["tcpSocket"]["port"])
+        elif tcp_ports:
+            port = tcp_ports[0]
+        elif not pod_ports(pod) and is_echo(pod):
+            port = 8080
+        if port is None:
+            return True
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(sb.ip, port), 0.5)
+        except (OSError, TimeoutError):
+            return False
+        try:
+            if not path:
+                return True
+            writer.write(f"GET {path} HTTP/1.0\r\nHost: {sb.ip}\r\n\r\n".encode())
+            line = await asyncio.wait_for(reader.readline(), 1.0)
+            parts = line.split()
+            return len(parts) >= 2 and parts[1].isdigit() and 200 <= int(parts[1]) < 400
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            writer.close()
+
+    async def _put_status(self, pod: dict[str, Any], sb: Sandbox, *, ready: bool) -> None:
+        flag = "True" if ready else "False"
+        stamp = now_rfc3339()
+        obj = {**pod, "status": {
+            "phase": "Running", "podIP": sb.ip, "podIPs": [{"ip": sb.ip}],
+            "hostIP": self.cfg.node_ip(self.node), "startTime": pod.get("status", {}).get(
+                "startTime", stamp),
+            "conditions": [
+                {"type": "PodScheduled", "status": "True"},
+                {"type": "Initialized", "status": "True"},
+                {"type": "ContainersReady", "status": flag, "lastTransitionTime": stamp},
+                {"type": "Ready", "status": flag, "lastTransitionTime": stamp},
+            ],
+            "containerStatuses": [{"name": container(pod).get("name", "main"), "ready": ready,
+                                   "restartCount": sb.restarts, "started": True}],
+        }}
+        meta = dict(obj["metadata"])
+        meta.pop("resourceVersion", None)
+        obj["metadata"] = meta
+        latest = self.pods.get(sb.key)
+        if latest is not None and latest["metadata"].get("deletionTimestamp"):
+            meta["deletionTimestamp"] = latest["metadata"]["deletionTimestamp"]
+        await self.store.put(POD, obj)
+
+
+async def run_kubelet(cfg: LabConfig, node: str) -> None:
+    from svcnet.lab.netns import RealKernel
+
+    from svcnet.store.open import open_store
+
+    store = open_store(cfg.store_url, kubeconfig=cfg.kubeconfig)
+    kubelet = Kubelet(cfg, node, store, RealKernel())
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(kubelet.run())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+    task.cancel()
+    stopper.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    await store.close()
+
+
+def heartbeat_age(node: dict[str, Any]) -> float | None:
+    for cond in node.get("status", {}).get("conditions", ()):
+        if cond.get("type") == "Ready" and cond.get("lastHeartbeatTime"):
+            t = datetime.datetime.strptime(cond["lastHeartbeatTime"], "%Y-%m-%dT%H:%M:%SZ")
+            return time.time() - t.replace(tzinfo=datetime.UTC).timestamp()
+    return None
+
