@@ -1,0 +1,231 @@
+"""Running the DNS server against the watch client, standalone or inside ``svcnet node``.
+
+``DNSComponent.run`` wires informer handlers to ``ClusterZone`` (a change to a Service or to
+an EndpointSlice recomputes that one Service), marks the zone synced once every informer it
+uses has listed, serves DNS, and exposes /health (lame duck on shutdown), /ready and
+/metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from svcnet.httpserve import HTTPServer, Response, metrics_route
+from svcnet.model import ENDPOINT_SLICE, POD, SERVICE, EndpointSlice, Pod, Service
+from svcnet.store.base import Store
+from svcnet.watch import Callbacks, InformerFactory
+
+log = logging.getLogger(__name__)
+
+TRIGGER_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+
+
+@dataclass
+class DNSOptions:
+    listen: tuple[str, int] = ("127.0.0.1", 53)
+    zone: str = "cluster.local"
+    ttl: int = 5
+    pods: str = "insecure"
+    endpoint_pod_names: bool = False
+    upstreams: list[tuple[str, int]] = field(default_factory=list)
+    stub_domains: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    workers: int = 2
+    health_port: int = 0  # 0: no HTTP health server; -1 is never used
+    metrics_port: int = 0
+    http_host: str = "127.0.0.1"
+    query_log: bool = False
+    cache_size: int = 9984
+    max_concurrent: int = 1000
+    forward_timeout: float = 2.0
+    lameduck: float = 0.0
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    from svcnet.dns.forward import parse_hostport
+
+    return parse_hostport(text)
+
+
+def options_from_args(args: argparse.Namespace, prefix: str = "") -> DNSOptions:
+    """Build options from ``svcnet dns`` flags (prefix "") or ``svcnet node`` ones ("dns_")."""
+    from svcnet.dns.forward import parse_hostport, resolv_conf_upstreams
+
+    def get(name: str) -> Any:
+        return getattr(args, prefix + name)
+
+    upstream = get("upstream")
+    upstreams = [parse_hostport(u) for item in upstream for u in item.split(",")] if upstream \
+        else resolv_conf_upstreams()
+    stubs: dict[str, list[tuple[str, int]]] = {}
+    for item in get("stub_domain") or []:
+        domain, sep, servers = item.partition("=")
+        if not sep or not domain or not servers:
+            from svcnet.cli import UsageError
+
+            raise UsageError(f"--stub-domain {item!r}: expected DOMAIN=IP[:PORT][,IP...]")
+        stubs[domain.strip(".").lower() + "."] = [parse_hostport(s) for s in servers.split(",")]
+    return DNSOptions(
+        listen=parse_hostport(get("listen")), zone=get("zone"), ttl=get("ttl"), pods=get("pods"),
+        endpoint_pod_names=get("endpoint_pod_names"), upstreams=upstreams, stub_domains=stubs,
+        workers=get("workers"), health_port=get("health_port"), metrics_port=get("metrics_port"),
+        query_log=get("query_log"), cache_size=get("cache_size"),
+        max_concurrent=get("max_concurrent"), lameduck=get("lameduck"))
+
+
+def add_dns_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The DNS flags; ``svcnet node`` adds them with prefix "dns-"."""
+    p = "--" + prefix
+    parser.add_argument(p + "listen", default="127.0.0.1:53", help="UDP+TCP address")
+    parser.add_argument(p + "zone", default="cluster.local")
+    parser.add_argument(p + "ttl", type=int, default=5, help="TTL of cluster answers")
+    parser.add_argument(p + "pods", choices=("insecure", "verified", "disabled"),
+                        default="insecure")
+    parser.add_argument(p + "endpoint-pod-names", action="store_true",
+                        help="name headless endpoints after their pod")
+    parser.add_argument(p + "upstream", action="append", default=None,
+                        help="IP[:PORT], repeatable (default: /etc/resolv.conf)")
+    parser.add_argument(p + "stub-domain", action="append", default=None,
+                        help="DOMAIN=IP[:PORT][,IP...], repeatable")
+    parser.add_argument(p + "workers", type=int, default=2,
+                        help="UDP worker processes (0: serve UDP in the main process)")
+    parser.add_argument(p + "health-port", type=int, default=0, help="/health and /ready")
+    parser.add_argument(p + "metrics-port", type=int, default=0, help="/metrics")
+    parser.add_argument(p + "query-log", action="store_true", help="log every query")
+    parser.add_argument(p + "cache-size", type=int, default=9984)
+    parser.add_argument(p + "max-concurrent", type=int, default=1000)
+    parser.add_argument(p + "lameduck", type=float, default=0.0,
+                        help="seconds to keep serving with /health failing at shutdown")
+
+
+def add_node_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dns_arguments(parser.add_argument_group("dns"), prefix="dns-")  # type: ignore[arg-type]
+
+
+def node_component(args: argparse.Namespace) -> DNSComponent:
+    return DNSComponent(options_from_args(args, prefix="dns_"))
+
+
+class DNSComponent:
+    name = "dns"
+
+    def __init__(self, options: DNSOptions) -> None:
+        self.options = options
+        self.ready = asyncio.Event()
+        self.healthy = True
+        self.server: Any = None
+        self.zone: Any = None
+
+    async def run(self, factory: InformerFactory, store: Store) -> None:
+        from svcnet.dns import metrics
+        from svcnet.dns.cache import ResponseCache
+        from svcnet.dns.forward import Forwarder, drop_self
+        from svcnet.dns.handler import Handler
+        from svcnet.dns.server import DNSServer
+        from svcnet.dns.zone import ClusterZone
+
+        o = self.options
+        zone = ClusterZone(o.zone, ttl=o.ttl, pods=o.pods,  # type: ignore[arg-type]
+                           endpoint_pod_names=o.endpoint_pod_names)
+        self.zone = zone
+        services = factory.informer(SERVICE)
+        slices = factory.informer(ENDPOINT_SLICE)
+        pods = factory.informer(POD) if o.pods == "verified" else None
+
+        def recompute(key: str, trigger: str = "") -> None:
+            svc = services.cache.get(key)
+            eps = slices.cache.by_index("service", key) if svc is None or svc.is_headless \
+                else []
+            zone.set_service(key, svc, eps)
+            if trigger and svc is not None and zone.synced:
+                with contextlib.suppress(ValueError):
+                    at = datetime.fromisoformat(trigger.replace("Z", "+00:00")).timestamp()
+                    kind = "headless_with_selector" if svc.spec.selector else \
+                        "headless_without_selector"
+                    metrics.PROGRAMMING.labels(kind if svc.is_headless else "cluster_ip"
+                                               ).observe(max(0.0, time.time() - at))
+
+        def on_service(old: Service | None, new: Service | None) -> None:
+            obj = new or old
+            assert obj is not None
+            recompute(f"{obj.metadata.namespace}/{obj.metadata.name}")
+
+        def on_slice(old: EndpointSlice | None, new: EndpointSlice | None) -> None:
+            keys = {f"{o.metadata.namespace}/{o.service_name}" for o in (old, new)
+                    if o is not None and o.service_name}
+            for key in keys:
+                svc = services.cache.get(key)
+                if svc is None or svc.is_headless:
+                    trigger = new.metadata.annotations.get(TRIGGER_ANNOTATION, "") if new else ""
+                    recompute(key, trigger)
+
+        def on_pod(old: Pod | None, new: Pod | None) -> None:
+            zone.set_pod(old, new)
+
+        services.add_handler(Callbacks(on_service))
+        slices.add_handler(Callbacks(on_slice))
+        if pods is not None:
+            pods.add_handler(Callbacks(on_pod))
+
+        stats = metrics.DNSStats(f"dns://{o.listen[0]}:{o.listen[1]}", zone.zone)
+        metrics.register(stats)
+        upstreams = drop_self(o.upstreams, o.listen)
+        forwarder = Forwarder(upstreams, timeout=o.forward_timeout,
+                              max_concurrent=o.max_concurrent) if upstreams else None
+        stubs = {d: Forwarder(drop_self(s, o.listen), timeout=o.forward_timeout,
+                              max_concurrent=o.max_concurrent)
+                 for d, s in o.stub_domains.items()}
+        handler = Handler(zone, forwarder=forwarder, stubs=stubs,
+                          cache=ResponseCache(o.cache_size), stats=stats,
+                          log_queries=o.query_log)
+        server = DNSServer(zone, handler, host=o.listen[0], port=o.listen[1],
+                           workers=o.workers, slow_only=o.query_log)
+        self.server = server
+        http: list[HTTPServer] = []
+        try:
+            await server.start()
+            log.info("dns listening on %s:%d (udp+tcp), %d workers", o.listen[0], server.port,
+                     o.workers)
+            if o.health_port:
+                http.append(HTTPServer({"/health": self._health, "/ready": self._ready},
+                                       o.http_host, o.health_port))
+            if o.metrics_port:
+                http.append(HTTPServer({"/metrics": metrics_route}, o.http_host,
+                                       o.metrics_port))
+            for h in http:
+                await h.start()
+            wanted = [services, slices] + ([pods] if pods is not None else [])
+            for inf in wanted:
+                inf.start()
+            await asyncio.gather(*(inf.synced.wait() for inf in wanted))
+            zone.mark_synced()
+            self.ready.set()
+            log.info("dns synced: %d prepared answers", len(zone.table))
+            for fwd in handler.forwarders():
+                asyncio.get_running_loop().create_task(fwd.check_loops())
+            await asyncio.Event().wait()
+        finally:
+            await self._shutdown(server, http, handler)
+
+    async def _shutdown(self, server: Any, http: list[HTTPServer], handler: Any) -> None:
+        self.healthy = False
+        if self.options.lameduck > 0:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(self.options.lameduck)
+        await server.stop()
+        for fwd in handler.forwarders():
+            fwd.close()
+        for h in http:
+            await h.stop()
+
+    def _health(self) -> Response:
+        return Response(200, b"OK") if self.healthy else Response(503, b"lame duck\n")
+
+    def _ready(self) -> Response:
+        return Response(200, b"OK") if self.ready.is_set() else Response(503, b"not synced\n")

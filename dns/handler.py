@@ -1,0 +1,176 @@
+"""The slow path: every query the prepared table cannot answer by itself.
+
+Like CoreDNS's handler.go this only decides which answer to give: malformed -> FORMERR,
+not a query -> NOTIMP, EDNS version > 0 -> BADVERS, zone transfers -> REFUSED, cluster names
+-> ``ClusterZone.answer`` (SERVFAIL until synced), everything else -> cache, then stub
+domain or default upstreams.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import time
+
+from svcnet.dns.cache import ResponseCache
+from svcnet.dns.forward import ConcurrencyLimit, ForwardError, Forwarder
+from svcnet.dns.metrics import DNSStats
+from svcnet.dns.names import in_reverse_zone
+from svcnet.dns.wire import (
+    AAAA,
+    AXFR,
+    BADVERS,
+    CNAME,
+    FORMERR,
+    IXFR,
+    NOERROR,
+    NOTIMP,
+    PTR,
+    REFUSED,
+    RR,
+    SERVFAIL,
+    A,
+    Query,
+    WireError,
+    answer_from_prepared,
+    build_response,
+    encode_name,
+    encode_rr,
+    header_only,
+    parse_query,
+)
+from svcnet.dns.zone import ClusterZone, table_key
+
+log = logging.getLogger(__name__)
+query_log = logging.getLogger("svcnet.dns.query")
+
+
+class Handler:
+    def __init__(self, zone: ClusterZone, *, forwarder: Forwarder | None = None,
+                 stubs: dict[str, Forwarder] | None = None, cache: ResponseCache | None = None,
+                 stats: DNSStats | None = None, log_queries: bool = False) -> None:
+        self.zone = zone
+        self.forwarder = forwarder
+        self.stubs = dict(sorted((stubs or {}).items(), key=lambda kv: -len(kv[0])))
+        self.cache = cache if cache is not None else ResponseCache()
+        self.stats = stats
+        self.log_queries = log_queries
+
+    def forwarders(self) -> list[Forwarder]:
+        return [f for f in (self.forwarder, *self.stubs.values()) if f is not None]
+
+    async def handle(self, data: bytes, proto: str = "udp", client: str = "") -> bytes | None:
+        started = time.perf_counter()
+        try:
+            query = parse_query(data)
+        except WireError:
+            return header_only(data, FORMERR)
+        if query.flags & 0x8000:
+            return None
+        response, plugin = await self._answer(data, query, proto)
+        rcode = response[3] & 0xF if response else SERVFAIL
+        elapsed = time.perf_counter() - started
+        if self.stats is not None:
+            self.stats.count(proto, query.qtype, rcode, plugin, elapsed)
+        if self.log_queries:
+            query_log.info(json.dumps({
+                "client": client, "proto": proto, "id": query.id, "name": query.qname,
+                "type": query.qtype, "rcode": rcode, "plugin": plugin,
+                "size": len(response or b""), "duration_ms": round(elapsed * 1000, 3)}))
+        return response
+
+    async def _answer(self, data: bytes, q: Query, proto: str) -> tuple[bytes, str]:
+        limit = 65535 if proto == "tcp" else (q.udp_size if q.edns else 512)
+        if q.opcode != 0:
+            return build_response(q, NOTIMP), "handler"
+        if q.edns and q.edns_version > 0:
+            return build_response(q, BADVERS), "handler"
+        if q.qtype in (AXFR, IXFR):
+            return build_response(q, REFUSED), "handler"
+        if any(f.saw_probe(q.qname) for f in self.forwarders()):
+            return build_response(q, SERVFAIL), "loop"
+        if self.zone.contains(q.qname) or (
+                in_reverse_zone(q.qname) and q.qtype == PTR
+                and table_key(q.qname, PTR) in self.zone.table):
+            result = self.zone.answer(q.qname, q.qtype)
+            if result.prepared is not None:
+                return answer_from_prepared(data, q.question_end, result.prepared, q.edns,
+                                            limit), "kubernetes"
+            if result.cname is not None:
+                return await self._external(q, result.cname, limit), "kubernetes"
+            return build_response(q, result.rcode), "kubernetes"
+        return await self._forward(data, q, limit)
+
+    async def _forward(self, data: bytes, q: Query, limit: int) -> tuple[bytes, str]:
+        forwarder = self.forwarder
+        for suffix, stub in self.stubs.items():
+            if q.qname == suffix or q.qname.endswith("." + suffix):
+                forwarder = stub
+                break
+        key = q.qname_wire.lower() + struct.pack("!HHB", q.qtype, q.qclass, q.do)
+        cached = self.cache.get(key, data[:2])
+        if cached is not None:
+            return _fit(cached, q, limit), "cache"
+        if forwarder is None:
+            return build_response(q, SERVFAIL), "forward"
+        try:
+            reply = await forwarder.forward(data)
+        except ConcurrencyLimit:
+            return build_response(q, REFUSED), "forward"
+        except ForwardError as err:
+            log.debug("forwarding %s failed: %s", q.qname, err)
+            return build_response(q, SERVFAIL), "forward"
+        self.cache.put(key, reply)
+        return _fit(reply, q, limit), "forward"
+
+    async def _external(self, q: Query, cname: RR, limit: int) -> bytes:
+        """ExternalName: the CNAME, then the target's A/AAAA records when we can get them."""
+        records = [cname]
+        target = cname.rdata
+        if q.qtype in (A, AAAA):
+            if self.zone.contains(target):
+                result = self.zone.rrset(target, q.qtype)
+                records += result
+            else:
+                records += await self._resolve(target, q.qtype)
+        body = b"".join(encode_rr(rr, b"\xc0\x0c" if i == 0 else None)
+                        for i, rr in enumerate(records))
+        if q.qtype not in (A, AAAA, CNAME) and q.qtype != 255:
+            pass
+        response = build_response(q, NOERROR, body, (len(records), 0, 0), authoritative=True)
+        return _fit(response, q, limit)
+
+    async def _resolve(self, name: str, qtype: int) -> list[RR]:
+        """Resolve an ExternalName target upstream (through the cache); dnslib parses."""
+        import dnslib
+
+        query = struct.pack("!HHHHHH", 0, 0x0100, 1, 0, 0, 0) + encode_name(name) + \
+            struct.pack("!HH", qtype, 1)
+        key = encode_name(name) + struct.pack("!HHB", qtype, 1, 0)
+        reply = self.cache.get(key, b"\x00\x00")
+        if reply is None and self.forwarder is not None:
+            try:
+                reply = await self.forwarder.forward(query)
+            except ForwardError:
+                return []
+            self.cache.put(key, reply)
+        if reply is None:
+            return []
+        try:
+            parsed = dnslib.DNSRecord.parse(reply)
+        except dnslib.DNSError:
+            return []
+        out = []
+        for rr in parsed.rr:
+            if rr.rtype in (A, AAAA, CNAME):
+                out.append(RR(str(rr.rname), rr.rtype, rr.ttl, str(rr.rdata)))
+        return out
+
+
+def _fit(response: bytes, q: Query, limit: int) -> bytes:
+    """Truncate to the header and question (plus OPT) with TC set when over ``limit``."""
+    if len(response) <= limit:
+        return response
+    return build_response(q, response[3] & 0xF, truncated=True,
+                          authoritative=bool(response[2] & 0x04))

@@ -1,0 +1,270 @@
+"""Transport: UDP and TCP on one port, worker processes sharing it with SO_REUSEPORT.
+
+The main process owns the zone, the slow path (``Handler``) and TCP. Each worker process
+(``worker.py``) has its own SO_REUSEPORT UDP socket and its own copy of the prepared
+table, so UDP answers for cluster names use every core with no lock and no IPC; anything
+else is handed to the main process over a SEQPACKET channel and the reply goes back
+through the worker's socket. With ``workers=0`` the main process serves UDP itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import queue
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from svcnet.dns.handler import Handler
+from svcnet.dns.wire import Prepared, answer_from_prepared
+from svcnet.dns.worker import decode_addr
+from svcnet.dns.zone import ClusterZone, Updates
+
+log = logging.getLogger(__name__)
+
+TCP_IDLE_SECONDS = 10.0
+
+
+def fast_answer(table: dict[bytes, Prepared], data: bytes, tcp: bool) -> bytes | None:
+    """The prepared answer for a plain query, or None (the slow path decides)."""
+    if len(data) < 17 or data[2] & 0xF8 or data[4:10] != b"\x00\x01\x00\x00\x00\x00":
+        return None
+    try:
+        qend = data.index(0, 12) + 5
+    except ValueError:
+        return None
+    entry = table.get(data[12:qend].lower())
+    if entry is None:
+        return None
+    ar = data[10:12]
+    if ar == b"\x00\x00":
+        edns, size = False, 512
+    elif ar == b"\x00\x01" and data[qend:qend + 3] == b"\x00\x00\x29" and len(data) >= qend + 11 \
+            and not data[qend + 6] and not data[qend + 7] & 0x80:
+        edns, size = True, max(512, (data[qend + 3] << 8) | data[qend + 4])
+    else:
+        return None
+    return answer_from_prepared(data, qend, entry, edns, 65535 if tcp else size)
+
+
+def _udp_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.bind((host, port))
+    return sock
+
+
+@dataclass(eq=False)
+class _Worker:
+    proc: subprocess.Popen[bytes]
+    channel: socket.socket
+    updates: socket.socket
+    outbox: queue.Queue[bytes | None] = field(default_factory=queue.Queue)
+    writer: threading.Thread | None = None
+
+
+class DNSServer:
+    def __init__(self, zone: ClusterZone, handler: Handler, *, host: str = "127.0.0.1",
+                 port: int = 53, workers: int = 2, slow_only: bool = False) -> None:
+        self.zone = zone
+        self.handler = handler
+        self.host = host
+        self.port = port
+        self.workers = workers
+        self.slow_only = slow_only
+        self._workers: list[_Worker] = []
+        self._tcp: asyncio.base_events.Server | None = None
+        self._udp_transport: asyncio.DatagramTransport | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        udp = _udp_socket(self.host, self.port)
+        self.port = udp.getsockname()[1]
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        tcp = socket.socket(family, socket.SOCK_STREAM)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind((self.host, self.port))
+        self._tcp = await asyncio.start_server(self._tcp_client, sock=tcp, backlog=1024)
+        loop = asyncio.get_running_loop()
+        if self.workers <= 0:
+            self._udp_transport, _ = await loop.create_datagram_endpoint(
+                lambda: _UDPProtocol(self), sock=udp)
+        else:
+            for i in range(self.workers):
+                sock = udp if i == 0 else _udp_socket(self.host, self.port)
+                self._spawn(sock)
+                sock.close()
+        self.zone.subscribe(self._publish)
+
+    def _spawn(self, udp: socket.socket) -> None:
+        ours_u, theirs_u = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours_c, theirs_c = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for s in (ours_c, theirs_c):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        fds = (udp.fileno(), theirs_u.fileno(), theirs_c.fileno())
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-m", "svcnet.dns.worker", *map(str, fds),
+             "1" if self.slow_only else "0"], pass_fds=fds, cwd="/")
+        theirs_u.close()
+        theirs_c.close()
+        ours_c.setblocking(False)
+        worker = _Worker(proc, ours_c, ours_u)
+        worker.writer = threading.Thread(target=self._write_updates, args=(worker,),
+                                         daemon=True, name="dns-worker-updates")
+        worker.writer.start()
+        self._workers.append(worker)
+        snapshot = self.zone.snapshot()
+        if snapshot:
+            worker.outbox.put(_frame(snapshot))
+        asyncio.get_running_loop().add_reader(ours_c.fileno(), self._on_channel, worker)
+
+    @staticmethod
+    def _write_updates(worker: _Worker) -> None:
+        while True:
+            frame = worker.outbox.get()
+            if frame is None:
+                return
+            try:
+                worker.updates.sendall(frame)
+            except OSError:
+                return
+
+    def _publish(self, updates: Updates) -> None:
+        if self._workers:
+            frame = _frame(updates)
+            for worker in self._workers:
+                worker.outbox.put(frame)
+
+    def _on_channel(self, worker: _Worker) -> None:
+        for _ in range(256):
+            try:
+                msg = worker.channel.recv(70000)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                asyncio.get_running_loop().remove_reader(worker.channel.fileno())
+                return
+            if not msg:
+                asyncio.get_running_loop().remove_reader(worker.channel.fileno())
+                return
+            kind = msg[:1]
+            if kind == b"Q":
+                addr, n = decode_addr(msg[1:])
+                self._spawn_task(self._slow(worker, msg[1:1 + n], msg[1 + n:], addr))
+            elif kind == b"M" and self.handler.stats is not None:
+                self.handler.stats.fold(pickle.loads(msg[1:]))
+
+    async def _slow(self, worker: _Worker, raw_addr: bytes, data: bytes,
+                    addr: tuple[str, int]) -> None:
+        response = await self.handler.handle(data, "udp", f"{addr[0]}:{addr[1]}")
+        if response is not None:
+            with contextlib.suppress(OSError):
+                worker.channel.send(b"R" + raw_addr + response)
+
+    def _spawn_task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _tcp_client(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or ("", 0)
+        try:
+            while True:
+                head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_SECONDS)
+                (size,) = struct.unpack("!H", head)
+                data = await asyncio.wait_for(reader.readexactly(size), TCP_IDLE_SECONDS)
+                response = None if self.handler.log_queries else fast_answer(
+                    self.zone.table, data, True) if self.zone.synced else None
+                if response is None:
+                    response = await self.handler.handle(data, "tcp", f"{peer[0]}:{peer[1]}")
+                elif self.handler.stats is not None:
+                    self.handler.stats.count("tcp", _qtype(data), response[3] & 0xF,
+                                             "kubernetes", 0.0)
+                if response is None:
+                    return
+                writer.write(struct.pack("!H", len(response)) + response)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    def alive_workers(self) -> int:
+        return sum(1 for w in self._workers if w.proc.poll() is None)
+
+    async def stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._tcp is not None:
+            self._tcp.close()
+        if self._udp_transport is not None:
+            self._udp_transport.close()
+        for worker in self._workers:
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(worker.channel.fileno())
+            worker.outbox.put(None)
+            worker.proc.kill()
+        for worker in self._workers:
+            await asyncio.to_thread(worker.proc.wait)
+            worker.channel.close()
+            worker.updates.close()
+        self._workers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def _qtype(data: bytes) -> int:
+    try:
+        end = data.index(0, 12)
+        return (data[end + 1] << 8) | data[end + 2]
+    except (ValueError, IndexError):
+        return 0
+
+
+def _frame(updates: Updates) -> bytes:
+    payload = pickle.dumps([(k, tuple(v) if v is not None else None)
+                            for k, v in updates.items()], protocol=pickle.HIGHEST_PROTOCOL)
+    return struct.pack("!I", len(payload)) + payload
+
+
+class _UDPProtocol(asyncio.DatagramProtocol):
+    """``workers=0``: the main process answers UDP itself."""
+
+    def __init__(self, server: DNSServer) -> None:
+        self.server = server
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        s = self.server
+        response = None if (s.slow_only or s.handler.log_queries or not s.zone.synced) else \
+            fast_answer(s.zone.table, data, False)
+        if response is not None:
+            assert self.transport is not None
+            self.transport.sendto(response, addr)
+            if s.handler.stats is not None:
+                s.handler.stats.count("udp", _qtype(data), response[3] & 0xF, "kubernetes", 0.0)
+            return
+        s._spawn_task(self._slow(data, addr))
+
+    async def _slow(self, data: bytes, addr: tuple[str, int]) -> None:
+        response = await self.server.handler.handle(data, "udp", f"{addr[0]}:{addr[1]}")
+        if response is not None and self.transport is not None:
+            self.transport.sendto(response, addr)
+
+
+__all__ = ["DNSServer", "fast_answer", "os"]

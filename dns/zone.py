@@ -1,0 +1,318 @@
+"""The cluster zone: prepared wire answers kept current from the watch cache.
+
+Services are looked up (``records.py``) and rendered (``wire.prepare``) when they or their
+EndpointSlices change, never per query. Each change yields a batch of table updates
+``{key: Prepared | None}`` that is applied here and published to the worker processes.
+Names that are not prepared (pods, negative answers, ExternalName targets) are answered by
+``answer`` on the slow path, like CoreDNS's handler: SERVFAIL until synced, NODATA for a
+name that exists without the asked type, NXDOMAIN otherwise, with the zone's SOA.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from svcnet.dns import names
+from svcnet.dns.records import ServiceRecords, service_records
+from svcnet.dns.wire import (
+    AAAA,
+    ANY,
+    CNAME,
+    NOERROR,
+    NS,
+    NXDOMAIN,
+    PTR,
+    RR,
+    SERVFAIL,
+    SOA,
+    TXT,
+    A,
+    Prepared,
+    encode_name,
+    prepare,
+)
+from svcnet.model import EndpointSlice, Pod, Service
+
+log = logging.getLogger(__name__)
+
+PodMode = Literal["insecure", "verified", "disabled"]
+Updates = dict[bytes, Prepared | None]
+VERSION_TTL = 28800  # CoreDNS answers dns-version with this TTL
+
+
+def table_key(name: str, qtype: int) -> bytes:
+    """The fast path's key: the lower-case wire name, type and class IN, as in the query."""
+    return encode_name(name) + struct.pack("!HH", qtype, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """The slow path's result: a prepared answer, or an ExternalName to chase, or an error."""
+
+    prepared: Prepared | None = None
+    cname: RR | None = None  # ExternalName: answer CNAME + the target's records
+    rcode: int = NOERROR
+
+
+class ClusterZone:
+    def __init__(self, zone: str = "cluster.local", *, ttl: int = 5,
+                 pods: PodMode = "insecure", endpoint_pod_names: bool = False) -> None:
+        self.zone = names.normalize_zone(zone)
+        self.zones = (self.zone,)
+        self.ttl = ttl
+        self.pods: PodMode = pods
+        self.endpoint_pod_names = endpoint_pod_names
+        self.synced = False
+        self.serial = int(time.time())
+        self.table: dict[bytes, Prepared] = {}
+        self._services: dict[str, ServiceRecords] = {}
+        self._pending: Updates = {}
+        self._owner_of: dict[tuple[str, int], str] = {}
+        self._keys: dict[str, set[bytes]] = {}
+        self._names: Counter[str] = Counter()
+        self._ptr_owners: dict[str, dict[str, tuple[str, ...]]] = {}
+        self._externals: dict[str, str] = {}
+        self._svc_namespaces: Counter[str] = Counter()
+        self._pod_namespaces: Counter[str] = Counter()
+        self._pod_ips: Counter[tuple[str, str]] = Counter()
+        self._subscribers: list[Callable[[Updates], None]] = []
+        self.apply(self._static())
+
+    # --- publishing ------------------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[Updates], None]) -> None:
+        """Receive every future batch of table updates (workers call this via the server)."""
+        self._subscribers.append(callback)
+
+    def apply(self, updates: Updates) -> None:
+        """Change the table; publish now, or at ``mark_synced`` while the first list runs."""
+        if not updates:
+            return
+        self.serial = int(time.time())
+        for key, value in updates.items():
+            if value is None:
+                self.table.pop(key, None)
+            else:
+                self.table[key] = value
+        if not self.synced:
+            self._pending.update(updates)
+            return
+        for callback in self._subscribers:
+            callback(updates)
+
+    def mark_synced(self) -> None:
+        """The watch cache is complete: publish everything prepared so far and start answering."""
+        self.synced = True
+        pending, self._pending = self._pending, {}
+        if pending:
+            for callback in self._subscribers:
+                callback(pending)
+
+    def snapshot(self) -> Updates:
+        """The whole table, for a worker that starts after sync."""
+        return dict(self.table) if self.synced else {}
+
+    def rrset(self, name: str, qtype: int) -> list[RR]:
+        svc = self._owner_of.get((name, qtype))
+        recs = self._services.get(svc) if svc else None
+        return list(recs.rrsets[(name, qtype)][0]) if recs else []
+
+    # --- SOA and static names --------------------------------------------------------------
+
+    def soa(self) -> RR:
+        """CoreDNS's SOA: TTL min(ttl, 300), minimum = ttl, serial = last change."""
+        return RR(self.zone, SOA, min(self.ttl, 300),
+                  f"ns.dns.{self.zone} hostmaster.{self.zone} {self.serial} 7200 1800 86400 "
+                  f"{self.ttl}")
+
+    def _nodata(self, name: str) -> Prepared:
+        return prepare(NOERROR, [], [self.soa()], [], name)
+
+    def _static(self) -> Updates:
+        z = self.zone
+        version = names.fqdn(names.VERSION_LABEL, z)
+        ups: Updates = {
+            table_key(z, SOA): prepare(NOERROR, [self.soa()], [], [], z),
+            table_key(z, NS): prepare(NOERROR, [RR(z, NS, self.ttl, f"ns.dns.{z}")], [], [], z),
+            table_key(version, TXT): prepare(
+                NOERROR, [RR(version, TXT, VERSION_TTL, f'"{names.SCHEMA_VERSION}"')], [], [],
+                version),
+        }
+        for name in (z, names.fqdn("svc", z), names.fqdn("pod", z)):
+            for qtype in (A, AAAA):
+                ups[table_key(name, qtype)] = self._nodata(name)
+        return ups
+
+    # --- changes from the watch cache ------------------------------------------------------
+
+    def set_service(self, key: str, svc: Service | None, slices: list[EndpointSlice]) -> None:
+        """Recompute one Service's names; publish only the keys that changed."""
+        old = self._services.pop(key, None)
+        new = service_records(svc, slices, self.zone, self.ttl,
+                              endpoint_pod_names=self.endpoint_pod_names) if svc else None
+        if old is not None:
+            for name_type in old.rrsets:
+                if self._owner_of.get(name_type) == key:
+                    del self._owner_of[name_type]
+            for name in old.names:
+                self._names[name] -= 1
+                if self._names[name] <= 0:
+                    del self._names[name]
+            if old.external:
+                for name in old.names:
+                    self._externals.pop(name, None)
+        namespace = key.partition("/")[0]
+        if old is not None:
+            self._svc_namespaces[namespace] -= 1
+            if self._svc_namespaces[namespace] <= 0:
+                del self._svc_namespaces[namespace]
+        updates: Updates = {}
+        old_keys = self._keys.pop(key, set())
+        new_keys: set[bytes] = set()
+        if new is not None:
+            self._services[key] = new
+            self._svc_namespaces[namespace] += 1
+            self._names.update(new.names)
+            if new.external:
+                for name in new.names:
+                    self._externals[name] = new.external
+            for name_type in new.rrsets:
+                self._owner_of[name_type] = key
+            for (name, qtype), (answer, extra) in new.rrsets.items():
+                k = table_key(name, qtype)
+                prepared = prepare(NOERROR, list(answer), [], list(extra), name)
+                new_keys.add(k)
+                if self.table.get(k) != prepared:
+                    updates[k] = prepared
+            for name in new.names:
+                for qtype in (A, AAAA):
+                    if (name, qtype) in new.rrsets or (name, CNAME) in new.rrsets:
+                        continue
+                    k = table_key(name, qtype)
+                    new_keys.add(k)
+                    if k not in old_keys:
+                        updates[k] = self._nodata(name)
+            self._keys[key] = new_keys
+        for k in old_keys - new_keys:
+            updates[k] = None
+        updates.update(self._update_ptrs(key, old, new))
+        self.apply(updates)
+
+    def _update_ptrs(self, key: str, old: ServiceRecords | None,
+                     new: ServiceRecords | None) -> Updates:
+        touched = set(old.ptrs if old else ()) | set(new.ptrs if new else ())
+        for ptr in touched:
+            owners = self._ptr_owners.setdefault(ptr, {})
+            owners.pop(key, None)
+            if new is not None and ptr in new.ptrs:
+                owners[key] = new.ptrs[ptr]
+        updates: Updates = {}
+        for ptr in touched:
+            owners = self._ptr_owners.get(ptr, {})
+            targets = sorted({t for ts in owners.values() for t in ts})
+            k = table_key(ptr, PTR)
+            if not targets:
+                self._ptr_owners.pop(ptr, None)
+                updates[k] = None
+            else:
+                updates[k] = prepare(
+                    NOERROR, [RR(ptr, PTR, self.ttl, t) for t in targets], [], [], ptr)
+        return updates
+
+    def set_pod(self, old: Pod | None, new: Pod | None) -> None:
+        """Index pods by (namespace, IP) for ``pods verified``."""
+        if old is not None:
+            self._pod_namespaces[old.metadata.namespace] -= 1
+            if self._pod_namespaces[old.metadata.namespace] <= 0:
+                del self._pod_namespaces[old.metadata.namespace]
+            for ip in old.ips:
+                k = (old.metadata.namespace, ip)
+                self._pod_ips[k] -= 1
+                if self._pod_ips[k] <= 0:
+                    del self._pod_ips[k]
+        if new is not None:
+            self._pod_namespaces[new.metadata.namespace] += 1
+            for ip in new.ips:
+                self._pod_ips[(new.metadata.namespace, ip)] += 1
+
+    # --- the slow path ---------------------------------------------------------------------
+
+    def contains(self, qname: str) -> bool:
+        return names.split_zone(qname, self.zones) is not None
+
+    def answer(self, qname: str, qtype: int) -> Lookup:
+        """Answer a name inside the zone that has no prepared answer for this type."""
+        if not self.synced:
+            return Lookup(rcode=SERVFAIL)
+        prepared = self.table.get(table_key(qname, qtype))
+        if prepared is not None:
+            return Lookup(prepared)
+        external = self._externals.get(qname)
+        if external is not None:
+            return Lookup(cname=RR(qname, CNAME, self.ttl, external))
+        if qtype == ANY:
+            return self._any(qname)
+        where = names.split_zone(qname, self.zones)
+        if where is not None and where.where == "pod":
+            return self._pod(qname, qtype, where)
+        if self._exists(qname, where):
+            return Lookup(self._nodata(qname))
+        return Lookup(prepare(NXDOMAIN, [], [self.soa()], [], qname))
+
+    def _any(self, qname: str) -> Lookup:
+        answer: list[RR] = []
+        for qtype in (A, AAAA, TXT, SOA, NS):
+            p = self.table.get(table_key(qname, qtype))
+            if p is not None and p.counts[2:4] != b"\x00\x00":
+                answer += self._records_of(qname, qtype)
+        if answer:
+            return Lookup(prepare(NOERROR, answer, [], [], qname))
+        where = names.split_zone(qname, self.zones)
+        if self._exists(qname, where):
+            return Lookup(self._nodata(qname))
+        return Lookup(prepare(NXDOMAIN, [], [self.soa()], [], qname))
+
+    def _records_of(self, qname: str, qtype: int) -> list[RR]:
+        if qname == self.zone and qtype in (SOA, NS):
+            return [self.soa()] if qtype == SOA else [RR(qname, NS, self.ttl,
+                                                           f"ns.dns.{self.zone}")]
+        if qtype == TXT:
+            return [RR(qname, TXT, VERSION_TTL, f'"{names.SCHEMA_VERSION}"')]
+        return self.rrset(qname, qtype)
+
+    def _exists(self, qname: str, where: names.ZoneName | None) -> bool:
+        if self._names.get(qname, 0) > 0:
+            return True
+        if where is None:
+            return False
+        if where.where in ("apex", "version"):
+            return True
+        if where.where == "svc":
+            return not where.labels or (
+                len(where.labels) == 1 and where.labels[0] in self._svc_namespaces)
+        if where.where == "pod":
+            return not where.labels or (
+                len(where.labels) == 1 and self.pods != "disabled" and (
+                    where.labels[0] in self._pod_namespaces or self.pods == "insecure"))
+        return False
+
+    def _pod(self, qname: str, qtype: int, where: names.ZoneName) -> Lookup:
+        nx = Lookup(prepare(NXDOMAIN, [], [self.soa()], [], qname))
+        if self.pods == "disabled" or len(where.labels) != 2:
+            return Lookup(self._nodata(qname)) if self._exists(qname, where) else nx
+        ip = names.undashed(where.labels[0])
+        namespace = where.labels[1]
+        if ip is None:
+            return nx
+        if self.pods == "verified" and self._pod_ips.get((namespace, ip), 0) <= 0:
+            return nx
+        rtype = AAAA if ":" in ip else A
+        if qtype != rtype:
+            return Lookup(self._nodata(qname))
+        return Lookup(prepare(NOERROR, [RR(qname, rtype, self.ttl, ip)], [], [], qname))
