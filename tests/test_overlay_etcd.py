@@ -59,8 +59,8 @@ def test_allocation_layout_reuse_and_exhaustion(etcd: EtcdCluster) -> None:
             doc = json.loads(items[0][1])
             assert set(doc) >= {"PublicIP", "BackendType", "BackendData"}
             assert set(doc["BackendData"]) == {"VNI", "VtepMAC"}
-            with pytest.raises(OutOfSubnets, match="out of subnets: all 3 /24 subnets of "
-                                                   "10.10.0.0/22"):
+            with pytest.raises(OutOfSubnets, match=r"out of subnets: all 3 /24 subnets of "
+                                                   r"10\.10\.0\.0/22"):
                 await mgr.acquire(config, attrs(4))
             # A restarted node gets its own lease back (matched by node name) ...
             again = await mgr.acquire(config, attrs(2))
