@@ -222,3 +222,34 @@ def test_direct_routing_skips_encapsulation_on_one_segment(bed: Testbed) -> None
     assert "flannel.1" not in routes(nodes[0])
     assert nodes[0].env()["FLANNEL_MTU"] == "1450", "MTU stays safe for peers behind routers"
     assert pings(pods[0], bed.pod_ips[pods[1]])
+
+
+def test_kube_subnet_manager_uses_pod_cidrs_and_annotations(bed: Testbed) -> None:
+    """Subnets from Node objects' podCIDRs, VTEP data published as Flannel's annotations."""
+    conf_file = bed.workdir / "net-conf.json"
+    conf_file.write_text(json.dumps(NET_CONF))
+    nodes = [bed.add_node(f"n{i}") for i in range(3)]
+    objects = [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": n.name},
+                "spec": {"podCIDR": f"10.244.{10 + i}.0/24"}} for i, n in enumerate(nodes)]
+    store = f"etcd://{bed.etcd_endpoint}"
+    in_ns(bed.underlay, SVCNET, "apply", "--store", store, "-f", "-",
+          input="\n---\n".join(json.dumps(o) for o in objects))
+    for n in nodes:
+        bed.start_daemon(n, "--overlay-subnet-manager", "kube", config_file=str(conf_file))
+    for n in nodes:
+        bed.wait_ready(n)
+    assert [n.env()["FLANNEL_SUBNET"] for n in nodes] == [f"10.244.{10 + i}.1/24"
+                                                           for i in range(3)]
+    pods = [bed.add_pod(n) for n in nodes]
+    until(lambda: all(routes(n).count("flannel.1") == 2 for n in nodes), what="full mesh")
+    assert pings(pods[0], bed.pod_ips[pods[2]])
+    got = json.loads(in_ns(bed.underlay, SVCNET, "get", "--store", store, "nodes", "n1",
+                           "-o", "json").stdout)
+    ann = got["metadata"]["annotations"]
+    assert ann["flannel.alpha.coreos.com/public-ip"] == nodes[1].ip
+    assert ann["flannel.alpha.coreos.com/backend-type"] == "vxlan"
+    assert json.loads(ann["flannel.alpha.coreos.com/backend-data"])["VNI"] == 1
+    bed.kill_daemon(nodes[2])
+    in_ns(bed.underlay, SVCNET, "delete", "--store", store, "nodes", "n2")
+    until(lambda: all("10.244.12.0" not in routes(n) for n in nodes[:2]), 10,
+          "deleted node's routes removed")

@@ -30,9 +30,9 @@ def sh(*argv: str, check: bool = True, timeout: float = 30, input: str | None = 
                           input=input)
 
 
-def in_ns(ns: str, *argv: str, check: bool = True, timeout: float = 30
-          ) -> subprocess.CompletedProcess[str]:
-    return sh("ip", "netns", "exec", ns, *argv, check=check, timeout=timeout)
+def in_ns(ns: str, *argv: str, check: bool = True, timeout: float = 30,
+          input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return sh("ip", "netns", "exec", ns, *argv, check=check, timeout=timeout, input=input)
 
 
 def batch(ns: str, lines: Sequence[str]) -> None:
