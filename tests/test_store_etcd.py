@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import random
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -204,47 +205,47 @@ def test_client_unavailable_then_recovers_after_restart(etcd: EtcdCluster) -> No
     run(body)
 
 
-def test_client_watch_resumes_on_another_member(etcd3: EtcdCluster, tmp_path: Path) -> None:
+def test_client_watch_resumes_on_another_member(etcd3: EtcdCluster) -> None:
     """The watched member dies between two writes; the watch goes on from the next revision."""
 
     async def body() -> None:
-        first = etcd3.names[0]
-        async with EtcdClient(etcd3.endpoints) as watcher, \
-                EtcdClient([etcd3.endpoint(n) for n in etcd3.names[1:]]) as writer:
-            assert watcher.endpoint == etcd3.endpoint(first)
-            start = await writer.revision() + 1
-            events: list[KvEvent] = []
+        async with EtcdClient(etcd3.endpoints) as watcher:
+            start = await _retry(watcher.revision) + 1
+            first = member_of(etcd3, watcher.endpoint)
+            async with EtcdClient(others(etcd3, first)) as writer:
+                events: list[KvEvent] = []
 
-            async def consume() -> None:
-                async for e in watcher.watch_prefix(b"/f/", start_revision=start):
-                    events.append(e)
-                    if len(events) == 20:
-                        return
+                async def consume() -> None:
+                    async for e in watcher.watch_prefix(b"/f/", start_revision=start):
+                        events.append(e)
+                        if len(events) == 20:
+                            return
 
-            task = asyncio.create_task(consume())
-            for i in range(10):
-                await writer.put(b"/f/%d" % i, b"v")
-            await _eventually(lambda: len(events) >= 10)
-            etcd3.kill(first)
-            # create, not put: a write retried after an unknown outcome (leader election)
-            # must not add a second event.
-            for i in range(10, 20):
-                await _retry(lambda i=i: writer.create(b"/f/%d" % i, b"v"))  # type: ignore[misc]
-            await asyncio.wait_for(task, 15)
-            history = await take(writer.watch_prefix(b"/f/", start_revision=start), 20)
-            assert events == history
-            assert sorted(e.key for e in events) == sorted(b"/f/%d" % i for i in range(20))
-            assert watcher.endpoint != etcd3.endpoint(first)
+                task = asyncio.create_task(consume())
+                for i in range(10):
+                    await writer.put(b"/f/%d" % i, b"v")
+                await eventually(lambda: len(events) >= 10)
+                etcd3.kill(first)
+                # create, not put: a write retried after an unknown outcome (leader election)
+                # must not add a second event.
+                for i in range(10, 20):
+                    await _retry(lambda i=i: writer.create(b"/f/%d" % i, b"v"))  # type: ignore[misc]
+                await asyncio.wait_for(task, 15)
+                history = await take(writer.watch_prefix(b"/f/", start_revision=start), 20)
+                assert events == history
+                assert sorted(e.key for e in events) == sorted(b"/f/%d" % i for i in range(20))
+                assert watcher.endpoint != etcd3.endpoint(first)
 
     run(body)
 
 
-async def _eventually(cond: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
+def member_of(cluster: EtcdCluster, endpoint: str) -> str:
+    """The member a client is talking to (a young cluster may have sent it elsewhere)."""
+    return next(n for n in cluster.names if cluster.endpoint(n) == endpoint)
+
+
+def others(cluster: EtcdCluster, name: str) -> list[str]:
+    return [cluster.endpoint(n) for n in cluster.names if n != name]
 
 
 async def _retry(op: Callable[[], Awaitable[Any]], attempts: int = 50) -> Any:
@@ -537,18 +538,17 @@ def test_store_failover_loses_no_event(etcd3: EtcdCluster) -> None:
     """
 
     async def body() -> None:
-        first = etcd3.names[0]
         watched = Recording(EtcdStore(etcd3.endpoints))
-        writer = EtcdStore([etcd3.endpoint(n) for n in etcd3.names[1:]])
         inf = Informer(watched, SERVICE, backoff=Backoff(base=0.01, cap=0.1))
         rec = Recorder()
         inf.add_handler(rec)
         inf.start()
+        await inf.wait_synced(10)
+        listed = inf.revision
+        first = member_of(etcd3, watched.inner.client.endpoint)
+        writer = EtcdStore(others(etcd3, first))
         rng = random.Random(7)
         try:
-            await inf.wait_synced(10)
-            listed = inf.revision
-            assert watched.inner.client.endpoint == etcd3.endpoint(first)
             for step in range(120):
                 if step == 60:
                     etcd3.kill(first)
@@ -605,5 +605,41 @@ def test_client_watch_survives_dropped_connections(etcd: EtcdCluster) -> None:
                     await c.reconnect()
             await asyncio.wait_for(task, 10)
             assert [e.key for e in events] == [b"/d/%02d" % i for i in range(30)]
+
+    run(body)
+
+
+def test_store_watch_leaves_a_frozen_member(etcd3: EtcdCluster) -> None:
+    """A member that stops answering (SIGSTOP: no reset, no FIN) is left within seconds."""
+
+    async def body() -> None:
+        watched = EtcdStore(etcd3.endpoints, timeout=1, probe_interval=0.3)
+        listed = await _retry(lambda: watched.list(SERVICE))
+        first = member_of(etcd3, watched.client.endpoint)
+        writer = EtcdStore(others(etcd3, first), timeout=1)
+        try:
+            events: list[Event] = []
+
+            async def consume() -> None:
+                async for e in watched.watch(SERVICE, revision=listed.revision):
+                    events.append(e)
+
+            task = asyncio.create_task(consume())
+            await writer.put(SERVICE, svc("before"))
+            await eventually(lambda: len(events) == 1)
+            etcd3.procs[first].send_signal(signal.SIGSTOP)
+            try:
+                await _retry(lambda: writer.put(SERVICE, svc("after")), attempts=100)
+                await eventually(lambda: any(e.obj and e.obj.name == "after" for e in events),
+                                 timeout=10)
+            finally:
+                etcd3.procs[first].send_signal(signal.SIGCONT)
+            assert watched.client.endpoint != etcd3.endpoint(first)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            await watched.close()
+            await writer.close()
 
     run(body)

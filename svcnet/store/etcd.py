@@ -91,8 +91,9 @@ class EtcdStore:
     """``svcnet.store.base.Store`` over etcd v3; see the module docstring for the layout."""
 
     def __init__(self, endpoints: list[str], *, prefix: str = "/registry",
-                 timeout: float = 5.0, page_size: int = 500) -> None:
-        self.client = EtcdClient(endpoints, timeout=timeout)
+                 timeout: float = 5.0, page_size: int = 500,
+                 probe_interval: float = 5.0) -> None:
+        self.client = EtcdClient(endpoints, timeout=timeout, probe_interval=probe_interval)
         self.prefix = prefix.rstrip("/")
         self.page_size = page_size
 

@@ -75,6 +75,8 @@ _NOT_SENT = (
     "DNS resolution failed",
 )
 _PAGE = 1000
+# etcd answers a WatchProgressRequest with watch_id -1: it belongs to no single watcher.
+_PROBE_ANSWER = -1
 
 
 class KvEventType(enum.Enum):
@@ -187,16 +189,19 @@ class EtcdClient:
     """etcd v3 over one gRPC channel per member; requests go to the current member.
 
     ``endpoints`` are ``host:port`` strings of members of one cluster. ``timeout`` bounds each
-    request (not watches). Failures raise ``svcnet.store.base`` errors: ``Unavailable`` when no
+    request; a watch idle for ``probe_interval`` checks that its member still answers.
+    Failures raise ``svcnet.store.base`` errors: ``Unavailable`` when no
     member could answer, ``Expired`` for a compacted revision, ``NotFound``, ``Invalid``.
     """
 
-    def __init__(self, endpoints: list[str], *, timeout: float = 5.0) -> None:
+    def __init__(self, endpoints: list[str], *, timeout: float = 5.0,
+                 probe_interval: float = 5.0) -> None:
         if not endpoints:
             raise Invalid("etcd: no endpoints given")
         self._members = [_Member(e) for e in endpoints]
         self._current = 0
         self.timeout = timeout
+        self.probe_interval = probe_interval
         self._closed = False
 
     @property
@@ -411,16 +416,34 @@ class EtcdClient:
     async def _watch_stream(self, member: _Member, prefix: bytes, start: int,
                             progress_notify: bool
                             ) -> AsyncIterator[list[KvEvent] | WatchProgress]:
-        """One watch stream on one member: yields each response's events as a batch."""
+        """One watch stream on one member: yields each response's events as a batch.
+
+        A stream silent for ``probe_interval`` gets a progress request; a member that does
+        not answer it within ``timeout`` is taken for dead (frozen process, black-holed
+        network), which TCP and gRPC keepalives would notice only much later. The answer
+        only proves liveness: its revision is not used (see ``watch_events``).
+        """
         call = member.watch.Watch(metadata=_REQUIRE_LEADER)
+        read: asyncio.Future[Any] | None = None
         try:
             await asyncio.wait_for(call.write(pb.WatchRequest(create_request=pb.WatchCreateRequest(
                 key=prefix, range_end=prefix_end(prefix), start_revision=start,
                 prev_kv=True, progress_notify=progress_notify))), self.timeout)
-            created = False
+            created = probing = False
             while True:
-                resp = await (call.read() if created
-                              else asyncio.wait_for(call.read(), self.timeout))
+                if read is None:
+                    read = asyncio.ensure_future(call.read())
+                wait = self.probe_interval if created and not probing else self.timeout
+                done, _ = await asyncio.wait({read}, timeout=wait)
+                if not done:
+                    if not created or probing:
+                        raise Unavailable(f"watch on {member.endpoint}: no answer in "
+                                          f"{self.timeout}s")
+                    await asyncio.wait_for(call.write(pb.WatchRequest(
+                        progress_request=pb.WatchProgressRequest())), self.timeout)
+                    probing = True
+                    continue
+                resp, read, probing = read.result(), None, False
                 if resp is grpc.aio.EOF:
                     return
                 if resp.compact_revision:
@@ -433,7 +456,7 @@ class EtcdClient:
                     created = True
                 if resp.events:
                     yield [_kv_event(e) for e in resp.events]
-                elif not resp.created and progress_notify:
+                elif not resp.created and progress_notify and resp.watch_id != _PROBE_ANSWER:
                     yield WatchProgress(int(resp.header.revision))
         except TimeoutError:
             raise Unavailable(f"watch on {member.endpoint}: no answer in {self.timeout}s"
@@ -444,6 +467,10 @@ class EtcdClient:
             raise Unavailable(f"watch on {member.endpoint}: connection closed") from None
         finally:
             call.cancel()
+            if read is not None:
+                if read.done() and not read.cancelled():
+                    read.exception()  # retrieved: it is the stream's failure, handled above
+                read.cancel()
 
     # ---- plumbing --------------------------------------------------------------------
 
