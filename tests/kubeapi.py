@@ -201,6 +201,8 @@ class FakeKubeAPI:
         self.compacted = 0
         """Revisions at or below this are gone: older watches and continue tokens get 410."""
         self.requests: list[Recorded] = []
+        self.delay = 0.0
+        """Seconds to wait before answering each request (a slow server)."""
         self.hooks: list[Callable[[Recorded], None]] = []
         """Called with every request before it is handled (to change state mid-protocol)."""
         self.resources = {
@@ -274,6 +276,13 @@ class FakeKubeAPI:
         for w in list(self._watches):
             w.writer.transport.abort()
         return dropped
+
+    def error_watches(self, code: int, message: str) -> int:
+        """Send an ``ERROR`` event with a ``Status`` of ``code`` on every open watch."""
+        line = json.dumps({"type": "ERROR", "object": status_object(code, message)}).encode()
+        for w in self._watches:
+            w.writer.write(b"%x\r\n%s\n\r\n" % (len(line) + 1, line))
+        return len(self._watches)
 
     def inject(self, status: int, *, count: int = 1, retry_after: int | None = None,
                when: Callable[[Recorded], bool] = lambda r: True) -> None:
@@ -422,6 +431,8 @@ class FakeKubeAPI:
         return ""
 
     async def _handle(self, req: Recorded, writer: asyncio.StreamWriter) -> None:
+        if self.delay:
+            await asyncio.sleep(self.delay)
         for hook in list(self.hooks):
             hook(req)
         for fault in self._faults:

@@ -293,6 +293,17 @@ async def test_dropped_watch_raises_unavailable(api: FakeKubeAPI, store: Kuberne
         await asyncio.wait_for(pending, 5)
 
 
+async def test_watch_error_event_other_than_410_is_unavailable(
+    api: FakeKubeAPI, store: KubernetesStore
+) -> None:
+    it = store.watch(SERVICE, revision=str(api.rv)).__aiter__()
+    pending = asyncio.ensure_future(anext(it))
+    await wait_for(lambda: api.open_watches == 1)
+    api.error_watches(500, "Internal error occurred: etcdserver: request timed out")
+    with pytest.raises(Unavailable, match="500 InternalError: Internal error occurred"):
+        await asyncio.wait_for(pending, 5)
+
+
 # --- put / delete -------------------------------------------------------------------------------
 
 
@@ -421,6 +432,19 @@ async def test_keep_alive_connection_is_reused_and_recovers_when_closed(
     await asyncio.sleep(0.05)
     assert (await store.list(SERVICE)).revision == str(api.rv)
     assert len(api.requests) == 3
+
+
+async def test_cancelled_request_does_not_poison_the_shared_connection(
+    api: FakeKubeAPI, store: KubernetesStore
+) -> None:
+    api.create("services", service("web"))
+    api.delay = 0.3
+    slow = asyncio.ensure_future(store.list(SERVICE))
+    await asyncio.sleep(0.1)
+    slow.cancel()
+    api.delay = 0.0
+    raw = await store.put(SERVICE, service("other"))
+    assert raw.key == "default/other"
 
 
 # --- TLS and credentials ------------------------------------------------------------------------

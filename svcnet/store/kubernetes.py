@@ -263,13 +263,16 @@ class KubernetesStore:
         target = self.config.path_prefix + kind.api_path + "?" + _query(params)
         conn, headers = await self._open_watch(target, kind)
         self._watches.add(conn)
+        # The server ends the stream after ``timeout``; silence well beyond that means a
+        # half-open connection, which only a read deadline detects.
         idle_limit = timeout + 30.0
+        chunks = conn.body_chunks(headers)
         try:
-            pending = b""
-            chunks = conn.body_chunks(headers).__aiter__()
+            pending = bytearray()
             while True:
                 try:
-                    chunk = await asyncio.wait_for(chunks.__anext__(), idle_limit)
+                    async with asyncio.timeout(idle_limit):
+                        chunk = await anext(chunks)
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
@@ -279,7 +282,8 @@ class KubernetesStore:
                 pending += chunk
                 if b"\n" not in chunk:
                     continue
-                *lines, pending = pending.split(b"\n")
+                *lines, rest = pending.split(b"\n")
+                pending = rest
                 for line in lines:
                     if line.strip():
                         yield _watch_event(line, kind)
@@ -288,6 +292,8 @@ class KubernetesStore:
         finally:
             self._watches.discard(conn)
             conn.close()
+            with contextlib.suppress(Exception):
+                await chunks.aclose()
 
     async def put(self, kind: Kind[Any], obj: Mapping[str, Any]) -> RawObject:
         meta = dict(obj.get("metadata") or {})
@@ -297,6 +303,8 @@ class KubernetesStore:
         namespace = str(meta.get("namespace") or "default") if kind.namespaced else ""
         if kind.namespaced:
             meta["namespace"] = namespace
+        else:
+            meta.pop("namespace", None)
         meta.pop("resourceVersion", None)
         body = {**obj, "apiVersion": kind.api_version, "kind": kind.name, "metadata": meta}
         collection = self._collection_path(kind, namespace)
@@ -405,10 +413,16 @@ class KubernetesStore:
                         self._conn = await _Connection.open(
                             self.config, self._tls, self.connect_timeout)
                     conn = self._conn
-                    async with asyncio.timeout(self.request_timeout):
-                        await conn.send(request)
-                        status, headers = await conn.read_head()
-                        data = await conn.read_body(headers)
+                    try:
+                        async with asyncio.timeout(self.request_timeout):
+                            await conn.send(request)
+                            status, headers = await conn.read_head()
+                            data = await conn.read_body(headers)
+                    except asyncio.CancelledError:
+                        # Half a response may be unread: this connection is unusable now.
+                        conn.close()
+                        self._conn = None
+                        raise
                     if not conn.reusable:
                         conn.close()
                         self._conn = None
@@ -448,6 +462,9 @@ class KubernetesStore:
             except (*_CONNECTION_ERRORS, TimeoutError) as err:
                 conn.close()
                 raise Unavailable(f"watch {kind.name}: {err!r}") from None
+            except asyncio.CancelledError:
+                conn.close()
+                raise
             conn.close()
             resp = _Response(status, headers, data)
             if status != 429:
@@ -466,7 +483,7 @@ class KubernetesStore:
         await asyncio.sleep(max(delay, 0.0))
 
 
-def _watch_event(line: bytes, kind: Kind[Any]) -> Event:
+def _watch_event(line: bytes | bytearray, kind: Kind[Any]) -> Event:
     try:
         env = _EVENT.decode(line)
         if env.type == "ERROR":
