@@ -25,7 +25,7 @@ import logging
 import random
 import socket
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -169,7 +169,7 @@ class _Connection:
             self.reusable = False
         return int(parts[1]), headers
 
-    async def body_chunks(self, headers: Mapping[str, str]) -> AsyncIterator[bytes]:
+    async def body_chunks(self, headers: Mapping[str, str]) -> AsyncGenerator[bytes, None]:
         """The body as it arrives: chunked, Content-Length, or up to EOF."""
         if "chunked" in headers.get("transfer-encoding", "").lower():
             while True:
