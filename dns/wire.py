@@ -122,6 +122,7 @@ class Prepared(NamedTuple):
     counts_edns: bytes
     body_edns: bytes
     rcode: int
+    core_len: int  # bytes of answer + authority: what remains when additional is dropped
 
 
 def prepare(rcode: int, answer: list[RR], authority: list[RR], additional: list[RR],
@@ -133,6 +134,7 @@ def prepare(rcode: int, answer: list[RR], authority: list[RR], additional: list[
         owner = POINTER_TO_QUESTION if rr.name.lower().rstrip(".") == key else None
         parts.append(encode_rr(rr, owner))
     body = b"".join(parts)
+    core_len = sum(len(p) for p in parts[: len(answer) + len(authority)])
     an, ns, ar = len(answer), len(authority), len(additional)
     return Prepared(
         flags1=FLAGS_AUTHORITATIVE if authoritative else FLAGS_RESPONSE,
@@ -142,6 +144,7 @@ def prepare(rcode: int, answer: list[RR], authority: list[RR], additional: list[
         counts_edns=_COUNTS.pack(1, an, ns, ar + 1),
         body_edns=body + opt_record(),
         rcode=rcode,
+        core_len=core_len,
     )
 
 
@@ -294,9 +297,15 @@ def answer_from_prepared(data: bytes, question_end: int, prepared: Prepared, edn
         prepared.counts, prepared.body)
     flags1 = prepared.flags1 | (data[2] & 0x01)
     if question_end + len(body) > limit:
-        counts = COUNTS_QUESTION_OPT if edns else COUNTS_QUESTION_ONLY
-        body = OPT_RECORD if edns else b""
-        flags1 |= 0x02
+        core = prepared.body[:prepared.core_len] + (OPT_RECORD if edns else b"")
+        if question_end + len(core) <= limit:
+            # Drop the additional section first; that needs no TC bit (RFC 2181 9).
+            counts = counts[:6] + (b"\x00\x01" if edns else b"\x00\x00")
+            body = core
+        else:
+            counts = COUNTS_QUESTION_OPT if edns else COUNTS_QUESTION_ONLY
+            body = OPT_RECORD if edns else b""
+            flags1 |= 0x02
     return b"".join((data[:2], bytes((flags1, prepared.flags2 | (data[3] & 0x10))), counts,
                      data[12:question_end], body))
 

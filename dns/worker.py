@@ -128,6 +128,8 @@ def serve(udp: socket.socket, channel: socket.socket, table: dict[bytes, Any],
                 raise LookupError
             flags1 = entry[0] | (data[2] & 1)
             if qend + len(body) > limit:
+                if qend + entry[7] + 11 <= limit:
+                    raise LookupError  # fits without the additional section: main decides
                 flags1 |= 2
                 if ar == b"\x00\x00":
                     counts = b"\x00\x01\x00\x00\x00\x00\x00\x00"
