@@ -1,0 +1,547 @@
+"""The bridge plugin: ADD/DEL/CHECK/GC/STATUS read like the reference ``bridge`` plugin's.
+
+Every kernel resource ADD acquires registers its undo at once; one ``commit()`` at the end
+drops the undos, so a failure at any step rolls back what came before (IP released, veth
+removed, rules removed). DEL finds everything from (network, containerID, ifname) alone —
+the host veth's name is derived from them and IPAM still knows the addresses — so it works
+when the netns, the link or the allocation is already gone, and when repeated.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import ipam
+from .addr import AddressError, Prefix, format_ip, parse_ip
+from .netns import InNetns, NetnsError, open_netns, read_sysctl, write_sysctl
+from .rtnl import AlreadyExists, LinkNotFound, Rtnl, mac_text
+from .spec import (
+    ERR_INTERNAL,
+    ERR_INVALID_CONFIG,
+    ERR_LIMITED_CONNECTIVITY,
+    ERR_NOT_AVAILABLE,
+    ERR_UNKNOWN_CONTAINER,
+    CniError,
+    result_from_wire,
+)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+DEFAULT_BRIDGE = "cni0"
+HOST_VETH_PREFIX = "veth"
+ALIAS_PREFIX = "svcnet-cni"
+EMBEDDED_IPAM = ("host-local", "svcnet-cni", "svcnet-ipam")
+
+
+class Env:
+    """The CNI_* environment of one invocation, validated."""
+
+    __slots__ = ("args", "container_id", "ifname", "netns", "path")
+
+    def __init__(self, container_id: str, ifname: str, netns: str, args: dict[str, str],
+                 path: str) -> None:
+        self.container_id = container_id
+        self.ifname = ifname
+        self.netns = netns
+        self.args = args
+        self.path = path
+
+
+class NetConf:
+    """The bridge options, with the reference plugin's names and defaults."""
+
+    def __init__(self, conf: dict[str, Any]) -> None:
+        self.raw = conf
+        self.name = ipam.safe_name("network name", conf.get("name"))
+        self.bridge = link_name("bridge", conf.get("bridge", DEFAULT_BRIDGE))
+        self.is_default_gateway = _flag(conf, "isDefaultGateway")
+        self.is_gateway = _flag(conf, "isGateway") or self.is_default_gateway
+        self.force_address = _flag(conf, "forceAddress")
+        self.ip_masq_set = "ipMasq" in conf
+        self.ip_masq = _flag(conf, "ipMasq")
+        self.mtu = _int(conf, "mtu")
+        self.hairpin = _flag(conf, "hairpinMode")
+        self.promisc = _flag(conf, "promiscMode")
+        self.vlan = _int(conf, "vlan")
+        if not 0 <= self.vlan <= 4094:
+            raise CniError(ERR_INVALID_CONFIG, f"vlan {self.vlan} is not in 0..4094")
+        if self.hairpin and self.promisc:
+            raise CniError(ERR_INVALID_CONFIG, "cannot set hairpin mode and promiscuous mode "
+                           "at the same time", "hairpin reflects frames on the port; promisc "
+                           "makes the bridge see them all: choose one")
+        self.macspoofchk = _flag(conf, "macspoofchk")
+        self.enable_dad = _flag(conf, "enabledad")
+        ipam_conf = conf.get("ipam")
+        if not isinstance(ipam_conf, dict) or not isinstance(ipam_conf.get("type"), str):
+            raise CniError(ERR_INVALID_CONFIG, "the configuration needs ipam.type",
+                           "e.g. \"ipam\": {\"type\": \"host-local\", \"ranges\": ...}")
+        self.ipam_type: str = ipam_conf["type"]
+        self.dns = conf.get("dns") if isinstance(conf.get("dns"), dict) else {}
+
+    @property
+    def embedded_ipam(self) -> bool:
+        return self.ipam_type in EMBEDDED_IPAM
+
+
+def _flag(conf: dict[str, Any], key: str) -> bool:
+    value = conf.get(key, False)
+    if not isinstance(value, bool):
+        raise CniError(ERR_INVALID_CONFIG, f"{key} must be true or false, not {value!r}")
+    return value
+
+
+def _int(conf: dict[str, Any], key: str) -> int:
+    value = conf.get(key, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise CniError(ERR_INVALID_CONFIG, f"{key} must be a non-negative integer")
+    return value
+
+
+def link_name(kind: str, value: object) -> str:
+    """Linux interface name rules: 1-15 bytes, not ``.``/``..``, no ``/``, ``:`` or spaces."""
+    if (not isinstance(value, str) or not value or len(value.encode()) > 15
+            or value in (".", "..") or any(c in "/:" or c.isspace() for c in value)):
+        raise CniError(ERR_INVALID_CONFIG, f"{kind} name {value!r} is not a valid interface "
+                       "name", "1-15 characters, no '/', ':' or whitespace")
+    return value
+
+
+def host_veth_name(container_id: str, ifname: str) -> str:
+    """Deterministic, so DEL and GC find the host end without the pod's netns."""
+    import _sha256
+
+    digest = _sha256.sha256(f"{container_id}/{ifname}".encode()).hexdigest()
+    return HOST_VETH_PREFIX + digest[:11]
+
+
+def attachment_alias(network: str, container_id: str, ifname: str) -> str:
+    return f"{ALIAS_PREFIX}/{network}/{container_id}/{ifname}"
+
+
+def random_mac() -> str:
+    raw = bytearray(os.urandom(6))
+    raw[0] = (raw[0] & 0xFE) | 0x02  # unicast, locally administered
+    return mac_text(bytes(raw))
+
+
+class Undo:
+    """A stack of compensating actions, run in reverse unless ``commit()`` was called."""
+
+    def __init__(self) -> None:
+        self._actions: list[Callable[[], object]] = []
+
+    def push(self, action: Callable[[], object]) -> None:
+        self._actions.append(action)
+
+    def commit(self) -> None:
+        self._actions.clear()
+
+    def __enter__(self) -> Undo:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        while self._actions:
+            action = self._actions.pop()
+            try:
+                action()
+            except Exception:  # noqa: S110 - best effort; the original error is reported
+                pass
+
+
+# -- IPAM (embedded or delegated) ------------------------------------------------------------
+
+
+def ipam_add(conf: NetConf, env: Env, stdin: bytes, undo: Undo) -> tuple[dict[str, Any],
+                                                                         ipam.IpamConfig | None]:
+    if conf.embedded_ipam:
+        cfg = ipam.parse_config(conf.raw, env.args)
+        with ipam.Store(cfg.directory) as store:
+            allocations = ipam.allocate(cfg, store, env.container_id, env.ifname)
+        undo.push(lambda: ipam.release(cfg, env.container_id, env.ifname))
+        return ipam.result(cfg, allocations, conf.dns), cfg
+    from .delegate import delegate
+
+    res = delegate(conf.ipam_type, "ADD", stdin, env.path)
+    undo.push(lambda: delegate(conf.ipam_type, "DEL", stdin, env.path))
+    return result_from_wire(res), None
+
+
+def _ipam_config_for_release(conf: NetConf, env: Env) -> ipam.IpamConfig:
+    """Enough IPAM config to find and release reservations, even when the ranges cannot be
+    derived any more (e.g. the subnet file is gone)."""
+    try:
+        return ipam.parse_config(conf.raw, env.args)
+    except CniError:
+        data_dir = (conf.raw.get("ipam") or {}).get("dataDir") or ipam.DEFAULT_DATA_DIR
+        return ipam.IpamConfig(conf.name, str(data_dir), [], [], [])
+
+
+def _masq_enabled(conf: NetConf, cfg: ipam.IpamConfig | None) -> bool:
+    if conf.ip_masq_set or cfg is None or cfg.ipmasq is None:
+        return conf.ip_masq
+    return not cfg.ipmasq  # FLANNEL_IPMASQ=true: the overlay daemon masquerades instead
+
+
+# -- ADD ---------------------------------------------------------------------------------
+
+
+def cmd_add(conf: NetConf, env: Env, stdin: bytes) -> dict[str, Any]:
+    netns_fd = _open_netns(env.netns)
+    try:
+        with Rtnl() as host, Undo() as undo:
+            ipam_result, cfg = ipam_add(conf, env, stdin, undo)
+            ips = [(Prefix.parse(e["address"]), e.get("gateway", "")) for e in ipam_result["ips"]]
+            mtu = conf.mtu or (cfg.mtu if cfg else 0)
+            bridge = ensure_bridge(host, conf, mtu)
+            if conf.is_gateway:
+                ensure_gateway_addresses(host, conf, bridge.index, ips)
+            host_name = host_veth_name(env.container_id, env.ifname)
+            host_mac, pod_mac = random_mac(), random_mac()
+            try:
+                host.add_veth(host_name, host_mac, env.ifname, pod_mac, netns_fd, mtu,
+                              bridge.index)
+            except AlreadyExists as err:
+                raise CniError(ERR_INVALID_CONFIG,
+                               f"interface {env.ifname} (host end {host_name}) already exists "
+                               f"for container {env.container_id}", str(err)) from None
+            undo.push(lambda: host.delete_link(host_name))
+            host_index = host.link(host_name).index
+            host.set_link(host_index, alias=attachment_alias(conf.name, env.container_id,
+                                                             env.ifname))
+            if conf.hairpin:
+                host.set_hairpin(host_index, True)
+            if conf.vlan:
+                host.bridge_vlan(host_index, 1, add=False)
+                host.bridge_vlan(host_index, conf.vlan, add=True, pvid=True, untagged=True)
+            routes = list(ipam_result.get("routes") or [])
+            if conf.is_default_gateway:
+                routes = _with_default_routes(routes, ips)
+            configure_pod(netns_fd, env.ifname, ips, routes, conf.enable_dad)
+            if _masq_enabled(conf, cfg):
+                from . import masq
+
+                subnets = [p.masked() for p, _gw in ips]
+                owned = [(p.version, format_ip(p.version, p.address)) for p, _gw in ips]
+                masq.apply(masq.add_script(conf.name, subnets, owned,
+                                           f"{env.container_id}/{env.ifname}"))
+                undo.push(lambda: masq.apply(masq.delete_script(conf.name, owned)))
+            if conf.macspoofchk:
+                from . import macspoof
+
+                macspoof.apply(macspoof.add_script(conf.name, host_name, pod_mac))
+                undo.push(lambda: macspoof.apply(macspoof.delete_script(conf.name, host_name,
+                                                                        pod_mac)))
+            bridge = host.link(index=bridge.index)
+            undo.commit()
+    finally:
+        os.close(netns_fd)
+    result = dict(ipam_result)
+    result["interfaces"] = [
+        {"name": bridge.name, "mac": bridge.mac},
+        {"name": host_name, "mac": host_mac},
+        {"name": env.ifname, "mac": pod_mac, "sandbox": env.netns},
+    ]
+    if mtu:
+        for iface in result["interfaces"]:
+            iface["mtu"] = mtu
+    result["ips"] = [dict(e, interface=2) for e in ipam_result["ips"]]
+    if routes:
+        result["routes"] = routes
+    result["dns"] = ipam_result.get("dns") or conf.dns or {}
+    return result
+
+
+def _open_netns(path: str) -> int:
+    try:
+        return open_netns(path)
+    except NetnsError as err:
+        raise CniError(ERR_UNKNOWN_CONTAINER, f"network namespace {path} does not exist",
+                       str(err)) from None
+
+
+def ensure_bridge(host: Rtnl, conf: NetConf, mtu: int) -> Any:
+    try:
+        bridge = host.link(conf.bridge)
+    except LinkNotFound:
+        try:
+            host.add_bridge(conf.bridge, mtu, vlan_filtering=bool(conf.vlan))
+        except AlreadyExists:
+            pass  # a concurrent ADD created it first
+        bridge = host.link(conf.bridge)
+    if bridge.kind != "bridge":
+        raise CniError(ERR_INVALID_CONFIG, f"{conf.bridge} already exists but is not a bridge",
+                       f"its kind is {bridge.kind or 'unknown'}")
+    if conf.promisc and not bridge.flags & 0x100:
+        host.set_link(bridge.index, promisc=True)
+    if not bridge.up:
+        host.set_link(bridge.index, up=True)
+    return bridge
+
+
+def ensure_gateway_addresses(host: Rtnl, conf: NetConf, bridge_index: int,
+                             ips: list[tuple[Prefix, str]]) -> None:
+    """Put each family's gateway on the bridge (like the reference: forceAddress replaces a
+    different address in the same subnet; without it that is an error) and turn on
+    forwarding."""
+    existing = host.addresses(bridge_index)
+    for prefix, gateway in ips:
+        if not gateway:
+            continue
+        version, gw = parse_ip(gateway)
+        wanted = Prefix(version, gw, prefix.length)
+        if any(p == wanted for _i, p in existing):
+            continue
+        for _i, p in existing:
+            if p.version == version and p.overlaps(wanted) and p != wanted:
+                if not conf.force_address:
+                    raise CniError(ERR_INVALID_CONFIG,
+                                   f"{conf.bridge} already has an IP address different from "
+                                   f"{wanted}", f"it has {p}; set forceAddress to replace it")
+                host.delete_address(bridge_index, p)
+        try:
+            host.add_address(bridge_index, wanted, nodad=True)
+        except AlreadyExists:
+            pass
+        existing.append((bridge_index, wanted))
+        key = "net/ipv4/ip_forward" if version == 4 else "net/ipv6/conf/all/forwarding"
+        if read_sysctl(key) != "1":
+            write_sysctl(key, "1")
+
+
+def _with_default_routes(routes: list[dict[str, Any]],
+                         ips: list[tuple[Prefix, str]]) -> list[dict[str, Any]]:
+    out = [r for r in routes if r.get("dst") not in ("0.0.0.0/0", "::/0")]
+    for prefix, gateway in ips:
+        if gateway:
+            dst = "0.0.0.0/0" if prefix.version == 4 else "::/0"
+            if not any(r["dst"] == dst for r in out):
+                out.append({"dst": dst, "gw": gateway})
+    return out
+
+
+def configure_pod(netns_fd: int, ifname: str, ips: list[tuple[Prefix, str]],
+                  routes: list[dict[str, Any]], enable_dad: bool) -> None:
+    """Inside the pod: arp_notify, addresses, link up, routes (gateways per family)."""
+    gateways = {p.version: gw for p, gw in ips if gw}
+    with InNetns(netns_fd):
+        pod = Rtnl()
+        write_sysctl(f"net/ipv4/conf/{ifname}/arp_notify", "1")
+    with pod:
+        index = pod.link(ifname).index
+        for prefix, _gw in ips:
+            pod.add_address(index, prefix, nodad=prefix.version == 6 and not enable_dad)
+        pod.set_link(index, up=True)
+        for route in routes:
+            dst = Prefix.parse(route["dst"])
+            gateway = route.get("gw") or gateways.get(dst.version, "")
+            try:
+                pod.add_route(dst, gateway=gateway, oif=index,
+                              priority=int(route.get("priority") or 0),
+                              table=int(route.get("table") or 0),
+                              mtu=int(route.get("mtu") or 0),
+                              advmss=int(route.get("advmss") or 0))
+            except AlreadyExists:
+                pass
+
+
+# -- DEL ---------------------------------------------------------------------------------
+
+
+def cmd_del(conf: NetConf, env: Env, stdin: bytes) -> None:
+    cfg = _ipam_config_for_release(conf, env) if conf.embedded_ipam else None
+    ips: list[str] = []
+    if cfg is not None and os.path.isdir(cfg.directory):
+        with ipam.Store(cfg.directory) as store:
+            ips = store.find(env.container_id, env.ifname)
+    prev = conf.raw.get("prevResult")
+    if not ips and isinstance(prev, dict):
+        ips = [e["address"].split("/")[0] for e in prev.get("ips") or [] if "address" in e]
+    if _masq_enabled(conf, cfg) and ips:
+        from . import masq
+
+        masq.apply(masq.delete_script(conf.name, [(6 if ":" in ip else 4, ip) for ip in ips]))
+    host_name = host_veth_name(env.container_id, env.ifname)
+    with Rtnl() as host:
+        if conf.macspoofchk:
+            from . import macspoof
+
+            macspoof.apply(macspoof.delete_script(conf.name, host_name, None))
+        try:
+            host.delete_link(host_name)
+        except LinkNotFound:
+            pass
+    if cfg is not None:
+        ipam.release(cfg, env.container_id, env.ifname)
+    else:
+        from .delegate import delegate
+
+        delegate(conf.ipam_type, "DEL", stdin, env.path)
+
+
+# -- CHECK -------------------------------------------------------------------------------
+
+
+def cmd_check(conf: NetConf, env: Env, stdin: bytes) -> None:
+    prev_raw = conf.raw.get("prevResult")
+    if not isinstance(prev_raw, dict):
+        raise CniError(ERR_INVALID_CONFIG, "CHECK needs prevResult",
+                       "the runtime must pass the result of the ADD")
+    prev = result_from_wire(prev_raw)
+    ips = [Prefix.parse(e["address"]) for e in prev.get("ips") or []]
+    if conf.embedded_ipam:
+        cfg: ipam.IpamConfig | None = ipam.parse_config(conf.raw, env.args)
+        assert cfg is not None
+        ipam.check(cfg, env.container_id, env.ifname,
+                   [format_ip(p.version, p.address) for p in ips])
+    else:
+        cfg = None
+        from .delegate import delegate
+
+        delegate(conf.ipam_type, "CHECK", stdin, env.path)
+    pod_iface = next((i for i in prev.get("interfaces") or []
+                      if i.get("name") == env.ifname and i.get("sandbox")), None)
+    if pod_iface is None:
+        raise CniError(ERR_INVALID_CONFIG, f"prevResult has no interface {env.ifname} in a "
+                       "sandbox")
+    host_name = host_veth_name(env.container_id, env.ifname)
+    with Rtnl() as host:
+        try:
+            bridge = host.link(conf.bridge)
+            veth = host.link(host_name)
+        except LinkNotFound as err:
+            raise CniError(ERR_INTERNAL, f"CHECK: {err.strerror}") from None
+        if veth.master != bridge.index:
+            raise CniError(ERR_INTERNAL, f"CHECK: {host_name} is not attached to {conf.bridge}")
+        if not veth.up:
+            raise CniError(ERR_INTERNAL, f"CHECK: {host_name} is down")
+    netns_fd = _open_netns(env.netns)
+    try:
+        with InNetns(netns_fd):
+            pod = Rtnl()
+    finally:
+        os.close(netns_fd)
+    with pod:
+        try:
+            link = pod.link(env.ifname)
+        except LinkNotFound:
+            raise CniError(ERR_INTERNAL, f"CHECK: {env.ifname} is missing in the pod") from None
+        if pod_iface.get("mac") and link.mac != str(pod_iface["mac"]).lower():
+            raise CniError(ERR_INTERNAL, f"CHECK: {env.ifname} has MAC {link.mac}, expected "
+                           f"{pod_iface['mac']}")
+        present = {p for _i, p in pod.addresses(link.index)}
+        for p in ips:
+            if p not in present:
+                raise CniError(ERR_INTERNAL, f"CHECK: address {p} is missing on {env.ifname}")
+        for route in prev.get("routes") or []:
+            dst = Prefix.parse(route["dst"]).masked()
+            table = int(route.get("table") or 254)
+            found = [r for r in pod.routes(dst.version)
+                     if r.dst == dst and r.table == table
+                     and (not route.get("gw") or r.gateway == route["gw"])]
+            if not found:
+                raise CniError(ERR_INTERNAL, f"CHECK: route to {dst} is missing in the pod")
+    if _masq_enabled(conf, cfg) and ips:
+        from . import masq
+
+        members = masq.members(conf.name)
+        for p in ips:
+            if format_ip(p.version, p.address) not in members:
+                raise CniError(ERR_INTERNAL, f"CHECK: masquerade of {p} is missing")
+
+
+# -- GC and STATUS -----------------------------------------------------------------------
+
+
+def cmd_gc(conf: NetConf, env: Env, stdin: bytes) -> None:
+    """Release every reservation, veth and rule whose attachment is not listed valid."""
+    raw_valid = conf.raw.get("cni.dev/valid-attachments")
+    if raw_valid is None:
+        return
+    if not isinstance(raw_valid, list):
+        raise CniError(ERR_INVALID_CONFIG, "cni.dev/valid-attachments must be a list")
+    valid = {(str(a.get("containerID", "")), str(a.get("ifname", "")))
+             for a in raw_valid if isinstance(a, dict)}
+    cfg = None
+    if conf.embedded_ipam:
+        cfg = _ipam_config_for_release(conf, env)
+        ipam.collect_garbage(cfg, valid)
+    else:
+        from .delegate import delegate
+
+        delegate(conf.ipam_type, "GC", stdin, env.path)
+    valid_hosts = {host_veth_name(cid, ifname) for cid, ifname in valid}
+    alias_prefix = f"{ALIAS_PREFIX}/{conf.name}/"
+    with Rtnl() as host:
+        try:
+            bridge_index = host.link(conf.bridge).index
+        except LinkNotFound:
+            bridge_index = -1
+        for link in host.links():
+            ours = link.alias.startswith(alias_prefix) or (
+                not link.alias and link.master == bridge_index
+                and link.name.startswith(HOST_VETH_PREFIX) and len(link.name) == 15)
+            if link.kind == "veth" and ours and link.name not in valid_hosts:
+                try:
+                    host.delete_link(index=link.index)
+                except LinkNotFound:
+                    pass
+    if _masq_enabled(conf, cfg) and cfg is not None:
+        from . import masq
+
+        with ipam.Store(cfg.directory) as store:
+            kept = set(store.allocations())
+        stale = [ip for ip in masq.members(conf.name) if ip not in kept]
+        if stale:
+            masq.apply(masq.delete_script(conf.name,
+                                          [(6 if ":" in ip else 4, ip) for ip in stale]))
+
+
+def cmd_status(conf: NetConf, env: Env, stdin: bytes) -> None:
+    """50 when ADD cannot work (no subnet yet, IPAM directory unusable, addresses
+    exhausted), 51 when the bridge of existing pods is missing or down."""
+    if not conf.embedded_ipam:
+        from .delegate import delegate
+
+        delegate(conf.ipam_type, "STATUS", stdin, env.path)
+        return
+    try:
+        cfg = ipam.parse_config(conf.raw, env.args)
+    except CniError as err:
+        raise CniError(ERR_NOT_AVAILABLE, f"not ready: {err.msg}", err.details) from None
+    try:
+        os.makedirs(cfg.directory, exist_ok=True)
+        if not os.access(cfg.directory, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as err:
+        raise CniError(ERR_NOT_AVAILABLE, f"IPAM directory {cfg.directory} is unusable",
+                       str(err)) from None
+    with ipam.Store(cfg.directory) as store:
+        allocated = store.allocations()
+    for index, rset in enumerate(cfg.range_sets):
+        capacity = sum(r.end - r.start + 1 - (r.gateway is not None
+                                              and r.start <= r.gateway <= r.end)
+                       for r in rset)
+        used = sum(1 for ip in allocated if _in_set(ip, rset))
+        if used >= capacity:
+            raise CniError(ERR_NOT_AVAILABLE, f"range set {index} has no free address",
+                           f"{used} of {capacity} reserved")
+    if allocated:
+        with Rtnl() as host:
+            try:
+                if not host.link(conf.bridge).up:
+                    raise CniError(ERR_LIMITED_CONNECTIVITY, f"bridge {conf.bridge} is down")
+            except LinkNotFound:
+                raise CniError(ERR_LIMITED_CONNECTIVITY,
+                               f"bridge {conf.bridge} is missing but pods hold addresses"
+                               ) from None
+
+
+def _in_set(ip: str, rset: list[ipam.Range]) -> bool:
+    try:
+        version, value = parse_ip(ip)
+    except AddressError:
+        return False
+    return any(r.contains(version, value) for r in rset)
