@@ -187,6 +187,7 @@ class OverlayDaemon:
         self.status = Status(node=options.node_name)
         self.ready = asyncio.Event()
         self._wake = asyncio.Event()
+        self._full = True
         self._snapshot: Snapshot = ()
         self._lease: Lease | None = None
 
@@ -268,11 +269,14 @@ class OverlayDaemon:
                 while True:
                     await self._wake.wait()
                     self._wake.clear()
+                    full, self._full = self._full, False
                     try:
-                        underlay = await netlink.underlay(opts.iface or None)
+                        if full:
+                            underlay = await netlink.underlay(opts.iface or None)
                         desired = self._desired(config, underlay)
-                        result = await reconciler.sync(desired)
+                        result = await reconciler.sync(desired, full=full)
                     except (OSError, ValueError) as err:
+                        self._full = True
                         log.error("reconcile failed: %s", err)
                         metrics.errors.inc()
                         self.status.last_errors = [str(err)]
@@ -345,10 +349,15 @@ class OverlayDaemon:
             self._snapshot = snapshot
             self._wake.set()
 
+    def wake(self, *, full: bool) -> None:
+        """Ask for a sync; ``full`` re-reads the kernel instead of trusting the last sync."""
+        self._full = self._full or full
+        self._wake.set()
+
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.options.resync)
-            self._wake.set()
+            self.wake(full=True)
 
     async def _renew(self, manager: SubnetManager, config: NetworkConfig,
                      underlay: Underlay) -> None:
@@ -372,7 +381,7 @@ class OverlayDaemon:
                     log.error("our subnet changed from %s to %s: pods must be recreated",
                               self._lease.key, lease.key)
                 self._lease = lease
-                self._wake.set()
+                self.wake(full=True)
             except OSError as err:
                 log.warning("lease renewal failed: %s", err)
 
@@ -386,7 +395,7 @@ class OverlayDaemon:
                 assert proc.stdout is not None
                 while line := await proc.stdout.readline():
                     if b"Deleted" in line or b"state DOWN" in line or b"flannel" in line:
-                        self._wake.set()
+                        self.wake(full=True)
             finally:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()

