@@ -1,0 +1,428 @@
+"""IPVS backend: the desired state rendered into the kernel's IP Virtual Server table.
+
+Like kube-proxy's IPVS mode:
+
+- every service address (ClusterIPs, externalIPs, LoadBalancer IPs) sits on a dummy link
+  ``svcnet-ipvs0`` so the node accepts it locally, where IPVS (NAT forwarding) picks a real
+  server; NodePorts are virtual servers on the node's own addresses;
+- one virtual server per frontend (address, protocol, port) with a scheduler (``rr`` unless
+  configured), one real server per endpoint the frontend may use (Local policy: node-local
+  ones), ClientIP affinity as IPVS persistence with the service's timeout;
+- a removed TCP/SCTP real server first gets weight 0 (no new connections, established ones
+  keep working) and is deleted once it has no active connection or after ``grace_period``;
+- what IPVS cannot express is a few static iptables rules matching ipsets:
+  ``SVCNET-CLUSTER-IP`` / ``SVCNET-EXTERNAL`` mark traffic for masquerade,
+  ``SVCNET-LOOP-BACK`` (endpoint, port, endpoint) masquerades hairpin traffic,
+  ``SVCNET-NO-ENDPOINTS`` rejects at once and ``SVCNET-NO-LOCAL`` drops (Local policy
+  without a local endpoint). Per-service changes only touch set members, never rules.
+
+A partial sync diffs the previous and current rendering of each changed service port and
+touches only those virtual servers, real servers, addresses and set members. A full sync
+compares the whole rendering with what the kernel reports and repairs the difference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from svcnet.proxy.commands import Commands
+from svcnet.proxy.config import BackendConfig
+from svcnet.proxy.ipvs_kernel import (
+    IpvsTable,
+    RealServer,
+    ServiceOptions,
+    VirtualServer,
+)
+from svcnet.proxy.state import Changes, Family, FrontendKind, PortKey, ServicePortState
+
+log = logging.getLogger(__name__)
+
+LINK = "svcnet-ipvs0"
+CHAIN_SERVICES = "SVCNET-IPVS-SERVICES"
+CHAIN_MARK = "SVCNET-IPVS-MARK-MASQ"
+CHAIN_POSTROUTING = "SVCNET-IPVS-POSTROUTING"
+CHAIN_FILTER = "SVCNET-IPVS-FILTER"
+SET_CLUSTER_IP = "SVCNET-CLUSTER-IP"
+SET_EXTERNAL = "SVCNET-EXTERNAL"
+SET_LOOP_BACK = "SVCNET-LOOP-BACK"
+SET_NO_ENDPOINTS = "SVCNET-NO-ENDPOINTS"
+SET_NO_LOCAL = "SVCNET-NO-LOCAL"
+SET_TYPES = {
+    SET_CLUSTER_IP: "hash:ip,port", SET_EXTERNAL: "hash:ip,port",
+    SET_LOOP_BACK: "hash:ip,port,ip", SET_NO_ENDPOINTS: "hash:ip,port",
+    SET_NO_LOCAL: "hash:ip,port",
+}
+JUMPS = (
+    ("nat", "PREROUTING", CHAIN_SERVICES), ("nat", "OUTPUT", CHAIN_SERVICES),
+    ("nat", "POSTROUTING", CHAIN_POSTROUTING),
+    ("filter", "INPUT", CHAIN_FILTER), ("filter", "FORWARD", CHAIN_FILTER),
+    ("filter", "OUTPUT", CHAIN_FILTER),
+)
+SYSCTLS = {
+    4: ("net.ipv4.ip_forward=1", "net.ipv4.vs.conntrack=1",
+        "net.ipv4.vs.expire_nodest_conn=1", "net.ipv4.vs.expire_quiescent_template=1"),
+    6: ("net.ipv6.conf.all.forwarding=1",),
+}
+WEIGHT = 1
+
+
+def set_name(base: str, family: Family) -> str:
+    return base if family == 4 else f"{base}-6"
+
+
+@dataclass(slots=True)
+class Rendered:
+    """What one service port needs: virtual servers, addresses on the link, set members."""
+
+    servers: dict[VirtualServer, tuple[ServiceOptions, frozenset[RealServer]]] = field(
+        default_factory=dict)
+    addresses: frozenset[str] = frozenset()
+    members: frozenset[tuple[str, str]] = frozenset()  # (set name, member)
+
+
+class IpvsBackend:
+    """Renders ``Changes`` into IPVS, the dummy link's addresses and a few ipsets."""
+
+    name = "ipvs"
+
+    def __init__(self, table: IpvsTable, commands: Commands, config: BackendConfig, *,
+                 scheduler: str = "rr", grace_period: float = 15.0) -> None:
+        self.table = table
+        self.commands = commands
+        self.config = config
+        self.scheduler = scheduler
+        self.grace_period = grace_period
+        self._rendered: dict[PortKey, Rendered] = {}
+        self._addresses: Counter[str] = Counter()
+        self._members: Counter[tuple[str, str]] = Counter()
+        self._graceful: dict[tuple[VirtualServer, RealServer], float] = {}
+        self._synced_once = False
+        self._node_ips: set[str] = set()
+        self.rules_total: dict[str, int] = {}
+
+    def set_node_addresses(self, addresses: Mapping[int, tuple[str, ...]]) -> None:
+        """NodePort addresses (the daemon calls this): stale virtual servers there are ours."""
+        self._node_ips = {a for addrs in addresses.values() for a in addrs}
+
+    # --- RuleBackend ----------------------------------------------------------------------
+
+    def sync(self, changes: Changes, *, full: bool) -> None:
+        if full or not self._synced_once:
+            self._full_sync(changes.state)
+        else:
+            self._partial_sync(changes)
+        self._synced_once = True
+        self.finish_graceful()
+        self.rules_total = {"ipvs_virtual_servers": sum(
+            len(r.servers) for r in self._rendered.values())}
+
+    def healthy(self) -> bool:
+        """The link and our nat chain still exist; also finishes graceful removals."""
+        self.finish_graceful()
+        link = self.commands.run(["ip", "-o", "link", "show", "dev", LINK], check=False)
+        chain = self.commands.run(["iptables", "-t", "nat", "-S", CHAIN_SERVICES], check=False)
+        return LINK in link and CHAIN_SERVICES in chain
+
+    def cleanup(self) -> None:
+        """Remove every virtual server on our addresses, the link, the rules and the sets."""
+        ours = set(self._link_addresses()) | self._addresses.keys()
+        for vs in self.table.services():
+            if vs.ip in ours or any(vs in r.servers for r in self._rendered.values()):
+                self.table.delete_service(vs)
+        self.commands.run(["ip", "link", "del", LINK], check=False)
+        for family in self.config.families:
+            tool = _iptables(family)
+            for table, chain, target in JUMPS:
+                for _ in range(10):
+                    if not self._has_jump(tool, table, chain, target):
+                        break
+                    self.commands.run([tool, "-t", table, "-D", chain, "-j", target],
+                                      check=False)
+            for table, chains in (("nat", (CHAIN_SERVICES, CHAIN_MARK, CHAIN_POSTROUTING)),
+                                  ("filter", (CHAIN_FILTER,))):
+                for chain in chains:
+                    self.commands.run([tool, "-t", table, "-F", chain], check=False)
+                for chain in chains:
+                    self.commands.run([tool, "-t", table, "-X", chain], check=False)
+            for base in SET_TYPES:
+                self.commands.run(["ipset", "destroy", set_name(base, family)], check=False)
+        self._rendered.clear()
+        self._addresses.clear()
+        self._members.clear()
+        self._graceful.clear()
+        self._synced_once = False
+
+    # --- rendering ------------------------------------------------------------------------
+
+    def render(self, sp: ServicePortState) -> Rendered:
+        proto = sp.protocol
+        fam = sp.family
+        servers: dict[VirtualServer, tuple[ServiceOptions, frozenset[RealServer]]] = {}
+        addresses: set[str] = set()
+        members: set[tuple[str, str]] = set()
+        options = ServiceOptions(self.scheduler, sp.affinity_timeout)
+        for fe in sp.frontends:
+            if fe.kind is not FrontendKind.NODE_PORT:
+                addresses.add(fe.ip)
+            member = f"{fe.ip},{proto.lower()}:{fe.port}"
+            endpoints = sp.endpoints_for(fe)
+            if not endpoints:
+                base = SET_NO_LOCAL if sp.has_endpoints else SET_NO_ENDPOINTS
+                members.add((set_name(base, fam), member))
+                continue
+            vs = VirtualServer(fe.ip, proto, fe.port)
+            servers[vs] = (options, frozenset(RealServer(b.ip, b.port) for b in endpoints))
+            if not fe.kind.external:
+                members.add((set_name(SET_CLUSTER_IP, fam), member))
+            elif not sp.external_local:
+                members.add((set_name(SET_EXTERNAL, fam), member))
+        for b in sp.all_endpoints:
+            members.add((set_name(SET_LOOP_BACK, fam), f"{b.ip},{proto.lower()}:{b.port},{b.ip}"))
+        return Rendered(servers, frozenset(addresses), frozenset(members))
+
+    # --- syncs ----------------------------------------------------------------------------
+
+    def _full_sync(self, state: Mapping[PortKey, ServicePortState]) -> None:
+        self._ensure_base()
+        rendered = {k: self.render(sp) for k, sp in state.items()
+                    if sp.family in self.config.families}
+        wanted: dict[VirtualServer, tuple[ServiceOptions, frozenset[RealServer]]] = {}
+        for r in rendered.values():
+            wanted.update(r.servers)
+        current = self.table.services()
+        owned = set(self._link_addresses()) | self._addresses.keys() | {
+            vs.ip for r in self._rendered.values() for vs in r.servers}
+        owned |= self._node_ips
+        for vs in current.keys() - wanted.keys():
+            if vs.ip in owned:
+                self.table.delete_service(vs)
+        for vs, (options, reals) in wanted.items():
+            if vs not in current:
+                self.table.add_service(vs, options)
+                for rs in sorted(reals):
+                    self.table.add_dest(vs, rs, WEIGHT)
+                continue
+            if current[vs] != options:
+                self.table.update_service(vs, options)
+            self._reconcile_dests(vs, reals, self.table.dests(vs))
+        self._rendered = rendered
+        self._addresses = Counter(a for r in rendered.values() for a in r.addresses)
+        self._members = Counter(m for r in rendered.values() for m in r.members)
+        have = set(self._link_addresses())
+        wanted_addresses = set(self._addresses)
+        self._apply_addresses(add=wanted_addresses - have, remove=have - wanted_addresses)
+        self._replace_sets()
+
+    def _partial_sync(self, changes: Changes) -> None:
+        add_addr: set[str] = set()
+        del_addr: set[str] = set()
+        add_mem: set[tuple[str, str]] = set()
+        del_mem: set[tuple[str, str]] = set()
+        for key, change in sorted(changes.changed.items()):
+            if key.family not in self.config.families:
+                continue
+            old = self._rendered.pop(key, None) or Rendered()
+            new = self.render(change.current) if change.current else Rendered()
+            if change.current is not None:
+                self._rendered[key] = new
+            for vs in old.servers.keys() - new.servers.keys():
+                self.table.delete_service(vs)
+                self._forget_graceful(vs)
+            for vs, (options, reals) in new.servers.items():
+                before = old.servers.get(vs)
+                if before is None:
+                    self.table.add_service(vs, options)
+                    for rs in sorted(reals):
+                        self.table.add_dest(vs, rs, WEIGHT)
+                    continue
+                if before[0] != options:
+                    self.table.update_service(vs, options)
+                if before[1] != reals:
+                    self._reconcile_dests(vs, reals, {
+                        **{rs: None for rs in before[1]},
+                        **{rs: None for (v, rs) in self._graceful if v == vs}})
+            _count(self._addresses, old.addresses, new.addresses, add_addr, del_addr)
+            _count(self._members, old.members, new.members, add_mem, del_mem)
+        self._apply_addresses(add=add_addr - del_addr, remove=del_addr - add_addr)
+        self._apply_members(add=add_mem - del_mem, remove=del_mem - add_mem)
+
+    def _reconcile_dests(self, vs: VirtualServer, reals: frozenset[RealServer],
+                         current: Mapping[RealServer, Any]) -> None:
+        for rs in sorted(reals):
+            if rs not in current:
+                self.table.add_dest(vs, rs, WEIGHT)
+            elif (vs, rs) in self._graceful or _weight(current[rs]) not in (None, WEIGHT):
+                self.table.set_weight(vs, rs, WEIGHT)
+                self._graceful.pop((vs, rs), None)
+        for rs in sorted(current.keys() - reals):
+            if (vs, rs) in self._graceful:
+                continue
+            if vs.protocol == "UDP":
+                self.table.delete_dest(vs, rs)
+            else:
+                self.table.set_weight(vs, rs, 0)
+                self._graceful[(vs, rs)] = time.monotonic() + self.grace_period
+
+    def finish_graceful(self) -> None:
+        """Delete weight-0 real servers that have no active connection or ran out of time."""
+        if not self._graceful:
+            return
+        now = time.monotonic()
+        for vs in {vs for vs, _ in self._graceful}:
+            try:
+                dests = self.table.dests(vs)
+            except OSError:
+                self._forget_graceful(vs)
+                continue
+            for (v, rs), deadline in list(self._graceful.items()):
+                if v != vs:
+                    continue
+                state = dests.get(rs)
+                if state is None:
+                    del self._graceful[(v, rs)]
+                elif state.active_connections == 0 or now >= deadline:
+                    self.table.delete_dest(vs, rs)
+                    del self._graceful[(v, rs)]
+
+    def _forget_graceful(self, vs: VirtualServer) -> None:
+        for key in [k for k in self._graceful if k[0] == vs]:
+            del self._graceful[key]
+
+    # --- link, sets, rules ------------------------------------------------------------------
+
+    def _ensure_base(self) -> None:
+        for family in self.config.families:
+            self.commands.run(["sysctl", "-q", "-w", *SYSCTLS[family]], check=False)
+        if LINK not in self.commands.run(["ip", "-o", "link", "show"], check=False):
+            self.commands.run(["ip", "link", "add", LINK, "type", "dummy"])
+        self.commands.run(["ip", "link", "set", LINK, "up"])
+        lines = []
+        for family in self.config.families:
+            inet = "inet" if family == 4 else "inet6"
+            lines += [f"create {set_name(base, family)} {kind} family {inet} -exist"
+                      for base, kind in SET_TYPES.items()]
+        self.commands.run(["ipset", "restore", "-exist"], input="\n".join(lines) + "\n")
+        for family in self.config.families:
+            tool = _iptables(family)
+            self.commands.run([f"{tool}-restore", "--noflush"], input=self._rules(family))
+            for table, chain, target in JUMPS:
+                if not self._has_jump(tool, table, chain, target):
+                    self.commands.run([tool, "-t", table, "-I", chain, "1", "-j", target])
+
+    def _has_jump(self, tool: str, table: str, chain: str, target: str) -> bool:
+        try:
+            self.commands.run([tool, "-t", table, "-C", chain, "-j", target])
+        except Exception:
+            return False
+        return True
+
+    def _rules(self, family: Family) -> str:
+        mark = f"{self.config.masq_mark:#x}"
+        cluster, external = set_name(SET_CLUSTER_IP, family), set_name(SET_EXTERNAL, family)
+        detect = self.config.detect_local
+        lines = ["*nat"] + [f":{c} - [0:0]" for c in (CHAIN_SERVICES, CHAIN_MARK,
+                                                      CHAIN_POSTROUTING)]
+        lines.append(f"-A {CHAIN_MARK} -j MARK --or-mark {mark}")
+        match_cluster = f"-A {CHAIN_SERVICES} -m set --match-set {cluster} dst,dst"
+        if self.config.masquerade_all:
+            lines.append(f"{match_cluster} -j {CHAIN_MARK}")
+        elif detect.active(family):
+            if detect.mode in ("ClusterCIDR", "NodeCIDR"):
+                for cidr in detect.cidrs_for(family):
+                    lines.append(f"{match_cluster} ! -s {cidr} -j {CHAIN_MARK}")
+            else:
+                iface = f"{detect.interface}+" if detect.mode == "InterfaceNamePrefix" \
+                    else detect.interface
+                lines.append(f"{match_cluster} ! -i {iface} -j {CHAIN_MARK}")
+        lines += [
+            f"-A {CHAIN_SERVICES} -m set --match-set {external} dst,dst -j {CHAIN_MARK}",
+            f"-A {CHAIN_POSTROUTING} -m set --match-set {set_name(SET_LOOP_BACK, family)} "
+            "dst,dst,src -j MASQUERADE",
+            f"-A {CHAIN_POSTROUTING} -m mark ! --mark {mark}/{mark} -j RETURN",
+            f"-A {CHAIN_POSTROUTING} -j MARK --xor-mark {mark}",
+            f"-A {CHAIN_POSTROUTING} -j MASQUERADE --random-fully",
+            "COMMIT", "*filter", f":{CHAIN_FILTER} - [0:0]",
+            f"-A {CHAIN_FILTER} -m conntrack --ctstate NEW -m set --match-set "
+            f"{set_name(SET_NO_ENDPOINTS, family)} dst,dst -j REJECT",
+            f"-A {CHAIN_FILTER} -m conntrack --ctstate NEW -m set --match-set "
+            f"{set_name(SET_NO_LOCAL, family)} dst,dst -j DROP",
+            "COMMIT", "",
+        ]
+        return "\n".join(lines)
+
+    def _link_addresses(self) -> list[str]:
+        out = self.commands.run(["ip", "-j", "addr", "show", "dev", LINK], check=False)
+        try:
+            links = json.loads(out or "[]")
+        except ValueError:
+            return []
+        return [str(a["local"]) for link in links for a in link.get("addr_info", [])]
+
+    def _apply_addresses(self, *, add: Iterable[str], remove: Iterable[str]) -> None:
+        lines = [f"addr del {_prefix(a)} dev {LINK}" for a in sorted(remove)]
+        lines += [f"addr replace {_prefix(a)} dev {LINK}" for a in sorted(add)]
+        if lines:
+            self.commands.run(["ip", "-force", "-batch", "-"], input="\n".join(lines) + "\n")
+
+    def _apply_members(self, *, add: Iterable[tuple[str, str]],
+                       remove: Iterable[tuple[str, str]]) -> None:
+        lines = [f"del {s} {m} -exist" for s, m in sorted(remove)]
+        lines += [f"add {s} {m} -exist" for s, m in sorted(add)]
+        if lines:
+            self.commands.run(["ipset", "restore", "-exist"], input="\n".join(lines) + "\n")
+
+    def _replace_sets(self) -> None:
+        """Full sync: fill temporary sets and swap them in, so no member is ever missing."""
+        lines: list[str] = []
+        for family in self.config.families:
+            inet = "inet" if family == 4 else "inet6"
+            for base, kind in SET_TYPES.items():
+                name = set_name(base, family)
+                tmp = f"{name}-T"[:31]
+                lines += [f"create {tmp} {kind} family {inet} -exist", f"flush {tmp}"]
+                lines += [f"add {tmp} {m} -exist" for s, m in sorted(self._members) if s == name]
+                lines += [f"swap {tmp} {name}", f"destroy {tmp}"]
+        self.commands.run(["ipset", "restore", "-exist"], input="\n".join(lines) + "\n")
+
+
+def _iptables(family: Family) -> str:
+    return "iptables" if family == 4 else "ip6tables"
+
+
+def _prefix(ip: str) -> str:
+    return f"{ip}/128" if ":" in ip else f"{ip}/32"
+
+
+def _weight(state: Any) -> int | None:
+    return getattr(state, "weight", None)
+
+
+def _count(counter: Counter[Any], old: Iterable[Any], new: Iterable[Any],
+           added: set[Any], removed: set[Any]) -> None:
+    """Reference-count shared items; report those that appear or disappear."""
+    old_set, new_set = set(old), set(new)
+    for item in old_set - new_set:
+        counter[item] -= 1
+        if counter[item] <= 0:
+            del counter[item]
+            removed.add(item)
+    for item in new_set - old_set:
+        counter[item] += 1
+        if counter[item] == 1:
+            added.add(item)
+
+
+def build_backend(opts: Any, commands: Commands, config: BackendConfig) -> IpvsBackend:
+    """Called by svcnet.proxy.daemon for ``--proxy-mode ipvs``."""
+    from svcnet.proxy.ipvs_kernel import NetlinkIpvs
+
+    commands.run(["modprobe", "-a", "ip_vs", "ip_vs_rr", "dummy"], check=False)
+    scheduler = getattr(opts, "ipvs_scheduler", None) or "rr"
+    return IpvsBackend(NetlinkIpvs(getattr(opts, "netns", None)), commands, config,
+                       scheduler=scheduler)
