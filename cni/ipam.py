@@ -26,6 +26,7 @@ from .spec import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from typing import Any
 
 DEFAULT_DATA_DIR = "/var/lib/cni/networks"
@@ -395,7 +396,7 @@ def _next_free(index: int, rset: list[Range], store: Store, container_id: str,
     order = rset[start_range:] + rset[:start_range]
     for n, rng in enumerate(order):
         first = start_at if n == 0 else rng.start
-        for value in (*range(first, rng.end + 1), *range(rng.start, first)):
+        for value in _wrapped(first, rng.start, rng.end):
             if value == rng.gateway:
                 continue
             if store.reserve(format_ip(rng.version, value), container_id, ifname):
@@ -404,6 +405,18 @@ def _next_free(index: int, rset: list[Range], store: Store, container_id: str,
                    f"no IP addresses available in range set "
                    f"{', '.join(r.describe() for r in rset)}",
                    "every address is reserved; DEL or GC stale attachments")
+
+
+def _wrapped(first: int, start: int, end: int) -> Iterator[int]:
+    """first..end then start..first-1, lazily (IPv6 ranges have 2**64 addresses)."""
+    value = first
+    while value <= end:
+        yield value
+        value += 1
+    value = start
+    while value < first:
+        yield value
+        value += 1
 
 
 def result(cfg: IpamConfig, allocations: list[Allocation],
