@@ -95,6 +95,8 @@ def _add_up_arguments(p: argparse.ArgumentParser, nodes: int = 3) -> None:
     p.add_argument("--overlay", choices=["auto", "vxlan", "host-gw", "static"], default="auto",
                    help="svcnet overlay backend, or static routes set by the lab")
     p.add_argument("--no-proxy", action="store_true")
+    p.add_argument("--proxy-mode", choices=["", "nftables", "iptables"], default="",
+                   help="svcnet proxy backend (default: the proxy's)")
     p.add_argument("--no-dns", action="store_true")
     p.add_argument("--node-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for every `svcnet node` (repeatable)")
@@ -175,7 +177,8 @@ def _make_config(args: argparse.Namespace, name: str | None = None) -> Any:
     return LabConfig(
         name=name, nodes=args.nodes, lab_dir=str(lab_dir), etcd_members=args.etcd_members,
         store=args.store, kubeconfig=args.kubeconfig, cni=args.cni, overlay=args.overlay,
-        proxy=not args.no_proxy, dns=not args.no_dns, python=default_python(),
+        proxy=not args.no_proxy, proxy_mode=args.proxy_mode, dns=not args.no_dns,
+        python=default_python(),
         extra_node_args=tuple(args.node_arg),
     )
 

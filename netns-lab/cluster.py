@@ -111,7 +111,12 @@ def up(cfg: LabConfig, kernel: Kernel, progress: Progress, *, wait: bool = True)
         progress(f"[{elapsed():5.1f}s] lab {cfg.name} is up; try: svcnet lab status "
                  f"--name {cfg.name}")
     except BaseException:
-        progress("build failed; removing what was made")
+        progress("build failed; last lines of the lab's logs:")
+        for log in sorted((cfg.dir / "logs").glob("*.log")):
+            lines = log.read_text(errors="replace").strip().splitlines()[-6:]
+            if lines:
+                progress(f"--- {log.name}\n" + "\n".join(lines))
+        progress("removing what was made")
         down(cfg.dir, kernel, lambda _msg: None)
         raise
     return cfg
@@ -123,7 +128,8 @@ def _all_static_ns(cfg: LabConfig) -> list[str]:
             *(cfg.node_ns(n) for n in cfg.node_names)]
 
 
-def _build_network(cfg: LabConfig, kernel: Kernel, ledger: Ledger) -> None:
+def _build_network(cfg: LabConfig, kernel: Kernel, ledger: Ledger, *,
+                   sysctls: bool = True) -> None:
     namespaces = _all_static_ns(cfg)
     for ns in namespaces:
         ledger.record("netns", ns)
@@ -144,7 +150,7 @@ def _build_network(cfg: LabConfig, kernel: Kernel, ledger: Ledger) -> None:
             cmds += [f"route add {cfg.node_subnet(n)} via {cfg.node_ip(n)}"
                      for n in cfg.node_names if n != port]
         kernel.ip_batch(ns, cmds)
-    for node in cfg.node_names:
+    for node in cfg.node_names if sysctls else ():
         _sysctls(cfg.node_ns(node))
 
 
@@ -185,6 +191,7 @@ def cni_conflist(cfg: LabConfig, node: str) -> dict[str, object]:
     plugin: dict[str, object]
     if cfg.cni == "svcnet":
         plugin = {"type": "svcnet-cni", "bridge": "cni0", "isGateway": True,
+                  "isDefaultGateway": True,
                   "ipMasq": False, "hairpinMode": True,
                   "ipam": {"type": "host-local", "subnetFile": str(d / "subnet.env"),
                            "dataDir": str(d / "ipam")}}
@@ -212,7 +219,12 @@ def node_daemon_argv(cfg: LabConfig, node: str) -> list[str]:
                  "--overlay-public-ip", cfg.node_ip(node),
                  "--overlay-subnet-file", str(cfg.node_dir(node) / "subnet.env")]
     if cfg.proxy:
-        argv += ["--proxy"]
+        argv += ["--proxy", "--proxy-node-name", node, "--proxy-zone", cfg.node_zone(node),
+                 "--proxy-nodeport-addresses", str(UNDERLAY),
+                 "--proxy-cluster-cidr", str(POD_NETWORK), "--proxy-ip-families", "4",
+                 "--proxy-min-sync-period", "0.1"]
+        if cfg.proxy_mode:
+            argv += ["--proxy-mode", cfg.proxy_mode]
     return [*argv, *cfg.extra_node_args]
 
 

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 ECHO_IMAGE = "svcnet/echo"
 DNS_IMAGE = "svcnet/dns"
+DNS_HEALTH_PORT = 8181
 DEFAULT_GRACE_S = 1.0
 PROBE_PERIOD_S = 1.0
 FIRST_PROBE_RETRY_S = 0.05
@@ -88,7 +89,8 @@ def pod_command(cfg: LabConfig, pod: dict[str, Any]) -> list[str]:
     if cmd:
         return [subst.get(part, part) for part in cmd]
     if c.get("image") == DNS_IMAGE:
-        return [*cfg.svcnet_argv, "dns", *cfg.store_args(), "--zone", cfg.zone]
+        return [*cfg.svcnet_argv, "dns", *cfg.store_args(), "--zone", cfg.zone,
+                "--listen", "0.0.0.0:53", "--workers", "1", "--health-port", str(DNS_HEALTH_PORT)]
     ports = pod_ports(pod)
     argv = [cfg.python, "-m", "svcnet.lab.echo", "serve",
             "--name", pod["metadata"]["name"]]
@@ -346,8 +348,11 @@ class Kubelet:
             port = 8080
         if port is None:
             return True
+        # The kubelet shares a hostNetwork pod's namespace: probe it on loopback, where
+        # daemons often keep their health endpoints.
+        host = "127.0.0.1" if sb.host_network else sb.ip
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(sb.ip, port), 0.5)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 0.5)
         except (OSError, TimeoutError):
             return False
         try:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from svcnet.lab.kubelet import now_rfc3339
+from svcnet.lab.kubelet import DNS_HEALTH_PORT, now_rfc3339
 from svcnet.lab.state import DNS_SERVICE_IP, SERVICE_NETWORK, LabConfig
 
 from svcnet.model import POD, SERVICE
@@ -279,6 +279,8 @@ def system_objects(cfg: LabConfig) -> list[Obj]:
          "spec": {"nodeName": cfg.node_names[0], "hostNetwork": True,
                   "containers": [{"name": "dns", "image": "svcnet/dns",
                                   "ports": [{"containerPort": 53, "protocol": "UDP"},
-                                            {"containerPort": 53, "protocol": "TCP"}]}]}},
+                                            {"containerPort": 53, "protocol": "TCP"}],
+                                  "readinessProbe": {"httpGet": {
+                                      "port": DNS_HEALTH_PORT, "path": "/ready"}}}]}},
     ]
 
