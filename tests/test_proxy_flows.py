@@ -70,7 +70,8 @@ threading.Event().wait()
 
 CLIENT = r'''
 import json, socket, sys, time
-host, port, proto, count, want = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+host, proto = sys.argv[1], sys.argv[3]
+port, count, want = int(sys.argv[2]), int(sys.argv[4]), int(sys.argv[5])
 answers, errors = [], []
 for _ in range(count):
     try:
@@ -102,10 +103,7 @@ class Lab:
     def client(self, source: str, host: str, port: int, proto: str = "TCP", count: int = 1,
                want: int = 1) -> dict[str, Any]:
         script = self.dir / "client.py"
-        if source == "node":
-            ns = self.node
-        else:
-            ns = self.ns[source]
+        ns = self.node if source == "node" else self.ns[source]
         out = ns_sh(ns, sys.executable, str(script), host, str(port), proto, str(count),
                     str(want), timeout=60).stdout
         result: dict[str, Any] = json.loads(out)
