@@ -214,6 +214,7 @@ class FakeKubeAPI:
         self._faults: list[_Fault] = []
         self._watches: set[_Watch] = set()
         self._conns: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self.port = 0
 
@@ -237,6 +238,9 @@ class FakeKubeAPI:
             self._server.close()
         for w in list(self._conns):
             w.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
@@ -388,12 +392,18 @@ class FakeKubeAPI:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._conns.add(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
         try:
             while await self._one_request(reader, writer):
                 pass
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, OSError):
             pass
+        except asyncio.CancelledError:
+            pass  # stop(): the connection ends with the server
         finally:
+            self._tasks.discard(task)
             self._conns.discard(writer)
             writer.close()
 
