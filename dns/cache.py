@@ -94,13 +94,14 @@ class ResponseCache:
             _TTL.pack_into(out, offset, max(0, ttl - age))
         return bytes(out)
 
-    def put(self, key: bytes, response: bytes) -> None:
+    def put(self, key: bytes, response: bytes) -> bytes:
+        """Store a reply; returns it with TTLs capped as it will be served from here on."""
         try:
             info = _classify(response)
         except (WireError, struct.error):
-            return
+            return response
         if info is None:
-            return
+            return response
         seconds, denial, ttls = info
         seconds = min(seconds, self.max_denial_ttl if denial else self.max_ttl)
         seconds = max(seconds, self.min_ttl)
@@ -111,11 +112,17 @@ class ResponseCache:
                                            zones, view).inc()
         now = self.clock()
         capped = [(at, min(ttl, seconds)) for at, ttl in ttls]
+        if any(ttl > seconds for _, ttl in ttls):
+            out = bytearray(response)
+            for at, ttl in capped:
+                _TTL.pack_into(out, at, ttl)
+            response = bytes(out)
         if key in self._entries:
             self._drop(key)
         self._entries[key] = _Entry(response, now, now + seconds, capped, denial)
         self._denials += denial
         self._gauge()
+        return response
 
     def _drop(self, key: bytes) -> _Entry:
         gone = self._entries.pop(key)

@@ -42,6 +42,7 @@ class DNSOptions:
     http_host: str = "127.0.0.1"
     query_log: bool = False
     cache_size: int = 9984
+    cache_min_ttl: int = 5
     max_concurrent: int = 1000
     forward_timeout: float = 2.0
     lameduck: float = 0.0
@@ -76,6 +77,7 @@ def options_from_args(args: argparse.Namespace, prefix: str = "") -> DNSOptions:
         endpoint_pod_names=get("endpoint_pod_names"), upstreams=upstreams, stub_domains=stubs,
         workers=get("workers"), health_port=get("health_port"), metrics_port=get("metrics_port"),
         query_log=get("query_log"), cache_size=get("cache_size"),
+        cache_min_ttl=get("cache_min_ttl"), forward_timeout=get("forward_timeout"),
         max_concurrent=get("max_concurrent"), lameduck=get("lameduck"))
 
 
@@ -99,7 +101,11 @@ def add_dns_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None
     parser.add_argument(p + "metrics-port", type=int, default=0, help="/metrics")
     parser.add_argument(p + "query-log", action="store_true", help="log every query")
     parser.add_argument(p + "cache-size", type=int, default=9984)
-    parser.add_argument(p + "max-concurrent", type=int, default=1000)
+    parser.add_argument(p + "cache-min-ttl", type=int, default=5)
+    parser.add_argument(p + "max-concurrent", type=int, default=1000,
+                        help="forwarded queries in flight before answering REFUSED")
+    parser.add_argument(p + "forward-timeout", type=float, default=2.0,
+                        help="seconds before trying the next upstream")
     parser.add_argument(p + "lameduck", type=float, default=0.0,
                         help="seconds to keep serving with /health failing at shutdown")
 
@@ -182,7 +188,7 @@ class DNSComponent:
                               max_concurrent=o.max_concurrent)
                  for d, s in o.stub_domains.items()}
         handler = Handler(zone, forwarder=forwarder, stubs=stubs,
-                          cache=ResponseCache(o.cache_size), stats=stats,
+                          cache=ResponseCache(o.cache_size, min_ttl=o.cache_min_ttl), stats=stats,
                           log_queries=o.query_log)
         server = DNSServer(zone, handler, host=o.listen[0], port=o.listen[1],
                            workers=o.workers, slow_only=o.query_log)

@@ -112,7 +112,8 @@ class Upstream:
             reply = await asyncio.wait_for(fut, timeout)
         finally:
             self.pending.pop(qid, None)
-        if reply[12:].split(b"\x00", 1)[0].lower() != query[12:].split(b"\x00", 1)[0].lower():
+        qend = query.index(0, 12) + 5
+        if reply[4:6] != b"\x00\x00" and reply[12:qend].lower() != query[12:qend].lower():
             raise ForwardError("reply for another question")
         if reply[2] & 0x02:
             reply = await self._tcp(query, timeout)

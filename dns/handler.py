@@ -121,7 +121,7 @@ class Handler:
         except ForwardError as err:
             log.debug("forwarding %s failed: %s", q.qname, err)
             return build_response(q, SERVFAIL), "forward"
-        self.cache.put(key, reply)
+        reply = self.cache.put(key, reply)
         return _fit(reply, q, limit), "forward"
 
     async def _external(self, q: Query, cname: RR, limit: int) -> bytes:
