@@ -81,7 +81,7 @@ def throughput(runs: int, seconds: float) -> dict[str, float]:
             workdir = Path(tempfile.mkdtemp(prefix=f"overlay-{backend}-"))
             beds[backend] = two_nodes(pool, workdir, backend)
         for _ in range(runs):
-            for backend, (tb, nodes, pods) in beds.items():
+            for backend, (tb, _, pods) in beds.items():
                 results[backend].append(iperf(tb, pods[0], pods[1], tb.pod_ips[pods[1]],
                                               seconds))
             tb, nodes, _ = beds["host-gw"]
@@ -101,6 +101,7 @@ async def converge(n: int, underlay: str, workdir: Path) -> tuple[float, int, fl
     from svcnet.cni.overlay.iptables import IptablesFirewall
     from svcnet.cni.overlay.lease import EtcdSubnetManager
     from svcnet.cni.overlay.netlink import IpCommandNetlink
+
     from svcnet.store.etcd import EtcdClient
 
     pool = NamespacePool(f"ovc{os.getpid()}-{n}")

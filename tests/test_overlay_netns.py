@@ -3,7 +3,9 @@ running ``svcnet node --overlay`` against a real etcd that lives in the underlay
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_binary
+from svcnet.cni.overlay.cli import _pending as pending_changes
 from svcnet.cni.overlay.testbed import SimNode, Testbed, in_ns
 
 pytestmark = [pytest.mark.kernel, pytest.mark.etcd]
@@ -23,7 +26,7 @@ SVCNET = str(Path(sys.executable).parent / "svcnet")
 @pytest.fixture
 def bed(netns: Callable[[str], str], tmp_path: Path) -> Iterator[Testbed]:
     require_binary("etcd", "etcdctl", "ping", "socat", "bridge", "iptables-restore")
-    tb = Testbed(netns, tmp_path)
+    tb = Testbed(netns, tmp_path, use_cni=True)
     try:
         tb.start_etcd()
         yield tb
@@ -131,12 +134,23 @@ def test_three_nodes_pods_talk_heal_and_forget_departed_node(bed: Testbed) -> No
     until(lambda: pings(pods[0], bed.pod_ips[pods[1]]), 10, "ping after device deletion")
     until(lambda: status(nodes[1]).returncode == 0, 10, "kernel back in sync")
 
-    # Drift in one entry is repaired without touching the rest.
+    # Drift in one entry is reported by `svcnet overlay status` and repaired without
+    # touching the rest. The daemon is paused so the report is not raced by its resync.
     victim = nodes[0]
-    peer_subnet = subnets["n2"].rsplit(".", 1)[0] + ".0"
-    in_ns(victim.ns, "ip", "neigh", "del", peer_subnet, "dev", "flannel.1")
-    drift = status(victim)
-    assert drift.returncode == 1 and "missing: add Neighbour" in drift.stdout
+    snapshot = json.loads(in_ns(victim.ns, SVCNET, "overlay", "status", "--json", "--url",
+                                f"http://127.0.0.1:{victim.listen_port}").stdout)["status"]
+    peer_vtep = subnets["n2"].rsplit(".", 1)[0] + ".0"
+    mac_of_n2 = next(p["vtep_mac"] for p in snapshot["peers"] if p["node"] == "n2")
+    assert victim.daemon is not None
+    victim.daemon.send_signal(signal.SIGSTOP)
+    try:
+        in_ns(victim.ns, "ip", "neigh", "del", peer_vtep, "dev", "flannel.1")
+        pending, chains = asyncio.run(pending_changes(snapshot, victim.ns))
+        assert pending == [f"add Neighbour(dev='flannel.1', ip='{peer_vtep}', "
+                           f"mac='{mac_of_n2}')"], pending
+        assert not chains
+    finally:
+        victim.daemon.send_signal(signal.SIGCONT)
     until(lambda: status(victim).returncode == 0, 5, "neighbour repaired")
     assert pings(pods[0], bed.pod_ips[pods[2]])
 
@@ -195,7 +209,7 @@ def test_host_gw_backend(bed: Testbed) -> None:
 def test_dual_stack_vxlan(netns: Callable[[str], str],
                                              tmp_path: Path) -> None:
     require_binary("etcd", "etcdctl", "ping")
-    tb = Testbed(netns, tmp_path, ipv6=True)
+    tb = Testbed(netns, tmp_path, ipv6=True, use_cni=True)
     try:
         tb.start_etcd()
         conf = {"Network": "10.244.0.0/16", "EnableIPv6": True,

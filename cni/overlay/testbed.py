@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import subprocess
 import sys
@@ -88,6 +89,9 @@ class Testbed:
     ipv6: bool = False
     underlay: str = ""
     """An existing namespace to use as the underlay (default: a new one)."""
+    use_cni: bool = False
+    """Wire pods with the ``svcnet-cni`` plugin reading the overlay's subnet.env (as a
+    kubelet would), instead of plain ``ip`` commands."""
     nodes: dict[str, SimNode] = field(default_factory=dict)
     etcd: subprocess.Popen[bytes] | None = None
     pod_ips: dict[str, str] = field(default_factory=dict)
@@ -186,6 +190,8 @@ class Testbed:
 
     def add_pod(self, node: SimNode) -> str:
         """A pod namespace on ``node``'s ``cni0`` bridge, addressed from its subnet.env."""
+        if self.use_cni:
+            return self._add_pod_with_cni(node)
         env = node.env()
         gw = ipaddress.ip_interface(env["FLANNEL_SUBNET"])
         mtu = env["FLANNEL_MTU"]
@@ -212,6 +218,27 @@ class Testbed:
         batch(pod, lines)
         node.pods.append(pod)
         self.pod_ips[pod] = str(ip.ip)
+        return pod
+
+    def _add_pod_with_cni(self, node: SimNode) -> str:
+        pod = self.make_ns(f"{node.name}p")
+        bin_dir = str(Path(sys.executable).parent)
+        conf = {"cniVersion": "1.1.0", "name": "svcnet", "type": "svcnet-cni",
+                "bridge": "cni0", "isGateway": True, "isDefaultGateway": True,
+                "ipam": {"type": "svcnet-cni", "subnetFile": str(node.subnet_file),
+                         "dataDir": str(self.workdir / f"ipam-{node.name}")}}
+        env = {**os.environ, "CNI_COMMAND": "ADD", "CNI_CONTAINERID": pod,
+               "CNI_NETNS": f"/run/netns/{pod}", "CNI_IFNAME": "eth0", "CNI_PATH": bin_dir}
+        got = subprocess.run(["ip", "netns", "exec", node.ns, f"{bin_dir}/svcnet-cni"],
+                             input=json.dumps(conf), capture_output=True, text=True, env=env,
+                             timeout=30)
+        if got.returncode != 0:
+            raise RuntimeError(f"svcnet-cni ADD failed: {got.stdout} {got.stderr}")
+        result = json.loads(got.stdout)
+        for ip in result.get("ips", []):
+            address = ipaddress.ip_interface(ip["address"]).ip
+            (self.pod_ips6 if address.version == 6 else self.pod_ips)[pod] = str(address)
+        node.pods.append(pod)
         return pod
 
     def close(self) -> None:
