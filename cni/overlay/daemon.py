@@ -243,8 +243,7 @@ class OverlayDaemon:
         server = await self._serve()
         try:
             underlay = await netlink.underlay(opts.iface or None)
-            lease = await manager.acquire(config, self._attrs(config, underlay),
-                                          previous_subnets(opts.subnet_file))
+            lease = await self._acquire(manager, config, underlay)
             self._lease = lease
             log.info("node %s leased %s", opts.node_name,
                      ", ".join(str(s) for s in lease.subnets))
@@ -286,6 +285,22 @@ class OverlayDaemon:
             metrics.ready.set(0)
             if server is not None:
                 await server.stop()
+
+    async def _acquire(self, manager: SubnetManager, config: NetworkConfig,
+                       underlay: Underlay) -> Lease:
+        """Lease a subnet, waiting out an unreachable store; a full pool is fatal."""
+        from svcnet.store.base import Unavailable
+        from svcnet.watch import Backoff
+
+        backoff = Backoff(base=0.5, cap=10.0)
+        while True:
+            try:
+                return await manager.acquire(config, self._attrs(config, underlay),
+                                             previous_subnets(self.options.subnet_file))
+            except (Unavailable, OSError, TimeoutError) as err:
+                delay = backoff.next()
+                log.warning("cannot lease a subnet yet (%s); retrying in %.1fs", err, delay)
+                await asyncio.sleep(delay)
 
     def _attrs(self, config: NetworkConfig, underlay: Underlay) -> Any:
         from svcnet.cni.overlay.desired import device_name, vtep_mac
@@ -363,6 +378,8 @@ class OverlayDaemon:
                      underlay: Underlay) -> None:
         from svcnet.cni.overlay.lease import LeaseError, LeaseLost
 
+        from svcnet.store.base import StoreError
+
         while True:
             await asyncio.sleep(manager.renew_interval)
             assert self._lease is not None
@@ -373,7 +390,7 @@ class OverlayDaemon:
                 try:
                     lease = await manager.acquire(config, self._lease.attrs,
                                                   self._lease.subnets)
-                except LeaseError as again:
+                except (LeaseError, StoreError, OSError) as again:
                     log.error("could not lease again: %s", again)
                     _Metrics.get().errors.inc()
                     continue
@@ -382,8 +399,8 @@ class OverlayDaemon:
                               self._lease.key, lease.key)
                 self._lease = lease
                 self.wake(full=True)
-            except OSError as err:
-                log.warning("lease renewal failed: %s", err)
+            except (StoreError, OSError, TimeoutError) as err:
+                log.warning("lease renewal failed: %s; retrying", err)
 
     async def _watch_links(self, netns: str | None) -> None:
         """Wake on link changes so a deleted VXLAN device comes back at once."""

@@ -34,7 +34,7 @@ KernelObject: TypeAlias = VxlanLink | Address | Neighbour | FdbEntry | Route
 Verb = Literal["add", "del", "set"]
 
 
-class NetlinkError(Exception):
+class NetlinkError(OSError):
     """A kernel query failed (not a partial apply, which is reported as error strings)."""
 
 
