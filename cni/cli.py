@@ -57,12 +57,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def launcher_text(python: str | None = None) -> str:
-    import svcnet
     import svcnet.cni
 
+    import svcnet
+
     return LAUNCHER.format(python=python or sys.executable,
-                           svcnet_dir=list(svcnet.__path__)[0],
-                           cni_dir=list(svcnet.cni.__path__)[0])
+                           svcnet_dir=next(iter(svcnet.__path__)),
+                           cni_dir=next(iter(svcnet.cni.__path__)))
 
 
 def conflist(args: argparse.Namespace) -> dict[str, object]:

@@ -8,6 +8,7 @@ when handed a context object, which is all a CNI plugin needs.
 from __future__ import annotations
 
 import _json
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -25,9 +26,10 @@ class _DecodeContext:
     memo: dict[str, str] = {}
 
 
-_scan = _json.make_scanner(_DecodeContext())
-_encode = _json.make_encoder(None, None, _json.encode_basestring_ascii, None, ": ", ", ",
-                             False, False, True)
+_scan = _json.make_scanner(_DecodeContext())  # type: ignore[arg-type]
+_encode = _json.make_encoder(None, None,  # type: ignore[arg-type]
+                             _json.encode_basestring_ascii, None, ": ", ", ", False, False,
+                             True)
 
 
 def loads(text: str | bytes) -> Any:

@@ -22,7 +22,8 @@ def _header(tag: str) -> list[str]:
 
 def add_script(network: str, port: str, mac: str) -> str:
     tag = network_tag(network)
-    lines = _header(tag) + [
+    lines = [
+        *_header(tag),
         f"add chain bridge {TABLE} macspoof-{tag} "
         "{ type filter hook prerouting priority -300; }",
         f"flush chain bridge {TABLE} macspoof-{tag}",
@@ -38,7 +39,7 @@ def delete_script(network: str, port: str, mac: str | None) -> str:
     """Idempotent removal (add-then-delete); without the MAC only the port check goes, which
     already stops the rule from matching that port."""
     tag = network_tag(network)
-    lines = _header(tag) + [f'add element bridge {TABLE} ports-{tag} {{ "{port}" }}',
+    lines = [*_header(tag), f'add element bridge {TABLE} ports-{tag} {{ "{port}" }}',
                             f'delete element bridge {TABLE} ports-{tag} {{ "{port}" }}']
     if mac:
         lines += [f'add element bridge {TABLE} allowed-{tag} {{ "{port}" . {mac} }}',

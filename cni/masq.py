@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .addr import Prefix
 from .fastjson import loads
+from .ipam import short_hash
 from .spawn import SpawnError, run
 from .spec import ERR_INTERNAL, CniError
 
@@ -24,9 +25,7 @@ _MATCH = {4: "ip", 6: "ip6"}
 
 
 def network_tag(network: str) -> str:
-    import _sha256
-
-    return str(_sha256.sha256(network.encode()).hexdigest()[:10])
+    return short_hash(network, 10)
 
 
 def _header(tag: str) -> list[str]:

@@ -25,14 +25,14 @@ def _load_setns() -> Callable[[int, int], int]:
     try:
         import _ctypes
 
-        class _Int(_ctypes._SimpleCData):  # type: ignore[name-defined,misc]
+        class _Int(_ctypes._SimpleCData):  # type: ignore[name-defined,misc,type-arg]
             _type_ = "i"
 
         class _Func(_ctypes.CFuncPtr):  # type: ignore[name-defined,misc]
             _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
             _restype_ = _Int
 
-        libc = _ctypes.dlopen(None, 2)  # type: ignore[attr-defined]
+        libc = _ctypes.dlopen(None, 2)  # type: ignore[attr-defined,arg-type]
         func = _Func(_ctypes.dlsym(libc, "setns"))  # type: ignore[attr-defined]
         func.argtypes = (_Int, _Int)
         get_errno = _ctypes.get_errno  # type: ignore[attr-defined]

@@ -15,9 +15,8 @@ from typing import Any
 
 import pytest
 from conftest import require_binary, require_root
-from test_cni_helpers import Runtime, links, ns_run, svcnet_bin
-
 from svcnet.cni.masq import network_tag
+from test_cni_helpers import Runtime, links, ns_run, svcnet_bin
 
 __all__ = ["svcnet_bin"]
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from svcnet.cni.cli import launcher_text
 
 REFERENCE_DIR = "/usr/lib/cni"
