@@ -104,8 +104,27 @@ class DNSServer:
             for i in range(self.workers):
                 sock = udp if i == 0 else _udp_socket(self.host, self.port)
                 self._spawn(sock)
-                sock.close()
         self.zone.subscribe(self._publish)
+        if self.workers > 0:
+            self._spawn_task(self._supervise())
+
+    async def _supervise(self) -> None:
+        """Replace a worker that died (it should not; a crash must not cost capacity)."""
+        while True:
+            await asyncio.sleep(1.0)
+            for worker in [w for w in self._workers if w.proc.poll() is not None]:
+                log.error("dns worker %d exited with %s; restarting", worker.proc.pid,
+                          worker.proc.returncode)
+                self._retire(worker)
+                self._spawn(_udp_socket(self.host, self.port))
+
+    def _retire(self, worker: _Worker) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(worker.channel.fileno())
+        worker.outbox.put(None)
+        worker.channel.close()
+        worker.updates.close()
+        self._workers.remove(worker)
 
     def _spawn(self, udp: socket.socket) -> None:
         ours_u, theirs_u = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -118,6 +137,7 @@ class DNSServer:
              "1" if self.slow_only else "0"], pass_fds=fds, cwd="/")
         theirs_u.close()
         theirs_c.close()
+        udp.close()
         ours_c.setblocking(False)
         worker = _Worker(proc, ours_c, ours_u)
         worker.writer = threading.Thread(target=self._write_updates, args=(worker,),

@@ -139,13 +139,13 @@ def serve(udp: socket.socket, channel: socket.socket, table: dict[bytes, Any],
                     body = body[-11:]
             send(b"".join((data[:2], bytes((flags1, entry[1] | (data[3] & 0x10))), counts,
                            data[12:qend], body)), addr)
-        except (LookupError, IndexError):
+        except OSError:
+            continue
+        except Exception:  # noqa: BLE001 - anything odd is the main process's to judge
             try:
                 handoff(b"Q" + encode_addr(addr) + data)
             except OSError:
                 stats["dropped"] = stats.get("dropped", 0) + 1
-            continue
-        except OSError:
             continue
         key = (data[qend - 4] << 8 | data[qend - 3], entry[6])
         stats[key] = stats.get(key, 0) + 1
