@@ -301,7 +301,8 @@ def main() -> int:
         "svcnet_qps": round(s.qps), "dnsmasq_qps": round(d.qps),
         "unbound_qps": round(results["unbound"].qps), "ratio": round(s.qps / d.qps, 3),
         "svcnet_p99_ms": round(s.p99_ms, 3), "svcnet_avg_ms": round(s.avg_ms, 3),
-        "lost": s.lost, "lost_all_rounds": sum(r.lost for r in runs["svcnet"]), "rss_mb": round(mem[0], 1), "rss_sum_mb": round(mem[1], 1),
+        "lost": s.lost, "lost_all_rounds": sum(r.lost for r in runs["svcnet"]),
+        "rss_mb": round(mem[0], 1), "rss_sum_mb": round(mem[1], 1),
         "rss_limit_mb": round(limit, 1)}))
     return 0
 

@@ -52,6 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     import signal
 
     from svcnet.dns.daemon import DNSComponent, options_from_args
+
     from svcnet.store.open import store_from_args
     from svcnet.watch import InformerFactory
 

@@ -206,7 +206,7 @@ class DNSComponent:
                                        o.metrics_port))
             for h in http:
                 await h.start()
-            wanted = [services, slices] + ([pods] if pods is not None else [])
+            wanted: list[Any] = [services, slices] + ([pods] if pods is not None else [])
             for inf in wanted:
                 inf.start()
             await asyncio.gather(*(inf.synced.wait() for inf in wanted))

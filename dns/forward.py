@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from svcnet.dns import metrics
-from svcnet.dns.wire import NS, RCODE_NAMES, HINFO
+from svcnet.dns.wire import HINFO, NS, RCODE_NAMES
 
 log = logging.getLogger(__name__)
 

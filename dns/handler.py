@@ -14,7 +14,7 @@ import struct
 import time
 
 from svcnet.dns.cache import ResponseCache
-from svcnet.dns.forward import ConcurrencyLimit, ForwardError, Forwarder
+from svcnet.dns.forward import ConcurrencyLimit, Forwarder, ForwardError
 from svcnet.dns.metrics import DNSStats
 from svcnet.dns.names import in_reverse_zone
 from svcnet.dns.wire import (

@@ -14,7 +14,6 @@ from typing import Any
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-
 from svcnet.dns.wire import RCODE_NAMES, TYPE_NAMES
 from svcnet.dns.worker import BUCKETS
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from svcnet.dns import names
 from svcnet.dns.wire import AAAA, CNAME, RR, SRV, A
+
 from svcnet.model import EndpointSlice, Service
 
 RRSet = tuple[tuple[RR, ...], tuple[RR, ...]]
@@ -88,7 +89,7 @@ def _cluster_ip(svc: Service, owner: str, ttl: int) -> ServiceRecords:
         rrsets[(srv_owner, SRV)] = (
             tuple(_srv_rrs(srv_owner, [(owner, port.port) for _ in ips], ttl)), extra)
         existing.add(srv_owner)
-    ptrs = {names.reverse_name(ip): (owner,) for ip in ips}
+    ptrs: dict[str, tuple[str, ...]] = {names.reverse_name(ip): (owner,) for ip in ips}
     return ServiceRecords(rrsets, frozenset(existing), ptrs)
 
 
@@ -97,6 +98,7 @@ def _headless(svc: Service, slices: list[EndpointSlice], owner: str, ttl: int,
     publish_all = svc.spec.publish_not_ready_addresses
     # (hostname fqdn, address, ports of its slice), in a stable order
     members: list[tuple[str, str, tuple[tuple[str, str, int], ...]]] = []
+    ports: tuple[tuple[str, str, int], ...]
     for sl in sorted(slices, key=lambda s: s.metadata.name):
         if sl.address_type == "FQDN":
             continue

@@ -12,6 +12,7 @@ in tens of milliseconds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import socket
@@ -27,7 +28,7 @@ FLUSH_SECONDS = 1.0
 
 
 def encode_addr(addr: tuple[Any, ...]) -> bytes:
-    host = addr[0].encode()
+    host: bytes = str(addr[0]).encode()
     return bytes((len(host),)) + host + struct.pack("!H", addr[1])
 
 
@@ -65,12 +66,12 @@ def relay_replies(channel: socket.socket, udp: socket.socket, stats: dict[Any, A
                 os._exit(0)
             if msg[:1] == b"R":
                 addr, n = decode_addr(msg[1:])
-                try:
+                with contextlib.suppress(OSError):
                     udp.sendto(msg[1 + n:], addr)
-                except OSError:
-                    pass
         except TimeoutError:
             pass
+        except OSError:
+            os._exit(0)  # the main process is gone
         now = time.monotonic()
         if now - last >= FLUSH_SECONDS:
             last = now
@@ -83,10 +84,8 @@ def relay_replies(channel: socket.socket, udp: socket.socket, stats: dict[Any, A
             # Counts incremented between the snapshot and the reset are lost; cheap, and
             # bounded by one second's worth of a race window of a few bytecodes.
             if any(v for v in snapshot.values() if not isinstance(v, list)):
-                try:
+                with contextlib.suppress(OSError):
                     channel.send(b"M" + pickle.dumps(snapshot))
-                except OSError:
-                    pass
 
 
 def serve(udp: socket.socket, channel: socket.socket, table: dict[bytes, Any],
@@ -141,7 +140,7 @@ def serve(udp: socket.socket, channel: socket.socket, table: dict[bytes, Any],
                            data[12:qend], body)), addr)
         except OSError:
             continue
-        except Exception:  # noqa: BLE001 - anything odd is the main process's to judge
+        except Exception:
             try:
                 handoff(b"Q" + encode_addr(addr) + data)
             except OSError:

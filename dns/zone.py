@@ -37,6 +37,7 @@ from svcnet.dns.wire import (
     encode_name,
     prepare,
 )
+
 from svcnet.model import EndpointSlice, Pod, Service
 
 log = logging.getLogger(__name__)

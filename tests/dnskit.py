@@ -6,7 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,8 +14,8 @@ import dns.message
 import dns.query
 from dnslib import QTYPE, RR, DNSRecord
 from dnslib.server import BaseResolver, DNSHandler, DNSServer
-
 from svcnet.dns.daemon import DNSComponent, DNSOptions
+
 from svcnet.store.memory import MemoryStore
 from svcnet.watch import InformerFactory
 
@@ -56,11 +56,9 @@ def serve(options: DNSOptions, populate: Callable[[MemoryStore], Awaitable[None]
             if wait_ready:
                 await asyncio.wait_for(component.ready.wait(), 15)
             started.set()
-            try:
+            with suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
-        except BaseException as err:  # noqa: BLE001 - reported to the test thread
+        except BaseException as err:
             failure.append(err)
             started.set()
         finally:

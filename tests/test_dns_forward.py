@@ -12,9 +12,9 @@ import time
 import dns.flags
 import dns.rcode
 from dnskit import Upstream, query, serve, upstream_server, wait_for
-
 from svcnet.dns.daemon import DNSOptions
 from svcnet.dns.forward import drop_self
+
 from svcnet.model import SERVICE
 from svcnet.store.memory import MemoryStore
 

@@ -20,8 +20,8 @@ import pytest
 from dnskit import Running, query, serve
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from svcnet.dns.daemon import DNSOptions
+
 from svcnet.model import ENDPOINT_SLICE, SERVICE
 from svcnet.store.memory import MemoryStore
 

@@ -16,8 +16,8 @@ import dns.rcode
 import pytest
 from conftest import EtcdCluster, free_port, require_binary
 from dnskit import query, serve, wait_for
-
 from svcnet.dns.daemon import DNSOptions
+
 from svcnet.model import SERVICE, Kind
 from svcnet.store.base import NO_SELECTOR, Listing, Selector
 from svcnet.store.memory import MemoryStore
@@ -137,9 +137,10 @@ def test_query_log(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_config_file_and_flags(tmp_path: Any) -> None:
-    from svcnet.cli import build_parser
     from svcnet.dns.cli import load_config
     from svcnet.dns.daemon import add_dns_arguments, options_from_args
+
+    from svcnet.cli import build_parser
 
     cfg = tmp_path / "dns.yaml"
     cfg.write_text("zone: corp.local\nupstream: 10.0.0.5:5353\nstub-domain:\n"
