@@ -238,3 +238,44 @@ def test_daemons_share_leases_and_write_subnet_env_after_sync(tmp_path: Path) ->
         await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(main())
+
+
+def test_device_of_an_old_vni_is_removed_with_its_routes() -> None:
+    from dataclasses import replace
+
+    cfg = parse_network_config(NET)
+    old = compute_desired(replace(cfg, backend=replace(cfg.backend, vni=9)), lease(1),
+                          (lease(1), lease(2)), UNDERLAY, "n1")
+    new = compute_desired(cfg, lease(1), (lease(1), lease(2)), UNDERLAY, "n1")
+    fake = FakeNetlink(iface=UNDERLAY)
+
+    async def main() -> None:
+        rec = Reconciler(fake, FakeFirewall())
+        await rec.sync(old)
+        assert {link.name for link in fake.state.links} == {"flannel.9"}
+        result = await rec.sync(new)
+        assert _kinds(list(result.ops))[:2] == ["del VxlanLink", "add VxlanLink"]
+        assert not result.errors and fake.state == new.kernel
+
+    asyncio.run(main())
+
+
+def test_ipv6_only_network() -> None:
+    cfg = parse_network_config(b'{"EnableIPv4": false, "EnableIPv6": true, '
+                               b'"IPv6Network": "fd00:1::/56", "IPv6SubnetLen": 64}')
+    assert cfg.ipv4 is None and cfg.ipv6 is not None
+    underlay = Underlay("eth0", 1500, "", "fd99::1", ("fd99::/64",))
+
+    def v6(n: int) -> Lease:
+        return Lease(None, ipaddress.IPv6Network(f"fd00:1:0:{n}::/64"),
+                     LeaseAttrs(public_ip6=f"fd99::{n}",
+                                vtep_mac6=vtep_mac(f"n{n}", "flannel-v6.1")))
+
+    assert v6(2).key == "fd00:1:0:2::-64"
+    assert Lease.from_etcd(v6(2).key, v6(2).to_json()) == v6(2)
+    d = compute_desired(cfg, v6(1), (v6(1), v6(2)), underlay, "n1")
+    (link,) = d.kernel.links
+    assert (link.name, link.mtu, link.local) == ("flannel-v6.1", 1430, "fd99::1")
+    assert Route("fd00:1:0:2::/64", "fd00:1:0:2::", "flannel-v6.1", True) in d.kernel.routes
+    assert [c.family for c in d.chains] == [6, 6]
+    assert "ff00::/8" in d.chains[0].rules[3]

@@ -143,6 +143,11 @@ def device_name(family: int, vni: int) -> str:
     return f"flannel.{vni}" if family == 4 else f"flannel-v6.{vni}"
 
 
+def is_overlay_device(name: str) -> bool:
+    """Names only the overlay uses: a device of another VNI or backend is ours to remove."""
+    return name.startswith(("flannel.", "flannel-v6."))
+
+
 def vxlan_mtu(underlay: Underlay, family: int, override: int = 0) -> int:
     """Underlay MTU minus the VXLAN encapsulation: 50 bytes over IPv4, 70 over IPv6."""
     if override:

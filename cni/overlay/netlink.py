@@ -26,6 +26,7 @@ from svcnet.cni.overlay.desired import (
     Route,
     Underlay,
     VxlanLink,
+    is_overlay_device,
 )
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ class Netlink(Protocol):
         ...
 
     async def observe(self, devices: frozenset[str]) -> Observed:
-        """Our links among ``devices``, their addresses, neighbours and FDB, and our routes."""
+        """Our links (``devices`` and any other overlay-named VXLAN device), the addresses,
+        neighbours and FDB entries of ``devices``, and our routes."""
         ...
 
     async def apply(self, ops: Sequence[Op]) -> list[str]:
@@ -149,7 +151,7 @@ class IpCommandNetlink:
         down: set[str] = set()
         for link in links_j:
             name = link.get("ifname", "")
-            if name not in devices:
+            if name not in devices and not is_overlay_device(name):
                 continue
             info = link.get("linkinfo", {}).get("info_data", {})
             links.add(VxlanLink(
@@ -261,7 +263,8 @@ class FakeNetlink:
 
     async def observe(self, devices: frozenset[str]) -> Observed:
         s = self.state
-        return Observed(replace(s, links=frozenset(k for k in s.links if k.name in devices)),
+        return Observed(replace(s, links=frozenset(k for k in s.links if k.name in devices
+                                                   or is_overlay_device(k.name))),
                         frozenset(self.down))
 
     async def apply(self, ops: Sequence[Op]) -> list[str]:

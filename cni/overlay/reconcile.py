@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from svcnet.cni.overlay.desired import ChainRules, Desired, KernelObjects
+from svcnet.cni.overlay.desired import ChainRules, Desired, KernelObjects, VxlanLink
 from svcnet.cni.overlay.iptables import ChainKey, ChainState, Firewall
 from svcnet.cni.overlay.netlink import Netlink, Observed, Op
 
@@ -22,8 +22,9 @@ def plan(desired: KernelObjects, observed: Observed) -> list[Op]:
     have = observed.objects
     want_links = {link.name: link for link in desired.links}
     have_links = {link.name: link for link in have.links}
-    link_ops: list[Op] = []
-    fresh: set[str] = set()
+    link_ops: list[Op] = [Op("del", got) for name, got in sorted(have_links.items())
+                          if name not in want_links]
+    fresh: set[str] = {op.obj.name for op in link_ops if isinstance(op.obj, VxlanLink)}
     for name, want in sorted(want_links.items()):
         got = have_links.get(name)
         if got is None:
