@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 TABLE = "svcnet"
 LOCAL_OFFSET = 1 << 20
+LB_CHAINS_MIN = 32
 STATIC_MAPS = (
     "service-ips", "backends", "no-endpoints", "local-shortcut", "cluster-ips",
     "external-masq", "local-policy", "hairpin", "firewall-ips", "firewall-allow",
@@ -76,6 +77,7 @@ class NftablesBackend:
         self.config = config
         self._rendered: dict[PortKey, Rendered] = {}
         self._lb_chains: dict[Family, set[str]] = {f: set() for f in config.families}
+        self._lb_max: dict[Family, int] = {f: 0 for f in config.families}
         self._hairpin: dict[Family, Counter[str]] = {f: Counter() for f in config.families}
         self._synced_once = False
         self.last_script_lines = 0
@@ -128,7 +130,15 @@ class NftablesBackend:
             fam = nft_family(family)
             for r in items:
                 self._hairpin[family].update(r.hairpin)
-            lines += self._ensure_lb_chains(family, set().union(*(r.lb_chains for r in items)))
+            # nft 1.0.6 cannot add a rule using @backends once the map exists in the kernel
+            # ("conflicting protocols: ip vs. th" re-reading its typeof), so every lb chain a
+            # partial sync may need is made here; a partial sync needing more falls back to
+            # a full one.
+            wanted = set().union(*(r.lb_chains for r in items))
+            most = max([int(n.split("-")[1]) for n in wanted] + [LB_CHAINS_MIN])
+            self._lb_max[family] = most * 2
+            wanted |= {f"{kind}-{n}" for kind in ("lb", "lbl") for n in range(1, most * 2 + 1)}
+            lines += self._ensure_lb_chains(family, wanted)
             for r in items:
                 for name, decl in r.sets.items():
                     lines.append(f"add set {fam} {TABLE} {name} {decl}")
@@ -149,6 +159,12 @@ class NftablesBackend:
         return "\n".join(lines) + "\n"
 
     def _partial_script(self, changes: Changes) -> str:
+        for key, change in changes.changed.items():
+            cur = change.current
+            if cur is not None and key.family in self._families and max(
+                len(cur.cluster_endpoints), len(cur.local_endpoints)
+            ) > self._lb_max[key.family]:
+                return self._full_script(changes.state)
         head: list[str] = []
         body: list[str] = []
         tail: list[str] = []
