@@ -206,9 +206,34 @@ def test_host_gw_backend(bed: Testbed) -> None:
     assert "flannel" not in in_ns(nodes[0].ns, "ip", "link").stdout
     assert nodes[0].env()["FLANNEL_MTU"] == "1500"
     assert f"via {nodes[1].ip} dev eth0" in routes(nodes[0])
+    # FORWARD-accept rules carry pod traffic even where the FORWARD policy is DROP.
+    for n in nodes:
+        in_ns(n.ns, "iptables", "-P", "FORWARD", "DROP")
     reach(pods[0], bed.pod_ips[pods[2]])
     reach(pods[2], bed.pod_ips[pods[1]], "-M", "do", "-s", "1472")
     tcp_echo(bed, pods[1], pods[0], payload=1400, rounds=5)
+    # Masquerade: traffic leaving the cluster network carries the node's address; traffic
+    # between pods keeps the pod's.
+    assert peer_address_seen(bed.underlay, "10.99.0.254", pods[0]) == nodes[0].ip
+    assert peer_address_seen(pods[1], bed.pod_ips[pods[1]], pods[0]) == bed.pod_ips[pods[0]]
+
+
+def peer_address_seen(server_ns: str, server_ip: str, client_ns: str) -> str:
+    """The source address a TCP server in ``server_ns`` sees for ``client_ns``."""
+    srv = subprocess.Popen(["ip", "netns", "exec", server_ns, "socat",
+                            "TCP-LISTEN:7001,reuseaddr", "SYSTEM:echo $SOCAT_PEERADDR"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            got = in_ns(client_ns, "socat", "-T", "2", "-", f"TCP:{server_ip}:7001",
+                        check=False, timeout=10)
+            if got.returncode == 0 and got.stdout.strip():
+                return got.stdout.strip()
+            time.sleep(0.1)
+        raise AssertionError(f"no answer from {server_ip}: {got.stderr}")
+    finally:
+        srv.kill()
+        srv.wait(5)
 
 
 def test_dual_stack_vxlan(netns: Callable[[str], str],
