@@ -187,9 +187,12 @@ class FakeKubeAPI:
     def __init__(
         self, certs: Certs, *, tokens: dict[str, str] | None = None,
         expire_as: str = "event", bookmark_interval: float | None = None,
-        fragment: bool = False, first_rv: int = 1000,
+        fragment: bool = False, first_rv: int = 1000, tls: bool = True, prefix: str = "",
     ) -> None:
         self.certs = certs
+        self.tls = tls
+        self.prefix = prefix
+        """A path prefix in front of /api and /apis, as behind Rancher's or a proxy's URL."""
         self.tokens = {"good-token": "alice"} if tokens is None else tokens
         """Bearer token -> user name."""
         self.forbidden_users: set[str] = set()
@@ -222,7 +225,7 @@ class FakeKubeAPI:
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}{self.prefix}"
 
     async def start(self) -> None:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -230,7 +233,7 @@ class FakeKubeAPI:
         ctx.load_verify_locations(self.certs.ca_crt)
         ctx.verify_mode = ssl.CERT_OPTIONAL
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port or 0,
-                                                  ssl=ctx)
+                                                  ssl=ctx if self.tls else None)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -419,7 +422,10 @@ class FakeKubeAPI:
             headers[k.strip().lower()] = v.strip()
         body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
         parts = urlsplit(target)
-        req = Recorded(method, unquote(parts.path), parse_qs(parts.query, keep_blank_values=True),
+        if not parts.path.startswith(self.prefix + "/"):
+            await _write_json(writer, 404, status_object(404, "404 page not found"))
+            return True
+        req = Recorded(method, unquote(parts.path.removeprefix(self.prefix)), parse_qs(parts.query, keep_blank_values=True),
                        headers, body, self._user(headers, writer))
         self.requests.append(req)
         try:

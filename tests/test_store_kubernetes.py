@@ -478,6 +478,25 @@ async def test_server_certificate_is_verified(api: FakeKubeAPI, certs: Certs) ->
     assert api.requests[-1].headers["host"] == f"localhost:{api.port}"
 
 
+async def test_plain_http_and_a_path_prefix(certs: Certs) -> None:
+    """``kubectl proxy`` serves plain HTTP; Rancher-style URLs put a prefix before /api."""
+    api = FakeKubeAPI(certs, tls=False, prefix="/k8s/clusters/c-1")
+    await api.start()
+    s = KubernetesStore(config_for(api, ca_pem=None), watch_timeout=1)
+    try:
+        assert s.config.server.startswith("http://") and s.config.path_prefix
+        await s.put(SERVICE, service("web"))
+        assert [o.name for o in (await s.list(SERVICE)).items] == ["web"]
+        assert [e async for e in s.watch(SERVICE, revision=str(api.rv))] == []
+        assert [(r.method, r.path) for r in api.requests] == [
+            ("POST", "/api/v1/namespaces/default/services"), ("GET", "/api/v1/services"),
+            ("GET", "/api/v1/services")]
+        assert api.requests[0].headers["host"] == f"127.0.0.1:{api.port}"
+    finally:
+        await s.close()
+        await api.stop()
+
+
 # --- kubeconfig ---------------------------------------------------------------------------------
 
 
