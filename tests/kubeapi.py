@@ -425,8 +425,9 @@ class FakeKubeAPI:
         if not parts.path.startswith(self.prefix + "/"):
             await _write_json(writer, 404, status_object(404, "404 page not found"))
             return True
-        req = Recorded(method, unquote(parts.path.removeprefix(self.prefix)), parse_qs(parts.query, keep_blank_values=True),
-                       headers, body, self._user(headers, writer))
+        req = Recorded(method, unquote(parts.path.removeprefix(self.prefix)),
+                       parse_qs(parts.query, keep_blank_values=True), headers, body,
+                       self._user(headers, writer))
         self.requests.append(req)
         try:
             await self._handle(req, writer)
