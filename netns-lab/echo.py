@@ -97,6 +97,22 @@ def call(target: str, count: int, timeout: float, interval: float, udp: bool) ->
     return 1 if failed else 0
 
 
+def wait(target: str, timeout: float) -> int:
+    """Poll every 20 ms (name lookup + HTTP call); print the seconds it took to succeed."""
+    start = time.monotonic()
+    last = ""
+    while time.monotonic() - start < timeout:
+        try:
+            answer = http_get(target, 0.5)
+            print(f"{time.monotonic() - start:.3f} {answer}", flush=True)
+            return 0
+        except OSError as err:
+            last = f"{type(err).__name__}: {err}"
+        time.sleep(0.02)
+    print(f"ERROR after {timeout}s: {last}", flush=True)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m svcnet.lab.echo")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -110,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--timeout", type=float, default=2.0)
     c.add_argument("--interval", type=float, default=0.0)
     c.add_argument("--udp", action="store_true")
+    w = sub.add_parser("wait", help="seconds until the first successful HTTP call")
+    w.add_argument("target")
+    w.add_argument("--timeout", type=float, default=10.0)
     r = sub.add_parser("resolve", help="resolve a name with the system resolver")
     r.add_argument("name")
     args = parser.parse_args(argv)
@@ -118,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "call":
         return call(args.target, args.count, args.timeout, args.interval, args.udp)
+    if args.cmd == "wait":
+        return wait(args.target, args.timeout)
     try:
         infos = socket.getaddrinfo(args.name, None, socket.AF_INET, socket.SOCK_STREAM)
     except socket.gaierror as err:

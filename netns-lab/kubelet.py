@@ -342,6 +342,9 @@ class Kubelet:
             port, path = int(probe["httpGet"].get("port", 80)), probe["httpGet"].get("path", "/")
         elif probe and "tcpSocket" in probe:
             port = int(probe["tcpSocket"]["port"])
+        elif probe and "exec" in probe:
+            return await self._exec_probe(sb, [
+                {"{python}": self.cfg.python}.get(a, a) for a in probe["exec"]["command"]])
         elif tcp_ports:
             port = tcp_ports[0]
         elif not pod_ports(pod) and is_echo(pod):
@@ -366,6 +369,18 @@ class Kubelet:
             return False
         finally:
             writer.close()
+
+    async def _exec_probe(self, sb: Sandbox, argv: list[str]) -> bool:
+        """An exec probe: the command runs inside the pod's namespaces; exit 0 = ready."""
+        proc = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", sb.netns, *argv, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL)
+        try:
+            return await asyncio.wait_for(proc.wait(), 2.0) == 0
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return False
 
     async def _put_status(self, pod: dict[str, Any], sb: Sandbox, *, ready: bool) -> None:
         flag = "True" if ready else "False"

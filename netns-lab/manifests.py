@@ -276,11 +276,14 @@ def system_objects(cfg: LabConfig) -> list[Obj]:
                             {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]}},
         {"apiVersion": "v1", "kind": "Pod",
          "metadata": {"name": "svcnet-dns", "namespace": "kube-system", "labels": labels},
-         "spec": {"nodeName": cfg.node_names[0], "hostNetwork": True,
+         "spec": {"nodeName": cfg.node_names[0],
                   "containers": [{"name": "dns", "image": "svcnet/dns",
                                   "ports": [{"containerPort": 53, "protocol": "UDP"},
                                             {"containerPort": 53, "protocol": "TCP"}],
-                                  "readinessProbe": {"httpGet": {
-                                      "port": DNS_HEALTH_PORT, "path": "/ready"}}}]}},
+                                  # svcnet dns serves /ready on loopback only.
+                                  "readinessProbe": {"exec": {"command": [
+                                      "{python}", "-m", "svcnet.lab.echo", "call",
+                                      f"http://127.0.0.1:{DNS_HEALTH_PORT}/ready",
+                                      "--timeout", "1"]}}}]}},
     ]
 

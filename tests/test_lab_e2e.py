@@ -49,6 +49,48 @@ spec:
            protocol: UDP}]
 ---
 apiVersion: v1
+kind: Service
+metadata: {name: sticky}
+spec:
+  selector: {app: web}
+  sessionAffinity: ClientIP
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: local}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: zero}
+spec:
+  selector: {app: nothing}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: hl}
+spec:
+  clusterIP: None
+  selector: {app: sts}
+  ports: [{name: http, port: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec: {type: ExternalName, externalName: web.default.svc.cluster.local}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: sts-0, labels: {app: sts}}
+spec: {hostname: sts-0, subdomain: hl, containers: [{name: c, image: svcnet/echo}]}
+---
+apiVersion: v1
 kind: Pod
 metadata: {name: client1}
 spec: {nodeName: n1, containers: [{name: c, image: svcnet/echo}]}
@@ -91,8 +133,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabConfig]:
 
 
 def objects(cfg: LabConfig, kind: str) -> list[dict[str, Any]]:
-    proc = lab_command(cfg, "status", "--lab-dir", cfg.lab_dir)  # proves status works too
-    assert "NODE" in proc.stdout
     out = pod_exec_control(cfg, "get", kind, "-A", "-o", "json")
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
@@ -110,6 +150,29 @@ def web_pods(cfg: LabConfig) -> dict[str, dict[str, Any]]:
     return {p["metadata"]["name"]: p for p in objects(cfg, "pods")
             if p["metadata"]["name"].startswith("web-")
             and not p["metadata"].get("deletionTimestamp")}
+
+
+def service_ip(cfg: LabConfig, name: str) -> str:
+    return str(next(s["spec"]["clusterIP"] for s in objects(cfg, "services")
+                    if s["metadata"]["name"] == name))
+
+
+def node_port(cfg: LabConfig, name: str) -> int:
+    return int(next(s["spec"]["ports"][0]["nodePort"] for s in objects(cfg, "services")
+                    if s["metadata"]["name"] == name))
+
+
+def dig(cfg: LabConfig, pod: str, *query: str) -> list[str]:
+    out = pod_exec(cfg, pod, "dig", "+short", "+time=1", "+tries=2", *query).stdout
+    return sorted(line for line in out.splitlines() if line and not line.startswith(";"))
+
+
+def test_status_shows_nodes_pods_services_and_health(lab: LabConfig) -> None:
+    out = lab_command(lab, "status", "--lab-dir", lab.lab_dir).stdout
+    for word in ("NODE", "n1", "n3", "default/web", "default/client1", "kube-system/kube-dns",
+                 "controller", "etcd-e1"):
+        assert word in out
+    assert "DOWN" not in out and "NotRegistered" not in out
 
 
 def test_pods_spread_ready_with_ips_and_endpoint_slices(lab: LabConfig) -> None:
@@ -169,31 +232,98 @@ def _require_dns(lab: LabConfig) -> None:
     require(lab.dns, "svcnet dns is not installed (svcnet.dns.cli)")
 
 
+def collect(cfg: LabConfig, pod: str, target: str, want: set[str], timeout: float
+            ) -> tuple[set[str], list[str]]:
+    """Call until every name in ``want`` answered (or timeout): (names seen, all answers)."""
+    seen: set[str] = set()
+    answers: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not want <= seen:
+        got = echo_call(cfg, pod, target, 10)
+        answers += got
+        seen |= {a for a in got if not a.startswith("ERROR")}
+    return seen, answers
+
+
 def test_cluster_ip_reaches_every_backend(lab: LabConfig) -> None:
     _require_proxy(lab)
-    cluster_ip = next(s["spec"]["clusterIP"] for s in objects(lab, "services")
-                      if s["metadata"]["name"] == "web")
     names = set(web_pods(lab))
-    answers = until(lambda: (a := echo_call(lab, "client3", f"http://{cluster_ip}/", 30))
-                    and set(a) == names and a, 20, 0.5)
-    assert set(answers) == names
+    seen, answers = collect(lab, "client3", f"http://{service_ip(lab, 'web')}/", names, 20)
+    assert seen == names, answers
 
 
 def test_node_port_from_another_node(lab: LabConfig) -> None:
     _require_proxy(lab)
-    node_port = next(s["spec"]["ports"][0]["nodePort"] for s in objects(lab, "services")
-                     if s["metadata"]["name"] == "web")
     names = set(web_pods(lab))
-    target = f"http://{lab.node_ip('n1')}:{node_port}/"
-    answers = until(lambda: set(echo_call(lab, "client3", target, 20)), 20, 0.5)
-    assert answers <= names and answers
+    target = f"http://{lab.node_ip('n1')}:{node_port(lab, 'web')}/"
+    seen, answers = collect(lab, "client3", target, names, 20)
+    assert seen == names, answers
+
+
+def test_session_affinity_pins_a_client_to_one_backend(lab: LabConfig) -> None:
+    _require_proxy(lab)
+    target = f"http://{service_ip(lab, 'sticky')}/"
+    answers = until(lambda: (a := echo_call(lab, "client3", target, 15))
+                    and not any(x.startswith("ERROR") for x in a) and a, 10, 0.5)
+    assert len(set(answers)) == 1, answers
+
+
+def test_external_traffic_policy_local_only_uses_local_endpoints(lab: LabConfig) -> None:
+    _require_proxy(lab)
+    pods = web_pods(lab)
+    port = node_port(lab, "local")
+    for node in ("n1", "n2"):
+        local = {n for n, p in pods.items() if p["spec"]["nodeName"] == node}
+        target = f"http://{lab.node_ip(node)}:{port}/"
+        answers = until(lambda t=target: (a := echo_call(lab, "client3", t, 10))
+                        and not any(x.startswith("ERROR") for x in a) and a, 10, 0.5)
+        assert set(answers) == local, (node, answers)
+
+
+def test_service_without_endpoints_rejects_at_once(lab: LabConfig) -> None:
+    _require_proxy(lab)
+    target = f"http://{service_ip(lab, 'zero')}/"
+    start = time.monotonic()
+    answers = echo_call(lab, "client1", target, 3, timeout=3)
+    elapsed = time.monotonic() - start
+    assert all("ConnectionRefused" in a for a in answers), answers
+    assert elapsed < 3, f"rejecting took {elapsed:.1f}s (should be immediate, not a timeout)"
+
+
+def test_dns_records_for_services_headless_pods_srv_ptr_externalname(lab: LabConfig) -> None:
+    _require_dns(lab)
+    web_ip = service_ip(lab, "web")
+    zone = "default.svc.cluster.local"
+    sts_ip = next(p["status"]["podIP"] for p in objects(lab, "pods")
+                  if p["metadata"]["name"] == "sts-0")
+    assert until(lambda: dig(lab, "client3", f"web.{zone}") == [web_ip], 10)
+    assert dig(lab, "client3", f"hl.{zone}") == [sts_ip]
+    assert dig(lab, "client3", f"sts-0.hl.{zone}") == [sts_ip]
+    assert dig(lab, "client3", "SRV", f"_http._tcp.web.{zone}") == [f"0 100 80 web.{zone}."]
+    assert dig(lab, "client3", "-x", web_ip) == [f"web.{zone}."]
+    assert dig(lab, "client3", f"ext.{zone}")[:1] in ([web_ip], [f"web.{zone}."])
+    assert f"web.{zone}." in dig(lab, "client3", "CNAME", f"ext.{zone}")
+    assert dig(lab, "client3", f"nothing-here.{zone}") == []
+
+
+def test_new_pod_reachable_by_name_within_2s(lab: LabConfig) -> None:
+    _require_dns(lab)
+    manifest = Path(lab.lab_dir) / "late.yaml"
+    manifest.write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: late, labels: {app: sts}}\n"
+                        "spec: {hostname: late, subdomain: hl, nodeName: n2, containers: "
+                        "[{name: c, image: svcnet/echo}]}\n")
+    lab_command(lab, "apply", "-f", str(manifest), "--lab-dir", lab.lab_dir)
+    out = pod_exec(lab, "client1", lab.python, "-m", "svcnet.lab.echo", "wait",
+                   "http://late.hl:8080/", "--timeout", "10").stdout.split()
+    assert out[1:] == ["late"], out
+    assert float(out[0]) <= 2.0, f"new pod took {out[0]}s to be reachable by name"
 
 
 def test_dns_resolves_service_through_search_path(lab: LabConfig) -> None:
     _require_dns(lab)
-    cluster_ip = next(s["spec"]["clusterIP"] for s in objects(lab, "services")
-                      if s["metadata"]["name"] == "web")
+    cluster_ip = service_ip(lab, "web")
     assert until(lambda: resolve(lab, "client3", "web") == cluster_ip, 15)
+    assert resolve(lab, "client1", "web") == cluster_ip
     assert resolve(lab, "client3", "web.default") == cluster_ip
     assert resolve(lab, "client3", "web.default.svc.cluster.local") == cluster_ip
 
