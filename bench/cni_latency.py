@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -24,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from svcnet.cni.cli import launcher_text
+from svcnet.cni.cli import choose_python, launcher_text
 from svcnet.cni.netns import setns
 
 REFERENCE_DIR = "/usr/lib/cni"
@@ -49,6 +50,8 @@ class Subject:
                      "ranges": [[{"subnet": f"10.{200 + index}.0.0/16"}]]}}).encode()
         self.add_ms: list[float] = []
         self.del_ms: list[float] = []
+        self.add_cpu: list[float] = []
+        self.del_cpu: list[float] = []
         self.path = f"{REFERENCE_DIR}:{os.path.dirname(binary)}"
 
     def setup(self) -> None:
@@ -60,23 +63,32 @@ class Subject:
         for ns in (self.host, self.pod):
             subprocess.run(["ip", "netns", "delete", ns], check=False)
 
-    def invoke(self, command: str, cid: str) -> float:
+    def invoke(self, command: str, cid: str) -> tuple[float, float]:
+        """(wall ms, CPU ms of the plugin and its children)."""
         env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_IFNAME": "eth0",
                "CNI_NETNS": f"/var/run/netns/{self.pod}", "CNI_PATH": self.path,
                "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
         fd = self._host_fd
+        cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         proc = subprocess.run([self.binary], input=self.conf, env=env, capture_output=True,
                               preexec_fn=lambda: setns(fd), check=False)
         elapsed = (time.perf_counter() - start) * 1000
+        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = ((cpu_after.ru_utime - cpu_before.ru_utime)
+               + (cpu_after.ru_stime - cpu_before.ru_stime)) * 1000
         if proc.returncode:
             raise SystemExit(f"{self.label} {command} failed: {proc.stdout!r} {proc.stderr!r}")
-        return elapsed
+        return elapsed, cpu
 
     def cycle(self, n: int) -> None:
         cid = f"bench{n:05d}"
-        self.add_ms.append(self.invoke("ADD", cid))
-        self.del_ms.append(self.invoke("DEL", cid))
+        wall, cpu = self.invoke("ADD", cid)
+        self.add_ms.append(wall)
+        self.add_cpu.append(cpu)
+        wall, cpu = self.invoke("DEL", cid)
+        self.del_ms.append(wall)
+        self.del_cpu.append(cpu)
 
 
 def main() -> int:
@@ -95,7 +107,8 @@ def main() -> int:
         bindir = tmp / "bin"
         bindir.mkdir()
         launcher = bindir / "svcnet-cni"
-        launcher.write_text(launcher_text())
+        python = choose_python()
+        launcher.write_text(launcher_text(python))
         launcher.chmod(0o755)
         console = shutil.which("svcnet-cni", path=os.path.dirname(sys.executable))
         subjects = [Subject("svcnet", str(launcher), "host-local", "s", tmp, args.ip_masq, 0),
@@ -112,22 +125,26 @@ def main() -> int:
                 for s in order:
                     s.cycle(n)
             for s in subjects:
-                del s.add_ms[:args.warmup]
-                del s.del_ms[:args.warmup]
+                for series in (s.add_ms, s.del_ms, s.add_cpu, s.del_cpu):
+                    del series[:args.warmup]
         finally:
             for s in subjects:
                 s.teardown()
-    print(f"{'plugin':16} {'ADD p50':>9} {'ADD p95':>9} {'DEL p50':>9} {'DEL p95':>9}  "
-          f"(ms, {args.cycles} cycles, ipMasq={args.ip_masq})")
+    print(f"svcnet launcher interpreter: {python}")
+    print(f"{'plugin':16} {'ADD p50':>9} {'ADD p95':>9} {'DEL p50':>9} {'DEL p95':>9} "
+          f"{'ADD cpu':>9} {'DEL cpu':>9}  (ms, {args.cycles} cycles, ipMasq={args.ip_masq}, "
+          f"load {os.getloadavg()[0]:.1f})")
     stats = {}
     for s in subjects:
         stats[s.label] = {"add50": statistics.median(s.add_ms),
                           "add95": percentile(s.add_ms, 0.95),
                           "del50": statistics.median(s.del_ms),
-                          "del95": percentile(s.del_ms, 0.95)}
+                          "del95": percentile(s.del_ms, 0.95),
+                          "addcpu": statistics.median(s.add_cpu),
+                          "delcpu": statistics.median(s.del_cpu)}
         st = stats[s.label]
         print(f"{s.label:16} {st['add50']:9.1f} {st['add95']:9.1f} {st['del50']:9.1f} "
-              f"{st['del95']:9.1f}")
+              f"{st['del95']:9.1f} {st['addcpu']:9.1f} {st['delcpu']:9.1f}")
     ours, ref = stats["svcnet"], stats["reference"]
     result = {
         "svcnet_add_p50_ms": round(ours["add50"], 2), "ref_add_p50_ms": round(ref["add50"], 2),
@@ -136,7 +153,10 @@ def main() -> int:
         "del_ratio": round(ours["del50"] / ref["del50"], 3),
         "svcnet_add_p95_ms": round(ours["add95"], 2), "ref_add_p95_ms": round(ref["add95"], 2),
         "svcnet_del_p95_ms": round(ours["del95"], 2), "ref_del_p95_ms": round(ref["del95"], 2),
-        "ip_masq": args.ip_masq, "cycles": args.cycles,
+        "svcnet_add_cpu_ms": round(ours["addcpu"], 2), "ref_add_cpu_ms": round(ref["addcpu"], 2),
+        "svcnet_del_cpu_ms": round(ours["delcpu"], 2), "ref_del_cpu_ms": round(ref["delcpu"], 2),
+        "load": round(os.getloadavg()[0], 2), "ip_masq": args.ip_masq, "cycles": args.cycles,
+        "python": python,
     }
     if "svcnet-console" in stats:
         result["console_script_add_p50_ms"] = round(stats["svcnet-console"]["add50"], 2)

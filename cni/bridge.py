@@ -9,9 +9,9 @@ when the netns, the link or the allocation is already gone, and when repeated.
 
 from __future__ import annotations
 
-import os
+import posix
 
-from . import ipam
+from . import ipam, posixfs
 from .addr import AddressError, Prefix, format_ip, parse_ip
 from .netns import InNetns, NetnsError, open_netns, read_sysctl, write_sysctl
 from .rtnl import AlreadyExists, LinkNotFound, Rtnl, mac_text
@@ -119,7 +119,7 @@ def attachment_alias(network: str, container_id: str, ifname: str) -> str:
 
 
 def random_mac() -> str:
-    raw = bytearray(os.urandom(6))
+    raw = bytearray(posix.urandom(6))
     raw[0] = (raw[0] & 0xFE) | 0x02  # unicast, locally administered
     return mac_text(bytes(raw))
 
@@ -234,7 +234,7 @@ def cmd_add(conf: NetConf, env: Env, stdin: bytes) -> dict[str, Any]:
             bridge = host.link(index=bridge.index)
             undo.commit()
     finally:
-        os.close(netns_fd)
+        posix.close(netns_fd)
     result = dict(ipam_result)
     result["interfaces"] = [
         {"name": bridge.name, "mac": bridge.mac},
@@ -350,9 +350,12 @@ def configure_pod(netns_fd: int, ifname: str, ips: list[tuple[Prefix, str]],
 def cmd_del(conf: NetConf, env: Env, stdin: bytes) -> None:
     cfg = _ipam_config_for_release(conf, env) if conf.embedded_ipam else None
     ips: list[str] = []
-    if cfg is not None and os.path.isdir(cfg.directory):
+    if cfg is not None and posixfs.isdir(cfg.directory):
+        # Released first, like the reference bridge: the addresses are remembered for the
+        # masquerade cleanup, and a crash from here on leaves only what GC removes.
         with ipam.Store(cfg.directory) as store:
             ips = store.find(env.container_id, env.ifname)
+            store.release(ips)
     prev = conf.raw.get("prevResult")
     if not ips and isinstance(prev, dict):
         ips = [e["address"].split("/")[0] for e in prev.get("ips") or [] if "address" in e]
@@ -370,9 +373,7 @@ def cmd_del(conf: NetConf, env: Env, stdin: bytes) -> None:
             host.delete_link(host_name)
         except LinkNotFound:
             pass
-    if cfg is not None:
-        ipam.release(cfg, env.container_id, env.ifname)
-    else:
+    if cfg is None:
         from .delegate import delegate
 
         delegate(conf.ipam_type, "DEL", stdin, env.path)
@@ -419,7 +420,7 @@ def cmd_check(conf: NetConf, env: Env, stdin: bytes) -> None:
         with InNetns(netns_fd):
             pod = Rtnl()
     finally:
-        os.close(netns_fd)
+        posix.close(netns_fd)
     with pod:
         try:
             link = pod.link(env.ifname)
@@ -509,8 +510,8 @@ def cmd_status(conf: NetConf, env: Env, stdin: bytes) -> None:
     except CniError as err:
         raise CniError(ERR_NOT_AVAILABLE, f"not ready: {err.msg}", err.details) from None
     try:
-        os.makedirs(cfg.directory, exist_ok=True)
-        if not os.access(cfg.directory, os.W_OK):
+        posixfs.makedirs(cfg.directory)
+        if not posix.access(cfg.directory, posix.W_OK):
             raise PermissionError(13, "not writable")
     except OSError as err:
         raise CniError(ERR_NOT_AVAILABLE, f"IPAM directory {cfg.directory} is unusable",

@@ -12,9 +12,10 @@ reservation (which DEL or GC releases) or nothing.
 from __future__ import annotations
 
 import fcntl
-import os
+import posix
 import time
 
+from . import posixfs
 from .addr import AddressError, Prefix, format_ip, parse_ip
 from .spec import (
     ERR_ADDRESS_EXHAUSTED,
@@ -149,7 +150,7 @@ class IpamConfig:
 
     @property
     def directory(self) -> str:
-        return os.path.join(self.data_dir, self.network)
+        return posixfs.join(self.data_dir, self.network)
 
 
 def parse_config(conf: dict[str, Any], cni_args: dict[str, str]) -> IpamConfig:
@@ -251,8 +252,9 @@ class Store:
 
     def __enter__(self) -> Store:
         try:
-            os.makedirs(self.directory, 0o755, exist_ok=True)
-            self._fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            posixfs.makedirs(self.directory)
+            self._fd = posix.open(self.directory,
+                                  posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC)
         except OSError as err:
             raise CniError(ERR_IO, f"cannot open IPAM directory {self.directory}: "
                            f"{err.strerror}") from None
@@ -263,29 +265,29 @@ class Store:
                 return self
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    os.close(self._fd)
+                    posix.close(self._fd)
                     raise CniError(ERR_TRY_AGAIN, f"IPAM lock on {self.directory} is busy",
                                    f"held for more than {LOCK_TIMEOUT_S:.0f} s") from None
                 time.sleep(0.002)
 
     def __exit__(self, *exc: object) -> None:
-        os.close(self._fd)  # closing drops the flock
+        posix.close(self._fd)  # closing drops the flock
         self._fd = -1
 
     def _path(self, name: str) -> str:
-        return os.path.join(self.directory, name)
+        return posixfs.join(self.directory, name)
 
     def reserve(self, ip: str, container_id: str, ifname: str) -> bool:
         """Reserve ``ip``; False when someone holds it already."""
         try:
-            fd = os.open(self._path(ip), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                         0o644)
+            fd = posix.open(self._path(ip),
+                            posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_CLOEXEC, 0o644)
         except FileExistsError:
             return False
         try:
-            os.write(fd, f"{container_id}{LINE_BREAK}{ifname}".encode())
+            posix.write(fd, f"{container_id}{LINE_BREAK}{ifname}".encode())
         finally:
-            os.close(fd)
+            posix.close(fd)
         return True
 
     def last_reserved(self, set_index: int) -> str:
@@ -299,12 +301,12 @@ class Store:
         tmp = self._path(f".{LAST_RESERVED}{set_index}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(ip)
-        os.replace(tmp, self._path(f"{LAST_RESERVED}{set_index}"))
+        posix.replace(tmp, self._path(f"{LAST_RESERVED}{set_index}"))
 
     def allocations(self) -> dict[str, tuple[str, str]]:
         """Every reservation: address -> (containerID, ifname)."""
         out = {}
-        for name in os.listdir(self.directory):
+        for name in posix.listdir(self.directory):
             if name.startswith((".", LAST_RESERVED)) or name == "lock":
                 continue
             try:
@@ -323,7 +325,7 @@ class Store:
     def release(self, ips: list[str]) -> None:
         for ip in ips:
             try:  # noqa: SIM105 - no contextlib on the plugin path
-                os.unlink(self._path(ip))
+                posix.unlink(self._path(ip))
             except FileNotFoundError:
                 pass
 
@@ -444,7 +446,7 @@ def release(cfg: IpamConfig, container_id: str, ifname: str) -> list[str]:
 
 def collect_garbage(cfg: IpamConfig, valid: set[tuple[str, str]]) -> list[str]:
     """Release every reservation whose (containerID, ifname) is not in ``valid``."""
-    if not os.path.isdir(cfg.directory):
+    if not posixfs.isdir(cfg.directory):
         return []
     with Store(cfg.directory) as store:
         stale = [ip for ip, owner in store.allocations().items()

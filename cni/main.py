@@ -12,9 +12,9 @@ modules and small local modules (no ``json``, ``re``, ``typing``, ``subprocess``
 
 from __future__ import annotations
 
-import os
 import sys
 
+from . import posixfs
 from .fastjson import dumps, loads
 from .spec import (
     ERR_DECODE,
@@ -89,7 +89,7 @@ def decode_config(stdin: bytes) -> dict[str, Any]:
 
 
 def invoked_as_ipam(conf: dict[str, Any], argv0: str) -> bool:
-    name = os.path.basename(argv0)
+    name = posixfs.basename(argv0)
     if name == IPAM_NAME:
         return True
     ipam_conf = conf.get("ipam")
@@ -144,11 +144,12 @@ def _error_version(stdin: bytes) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv if argv is None else argv
     stdin = b""
-    command = os.environ.get("CNI_COMMAND", "")
+    environ = posixfs.environ()
+    command = environ.get("CNI_COMMAND", "")
     try:
         if command != "VERSION" or not sys.stdin.isatty():
             stdin = sys.stdin.buffer.read()
-        out = run(command, stdin, os.environ, argv[0] if argv else "")
+        out = run(command, stdin, environ, argv[0] if argv else "")
     except CniError as err:
         sys.stdout.write(dumps(err.to_json(_error_version(stdin))) + "\n")
         return 1

@@ -1,6 +1,6 @@
 """Entering a network namespace just long enough to open sockets and write sysctls there.
 
-Python 3.11 has no ``os.setns``; ``ctypes`` would cost ~5 ms of start-up, so the libc
+Python 3.11 has no ``posix.setns``; ``ctypes`` would cost ~5 ms of start-up, so the libc
 ``setns`` symbol is called through the ``_ctypes`` core directly (falling back to ``ctypes``
 when that private API differs). The process is single-threaded, so switching its namespace
 and back is safe; callers keep the window short and never run foreign code inside it.
@@ -8,7 +8,7 @@ and back is safe; callers keep the window short and never run foreign code insid
 
 from __future__ import annotations
 
-import os
+import posix
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -61,13 +61,13 @@ def setns(fd: int) -> None:
         _setns = _load_setns()
     rc = _setns(fd, CLONE_NEWNET)
     if rc:
-        raise NetnsError(-rc, f"setns: {os.strerror(-rc)}")
+        raise NetnsError(-rc, f"setns: {posix.strerror(-rc)}")
 
 
 def open_netns(path: str) -> int:
     """An fd for the namespace at ``path``; NetnsError when it is gone or not a netns."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
     except OSError as err:
         raise NetnsError(err.errno, f"cannot open netns {path}: {err.strerror}") from None
     return fd
@@ -81,28 +81,28 @@ class InNetns:
         self._home = -1
 
     def __enter__(self) -> None:
-        self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self._home = posix.open("/proc/thread-self/ns/net", posix.O_RDONLY | posix.O_CLOEXEC)
         try:
             setns(self._fd)
         except BaseException:
-            os.close(self._home)
+            posix.close(self._home)
             raise
 
     def __exit__(self, *exc: object) -> None:
         try:
             setns(self._home)
         finally:
-            os.close(self._home)
+            posix.close(self._home)
 
 
 def write_sysctl(path: str, value: str) -> None:
     """Write ``/proc/sys/<path>`` (``path`` with ``/``); the current netns decides which
     namespace's value changes, so call inside :class:`InNetns` for the pod's side."""
-    fd = os.open("/proc/sys/" + path, os.O_WRONLY | os.O_CLOEXEC)
+    fd = posix.open("/proc/sys/" + path, posix.O_WRONLY | posix.O_CLOEXEC)
     try:
-        os.write(fd, value.encode())
+        posix.write(fd, value.encode())
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 def read_sysctl(path: str) -> str:

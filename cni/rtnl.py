@@ -95,9 +95,9 @@ def _error(errno: int, what: str, ext: str) -> NetlinkError:
 
 
 def _socket_strerror(errno: int) -> str:
-    import os
+    import posix
 
-    return os.strerror(errno)
+    return posix.strerror(errno)
 
 
 def attr(kind: int, payload: bytes) -> bytes:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from conftest import require_binary, require_root
+from svcnet.cni.cli import choose_python
 from test_cni_helpers import Runtime, addresses, ip_json, links, ping
 
 from svcnet.cli import main as svcnet_main
@@ -27,7 +28,8 @@ FORBIDDEN = {"pyroute2", "grpc", "msgspec", "prometheus_client", "dnslib", "iptc
 def _install(tmp_path: Path, *extra: str) -> tuple[Path, Path]:
     bindir, confdir = tmp_path / "bin", tmp_path / "net.d"
     rc = svcnet_main(["cni", "install", "--bin-dir", str(bindir), "--conf-dir", str(confdir),
-                      "--subnet-file", str(tmp_path / "subnet.env"), *extra])
+                      "--subnet-file", str(tmp_path / "subnet.env"), "--python",
+                      sys.executable, *extra])
     assert rc == 0
     return bindir, confdir / "10-svcnet.conflist"
 
@@ -45,6 +47,7 @@ def test_install_writes_fast_launcher_and_conflist(tmp_path: Path) -> None:
     launcher = bindir / "svcnet-cni"
     assert os.access(launcher, os.X_OK)
     assert launcher.read_text().splitlines()[0] == f"#!{sys.executable} -IS"
+    assert choose_python() in (sys.executable, f"/usr/bin/python3.{sys.version_info.minor}")
     assert os.readlink(bindir / "svcnet-ipam") == "svcnet-cni"
     conflist = json.loads(conflist_path.read_text())
     assert conflist["cniVersion"] == "1.1.0" and conflist["name"] == "svcnet"
