@@ -175,7 +175,12 @@ def write_node_files(cfg: LabConfig, node: str) -> None:
         for plugin in REFERENCE_CNI_DIR.iterdir():
             (bin_dir / plugin.name).symlink_to(plugin)
     if cfg.cni == "svcnet":
-        (bin_dir / "svcnet-cni").symlink_to(svcnet_cni_path(cfg))
+        # The launcher ``svcnet cni install`` deploys (lean start-up), not pip's wrapper.
+        from svcnet.cni.cli import launcher_text
+
+        launcher = bin_dir / "svcnet-cni"
+        launcher.write_text(launcher_text(cfg.python))
+        launcher.chmod(0o755)
     if cfg.overlay == "static":
         subnet = cfg.node_subnet(node)
         gw = subnet.replace(".0/24", ".1/24")
@@ -193,7 +198,7 @@ def cni_conflist(cfg: LabConfig, node: str) -> dict[str, object]:
         plugin = {"type": "svcnet-cni", "bridge": "cni0", "isGateway": True,
                   "isDefaultGateway": True,
                   "ipMasq": False, "hairpinMode": True,
-                  "ipam": {"type": "host-local", "subnetFile": str(d / "subnet.env"),
+                  "ipam": {"type": "svcnet-cni", "subnetFile": str(d / "subnet.env"),
                            "dataDir": str(d / "ipam")}}
     else:
         # The reference plugins cannot read subnet.env; the kubelet fills ``ranges`` from
