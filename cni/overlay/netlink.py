@@ -92,10 +92,16 @@ async def run(argv: Sequence[str], *, input: bytes | None = None, timeout: float
 
 
 class IpCommandNetlink:
-    """``ip`` / ``bridge`` from iproute2, optionally aimed at a named namespace."""
+    """``ip`` / ``bridge`` from iproute2, optionally aimed at a named namespace.
 
-    def __init__(self, netns: str | None = None) -> None:
+    With ``native`` (the default), per-peer neighbour, FDB and route changes go over a
+    rtnetlink socket instead (``rtnl_writer``): no process per sync on the hot path.
+    """
+
+    def __init__(self, netns: str | None = None, *, native: bool = True) -> None:
         self.netns = netns
+        self.native = native
+        self._writer: Any = None
 
     def _ip(self, *args: str) -> list[str]:
         return ["ip", *(["-n", self.netns] if self.netns else []), *args]
@@ -187,6 +193,27 @@ class IpCommandNetlink:
 
     async def apply(self, ops: Sequence[Op]) -> list[str]:
         errors: list[str] = []
+        for native, group in _runs(ops, self.native):
+            if native:
+                errors += self._apply_native(group)
+            else:
+                errors += await self._apply_batches(group)
+        return errors
+
+    def _apply_native(self, ops: Sequence[Op]) -> list[str]:
+        from svcnet.cni.overlay.rtnl_writer import RtnlWriter
+
+        if self._writer is None:
+            self._writer = RtnlWriter(self.netns)
+        errors: list[str] = self._writer.apply([(op.verb, op.obj) for op in ops])
+        if errors:
+            log.warning("%d of %d netlink changes failed: %s", len(errors), len(ops), errors[:3])
+        return errors
+
+    async def _apply_batches(self, ops: Sequence[Op]) -> list[str]:
+        errors: list[str] = []
+        if self._writer is not None and any(isinstance(op.obj, VxlanLink) for op in ops):
+            self._writer.forget_links()
         for tool, lines in _batches(ops):
             argv = (self._ip if tool == "ip" else self._bridge)("-force", "-batch", "-")
             code, _, err = await run(argv, input="".join(f"{ln}\n" for ln in lines).encode())
@@ -194,6 +221,17 @@ class IpCommandNetlink:
                 errors.extend(ln for ln in err.decode().splitlines() if ln.strip())
                 log.warning("%s batch of %d had errors: %s", tool, len(lines), err.decode())
         return errors
+
+
+def _runs(ops: Sequence[Op], native: bool) -> list[tuple[bool, list[Op]]]:
+    """Consecutive ops split into native-capable (peer entries) and process-batched runs."""
+    out: list[tuple[bool, list[Op]]] = []
+    for op in ops:
+        kind = native and isinstance(op.obj, Neighbour | FdbEntry | Route)
+        if not out or out[-1][0] != kind:
+            out.append((kind, []))
+        out[-1][1].append(op)
+    return out
 
 
 def _prefix(dst: str) -> str:
