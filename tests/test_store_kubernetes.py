@@ -579,6 +579,61 @@ async def test_token_file_is_reread_after_rotation(api: FakeKubeAPI, tmp_path: P
         "Bearer good-token", "Bearer rotated"]
 
 
+async def test_token_file_is_reread_at_once_after_a_401(
+    api: FakeKubeAPI, tmp_path: Path
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("good-token")
+    s = KubernetesStore(config_for(api, token=None, token_file=str(token)))
+    await s.list(SERVICE)
+    api.tokens = {"rotated": "alice"}
+    token.write_text("rotated")
+    await s.list(SERVICE)
+    await s.close()
+    assert [r.headers["authorization"] for r in api.requests[:3]] == [
+        "Bearer good-token", "Bearer good-token", "Bearer rotated"]
+
+
+PLUGIN = """#!/bin/sh
+echo ran >> "$COUNT_FILE"
+[ -n "$KUBERNETES_EXEC_INFO" ] || { echo "no exec info" >&2; exit 3; }
+[ "$1" = "get-token" ] || { echo "bad args: $*" >&2; exit 4; }
+printf '{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential",'
+printf '"status":{"token":"%s","expirationTimestamp":"2099-01-01T00:00:00Z"}}' "$(cat "$SRC")"
+"""
+
+
+async def test_exec_credential_plugin(api: FakeKubeAPI, tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    plugin = tmp_path / "bin" / "get-token.sh"
+    plugin.write_text(PLUGIN)
+    plugin.chmod(0o755)
+    (tmp_path / "src").write_text("good-token")
+    runs = tmp_path / "runs"
+    doc = kubeconfig_doc(api, {"exec": {
+        "apiVersion": "client.authentication.k8s.io/v1", "command": "./bin/get-token.sh",
+        "args": ["get-token"], "interactiveMode": "Never",
+        "env": [{"name": "COUNT_FILE", "value": str(runs)},
+                {"name": "SRC", "value": str(tmp_path / "src")}]}})
+    s = KubernetesStore.from_config(
+        kubeconfig=write_kubeconfig(tmp_path / "config", doc), context=None)
+    await s.list(SERVICE)
+    await s.list(SERVICE)
+    assert runs.read_text().count("ran") == 1  # cached until it expires
+    api.tokens = {"next": "alice"}
+    (tmp_path / "src").write_text("next")
+    await s.list(SERVICE)  # 401 -> the plugin runs again
+    assert runs.read_text().count("ran") == 2
+    assert api.requests[-1].headers["authorization"] == "Bearer next"
+    await s.close()
+    doc["users"][0]["user"]["exec"]["args"] = ["oops"]
+    s = KubernetesStore.from_config(
+        kubeconfig=write_kubeconfig(tmp_path / "config", doc), context=None)
+    with pytest.raises(Invalid, match=r"get-token\.sh' exited with 4: bad args: oops"):
+        await s.list(SERVICE)
+    await s.close()
+
+
 def test_kubeconfig_contexts_and_merging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          certs: Certs) -> None:
     api = FakeKubeAPI(certs)
@@ -623,8 +678,10 @@ def test_kubeconfig_contexts_and_merging(tmp_path: Path, monkeypatch: pytest.Mon
     (lambda d: d["clusters"][0].update({"cluster": {"server": "https://h",
                                                     "certificate-authority": "/nonexistent"}}),
      "cannot read certificate-authority /nonexistent"),
-    (lambda d: d["users"][0]["user"].update({"exec": {"command": "aws"}}),
-     "plugin 'exec' is not supported"),
+    (lambda d: d["users"][0]["user"].update({"auth-provider": {"name": "gcp"}}),
+     "plugin 'auth-provider' is not supported"),
+    (lambda d: d["users"][0]["user"].update({"exec": {"args": ["x"]}}),
+     "user exec has no command"),
     (lambda d: d["users"][0]["user"].update({"client-key-data": "AAAA"}),
      "client certificate and client key must both be given"),
     (lambda d: d.update({"clusters": {"fake": {}}}), "clusters is not a list"),

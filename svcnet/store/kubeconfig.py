@@ -9,14 +9,17 @@ with a broken config should say why once and exit, not retry forever.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import json
 import os
 import ssl
 import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -42,6 +45,7 @@ class ClusterConfig:
     client_key_pem: bytes | None = None
     token: str | None = None
     token_file: str | None = None
+    exec_plugin: ExecPlugin | None = None
     namespace: str = "default"
     source: str = ""
     """Where this came from (file and context, or in-cluster), for error messages."""
@@ -79,16 +83,51 @@ class ClusterConfig:
         return ctx
 
 
+@dataclass(frozen=True, slots=True)
+class ExecPlugin:
+    """A kubeconfig ``user.exec`` credential plugin (``aws eks get-token``, ``gke-gcloud-auth-
+    plugin``, ``kubelogin``): a command printing an ``ExecCredential`` with a bearer token."""
+
+    command: str
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    api_version: str = "client.authentication.k8s.io/v1"
+    timeout: float = 60.0
+
+
 @dataclass(slots=True)
 class TokenSource:
-    """The bearer token, re-read from its file every minute: bound service-account tokens
-    are rotated by the kubelet, and a token cached forever stops working after an hour."""
+    """The bearer token, kept fresh.
+
+    A token file is re-read every minute: the kubelet rotates bound service-account tokens,
+    and a token cached forever stops working after about an hour. An exec plugin runs again
+    when its token is about to expire. ``invalidate`` (after a 401) forces both.
+    """
 
     token: str | None = None
     path: str | None = None
+    plugin: ExecPlugin | None = None
     _read_at: float = field(default=0.0, init=False)
+    _expires_at: float | None = field(default=None, init=False)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
 
-    def get(self) -> str | None:
+    @property
+    def refreshable(self) -> bool:
+        return self.path is not None or self.plugin is not None
+
+    def invalidate(self) -> None:
+        if self.refreshable:
+            self._read_at = float("-inf")
+            self._expires_at = float("-inf")
+
+    async def get(self) -> str | None:
+        if self.plugin is not None:
+            async with self._lock:
+                if self.token is None or (
+                    self._expires_at is not None and time.time() >= self._expires_at - 10
+                ):
+                    self.token, self._expires_at = await run_exec_plugin(self.plugin)
+            return self.token
         if self.path is None:
             return self.token
         now = time.monotonic()
@@ -100,6 +139,46 @@ class TokenSource:
                     raise Invalid(f"cannot read token file {self.path}: {err}") from None
             self._read_at = now
         return self.token
+
+
+async def run_exec_plugin(plugin: ExecPlugin) -> tuple[str, float | None]:
+    """Run the plugin as client-go does; return its token and when it expires (epoch s)."""
+    info = {"apiVersion": plugin.api_version, "kind": "ExecCredential",
+            "spec": {"interactive": False}}
+    env = {**os.environ, **dict(plugin.env), "KUBERNETES_EXEC_INFO": json.dumps(info)}
+    what = f"exec credential plugin {plugin.command!r}"
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            plugin.command, *plugin.args, env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    except OSError as err:
+        raise Invalid(f"{what} cannot run: {err.strerror or err}") from None
+    try:
+        out, err_out = await asyncio.wait_for(proc.communicate(), plugin.timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise Invalid(f"{what} did not finish within {plugin.timeout:.0f}s") from None
+    if proc.returncode != 0:
+        detail = err_out.decode(errors="replace").strip()[-300:]
+        raise Invalid(f"{what} exited with {proc.returncode}: {detail}")
+    try:
+        cred = json.loads(out)
+        status = cred.get("status") or {}
+        token = status.get("token")
+    except (ValueError, AttributeError):
+        raise Invalid(f"{what} printed no ExecCredential JSON") from None
+    if cred.get("kind") != "ExecCredential" or not isinstance(token, str) or not token:
+        if status.get("clientCertificateData"):
+            raise Invalid(f"{what} returned a client certificate; only tokens are supported")
+        raise Invalid(f"{what} printed no ExecCredential with status.token")
+    expiry = status.get("expirationTimestamp")
+    if not expiry:
+        return token, None
+    try:
+        return token, datetime.fromisoformat(str(expiry).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise Invalid(f"{what}: bad expirationTimestamp {expiry!r}") from None
 
 
 def load(
@@ -195,16 +274,34 @@ def from_kubeconfig(paths: list[str], context: str | None = None) -> ClusterConf
         client_key_pem=_pem(user, "client-key", user_base, source),
         token=user.get("token") or None,
         token_file=str(user_base / user["tokenFile"]) if user.get("tokenFile") else None,
+        exec_plugin=_exec_plugin(user.get("exec"), user_base, source),
         namespace=str(ctx.get("namespace") or "default"),
         source=source,
     )
 
 
+def _exec_plugin(spec: Any, base: Path, source: str) -> ExecPlugin | None:
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or not spec.get("command"):
+        raise Invalid(f"{source}: user exec has no command")
+    command = str(spec["command"])
+    if "/" in command and not command.startswith("/"):
+        command = str(base / command)  # relative to the kubeconfig, as client-go resolves it
+    env = spec.get("env") or []
+    if not isinstance(env, list) or not all(isinstance(e, dict) and "name" in e for e in env):
+        raise Invalid(f"{source}: user exec env must be a list of {{name, value}}")
+    return ExecPlugin(
+        command=command, args=tuple(str(a) for a in spec.get("args") or ()),
+        env=tuple((str(e["name"]), str(e.get("value", ""))) for e in env),
+        api_version=str(spec.get("apiVersion") or "client.authentication.k8s.io/v1"),
+    )
+
+
 def _check_user(user: dict[str, Any], source: str) -> None:
-    for unsupported in ("exec", "auth-provider"):
-        if unsupported in user:
-            raise Invalid(f"{source}: user credential plugin {unsupported!r} is not supported; "
-                          "use a token, tokenFile or client certificate")
+    if "auth-provider" in user:
+        raise Invalid(f"{source}: user credential plugin 'auth-provider' is not supported "
+                      "(removed from kubectl too); use exec, a token or a client certificate")
     if ("client-certificate" in user or "client-certificate-data" in user) != (
         "client-key" in user or "client-key-data" in user
     ):

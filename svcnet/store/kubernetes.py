@@ -227,7 +227,7 @@ class KubernetesStore:
         self.request_timeout = request_timeout
         self.retries = retries
         self._tls = config.ssl_context()
-        self._token = TokenSource(config.token, config.token_file)
+        self._token = TokenSource(config.token, config.token_file, config.exec_plugin)
         self._conn: _Connection | None = None
         self._lock = asyncio.Lock()
         self._watches: set[_Connection] = set()
@@ -376,14 +376,14 @@ class KubernetesStore:
             if not token:
                 return Listing(items, revision)
 
-    def _request_bytes(self, method: str, target: str, body: bytes | None) -> bytes:
+    async def _request_bytes(self, method: str, target: str, body: bytes | None) -> bytes:
         lines = [
             f"{method} {target} HTTP/1.1",
             f"Host: {self._host_header}",
             f"User-Agent: {USER_AGENT}",
             "Accept: application/json",
         ]
-        token = self._token.get()
+        token = await self._token.get()
         if token:
             lines.append(f"Authorization: Bearer {token}")
         if body is not None:
@@ -395,16 +395,23 @@ class KubernetesStore:
 
     async def _request(self, method: str, target: str, *, body: bytes | None = None
                        ) -> _Response:
-        """One request on the shared keep-alive connection, honouring 429 Retry-After."""
+        """One request on the shared keep-alive connection, honouring 429 Retry-After and
+        fetching a fresh token once after a 401 (a rotated token file, an expired plugin
+        token)."""
+        refreshed = False
         for _ in range(self.retries):
             resp = await self._exchange(method, target, body)
+            if resp.status == 401 and self._token.refreshable and not refreshed:
+                self._token.invalidate()
+                refreshed = True
+                continue
             if resp.status != 429:
                 return resp
             await self._wait_retry_after(resp.headers, f"{method} {target}")
         raise Unavailable(f"{method} {target}: still throttled (429) after {self.retries} tries")
 
     async def _exchange(self, method: str, target: str, body: bytes | None) -> _Response:
-        request = self._request_bytes(method, target, body)
+        request = await self._request_bytes(method, target, body)
         async with self._lock:
             for attempt in (1, 2):
                 reused = self._conn is not None
@@ -443,6 +450,7 @@ class KubernetesStore:
     async def _open_watch(self, target: str, kind: Kind[Any]
                           ) -> tuple[_Connection, dict[str, str]]:
         """Send the watch request on a new connection; return it once the server said 200."""
+        refreshed = False
         for _ in range(self.retries):
             try:
                 conn = await _Connection.open(self.config, self._tls, self.connect_timeout)
@@ -454,7 +462,7 @@ class KubernetesStore:
                                   f"{self.config.server}: {err!r}") from None
             try:
                 async with asyncio.timeout(self.request_timeout):
-                    await conn.send(self._request_bytes("GET", target, None))
+                    await conn.send(await self._request_bytes("GET", target, None))
                     status, headers = await conn.read_head()
                     if status == 200:
                         return conn, headers
@@ -467,6 +475,10 @@ class KubernetesStore:
                 raise
             conn.close()
             resp = _Response(status, headers, data)
+            if status == 401 and self._token.refreshable and not refreshed:
+                self._token.invalidate()
+                refreshed = True
+                continue
             if status != 429:
                 _raise_for(resp, f"watch {kind.name}", self.config)
             await self._wait_retry_after(headers, f"watch {kind.name}")
