@@ -189,6 +189,7 @@ class OverlayDaemon:
         self._wake = asyncio.Event()
         self._full = True
         self._snapshot: Snapshot = ()
+        self._last_desired: Desired | None = None
         self._lease: Lease | None = None
 
     # -- wiring --
@@ -340,9 +341,7 @@ class OverlayDaemon:
         s.last_errors = list(result.errors)
         s.peers = [asdict(p) for p in desired.peers]
         s.skipped = list(desired.skipped)
-        s.desired = {k: [asdict(o) for o in sorted(v)]  # type: ignore[type-var]
-                     for k, v in asdict_shallow(desired.kernel).items()}
-        s.desired["chains"] = [asdict(c) for c in desired.chains]
+        self._last_desired = desired
         if self._lease is not None:
             s.lease = {"subnets": [str(x) for x in self._lease.subnets],
                        "public_ip": self._lease.attrs.public_ip,
@@ -435,6 +434,8 @@ class OverlayDaemon:
             return Response(200, b"ok\n")
 
         def status() -> Response:
+            if self._last_desired is not None:
+                self.status.desired = desired_json(self._last_desired)
             return Response(200, json.dumps(asdict(self.status)).encode(), "application/json")
 
         server = HTTPServer({"/healthz": healthz, "/metrics": metrics_route, "/status": status},
@@ -443,8 +444,15 @@ class OverlayDaemon:
         return server
 
 
-def asdict_shallow(objects: Any) -> dict[str, Any]:
-    return {name: getattr(objects, name) for name in objects.__dataclass_fields__}
+def desired_json(desired: Desired) -> dict[str, Any]:
+    """Desired kernel objects as JSON-ready lists, built only when someone asks (/status)."""
+    kernel = desired.kernel
+    out: dict[str, Any] = {
+        name: [asdict(o) for o in sorted(getattr(kernel, name))]
+        for name in ("links", "addresses", "neighbours", "fdb", "routes")
+    }
+    out["chains"] = [asdict(c) for c in desired.chains]
+    return out
 
 
 class _Metrics:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
 import json
 import os
 import subprocess
@@ -23,6 +24,8 @@ from pathlib import Path
 UNDERLAY_NET = ipaddress.IPv4Network("10.99.0.0/24")
 UNDERLAY_NET6 = ipaddress.IPv6Network("fd99::/64")
 ETCD_PORT = 2379
+_link_ids = itertools.count()
+"""Veth names unique in this process: a deleted namespace's veth peers vanish lazily."""
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 30, input: str | None = None
@@ -140,7 +143,7 @@ class Testbed:
         ns = self.make_ns(name)
         ip = str(UNDERLAY_NET.network_address + index)
         ip6 = str(UNDERLAY_NET6.network_address + index)
-        port = f"u{index}-{os.getpid() % 10000}"[:15]
+        port = f"u{next(_link_ids)}-{os.getpid() % 10000}"[:15]
         sh("ip", "-n", self.underlay, "link", "add", port, "type", "veth", "peer", "name",
            "eth0", "netns", ns)
         batch(self.underlay, [f"link set {port} master br0", f"link set {port} up"])
@@ -205,7 +208,7 @@ class Testbed:
         pod = self.make_ns(f"{node.name}p")
         n = len(node.pods) + 2
         ip = ipaddress.ip_interface(f"{gw.ip + n - 1}/{gw.network.prefixlen}")
-        host_end = f"vp{node.index}x{n}-{os.getpid() % 10000}"[:15]
+        host_end = f"vp{next(_link_ids)}-{os.getpid() % 10000}"[:15]
         sh("ip", "-n", node.ns, "link", "add", host_end, "mtu", mtu, "type", "veth", "peer",
            "name", "eth0", "netns", pod)
         batch(node.ns, [f"link set {host_end} master cni0", f"link set {host_end} up"])
