@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_binary
-from svcnet.cni.overlay.cli import _pending as pending_changes
+from svcnet.cni.overlay.cli import pending_changes
 from svcnet.cni.overlay.testbed import SimNode, Testbed, in_ns
 
 pytestmark = [pytest.mark.kernel, pytest.mark.etcd]

@@ -35,7 +35,7 @@ def _status(args: argparse.Namespace) -> int:
     except OSError as unreachable:
         raise UsageError(f"cannot reach the overlay daemon at {args.url}: {unreachable}"
                          ) from None
-    pending, rules = asyncio.run(_pending(status, args.netns or None))
+    pending, rules = asyncio.run(pending_changes(status, args.netns or None))
     if args.json:
         print(json.dumps({"status": status, "pending": pending, "pending_chains": rules}))
         return 0 if not pending and not rules else 1
@@ -64,7 +64,9 @@ def _status(args: argparse.Namespace) -> int:
     return 1
 
 
-async def _pending(status: dict[str, Any], netns: str | None) -> tuple[list[str], list[str]]:
+async def pending_changes(status: dict[str, Any], netns: str | None
+                          ) -> tuple[list[str], list[str]]:
+    """Differences between the kernel and a daemon's ``/status`` desired state, as op text."""
     from svcnet.cni.overlay.desired import (
         Address,
         ChainRules,
