@@ -368,7 +368,12 @@ def cmd_del(conf: NetConf, env: Env, stdin: bytes) -> None:
         if conf.macspoofchk:
             from . import macspoof
 
-            macspoof.apply(macspoof.delete_script(conf.name, host_name, None))
+            pod_mac = None
+            if isinstance(prev, dict):
+                pod_mac = next((str(i["mac"]) for i in prev.get("interfaces") or []
+                                if i.get("sandbox") and i.get("name") == env.ifname
+                                and i.get("mac")), None)
+            macspoof.apply(macspoof.delete_script(conf.name, host_name, pod_mac))
         try:  # noqa: SIM105 - no contextlib on the plugin path
             host.delete_link(host_name)
         except LinkNotFound:
@@ -486,6 +491,12 @@ def cmd_gc(conf: NetConf, env: Env, stdin: bytes) -> None:
                     host.delete_link(index=link.index)
                 except LinkNotFound:
                     pass
+    if conf.macspoofchk:
+        from . import macspoof
+
+        script = macspoof.stale_script(conf.name, valid_hosts)
+        if script:
+            macspoof.apply(script)
     if _masq_enabled(conf, cfg) and cfg is not None:
         from . import masq
 

@@ -298,10 +298,14 @@ class Store:
             return ""
 
     def set_last_reserved(self, set_index: int, ip: str) -> None:
-        tmp = self._path(f".{LAST_RESERVED}{set_index}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(ip)
-        posix.replace(tmp, self._path(f"{LAST_RESERVED}{set_index}"))
+        """Written in place like host-local: a torn write only makes the next allocation
+        start from the range's beginning, and a crash leaves no temporary file behind."""
+        fd = posix.open(self._path(f"{LAST_RESERVED}{set_index}"),
+                        posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_CLOEXEC, 0o644)
+        try:
+            posix.write(fd, ip.encode())
+        finally:
+            posix.close(fd)
 
     def allocations(self) -> dict[str, tuple[str, str]]:
         """Every reservation: address -> (containerID, ifname)."""

@@ -7,9 +7,11 @@ ADD/DEL are one small ``nft -f`` each and DEL needs only the (derived) host port
 
 from __future__ import annotations
 
+from .fastjson import loads
 from .masq import apply, network_tag
+from .spawn import run
 
-__all__ = ["add_script", "apply", "delete_script"]
+__all__ = ["add_script", "apply", "delete_script", "stale_script"]
 
 TABLE = "svcnet-cni"
 
@@ -45,3 +47,31 @@ def delete_script(network: str, port: str, mac: str | None) -> str:
         lines += [f'add element bridge {TABLE} allowed-{tag} {{ "{port}" . {mac} }}',
                   f'delete element bridge {TABLE} allowed-{tag} {{ "{port}" . {mac} }}']
     return "\n".join(lines) + "\n"
+
+
+def _elements(tag: str, set_name: str) -> list[object]:
+    rc, out, _err = run(["nft", "-j", "list", "set", "bridge", TABLE, f"{set_name}-{tag}"])
+    if rc:
+        return []
+    found: list[object] = []
+    for item in loads(out).get("nftables", []):
+        for elem in (item.get("set") or {}).get("elem", []) or []:
+            if isinstance(elem, dict) and "elem" in elem:  # an element with a comment
+                elem = elem["elem"].get("val")
+            found.append(elem)
+    return found
+
+
+def stale_script(network: str, keep_ports: set[str]) -> str:
+    """GC: remove every port and port/MAC pair whose port is not in ``keep_ports``."""
+    tag = network_tag(network)
+    lines = []
+    for port in _elements(tag, "ports"):
+        if isinstance(port, str) and port not in keep_ports:
+            lines.append(f'delete element bridge {TABLE} ports-{tag} {{ "{port}" }}')
+    for pair in _elements(tag, "allowed"):
+        concat = pair.get("concat") if isinstance(pair, dict) else None
+        if isinstance(concat, list) and len(concat) == 2 and concat[0] not in keep_ports:
+            lines.append(f'delete element bridge {TABLE} allowed-{tag} '
+                         f'{{ "{concat[0]}" . {concat[1]} }}')
+    return "\n".join(lines) + "\n" if lines else ""

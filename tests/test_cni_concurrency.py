@@ -28,7 +28,7 @@ NETWORK = "concurrent"
 def _conf(tmp_path: Path, version: str = "1.1.0") -> dict[str, Any]:
     return {"cniVersion": version, "name": NETWORK, "type": "svcnet-cni",
             "bridge": "cniconc0", "isGateway": True, "isDefaultGateway": True,
-            "ipMasq": True,
+            "ipMasq": True, "macspoofchk": True,
             "ipam": {"type": "host-local", "dataDir": str(tmp_path / "ipam"),
                      "ranges": [[{"subnet": "10.80.0.0/24"}]]}}
 
@@ -147,6 +147,8 @@ def test_sigkill_during_add_then_gc_leaves_nothing(
     assert _reservations(tmp_path) == [survivor_ip], f"seed {seed}"
     assert _ports(host) == [survivor["interfaces"][1]["name"]], f"seed {seed}"
     assert _masq_members(host) == {survivor_ip}, f"seed {seed}"
+    spoof = ns_run(host, "nft", "list", "table", "bridge", "svcnet-cni").stdout
+    assert spoof.count('"veth') == 2, (seed, spoof)  # the survivor's port and port . MAC
     for pod in pods:
         assert "eth0" not in links(pod), f"seed {seed}"
     runtime.exec_plugin("svcnet-cni", "CHECK", dict(conf, prevResult=survivor), "survivor",

@@ -289,6 +289,28 @@ def test_bridge_options(make_net: Callable[[str], Net], netns: Callable[[str], s
     assert net.reservations() == []
 
 
+@pytest.mark.parametrize("impl", ["svcnet", "reference"])
+def test_macspoofchk(make_net: Callable[[str], Net], netns: Callable[[str], str],
+                     impl: str) -> None:
+    """Frames from a pod whose source MAC is not the one ADD gave it are dropped."""
+    net = make_net(impl)
+    pod_a, pod_b = netns("pa"), netns("pb")
+    conf = net.conf("1.0.0", macspoofchk=True)
+    res_a = net.add(conf, "ctr-a", pod_a)
+    res_b = net.add(conf, "ctr-b", pod_b)
+    target = pod_ip(res_b)
+    assert ping(pod_a, target)
+    ns_run(pod_a, "ip", "link", "set", "eth0", "address", "02:42:42:42:42:42")
+    ns_run(pod_a, "ip", "neigh", "flush", "all")
+    assert not ping(pod_a, target), "spoofed source MAC must be dropped"
+    ns_run(pod_a, "ip", "link", "set", "eth0", "address", res_a["interfaces"][2]["mac"])
+    assert any(ping(pod_a, target) for _ in range(3))
+    net.delete(conf, "ctr-a", pod_a, prev=res_a)
+    net.delete(conf, "ctr-b", pod_b, prev=res_b)
+    assert res_a["interfaces"][1]["name"] not in ns_run(net.host, "nft", "list",
+                                                        "ruleset").stdout
+
+
 ERROR_CASES = {
     "decode": (b"{not json", "ADD", {}, 6),
     "version": (b'{"cniVersion": "9.9.9", "name": "n", "type": "T"}', "ADD", {}, 1),
