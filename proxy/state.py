@@ -23,9 +23,9 @@ import enum
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
-from svcnet.model import Endpoint, EndpointSlice, Service
+from svcnet.model import EndpointSlice, Service
 
 Family = Literal[4, 6]
 FAMILIES: tuple[Family, ...] = (4, 6)
@@ -222,14 +222,16 @@ def service_ports(
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class _Candidate:
+class _Candidate(NamedTuple):
     backend: Backend
     ready: bool
     serving: bool
     terminating: bool
     zone_hints: frozenset[str]
     node_hints: frozenset[str]
+
+
+_NO_HINTS: frozenset[str] = frozenset()
 
 
 def _endpoints_for_port(
@@ -239,7 +241,10 @@ def _endpoints_for_port(
     """Endpoints of the slices' port named like the service port, merged by ip:port."""
     want = "IPv4" if family == 4 else "IPv6"
     merged: dict[tuple[str, int], _Candidate] = {}
-    for sl in sorted(slices, key=lambda s: s.metadata.name):
+    node_name = node.name
+    if len(slices) > 1:
+        slices = sorted(slices, key=lambda s: s.metadata.name)
+    for sl in slices:
         if sl.address_type != want:
             continue
         port = next(
@@ -250,25 +255,23 @@ def _endpoints_for_port(
         for ep in sl.endpoints:
             if not ep.addresses:
                 continue
-            cand = _candidate(ep, port, node)
-            key = (cand.backend.ip, port)
+            # Nil conditions mean true, as in Kubernetes (see the model's properties).
+            cond = ep.conditions
+            ready = cond.ready is not False
+            serving = cond.serving is not False if cond.serving is not None else ready
+            hints = ep.hints
+            ip = ep.addresses[0]
+            cand = _Candidate(
+                Backend(ip, port, bool(node_name) and ep.node_name == node_name, ready),
+                ready, serving, cond.terminating is True,
+                frozenset(z.name for z in hints.for_zones) if hints else _NO_HINTS,
+                frozenset(n.name for n in hints.for_nodes) if hints else _NO_HINTS,
+            )
+            key = (ip, port)
             old = merged.get(key)
-            if old is None or (cand.ready and not old.ready):
+            if old is None or (ready and not old.ready):
                 merged[key] = cand
     return [merged[k] for k in sorted(merged)]
-
-
-def _candidate(ep: Endpoint, port: int, node: NodeConfig) -> _Candidate:
-    hints = ep.hints
-    local = bool(node.name) and ep.node_name == node.name
-    return _Candidate(
-        backend=Backend(ep.addresses[0], port, local, ep.ready),
-        ready=ep.ready,
-        serving=ep.serving,
-        terminating=ep.terminating,
-        zone_hints=frozenset(z.name for z in hints.for_zones) if hints else frozenset(),
-        node_hints=frozenset(n.name for n in hints.for_nodes) if hints else frozenset(),
-    )
 
 
 def categorize(

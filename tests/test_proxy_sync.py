@@ -1,0 +1,271 @@
+"""The sync loop's timing, failure handling, health, metrics and conntrack choices (fakes)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from conftest import free_port
+from prometheus_client import REGISTRY
+from svcnet.proxy.builders import endpoint, endpoint_slice, port, service, to_service, to_slice
+from svcnet.proxy.commands import FakeCommands
+from svcnet.proxy.config import BackendConfig
+from svcnet.proxy.conntrack import FakeConntrack, StaleFlow, stale_flows
+from svcnet.proxy.health import HealthCheck, NodePortHealthServers, SyncHealth
+from svcnet.proxy.iptables import IptablesBackend
+from svcnet.proxy.proxier import Proxier, SyncSettings
+from svcnet.proxy.state import Changes, ChangeTracker, NodeConfig
+
+from svcnet.model import ENDPOINT_SLICE, SERVICE
+from svcnet.store.memory import MemoryStore
+from svcnet.watch import InformerFactory
+
+
+class FakeBackend:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.syncs: list[tuple[float, bool, Changes]] = []
+        self.fail_next = False
+        self.rules_present = True
+
+    def sync(self, changes: Changes, *, full: bool) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("restore failed")
+        self.syncs.append((time.monotonic(), full, changes))
+
+    def healthy(self) -> bool:
+        return self.rules_present
+
+    def cleanup(self) -> None:
+        self.syncs.clear()
+
+
+async def eventually(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+def run(coro: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(coro(), 30))
+
+
+async def started(settings: SyncSettings, **kw: Any
+                  ) -> tuple[MemoryStore, FakeBackend, Proxier, asyncio.Task[None],
+                             InformerFactory]:
+    store = MemoryStore()
+    await store.put(SERVICE, service("a", "10.96.0.1"))
+    backend = FakeBackend()
+    proxier = Proxier(backend, NodeConfig("n1"), settings=settings, **kw)
+    factory = InformerFactory(store)
+    task = asyncio.create_task(proxier.run(factory))
+    await eventually(lambda: len(backend.syncs) == 1)
+    return store, backend, proxier, task, factory
+
+
+async def stop(task: asyncio.Task[None], factory: InformerFactory) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await factory.stop()
+
+
+def test_first_sync_full_then_single_change_immediately() -> None:
+    async def go() -> None:
+        store, backend, _, task, factory = await started(SyncSettings(min_sync_period=2.0))
+        try:
+            assert backend.syncs[0][1] is True
+            assert [str(k) for k in backend.syncs[0][2].state] == ["default/a/tcp/v4"]
+            await asyncio.sleep(2.1)  # quiet for longer than min_sync_period
+            wrote = time.monotonic()
+            await store.put(ENDPOINT_SLICE, endpoint_slice("a", endpoint("10.1.0.1")))
+            await eventually(lambda: len(backend.syncs) == 2)
+            at, full, changes = backend.syncs[1]
+            assert at - wrote < 0.3 and not full
+            assert [str(k) for k in changes.changed] == ["default/a/tcp/v4"]
+        finally:
+            await stop(task, factory)
+
+    run(go)
+
+
+def test_bursts_coalesce_within_min_sync_period() -> None:
+    async def go() -> None:
+        store, backend, _, task, factory = await started(SyncSettings(min_sync_period=0.5))
+        try:
+            first = backend.syncs[0][0]
+            for i in range(5):
+                await store.put(SERVICE, service(f"b{i}", f"10.96.1.{i}"))
+            await eventually(lambda: len(backend.syncs) >= 2)
+            await asyncio.sleep(0.6)
+            assert len(backend.syncs) == 2
+            at, full, changes = backend.syncs[1]
+            assert at - first >= 0.45 and not full  # waited for min_sync_period
+            assert len(changes.changed) == 5
+        finally:
+            await stop(task, factory)
+
+    run(go)
+
+
+def test_failure_makes_the_next_sync_full_and_missing_rules_too() -> None:
+    async def go() -> None:
+        settings = SyncSettings(min_sync_period=0.05, sync_period=0.3, retry_delay=0.05)
+        store, backend, proxier, task, factory = await started(settings)
+        try:
+            backend.fail_next = True
+            await store.put(SERVICE, service("b", "10.96.0.2"))
+            await eventually(lambda: len(backend.syncs) == 2)
+            assert backend.syncs[1][1] is True  # retried as a full sync
+            assert proxier.stats.failures == 1
+            backend.rules_present = False  # somebody flushed our rules
+            await eventually(lambda: len(backend.syncs) == 3, timeout=3)
+            assert backend.syncs[2][1] is True
+        finally:
+            await stop(task, factory)
+
+    run(go)
+
+
+def test_network_programming_latency_from_trigger_time_annotation() -> None:
+    async def go() -> None:
+        store, backend, _, task, factory = await started(SyncSettings(min_sync_period=0.05))
+        try:
+            before = REGISTRY.get_sample_value(
+                "kubeproxy_network_programming_duration_seconds_count") or 0
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 2))
+            await store.put(ENDPOINT_SLICE, endpoint_slice(
+                "a", endpoint("10.1.0.1"),
+                annotations={"endpoints.kubernetes.io/last-change-trigger-time": stamp}))
+            await eventually(lambda: len(backend.syncs) == 2)
+            after = REGISTRY.get_sample_value(
+                "kubeproxy_network_programming_duration_seconds_count")
+            assert after == before + 1
+            assert REGISTRY.get_sample_value(
+                "kubeproxy_sync_proxy_rules_duration_seconds_count")
+            assert REGISTRY.get_sample_value(
+                "kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+        finally:
+            await stop(task, factory)
+
+    run(go)
+
+
+def test_health_semantics() -> None:
+    now = [1000.0]
+    health = SyncHealth(timeout=60, clock=lambda: now[0])
+    assert not health.healthy()  # never synced
+    health.updated()
+    assert health.healthy()
+    health.queued()
+    now[0] += 59
+    assert health.healthy()  # a change is pending, but not for too long
+    now[0] += 2
+    assert not health.healthy()
+    health.updated()
+    assert health.healthy()
+
+
+def test_health_check_node_port_server() -> None:
+    async def go() -> None:
+        servers = NodePortHealthServers("127.0.0.1")
+        port = free_port()
+
+        def get() -> tuple[int, dict[str, Any]]:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read())
+
+        try:
+            await servers.reconcile({port: HealthCheck("default", "web", port, 2)})
+            status, body = await asyncio.to_thread(get)
+            assert status == 200 and body["localEndpoints"] == 2
+            assert body["service"] == {"namespace": "default", "name": "web"}
+            await servers.reconcile({port: HealthCheck("default", "web", port, 0)})
+            status, body = await asyncio.to_thread(get)
+            assert status == 503 and body["localEndpoints"] == 0
+            await servers.reconcile({})
+            with pytest.raises(OSError):
+                await asyncio.to_thread(get)
+        finally:
+            await servers.stop()
+
+    run(go)
+
+
+def _changes(before: list[Any], after: list[Any], udp: bool = True) -> Changes:
+    tracker = ChangeTracker(NodeConfig("n1"))
+    proto = "UDP" if udp else "TCP"
+    svc = to_service(service("dns", "10.96.0.10", port(53, "dns", proto)))
+    for eps in (before, after):
+        sl = [to_slice(endpoint_slice("dns", *eps, ports=[("dns", 53, proto)]))] if eps else []
+        tracker.service_changed(None, svc)
+        changes = tracker.drain(lambda k: svc, lambda k, sl=sl: sl, lambda: ["default/dns"])
+    return changes
+
+
+def test_stale_udp_flows() -> None:
+    gone = _changes([endpoint("10.1.0.1"), endpoint("10.1.0.2")], [endpoint("10.1.0.2")])
+    assert stale_flows(gone) == [StaleFlow(4, "10.96.0.10", 53, "10.1.0.1")]
+    first = _changes([], [endpoint("10.1.0.2")])
+    assert stale_flows(first) == [StaleFlow(4, "10.96.0.10", 53, "")]
+    tcp = _changes([endpoint("10.1.0.1")], [], udp=False)
+    assert stale_flows(tcp) == []
+
+
+def test_proxier_deletes_stale_conntrack_after_sync() -> None:
+    async def go() -> None:
+        ct = FakeConntrack()
+        store, backend, _, task, factory = await started(
+            SyncSettings(min_sync_period=0.05), conntrack=ct)
+        try:
+            await store.put(SERVICE, service("d", "10.96.0.5", port(53, "", "UDP")))
+            await store.put(ENDPOINT_SLICE, endpoint_slice(
+                "d", endpoint("10.1.0.1"), endpoint("10.1.0.2"), ports=[("", 53, "UDP")]))
+            await eventually(lambda: StaleFlow(4, "10.96.0.5", 53) in ct.deleted)
+            await store.put(ENDPOINT_SLICE, endpoint_slice(
+                "d", endpoint("10.1.0.2"), ports=[("", 53, "UDP")]))
+            await eventually(lambda: StaleFlow(4, "10.96.0.5", 53, "10.1.0.1") in ct.deleted)
+        finally:
+            await stop(task, factory)
+
+    run(go)
+
+
+def test_iptables_partial_sync_touches_only_the_changed_service() -> None:
+    fake = FakeCommands()
+    backend = IptablesBackend(fake, BackendConfig(), legacy=False)
+    tracker = ChangeTracker(NodeConfig("n1"))
+    services = {f"default/s{i}": to_service(service(f"s{i}", f"10.96.0.{i}")) for i in range(5)}
+    slices = {k: [to_slice(endpoint_slice(k.split("/")[1], endpoint(f"10.1.0.{i}")))]
+              for i, k in enumerate(services)}
+    for s in services.values():
+        tracker.service_changed(None, s)
+    backend.sync(tracker.drain(services.get, lambda k: slices[k], lambda: services), full=True)
+    full_input = fake.calls[-1][1] or ""
+    assert full_input.count("-A KUBE-SERVICES") == 5
+    slices["default/s2"] = [to_slice(endpoint_slice("s2", endpoint("10.1.0.99")))]
+    tracker.slice_changed(None, slices["default/s2"][0])
+    backend.sync(tracker.drain(services.get, lambda k: slices[k]), full=False)
+    partial = fake.calls[-1][1] or ""
+    assert "10.96.0.2/32" not in partial  # the frontend rule did not change
+    assert "--to-destination 10.1.0.99:8080" in partial
+    assert partial.count("-X KUBE-SEP-") == 1 and partial.count(":KUBE-SEP-") == 2
+    assert ":KUBE-SERVICES" not in partial  # not flushed and rewritten
+    del services["default/s4"]
+    tracker.service_changed(to_service(service("s4", "10.96.0.4")), None)
+    backend.sync(tracker.drain(services.get, lambda k: slices.get(k, [])), full=False)
+    removal = fake.calls[-1][1] or ""
+    assert "-D KUBE-SERVICES" in removal and "10.96.0.4/32" in removal
+    assert removal.count("-X KUBE-") == 2  # its SVC and SEP chains
