@@ -227,7 +227,7 @@ def test_stale_udp_flows() -> None:
 def test_proxier_deletes_stale_conntrack_after_sync() -> None:
     async def go() -> None:
         ct = FakeConntrack()
-        store, backend, _, task, factory = await started(
+        store, _backend, _, task, factory = await started(
             SyncSettings(min_sync_period=0.05), conntrack=ct)
         try:
             await store.put(SERVICE, service("d", "10.96.0.5", port(53, "", "UDP")))
