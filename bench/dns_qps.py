@@ -121,20 +121,32 @@ def etcd_server(workdir: Path) -> Iterator[str]:
 
 
 async def load(endpoint: str, services: int, pods: int) -> None:
+    """Put everything with 64 writers; retry a put whose outcome a busy etcd left unknown."""
+    from svcnet.store.base import Unavailable
     from svcnet.store.etcd import EtcdStore
 
     store = EtcdStore([endpoint])
     per = max(1, pods // services)
-    sem = asyncio.Semaphore(64)
+    objects: list[tuple[Any, Any]] = (
+        [(SERVICE, lambda i=i: make_service(i)) for i in range(services)]
+        + [(ENDPOINT_SLICE, lambda i=i: make_slice(i, per)) for i in range(services)]
+        + [(POD, lambda j=j: make_pod(j, per)) for j in range(pods)])
+    it = iter(objects)
 
-    async def put(kind: Any, obj: dict[str, Any]) -> None:
-        async with sem:
-            await store.put(kind, obj)
+    async def writer() -> None:
+        for kind, build in it:
+            obj = build()
+            for attempt in range(20):
+                try:
+                    await store.put(kind, obj)
+                    break
+                except Unavailable:
+                    await asyncio.sleep(0.2 * (attempt + 1))
+            else:
+                raise RuntimeError("etcd kept failing")
 
     try:
-        await asyncio.gather(*(put(SERVICE, make_service(i)) for i in range(services)))
-        await asyncio.gather(*(put(ENDPOINT_SLICE, make_slice(i, per)) for i in range(services)))
-        await asyncio.gather(*(put(POD, make_pod(j, per)) for j in range(pods)))
+        await asyncio.gather(*(writer() for _ in range(64)))
     finally:
         await store.close()
 

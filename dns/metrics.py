@@ -84,15 +84,15 @@ class DNSStats:
         """Add one worker's counts (``worker.serve``'s ``stats`` dict)."""
         with self._lock:
             for key, value in snapshot.items():
-                if key == "dropped":
+                if isinstance(key, int):
+                    self._add("udp", key >> 4, key & 0xF, "kubernetes", value)
+                elif key == "dropped":
                     self.dropped += value
-                elif key[0] == "d":
+                else:
                     hist = self.durations.setdefault(type_name(key[1]),
                                                      [0] * (len(BUCKETS) + 2))
                     for i, v in enumerate(value):
                         hist[i] += v
-                else:
-                    self._add("udp", key[0], key[1], "kubernetes", value)
 
     def total_requests(self) -> int:
         with self._lock:

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from svcnet.dns import names
 from svcnet.dns.records import ServiceRecords, service_records
@@ -38,11 +38,26 @@ from svcnet.dns.wire import (
     prepare,
 )
 
-from svcnet.model import EndpointSlice, Pod, Service
+from svcnet.model import EndpointSlice, Service
 
 log = logging.getLogger(__name__)
 
 PodMode = Literal["insecure", "verified", "disabled"]
+
+
+class _Meta(Protocol):
+    @property
+    def namespace(self) -> str: ...
+
+
+class PodLike(Protocol):
+    """A Pod record or the DNS's slim ``PodAddresses``."""
+
+    @property
+    def metadata(self) -> _Meta: ...
+
+    @property
+    def ips(self) -> tuple[str, ...]: ...
 Updates = dict[bytes, Prepared | None]
 VERSION_TTL = 28800  # CoreDNS answers dns-version with this TTL
 
@@ -132,22 +147,23 @@ class ClusterZone:
                   f"ns.dns.{self.zone} hostmaster.{self.zone} {self.serial} 7200 1800 86400 "
                   f"{self.ttl}")
 
-    def _nodata(self, name: str) -> Prepared:
-        return prepare(NOERROR, [], [self.soa()], [], name)
+    def _nodata(self, name: str, qtype: int = 0) -> Prepared:
+        return prepare(NOERROR, [], [self.soa()], [], name, qtype=qtype)
 
     def _static(self) -> Updates:
         z = self.zone
         version = names.fqdn(names.VERSION_LABEL, z)
         ups: Updates = {
-            table_key(z, SOA): prepare(NOERROR, [self.soa()], [], [], z),
-            table_key(z, NS): prepare(NOERROR, [RR(z, NS, self.ttl, f"ns.dns.{z}")], [], [], z),
+            table_key(z, SOA): prepare(NOERROR, [self.soa()], [], [], z, qtype=SOA),
+            table_key(z, NS): prepare(NOERROR, [RR(z, NS, self.ttl, f"ns.dns.{z}")], [], [], z,
+                                      qtype=NS),
             table_key(version, TXT): prepare(
                 NOERROR, [RR(version, TXT, VERSION_TTL, f'"{names.SCHEMA_VERSION}"')], [], [],
-                version),
+                version, qtype=TXT),
         }
         for name in (z, names.fqdn("svc", z), names.fqdn("pod", z)):
             for qtype in (A, AAAA):
-                ups[table_key(name, qtype)] = self._nodata(name)
+                ups[table_key(name, qtype)] = self._nodata(name, qtype)
         return ups
 
     # --- changes from the watch cache ------------------------------------------------------
@@ -187,18 +203,20 @@ class ClusterZone:
                 self._owner_of[name_type] = key
             for (name, qtype), (answer, extra) in new.rrsets.items():
                 k = table_key(name, qtype)
-                prepared = prepare(NOERROR, list(answer), [], list(extra), name)
+                prepared = prepare(NOERROR, list(answer), [], list(extra), name, qtype=qtype)
                 new_keys.add(k)
                 if self.table.get(k) != prepared:
                     updates[k] = prepared
             for name in new.names:
+                if name.startswith("_"):
+                    continue  # SRV owners: their rare A/AAAA NODATA come from the slow path
                 for qtype in (A, AAAA):
                     if (name, qtype) in new.rrsets or (name, CNAME) in new.rrsets:
                         continue
                     k = table_key(name, qtype)
                     new_keys.add(k)
                     if k not in old_keys:
-                        updates[k] = self._nodata(name)
+                        updates[k] = self._nodata(name, qtype)
             self._keys[key] = new_keys
         for k in old_keys - new_keys:
             updates[k] = None
@@ -223,10 +241,11 @@ class ClusterZone:
                 updates[k] = None
             else:
                 updates[k] = prepare(
-                    NOERROR, [RR(ptr, PTR, self.ttl, t) for t in targets], [], [], ptr)
+                    NOERROR, [RR(ptr, PTR, self.ttl, t) for t in targets], [], [], ptr,
+                    qtype=PTR)
         return updates
 
-    def set_pod(self, old: Pod | None, new: Pod | None) -> None:
+    def set_pod(self, old: PodLike | None, new: PodLike | None) -> None:
         """Index pods by (namespace, IP) for ``pods verified``."""
         if old is not None:
             self._pod_namespaces[old.metadata.namespace] -= 1
