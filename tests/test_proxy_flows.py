@@ -337,3 +337,78 @@ def test_cleanup_removes_everything(lab: Lab) -> None:
     assert "svcnet" not in ns_sh(lab.node, "nft", "list", "tables").stdout
     assert "KUBE-" not in ns_sh(lab.node, "iptables-save").stdout
     assert lab.client("cpod", "10.96.0.13", 80)["errors"] == ["DROP"]
+
+
+UDP_PINNED = r'''
+import socket, sys, time
+host, port, sport, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", sport)); s.settimeout(1.0); s.connect((host, port))
+out = []
+for _ in range(count):
+    try:
+        s.send(b"hi"); out.append(s.recv(100).decode().split()[0])
+    except OSError as e:
+        out.append(type(e).__name__)
+print(" ".join(out))
+'''
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_udp_client_fails_over_at_once_when_its_endpoint_goes(kind: str, lab: Lab) -> None:
+    """The same source port keeps its conntrack entry; only deleting it moves the client."""
+    from svcnet.proxy.conntrack import NetlinkConntrack, stale_flows
+
+    (lab.dir / "udp.py").write_text(UDP_PINNED)
+    backend = make_backend(kind, lab.node)
+    svc = to_service(service("dns", "10.96.0.53", port(53, "", "UDP")))
+    tracker = ChangeTracker(NodeConfig(NODE_NAME))
+    both = [to_slice(endpoint_slice("dns", here(P1), here(P2), ports=[("", 8080, "UDP")]))]
+    tracker.service_changed(None, svc)
+    backend.sync(tracker.drain(lambda k: svc, lambda k: both, lambda: ["default/dns"]),
+                 full=True)
+
+    def ask(count: int) -> list[str]:
+        return ns_sh(lab.ns["cpod"], sys.executable, str(lab.dir / "udp.py"), "10.96.0.53",
+                     "53", "40000", str(count)).stdout.split()
+
+    first = ask(3)
+    assert len(set(first)) == 1 and first[0] in ("pod1", "pod2"), first
+    hit = first[0]
+    keep = P2 if hit == "pod1" else P1
+    remaining = [to_slice(endpoint_slice("dns", here(keep), ports=[("", 8080, "UDP")]))]
+    tracker.slice_changed(None, remaining[0])
+    changes = tracker.drain(lambda k: svc, lambda k: remaining)
+    backend.sync(changes, full=False)
+    assert ask(2) == [hit, hit]  # the old NAT entry still steers this flow
+    deleted = NetlinkConntrack(lab.node).delete(stale_flows(changes))
+    assert deleted >= 1
+    assert ask(2) == [BY_IP[keep]] * 2
+
+
+DETECT_FLOWS: list[tuple[str, str, str, int, Any]] = [
+    ("cpod", "TCP", "10.96.0.10", 80, (ALL, False)),
+    ("ext", "TCP", "10.96.0.10", 80, (ALL, True)),
+    ("node", "TCP", "10.96.0.10", 80, (ALL, True)),
+    ("cpod", "TCP", NODE_IP, 30081, ({"pod1", "pod2"}, False)),
+    ("ext", "TCP", NODE_IP, 30081, ({"pod1"}, False)),
+]
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+@pytest.mark.parametrize(("mode", "iface"), [("BridgeInterface", "br0"),
+                                             ("InterfaceNamePrefix", "br")])
+def test_detect_local_by_interface(kind: str, mode: str, iface: str, lab: Lab) -> None:
+    config = BackendConfig(families=(4,), detect_local=LocalDetector(mode, (), iface))
+    commands = SubprocessCommands(lab.node)
+    backend: Any = (NftablesBackend(commands, config) if kind == "nftables" else
+                    IptablesBackend(commands, config, legacy=False,
+                                    node_addresses={4: (NODE_IP,)}))
+    program(backend, OBJECTS[:2])
+    tr = tracer(kind, backend)
+    want = {(s, p, d, port): e for s, p, d, port, e in DETECT_FLOWS}
+    assert {(s, p, d, port): traced(tr, s, p, d, port) for s, p, d, port, _ in DETECT_FLOWS
+            } == want
+    if mode == "BridgeInterface":  # the prefix form renders the same match, with a *
+        assert {(s, p, d, port): real(lab, s, p, d, port, e)
+                for s, p, d, port, e in DETECT_FLOWS} == want
