@@ -37,6 +37,7 @@ DNS_IMAGE = "svcnet/dns"
 DNS_HEALTH_PORT = 8181
 DEFAULT_GRACE_S = 1.0
 PROBE_PERIOD_S = 1.0
+PROCESS_CHECK_S = 0.1
 FIRST_PROBE_RETRY_S = 0.05
 
 
@@ -90,7 +91,8 @@ def pod_command(cfg: LabConfig, pod: dict[str, Any]) -> list[str]:
         return [subst.get(part, part) for part in cmd]
     if c.get("image") == DNS_IMAGE:
         return [*cfg.svcnet_argv, "dns", *cfg.store_args(), "--zone", cfg.zone,
-                "--listen", "0.0.0.0:53", "--workers", "1", "--health-port", str(DNS_HEALTH_PORT)]
+                "--listen", "0.0.0.0:53", "--workers", "1", "--health-port", str(DNS_HEALTH_PORT),
+                "--lameduck", "0.5"]
     ports = pod_ports(pod)
     argv = [cfg.python, "-m", "svcnet.lab.echo", "serve",
             "--name", pod["metadata"]["name"]]
@@ -123,6 +125,7 @@ class Kubelet:
         self._adopt()
         await self._register_node()
         watcher = asyncio.create_task(self._watch())
+        liveness = asyncio.create_task(self._watch_processes())
         try:
             while True:
                 with contextlib.suppress(TimeoutError):
@@ -132,8 +135,18 @@ class Kubelet:
                     self._reconcile()
         finally:
             watcher.cancel()
+            liveness.cancel()
             for task in self.workers.values():
                 task.cancel()
+
+    async def _watch_processes(self) -> None:
+        """Notice a pod's process exiting within a fraction of a second, not at the next
+        probe: its endpoint must stop receiving traffic at once."""
+        while True:
+            await asyncio.sleep(PROCESS_CHECK_S)
+            if any(not (alive(sb.pid) and start_time_of(sb.pid) == sb.start_time)
+                   for sb in list(self.sandboxes.values())):
+                self.wake.set()
 
     async def _register_node(self) -> None:
         cfg, node = self.cfg, self.node
@@ -217,6 +230,9 @@ class Kubelet:
                 sb = await self._create(pod)
             elif not (alive(sb.pid) and start_time_of(sb.pid) == sb.start_time):
                 log.warning("pod %s process exited; restarting", key)
+                if self.ready.get(key):
+                    self.ready[key] = False
+                    await self._put_status(pod, sb, ready=False)
                 sb = self._start_process(pod, sb.netns, sb.ip, sb.host_network,
                                          sb.container_id, sb.restarts + 1)
             await self._probe_and_report(pod, sb)
