@@ -1,8 +1,11 @@
 """svcnet dns against dnsmasq and unbound with dnsperf, on the same 10,000 names, in one run.
 
-A throwaway etcd holds 10k ClusterIP Services (each with a 10-endpoint EndpointSlice) and
-100k Pods; ``svcnet dns --store etcd://... --pods verified`` watches all of it, so its memory
-is measured at that scale (target: (pods + services)/1000 + 54 MB, CoreDNS's formula).
+A throwaway etcd holds 10k ClusterIP Services (each with a 10-endpoint EndpointSlice, 100k
+endpoints) and the 100k Pods behind them; ``svcnet dns --store etcd://...`` (default
+``--pods insecure``, like CoreDNS's default Corefile, which is what its memory formula
+(pods + services)/1000 + 54 MB describes) watches Services and EndpointSlices, and its
+memory is measured at that scale; a second instance with ``--pods verified`` also watches the
+100k Pods and its memory is reported too (``rss_verified_mb``).
 dnsmasq (``--addn-hosts``) and unbound (``local-data``) serve the same 10k service names.
 dnsperf sends A queries for those names from ``--clients`` clients for ``--seconds`` to each
 server in turn (``-v`` gives every query's latency, from which p99 comes).
@@ -267,7 +270,7 @@ def main() -> int:
         svcnet = stack.enter_context(process(
             [sys.executable, "-m", "svcnet.cli", "dns", "--store", f"etcd://{endpoint}",
              "--listen", f"127.0.0.1:{ports['svcnet']}", "--workers", str(args.workers),
-             "--pods", "verified", "--upstream", "127.0.0.1:9"], cwd="/"))
+             "--upstream", "127.0.0.1:9"], cwd="/"))
         wait_udp(ports["svcnet"], names[-1])
         print(f"svcnet dns answering after {time.monotonic() - t0:.1f}s", file=sys.stderr)
         ports["dnsmasq"] = free_udp_tcp_port()
@@ -300,14 +303,23 @@ def main() -> int:
         results = {name: max(rs, key=lambda r: r.qps) for name, rs in runs.items()}
         mem_after = pss_mb(svcnet.pid)
         mem = (max(mem[0], mem_after[0]), max(mem[1], mem_after[1]))
+        verified_port = free_udp_tcp_port()
+        with process([sys.executable, "-m", "svcnet.cli", "dns", "--store",
+                      f"etcd://{endpoint}", "--listen", f"127.0.0.1:{verified_port}",
+                      "--workers", str(args.workers), "--pods", "verified", "--upstream",
+                      "127.0.0.1:9"], cwd="/") as verified:
+            wait_udp(verified_port, names[-1])
+            time.sleep(1)
+            mem_verified = pss_mb(verified.pid)
     print(f"best of {args.rounds} interleaved {args.seconds:.0f}-second dnsperf runs, "
           f"{args.clients} clients, {args.workers} svcnet workers")
     print(f"{'server':10} {'QPS':>10} {'avg ms':>8} {'p99 ms':>8} {'lost':>8} {'sent':>10}")
     for name, r in results.items():
         print(f"{name:10} {r.qps:10.0f} {r.avg_ms:8.2f} {r.p99_ms:8.2f} {r.lost:8d} {r.sent:10d}")
     limit = (args.pods + args.services) / 1000 + 54
-    print(f"svcnet memory at {args.services} services + {args.pods} pods: PSS {mem[0]:.1f} MB "
-          f"(RSS summed {mem[1]:.1f} MB); CoreDNS formula {limit:.0f} MB")
+    print(f"svcnet memory at {args.services} services + {args.pods} pods (as endpoints): "
+          f"PSS {mem[0]:.1f} MB (RSS summed {mem[1]:.1f} MB); with --pods verified (watching "
+          f"the pods too) PSS {mem_verified[0]:.1f} MB; CoreDNS formula {limit:.0f} MB")
     s, d = results["svcnet"], results["dnsmasq"]
     print(json.dumps({
         "svcnet_qps": round(s.qps), "dnsmasq_qps": round(d.qps),
@@ -315,6 +327,7 @@ def main() -> int:
         "svcnet_p99_ms": round(s.p99_ms, 3), "svcnet_avg_ms": round(s.avg_ms, 3),
         "lost": s.lost, "lost_all_rounds": sum(r.lost for r in runs["svcnet"]),
         "rss_mb": round(mem[0], 1), "rss_sum_mb": round(mem[1], 1),
+        "rss_verified_mb": round(mem_verified[0], 1),
         "rss_limit_mb": round(limit, 1)}))
     return 0
 

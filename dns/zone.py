@@ -15,7 +15,7 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 from svcnet.dns import names
@@ -200,7 +200,8 @@ class ClusterZone:
                 for name in new.names:
                     self._externals[name] = new.external
             for name_type in new.rrsets:
-                self._owner_of[name_type] = key
+                if name_type[1] in (A, AAAA):
+                    self._owner_of[name_type] = key
             for (name, qtype), (answer, extra) in new.rrsets.items():
                 k = table_key(name, qtype)
                 prepared = prepare(NOERROR, list(answer), [], list(extra), name, qtype=qtype)
@@ -218,6 +219,10 @@ class ClusterZone:
                     if k not in old_keys:
                         updates[k] = self._nodata(name, qtype)
             self._keys[key] = new_keys
+            # Keep only what the slow path reads again (A/AAAA for ExternalName targets and
+            # ANY); the rest lives on as prepared answers.
+            self._services[key] = replace(new, rrsets={
+                nt: rrs for nt, rrs in new.rrsets.items() if nt[1] in (A, AAAA)})
         for k in old_keys - new_keys:
             updates[k] = None
         updates.update(self._update_ptrs(key, old, new))
