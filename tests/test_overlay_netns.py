@@ -297,3 +297,28 @@ def test_kube_subnet_manager_uses_pod_cidrs_and_annotations(bed: Testbed) -> Non
     in_ns(bed.underlay, SVCNET, "delete", "--store", store, "nodes", "n2")
     until(lambda: all("10.244.12.0" not in routes(n) for n in nodes[:2]), 10,
           "deleted node's routes removed")
+
+
+def test_etcd_outage_keeps_datapath_and_daemons_recover(bed: Testbed) -> None:
+    """Leases are renewed (short TTL); while etcd is down pods keep talking; afterwards the
+    daemons' watches resume and a new node is seen by everyone."""
+    nodes = start_nodes(bed, 2, NET_CONF, "--overlay-lease-ttl", "3")
+    pods = [bed.add_pod(n) for n in nodes]
+    until(lambda: all("flannel.1" in routes(n) for n in nodes), what="mesh")
+    time.sleep(4)  # longer than the TTL: only renewal keeps the leases
+    keys = bed.etcdctl("get", "--prefix", "--keys-only", "/coreos.com/network/subnets/")
+    assert keys.stdout.count("/subnets/") == 2
+    assert bed.etcd is not None
+    bed.etcd.kill()
+    bed.etcd.wait(10)
+    for _ in range(3):
+        reach(pods[0], bed.pod_ips[pods[1]])
+        time.sleep(0.5)
+    assert all(n.daemon is not None and n.daemon.poll() is None for n in nodes)
+    bed.start_etcd()
+    late = bed.add_node("n9")
+    bed.start_daemon(late, "--overlay-lease-ttl", "3")
+    bed.wait_ready(late)
+    until(lambda: all(routes(n).count("flannel.1") == 2 for n in [*nodes, late]), 30,
+          "mesh including the node that joined after the outage")
+    reach(bed.add_pod(late), bed.pod_ips[pods[0]])
