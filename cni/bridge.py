@@ -14,7 +14,7 @@ import posix
 from . import ipam, posixfs
 from .addr import AddressError, Prefix, format_ip, parse_ip
 from .netns import InNetns, NetnsError, open_netns, read_sysctl, write_sysctl
-from .rtnl import AlreadyExists, LinkNotFound, Rtnl, mac_text
+from .rtnl import AlreadyExists, Link, LinkNotFound, Rtnl, mac_text
 from .spec import (
     ERR_INTERNAL,
     ERR_INVALID_CONFIG,
@@ -259,7 +259,7 @@ def _open_netns(path: str) -> int:
                        str(err)) from None
 
 
-def ensure_bridge(host: Rtnl, conf: NetConf, mtu: int) -> Any:
+def ensure_bridge(host: Rtnl, conf: NetConf, mtu: int) -> Link:
     try:
         bridge = host.link(conf.bridge)
     except LinkNotFound:
