@@ -7,7 +7,7 @@ import ipaddress
 from pathlib import Path
 
 import pytest
-from svcnet.cni.overlay.config import ConfigError, parse_network_config
+from svcnet.cni.overlay.config import ConfigError, NetworkConfig, parse_network_config
 from svcnet.cni.overlay.daemon import OverlayDaemon, OverlayOptions, previous_subnets
 from svcnet.cni.overlay.desired import (
     FdbEntry,
@@ -279,3 +279,33 @@ def test_ipv6_only_network() -> None:
     assert Route("fd00:1:0:2::/64", "fd00:1:0:2::", "flannel-v6.1", True) in d.kernel.routes
     assert [c.family for c in d.chains] == [6, 6]
     assert "ff00::/8" in d.chains[0].rules[3]
+
+
+def test_daemon_waits_out_an_unreachable_store(tmp_path: Path) -> None:
+    from svcnet.store.base import Unavailable
+
+    reg = MemoryLeaseRegistry(parse_network_config(NET))
+
+    class Flaky(MemorySubnetManager):
+        failures = 2
+
+        async def network_config(self) -> NetworkConfig:
+            if Flaky.failures:
+                Flaky.failures -= 1
+                raise Unavailable("etcd: no member reachable")
+            return await super().network_config()
+
+    async def main() -> None:
+        d = OverlayDaemon(OverlayOptions(node_name="n1", listen="", watch_links=False,
+                                         subnet_file=str(tmp_path / "env")),
+                          netlink=FakeNetlink(iface=UNDERLAY), firewall=FakeFirewall(),
+                          manager=Flaky(reg))
+        task = asyncio.create_task(d.run(None, None))
+        try:
+            await asyncio.wait_for(d.ready.wait(), 10)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert Flaky.failures == 0 and "FLANNEL_SUBNET=10.244." in (tmp_path / "env").read_text()
+
+    asyncio.run(main())

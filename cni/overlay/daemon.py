@@ -190,6 +190,7 @@ class OverlayDaemon:
         self._full = True
         self._snapshot: Snapshot = ()
         self._last_desired: Desired | None = None
+        self._env_written = ""
         self._lease: Lease | None = None
 
     # -- wiring --
@@ -237,7 +238,7 @@ class OverlayDaemon:
 
             self._manager = self._build_manager(store or MemoryStore(), factory, file_config)
         manager = self._manager
-        config = file_config or await manager.network_config()
+        config = file_config or await self._network_config(manager)
         if opts.backend:
             config = replace(config, backend=replace(config.backend, type=opts.backend))
         metrics = _Metrics.get()
@@ -251,11 +252,14 @@ class OverlayDaemon:
             reconciler = Reconciler(netlink, firewall)
             snapshots = manager.watch()
             self._snapshot = await anext(snapshots)
-            desired = self._desired(config, underlay)
-            result = await reconciler.sync(desired)
-            self._record(desired, result, metrics)
-            write_atomically(opts.subnet_file, subnet_env(config, lease, desired.mtu,
-                                                          opts.ip_masq))
+            for attempt in range(3):
+                desired = self._desired(config, underlay)
+                result = await reconciler.sync(desired)
+                self._record(desired, result, metrics)
+                if not result.errors:
+                    break
+                await asyncio.sleep(0.2 * (attempt + 1))
+            self._write_env(config, desired)
             self.status.ready = True
             metrics.ready.set(1)
             self.ready.set()
@@ -282,10 +286,35 @@ class OverlayDaemon:
                         self.status.last_errors = [str(err)]
                         continue
                     self._record(desired, result, metrics)
+                    self._write_env(config, desired)
         finally:
             metrics.ready.set(0)
             if server is not None:
                 await server.stop()
+
+    def _write_env(self, config: NetworkConfig, desired: Desired) -> None:
+        """(Re)write subnet.env when its content changes: after start-up, a re-lease that
+        moved our subnet, or an underlay MTU change."""
+        assert self._lease is not None
+        text = subnet_env(config, self._lease, desired.mtu, self.options.ip_masq)
+        if text != self._env_written:
+            write_atomically(self.options.subnet_file, text)
+            self._env_written = text
+
+    async def _network_config(self, manager: SubnetManager) -> NetworkConfig:
+        """The network config from the store, waiting out an unreachable store."""
+        from svcnet.store.base import Unavailable
+        from svcnet.watch import Backoff
+
+        backoff = Backoff(base=0.5, cap=10.0)
+        while True:
+            try:
+                return await manager.network_config()
+            except (Unavailable, OSError, TimeoutError) as err:
+                delay = backoff.next()
+                log.warning("cannot read the network config yet (%s); retrying in %.1fs",
+                            err, delay)
+                await asyncio.sleep(delay)
 
     async def _acquire(self, manager: SubnetManager, config: NetworkConfig,
                        underlay: Underlay) -> Lease:
