@@ -11,7 +11,7 @@ from conftest import ns_sh, require_binary
 from svcnet.cni.overlay.config import parse_network_config
 from svcnet.cni.overlay.desired import compute_desired
 from svcnet.cni.overlay.lease import Lease, LeaseAttrs
-from svcnet.cni.overlay.netlink import IpCommandNetlink
+from svcnet.cni.overlay.netlink import FakeNetlink, IpCommandNetlink
 from svcnet.cni.overlay.reconcile import plan
 
 pytestmark = pytest.mark.kernel
@@ -50,10 +50,13 @@ def test_apply_then_observe_round_trips(netns: Callable[[str], str], native: boo
         assert len(want.kernel.routes) == 2 * 29
         assert len(want.kernel.neighbours) == 2  # only the peer behind a router: 4 and 6
         devices = frozenset(link.name for link in want.kernel.links)
-        errors = await kernel.apply(plan(want.kernel, await kernel.observe(devices)))
-        assert not errors
+        ops = plan(want.kernel, await kernel.observe(devices))
+        assert not await kernel.apply(ops)
         seen = await kernel.observe(devices)
         assert seen.objects == want.kernel and not seen.down
+        fake = FakeNetlink(iface=underlay)
+        assert not await fake.apply(ops)
+        assert (await fake.observe(devices)) == seen, "the fake must match the kernel"
         assert plan(want.kernel, seen) == []
         fewer = compute_desired(config, peers[0], peers[:10], underlay, "n1")
         assert not await kernel.apply(plan(fewer.kernel, seen))
