@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 from conftest import ns_sh, require_binary
 from svcnet.cni.overlay.config import parse_network_config
-from svcnet.cni.overlay.desired import compute_desired
+from svcnet.cni.overlay.desired import Underlay, compute_desired
 from svcnet.cni.overlay.lease import Lease, LeaseAttrs
 from svcnet.cni.overlay.netlink import FakeNetlink, IpCommandNetlink
 from svcnet.cni.overlay.reconcile import plan
@@ -63,3 +63,42 @@ def test_apply_then_observe_round_trips(netns: Callable[[str], str], native: boo
         assert (await kernel.observe(devices)).objects == fewer.kernel
 
     asyncio.run(main())
+
+
+def test_masquerade_chains_round_trip_through_iptables(netns: Callable[[str], str]) -> None:
+    """Our rule text is exactly what iptables-save prints, so a second sync finds nothing to
+    do; the jumps are inserted once; other rules in the built-in chains are left alone."""
+    require_binary("iptables-restore", "ip6tables-restore")
+    from svcnet.cni.overlay.iptables import FakeFirewall, IptablesFirewall
+    from svcnet.cni.overlay.reconcile import plan_chains
+
+    ns = netns("fw")
+    ns_sh(ns, "iptables", "-A", "FORWARD", "-s", "192.0.2.0/24", "-j", "DROP")
+    config = parse_network_config(CONF)
+    chains = compute_desired(config, lease(1, "10.99.0.1"), (), _underlay(), "n1").chains
+    assert {c.family for c in chains} == {4, 6}
+
+    async def main() -> None:
+        fw = IptablesFirewall(ns)
+        rewrite, jumps = plan_chains(chains, await fw.observe(chains))
+        assert len(rewrite) == len(jumps) == 4
+        assert not await fw.apply(rewrite, jumps)
+        seen = await fw.observe(chains)
+        assert plan_chains(chains, seen) == ([], []), seen
+        fake = FakeFirewall()
+        await fake.apply(rewrite, jumps)
+        assert await fake.observe(chains) == seen
+        stale = [c for c in chains if c.table == "nat" and c.family == 4]
+        ns_sh(ns, "iptables", "-t", "nat", "-A", stale[0].chain, "-j", "RETURN")
+        assert plan_chains(chains, await fw.observe(chains))[0] == stale
+        assert not await fw.apply(stale, [])
+        assert plan_chains(chains, await fw.observe(chains)) == ([], [])
+
+    asyncio.run(main())
+    saved = ns_sh(ns, "iptables-save", "-t", "filter").stdout
+    assert "-A FORWARD -s 192.0.2.0/24 -j DROP" in saved
+    assert saved.count("-j SVCNET-OVL-FWD") == 1
+
+
+def _underlay() -> Underlay:
+    return Underlay("eth0", 1500, "10.99.0.1", "fd99::1", ("10.99.0.0/24", "fd99::/64"))
