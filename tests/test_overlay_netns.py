@@ -195,6 +195,9 @@ def test_daemon_restart_under_ping_loses_nothing(bed: Testbed) -> None:
     assert "400 received" in out
     assert nodes[0].env()["FLANNEL_SUBNET"] == subnet_before, "subnet must survive a restart"
     assert in_ns(nodes[0].ns, "cat", "/sys/class/net/flannel.1/ifindex").stdout == index_before
+    metrics = in_ns(nodes[0].ns, "python3", "-c", "import urllib.request as u; print(u.urlopen("
+                    f"'http://127.0.0.1:{nodes[0].listen_port}/metrics').read().decode())")
+    assert "svcnet_overlay_changes_total 0.0" in metrics.stdout, "a restart must change nothing"
     assert status(nodes[0]).returncode == 0
 
 
