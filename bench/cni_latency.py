@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from svcnet.cni.cli import choose_python, launcher_text
+from svcnet.cni.cli import choose_python, fast_path_client, launcher_text
 from svcnet.cni.netns import setns
 
 REFERENCE_DIR = "/usr/lib/cni"
@@ -54,12 +54,26 @@ class Subject:
         self.del_cpu: list[float] = []
         self.path = f"{REFERENCE_DIR}:{os.path.dirname(binary)}"
 
+    server_socket = ""
+    _server: subprocess.Popen[bytes] | None = None
+
     def setup(self) -> None:
         for ns in (self.host, self.pod):
             subprocess.run(["ip", "netns", "add", ns], check=True)
         self._host_fd = os.open(f"/var/run/netns/{self.host}", os.O_RDONLY)
+        if self.server_socket:
+            svcnet = os.path.join(os.path.dirname(sys.executable), "svcnet")
+            self._server = subprocess.Popen(["ip", "netns", "exec", self.host, svcnet, "cni",
+                                             "serve", "--socket", self.server_socket])
+            for _ in range(200):
+                if os.path.exists(self.server_socket):
+                    break
+                time.sleep(0.05)
 
     def teardown(self) -> None:
+        if self._server is not None:
+            self._server.terminate()
+            self._server.wait(10)
         for ns in (self.host, self.pod):
             subprocess.run(["ip", "netns", "delete", ns], check=False)
 
@@ -114,6 +128,15 @@ def main() -> int:
         subjects = [Subject("svcnet", str(launcher), "host-local", "s", tmp, args.ip_masq, 0),
                     Subject("reference", f"{REFERENCE_DIR}/bridge", "host-local", "r", tmp,
                             args.ip_masq, 1)]
+        fast = Subject("svcnet-fastpath", str(bindir / "fast" / "svcnet-cni"), "host-local",
+                       "f", tmp, args.ip_masq, 3)
+        (bindir / "fast").mkdir()
+        fast.server_socket = str(tmp / "cni.sock")
+        Path(fast.binary).write_text(fast_path_client(str(launcher), fast.server_socket,
+                                                      shutil.which("socat") or "socat"))
+        Path(fast.binary).chmod(0o755)
+        if shutil.which("socat"):
+            subjects.append(fast)
         if console:
             subjects.append(Subject("svcnet-console", console, "host-local", "c", tmp,
                                     args.ip_masq, 2))
@@ -158,6 +181,12 @@ def main() -> int:
         "load": round(os.getloadavg()[0], 2), "ip_masq": args.ip_masq, "cycles": args.cycles,
         "python": python,
     }
+    if "svcnet-fastpath" in stats:
+        fp = stats["svcnet-fastpath"]
+        result["fastpath_add_p50_ms"] = round(fp["add50"], 2)
+        result["fastpath_add_ratio"] = round(fp["add50"] / ref["add50"], 3)
+        result["fastpath_del_p50_ms"] = round(fp["del50"], 2)
+        result["fastpath_del_ratio"] = round(fp["del50"] / ref["del50"], 3)
     if "svcnet-console" in stats:
         result["console_script_add_p50_ms"] = round(stats["svcnet-console"]["add50"], 2)
     print(f"ratio svcnet/reference: ADD {result['add_ratio']:.2f}x, DEL {result['del_ratio']:.2f}x")

@@ -35,6 +35,22 @@ sys.stderr.flush()
 sys.modules["posix"]._exit(_status)  # skip interpreter teardown: nothing left to clean up
 """
 
+FAST_PATH_CLIENT = """#!/bin/sh
+# svcnet-cni written by `svcnet cni install --fast-path`: hand the request to the resident
+# `svcnet cni serve` (reply: one status byte, then the plugin's output); without the socket
+# run the in-process plugin. SVCNET_CNI_ARGV0 keeps the invoked name (svcnet-ipam role).
+export SVCNET_CNI_ARGV0="$0"
+if [ -S {socket} ]; then
+  if out=$({socat} -t 120 - UNIX-CONNECT:{socket} 2>/dev/null) && [ -n "$out" ]; then
+    status=${{out%"${{out#?}}"}}
+    body=${{out#?}}
+    [ -n "$body" ] && printf '%s\\n' "$body"
+    exit "$status"
+  fi
+fi
+exec {launcher} "$@"
+"""
+DEFAULT_SOCKET = "/run/svcnet/cni.sock"
 CONFLIST_NAME = "10-svcnet.conflist"
 
 
@@ -59,7 +75,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     install.add_argument("--python", default="auto",
                          help="interpreter for the launcher; 'auto' times this one and the "
                               "system python3 of the same minor version and takes the faster")
+    install.add_argument("--fast-path", action="store_true",
+                         help="install a shell client that uses `svcnet cni serve` when its "
+                              "socket exists (falls back to the in-process plugin)")
+    install.add_argument("--socket", default=DEFAULT_SOCKET)
     install.set_defaults(func=cmd_install)
+    serve = cni_sub.add_parser("serve", help="do the plugin's work in a resident process "
+                                             "(the --fast-path client's server)")
+    serve.add_argument("--socket", default=DEFAULT_SOCKET)
+    serve.set_defaults(func=cmd_serve)
 
 
 def launcher_text(python: str | None = None) -> str:
@@ -145,7 +169,17 @@ def cmd_install(args: argparse.Namespace) -> int:
     os.makedirs(args.bin_dir, exist_ok=True)
     target = os.path.join(args.bin_dir, "svcnet-cni")
     python = choose_python() if args.python == "auto" else args.python
-    _write(target, launcher_text(python), 0o755)
+    if args.fast_path:
+        import shutil
+
+        socat = shutil.which("socat")
+        if socat is None:
+            raise UsageError("--fast-path needs socat")
+        launcher = os.path.join(args.bin_dir, "svcnet-cni-inprocess")
+        _write(launcher, launcher_text(python), 0o755)
+        _write(target, fast_path_client(launcher, args.socket, socat), 0o755)
+    else:
+        _write(target, launcher_text(python), 0o755)
     ipam_link = os.path.join(args.bin_dir, "svcnet-ipam")
     if not os.path.lexists(ipam_link):
         os.symlink("svcnet-cni", ipam_link)
@@ -155,4 +189,24 @@ def cmd_install(args: argparse.Namespace) -> int:
         path = os.path.join(args.conf_dir, CONFLIST_NAME)
         _write(path, json.dumps(conflist(args), indent=2) + "\n", 0o644)
         print(f"wrote {path}")
+    return 0
+
+
+def fast_path_client(launcher: str, socket_path: str, socat: str) -> str:
+    import shlex
+
+    return FAST_PATH_CLIENT.format(socket=shlex.quote(socket_path), socat=shlex.quote(socat),
+                                   launcher=shlex.quote(launcher))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from .server import serve
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(0)  # unwinds serve(), which removes the socket
+
+    signal.signal(signal.SIGTERM, stop)
+    serve(args.socket)
     return 0

@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command != "VERSION" or not sys.stdin.isatty():
             stdin = sys.stdin.buffer.read()
-        out = run(command, stdin, environ, argv[0] if argv else "")
+        argv0 = environ.get("SVCNET_CNI_ARGV0") or (argv[0] if argv else "")
+        out = run(command, stdin, environ, argv0)
     except CniError as err:
         sys.stdout.write(dumps(err.to_json(_error_version(stdin))) + "\n")
         return 1
