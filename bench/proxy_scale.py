@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from svcnet.proxy.builders import endpoint, endpoint_slice, port, service
@@ -59,6 +59,20 @@ class RecordingCommands:
         if input is not None:
             self.inputs.append((list(argv), input))
             self.returned.append(time.monotonic())
+        return out
+
+
+    def stream(self, argv: Sequence[str], chunks: Iterable[str]) -> str:
+        parts: list[str] = []
+
+        def recorded() -> Iterator[str]:
+            for chunk in chunks:
+                parts.append(chunk)
+                yield chunk
+
+        out = self.inner.stream(argv, recorded())
+        self.inputs.append((list(argv), "".join(parts)))
+        self.returned.append(time.monotonic())
         return out
 
 

@@ -8,7 +8,8 @@ itself normally already runs inside its node's namespace). ``FakeCommands`` reco
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,6 +42,32 @@ class SubprocessCommands:
         if check and proc.returncode != 0:
             raise CommandFailed(argv, proc.returncode, proc.stderr)
         return proc.stdout
+
+
+    def stream(self, argv: Sequence[str], chunks: Iterable[str]) -> str:
+        """Like ``run``, but feeds stdin while ``chunks`` are still being produced, so the
+        tool parses the start of a large input while we generate the rest."""
+        full = ["ip", "netns", "exec", self.netns, *argv] if self.netns else list(argv)
+        with tempfile.TemporaryFile("w+") as err, tempfile.TemporaryFile("w+") as out:
+            proc = subprocess.Popen(full, stdin=subprocess.PIPE, stdout=out, stderr=err,
+                                    text=True)
+            assert proc.stdin is not None
+            try:
+                for chunk in chunks:
+                    proc.stdin.write(chunk)
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # the tool died early; its exit status and stderr say why
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            code = proc.wait(self.timeout)
+            err.seek(0)
+            out.seek(0)
+            if code != 0:
+                raise CommandFailed(argv, code, err.read())
+            return out.read()
 
 
 @dataclass(slots=True)

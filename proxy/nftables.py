@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from svcnet.proxy.commands import Commands
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 TABLE = "svcnet"
 LOCAL_OFFSET = 1 << 20
 LB_CHAINS_MIN = 32
+ELEMENT_BATCH = 2000
 STATIC_MAPS = (
     "service-ips", "backends", "no-endpoints", "local-shortcut", "cluster-ips",
     "external-masq", "local-policy", "hairpin", "firewall-ips", "firewall-allow",
@@ -80,16 +81,22 @@ class NftablesBackend:
         self._lb_max: dict[Family, int] = {f: 0 for f in config.families}
         self._hairpin: dict[Family, Counter[str]] = {f: Counter() for f in config.families}
         self._synced_once = False
-        self.last_script_lines = 0
 
     # --- public ---------------------------------------------------------------------------
 
     def sync(self, changes: Changes, *, full: bool) -> None:
         full = full or not self._synced_once
-        script = self._full_script(changes.state) if full else self._partial_script(changes)
-        if script:
-            self.last_script_lines = script.count("\n")
-            self.nft.run(["nft", "-f", "-"], input=script)
+        if full or self._needs_full(changes):
+            stream = getattr(self.nft, "stream", None)
+            chunks = self._full_chunks(changes.state)
+            if stream is not None:
+                stream(["nft", "-f", "-"], chunks)
+            else:
+                self.nft.run(["nft", "-f", "-"], input="".join(chunks))
+        else:
+            script = self._partial_script(changes)
+            if script:
+                self.nft.run(["nft", "-f", "-"], input=script)
         self._synced_once = True
 
     def healthy(self) -> bool:
@@ -115,56 +122,73 @@ class NftablesBackend:
     # --- full and partial scripts -------------------------------------------------------------
 
     def _full_script(self, state: Mapping[PortKey, ServicePortState]) -> str:
-        lines: list[str] = []
-        rendered = {k: self.render(sp) for k, sp in state.items() if sp.family in self._families}
+        return "".join(self._full_chunks(state))
+
+    def _full_chunks(self, state: Mapping[PortKey, ServicePortState]) -> Iterator[str]:
+        """The full-sync script, produced while ``nft`` already parses the start of it.
+
+        Elements are buffered per set/map and emitted in batches, after the chains and
+        sets they reference.
+        """
+        rendered: dict[PortKey, Rendered] = {}
         for family in self._families:
             fam = nft_family(family)
-            lines += [f"add table {fam} {TABLE}", f"delete table {fam} {TABLE}"]
+            lines = [f"add table {fam} {TABLE}", f"delete table {fam} {TABLE}"]
             lines += self._skeleton(family)
             self._lb_chains[family] = set()
             self._hairpin[family] = Counter()
-        by_family: dict[Family, list[Rendered]] = {f: [] for f in self._families}
-        for key, r in rendered.items():
-            by_family[key.family].append(r)
-        for family, items in by_family.items():
-            fam = nft_family(family)
-            for r in items:
-                self._hairpin[family].update(r.hairpin)
             # nft 1.0.6 cannot add a rule using @backends once the map exists in the kernel
             # ("conflicting protocols: ip vs. th" re-reading its typeof), so every lb chain a
             # partial sync may need is made here; a partial sync needing more falls back to
             # a full one.
-            wanted = set().union(*(r.lb_chains for r in items))
-            most = max([int(n.split("-")[1]) for n in wanted] + [LB_CHAINS_MIN])
+            most = max([LB_CHAINS_MIN] + [
+                max(len(sp.cluster_endpoints), len(sp.local_endpoints))
+                for sp in state.values() if sp.family == family])
             self._lb_max[family] = most * 2
-            wanted |= {f"{kind}-{n}" for kind in ("lb", "lbl") for n in range(1, most * 2 + 1)}
-            lines += self._ensure_lb_chains(family, wanted)
-            for r in items:
+            lines += self._ensure_lb_chains(family, {
+                f"{kind}-{n}" for kind in ("lb", "lbl") for n in range(1, most * 2 + 1)})
+            yield "\n".join(lines) + "\n"
+            pending: dict[str, dict[str, str]] = {}
+            out: list[str] = []
+            hairpin = self._hairpin[family]
+            for key, sp in state.items():
+                if key.family != family:
+                    continue
+                r = rendered[key] = self.render(sp)
+                hairpin.update(r.hairpin)
                 for name, decl in r.sets.items():
-                    lines.append(f"add set {fam} {TABLE} {name} {decl}")
+                    out.append(f"add set {fam} {TABLE} {name} {decl}\n")
                 for name in r.chains:
-                    lines.append(f"add chain {fam} {TABLE} {name}")
-            for r in items:
+                    out.append(f"add chain {fam} {TABLE} {name}\n")
                 for name, rules in r.chains.items():
-                    lines += [f"add rule {fam} {TABLE} {name} {rule}" for rule in rules]
-            merged: dict[str, dict[str, str]] = {}
-            for r in items:
+                    out += [f"add rule {fam} {TABLE} {name} {rule}\n" for rule in rules]
                 for name, elems in r.elements.items():
-                    merged.setdefault(name, {}).update(elems)
-            for name, elems in merged.items():
-                lines += _element_lines("add", fam, name, elems)
-            hp = {_hairpin_key(ip): "" for ip in self._hairpin[family]}
-            lines += _element_lines("add", fam, "hairpin", hp)
+                    buf = pending.setdefault(name, {})
+                    buf.update(elems)
+                    if len(buf) >= ELEMENT_BATCH:
+                        out += [ln + "\n" for ln in _element_lines("add", fam, name, buf)]
+                        pending[name] = {}
+                if len(out) > 64:
+                    yield "".join(out)
+                    out = []
+            for name, elems in pending.items():
+                out += [ln + "\n" for ln in _element_lines("add", fam, name, elems)]
+            hp = {_hairpin_key(ip): "" for ip in hairpin}
+            out += [ln + "\n" for ln in _element_lines("add", fam, "hairpin", hp)]
+            yield "".join(out)
         self._rendered = rendered
-        return "\n".join(lines) + "\n"
 
-    def _partial_script(self, changes: Changes) -> str:
+    def _needs_full(self, changes: Changes) -> bool:
+        """A port with more endpoints than the lb chains made at the last full sync."""
         for key, change in changes.changed.items():
             cur = change.current
             if cur is not None and key.family in self._families and max(
                 len(cur.cluster_endpoints), len(cur.local_endpoints)
             ) > self._lb_max[key.family]:
-                return self._full_script(changes.state)
+                return True
+        return False
+
+    def _partial_script(self, changes: Changes) -> str:
         head: list[str] = []
         body: list[str] = []
         tail: list[str] = []
@@ -330,7 +354,8 @@ class NftablesBackend:
         r = Rendered()
         proto = sp.protocol.lower()
         lb_chains: set[str] = set()
-        hairpin = {b.ip for b in sp.all_endpoints}
+        hairpin = {b.ip for b in sp.cluster_endpoints}
+        hairpin.update(b.ip for b in sp.local_endpoints)
         for fe in sp.frontends:
             key = f"{fe.ip} . {proto} . {fe.port}"
             endpoints = sp.endpoints_for(fe)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 from svcnet.model import EndpointSlice, Service
@@ -204,10 +204,19 @@ def service_ports(
             frontends += [Frontend(ip, sp.port, FrontendKind.EXTERNAL_IP) for ip in external_ips]
             frontends += [Frontend(ip, sp.port, FrontendKind.LOAD_BALANCER) for ip in fam_lb_ips]
             endpoints = _endpoints_for_port(slices, family, sp.name, sp.protocol, node)
+            uses_cluster = not internal_local or (
+                not external_local and any(f.kind.external for f in frontends))
+            cluster, local, has_any = categorize(
+                endpoints, node, uses_cluster=uses_cluster,
+                uses_local=internal_local or external_local)
             state = ServicePortState(
                 key=key,
                 port=sp.port,
-                frontends=tuple(dict.fromkeys(frontends)),
+                frontends=tuple(dict.fromkeys(frontends)) if len(frontends) > 1 else tuple(
+                    frontends),
+                cluster_endpoints=cluster,
+                local_endpoints=local,
+                has_endpoints=has_any,
                 internal_local=internal_local,
                 external_local=external_local,
                 affinity_timeout=svc.affinity_timeout,
@@ -218,7 +227,7 @@ def service_ports(
                     else 0
                 ),
             )
-            out.append(categorize(state, endpoints, node))
+            out.append(state)
     return out
 
 
@@ -232,6 +241,18 @@ class _Candidate(NamedTuple):
 
 
 _NO_HINTS: frozenset[str] = frozenset()
+_set = object.__setattr__
+
+
+def _new_backend(ip: str, port: int, local: bool, ready: bool) -> Backend:
+    """``Backend(...)`` without the frozen dataclass __init__: the model builds 100k of these
+    at a 10k-service full sync, and this is its hottest line."""
+    b: Backend = object.__new__(Backend)
+    _set(b, "ip", ip)
+    _set(b, "port", port)
+    _set(b, "local", local)
+    _set(b, "ready", ready)
+    return b
 
 
 def _endpoints_for_port(
@@ -261,12 +282,13 @@ def _endpoints_for_port(
             serving = cond.serving is not False if cond.serving is not None else ready
             hints = ep.hints
             ip = ep.addresses[0]
-            cand = _Candidate(
-                Backend(ip, port, bool(node_name) and ep.node_name == node_name, ready),
-                ready, serving, cond.terminating is True,
+            backend = _new_backend(ip, port, bool(node_name) and ep.node_name == node_name,
+                                   ready)
+            cand = tuple.__new__(_Candidate, (
+                backend, ready, serving, cond.terminating is True,
                 frozenset(z.name for z in hints.for_zones) if hints else _NO_HINTS,
                 frozenset(n.name for n in hints.for_nodes) if hints else _NO_HINTS,
-            )
+            ))
             key = (ip, port)
             old = merged.get(key)
             if old is None or (ready and not old.ready):
@@ -275,18 +297,17 @@ def _endpoints_for_port(
 
 
 def categorize(
-    state: ServicePortState, endpoints: list[_Candidate], node: NodeConfig
-) -> ServicePortState:
-    """kube-proxy's CategorizeEndpoints: cluster and local endpoint sets for one port."""
-    uses_cluster = not state.internal_local or (
-        not state.external_local and any(f.kind.external for f in state.frontends)
-    )
-    uses_local = state.internal_local or state.external_local
+    endpoints: list[_Candidate], node: NodeConfig, *, uses_cluster: bool, uses_local: bool,
+) -> tuple[tuple[Backend, ...], tuple[Backend, ...], bool]:
+    """kube-proxy's CategorizeEndpoints: (cluster endpoints, local endpoints, any usable)."""
     has_any = False
     cluster: list[Backend] = []
     if uses_cluster:
-        topology = _topology_filter(endpoints, node)
-        cluster = [c.backend for c in endpoints if c.ready and topology(c)]
+        if any(c.zone_hints or c.node_hints for c in endpoints):
+            topology = _topology_filter(endpoints, node)
+            cluster = [c.backend for c in endpoints if c.ready and topology(c)]
+        else:
+            cluster = [c.backend for c in endpoints if c.ready]
         if not cluster:
             cluster = [c.backend for c in endpoints if c.serving and c.terminating]
         has_any = bool(cluster)
@@ -297,10 +318,7 @@ def categorize(
         local = [c.backend for c in usable if c.ready and c.backend.local]
         if not local:
             local = [c.backend for c in usable if c.backend.local and c.serving and c.terminating]
-    return replace(
-        state, cluster_endpoints=tuple(cluster), local_endpoints=tuple(local),
-        has_endpoints=has_any,
-    )
+    return tuple(cluster), tuple(local), has_any
 
 
 def _topology_filter(
