@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -89,7 +90,11 @@ def _add_up_arguments(p: argparse.ArgumentParser, nodes: int = 3) -> None:
     p.add_argument("--nodes", type=int, default=nodes)
     p.add_argument("--etcd-members", type=int, choices=[1, 3], default=1)
     p.add_argument("--store", choices=["etcd", "kubernetes"], default="etcd")
-    p.add_argument("--kubeconfig", default=None)
+    p.add_argument("--kubeconfig", default=None,
+                   help="with --store kubernetes: its server must be reachable from the lab")
+    p.add_argument("--apiserver-cmd", default="", metavar="CMD",
+                   help="with --store kubernetes: start this API server command inside the "
+                        "lab's control namespace (10.250.0.2)")
     p.add_argument("--cni", choices=["auto", "svcnet", "reference"], default="auto",
                    help="svcnet-cni, or the reference bridge plugin (auto: svcnet if installed)")
     p.add_argument("--overlay", choices=["auto", "vxlan", "host-gw", "static"], default="auto",
@@ -134,7 +139,7 @@ def _config(args: argparse.Namespace) -> Any:
 
 def _inside_lab(cfg: Any) -> int | None:
     """Re-run this command inside the control namespace; None when already there."""
-    if os.environ.get("SVCNET_LAB_NS") == cfg.control_ns or cfg.store == "kubernetes":
+    if os.environ.get("SVCNET_LAB_NS") == cfg.control_ns:
         return None
     argv = ["nsenter", f"--net=/var/run/netns/{cfg.control_ns}", *cfg.svcnet_argv,
             *sys.argv[1:]]
@@ -172,14 +177,15 @@ def _make_config(args: argparse.Namespace, name: str | None = None) -> Any:
         raise UsageError("--nodes must be between 1 and 200")
     if args.store == "kubernetes" and not args.kubeconfig:
         raise UsageError("--store kubernetes needs --kubeconfig")
+    kubeconfig = str(Path(args.kubeconfig).resolve()) if args.kubeconfig else None
     lab_dir = Path(args.lab_dir) if args.lab_dir else lab_dir_for(
         name, Path(args.lab_root) if args.lab_root else None)
     return LabConfig(
         name=name, nodes=args.nodes, lab_dir=str(lab_dir), etcd_members=args.etcd_members,
-        store=args.store, kubeconfig=args.kubeconfig, cni=args.cni, overlay=args.overlay,
+        store=args.store, kubeconfig=kubeconfig, cni=args.cni, overlay=args.overlay,
         proxy=not args.no_proxy, proxy_mode=args.proxy_mode, dns=not args.no_dns,
         python=default_python(),
-        extra_node_args=tuple(args.node_arg),
+        extra_node_args=tuple(args.node_arg), apiserver_argv=tuple(shlex.split(args.apiserver_cmd)),
     )
 
 

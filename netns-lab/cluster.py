@@ -87,11 +87,15 @@ def up(cfg: LabConfig, kernel: Kernel, progress: Progress, *, wait: bool = True)
         _build_network(cfg, kernel, ledger)
         progress(f"[{elapsed():5.1f}s] underlay bridge + {cfg.nodes} node namespaces")
         procs = Procs(cfg.dir)
-        for i in range(1, cfg.etcd_members + 1):
-            etcd.start_member(kernel, procs, cfg, i)
-        for i in range(1, cfg.etcd_members + 1):
-            etcd.wait_member(cfg, i)
-        progress(f"[{elapsed():5.1f}s] etcd ready at {','.join(cfg.etcd_endpoints)}")
+        if cfg.apiserver_argv:
+            procs.start(kernel, "apiserver", cfg.control_ns, list(cfg.apiserver_argv))
+            progress(f"[{elapsed():5.1f}s] API server started in {cfg.control_ns}")
+        if cfg.store == "etcd":
+            for i in range(1, cfg.etcd_members + 1):
+                etcd.start_member(kernel, procs, cfg, i)
+            for i in range(1, cfg.etcd_members + 1):
+                etcd.wait_member(cfg, i)
+            progress(f"[{elapsed():5.1f}s] etcd ready at {','.join(cfg.etcd_endpoints)}")
         (cfg.dir / "net-conf.json").write_text(json.dumps(net_conf(cfg)))
         for node in cfg.node_names:
             write_node_files(cfg, node)

@@ -150,7 +150,7 @@ class Kubelet:
 
     async def _register_node(self) -> None:
         cfg, node = self.cfg, self.node
-        obj = {
+        obj: dict[str, Any] = {
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": node, "labels": {
                 "kubernetes.io/hostname": node, "kubernetes.io/os": "linux",
@@ -165,6 +165,13 @@ class Kubelet:
         }
         for attempt in range(100):
             try:
+                # Keep what others wrote on our Node (the overlay's VTEP annotations).
+                listing = await self.store.list(NODE, selector=Selector(
+                    fields=f"metadata.name={node}"))
+                for raw in listing.items:
+                    old = json.loads(raw.data)
+                    obj["metadata"]["annotations"] = old["metadata"].get("annotations", {})
+                    obj["spec"] = {**old.get("spec", {}), **obj["spec"]}
                 await self.store.put(NODE, obj)
                 return
             except StoreError as err:

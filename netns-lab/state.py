@@ -45,6 +45,8 @@ class LabConfig:
     zone: str = "cluster.local"
     python: str = ""
     extra_node_args: tuple[str, ...] = ()
+    apiserver_argv: tuple[str, ...] = ()
+    """With ``store="kubernetes"``: an API server the lab starts in its control namespace."""
 
     @property
     def dir(self) -> Path:
@@ -131,6 +133,7 @@ class LabConfig:
     def load(lab_dir: Path) -> LabConfig:
         data = json.loads((lab_dir / "lab.json").read_text())
         data["extra_node_args"] = tuple(data.get("extra_node_args", ()))
+        data["apiserver_argv"] = tuple(data.get("apiserver_argv", ()))
         return LabConfig(**data)
 
 

@@ -193,7 +193,14 @@ def _guest_script(command: str, rundir: Path, cwd: Path, env: Mapping[str, str])
     ])
 
 
+def _kvm_memo(cache: Path = CACHE_DIR) -> Path:
+    """Where we remember that KVM failed on this host kernel, to skip the attempt next time."""
+    return cache / f".kvm-broken-{os.uname().release}"
+
+
 def _kvm_candidate() -> bool:
+    if _kvm_memo().exists():
+        return False
     try:
         fd = os.open("/dev/kvm", os.O_RDWR)
     except OSError:
@@ -233,6 +240,9 @@ def run_in_vm(command: str, *, kernel: VmKernel | None = None, kvm: bool | None 
                             else None)
             consoles.append(console)
             if not (rundir / "started").exists():
+                if use_kvm and len(attempts) > 1:
+                    with contextlib.suppress(OSError):
+                        _kvm_memo().write_text(console[-2000:])
                 continue
             rc_file = rundir / "rc"
             output = (rundir / "output").read_text(errors="replace") if (
@@ -282,10 +292,12 @@ def _boot(kernel: VmKernel, script: Path, rundir: Path, *, use_kvm: bool, memory
 
 
 def pytest_command(args: Sequence[str], python: Path | None = None) -> str:
-    """The in-guest pytest command: the project's venv, no cache writes to the read-only tree."""
+    """The in-guest pytest command: the project's venv, no cache writes to the read-only tree,
+    and no plugin auto-loading (hypothesis, asyncio, timeout): under software emulation every
+    import costs seconds, and the runner's own timeout bounds the run."""
     py = python or PROJECT_ROOT / ".venv" / "bin" / "python"
-    return " ".join(shlex.quote(a) for a in [str(py), "-m", "pytest", "-p", "no:cacheprovider",
-                                             *args])
+    cmd = [str(py), "-m", "pytest", "-p", "no:cacheprovider", *args]
+    return "PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 " + " ".join(shlex.quote(a) for a in cmd)
 
 
 def run_pytest_in_vm(args: Sequence[str], **kwargs: object) -> VmResult:
