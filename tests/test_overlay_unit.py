@@ -309,3 +309,43 @@ def test_daemon_waits_out_an_unreachable_store(tmp_path: Path) -> None:
         assert Flaky.failures == 0 and "FLANNEL_SUBNET=10.244." in (tmp_path / "env").read_text()
 
     asyncio.run(main())
+
+
+def test_kube_subnet_manager_over_a_memory_store() -> None:
+    from svcnet.cni.overlay.lease import KubeSubnetManager, LeaseError
+
+    from svcnet.model import NODE
+    from svcnet.store.memory import MemoryStore
+    from svcnet.watch import InformerFactory
+
+    async def main() -> None:
+        store = MemoryStore()
+        for i in (1, 2):
+            await store.put(NODE, {"apiVersion": "v1", "kind": "Node",
+                                   "metadata": {"name": f"n{i}", "labels": {"keep": "me"}},
+                                   "spec": {"podCIDR": f"10.244.{i}.0/24"}})
+        informer = InformerFactory(store).informer(NODE)
+        cfg = parse_network_config(NET)
+        managers = [KubeSubnetManager(store, informer, f"n{i}", cfg, wait_timeout=2)
+                    for i in (1, 2)]
+        try:
+            for i, mgr in enumerate(managers, 1):
+                got = await mgr.acquire(cfg, LeaseAttrs(public_ip=f"192.168.0.{i}",
+                                                        vtep_mac=f"02:00:00:00:00:0{i}"))
+                assert str(got.subnet) == f"10.244.{i}.0/24" and got.attrs.node_name == f"n{i}"
+            snapshots = managers[0].watch()
+            for _ in range(50):
+                snap = await asyncio.wait_for(anext(snapshots), 2)
+                if len(snap) == 2:
+                    break
+            assert {le.attrs.public_ip for le in snap} == {"192.168.0.1", "192.168.0.2"}
+            raw = next(r for r in (await store.list(NODE)).items if r.name == "n1")
+            assert b'"keep":"me"' in raw.data.replace(b" ", b""), "no field may be lost"
+            dual = parse_network_config(b'{"Network": "10.244.0.0/16", "EnableIPv6": true, '
+                                        b'"IPv6Network": "fd00::/56"}')
+            with pytest.raises(LeaseError, match="no IPv6 podCIDR"):
+                await managers[0].acquire(dual, LeaseAttrs(public_ip="192.168.0.1"))
+        finally:
+            await informer.stop()
+
+    asyncio.run(main())

@@ -513,6 +513,10 @@ class KubeSubnetManager:
                    if ":" in c), None)
         lease = Lease(subnet=s4 if config.ipv4 else None, subnet6=s6 if config.ipv6 else None,
                       attrs=attrs)
+        for family, fam, got in ((4, config.ipv4, s4), (6, config.ipv6, s6)):
+            if fam is not None and got is None:
+                raise LeaseError(f"node {self.node_name} has no IPv{family} podCIDR but the "
+                                 f"network config has {fam.network}")
         for _ in range(10):
             listing = await self.store.list(NODE)
             raw = next((r for r in listing.items if r.name == self.node_name), None)
