@@ -349,3 +349,35 @@ def test_kube_subnet_manager_over_a_memory_store() -> None:
             await informer.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "needs --overlay-config"),
+    (["--overlay-subnet-manager", "etcd"], "needs --store etcd"),
+    (["--overlay-config", "/nonexistent/net-conf.json"], "--overlay-config"),
+])
+def test_node_flags_are_checked_up_front(argv: list[str], message: str) -> None:
+    from svcnet.cni.overlay.daemon import node_component
+
+    from svcnet.cli import UsageError, build_parser
+
+    args = build_parser().parse_args(["node", "--overlay", *argv])
+    with pytest.raises(UsageError, match=message):
+        node_component(args)
+
+
+def test_node_flags_reach_the_daemon_options(tmp_path: Path) -> None:
+    from svcnet.cni.overlay.daemon import node_component
+
+    from svcnet.cli import build_parser
+
+    conf = tmp_path / "net-conf.json"
+    conf.write_bytes(NET)
+    args = build_parser().parse_args([
+        "node", "--overlay", "--store", "etcd://10.0.0.1:2379,10.0.0.2:2379/reg",
+        "--overlay-config", str(conf), "--overlay-iface", "ens3", "--overlay-node-name", "w1",
+        "--overlay-backend", "host-gw", "--no-overlay-ip-masq", "--overlay-resync", "5"])
+    opts = node_component(args).options
+    assert opts.etcd_endpoints == ("10.0.0.1:2379", "10.0.0.2:2379")
+    assert (opts.iface, opts.node_name, opts.backend, opts.ip_masq, opts.resync) == (
+        "ens3", "w1", "host-gw", False, 5.0)

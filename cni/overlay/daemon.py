@@ -110,7 +110,23 @@ def options_from_args(args: argparse.Namespace) -> OverlayOptions:
 
 
 def node_component(args: argparse.Namespace) -> OverlayDaemon:
-    return OverlayDaemon(options_from_args(args))
+    """The overlay component; bad flags or an unreadable config file are usage errors."""
+    from svcnet.cli import UsageError
+
+    options = options_from_args(args)
+    if options.config_file:
+        try:
+            parse_network_config(Path(options.config_file).read_bytes())
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--overlay-config {options.config_file}: {err}") from None
+    manager = options.subnet_manager
+    if manager == "etcd" and not options.etcd_endpoints:
+        raise UsageError("--overlay-subnet-manager etcd needs --store etcd://... or "
+                         "--overlay-etcd-endpoints")
+    memory = manager == "memory" or (manager == "auto" and options.store_url == "memory")
+    if memory and not options.config_file:
+        raise UsageError("the memory subnet manager needs --overlay-config FILE")
+    return OverlayDaemon(options)
 
 
 # --- subnet.env ----------------------------------------------------------------------------
