@@ -137,7 +137,11 @@ class _Handler(DNSHandler):  # type: ignore[misc]
     udplen = 512
 
     def handle(self) -> None:
-        if getattr(self.server.resolver.upstream, "silent", False):
+        up = self.server.resolver.upstream
+        if up.silent:  # record, never answer
+            if isinstance(self.request, tuple):
+                request = DNSRecord.parse(self.request[0])
+                up.queries.append((str(request.q.qname).lower(), QTYPE[request.q.qtype], "udp"))
             return
         super().handle()
 
