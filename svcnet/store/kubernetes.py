@@ -68,6 +68,7 @@ class _Meta(msgspec.Struct, rename="camel"):
 class _Head(msgspec.Struct):
     """Just the identity of an object; everything else is skipped, not parsed."""
 
+    kind: str = ""
     metadata: _Meta = msgspec.field(default_factory=_Meta)
 
 
@@ -104,6 +105,17 @@ _ENCODE = msgspec.json.Encoder()
 
 def _raw_object(data: bytes) -> RawObject:
     meta = _HEAD.decode(data).metadata
+    return RawObject(meta.namespace, meta.name, meta.resource_version, data)
+
+
+def _list_item(data: bytes, type_meta: bytes) -> RawObject:
+    """A list item as a complete object: the API server leaves ``kind``/``apiVersion`` out of
+    list items, watch events and GETs carry them; every ``RawObject`` carries them here."""
+    head = _HEAD.decode(data)
+    if not head.kind and data[:1] == b"{":
+        empty = data[1:].lstrip().startswith(b"}")
+        data = type_meta[:-1] + b"}" if empty else type_meta + data[1:]
+    meta = head.metadata
     return RawObject(meta.namespace, meta.name, meta.resource_version, data)
 
 
@@ -244,11 +256,13 @@ class KubernetesStore:
 
     async def list(self, kind: Kind[Any], *, selector: Selector = NO_SELECTOR) -> Listing:
         path = self.config.path_prefix + kind.api_path
+        type_meta = b'{"kind":%s,"apiVersion":%s,' % (
+            _ENCODE.encode(kind.name), _ENCODE.encode(kind.api_version))
         try:
-            return await self._list_pages(path, selector, self.page_size)
+            return await self._list_pages(path, type_meta, selector, self.page_size)
         except Expired:
             log.info("list %s: continue token expired; listing in one request", kind.name)
-            return await self._list_pages(path, selector, 0)
+            return await self._list_pages(path, type_meta, selector, 0)
 
     async def watch(
         self, kind: Kind[Any], *, revision: str, selector: Selector = NO_SELECTOR
@@ -353,7 +367,8 @@ class KubernetesStore:
         return (f"{self.config.path_prefix}{group_version}/namespaces/"
                 f"{quote(namespace, safe='')}/{kind.plural}")
 
-    async def _list_pages(self, path: str, selector: Selector, limit: int) -> Listing:
+    async def _list_pages(self, path: str, type_meta: bytes, selector: Selector, limit: int
+                          ) -> Listing:
         items: list[RawObject] = []
         revision = ""
         token = ""
@@ -368,7 +383,7 @@ class KubernetesStore:
                 _raise_for(resp, f"list {path}", self.config)
             try:
                 page = _LIST.decode(resp.body)
-                items.extend(_raw_object(bytes(raw)) for raw in page.items or ())
+                items.extend(_list_item(bytes(raw), type_meta) for raw in page.items or ())
             except msgspec.DecodeError as err:
                 raise Unavailable(f"list {path}: undecodable response: {err}") from None
             revision = revision or page.metadata.resource_version
