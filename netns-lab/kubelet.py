@@ -240,6 +240,10 @@ class Kubelet:
                 if self.ready.get(key):
                     self.ready[key] = False
                     await self._put_status(pod, sb, ready=False)
+                if not sb.host_network:
+                    # Like a container runtime stopping the container's cgroup: whatever
+                    # the dead process left behind (worker children) goes with it.
+                    kill_pids(self.kernel.pids_in(sb.netns))
                 sb = self._start_process(pod, sb.netns, sb.ip, sb.host_network,
                                          sb.container_id, sb.restarts + 1)
             await self._probe_and_report(pod, sb)
