@@ -126,6 +126,7 @@ def test_three_nodes_pods_talk_heal_and_forget_departed_node(bed: Testbed) -> No
     report = status(nodes[0])
     assert report.returncode == 0, report.stdout + report.stderr
     assert "in sync" in report.stdout and report.stdout.count("vxlan") >= 2
+    assert "kernel holds 1 links, 2 routes, 2 neighbours, 2 FDB entries" in report.stdout
     health = in_ns(nodes[0].ns, "python3", "-c", "import urllib.request as u; print(u.urlopen("
                    f"'http://127.0.0.1:{nodes[0].listen_port}/healthz').read().decode())")
     assert health.stdout.strip() == "ok"

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import urllib.request
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -35,7 +36,8 @@ def _status(args: argparse.Namespace) -> int:
     except OSError as unreachable:
         raise UsageError(f"cannot reach the overlay daemon at {args.url}: {unreachable}"
                          ) from None
-    pending, rules = asyncio.run(pending_changes(status, args.netns or None))
+    cmp = asyncio.run(compare(status, args.netns or None))
+    pending, rules = cmp.ops, cmp.chains
     if args.json:
         print(json.dumps({"status": status, "pending": pending, "pending_chains": rules}))
         return 0 if not pending and not rules else 1
@@ -52,6 +54,7 @@ def _status(args: argparse.Namespace) -> int:
         print(f"skipped: {line}")
     for err in status.get("last_errors", []):
         print(f"error: {err}")
+    print(f"kernel holds {cmp.held}; desired {cmp.wanted}")
     if not pending and not rules:
         print("kernel: in sync with desired state")
         return 0
@@ -64,9 +67,28 @@ def _status(args: argparse.Namespace) -> int:
     return 1
 
 
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    ops: list[str]
+    chains: list[str]
+    held: str
+    wanted: str
+
+
+def _counts(objects: Any) -> str:
+    return (f"{len(objects.links)} links, {len(objects.routes)} routes, "
+            f"{len(objects.neighbours)} neighbours, {len(objects.fdb)} FDB entries")
+
+
 async def pending_changes(status: dict[str, Any], netns: str | None
                           ) -> tuple[list[str], list[str]]:
     """Differences between the kernel and a daemon's ``/status`` desired state, as op text."""
+    cmp = await compare(status, netns)
+    return cmp.ops, cmp.chains
+
+
+async def compare(status: dict[str, Any], netns: str | None) -> Comparison:
+    """Read the kernel and diff it against the daemon's desired state."""
     from svcnet.cni.overlay.desired import (
         Address,
         ChainRules,
@@ -93,8 +115,10 @@ async def pending_changes(status: dict[str, Any], netns: str | None
     desired = Desired(kernel=kernel, chains=chains, peers=(), mtu=0)
     reconciler = Reconciler(IpCommandNetlink(netns), IptablesFirewall(netns))
     try:
-        _, ops, rules = await reconciler.pending(desired)
+        observed, ops, rules = await reconciler.pending(desired)
     except OSError as failure:
         print(f"cannot read the kernel: {failure}", file=sys.stderr)
-        return [f"unknown: {failure}"], []
-    return [str(op) for op in ops], [f"IPv{c.family} {c.table} {c.chain}" for c in rules]
+        return Comparison([f"unknown: {failure}"], [], "unknown", _counts(kernel))
+    return Comparison([str(op) for op in ops],
+                      [f"IPv{c.family} {c.table} {c.chain}" for c in rules],
+                      _counts(observed.objects), _counts(kernel))
