@@ -161,8 +161,8 @@ def ipam_add(conf: NetConf, env: Env, stdin: bytes, undo: Undo) -> tuple[dict[st
         return ipam.result(cfg, allocations, conf.dns), cfg
     from .delegate import delegate
 
-    res = delegate(conf.ipam_type, "ADD", stdin, env.path)
-    undo.push(lambda: delegate(conf.ipam_type, "DEL", stdin, env.path))
+    res = delegate(conf.ipam_type, "ADD", stdin, env)
+    undo.push(lambda: delegate(conf.ipam_type, "DEL", stdin, env))
     return result_from_wire(res), None
 
 
@@ -381,7 +381,7 @@ def cmd_del(conf: NetConf, env: Env, stdin: bytes) -> None:
     if cfg is None:
         from .delegate import delegate
 
-        delegate(conf.ipam_type, "DEL", stdin, env.path)
+        delegate(conf.ipam_type, "DEL", stdin, env)
 
 
 # -- CHECK -------------------------------------------------------------------------------
@@ -403,7 +403,7 @@ def cmd_check(conf: NetConf, env: Env, stdin: bytes) -> None:
         cfg = None
         from .delegate import delegate
 
-        delegate(conf.ipam_type, "CHECK", stdin, env.path)
+        delegate(conf.ipam_type, "CHECK", stdin, env)
     pod_iface = next((i for i in prev.get("interfaces") or []
                       if i.get("name") == env.ifname and i.get("sandbox")), None)
     if pod_iface is None:
@@ -474,7 +474,7 @@ def cmd_gc(conf: NetConf, env: Env, stdin: bytes) -> None:
     else:
         from .delegate import delegate
 
-        delegate(conf.ipam_type, "GC", stdin, env.path)
+        delegate(conf.ipam_type, "GC", stdin, env)
     valid_hosts = {host_veth_name(cid, ifname) for cid, ifname in valid}
     alias_prefix = f"{ALIAS_PREFIX}/{conf.name}/"
     with Rtnl() as host:
@@ -514,7 +514,7 @@ def cmd_status(conf: NetConf, env: Env, stdin: bytes) -> None:
     if not conf.embedded_ipam:
         from .delegate import delegate
 
-        delegate(conf.ipam_type, "STATUS", stdin, env.path)
+        delegate(conf.ipam_type, "STATUS", stdin, env)
         return
     try:
         cfg = ipam.parse_config(conf.raw, env.args)

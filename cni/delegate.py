@@ -13,6 +13,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from .bridge import Env
+
 
 def find_plugin(name: str, cni_path: str) -> str:
     if not name or "/" in name or name in (".", ".."):
@@ -25,11 +27,16 @@ def find_plugin(name: str, cni_path: str) -> str:
                    f"searched {cni_path or '(empty CNI_PATH)'}")
 
 
-def delegate(name: str, command: str, stdin: bytes, cni_path: str) -> dict[str, Any]:
-    """Run the delegate; its error JSON is re-raised as a CniError with the same code."""
-    env = dict(os.environ, CNI_COMMAND=command)
+def delegate(name: str, command: str, stdin: bytes, env: Env) -> dict[str, Any]:
+    """Run the delegate with this invocation's CNI_* values (explicitly, so it also works
+    from ``svcnet cni serve``, whose own environment has none); its error JSON is re-raised
+    as a CniError with the same code."""
+    child_env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+                 "CNI_COMMAND": command, "CNI_CONTAINERID": env.container_id,
+                 "CNI_NETNS": env.netns, "CNI_IFNAME": env.ifname, "CNI_PATH": env.path,
+                 "CNI_ARGS": ";".join(f"{k}={v}" for k, v in env.args.items())}
     try:
-        rc, out, err = run([find_plugin(name, cni_path)], stdin, env)
+        rc, out, err = run([find_plugin(name, env.path)], stdin, child_env)
     except SpawnError as exc:
         raise CniError(ERR_INTERNAL, f"cannot run {name}: {exc.strerror}") from None
     doc: Any = {}

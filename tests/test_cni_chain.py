@@ -103,3 +103,22 @@ def test_reference_bridge_delegates_ipam_to_svcnet(netns: Callable[[str], str],
         left = [p.name for p in (tmp_path / "ipam" / "delegated").iterdir()
                 if not p.name.startswith("last_reserved")]
         assert left == []
+
+
+def test_svcnet_delegates_ipam_to_reference_static(netns: Callable[[str], str],
+                                                   tmp_path: Path, svcnet_bin: Path) -> None:
+    """An ipam.type we do not embed is executed from CNI_PATH like libcni does."""
+    runtime = _runtime(netns, svcnet_bin)
+    require(Path(REFERENCE_DIR, "static").exists(), "needs the reference static plugin")
+    pod = netns("p")
+    conf = {"cniVersion": "1.0.0", "name": "static", "type": "svcnet-cni",
+            "bridge": "cnistatic0", "isGateway": True, "isDefaultGateway": True,
+            "ipam": {"type": "static", "addresses": [{"address": "10.84.0.50/24",
+                                                      "gateway": "10.84.0.1"}]}}
+    res = runtime.exec_plugin("svcnet-cni", "ADD", conf, "ctr", pod, args="IgnoreUnknown=1")
+    assert res and res["ips"] == [{"address": "10.84.0.50/24", "gateway": "10.84.0.1",
+                                   "interface": 2}]
+    assert ping(pod, "10.84.0.1")
+    runtime.exec_plugin("svcnet-cni", "CHECK", dict(conf, prevResult=res), "ctr", pod)
+    runtime.exec_plugin("svcnet-cni", "DEL", conf, "ctr", pod)
+    assert "eth0" not in links(pod)
