@@ -218,3 +218,43 @@ def test_requested_ips(tmp_path: Path) -> None:
         cfg = ipam.parse_config(_ipam_conf(tmp_path, subnet="10.4.0.0/24"), {"IP": requested})
         with ipam.Store(cfg.directory) as store, pytest.raises(CniError):
             ipam.allocate(cfg, store, "d", "eth0")
+
+
+def test_rtnl_attribute_codec() -> None:
+    """The netlink TLV helpers round-trip, pad to 4 bytes and parse nested link info."""
+    from svcnet.cni import rtnl
+
+    packed = (rtnl.attr_str(rtnl.IFLA_IFNAME, "veth0") + rtnl.attr_u32(rtnl.IFLA_MTU, 1400)
+              + rtnl.attr(rtnl.IFLA_LINKINFO, rtnl.attr_str(rtnl.IFLA_INFO_KIND, "veth")))
+    assert len(packed) % 4 == 0
+    attrs = rtnl.parse_attrs(packed)
+    assert attrs[rtnl.IFLA_IFNAME] == b"veth0\0"
+    assert int.from_bytes(attrs[rtnl.IFLA_MTU], "little") == 1400
+    assert rtnl.parse_attrs(attrs[rtnl.IFLA_LINKINFO])[rtnl.IFLA_INFO_KIND] == b"veth\0"
+    body = rtnl._IFINFOMSG.pack(0, 1, 7, rtnl.IFF_UP, 0) + packed + rtnl.attr(
+        rtnl.IFLA_ADDRESS, rtnl.mac_bytes("02:aa:bb:cc:dd:ee"))
+    link = rtnl._parse_link(body)
+    assert (link.index, link.name, link.kind, link.mtu, link.mac, link.up) == (
+        7, "veth0", "veth", 1400, "02:aa:bb:cc:dd:ee", True)
+    err = rtnl._error(rtnl.EEXIST, "create veth x", "File exists")
+    assert isinstance(err, rtnl.AlreadyExists) and "File exists" in str(err)
+    assert isinstance(rtnl._error(rtnl.ENODEV, "get link", ""), rtnl.LinkNotFound)
+
+
+def test_masquerade_and_macspoof_scripts() -> None:
+    from svcnet.cni import macspoof, masq
+
+    script = masq.add_script("net1", [Prefix.parse("10.5.0.0/24"), Prefix.parse("10.5.0.0/16"),
+                                      Prefix.parse("fd05::/64")],
+                             [(4, "10.5.0.7"), (6, "fd05::7")], "ctr/eth0")
+    tag = masq.network_tag("net1")
+    assert f"ip saddr @pods4-{tag} ip daddr != {{ 10.5.0.0/16, 224.0.0.0/4 }} masquerade" \
+        in script
+    assert f"ip6 saddr @pods6-{tag} ip6 daddr != {{ fd05::/64, ff00::/8 }} masquerade" in script
+    assert f'add element inet svcnet-cni pods4-{tag} {{ 10.5.0.7 comment "ctr/eth0" }}' in script
+    delete = masq.delete_script("net1", [(4, "10.5.0.7")]).splitlines()
+    assert delete[-2:] == [f"add element inet svcnet-cni pods4-{tag} {{ 10.5.0.7 }}",
+                           f"delete element inet svcnet-cni pods4-{tag} {{ 10.5.0.7 }}"]
+    spoof = macspoof.delete_script("net1", "vethabc", "02:00:00:00:00:01")
+    assert f'delete element bridge svcnet-cni allowed-{tag} {{ "vethabc" . 02:00:00:00:00:01 }}' \
+        in spoof
