@@ -104,3 +104,22 @@ def serve(path: str, ready: threading.Event | None = None,
         server.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+class ServerComponent:
+    """``svcnet node`` component running :func:`serve` on a thread until cancelled, so the
+    fast-path client finds its server whenever the node daemon is up."""
+
+    name = "cni-server"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    async def run(self, factory: object, store: object) -> None:
+        import asyncio
+
+        stop = threading.Event()
+        try:
+            await asyncio.to_thread(serve, self.path, None, stop)
+        finally:
+            stop.set()

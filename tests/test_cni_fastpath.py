@@ -134,3 +134,37 @@ def test_client_falls_back_without_server(netns: Callable[[str], str], tmp_path:
     assert res and res["ips"][0]["address"] == "10.82.0.2/24"
     runtime.exec_plugin("svcnet-cni", "DEL", conf, "ctr", pod)
     assert "eth0" not in links(pod)
+
+
+def test_node_component_serves_until_cancelled(tmp_path: Path) -> None:
+    """Only VERSION goes through it: this server runs in the test's own namespace."""
+    import asyncio
+
+    from svcnet.cni.server import ServerComponent
+
+    require_binary("socat")
+    sock = tmp_path / "node.sock"
+
+    async def scenario() -> bytes:
+        task = asyncio.create_task(ServerComponent(str(sock)).run(None, None))
+        for _ in range(100):
+            if sock.exists():
+                break
+            await asyncio.sleep(0.05)
+        proc = await asyncio.create_subprocess_exec(
+            "socat", "-t", "10", "-", f"UNIX-CONNECT:{sock}", stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, env={"CNI_COMMAND": "VERSION"})
+        out, _ = await asyncio.wait_for(proc.communicate(b'{"cniVersion": "1.1.0"}'), 20)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return out
+
+    out = asyncio.run(scenario())
+    assert out[:1] == b"0"
+    assert json.loads(out[1:])["supportedVersions"][-1] == "1.1.0"
+    for _ in range(40):  # the serving thread notices the stop within 0.5 s
+        if not sock.exists():
+            break
+        time.sleep(0.05)
+    assert not sock.exists()

@@ -14,9 +14,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import require_binary, require_root
 from svcnet.cni.cli import choose_python
-from test_cni_helpers import Runtime, addresses, ip_json, links, ping
+from test_cni_helpers import PluginError, Runtime, addresses, ip_json, links, ping
 
 from svcnet.cli import main as svcnet_main
 
@@ -118,8 +119,13 @@ def test_installed_conflist_with_subnet_env(netns: Callable[[str], str], tmp_pat
                                               text=True).stdout
     assert ping(pod_a, "10.244.9.3")
     runtime.check_list(conflist, res_a, "ctr-a", pod_a)
-    runtime.exec_plugin("svcnet-cni", "STATUS", dict(conflist["plugins"][0],
-                                                     cniVersion="1.1.0", name="svcnet"))
+    status_conf = dict(conflist["plugins"][0], cniVersion="1.1.0", name="svcnet")
+    runtime.exec_plugin("svcnet-cni", "STATUS", status_conf)
+    subprocess.run(["ip", "-n", host, "link", "set", "cni0", "down"], check=True)
+    with pytest.raises(PluginError) as info:  # pods hold addresses but their bridge is down
+        runtime.exec_plugin("svcnet-cni", "STATUS", status_conf)
+    assert info.value.code == 51
+    subprocess.run(["ip", "-n", host, "link", "set", "cni0", "up"], check=True)
     runtime.del_list(conflist, res_a, "ctr-a", pod_a)
     runtime.del_list(conflist, res_b, "ctr-b", pod_b)
     (tmp_path / "subnet.env").unlink()  # DEL still works once the lease is gone
