@@ -210,6 +210,27 @@ def test_masquerade_and_del_without_netns(make_net: Callable[[str], Net],
 
 
 @pytest.mark.parametrize("impl", ["svcnet", "reference"])
+def test_ipv6_masquerade(make_net: Callable[[str], Net], netns: Callable[[str], str],
+                         impl: str) -> None:
+    """IPv6 pod traffic to an outside host with no route back is masqueraded too."""
+    net = make_net(impl)
+    pod, outside = netns("p"), netns("o")
+    ns_run(net.host, "ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1",
+           "netns", outside)
+    ns_run(net.host, "ip", "addr", "add", "2001:db8:9::1/64", "dev", "up0", "nodad")
+    ns_run(net.host, "ip", "link", "set", "up0", "up")
+    ns_run(outside, "ip", "addr", "add", "2001:db8:9::2/64", "dev", "up1", "nodad")
+    ns_run(outside, "ip", "link", "set", "up1", "up")
+    conf = net.conf("1.0.0", ipMasq=True,
+                    ranges=[[{"subnet": "10.77.0.0/24"}], [{"subnet": "fd77::/64"}]])
+    res = net.add(conf, "ctr-masq6", pod)
+    assert any(ping(pod, "2001:db8:9::2") for _ in range(5)), "masqueraded IPv6 pod -> outside"
+    net.delete(conf, "ctr-masq6", pod, prev=res)
+    assert pod_ip(res, 6) not in ns_run(net.host, "nft", "list", "ruleset").stdout
+    assert net.reservations() == []
+
+
+@pytest.mark.parametrize("impl", ["svcnet", "reference"])
 def test_dual_stack(make_net: Callable[[str], Net], netns: Callable[[str], str],
                     impl: str) -> None:
     net = make_net(impl)
