@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from conftest import EtcdCluster
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from watchkit import Recorder, eventually, service
 
 from svcnet.model import SERVICE
 from svcnet.store.base import NotFound, Store
+from svcnet.store.etcd import EtcdStore
 from svcnet.store.memory import MemoryStore
 from svcnet.watch import Backoff, Informer
 
 NAMES = ["a", "b", "c", "d"]
+_examples = itertools.count()
 
 operation = st.one_of(
     st.tuples(st.just("put"), st.sampled_from(NAMES), st.integers(1, 250)),
@@ -80,5 +84,26 @@ def test_memory_store_cache_converges(ops: list[tuple[object, ...]]) -> None:
     async def main() -> None:
         store = MemoryStore(history=8)
         await run_scenario(Harness(store, store.restart, store.compact, store.restart), ops)
+
+    asyncio.run(main())
+
+
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(operation, max_size=15))
+def test_real_etcd_cache_converges(etcd: EtcdCluster, ops: list[tuple[object, ...]]) -> None:
+    """Same property on a real etcd; drops and restarts are kill -9 and restart of etcd."""
+    prefix = f"/prop{next(_examples)}"
+
+    async def restart_etcd() -> None:
+        await asyncio.to_thread(etcd.kill, "m0")
+        await asyncio.to_thread(etcd.start, "m0")
+
+    async def main() -> None:
+        store = EtcdStore(etcd.endpoints, prefix=prefix, timeout=2.0)
+        try:
+            await run_scenario(Harness(store, restart_etcd, store.compact, restart_etcd), ops)
+        finally:
+            await store.close()
 
     asyncio.run(main())
