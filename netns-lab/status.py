@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
 from svcnet.lab.endpointslices import SERVICE_NAME_LABEL
+from svcnet.lab.netns import in_netns_thread
 from svcnet.lab.procs import Procs
 from svcnet.lab.state import LabConfig
 
 from svcnet.model import ENDPOINT_SLICE, NODE, POD, SERVICE
 from svcnet.store.base import StoreError
 from svcnet.store.open import open_store
+
+OVERLAY_HEALTH_PORT = 9475
+PROXY_HEALTH_PORT = 10256
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -33,6 +38,36 @@ def _subnet(cfg: LabConfig, node: str) -> str:
         if line.startswith("FLANNEL_SUBNET="):
             return line.partition("=")[2]
     return "-"
+
+
+def _healthz(ns: str, port: int, path: str) -> str:
+    """HTTP status of a daemon's health endpoint on the node's loopback ('-' if closed)."""
+
+    def get() -> str:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.5) as conn:
+                conn.settimeout(1.0)
+                conn.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+                line = conn.recv(64).split(b"\r\n", 1)[0].split()
+                return line[1].decode() if len(line) > 1 else "?"
+        except OSError:
+            return "-"
+
+    try:
+        return in_netns_thread(ns, get)
+    except Exception:
+        return "-"
+
+
+def node_health(cfg: LabConfig, node: str) -> str:
+    """``overlay=200 proxy=200``: the daemons' own /healthz answers."""
+    parts = []
+    ns = cfg.node_ns(node)
+    if cfg.overlay in ("vxlan", "host-gw"):
+        parts.append(f"overlay={_healthz(ns, OVERLAY_HEALTH_PORT, '/healthz')}")
+    if cfg.proxy:
+        parts.append(f"proxy={_healthz(ns, PROXY_HEALTH_PORT, '/healthz')}")
+    return " ".join(parts) or "-"
 
 
 def _ready(obj: dict[str, Any]) -> bool:
@@ -62,9 +97,10 @@ async def render_status(cfg: LabConfig) -> str:
         n_pods = sum(1 for p in pods if p.get("spec", {}).get("nodeName") == node)
         rows.append([node, cfg.node_ip(node), cfg.node_zone(node), _subnet(cfg, node),
                      "Ready" if node in nodes else "NotRegistered", str(n_pods),
-                     health.get(f"node-{node}", "-"), health.get(f"kubelet-{node}", "-")])
+                     health.get(f"node-{node}", "-"), node_health(cfg, node),
+                     health.get(f"kubelet-{node}", "-")])
     out += ["", table(["NODE", "UNDERLAY-IP", "ZONE", "POD-SUBNET", "STATUS", "PODS",
-                       "SVCNET-NODE", "KUBELET"], rows)]
+                       "SVCNET-NODE", "HEALTHZ", "KUBELET"], rows)]
     rows = []
     for p in sorted(pods, key=lambda p: (p["metadata"].get("namespace", ""),
                                         p["metadata"]["name"])):

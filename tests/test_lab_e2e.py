@@ -191,6 +191,8 @@ def test_status_shows_nodes_pods_services_and_health(lab: LabConfig) -> None:
                  "controller", "etcd-e1"):
         assert word in out
     assert "DOWN" not in out and "NotRegistered" not in out
+    if lab.overlay == "vxlan" and lab.proxy:
+        assert out.count("overlay=200 proxy=200") == 3, out
 
 
 def test_pods_spread_ready_with_ips_and_endpoint_slices(lab: LabConfig) -> None:
@@ -410,7 +412,13 @@ def overlay_in_sync(cfg: LabConfig, node: str) -> bool:
     return proc.returncode == 0
 
 
+def daemons_healthy(cfg: LabConfig) -> bool:
+    out = lab_command(cfg, "status", "--lab-dir", cfg.lab_dir).stdout
+    return out.count("overlay=200 proxy=200") == len(cfg.node_names)
+
+
 def assert_converged(cfg: LabConfig, backends: int = 3) -> None:
+    assert until(lambda: daemons_healthy(cfg), 20, 0.5), "a node daemon is not healthy"
     for node in cfg.node_names:
         deadline = time.monotonic() + 20
         while not overlay_in_sync(cfg, node):
