@@ -394,8 +394,9 @@ class NftablesBackend:
         if sp.affinity_timeout:
             return f"goto {self._affinity_chains(r, sp, endpoints, local_list)}"
         offset = LOCAL_OFFSET if local_list else 0
-        for i, b in enumerate(endpoints):
-            r.element("backends", f"{key} . {i + offset}", f"{b.ip} . {b.port}")
+        backends = r.elements.setdefault("backends", {})
+        for i, b in enumerate(endpoints, offset):
+            backends[f"{key} . {i}"] = f"{b.ip} . {b.port}"
         chain = f"{'lbl' if local_list else 'lb'}-{len(endpoints)}"
         lb_chains.add(chain)
         return f"goto {chain}"

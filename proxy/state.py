@@ -184,8 +184,9 @@ def service_ports(
         else ()
     )
     out: list[ServicePortState] = []
+    all_cluster_ips = svc.cluster_ips
     for family in FAMILIES:
-        cluster_ips = [ip for ip in svc.cluster_ips if family_of(ip) == family]
+        cluster_ips = [ip for ip in all_cluster_ips if family_of(ip) == family]
         if not cluster_ips:
             continue
         external_ips = [ip for ip in spec.external_ips if family_of(ip) == family]
@@ -303,7 +304,7 @@ def categorize(
     has_any = False
     cluster: list[Backend] = []
     if uses_cluster:
-        if any(c.zone_hints or c.node_hints for c in endpoints):
+        if any(c[4] or c[5] for c in endpoints if c[4] is not _NO_HINTS):
             topology = _topology_filter(endpoints, node)
             cluster = [c.backend for c in endpoints if c.ready and topology(c)]
         else:
