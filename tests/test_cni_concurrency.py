@@ -122,17 +122,17 @@ def test_sigkill_during_add_then_gc_leaves_nothing(
     conf = _conf(tmp_path)
     # a surviving attachment GC must keep
     survivor_pod = netns("s")
+    started = time.monotonic()
     survivor = runtime.exec_plugin("svcnet-cni", "ADD", conf, "survivor", survivor_pod)
+    add_s = time.monotonic() - started  # one whole ADD: kill points are spread over it
     assert survivor is not None
     pods = [netns("p") for _ in range(24)]
     procs = []
     try:
         for i, pod in enumerate(pods):
-            procs.append(_spawn(host, svcnet_bin, "ADD", conf, f"killed-{i}", pod))
-            time.sleep(rng.uniform(0, 0.004))
-        deadline = time.monotonic() + 0.25
-        for proc in procs:  # kill each at a random point of its run (or after it finished)
-            time.sleep(max(0.0, min(rng.uniform(0, 0.03), deadline - time.monotonic())))
+            proc = _spawn(host, svcnet_bin, "ADD", conf, f"killed-{i}", pod)
+            procs.append(proc)
+            time.sleep(rng.uniform(0, 1.2 * add_s))
             proc.send_signal(signal.SIGKILL)
     finally:
         for proc in procs:
