@@ -412,3 +412,32 @@ def test_detect_local_by_interface(kind: str, mode: str, iface: str, lab: Lab) -
     if mode == "BridgeInterface":  # the prefix form renders the same match, with a *
         assert {(s, p, d, port): real(lab, s, p, d, port, e)
                 for s, p, d, port, e in DETECT_FLOWS} == want
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_dual_stack_one_table_per_family(kind: str, netns: Callable[[str], str]) -> None:
+    node = netns("node6")
+    config = BackendConfig(families=(4, 6), detect_local=LocalDetector(
+        "ClusterCIDR", ("10.1.0.0/16", "fd00:1::/64")))
+    commands = SubprocessCommands(node)
+    backend: Any = (NftablesBackend(commands, config) if kind == "nftables" else
+                    IptablesBackend(commands, config, legacy=False,
+                                    node_addresses={4: (NODE_IP,), 6: ("fd00:9::1",)}))
+    tracker = ChangeTracker(NodeConfig(NODE_NAME, nodeport_addresses=(NODE_IP, "fd00:9::1")))
+    svc = to_service(service("web", ["10.96.0.10", "fd00:96::10"], port(80, node_port=30080),
+                             type="NodePort"))
+    slices = [to_slice(endpoint_slice("web", here(P1), name="v4")),
+              to_slice(endpoint_slice("web", here("fd00:1::11"), here("fd00:1::12"),
+                                      name="v6"))]
+    tracker.service_changed(None, svc)
+    backend.sync(tracker.drain(lambda k: svc, lambda k: slices, lambda: ["default/web"]),
+                 full=True)
+    v6 = (NftTracer(backend.dump(6), ["fd00:9::1"]) if kind == "nftables" else
+          IptablesTracer(backend.dump(6), ["fd00:9::1"]))
+    v4 = tracer(kind, backend)
+    eps6 = ["[fd00:1::11]:8080", "[fd00:1::12]:8080"]
+    assert v6.trace(Packet("fd00:1::20", "fd00:96::10", 80)).summary() == (eps6, False)
+    assert v6.trace(Packet("fd00:2::5", "fd00:9::1", 30080)).summary() == (eps6, True)
+    assert v6.trace(Packet("fd00:1::20", "10.96.0.10", 80)).summary() == ("ACCEPT",)
+    assert v4.trace(Packet("10.1.0.20", "10.96.0.10", 80)).summary() == (
+        [f"{P1}:8080"], False)
