@@ -296,7 +296,8 @@ def pytest_command(args: Sequence[str], python: Path | None = None) -> str:
     and no plugin auto-loading (hypothesis, asyncio, timeout): under software emulation every
     import costs seconds, and the runner's own timeout bounds the run."""
     py = python or PROJECT_ROOT / ".venv" / "bin" / "python"
-    cmd = [str(py), "-m", "pytest", "-p", "no:cacheprovider", *args]
+    cmd = [str(py), "-m", "pytest", "-p", "no:cacheprovider", "-W",
+           "ignore::pytest.PytestConfigWarning", *args]
     return "PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 " + " ".join(shlex.quote(a) for a in cmd)
 
 

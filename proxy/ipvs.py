@@ -131,7 +131,7 @@ class IpvsBackend:
 
     def cleanup(self) -> None:
         """Remove every virtual server on our addresses, the link, the rules and the sets."""
-        ours = set(self._link_addresses()) | self._addresses.keys()
+        ours = self._link_state()[1] | self._addresses.keys() | self._node_ips
         for vs in self.table.services():
             if vs.ip in ours or any(vs in r.servers for r in self._rendered.values()):
                 self.table.delete_service(vs)
@@ -189,19 +189,33 @@ class IpvsBackend:
     # --- syncs ----------------------------------------------------------------------------
 
     def _full_sync(self, state: Mapping[PortKey, ServicePortState]) -> None:
-        self._ensure_base()
         rendered = {k: self.render(sp) for k, sp in state.items()
                     if sp.family in self.config.families}
+        self._rendered = rendered
+        self._addresses = Counter(a for r in rendered.values() for a in r.addresses)
+        self._members = Counter(m for r in rendered.values() for m in r.members)
+        # Sets first (the rules match them), then rules, link and addresses, then IPVS.
+        self.commands.run(["sysctl", "-q", "-w", *(s for f in self.config.families
+                                                   for s in SYSCTLS[f])], check=False)
+        self._replace_sets()
+        for family in self.config.families:
+            tool = _iptables(family)
+            have = self.commands.run([f"{tool}-save"], check=False)
+            self.commands.run([f"{tool}-restore", "--noflush"],
+                              input=self._rules(family, have))
+        have_link, have_addresses = self._link_state()
+        wanted_addresses = set(self._addresses)
+        self._apply_addresses(add=wanted_addresses - have_addresses,
+                              remove=have_addresses - wanted_addresses, create=not have_link)
         wanted: dict[VirtualServer, tuple[ServiceOptions, frozenset[RealServer]]] = {}
         for r in rendered.values():
             wanted.update(r.servers)
         current = self.table.services()
-        owned = set(self._link_addresses()) | self._addresses.keys() | {
-            vs.ip for r in self._rendered.values() for vs in r.servers}
-        owned |= self._node_ips
+        owned = have_addresses | wanted_addresses | self._node_ips
         for vs in current.keys() - wanted.keys():
             if vs.ip in owned:
                 self.table.delete_service(vs)
+                self._forget_graceful(vs)
         for vs, (options, reals) in wanted.items():
             if vs not in current:
                 self.table.add_service(vs, options)
@@ -211,13 +225,6 @@ class IpvsBackend:
             if current[vs] != options:
                 self.table.update_service(vs, options)
             self._reconcile_dests(vs, reals, self.table.dests(vs))
-        self._rendered = rendered
-        self._addresses = Counter(a for r in rendered.values() for a in r.addresses)
-        self._members = Counter(m for r in rendered.values() for m in r.members)
-        have = set(self._link_addresses())
-        wanted_addresses = set(self._addresses)
-        self._apply_addresses(add=wanted_addresses - have, remove=have - wanted_addresses)
-        self._replace_sets()
 
     def _partial_sync(self, changes: Changes) -> None:
         add_addr: set[str] = set()
@@ -296,25 +303,6 @@ class IpvsBackend:
 
     # --- link, sets, rules ------------------------------------------------------------------
 
-    def _ensure_base(self) -> None:
-        for family in self.config.families:
-            self.commands.run(["sysctl", "-q", "-w", *SYSCTLS[family]], check=False)
-        if LINK not in self.commands.run(["ip", "-o", "link", "show"], check=False):
-            self.commands.run(["ip", "link", "add", LINK, "type", "dummy"])
-        self.commands.run(["ip", "link", "set", LINK, "up"])
-        lines = []
-        for family in self.config.families:
-            inet = "inet" if family == 4 else "inet6"
-            lines += [f"create {set_name(base, family)} {kind} family {inet} -exist"
-                      for base, kind in SET_TYPES.items()]
-        self.commands.run(["ipset", "restore", "-exist"], input="\n".join(lines) + "\n")
-        for family in self.config.families:
-            tool = _iptables(family)
-            self.commands.run([f"{tool}-restore", "--noflush"], input=self._rules(family))
-            for table, chain, target in JUMPS:
-                if not self._has_jump(tool, table, chain, target):
-                    self.commands.run([tool, "-t", table, "-I", chain, "1", "-j", target])
-
     def _has_jump(self, tool: str, table: str, chain: str, target: str) -> bool:
         try:
             self.commands.run([tool, "-t", table, "-C", chain, "-j", target])
@@ -322,7 +310,8 @@ class IpvsBackend:
             return False
         return True
 
-    def _rules(self, family: Family) -> str:
+    def _rules(self, family: Family, saved: str) -> str:
+        """Our chains for ``iptables-restore --noflush``, plus jumps missing from ``saved``."""
         mark = f"{self.config.masq_mark:#x}"
         cluster, external = set_name(SET_CLUSTER_IP, family), set_name(SET_EXTERNAL, family)
         detect = self.config.detect_local
@@ -347,28 +336,47 @@ class IpvsBackend:
             f"-A {CHAIN_POSTROUTING} -m mark ! --mark {mark}/{mark} -j RETURN",
             f"-A {CHAIN_POSTROUTING} -j MARK --xor-mark {mark}",
             f"-A {CHAIN_POSTROUTING} -j MASQUERADE --random-fully",
+            *self._missing_jumps("nat", saved),
             "COMMIT", "*filter", f":{CHAIN_FILTER} - [0:0]",
             f"-A {CHAIN_FILTER} -m conntrack --ctstate NEW -m set --match-set "
             f"{set_name(SET_NO_ENDPOINTS, family)} dst,dst -j REJECT",
             f"-A {CHAIN_FILTER} -m conntrack --ctstate NEW -m set --match-set "
             f"{set_name(SET_NO_LOCAL, family)} dst,dst -j DROP",
+            *self._missing_jumps("filter", saved),
             "COMMIT", "",
         ]
         return "\n".join(lines)
 
-    def _link_addresses(self) -> list[str]:
+    @staticmethod
+    def _missing_jumps(table: str, saved: str) -> list[str]:
+        present: set[str] = set()
+        current = ""
+        for line in saved.splitlines():
+            if line.startswith("*"):
+                current = line[1:]
+            elif current == table and line.startswith("-A "):
+                present.add(line)
+        return [f"-I {chain} 1 -j {target}" for t, chain, target in JUMPS
+                if t == table and f"-A {chain} -j {target}" not in present]
+
+    def _link_state(self) -> tuple[bool, set[str]]:
+        """Whether our link exists, and its global addresses."""
         out = self.commands.run(["ip", "-j", "addr", "show", "dev", LINK], check=False)
         try:
             links = json.loads(out or "[]")
         except ValueError:
-            return []
-        return [str(a["local"]) for link in links for a in link.get("addr_info", [])]
+            links = []
+        addresses = {str(a["local"]) for link in links for a in link.get("addr_info", [])
+                     if a.get("scope") != "link"}
+        return bool(links), addresses
 
-    def _apply_addresses(self, *, add: Iterable[str], remove: Iterable[str]) -> None:
-        lines = [f"addr del {_prefix(a)} dev {LINK}" for a in sorted(remove)]
+    def _apply_addresses(self, *, add: Iterable[str], remove: Iterable[str],
+                         create: bool = False) -> None:
+        lines = [f"link add {LINK} type dummy", f"link set {LINK} up"] if create else []
+        lines += [f"addr del {_prefix(a)} dev {LINK}" for a in sorted(remove)]
         lines += [f"addr replace {_prefix(a)} dev {LINK}" for a in sorted(add)]
         if lines:
-            self.commands.run(["ip", "-force", "-batch", "-"], input="\n".join(lines) + "\n")
+            self.commands.run(["ip", "-batch", "-"], input="\n".join(lines) + "\n")
 
     def _apply_members(self, *, add: Iterable[tuple[str, str]],
                        remove: Iterable[tuple[str, str]]) -> None:
@@ -385,7 +393,8 @@ class IpvsBackend:
             for base, kind in SET_TYPES.items():
                 name = set_name(base, family)
                 tmp = f"{name}-T"[:31]
-                lines += [f"create {tmp} {kind} family {inet} -exist", f"flush {tmp}"]
+                lines += [f"create {name} {kind} family {inet} -exist",
+                          f"create {tmp} {kind} family {inet} -exist", f"flush {tmp}"]
                 lines += [f"add {tmp} {m} -exist" for s, m in sorted(self._members) if s == name]
                 lines += [f"swap {tmp} {name}", f"destroy {tmp}"]
         self.commands.run(["ipset", "restore", "-exist"], input="\n".join(lines) + "\n")

@@ -77,7 +77,8 @@ def test_clusterip_nodeport_and_sets() -> None:
     assert f"add {SET_CLUSTER_IP}-T 10.96.0.10,tcp:80" in text
     assert f"add {SET_EXTERNAL}-T 192.168.9.1,tcp:30080" in text
     assert f"add {SET_NO_ENDPOINTS}-T 10.96.0.11,tcp:80" in text
-    batch = "".join(inp or "" for argv, inp in w.commands.calls if argv[:2] == ["ip", "-force"])
+    batch = "".join(inp or "" for argv, inp in w.commands.calls if argv[:2] == ["ip", "-batch"])
+    assert "link add svcnet-ipvs0 type dummy" in batch
     assert "10.96.0.10/32" in batch and "10.96.0.11/32" in batch
     assert "192.168.9.1" not in batch  # NodePort addresses are the node's own
 
