@@ -31,16 +31,19 @@ import json
 import random
 import ssl
 import subprocess
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from svcnet.model.kinds import KINDS
 from svcnet.store.base import Invalid, Selector, SelectorMatcher
+
+T = TypeVar("T")
 
 # --- certificates -----------------------------------------------------------------------------
 
@@ -91,6 +94,55 @@ def make_certs(directory: Path, *, client_cn: str = "system:node:node-1") -> Cer
             "-extfile", str(d / f"{name}.ext"), "-out", str(d / f"{name}.crt"))
     return Certs(d / "ca.crt", d / "ca.key", d / "server.crt", d / "server.key",
                  d / "client.crt", d / "client.key", d / "other-ca.crt")
+
+
+# --- running it beside synchronous code --------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serve_in_thread(certs: Certs, **options: Any) -> Iterator[ThreadedKubeAPI]:
+    """A ``FakeKubeAPI`` on its own event loop in a daemon thread, for code that runs its own
+    loop (the CLI's ``asyncio.run``) or another process (the lab's daemons)."""
+    loop = asyncio.new_event_loop()
+    api = FakeKubeAPI(certs, **options)
+    ready = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(api.start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name="fake-kube-apiserver", daemon=True)
+    thread.start()
+    if not ready.wait(10):
+        raise RuntimeError("fake kube-apiserver did not start")
+    threaded = ThreadedKubeAPI(api, loop)
+    try:
+        yield threaded
+    finally:
+        asyncio.run_coroutine_threadsafe(api.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+class ThreadedKubeAPI:
+    """Thread-safe handle on a ``FakeKubeAPI`` running in another thread's loop."""
+
+    def __init__(self, api: FakeKubeAPI, loop: asyncio.AbstractEventLoop) -> None:
+        self.api = api
+        self.loop = loop
+        self.url = api.url
+        self.port = api.port
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` (e.g. ``api.create``) on the server's loop and return its result."""
+
+        async def run() -> T:
+            return fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
 
 
 # --- the API server ---------------------------------------------------------------------------
@@ -243,7 +295,8 @@ class FakeKubeAPI:
             w.transport.abort()
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
@@ -666,7 +719,8 @@ class FakeKubeAPI:
                 wait = left if self.bookmark_interval is None else min(
                     left, self.bookmark_interval)
                 try:
-                    await asyncio.wait_for(watch.wake.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await watch.wake.wait()
                 except TimeoutError:
                     if bookmarks and self.bookmark_interval is not None and (
                         deadline - loop.time() > 0

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import require_binary
-from kubeapi import Certs, FakeKubeAPI, Recorded, make_certs
+from kubeapi import Certs, FakeKubeAPI, Recorded, make_certs, serve_in_thread
 
 from svcnet.model import ENDPOINT_SLICE, NODE, SERVICE
 from svcnet.store.base import (
@@ -733,6 +733,33 @@ async def test_in_cluster_service_account(api: FakeKubeAPI, tmp_path: Path) -> N
     assert (v6.server, v6.host, v6.port) == ("https://[fd00::1]:443", "fd00::1", 443)
     with pytest.raises(Invalid, match="no service account token"):
         in_cluster(environ=env, service_account_dir=str(tmp_path / "missing"))
+
+
+# --- the CLI against it -------------------------------------------------------------------------
+
+
+def test_cli_apply_get_delete_with_store_kubernetes(
+    certs: Certs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from svcnet.cli import main
+
+    with serve_in_thread(certs) as server:
+        config = write_kubeconfig(tmp_path / "config", kubeconfig_doc(server.api, {
+            "token": "good-token"}))
+        manifest = tmp_path / "web.yaml"
+        manifest.write_text(yaml.safe_dump(service("web")))
+        store_args = ["--store", "kubernetes", "--kubeconfig", config, "--context", "main"]
+        assert main(["apply", "-f", str(manifest), *store_args]) == 0
+        assert "service/default/web applied" in capsys.readouterr().out
+        server.call(server.api.create, "services", service("db", namespace="prod"))
+        assert main(["get", "services", "-A", "-o", "json", *store_args]) == 0
+        printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [(o["kind"], o["metadata"]["name"]) for o in printed] == [
+            ("Service", "web"), ("Service", "db")]
+        assert main(["delete", "service", "web", *store_args]) == 0
+        assert main(["delete", "service", "web", *store_args]) == 2
+        assert 'services "web" not found' in capsys.readouterr().err
+        assert sorted(server.call(server.api.objects, "services")) == ["prod/db"]
 
 
 # --- the informer on the kubernetes store -------------------------------------------------------

@@ -154,7 +154,8 @@ async def run_exec_plugin(plugin: ExecPlugin) -> tuple[str, float | None]:
     except OSError as err:
         raise Invalid(f"{what} cannot run: {err.strerror or err}") from None
     try:
-        out, err_out = await asyncio.wait_for(proc.communicate(), plugin.timeout)
+        async with asyncio.timeout(plugin.timeout):
+            out, err_out = await proc.communicate()
     except TimeoutError:
         proc.kill()
         await proc.wait()

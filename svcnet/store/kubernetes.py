@@ -144,11 +144,12 @@ class _Connection:
     async def open(cls, config: ClusterConfig, tls: ssl.SSLContext | None,
                    timeout: float) -> _Connection:
         server_hostname = (config.tls_server_name or config.host) if tls else None
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(config.host, config.port, ssl=tls,
-                                    server_hostname=server_hostname, limit=1 << 20),
-            timeout,
-        )
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that
+        # arrives as the connection completes, and a stopped informer would run on.
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(
+                config.host, config.port, ssl=tls, server_hostname=server_hostname,
+                limit=1 << 20)
         sock = writer.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
