@@ -170,13 +170,23 @@ def web_pods(cfg: LabConfig) -> dict[str, dict[str, Any]]:
             and not p["metadata"].get("deletionTimestamp")}
 
 
+_services: dict[str, list[dict[str, Any]]] = {}
+
+
+def services(cfg: LabConfig) -> list[dict[str, Any]]:
+    """The Services (the suite never changes them after setup, so one read serves all)."""
+    if cfg.name not in _services:
+        _services[cfg.name] = objects(cfg, "services")
+    return _services[cfg.name]
+
+
 def service_ip(cfg: LabConfig, name: str) -> str:
-    return str(next(s["spec"]["clusterIP"] for s in objects(cfg, "services")
+    return str(next(s["spec"]["clusterIP"] for s in services(cfg)
                     if s["metadata"]["name"] == name))
 
 
 def node_port(cfg: LabConfig, name: str) -> int:
-    return int(next(s["spec"]["ports"][0]["nodePort"] for s in objects(cfg, "services")
+    return int(next(s["spec"]["ports"][0]["nodePort"] for s in services(cfg)
                     if s["metadata"]["name"] == name))
 
 
@@ -417,13 +427,19 @@ def daemons_healthy(cfg: LabConfig) -> bool:
     return out.count("overlay=200 proxy=200") == len(cfg.node_names)
 
 
+def overlays_out_of_sync(cfg: LabConfig) -> list[str]:
+    """Nodes whose overlay kernel state differs from desired (checked concurrently)."""
+    procs = {node: subprocess.Popen(
+        ["ip", "netns", "exec", cfg.node_ns(node), *cfg.svcnet_argv, "overlay", "status",
+         "--json"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for node in cfg.node_names}
+    return [node for node, proc in procs.items() if proc.wait(30) != 0]
+
+
 def assert_converged(cfg: LabConfig, backends: int = 3) -> None:
     assert until(lambda: daemons_healthy(cfg), 20, 0.5), "a node daemon is not healthy"
-    for node in cfg.node_names:
-        deadline = time.monotonic() + 20
-        while not overlay_in_sync(cfg, node):
-            assert time.monotonic() < deadline, f"overlay on {node} differs from desired"
-            time.sleep(0.5)
+    assert until(lambda: not overlays_out_of_sync(cfg), 20, 0.5), (
+        f"overlay differs from desired on {overlays_out_of_sync(cfg)}")
     assert wait_all_backends(cfg, "client2", backends, 20), "client2 lost some backends"
 
 
