@@ -31,7 +31,7 @@ class Commands(Protocol):
 @dataclass(frozen=True, slots=True)
 class SubprocessCommands:
     netns: str | None = None
-    timeout: float = 300.0
+    timeout: float = 1200.0
 
     def run(self, argv: Sequence[str], *, input: str | None = None, check: bool = True) -> str:
         full = ["ip", "netns", "exec", self.netns, *argv] if self.netns else list(argv)
