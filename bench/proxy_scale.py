@@ -143,7 +143,7 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
             if len(commands.returned) == before:
                 raise RuntimeError("the change never reached the kernel")
             changes.append((commands.returned[before] - wrote) * 1000)
-            check_live(args.backend, target, n + 1)
+            check_live(args.backend, target, n + 1, args.legacy)
     finally:
         loop_task.cancel()
         await asyncio.gather(loop_task, return_exceptions=True)
@@ -158,7 +158,7 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def check_live(backend: str, i: int, generation: int) -> None:
+def check_live(backend: str, i: int, generation: int, legacy: bool = False) -> None:
     """The changed endpoint really is in the kernel."""
     ep = f"10.{128 + generation}.{i // 256 % 256}.{i % 256}"
     if backend == "nftables":
@@ -166,7 +166,8 @@ def check_live(backend: str, i: int, generation: int) -> None:
                               f"{{ {cluster_ip(i)} . tcp . 80 . 0 }}"],
                              capture_output=True, text=True, check=True).stdout
     else:
-        out = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True,
+        save = "iptables-legacy-save" if legacy else "iptables-nft-save"
+        out = subprocess.run([save, "-t", "nat"], capture_output=True, text=True,
                              check=True).stdout
     if ep not in out:
         raise RuntimeError(f"endpoint {ep} not live after the change")
