@@ -835,3 +835,18 @@ async def test_informer_resumes_from_last_revision_after_dropped_connection(
         assert informer.revision == str(api.rv)
     finally:
         await informer.stop()
+
+
+async def test_informer_stops_promptly_while_reconnecting(
+    api: FakeKubeAPI, store: KubernetesStore
+) -> None:
+    """A cancellation must never be lost in the connect/request path (Python 3.11's
+    ``wait_for`` drops one that arrives as the connection completes)."""
+    api.inject(503, count=10**6, when=lambda r: r.param("watch") == "1")
+    for i in range(15):
+        informer = Informer(store, SERVICE, backoff=Backoff(0.0005, 0.001))
+        informer.start()
+        await informer.wait_synced(5)
+        await asyncio.sleep(0.001 * (i % 7))
+        async with asyncio.timeout(5):
+            await informer.stop()
