@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
+    from .rtnl import RtnlApi
+
 DEFAULT_BRIDGE = "cni0"
 HOST_VETH_PREFIX = "veth"
 ALIAS_PREFIX = "svcnet-cni"
@@ -124,6 +126,21 @@ def random_mac() -> str:
     return mac_text(bytes(raw))
 
 
+def open_host() -> RtnlApi:
+    """The host-side netlink adapter (a seam: unit tests substitute a fake kernel)."""
+    return Rtnl()
+
+
+def open_pod(netns_fd: int, arp_notify: str = "") -> RtnlApi:
+    """A netlink adapter bound to the pod's namespace; with ``arp_notify`` also turns that
+    sysctl on for the named interface while inside (another seam for the fake)."""
+    with InNetns(netns_fd):
+        pod = Rtnl()
+        if arp_notify:
+            write_sysctl(f"net/ipv4/conf/{arp_notify}/arp_notify", "1")
+    return pod
+
+
 class Undo:
     """A stack of compensating actions, run in reverse unless ``commit()`` was called."""
 
@@ -188,7 +205,7 @@ def _masq_enabled(conf: NetConf, cfg: ipam.IpamConfig | None) -> bool:
 def cmd_add(conf: NetConf, env: Env, stdin: bytes) -> dict[str, Any]:
     netns_fd = _open_netns(env.netns)
     try:
-        with Rtnl() as host, Undo() as undo:
+        with open_host() as host, Undo() as undo:
             ipam_result, cfg = ipam_add(conf, env, stdin, undo)
             ips = [(Prefix.parse(e["address"]), e.get("gateway", "")) for e in ipam_result["ips"]]
             mtu = conf.mtu or (cfg.mtu if cfg else 0)
@@ -259,7 +276,7 @@ def _open_netns(path: str) -> int:
                        str(err)) from None
 
 
-def ensure_bridge(host: Rtnl, conf: NetConf, mtu: int) -> Link:
+def ensure_bridge(host: RtnlApi, conf: NetConf, mtu: int) -> Link:
     try:
         bridge = host.link(conf.bridge)
     except LinkNotFound:
@@ -278,7 +295,7 @@ def ensure_bridge(host: Rtnl, conf: NetConf, mtu: int) -> Link:
     return bridge
 
 
-def ensure_gateway_addresses(host: Rtnl, conf: NetConf, bridge_index: int,
+def ensure_gateway_addresses(host: RtnlApi, conf: NetConf, bridge_index: int,
                              ips: list[tuple[Prefix, str]]) -> None:
     """Put each family's gateway on the bridge (like the reference: forceAddress replaces a
     different address in the same subnet; without it that is an error) and turn on
@@ -323,10 +340,7 @@ def configure_pod(netns_fd: int, ifname: str, ips: list[tuple[Prefix, str]],
                   routes: list[dict[str, Any]], enable_dad: bool) -> None:
     """Inside the pod: arp_notify, addresses, link up, routes (gateways per family)."""
     gateways = {p.version: gw for p, gw in ips if gw}
-    with InNetns(netns_fd):
-        pod = Rtnl()
-        write_sysctl(f"net/ipv4/conf/{ifname}/arp_notify", "1")
-    with pod:
+    with open_pod(netns_fd, arp_notify=ifname) as pod:
         index = pod.link(ifname).index
         for prefix, _gw in ips:
             pod.add_address(index, prefix, nodad=prefix.version == 6 and not enable_dad)
@@ -364,7 +378,7 @@ def cmd_del(conf: NetConf, env: Env, stdin: bytes) -> None:
 
         masq.apply(masq.delete_script(conf.name, [(6 if ":" in ip else 4, ip) for ip in ips]))
     host_name = host_veth_name(env.container_id, env.ifname)
-    with Rtnl() as host:
+    with open_host() as host:
         if conf.macspoofchk:
             from . import macspoof
 
@@ -410,7 +424,7 @@ def cmd_check(conf: NetConf, env: Env, stdin: bytes) -> None:
         raise CniError(ERR_INVALID_CONFIG, f"prevResult has no interface {env.ifname} in a "
                        "sandbox")
     host_name = host_veth_name(env.container_id, env.ifname)
-    with Rtnl() as host:
+    with open_host() as host:
         try:
             bridge = host.link(conf.bridge)
             veth = host.link(host_name)
@@ -422,8 +436,7 @@ def cmd_check(conf: NetConf, env: Env, stdin: bytes) -> None:
             raise CniError(ERR_INTERNAL, f"CHECK: {host_name} is down")
     netns_fd = _open_netns(env.netns)
     try:
-        with InNetns(netns_fd):
-            pod = Rtnl()
+        pod = open_pod(netns_fd)
     finally:
         posix.close(netns_fd)
     with pod:
@@ -477,7 +490,7 @@ def cmd_gc(conf: NetConf, env: Env, stdin: bytes) -> None:
         delegate(conf.ipam_type, "GC", stdin, env)
     valid_hosts = {host_veth_name(cid, ifname) for cid, ifname in valid}
     alias_prefix = f"{ALIAS_PREFIX}/{conf.name}/"
-    with Rtnl() as host:
+    with open_host() as host:
         try:
             bridge_index = host.link(conf.bridge).index
         except LinkNotFound:
@@ -538,7 +551,7 @@ def cmd_status(conf: NetConf, env: Env, stdin: bytes) -> None:
             raise CniError(ERR_NOT_AVAILABLE, f"range set {index} has no free address",
                            f"{used} of {capacity} reserved")
     if allocated:
-        with Rtnl() as host:
+        with open_host() as host:
             try:
                 if not host.link(conf.bridge).up:
                     raise CniError(ERR_LIMITED_CONNECTIVITY, f"bridge {conf.bridge} is down")
