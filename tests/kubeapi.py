@@ -789,6 +789,19 @@ def _head(status: int, headers: dict[str, str]) -> bytes:
 async def _write_json(writer: asyncio.StreamWriter, status: int, body: dict[str, Any],
                       headers: dict[str, str] | None = None) -> None:
     data = json.dumps(body, separators=(",", ":")).encode() + b"\n"
-    writer.write(_head(status, {"Content-Type": "application/json", **(headers or {}),
-                                "Content-Length": str(len(data))}) + data)
+    if len(data) <= CHUNK_ABOVE:
+        writer.write(_head(status, {"Content-Type": "application/json", **(headers or {}),
+                                    "Content-Length": str(len(data))}) + data)
+    else:
+        # Go's net/http switches to chunked encoding once a handler without Content-Length
+        # writes more than 2 KiB, which is how kube-apiserver sends big lists.
+        writer.write(_head(status, {"Content-Type": "application/json", **(headers or {}),
+                                    "Transfer-Encoding": "chunked"}))
+        for i in range(0, len(data), 4096):
+            piece = data[i:i + 4096]
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        writer.write(b"0\r\n\r\n")
     await writer.drain()
+
+
+CHUNK_ABOVE = 2048
