@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Literal
-
-from svcnet.model import Endpoint
+from typing import Any, Literal
 
 VERSION_LABEL = "dns-version"
 SCHEMA_VERSION = "1.1.0"
@@ -58,13 +56,13 @@ def is_label(text: str) -> bool:
         text[0] != "-" and text[-1] != "-"
 
 
-def endpoint_hostname(endpoint: Endpoint, address: str, *, pod_names: bool) -> str:
+def endpoint_hostname(endpoint: Any, address: str, *, pod_names: bool) -> str:
     """The endpoint's own hostname, else (endpoint_pod_names) its pod's name, else its dashed IP."""
     if endpoint.hostname:
-        return endpoint.hostname.lower()
+        return str(endpoint.hostname).lower()
     ref = endpoint.target_ref
     if pod_names and ref is not None and ref.kind in ("Pod", "") and is_label(ref.name.lower()):
-        return ref.name.lower()
+        return str(ref.name).lower()
     return dashed(address)
 
 

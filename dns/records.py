@@ -3,16 +3,19 @@
 Implements the Kubernetes DNS-Based Service Discovery specification 1.1.0 with CoreDNS's
 choices where the specification leaves room (SRV priority 0 and weight 100/n, dashed-IP
 endpoint hostnames, ``endpoint_pod_names``). The result is plain data; ``zone.py`` renders it.
+EndpointSlices may be full records or the DNS's slim ``daemon.SliceAddresses``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from svcnet.dns import names
 from svcnet.dns.wire import AAAA, CNAME, RR, SRV, A
 
-from svcnet.model import EndpointSlice, Service
+from svcnet.model import Service
 
 RRSet = tuple[tuple[RR, ...], tuple[RR, ...]]
 """(answer, additional)"""
@@ -53,7 +56,7 @@ def _srv_rrs(owner: str, targets: list[tuple[str, int]], ttl: int) -> list[RR]:
     return out
 
 
-def service_records(svc: Service, slices: list[EndpointSlice], zone: str, ttl: int, *,
+def service_records(svc: Service, slices: Sequence[Any], zone: str, ttl: int, *,
                     endpoint_pod_names: bool = False) -> ServiceRecords:
     meta = svc.metadata
     owner = names.service_name(meta.name, meta.namespace, zone)
@@ -93,7 +96,7 @@ def _cluster_ip(svc: Service, owner: str, ttl: int) -> ServiceRecords:
     return ServiceRecords(rrsets, frozenset(existing), ptrs)
 
 
-def _headless(svc: Service, slices: list[EndpointSlice], owner: str, ttl: int,
+def _headless(svc: Service, slices: Sequence[Any], owner: str, ttl: int,
               pod_names: bool) -> ServiceRecords:
     publish_all = svc.spec.publish_not_ready_addresses
     # (hostname fqdn, address, ports of its slice), in a stable order

@@ -14,9 +14,9 @@ import logging
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from svcnet.dns import names
 from svcnet.dns.records import ServiceRecords, service_records
@@ -38,7 +38,7 @@ from svcnet.dns.wire import (
     prepare,
 )
 
-from svcnet.model import EndpointSlice, Service
+from svcnet.model import Service
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class ClusterZone:
 
     # --- changes from the watch cache ------------------------------------------------------
 
-    def set_service(self, key: str, svc: Service | None, slices: list[EndpointSlice]) -> None:
+    def set_service(self, key: str, svc: Service | None, slices: Sequence[Any]) -> None:
         """Recompute one Service's names; publish only the keys that changed."""
         old = self._services.pop(key, None)
         new = service_records(svc, slices, self.zone, self.ttl,
