@@ -678,6 +678,9 @@ def test_kubeconfig_contexts_and_merging(tmp_path: Path, monkeypatch: pytest.Mon
      "holds no PEM certificate"),
     (lambda d: d["clusters"][0]["cluster"].update({"certificate-authority": "/nonexistent"}),
      "both certificate-authority and certificate-authority-data are given"),
+    (lambda d: d["clusters"][0]["cluster"].update({"certificate-authority-data": base64.b64encode(
+        b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").decode()}),
+     "certificate authority not usable"),
     (lambda d: d["clusters"][0].update({"cluster": {"server": "https://h",
                                                     "certificate-authority": "/nonexistent"}}),
      "cannot read certificate-authority /nonexistent"),

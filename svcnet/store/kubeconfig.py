@@ -71,9 +71,10 @@ class ClusterConfig:
         """The TLS context: our CA (or the system's), and the client certificate if any."""
         if not self.tls:
             return None
-        ctx = ssl.create_default_context(cadata=self.ca_pem) if self.ca_pem else (
-            ssl.create_default_context()
-        )
+        try:
+            ctx = ssl.create_default_context(cadata=self.ca_pem)
+        except ssl.SSLError as err:
+            raise Invalid(f"{self.source}: certificate authority not usable: {err}") from None
         if self.insecure_skip_tls_verify:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
