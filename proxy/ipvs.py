@@ -435,3 +435,18 @@ def build_backend(opts: Any, commands: Commands, config: BackendConfig) -> IpvsB
     scheduler = getattr(opts, "ipvs_scheduler", None) or "rr"
     return IpvsBackend(NetlinkIpvs(getattr(opts, "netns", None)), commands, config,
                        scheduler=scheduler)
+
+
+def cleanup_all(commands: Commands, netns: str | None = None) -> None:
+    """``svcnet proxy cleanup``: remove our IPVS state; a kernel without IP_VS has none."""
+    from svcnet.proxy.ipvs_kernel import NetlinkIpvs
+
+    try:
+        table = NetlinkIpvs(netns)
+    except Exception:  # no IPVS generic netlink family: nothing of ours can exist
+        log.debug("no IPVS in this kernel; nothing to clean up")
+        return
+    try:
+        IpvsBackend(table, commands, BackendConfig(families=(4, 6))).cleanup()
+    finally:
+        table.close()
