@@ -75,6 +75,7 @@ _NOT_SENT = (
     "DNS resolution failed",
 )
 _PAGE = 1000
+_RETIRE_AFTER = 30.0  # seconds a replaced channel lives on for calls still queued on it
 # etcd answers a WatchProgressRequest with watch_id -1: it belongs to no single watcher.
 _PROBE_ANSWER = -1
 
@@ -148,6 +149,8 @@ class _Member:
         self._watch: Any = None
         self._lease: Any = None
         self._maintenance: Any = None
+        self._retired: set[grpc.aio.Channel] = set()
+        self._closing: set[asyncio.Future[None]] = set()
 
     def channel(self) -> grpc.aio.Channel:
         if self._channel is None:
@@ -178,11 +181,36 @@ class _Member:
             self._maintenance = pb_grpc.MaintenanceStub(self.channel())
         return self._maintenance
 
+    def refresh_if_failing(self) -> None:
+        """Replace a channel stuck in reconnect backoff, so the next call connects now.
+
+        The old channel is closed only after a grace period: closing it at once would
+        cancel calls other tasks still have queued on it, and a cancelled write has an
+        unknown outcome, where a failed one is known not to have been sent.
+        """
+        channel = self._channel
+        if channel is None or channel.get_state() is not grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            return
+        self._channel = None
+        self._kv = self._watch = self._lease = self._maintenance = None
+        self._retired.add(channel)
+        asyncio.get_running_loop().call_later(_RETIRE_AFTER, self._close_retired, channel)
+
+    def _close_retired(self, channel: grpc.aio.Channel) -> None:
+        if channel in self._retired:
+            self._retired.discard(channel)
+            task = asyncio.ensure_future(channel.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
         channel, self._channel = self._channel, None
         self._kv = self._watch = self._lease = self._maintenance = None
-        if channel is not None:
-            await channel.close()
+        retired, self._retired = self._retired, set()
+        for old in [*retired, *([channel] if channel is not None else [])]:
+            await old.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 class EtcdClient:
@@ -217,8 +245,8 @@ class EtcdClient:
 
     async def get(self, key: bytes) -> tuple[bytes, int] | None:
         """The value and mod_revision of ``key``, or None if it does not exist."""
-        resp = await self._read("get", lambda m: m.kv.Range(
-            pb.RangeRequest(key=key), timeout=self.timeout, metadata=_REQUIRE_LEADER))
+        resp = await self._read("get", lambda m, t: m.kv.Range(
+            pb.RangeRequest(key=key), timeout=t, metadata=_REQUIRE_LEADER))
         if not resp.kvs:
             return None
         kv = resp.kvs[0]
@@ -236,8 +264,7 @@ class EtcdClient:
         start, revision = prefix, 0
         while True:
             request = pb.RangeRequest(key=start, range_end=end, limit=page, revision=revision)
-            resp = await self._read("range", lambda m, r=request: m.kv.Range(  # type: ignore[misc]
-                r, timeout=self.timeout, metadata=_REQUIRE_LEADER))
+            resp = await self._range(request)
             if revision == 0:
                 revision = resp.header.revision
             items.extend((kv.key, kv.value, kv.mod_revision) for kv in resp.kvs)
@@ -245,11 +272,15 @@ class EtcdClient:
                 return items, revision
             start = resp.kvs[-1].key + b"\0"
 
+    async def _range(self, request: Any) -> Any:
+        return await self._read("range", lambda m, t: m.kv.Range(
+            request, timeout=t, metadata=_REQUIRE_LEADER))
+
     async def put(self, key: bytes, value: bytes, *, lease: int = 0) -> int:
         """Write ``key`` unconditionally; returns the new revision."""
-        resp = await self._write("put", lambda m: m.kv.Put(
+        resp = await self._write("put", lambda m, t: m.kv.Put(
             pb.PutRequest(key=key, value=value, lease=lease),
-            timeout=self.timeout, metadata=_REQUIRE_LEADER))
+            timeout=t, metadata=_REQUIRE_LEADER))
         return int(resp.header.revision)
 
     async def create(self, key: bytes, value: bytes, *, lease: int = 0) -> bool:
@@ -289,39 +320,43 @@ class EtcdClient:
 
     async def delete_revision(self, key: bytes) -> int | None:
         """Delete ``key``; the deletion's revision, or None if it did not exist."""
-        resp = await self._write("delete", lambda m: m.kv.DeleteRange(
-            pb.DeleteRangeRequest(key=key), timeout=self.timeout, metadata=_REQUIRE_LEADER))
+        resp = await self._write("delete", lambda m, t: m.kv.DeleteRange(
+            pb.DeleteRangeRequest(key=key), timeout=t, metadata=_REQUIRE_LEADER))
         return int(resp.header.revision) if resp.deleted else None
 
     async def compact(self, revision: int, *, physical: bool = True) -> None:
-        """Drop history before ``revision``; watches from older revisions then expire."""
-        await self._write("compact", lambda m: m.kv.Compact(
-            pb.CompactionRequest(revision=revision, physical=physical),
-            timeout=self.timeout, metadata=_REQUIRE_LEADER))
+        """Drop history before ``revision``; watches from older revisions then expire.
+
+        Compacting a revision that is already compacted is a no-op, not an error.
+        """
+        with contextlib.suppress(Expired):
+            await self._write("compact", lambda m, t: m.kv.Compact(
+                pb.CompactionRequest(revision=revision, physical=physical),
+                timeout=t, metadata=_REQUIRE_LEADER))
 
     async def revision(self) -> int:
         """The cluster's current revision."""
-        resp = await self._read("revision", lambda m: m.kv.Range(
-            pb.RangeRequest(key=b"\0", count_only=True), timeout=self.timeout,
+        resp = await self._read("revision", lambda m, t: m.kv.Range(
+            pb.RangeRequest(key=b"\0", count_only=True), timeout=t,
             metadata=_REQUIRE_LEADER))
         return int(resp.header.revision)
 
     async def member_status(self) -> Any:
         """The current member's ``StatusResponse`` (leader, raft index, version)."""
-        return await self._read("status", lambda m: m.maintenance.Status(
-            pb.StatusRequest(), timeout=self.timeout))
+        return await self._read("status", lambda m, t: m.maintenance.Status(
+            pb.StatusRequest(), timeout=t))
 
     async def _txn(self, what: str, txn: Any) -> Any:
-        return await self._write(what, lambda m: m.kv.Txn(
-            txn, timeout=self.timeout, metadata=_REQUIRE_LEADER))
+        return await self._write(what, lambda m, t: m.kv.Txn(
+            txn, timeout=t, metadata=_REQUIRE_LEADER))
 
     # ---- leases ----------------------------------------------------------------------
 
     async def grant_lease(self, ttl: int) -> int:
         """A new lease of ``ttl`` seconds; keys written with it vanish when it expires."""
         # Granting twice after an unknown outcome only leaks a lease that expires by itself.
-        resp = await self._read("grant lease", lambda m: m.lease.LeaseGrant(
-            pb.LeaseGrantRequest(TTL=ttl), timeout=self.timeout, metadata=_REQUIRE_LEADER))
+        resp = await self._read("grant lease", lambda m, t: m.lease.LeaseGrant(
+            pb.LeaseGrantRequest(TTL=ttl), timeout=t, metadata=_REQUIRE_LEADER))
         if resp.error:
             raise Invalid(f"grant lease: {resp.error}")
         return int(resp.ID)
@@ -329,8 +364,8 @@ class EtcdClient:
     async def keepalive(self, lease_id: int) -> int:
         """Renew a lease once; its TTL in seconds, or 0 if the lease is gone."""
 
-        async def once(member: _Member) -> int:
-            call = member.lease.LeaseKeepAlive(timeout=self.timeout, metadata=_REQUIRE_LEADER)
+        async def once(member: _Member, t: float) -> int:
+            call = member.lease.LeaseKeepAlive(timeout=t, metadata=_REQUIRE_LEADER)
             try:
                 await call.write(pb.LeaseKeepAliveRequest(ID=lease_id))
                 resp = await call.read()
@@ -344,16 +379,16 @@ class EtcdClient:
 
     async def lease_ttl(self, lease_id: int) -> int:
         """Remaining TTL of a lease without renewing it; 0 if it is gone."""
-        resp = await self._read("lease ttl", lambda m: m.lease.LeaseTimeToLive(
-            pb.LeaseTimeToLiveRequest(ID=lease_id), timeout=self.timeout,
+        resp = await self._read("lease ttl", lambda m, t: m.lease.LeaseTimeToLive(
+            pb.LeaseTimeToLiveRequest(ID=lease_id), timeout=t,
             metadata=_REQUIRE_LEADER))
         return max(0, int(resp.TTL))
 
     async def revoke_lease(self, lease_id: int) -> None:
         """Revoke a lease, deleting its keys; a lease already gone is not an error."""
         with contextlib.suppress(NotFound):
-            await self._read("revoke lease", lambda m: m.lease.LeaseRevoke(
-                pb.LeaseRevokeRequest(ID=lease_id), timeout=self.timeout,
+            await self._read("revoke lease", lambda m, t: m.lease.LeaseRevoke(
+                pb.LeaseRevokeRequest(ID=lease_id), timeout=t,
                 metadata=_REQUIRE_LEADER))
 
     # ---- watch -----------------------------------------------------------------------
@@ -385,6 +420,8 @@ class EtcdClient:
                 raise Unavailable("etcd client closed")
             index = self._current
             member = self._members[index]
+            if failures >= len(self._members):
+                member.refresh_if_failing()
             try:
                 async for batch in self._watch_stream(member, prefix, next_revision,
                                                       progress_notify):
@@ -426,9 +463,12 @@ class EtcdClient:
         call = member.watch.Watch(metadata=_REQUIRE_LEADER)
         read: asyncio.Future[Any] | None = None
         try:
-            await asyncio.wait_for(call.write(pb.WatchRequest(create_request=pb.WatchCreateRequest(
-                key=prefix, range_end=prefix_end(prefix), start_revision=start,
-                prev_kv=True, progress_notify=progress_notify))), self.timeout)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation
+            # that arrives as the write completes, and the watch would then never stop.
+            async with asyncio.timeout(self.timeout):
+                await call.write(pb.WatchRequest(create_request=pb.WatchCreateRequest(
+                    key=prefix, range_end=prefix_end(prefix), start_revision=start,
+                    prev_kv=True, progress_notify=progress_notify)))
             created = probing = False
             while True:
                 if read is None:
@@ -439,8 +479,9 @@ class EtcdClient:
                     if not created or probing:
                         raise Unavailable(f"watch on {member.endpoint}: no answer in "
                                           f"{self.timeout}s")
-                    await asyncio.wait_for(call.write(pb.WatchRequest(
-                        progress_request=pb.WatchProgressRequest())), self.timeout)
+                    async with asyncio.timeout(self.timeout):
+                        await call.write(pb.WatchRequest(
+                            progress_request=pb.WatchProgressRequest()))
                     probing = True
                     continue
                 resp, read, probing = read.result(), None, False
@@ -474,27 +515,35 @@ class EtcdClient:
 
     # ---- plumbing --------------------------------------------------------------------
 
-    async def _read(self, what: str, request: Callable[[_Member], Awaitable[T]]) -> T:
+    async def _read(self, what: str, request: Callable[[_Member, float], Awaitable[T]]) -> T:
         return await self._call(what, request, repeatable=True)
 
-    async def _write(self, what: str, request: Callable[[_Member], Awaitable[T]]) -> T:
+    async def _write(self, what: str, request: Callable[[_Member, float], Awaitable[T]]) -> T:
         return await self._call(what, request, repeatable=False)
 
-    async def _call(self, what: str, request: Callable[[_Member], Awaitable[T]], *,
+    async def _call(self, what: str, request: Callable[[_Member, float], Awaitable[T]], *,
                     repeatable: bool) -> T:
-        """Send to the current member; on a transient failure move on and maybe retry."""
-        attempts = 2 * len(self._members)
-        reason = ""
-        for attempt in range(attempts):
-            if self._closed:
-                raise Unavailable("etcd client closed")
+        """Send to the current member; on a transient failure move on and maybe retry.
+
+        ``request`` gets the member and the seconds left: the whole call, retries included,
+        takes at most ``timeout``. After every member failed once, a member whose channel is
+        in reconnect backoff gets a fresh channel, so a restarted etcd is used at once.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        reason = "no attempt made"
+        attempt = 0
+        while not self._closed:
             index = self._current
+            member = self._members[index]
+            if attempt >= len(self._members):
+                member.refresh_if_failing()
             try:
-                return await request(self._members[index])
+                return await request(member, max(0.01, deadline - loop.time()))
             except grpc.aio.AioRpcError as err:
                 if err.code() not in _TRANSIENT:
                     raise map_error(err, what) from None
-                reason = f"{self._members[index].endpoint}: {_details(err)}"
+                reason = f"{member.endpoint}: {_details(err)}"
                 self._failed(index)
                 if not repeatable and not _never_sent(err):
                     raise Unavailable(f"{what}: outcome unknown ({reason})") from None
@@ -502,15 +551,22 @@ class EtcdClient:
                 # grpc.aio reports a call cut by a closed channel as a cancellation.
                 if _task_cancelled():
                     raise
-                reason = f"{self._members[index].endpoint}: connection closed"
+                reason = f"{member.endpoint}: connection closed"
                 if not repeatable:
                     raise Unavailable(f"{what}: outcome unknown ({reason})") from None
             except Unavailable as err:
                 reason = str(err)
                 self._failed(index)
-            if attempt + 1 >= len(self._members):
-                await asyncio.sleep(_jitter(0.05 * 2 ** (attempt + 1 - len(self._members))))
-        raise Unavailable(f"{what}: no etcd member answers (last: {reason})")
+            attempt += 1
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            if attempt >= len(self._members):
+                await asyncio.sleep(min(left, _jitter(0.05 * 2 ** (attempt - len(self._members)))))
+        if self._closed:
+            raise Unavailable("etcd client closed")
+        raise Unavailable(f"{what}: no etcd member answered within {self.timeout}s "
+                          f"(last: {reason})")
 
     def _failed(self, index: int) -> None:
         """Move to the next member, unless a concurrent request already moved on."""
