@@ -108,13 +108,18 @@ def _raw_object(data: bytes) -> RawObject:
     return RawObject(meta.namespace, meta.name, meta.resource_version, data)
 
 
-def _list_item(data: bytes, type_meta: bytes) -> RawObject:
+def _list_item(raw: msgspec.Raw | bytes, type_meta: bytes) -> RawObject:
     """A list item as a complete object: the API server leaves ``kind``/``apiVersion`` out of
-    list items, watch events and GETs carry them; every ``RawObject`` carries them here."""
-    head = _HEAD.decode(data)
-    if not head.kind and data[:1] == b"{":
-        empty = data[1:].lstrip().startswith(b"}")
-        data = type_meta[:-1] + b"}" if empty else type_meta + data[1:]
+    list items, watch events and GETs carry them; every ``RawObject`` carries them here.
+    The splice copies the item's bytes once, straight out of the page."""
+    head = _HEAD.decode(raw)
+    view = memoryview(raw)
+    if head.kind or view[:1] != b"{":
+        data = bytes(view)
+    elif bytes(view[1:64]).lstrip()[:1] == b"}":
+        data = type_meta[:-1] + b"}"
+    else:
+        data = type_meta + view[1:]
     meta = head.metadata
     return RawObject(meta.namespace, meta.name, meta.resource_version, data)
 
@@ -384,7 +389,7 @@ class KubernetesStore:
                 _raise_for(resp, f"list {path}", self.config)
             try:
                 page = _LIST.decode(resp.body)
-                items.extend(_list_item(bytes(raw), type_meta) for raw in page.items or ())
+                items.extend(_list_item(raw, type_meta) for raw in page.items or ())
             except msgspec.DecodeError as err:
                 raise Unavailable(f"list {path}: undecodable response: {err}") from None
             revision = revision or page.metadata.resource_version
