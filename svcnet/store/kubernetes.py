@@ -114,7 +114,7 @@ def _list_item(raw: msgspec.Raw | bytes, type_meta: bytes) -> RawObject:
     The splice copies the item's bytes once, straight out of the page."""
     head = _HEAD.decode(raw)
     view = memoryview(raw)
-    if head.kind or view[:1] != b"{":
+    if head.kind or view[:1].tobytes() != b"{":
         data = bytes(view)
     elif bytes(view[1:64]).lstrip()[:1] == b"}":
         data = type_meta[:-1] + b"}"
