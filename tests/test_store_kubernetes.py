@@ -16,7 +16,7 @@ import yaml
 from conftest import require_binary
 from kubeapi import Certs, FakeKubeAPI, Recorded, make_certs, serve_in_thread
 
-from svcnet.model import ENDPOINT_SLICE, NODE, SERVICE
+from svcnet.model import ENDPOINT_SLICE, NODE, POD, SERVICE
 from svcnet.store.base import (
     Event,
     EventType,
@@ -853,3 +853,41 @@ async def test_informer_stops_promptly_while_reconnecting(
         await asyncio.sleep(0.001 * (i % 7))
         async with asyncio.timeout(5):
             await informer.stop()
+
+
+async def test_informer_with_selectors_follows_objects_leaving_the_selection(
+    api: FakeKubeAPI, store: KubernetesStore
+) -> None:
+    """kube-proxy's selector: a Service that gains ``service-proxy-name`` is no longer ours."""
+    proxy_label = "service.kubernetes.io/service-proxy-name"
+    api.create("services", service("web"))
+    api.create("services", service("mesh", **{proxy_label: "other-proxy"}))
+    api.create("pods", {"apiVersion": "v1", "kind": "Pod",
+                        "metadata": {"name": "p1", "namespace": "default"},
+                        "spec": {"nodeName": "node-1"}})
+    api.create("pods", {"apiVersion": "v1", "kind": "Pod",
+                        "metadata": {"name": "p2", "namespace": "default"},
+                        "spec": {"nodeName": "node-2"}})
+    services = Informer(store, SERVICE, selector=Selector(labels=f"!{proxy_label}"),
+                        backoff=Backoff(0.01, 0.05))
+    pods = Informer(store, POD, selector=Selector(fields="spec.nodeName=node-1"),
+                    backoff=Backoff(0.01, 0.05))
+    seen = Recorder()
+    services.add_handler(Callbacks(seen))
+    services.start()
+    pods.start()
+    try:
+        await services.wait_synced(5)
+        await pods.wait_synced(5)
+        assert services.cache.keys_snapshot() == ["default/web"]
+        assert pods.cache.keys_snapshot() == ["default/p1"]
+        await wait_for(lambda: api.open_watches == 2)
+        api.update("services", service("web", **{proxy_label: "other-proxy"}))
+        api.update("services", service("mesh"))
+        await wait_for(lambda: ("web", None) in seen.changes and (None, "mesh") in seen.changes)
+        assert services.cache.keys_snapshot() == ["default/mesh"]
+        pod_queries = {r.param("fieldSelector") for r in api.requests if "pods" in r.path}
+        assert pod_queries == {"spec.nodeName=node-1"}
+    finally:
+        await services.stop()
+        await pods.stop()
