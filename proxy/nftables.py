@@ -131,6 +131,7 @@ class NftablesBackend:
         sets they reference.
         """
         rendered: dict[PortKey, Rendered] = {}
+        self._rendered = {}  # rebuilt below; not holding both halves the peak memory
         for family in self._families:
             fam = nft_family(family)
             lines = [f"add table {fam} {TABLE}", f"delete table {fam} {TABLE}"]
