@@ -2,7 +2,8 @@
 
 The real ``svcnet proxy`` runs against a real etcd and programs the lab's node namespace;
 a client pod keeps one TCP connection open and makes 1000 new connections while the
-daemon is killed and restarted (each start is a full sync) and endpoints change.
+daemon is killed and restarted (each start is a full sync), runs a periodic full resync
+every second, and endpoints change.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ class Daemon:
                  "--proxy-mode", self.mode, "--proxy-netns", self.lab.node,
                  "--proxy-node-name", "n1", "--proxy-cluster-cidr", "10.1.0.0/16",
                  "--proxy-ip-families", "4", "--proxy-min-sync-period", "0.1",
+                 # periodic full resyncs every second while the loop runs, too
+                 "--proxy-sync-period", "0.5", "--proxy-full-sync-period", "1",
                  "--proxy-healthz-bind-address", f"127.0.0.1:{self.port}",
                  "--proxy-metrics-bind-address", "", "--proxy-nodeport-addresses",
                  "192.168.1.0/24"],

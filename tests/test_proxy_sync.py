@@ -269,3 +269,18 @@ def test_iptables_partial_sync_touches_only_the_changed_service() -> None:
     removal = fake.calls[-1][1] or ""
     assert "-D KUBE-SERVICES" in removal and "10.96.0.4/32" in removal
     assert removal.count("-X KUBE-") == 2  # its SVC and SEP chains
+
+
+def test_periodic_full_resync_without_changes() -> None:
+    async def go() -> None:
+        settings = SyncSettings(min_sync_period=0.05, sync_period=0.1, full_sync_period=0.3)
+        _store, backend, _, task, factory = await started(settings)
+        try:
+            await eventually(lambda: len(backend.syncs) >= 3, timeout=5)
+            assert all(full for _, full, _ in backend.syncs[:3])
+            gaps = [b[0] - a[0] for a, b in zip(backend.syncs, backend.syncs[1:], strict=False)]
+            assert min(gaps[:2]) >= 0.25
+        finally:
+            await stop(task, factory)
+
+    run(go)
