@@ -441,8 +441,9 @@ def cleanup_all(commands: Commands, netns: str | None = None) -> None:
     """``svcnet proxy cleanup``: remove our IPVS state; a kernel without IP_VS has none."""
     from svcnet.proxy.ipvs_kernel import NetlinkIpvs
 
+    table = NetlinkIpvs(netns)
     try:
-        table = NetlinkIpvs(netns)
+        table.probe()
     except Exception:  # no IPVS generic netlink family: nothing of ours can exist
         log.debug("no IPVS in this kernel; nothing to clean up")
         return

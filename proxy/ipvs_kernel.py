@@ -73,15 +73,33 @@ class IpvsTable(Protocol):
 
 
 class NetlinkIpvs:
-    """The kernel's IPVS table in one network namespace (None: ours)."""
+    """The kernel's IPVS table in one network namespace (None: ours).
+
+    pyroute2's synchronous sockets run their own asyncio loop, which cannot start inside a
+    running one: the socket is opened on first use, i.e. in the worker thread the proxier
+    syncs from, never on the daemon's event loop. ``probe()`` opens it at once.
+    """
 
     def __init__(self, netns: str | None = None) -> None:
-        from pyroute2 import IPVS
+        self._netns = netns
+        self._socket: Any = None
 
-        self._ipvs: Any = IPVS(netns=netns) if netns else IPVS()
+    @property
+    def _ipvs(self) -> Any:
+        if self._socket is None:
+            from pyroute2 import IPVS
+
+            self._socket = IPVS(netns=self._netns) if self._netns else IPVS()
+        return self._socket
+
+    def probe(self) -> None:
+        """Open the socket now: raises if this kernel has no IPVS."""
+        _ = self._ipvs
 
     def close(self) -> None:
-        self._ipvs.close()
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
 
     # pyroute2's request objects, built only here.
     @staticmethod
