@@ -45,7 +45,6 @@ def decode_addr(data: bytes) -> tuple[tuple[str, int], int]:
 def read_updates(stream: socket.socket, table: dict[bytes, Any]) -> None:
     """Apply table update batches until the main process closes the stream."""
     rfile = stream.makefile("rb")
-    shared: dict[bytes, bytes] = {}
     while True:
         head = rfile.read(4)
         if len(head) < 4:
@@ -56,10 +55,17 @@ def read_updates(stream: socket.socket, table: dict[bytes, Any]) -> None:
             if value is None:
                 table.pop(key, None)
             else:
-                # the count fields take a handful of values: share them across entries
-                counts = shared.setdefault(value[2], value[2])
-                counts_edns = shared.setdefault(value[4], value[4])
-                table[key] = (value[0], value[1], counts, value[3], counts_edns, *value[5:])
+                table[key] = value  # count fields arrive shared (interned, pickle memo)
+        if len(batch) > 1000:  # a big batch (the first sync) leaves freed buffers behind
+            del batch
+            _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def relay_replies(channel: socket.socket, udp: socket.socket, stats: dict[Any, Any]) -> None:
