@@ -127,7 +127,11 @@ def ensure_kernel(version: str | None = None, cache: Path = CACHE_DIR) -> VmKern
     or the newest cached one when apt cannot answer (offline)."""
     if version is None:
         try:
-            version = resolve_kernel_version()
+            try:
+                version = resolve_kernel_version()
+            except VmError:  # no package lists yet (fresh machine): fetch them once
+                _run(["apt-get", "update", "-qq"])
+                version = resolve_kernel_version()
         except VmError:
             cached = cached_kernels(cache)
             if not cached:
@@ -143,6 +147,9 @@ def ensure_kernel(version: str | None = None, cache: Path = CACHE_DIR) -> VmKern
         with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as tmp:
             work = Path(tmp)
             got = _run(["apt-get", "download", "-q", package], cwd=work)
+            if got.returncode != 0:  # stale package lists: refresh once and retry
+                _run(["apt-get", "update", "-qq"])
+                got = _run(["apt-get", "download", "-q", package], cwd=work)
             debs = list(work.glob(f"{package}_*.deb"))
             if got.returncode != 0 or not debs:
                 raise VmError(f"apt-get download {package} failed: {got.stderr.strip()}")
