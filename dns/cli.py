@@ -57,7 +57,6 @@ def _run(args: argparse.Namespace) -> int:
     from svcnet.watch import InformerFactory
 
     if args.config:
-        defaults = {k: v for k, v in vars(argparse.Namespace()).items()}
         parser = argparse.ArgumentParser()
         from svcnet.dns.daemon import add_dns_arguments
 

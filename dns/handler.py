@@ -136,8 +136,6 @@ class Handler:
                 records += await self._resolve(target, q.qtype)
         body = b"".join(encode_rr(rr, b"\xc0\x0c" if i == 0 else None)
                         for i, rr in enumerate(records))
-        if q.qtype not in (A, AAAA, CNAME) and q.qtype != 255:
-            pass
         response = build_response(q, NOERROR, body, (len(records), 0, 0), authoritative=True)
         return _fit(response, q, limit)
 

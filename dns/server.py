@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import pickle
 import queue
 import socket
@@ -286,4 +285,4 @@ class _UDPProtocol(asyncio.DatagramProtocol):
             self.transport.sendto(response, addr)
 
 
-__all__ = ["DNSServer", "fast_answer", "os"]
+__all__ = ["DNSServer", "fast_answer"]
