@@ -92,7 +92,7 @@ class EtcdStore:
 
     def __init__(self, endpoints: list[str], *, prefix: str = "/registry",
                  timeout: float = 5.0, page_size: int = 500,
-                 probe_interval: float = 5.0) -> None:
+                 probe_interval: float = 2.0) -> None:
         self.client = EtcdClient(endpoints, timeout=timeout, probe_interval=probe_interval)
         self.prefix = prefix.rstrip("/")
         self.page_size = page_size

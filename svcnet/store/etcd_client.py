@@ -223,7 +223,7 @@ class EtcdClient:
     """
 
     def __init__(self, endpoints: list[str], *, timeout: float = 5.0,
-                 probe_interval: float = 5.0) -> None:
+                 probe_interval: float = 2.0) -> None:
         if not endpoints:
             raise Invalid("etcd: no endpoints given")
         self._members = [_Member(e) for e in endpoints]
