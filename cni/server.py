@@ -22,6 +22,7 @@ import os
 import socket
 import struct
 import threading
+from typing import Any
 
 from .fastjson import dumps
 from .spec import ERR_INTERNAL, LATEST, CniError
@@ -123,3 +124,13 @@ class ServerComponent:
             await asyncio.to_thread(serve, self.path, None, stop)
         finally:
             stop.set()
+
+
+def add_node_arguments(parser: Any) -> None:
+    """``svcnet node --cni-server``: serve the CNI fast-path socket from the node daemon."""
+    parser.add_argument("--cni-server-socket", default="/run/svcnet/cni.sock",
+                        help="socket of the CNI fast path (see svcnet cni install --fast-path)")
+
+
+def node_component(args: Any) -> ServerComponent:
+    return ServerComponent(args.cni_server_socket)

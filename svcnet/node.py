@@ -26,6 +26,7 @@ COMPONENTS = {
     "overlay": "svcnet.cni.overlay.daemon",
     "proxy": "svcnet.proxy.daemon",
     "dns": "svcnet.dns.daemon",
+    "cni-server": "svcnet.cni.server",
 }
 
 
@@ -57,11 +58,12 @@ def _component_modules() -> list[Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    wanted = [name for name in COMPONENTS if getattr(args, name)]
+    wanted = [name for name in COMPONENTS if getattr(args, name.replace("-", "_"))]
     if not wanted:
         from svcnet.cli import UsageError
 
-        raise UsageError("svcnet node: choose at least one of --overlay, --proxy, --dns")
+        raise UsageError(
+            "svcnet node: choose at least one of --overlay, --proxy, --dns, --cni-server")
     asyncio.run(run_node(args, wanted))
     return 0
 

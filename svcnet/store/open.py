@@ -30,7 +30,7 @@ def open_store(url: str, *, kubeconfig: str | None = None, context: str | None =
         if not endpoints:
             raise Invalid(f"--store {url!r}: no etcd endpoint given")
         return EtcdStore(endpoints, prefix="/" + prefix if prefix else "/registry")
-    if url in ("kubernetes", "k8s") or url.startswith("https://"):
+    if url in ("kubernetes", "k8s"):
         from svcnet.store.kubernetes import KubernetesStore
 
         return KubernetesStore.from_config(kubeconfig=kubeconfig, context=context)

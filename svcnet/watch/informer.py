@@ -99,6 +99,10 @@ async def changes(
             log.info("watch %s expired (%s); relisting", kind.name, err)
             revision, reason = None, "expired"
         except (TimeoutError, StoreError, OSError) as err:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # A client library turned our own cancellation into an error; honour it.
+                raise asyncio.CancelledError from err
             metrics.RESTARTS.labels(kind.name, "error").inc()
             delay = backoff.next()
             log.warning("watch %s failed: %s; retrying in %.2fs", kind.name, err, delay)
@@ -171,7 +175,8 @@ class Informer(Generic[R]):
             self._task = None
 
     async def wait_synced(self, timeout: float | None = None) -> None:
-        await asyncio.wait_for(self.synced.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await self.synced.wait()
 
     async def run(self) -> None:
         resync = (
@@ -287,9 +292,8 @@ class InformerFactory:
             inf.start()
 
     async def wait_for_sync(self, timeout: float | None = None) -> None:
-        await asyncio.wait_for(
-            asyncio.gather(*(inf.synced.wait() for inf in self._informers.values())), timeout
-        )
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*(inf.synced.wait() for inf in self._informers.values()))
 
     @property
     def synced(self) -> bool:
