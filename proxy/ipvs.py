@@ -138,20 +138,15 @@ class IpvsBackend:
         self.commands.run(["ip", "link", "del", LINK], check=False)
         for family in self.config.families:
             tool = _iptables(family)
-            for table, chain, target in JUMPS:
-                for _ in range(10):
-                    if not self._has_jump(tool, table, chain, target):
-                        break
-                    self.commands.run([tool, "-t", table, "-D", chain, "-j", target],
-                                      check=False)
-            for table, chains in (("nat", (CHAIN_SERVICES, CHAIN_MARK, CHAIN_POSTROUTING)),
-                                  ("filter", (CHAIN_FILTER,))):
-                for chain in chains:
-                    self.commands.run([tool, "-t", table, "-F", chain], check=False)
-                for chain in chains:
-                    self.commands.run([tool, "-t", table, "-X", chain], check=False)
-            for base in SET_TYPES:
-                self.commands.run(["ipset", "destroy", set_name(base, family)], check=False)
+            saved = self.commands.run([f"{tool}-save"], check=False)
+            script = self._removal_script(saved)
+            if script:
+                self.commands.run([f"{tool}-restore", "--noflush"], input=script)
+        existing = set(self.commands.run(["ipset", "list", "-n"], check=False).split())
+        doomed = [set_name(base, f) for f in (4, 6) for base in SET_TYPES]
+        lines = [f"destroy {name}" for name in doomed if name in existing]
+        if lines:
+            self.commands.run(["ipset", "restore"], input="\n".join(lines) + "\n")
         self._rendered.clear()
         self._addresses.clear()
         self._members.clear()
@@ -303,13 +298,6 @@ class IpvsBackend:
 
     # --- link, sets, rules ------------------------------------------------------------------
 
-    def _has_jump(self, tool: str, table: str, chain: str, target: str) -> bool:
-        try:
-            self.commands.run([tool, "-t", table, "-C", chain, "-j", target])
-        except Exception:
-            return False
-        return True
-
     def _rules(self, family: Family, saved: str) -> str:
         """Our chains for ``iptables-restore --noflush``, plus jumps missing from ``saved``."""
         mark = f"{self.config.masq_mark:#x}"
@@ -346,6 +334,29 @@ class IpvsBackend:
             "COMMIT", "",
         ]
         return "\n".join(lines)
+
+    @staticmethod
+    def _removal_script(saved: str) -> str:
+        """An ``iptables-restore --noflush`` script deleting our jumps and chains."""
+        ours = {CHAIN_SERVICES, CHAIN_MARK, CHAIN_POSTROUTING, CHAIN_FILTER}
+        tables: dict[str, list[str]] = {}
+        current = ""
+        for line in saved.splitlines():
+            if line.startswith("*"):
+                current = line[1:]
+            elif line.startswith(":") and line[1:].split()[0] in ours:
+                chain = line[1:].split()[0]
+                tables.setdefault(current, []).extend([f"-F {chain}", f"-X {chain}"])
+            elif line.startswith("-A ") and line.split()[1] not in ours and any(
+                    line.endswith(f"-j {c}") for c in ours):
+                tables.setdefault(current, []).insert(0, "-D" + line[2:])
+        out: list[str] = []
+        for table, lines in tables.items():
+            flushes = [x for x in lines if x.startswith("-F")]
+            deletes = [x for x in lines if x.startswith("-D")]
+            removes = [x for x in lines if x.startswith("-X")]
+            out += [f"*{table}", *deletes, *flushes, *removes, "COMMIT"]
+        return "\n".join(out) + "\n" if out else ""
 
     @staticmethod
     def _missing_jumps(table: str, saved: str) -> list[str]:

@@ -213,7 +213,8 @@ def test_packet_flow_table(lab: Lab) -> None:
     ]
     wrong = []
     for ip, p, proto, want, masq in table:
-        replies = [lab.request(lab.client, ip, p, proto) for _ in range(4)]
+        replies = [lab.request(lab.client, ip, p, proto)
+                   for _ in range(2 if isinstance(want, str) else 4)]
         if isinstance(want, str):
             got: object = set(replies)
             ok = got == {want}

@@ -177,3 +177,15 @@ def test_scheduler_is_configurable() -> None:
                               lambda: list(w.services))
     backend.sync(changes, full=True)
     assert ipvs.table[vs("10.96.0.50", 80)].scheduler == "lc"
+
+
+def test_cleanup_script_removes_only_our_jumps_and_chains() -> None:
+    saved = "\n".join([
+        "*nat", ":PREROUTING ACCEPT [0:0]", ":SVCNET-IPVS-SERVICES - [0:0]",
+        "-A PREROUTING -j OTHER", "-A PREROUTING -j SVCNET-IPVS-SERVICES",
+        "-A SVCNET-IPVS-SERVICES -m set --match-set X dst,dst -j SVCNET-IPVS-MARK-MASQ",
+        "COMMIT"])
+    assert IpvsBackend._removal_script(saved) == (
+        "*nat\n-D PREROUTING -j SVCNET-IPVS-SERVICES\n-F SVCNET-IPVS-SERVICES\n"
+        "-X SVCNET-IPVS-SERVICES\nCOMMIT\n")
+    assert IpvsBackend._removal_script("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n") == ""
