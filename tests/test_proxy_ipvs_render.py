@@ -189,3 +189,20 @@ def test_cleanup_script_removes_only_our_jumps_and_chains() -> None:
         "*nat\n-D PREROUTING -j SVCNET-IPVS-SERVICES\n-F SVCNET-IPVS-SERVICES\n"
         "-X SVCNET-IPVS-SERVICES\nCOMMIT\n")
     assert IpvsBackend._removal_script("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n") == ""
+
+
+async def test_daemon_builds_the_ipvs_backend_on_its_event_loop() -> None:
+    """``--proxy-mode ipvs`` wiring; pyroute2's sync socket must not open on a running loop."""
+    import argparse
+
+    from svcnet.proxy.daemon import ProxyOptions, add_node_arguments, build_backend
+    from svcnet.proxy.ipvs_kernel import NetlinkIpvs
+
+    parser = argparse.ArgumentParser()
+    add_node_arguments(parser)
+    opts = ProxyOptions.from_args(parser.parse_args(["--proxy-mode", "ipvs"]))
+    commands = FakeCommands()
+    backend = build_backend(opts, commands)
+    assert isinstance(backend, IpvsBackend) and backend.scheduler == "rr"
+    assert isinstance(backend.table, NetlinkIpvs) and backend.table._socket is None
+    assert commands.calls[0][0][:2] == ["modprobe", "-a"]
