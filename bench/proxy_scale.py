@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from svcnet.proxy.builders import endpoint, endpoint_slice, port, service
@@ -204,7 +205,7 @@ def floor_once(inputs: list[tuple[list[str], str]]) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", choices=("nftables", "iptables"), default="nftables")
+    p.add_argument("--backend", choices=("nftables", "iptables", "ipvs"), default="nftables")
     p.add_argument("--services", type=int, default=10_000)
     p.add_argument("--changes", type=int, default=5)
     p.add_argument("--repeat", type=int, default=2, help="full syncs and floor loads (best)")
@@ -212,6 +213,9 @@ def main() -> int:
     p.add_argument("--legacy", action="store_true", help="iptables-legacy instead of nft")
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.backend == "ipvs":  # needs IP_VS: proxy_scale_ipvs.py re-runs itself in a VM
+        raise SystemExit(subprocess.call(
+            [sys.executable, str(Path(__file__).with_name("proxy_scale_ipvs.py")), *sys.argv[1:]]))
     if args.inside:
         result = asyncio.run(inside(args))
         print(json.dumps(result))

@@ -47,4 +47,7 @@ def _cleanup(args: argparse.Namespace) -> int:
             IptablesBackend(commands, config, legacy=legacy).cleanup()
         except OSError:
             continue
+    from svcnet.proxy.ipvs import cleanup_all
+
+    cleanup_all(commands, args.netns)
     return 0

@@ -30,6 +30,8 @@ DETECT_LOCAL_MODES = ("", "ClusterCIDR", "NodeCIDR", "InterfaceNamePrefix", "Bri
 def add_node_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("proxy")
     g.add_argument("--proxy-mode", choices=MODES, default="nftables")
+    g.add_argument("--proxy-ipvs-scheduler", default="rr",
+                   help="IPVS scheduler for --proxy-mode ipvs: rr, lc, wrr, sh, ...")
     g.add_argument("--proxy-node-name", default=os.environ.get("NODE_NAME", socket.gethostname()))
     g.add_argument("--proxy-zone", default="", help="this node's topology zone")
     g.add_argument("--proxy-nodeport-addresses", default="",
@@ -70,6 +72,7 @@ class ProxyOptions:
     healthz: str
     metrics: str
     netns: str | None
+    ipvs_scheduler: str = "rr"
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> ProxyOptions:
@@ -94,7 +97,8 @@ class ProxyOptions:
         if not families or any(f not in (4, 6) for f in families):
             raise UsageError("--proxy-ip-families: 4, 6 or 4,6")
         return cls(
-            mode=a.proxy_mode, node_name=a.proxy_node_name, zone=a.proxy_zone,
+            mode=a.proxy_mode, ipvs_scheduler=a.proxy_ipvs_scheduler,
+            node_name=a.proxy_node_name, zone=a.proxy_zone,
             nodeport_cidrs=split(a.proxy_nodeport_addresses), families=families,
             cluster_cidrs=cidrs, detect_local_mode=mode, interface=iface,
             masquerade_all=a.proxy_masquerade_all, iptables_variant=a.proxy_iptables_variant,
