@@ -73,7 +73,7 @@ async def run_scenario(harness: Harness, ops: list[tuple[object, ...]]) -> None:
         truth = {raw.key: raw.revision for raw in listing.items}
         cached = lambda: {k: o.metadata.resource_version for k, o in  # noqa: E731
                           ((k, inf.cache.get(k)) for k in inf.cache.keys_snapshot()) if o}
-        await eventually(lambda: cached() == truth and rec.view == truth, timeout=15)
+        await eventually(lambda: cached() == truth and rec.view == truth, timeout=30)
     finally:
         await inf.stop()
 
