@@ -130,7 +130,8 @@ class DNSOptions:
     workers: int = 2
     health_port: int = 0  # 0: no HTTP health server; -1 is never used
     metrics_port: int = 0
-    http_host: str = "127.0.0.1"
+    health_host: str = "127.0.0.1"  # CoreDNS's health/ready plugins listen on all addresses
+    metrics_host: str = "127.0.0.1"
     query_log: bool = False
     cache_size: int = 9984
     cache_min_ttl: int = 5
@@ -168,6 +169,7 @@ def options_from_args(args: argparse.Namespace, prefix: str = "") -> DNSOptions:
         listen=parse_hostport(get("listen")), zone=get("zone"), ttl=get("ttl"), pods=get("pods"),
         endpoint_pod_names=get("endpoint_pod_names"), upstreams=upstreams, stub_domains=stubs,
         workers=get("workers"), health_port=get("health_port"), metrics_port=get("metrics_port"),
+        health_host=get("health_host"), metrics_host=get("metrics_host"),
         query_log=get("query_log"), cache_size=get("cache_size"),
         cache_min_ttl=get("cache_min_ttl"), forward_timeout=get("forward_timeout"),
         max_concurrent=get("max_concurrent"), lameduck=get("lameduck"))
@@ -191,6 +193,10 @@ def add_dns_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None
                         help="UDP worker processes (0: serve UDP in the main process)")
     parser.add_argument(p + "health-port", type=int, default=0, help="/health and /ready")
     parser.add_argument(p + "metrics-port", type=int, default=0, help="/metrics")
+    parser.add_argument(p + "health-host", default="127.0.0.1",
+                        help="address of /health and /ready (0.0.0.0 or :: for all)")
+    parser.add_argument(p + "metrics-host", default="127.0.0.1",
+                        help="address of /metrics (0.0.0.0 or :: for all)")
     parser.add_argument(p + "query-log", action="store_true", help="log every query")
     parser.add_argument(p + "cache-size", type=int, default=9984)
     parser.add_argument(p + "cache-min-ttl", type=int, default=5)
@@ -311,9 +317,9 @@ class DNSComponent:
                      o.workers)
             if o.health_port:
                 http.append(HTTPServer({"/health": self._health, "/ready": self._ready},
-                                       o.http_host, o.health_port))
+                                       o.health_host, o.health_port))
             if o.metrics_port:
-                http.append(HTTPServer({"/metrics": metrics_route}, o.http_host,
+                http.append(HTTPServer({"/metrics": metrics_route}, o.metrics_host,
                                        o.metrics_port))
             for h in http:
                 await h.start()

@@ -24,7 +24,14 @@ from typing import Any
 
 from svcnet.dns.handler import Handler
 from svcnet.dns.wire import Prepared, answer_from_prepared
-from svcnet.dns.worker import decode_addr
+from svcnet.dns.worker import (
+    CMSG_ROOM,
+    WILDCARDS,
+    control,
+    decode_addr,
+    enable_pktinfo,
+    reply_source,
+)
 from svcnet.dns.zone import ClusterZone, Updates
 
 log = logging.getLogger(__name__)
@@ -61,6 +68,7 @@ def _udp_socket(host: str, port: int) -> socket.socket:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     sock.bind((host, port))
+    enable_pktinfo(sock)  # wildcard only: replies must leave from the queried address
     return sock
 
 
@@ -85,6 +93,7 @@ class DNSServer:
         self._workers: list[_Worker] = []
         self._tcp: asyncio.base_events.Server | None = None
         self._udp_transport: asyncio.DatagramTransport | None = None
+        self._udp_reader: _PktinfoUDP | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
@@ -96,7 +105,9 @@ class DNSServer:
         tcp.bind((self.host, self.port))
         self._tcp = await asyncio.start_server(self._tcp_client, sock=tcp, backlog=1024)
         loop = asyncio.get_running_loop()
-        if self.workers <= 0:
+        if self.workers <= 0 and self.host in WILDCARDS:
+            self._udp_reader = _PktinfoUDP(self, udp)
+        elif self.workers <= 0:
             self._udp_transport, _ = await loop.create_datagram_endpoint(
                 lambda: _UDPProtocol(self), sock=udp)
         else:
@@ -179,7 +190,7 @@ class DNSServer:
                 return
             kind = msg[:1]
             if kind == b"Q":
-                addr, n = decode_addr(msg[1:])
+                addr, n, _ = decode_addr(msg[1:])
                 self._spawn_task(self._slow(worker, msg[1:1 + n], msg[1 + n:], addr))
             elif kind == b"M" and self.handler.stats is not None:
                 self.handler.stats.fold(pickle.loads(msg[1:]))
@@ -229,6 +240,8 @@ class DNSServer:
             self._tcp.close()
         if self._udp_transport is not None:
             self._udp_transport.close()
+        if self._udp_reader is not None:
+            self._udp_reader.close()
         for worker in self._workers:
             with contextlib.suppress(ValueError, OSError):
                 loop.remove_reader(worker.channel.fileno())
@@ -283,6 +296,51 @@ class _UDPProtocol(asyncio.DatagramProtocol):
         response = await self.server.handler.handle(data, "udp", f"{addr[0]}:{addr[1]}")
         if response is not None and self.transport is not None:
             self.transport.sendto(response, addr)
+
+
+class _PktinfoUDP:
+    """``workers=0`` on a wildcard address: asyncio's datagram transport has no recvmsg, so
+    read the socket directly and answer each query from the address it was sent to."""
+
+    def __init__(self, server: DNSServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        sock.setblocking(False)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def _send(self, response: bytes, peer: Any, ctl: bytes) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendmsg([response], control(ctl), 0, peer)
+
+    def _readable(self) -> None:
+        s = self.server
+        for _ in range(256):
+            try:
+                data, anc, _flags, peer = self.sock.recvmsg(4096, CMSG_ROOM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue
+            ctl = reply_source(anc)
+            response = None if (s.slow_only or s.handler.log_queries or not s.zone.synced) \
+                else fast_answer(s.zone.table, data, False)
+            if response is not None:
+                self._send(response, peer, ctl)
+                if s.handler.stats is not None:
+                    s.handler.stats.count("udp", _qtype(data), response[3] & 0xF, "kubernetes",
+                                          0.0)
+                continue
+            s._spawn_task(self._slow(data, peer, ctl))
+
+    async def _slow(self, data: bytes, peer: Any, ctl: bytes) -> None:
+        response = await self.server.handler.handle(data, "udp", f"{peer[0]}:{peer[1]}")
+        if response is not None and self.sock.fileno() >= 0:
+            self._send(response, peer, ctl)
 
 
 __all__ = ["DNSServer", "fast_answer"]

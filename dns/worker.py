@@ -30,16 +30,62 @@ OPT = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"  # wire.OPT_RECORD: 1232 b
 SAMPLE = 16  # time one query in SAMPLE (a power of two); its histogram weight is SAMPLE
 
 
-def encode_addr(addr: tuple[Any, ...]) -> bytes:
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; Python lacks the name on some builds
+WILDCARDS = ("0.0.0.0", "::", "")
+CMSG_ROOM = socket.CMSG_SPACE(20)  # one in_pktinfo (12 bytes) or in6_pktinfo (20 bytes)
+
+
+def encode_addr(addr: tuple[Any, ...], ctl: bytes = b"") -> bytes:
+    """The client's address (and the reply's source, ``ctl``) as handed to the main process."""
     host: bytes = str(addr[0]).encode()
-    return bytes((len(host),)) + host + struct.pack("!H", addr[1])
+    return bytes((len(host),)) + host + struct.pack("!H", addr[1]) + bytes((len(ctl),)) + ctl
 
 
-def decode_addr(data: bytes) -> tuple[tuple[str, int], int]:
+def decode_addr(data: bytes) -> tuple[tuple[str, int], int, bytes]:
     n = data[0]
     host = data[1:1 + n].decode()
     (port,) = struct.unpack_from("!H", data, 1 + n)
-    return (host, port), 3 + n
+    c = data[3 + n]
+    return (host, port), 4 + n + c, bytes(data[4 + n:4 + n + c])
+
+
+def enable_pktinfo(sock: socket.socket) -> bool:
+    """Ask for each datagram's destination address if ``sock`` is bound to a wildcard.
+
+    A wildcard socket must answer from the address the query was sent to, not from the one
+    routing would pick (the client drops such a reply). True if enabled.
+    """
+    if sock.getsockname()[0] not in WILDCARDS:
+        return False
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        with contextlib.suppress(OSError):  # IPv4-mapped clients of a dual-stack socket
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    return True
+
+
+def reply_source(ancdata: list[tuple[int, int, bytes]]) -> bytes:
+    """The pktinfo to send a reply with, from a query's ancillary data (b"": none)."""
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            # in_pktinfo {ifindex, spec_dst, addr}: source = the query's destination.
+            return b"\x00\x00\x00\x00" + data[8:12] + b"\x00\x00\x00\x00"
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= 20:
+            # in6_pktinfo {addr, ifindex}: keep the interface only for link-local addresses.
+            link_local = data[0] == 0xFE and data[1] & 0xC0 == 0x80
+            return bytes(data[:16]) + (bytes(data[16:20]) if link_local else b"\x00" * 4)
+    return b""
+
+
+def control(ctl: bytes) -> list[tuple[int, int, bytes]]:
+    """``reply_source``'s bytes as sendmsg ancillary data."""
+    if len(ctl) == 12:
+        return [(socket.IPPROTO_IP, IP_PKTINFO, ctl)]
+    if len(ctl) == 20:
+        return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, ctl)]
+    return []
 
 
 def read_updates(stream: socket.socket, table: dict[bytes, Any]) -> None:
@@ -78,9 +124,12 @@ def relay_replies(channel: socket.socket, udp: socket.socket, stats: dict[Any, A
             if not msg:
                 os._exit(0)
             if msg[:1] == b"R":
-                addr, n = decode_addr(msg[1:])
+                addr, n, ctl = decode_addr(msg[1:])
                 with contextlib.suppress(OSError):
-                    udp.sendto(msg[1 + n:], addr)
+                    if ctl:
+                        udp.sendmsg([msg[1 + n:]], control(ctl), 0, addr)
+                    else:
+                        udp.sendto(msg[1 + n:], addr)
         except TimeoutError:
             pass
         except OSError:
@@ -102,15 +151,33 @@ def relay_replies(channel: socket.socket, udp: socket.socket, stats: dict[Any, A
 
 
 def serve(udp: socket.socket, channel: socket.socket, table: dict[bytes, Any],
-          stats: dict[Any, Any], slow_only: bool) -> None:
+          stats: dict[Any, Any], slow_only: bool, pktinfo: bool = False) -> None:
     """The hot loop.
 
     ``stats`` maps each answer's ``stat`` (qtype << 4 | rcode) to a count, and ("d", qtype)
     to a duration histogram of every ``SAMPLE``-th query: timing each one would cost ~1 us of
     the ~13 us a query costs in CPU here.
+
+    ``pktinfo`` (wildcard-bound socket): receive with recvmsg and reply with sendmsg from the
+    query's destination address; ``addr`` is then ``(peer, ctl)``. A specific-address socket
+    keeps plain recvfrom/sendto.
     """
-    recv = udp.recvfrom
-    send = udp.sendto
+    recv: Any = udp.recvfrom
+    send: Any = udp.sendto
+    encode: Any = encode_addr
+    if pktinfo:
+        recvmsg = udp.recvmsg
+        sendmsg = udp.sendmsg
+
+        def recv(size: int) -> tuple[bytes, tuple[Any, bytes]]:
+            data, anc, _flags, peer = recvmsg(size, CMSG_ROOM)
+            return data, (peer, reply_source(anc))
+
+        def send(reply: bytes, addr: tuple[Any, bytes]) -> int:
+            return sendmsg([reply], control(addr[1]), 0, addr[0])
+
+        def encode(addr: tuple[Any, bytes]) -> bytes:
+            return encode_addr(addr[0], addr[1])
     get = table.get
     count = stats.get
     handoff = channel.send
@@ -164,7 +231,7 @@ def serve(udp: socket.socket, channel: socket.socket, table: dict[bytes, Any],
             continue
         except Exception:
             try:
-                handoff(b"Q" + encode_addr(addr) + data)
+                handoff(b"Q" + encode(addr) + data)
             except OSError:
                 stats["dropped"] = count("dropped", 0) + 1
             continue
@@ -197,7 +264,7 @@ def main(argv: list[str]) -> int:
     gc.disable()
     threading.Thread(target=read_updates, args=(updates, table), daemon=True).start()
     threading.Thread(target=relay_replies, args=(relay, udp, stats), daemon=True).start()
-    serve(udp, channel, table, stats, bool(slow_only))
+    serve(udp, channel, table, stats, bool(slow_only), udp.getsockname()[0] in WILDCARDS)
     return 0
 
 
