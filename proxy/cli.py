@@ -20,6 +20,14 @@ def register(sub: Any) -> None:
     c = actions.add_parser("cleanup", help="remove every rule the proxy owns (all modes)")
     c.add_argument("--netns", default=None, help="clean this named network namespace")
     c.set_defaults(func=_cleanup)
+    st = actions.add_parser(
+        "status", help="kernel vs the rules the running proxy applied (exit 1 on drift)")
+    st.add_argument("--url", default="http://127.0.0.1:10256",
+                    help="the proxy's healthz server (--proxy-healthz-bind-address)")
+    st.add_argument("--proxy-netns", dest="status_netns", default=None,
+                    help="query the URL from inside this named network namespace")
+    st.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    st.set_defaults(func=_status)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -51,3 +59,48 @@ def _cleanup(args: argparse.Namespace) -> int:
 
     cleanup_all(commands, args.netns)
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    url = args.url.rstrip("/") + "/status"
+    if args.status_netns:
+        code = "import sys, urllib.request, urllib.error\n" \
+               "try:\n r = urllib.request.urlopen(sys.argv[1], timeout=10)\n" \
+               "except urllib.error.HTTPError as e:\n r = e\n" \
+               "sys.stdout.write(r.read().decode())\n"
+        proc = subprocess.run(["ip", "netns", "exec", args.status_netns, sys.executable, "-c",
+                               code, url], capture_output=True, text=True, timeout=20)
+        if proc.returncode != 0:
+            print(f"cannot reach {url} in {args.status_netns}: {proc.stderr.strip()}",
+                  file=sys.stderr)
+            return 1
+        text = proc.stdout
+    else:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                text = resp.read().decode()
+        except urllib.error.HTTPError as err:
+            text = err.read().decode()
+        except OSError as err:
+            print(f"cannot reach {url}: {err}", file=sys.stderr)
+            return 1
+    body = json.loads(text)
+    if args.json:
+        print(json.dumps(body, indent=2))
+    elif body.get("in_sync") is None:
+        print("proxy status: drift check not supported for this mode")
+    else:
+        print("proxy status: " + ("in sync" if body["in_sync"] else "DRIFT"))
+        if body.get("error"):
+            print(f"  error: {body['error']}")
+        for item in body.get("missing", []):
+            print(f"  missing: {item}")
+        for item in body.get("extra", []):
+            print(f"  extra: {item}")
+    return 1 if body.get("in_sync") is False else 0

@@ -183,10 +183,11 @@ class ProxyComponent:
             conntrack=NetlinkConntrack(opts.netns),
             health_check_servers=NodePortHealthServers() if opts.netns is None else None,
             node_refresh=node,
+            drift_check=bool(opts.healthz),
         )
         servers = []
         if opts.healthz:
-            servers.append(HTTPServer(health_routes(proxier.health),
+            servers.append(HTTPServer(health_routes(proxier.health, proxier.status),
                                       *_host_port(opts.healthz)))
         if opts.metrics:
             servers.append(HTTPServer({"/metrics": metrics_route}, *_host_port(opts.metrics)))

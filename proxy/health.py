@@ -59,12 +59,23 @@ class SyncHealth:
         return Response(code, json.dumps(body).encode(), "application/json")
 
 
-def health_routes(health: SyncHealth) -> dict[str, Callable[[], Response]]:
-    return {
+def health_routes(
+    health: SyncHealth, status: Callable[[], dict[str, object]] | None = None,
+) -> dict[str, Callable[[], Response]]:
+    routes: dict[str, Callable[[], Response]] = {
         "/healthz": lambda: health.response(metrics.HEALTHZ),
         "/livez": lambda: health.response(metrics.LIVEZ),
         "/metrics": metrics_route,
     }
+    if status is not None:
+        routes["/status"] = lambda: status_response(status())
+    return routes
+
+
+def status_response(body: dict[str, object]) -> Response:
+    """200 when the kernel holds exactly the applied rules (or the mode is not covered)."""
+    code = 200 if body.get("in_sync") is not False else 503
+    return Response(code, json.dumps(body).encode(), "application/json")
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
-from svcnet.proxy import metrics
+from svcnet.proxy import drift, metrics
 from svcnet.proxy.conntrack import ConntrackTable, stale_flows
 from svcnet.proxy.health import HealthCheck, NodePortHealthServers, SyncHealth
 from svcnet.proxy.state import Changes, ChangeTracker, NodeConfig
@@ -69,6 +69,7 @@ class Proxier:
         conntrack: ConntrackTable | None = None,
         health_check_servers: NodePortHealthServers | None = None,
         node_refresh: Callable[[], NodeConfig] | None = None,
+        drift_check: bool = False,
     ) -> None:
         self.backend = backend
         self.settings = settings
@@ -79,6 +80,8 @@ class Proxier:
         self.health = SyncHealth(settings.health_timeout)
         self.stats = SyncStats()
         self.synced = asyncio.Event()
+        self.drift_check = drift_check  # snapshot after each sync; /status compares with it
+        self.applied: frozenset[str] | None = None  # kernel snapshot after the last sync
         self._wake = asyncio.Event()
         self._need_full = True
         self._last_sync_start = -1e9
@@ -165,6 +168,10 @@ class Proxier:
         if check_rules and not full and not await asyncio.to_thread(self.backend.healthy):
             log.warning("proxy rules missing (canary gone); doing a full sync")
             full = True
+        if (check_rules and not full and self.drift_check
+                and await asyncio.to_thread(self._drifted)):
+            log.warning("proxy rules differ from the last applied ones; doing a full sync")
+            full = True
         self._last_sync_start = now
         changes = self.tracker.drain(self._services, self._slices, self._service_keys)
         metrics.SERVICE_CHANGES_PENDING.set(0)
@@ -188,11 +195,29 @@ class Proxier:
             return False
         elapsed = time.monotonic() - started
         self._need_full = False
+        if self.drift_check:
+            await asyncio.to_thread(self._record_applied)
         if full:
             self._last_full = now
         self._observe(changes, full, elapsed)
         await self._after_sync(changes)
         return True
+
+    def _record_applied(self) -> None:
+        try:
+            self.applied = drift.snapshot(self.backend)
+        except Exception:
+            log.exception("cannot snapshot the applied rules for the drift check")
+            self.applied = None
+
+    def _drifted(self) -> bool:
+        if self.applied is None:
+            return False
+        return drift.status(self.backend, self.applied)["in_sync"] is False
+
+    def status(self) -> dict[str, object]:
+        """Kernel vs last applied rules, for ``GET /status`` and ``svcnet proxy status``."""
+        return drift.status(self.backend, self.applied)
 
     def _observe(self, changes: Changes, full: bool, elapsed: float) -> None:
         self.stats.syncs += 1

@@ -436,10 +436,21 @@ def overlays_out_of_sync(cfg: LabConfig) -> list[str]:
     return [node for node, proc in procs.items() if proc.wait(30) != 0]
 
 
+def proxies_out_of_sync(cfg: LabConfig) -> list[str]:
+    """Nodes whose proxy rules in the kernel differ from what the proxy applied."""
+    procs = {node: subprocess.Popen(
+        ["ip", "netns", "exec", cfg.node_ns(node), *cfg.svcnet_argv, "proxy", "status",
+         "--json"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for node in cfg.node_names}
+    return [node for node, proc in procs.items() if proc.wait(30) != 0]
+
+
 def assert_converged(cfg: LabConfig, backends: int = 3) -> None:
     assert until(lambda: daemons_healthy(cfg), 20, 0.5), "a node daemon is not healthy"
     assert until(lambda: not overlays_out_of_sync(cfg), 20, 0.5), (
         f"overlay differs from desired on {overlays_out_of_sync(cfg)}")
+    assert until(lambda: not proxies_out_of_sync(cfg), 20, 0.5), (
+        f"proxy rules differ from applied on {proxies_out_of_sync(cfg)}")
     assert wait_all_backends(cfg, "client2", backends, 20), "client2 lost some backends"
 
 
