@@ -111,3 +111,24 @@ def test_status_reports_and_repairs_drift(mode: str, netns: Callable[[str], str]
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def test_normalisation_ignores_counters_and_handles_but_not_rules() -> None:
+    from svcnet.proxy.drift import iptables_items, nft_items
+
+    def dump(packets: int, handle: int, verdict: str) -> dict[str, object]:
+        return {"nftables": [
+            {"chain": {"family": "ip", "table": "svcnet", "name": "lb-1", "handle": handle}},
+            {"rule": {"family": "ip", "table": "svcnet", "chain": "lb-1", "handle": handle,
+                      "expr": [{"counter": {"packets": packets, "bytes": packets * 60}},
+                               {verdict: None}]}},
+        ]}
+
+    assert nft_items(dump(1, 5, "accept")) == nft_items(dump(900, 7, "accept"))
+    assert nft_items(dump(1, 5, "accept")) != nft_items(dump(1, 5, "drop"))
+    save = ("*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:OTHER - [0:0]\n"
+            "-A PREROUTING -j KUBE-SERVICES\n-A PREROUTING -j OTHER\n"
+            "-A KUBE-SERVICES -d 10.96.0.10/32 -j KUBE-SVC-X\nCOMMIT\n")
+    assert iptables_items(save, 4) == {
+        "ip4 nat chain KUBE-SERVICES", "ip4 nat -A PREROUTING -j KUBE-SERVICES",
+        "ip4 nat -A KUBE-SERVICES -d 10.96.0.10/32 -j KUBE-SVC-X"}
