@@ -231,7 +231,7 @@ def node_daemon_argv(cfg: LabConfig, node: str) -> list[str]:
         argv += ["--proxy", "--proxy-node-name", node, "--proxy-zone", cfg.node_zone(node),
                  "--proxy-nodeport-addresses", str(UNDERLAY),
                  "--proxy-cluster-cidr", str(POD_NETWORK), "--proxy-ip-families", "4",
-                 "--proxy-min-sync-period", "0.1"]
+                 "--proxy-min-sync-period", "0.1", "--proxy-drift-check"]
         if cfg.proxy_mode:
             argv += ["--proxy-mode", cfg.proxy_mode]
     return [*argv, *cfg.extra_node_args]

@@ -30,6 +30,9 @@ DETECT_LOCAL_MODES = ("", "ClusterCIDR", "NodeCIDR", "InterfaceNamePrefix", "Bri
 def add_node_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("proxy")
     g.add_argument("--proxy-mode", choices=MODES, default="nftables")
+    g.add_argument("--proxy-drift-check", action="store_true",
+                   help="snapshot our rules after each sync so /status and 'svcnet proxy "
+                        "status' can report drift (one extra rule dump per sync)")
     g.add_argument("--proxy-ipvs-scheduler", default="rr",
                    help="IPVS scheduler for --proxy-mode ipvs: rr, lc, wrr, sh, ...")
     g.add_argument("--proxy-node-name", default=os.environ.get("NODE_NAME", socket.gethostname()))
@@ -73,6 +76,7 @@ class ProxyOptions:
     metrics: str
     netns: str | None
     ipvs_scheduler: str = "rr"
+    drift_check: bool = False
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> ProxyOptions:
@@ -98,6 +102,7 @@ class ProxyOptions:
             raise UsageError("--proxy-ip-families: 4, 6 or 4,6")
         return cls(
             mode=a.proxy_mode, ipvs_scheduler=a.proxy_ipvs_scheduler,
+            drift_check=a.proxy_drift_check,
             node_name=a.proxy_node_name, zone=a.proxy_zone,
             nodeport_cidrs=split(a.proxy_nodeport_addresses), families=families,
             cluster_cidrs=cidrs, detect_local_mode=mode, interface=iface,
@@ -183,7 +188,7 @@ class ProxyComponent:
             conntrack=NetlinkConntrack(opts.netns),
             health_check_servers=NodePortHealthServers() if opts.netns is None else None,
             node_refresh=node,
-            drift_check=bool(opts.healthz),
+            drift_check=opts.drift_check and bool(opts.healthz),
         )
         servers = []
         if opts.healthz:
