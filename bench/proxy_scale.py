@@ -112,15 +112,7 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
     proxier = Proxier(backend, NodeConfig("n1"), settings=SyncSettings(
         min_sync_period=args.min_sync_period, sync_period=3600))
     factory = InformerFactory(store)
-    services = factory.informer(SERVICE)
-    slices = factory.informer(ENDPOINT_SLICE)
-    from svcnet.watch import Callbacks
-
-    services.add_handler(Callbacks(proxier.on_service))
-    slices.add_handler(Callbacks(proxier.on_slice))
-    proxier._services = services.cache.get
-    proxier._slices = lambda key: slices.cache.by_index("service", key)
-    proxier._service_keys = services.cache.keys_snapshot
+    proxier.attach(factory)
     factory.start()
     await factory.wait_for_sync(600)
     started = time.monotonic()

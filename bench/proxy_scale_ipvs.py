@@ -49,7 +49,7 @@ from svcnet.proxy.state import Changes, NodeConfig
 
 from svcnet.model import ENDPOINT_SLICE, SERVICE
 from svcnet.store.memory import MemoryStore
-from svcnet.watch import Callbacks, InformerFactory
+from svcnet.watch import InformerFactory
 
 
 class TimedBackend(IpvsBackend):
@@ -76,13 +76,7 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
     proxier = Proxier(backend, NodeConfig("n1"), settings=SyncSettings(
         min_sync_period=args.min_sync_period, sync_period=3600))
     factory = InformerFactory(store)
-    services = factory.informer(SERVICE)
-    slices = factory.informer(ENDPOINT_SLICE)
-    services.add_handler(Callbacks(proxier.on_service))
-    slices.add_handler(Callbacks(proxier.on_slice))
-    proxier._services = services.cache.get
-    proxier._slices = lambda key: slices.cache.by_index("service", key)
-    proxier._service_keys = services.cache.keys_snapshot
+    proxier.attach(factory)
     factory.start()
     await factory.wait_for_sync(3600)
     started = time.monotonic()

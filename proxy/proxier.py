@@ -120,7 +120,8 @@ class Proxier:
 
     # --- running -----------------------------------------------------------------------------
 
-    async def run(self, factory: InformerFactory) -> None:
+    def attach(self, factory: InformerFactory) -> None:
+        """Read Services and EndpointSlices from the factory's shared informers."""
         services = factory.informer(SERVICE)
         slices = factory.informer(ENDPOINT_SLICE)
         self._services = services.cache.get
@@ -128,6 +129,11 @@ class Proxier:
         self._service_keys = services.cache.keys_snapshot
         services.add_handler(Callbacks(self.on_service))
         slices.add_handler(Callbacks(self.on_slice))
+
+    async def run(self, factory: InformerFactory) -> None:
+        self.attach(factory)
+        services = factory.informer(SERVICE)
+        slices = factory.informer(ENDPOINT_SLICE)
         services.start()
         slices.start()
         await services.synced.wait()
