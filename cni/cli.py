@@ -35,22 +35,88 @@ sys.stderr.flush()
 sys.modules["posix"]._exit(_status)  # skip interpreter teardown: nothing left to clean up
 """
 
-FAST_PATH_CLIENT = """#!/bin/sh
-# svcnet-cni written by `svcnet cni install --fast-path`: hand the request to the resident
-# `svcnet cni serve` (reply: one status byte, then the plugin's output); without the socket
-# run the in-process plugin. SVCNET_CNI_ARGV0 keeps the invoked name (svcnet-ipam role).
-export SVCNET_CNI_ARGV0="$0"
-if [ -S {socket} ]; then
-  if out=$({socat} -t 120 - UNIX-CONNECT:{socket} 2>/dev/null) && [ -n "$out" ]; then
-    status=${{out%"${{out#?}}"}}
-    body=${{out#?}}
-    [ -n "$body" ] && printf '%s\\n' "$body"
-    exit "$status"
-  fi
-fi
-exec {launcher} "$@"
+SOCKET_CLIENT = r"""#!{perl}
+# svcnet-cni written by `svcnet cni install`: hand the request to the node daemon's socket
+# (`svcnet node`, or `svcnet cni serve`) and print its answer; when no daemon accepts it, run
+# the in-process plugin (the Python launcher). Perl builtins only (no `use`): ~2 ms to start.
+# The daemon gets stdin only after it sent the accept byte, so every failure before that falls
+# back; after it the daemon owns the request: a lost ADD is reported as "try again", never
+# repeated, the idempotent verbs re-run in-process. Protocol: svcnet.cni.server.
+my $socket_path = {socket};
+my $launcher = {launcher};
+my ($stdin, $version, $command) = ("", "1.1.0", $ENV{{CNI_COMMAND}} // "");
+$ENV{{SVCNET_CNI_ARGV0}} = $0;
+$SIG{{PIPE}} = "IGNORE";
+
+sub fail {{
+  my ($code, $msg) = @_;
+  print "{{\"cniVersion\":\"$version\",\"code\":$code,\"msg\":\"$msg\"," .
+    "\"details\":\"svcnet node socket $socket_path\"}}\n";
+  exit 1;
+}}
+
+sub in_process {{
+  $SIG{{PIPE}} = "DEFAULT";
+  alarm 0;
+  exec {{ $launcher }} $launcher, @ARGV;
+  fail(999, "cannot execute $launcher: $!");
+}}
+
+sub no_answer {{
+  my ($why) = @_;
+  fail(11, "the svcnet node daemon $why while handling ADD; it may be partly applied, so " .
+       "it is not repeated: DEL, then ADD again") if $command eq "ADD";
+  $SIG{{PIPE}} = "DEFAULT";
+  alarm 0;
+  open(my $again, "|-", $launcher, @ARGV) or fail(999, "cannot execute $launcher: $!");
+  print $again $stdin;
+  close $again;
+  exit($? & 127 ? 1 : $? >> 8);
+}}
+
+sub send_all {{
+  my ($sock, $data) = @_;
+  while (length $data) {{
+    my $n = syswrite($sock, $data);
+    return 0 unless $n;
+    substr($data, 0, $n) = "";
+  }}
+  return 1;
+}}
+
+$SIG{{ALRM}} = \&in_process;
+alarm {accept_timeout};
+socket(my $sock, {af_unix}, {sock_stream}, 0) or in_process();
+connect($sock, pack("S a*", {af_unix}, $socket_path)) or in_process();
+my @netns = stat("/proc/self/ns/net");
+my $head = join("\0", "SVCNET_NETNS=$netns[0]:$netns[1]",
+                map {{ "$_=$ENV{{$_}}" }} grep {{ /^CNI_|^SVCNET_CNI_ARGV0$/ }} sort keys %ENV);
+send_all($sock, pack("N", length $head) . $head) or in_process();
+my $accepted = "";
+sysread($sock, $accepted, 1);
+in_process() unless $accepted eq "1";
+
+$SIG{{ALRM}} = sub {{ no_answer("did not answer within {answer_timeout} s") }};
+alarm {answer_timeout};
+$stdin = do {{ local $/; <STDIN> }} // "";
+$version = $1 if $stdin =~ /"cniVersion"\s*:\s*"([0-9.]+)"/;
+send_all($sock, pack("N", length $stdin) . $stdin) or no_answer("closed the connection");
+shutdown($sock, 1);
+my $reply = "";
+while (sysread($sock, my $chunk, 65536)) {{ $reply .= $chunk }}
+alarm 0;
+if (length $reply >= 5) {{
+  my ($status, $size) = unpack("a1 N", $reply);
+  if (($status eq "0" || $status eq "1") && length $reply == 5 + $size) {{
+    print substr($reply, 5), $size ? "\n" : "";
+    exit $status;
+  }}
+}}
+no_answer("closed the connection without a complete answer");
 """
 DEFAULT_SOCKET = "/run/svcnet/cni.sock"
+IN_PROCESS_NAME = "svcnet-cni-inprocess"
+PERL = "/usr/bin/perl"
 CONFLIST_NAME = "10-svcnet.conflist"
 
 
@@ -75,13 +141,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     install.add_argument("--python", default="auto",
                          help="interpreter for the launcher; 'auto' times this one and the "
                               "system python3 of the same minor version and takes the faster")
-    install.add_argument("--fast-path", action="store_true",
-                         help="install a shell client that uses `svcnet cni serve` when its "
-                              "socket exists (falls back to the in-process plugin)")
-    install.add_argument("--socket", default=DEFAULT_SOCKET)
+    install.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=True,
+                         help="svcnet-cni hands requests to the node daemon's socket when it "
+                              "is up and runs in-process otherwise (default); --no-fast-path "
+                              "installs only the in-process plugin")
+    install.add_argument("--socket", default=DEFAULT_SOCKET,
+                         help="the node daemon's CNI socket (svcnet node --cni-server-socket)")
     install.set_defaults(func=cmd_install)
-    serve = cni_sub.add_parser("serve", help="do the plugin's work in a resident process "
-                                             "(the --fast-path client's server)")
+    serve = cni_sub.add_parser("serve", help="serve the svcnet-cni socket standalone "
+                                             "(svcnet node does it by default)")
     serve.add_argument("--socket", default=DEFAULT_SOCKET)
     serve.set_defaults(func=cmd_serve)
 
@@ -166,24 +234,30 @@ def cmd_install(args: argparse.Namespace) -> int:
     for ch in args.name:
         if not (ch.isalnum() or ch in "_.-"):
             raise UsageError(f"--name {args.name!r}: only letters, digits, '_', '.', '-'")
+    if not args.socket.startswith("/") or any(c in args.socket for c in '"\\\'') or any(
+            ord(c) < 32 for c in args.socket):
+        raise UsageError(f"--socket {args.socket!r}: an absolute path without quotes, "
+                         "backslashes or control characters")
     os.makedirs(args.bin_dir, exist_ok=True)
     target = os.path.join(args.bin_dir, "svcnet-cni")
     python = choose_python() if args.python == "auto" else args.python
-    if args.fast_path:
-        import shutil
-
-        socat = shutil.which("socat")
-        if socat is None:
-            raise UsageError("--fast-path needs socat")
-        launcher = os.path.join(args.bin_dir, "svcnet-cni-inprocess")
+    perl = PERL if os.access(PERL, os.X_OK) else None
+    if args.fast_path and perl is None:
+        print(f"{PERL} not found: installing the in-process plugin only, so svcnet-cni will "
+              "not use the node daemon's socket (install perl-base, or pass --no-fast-path "
+              "to silence this)", file=sys.stderr)
+    if args.fast_path and perl is not None:
+        launcher = os.path.join(args.bin_dir, IN_PROCESS_NAME)
         _write(launcher, launcher_text(python), 0o755)
-        _write(target, fast_path_client(launcher, args.socket, socat), 0o755)
+        _write(target, socket_client(launcher, args.socket, perl), 0o755)
+        print(f"installed {target} (node daemon socket {args.socket}, else {launcher} with "
+              f"interpreter {python})")
     else:
         _write(target, launcher_text(python), 0o755)
+        print(f"installed {target} (in-process, interpreter {python})")
     ipam_link = os.path.join(args.bin_dir, "svcnet-ipam")
     if not os.path.lexists(ipam_link):
         os.symlink("svcnet-cni", ipam_link)
-    print(f"installed {target} (interpreter {python})")
     if args.conf_dir:
         os.makedirs(args.conf_dir, exist_ok=True)
         path = os.path.join(args.conf_dir, CONFLIST_NAME)
@@ -192,11 +266,22 @@ def cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
-def fast_path_client(launcher: str, socket_path: str, socat: str) -> str:
-    import shlex
+def _perl_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
-    return FAST_PATH_CLIENT.format(socket=shlex.quote(socket_path), socat=shlex.quote(socat),
-                                   launcher=shlex.quote(launcher))
+
+def socket_client(launcher: str, socket_path: str, perl: str = "/usr/bin/perl",
+                  accept_timeout: int = 10, answer_timeout: int = 240) -> str:
+    """The default ``svcnet-cni``: the node daemon's client with the in-process fallback.
+
+    ``accept_timeout`` bounds connect + accept (then it falls back: the daemon has not seen
+    stdin), ``answer_timeout`` the daemon's work once it accepted."""
+    import socket
+
+    return SOCKET_CLIENT.format(perl=perl, socket=_perl_string(socket_path),
+                                launcher=_perl_string(launcher),
+                                af_unix=int(socket.AF_UNIX), sock_stream=int(socket.SOCK_STREAM),
+                                accept_timeout=accept_timeout, answer_timeout=answer_timeout)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -1,78 +1,147 @@
-"""``svcnet cni serve``: the plugin's work done by a resident process (the fast path).
+"""The node daemon's CNI socket: the plugin's work done by a resident process.
 
 A CNI invocation is a new process; a Python one pays ~11 ms of interpreter start and ~4 ms
-of imports before its first netlink message. The fast-path client that ``svcnet cni install
---fast-path`` writes is a POSIX shell script that hands stdin to this server through
-``socat`` and prints the answer, so a pod operation costs a shell, a socat and the kernel
-work. The request protocol is the CNI one itself: the server takes the ``CNI_*`` variables
-from the connected client's ``/proc/<pid>/environ`` (peer identified with SO_PEERCRED, root
-only), stdin is the rest of the stream, and the reply is one status byte (``0``/``1``)
-followed by the plugin's stdout. When the socket is absent the client runs the in-process
-plugin instead, with identical behaviour.
+of imports before its first netlink message. The ``svcnet-cni`` that ``svcnet cni install``
+writes by default is a small Perl client (builtins only, ~2 ms) that hands the request to
+this server and prints the answer, and runs the in-process plugin when no server accepts it.
+
+Protocol (one request per connection, integers big-endian u32):
+
+1. client -> server: ``len, head`` where head is ``K=V`` entries separated by NUL: the
+   client's ``CNI_*`` variables, ``SVCNET_CNI_ARGV0`` (the name it was invoked as) and
+   ``SVCNET_NETNS=<dev>:<inode>`` of its network namespace.
+2. server -> client: ``1`` (accepted) -- only for a root peer (SO_PEERCRED) in the server's
+   own network namespace; otherwise the server closes and the client runs in-process, in
+   its own namespace. Until this byte the server has not read stdin, so falling back can
+   never apply a request twice.
+3. client -> server: ``len, stdin``; the server acts only on a complete request.
+4. server -> client: status byte (``0``/``1``), ``len``, the plugin's stdout.
+
+After step 2 the request is the server's: if the answer does not arrive complete, the
+client reports ADD as "try again" (code 11: it may be partly applied, and ADD on an existing
+attachment fails anyway) and re-runs the idempotent verbs in-process.
 
 Each request runs on its own thread: namespace switches (``setns``) and netlink sockets are
 per thread, and the IPAM ``flock`` is per open file, so requests exclude each other exactly as
-separate processes do.
+separate processes do. One server per socket path: a ``flock`` on ``<path>.lock`` held for
+the server's life decides who owns the path (a stale socket of a killed server is replaced,
+a live one is left alone).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
 import os
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
 from .fastjson import dumps
 from .spec import ERR_INTERNAL, LATEST, CniError
 
+log = logging.getLogger(__name__)
+
 _UCRED = struct.Struct("3i")
+_LEN = struct.Struct(">I")
+MAX_HEAD = 1 << 16
 MAX_REQUEST = 1 << 20
+ACCEPTED = b"1"
 
 
-def peer_environ(conn: socket.socket) -> dict[str, str]:
-    pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                   _UCRED.size))
-    if uid != 0:
-        raise PermissionError(f"client uid {uid} is not root")
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        raw = f.read()
+class SocketBusy(OSError):
+    """Another live server owns the socket path."""
+
+
+def netns_id() -> str:
+    st = os.stat("/proc/self/ns/net")
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def _recv_exact(conn: socket.socket, size: int) -> bytes:
+    chunks = []
+    while size:
+        data = conn.recv(min(size, 65536))
+        if not data:
+            raise ConnectionError("client closed the connection mid-request")
+        chunks.append(data)
+        size -= len(data)
+    return b"".join(chunks)
+
+
+def _recv_frame(conn: socket.socket, limit: int) -> bytes:
+    (size,) = _LEN.unpack(_recv_exact(conn, _LEN.size))
+    if size > limit:
+        raise ValueError(f"frame of {size} bytes exceeds {limit}")
+    return _recv_exact(conn, size)
+
+
+def parse_head(head: bytes) -> dict[str, str]:
     env = {}
-    for item in raw.split(b"\0"):
+    for item in head.split(b"\0"):
         key, sep, value = item.partition(b"=")
-        if sep and (key.startswith(b"CNI_") or key in (b"SVCNET_CNI_ARGV0", b"PATH")):
+        if sep:
             env[key.decode()] = value.decode(errors="surrogateescape")
     return env
 
 
-def handle(conn: socket.socket) -> None:
+def accept_request(conn: socket.socket, own_netns: str) -> dict[str, str]:
+    """Steps 1-2: the client's environment, once it may be served here."""
+    _pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                    _UCRED.size))
+    if uid != 0:
+        raise PermissionError(f"client uid {uid} is not root")
+    env = parse_head(_recv_frame(conn, MAX_HEAD))
+    if env.get("SVCNET_NETNS") != own_netns:
+        raise PermissionError(f"client network namespace {env.get('SVCNET_NETNS')} is not "
+                              f"the server's {own_netns}")
+    return env
+
+
+def answer(env: dict[str, str], stdin: bytes) -> bytes:
+    """Step 4's payload: what the in-process plugin would print, and its exit status."""
     from .main import _error_version, run
 
+    try:
+        out = run(env.get("CNI_COMMAND", ""), stdin, env,
+                  env.get("SVCNET_CNI_ARGV0", "svcnet-cni"))
+        status, body = b"0", (dumps(out).encode() if out is not None else b"")
+    except CniError as err:
+        status, body = b"1", dumps(err.to_json(_error_version(stdin))).encode()
+    except Exception as err:  # a bug or an unexpected kernel answer: still speak the protocol
+        doc = CniError(ERR_INTERNAL, f"internal error: {type(err).__name__}: {err}",
+                       "please report this with the network configuration").to_json(
+            _error_version(stdin) if stdin else LATEST)
+        status, body = b"1", dumps(doc).encode()
+    return status + _LEN.pack(len(body)) + body
+
+
+def handle(conn: socket.socket, own_netns: str) -> None:
     with conn:
-        stdin = b""
         try:
-            env = peer_environ(conn)
-            chunks = []
-            size = 0
-            while size <= MAX_REQUEST:
-                data = conn.recv(65536)
-                if not data:
-                    break
-                chunks.append(data)
-                size += len(data)
-            stdin = b"".join(chunks)
-            out = run(env.get("CNI_COMMAND", ""), stdin, env,
-                      env.get("SVCNET_CNI_ARGV0", "svcnet-cni"))
-            reply = b"0" + (dumps(out).encode() if out is not None else b"")
-        except CniError as err:
-            reply = b"1" + dumps(err.to_json(_error_version(stdin))).encode()
-        except Exception as err:
-            doc = CniError(ERR_INTERNAL, f"internal error: {type(err).__name__}: {err}"
-                           ).to_json(_error_version(stdin) if stdin else LATEST)
-            reply = b"1" + dumps(doc).encode()
+            env = accept_request(conn, own_netns)
+            conn.sendall(ACCEPTED)
+            stdin = _recv_frame(conn, MAX_REQUEST)
+        except (OSError, ValueError) as err:  # not ours, or the client went away: do nothing
+            log.debug("CNI request not served: %s", err)
+            return
+        reply = answer(env, stdin)
         with contextlib.suppress(OSError):
             conn.sendall(reply)
+
+
+def _claim(path: str) -> int:
+    """Lock ``<path>.lock`` for the server's life, or raise :class:`SocketBusy`."""
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SocketBusy(f"{path} is served by another process") from None
+    return fd
 
 
 def serve(path: str, ready: threading.Event | None = None,
@@ -81,56 +150,84 @@ def serve(path: str, ready: threading.Event | None = None,
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, mode=0o700, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
+    lock_fd = _claim(path)
+    own_netns = netns_id()
+    from . import bridge, main  # noqa: F401  (imported once here, not on the first request)
+
     try:
-        server.bind(path)
-    finally:
-        os.umask(old_umask)
-    server.listen(128)
-    server.settimeout(0.5)
-    if ready is not None:
-        ready.set()
-    try:
-        while stop is None or not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            conn.settimeout(120)
-            threading.Thread(target=handle, args=(conn,), daemon=True).start()
-    finally:
-        server.close()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+            os.unlink(path)  # a killed server's socket: the lock says nobody serves it
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            server.bind(path)
+        finally:
+            os.umask(old_umask)
+        server.listen(128)
+        server.settimeout(0.5)
+        if ready is not None:
+            ready.set()
+        try:
+            while stop is None or not stop.is_set():
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                conn.settimeout(120)
+                threading.Thread(target=handle, args=(conn, own_netns), daemon=True).start()
+        finally:
+            server.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    finally:
+        os.close(lock_fd)
 
 
 class ServerComponent:
-    """``svcnet node`` component running :func:`serve` on a thread until cancelled, so the
-    fast-path client finds its server whenever the node daemon is up."""
+    """``svcnet node`` component running :func:`serve` on a thread until cancelled.
+
+    ``required`` is False when the node daemon serves the socket by default: then a path
+    owned by another live server, or one it cannot create, is logged and retried every
+    ``retry_s`` instead of stopping the node's other components (the client falls back to
+    in-process meanwhile)."""
 
     name = "cni-server"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, required: bool = True, retry_s: float = 10.0) -> None:
         self.path = path
+        self.required = required
+        self.retry_s = retry_s
 
     async def run(self, factory: object, store: object) -> None:
         import asyncio
 
         stop = threading.Event()
+        warned = 0.0
         try:
-            await asyncio.to_thread(serve, self.path, None, stop)
+            while True:
+                try:
+                    await asyncio.to_thread(serve, self.path, None, stop)
+                    return
+                except OSError as err:
+                    if self.required:
+                        raise
+                    if time.monotonic() - warned > 600:
+                        log.warning("not serving the CNI socket (svcnet-cni runs in-process "
+                                    "meanwhile): %s; retrying every %.0f s", err, self.retry_s)
+                        warned = time.monotonic()
+                await asyncio.sleep(self.retry_s)
         finally:
             stop.set()
 
 
 def add_node_arguments(parser: Any) -> None:
-    """``svcnet node --cni-server``: serve the CNI fast-path socket from the node daemon."""
+    """``svcnet node`` serves the svcnet-cni socket unless ``--no-cni-server``."""
     parser.add_argument("--cni-server-socket", default="/run/svcnet/cni.sock",
-                        help="socket of the CNI fast path (see svcnet cni install --fast-path)")
+                        help="socket svcnet-cni hands its requests to (svcnet cni install "
+                             "--socket); served by default")
+    parser.add_argument("--no-cni-server", action="store_true",
+                        help="do not serve the CNI socket (svcnet-cni then runs in-process)")
 
 
 def node_component(args: Any) -> ServerComponent:
-    return ServerComponent(args.cni_server_socket)
+    return ServerComponent(args.cni_server_socket, required=bool(args.cni_server))

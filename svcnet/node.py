@@ -64,6 +64,8 @@ def _run(args: argparse.Namespace) -> int:
 
         raise UsageError(
             "svcnet node: choose at least one of --overlay, --proxy, --dns, --cni-server")
+    if "cni-server" not in wanted and not getattr(args, "no_cni_server", True):
+        wanted.append("cni-server")  # on by default: svcnet-cni's socket (docs/cni.md)
     asyncio.run(run_node(args, wanted))
     return 0
 

@@ -30,7 +30,7 @@ def _install(tmp_path: Path, *extra: str) -> tuple[Path, Path]:
     bindir, confdir = tmp_path / "bin", tmp_path / "net.d"
     rc = svcnet_main(["cni", "install", "--bin-dir", str(bindir), "--conf-dir", str(confdir),
                       "--subnet-file", str(tmp_path / "subnet.env"), "--python",
-                      sys.executable, *extra])
+                      sys.executable, "--socket", str(tmp_path / "no-daemon.sock"), *extra])
     assert rc == 0
     return bindir, confdir / "10-svcnet.conflist"
 
@@ -43,10 +43,12 @@ def _imported(stderr: str) -> set[str]:
     return names
 
 
-def test_install_writes_fast_launcher_and_conflist(tmp_path: Path) -> None:
+def test_install_writes_client_launcher_and_conflist(tmp_path: Path) -> None:
     bindir, conflist_path = _install(tmp_path, "--chain", "portmap")
-    launcher = bindir / "svcnet-cni"
-    assert os.access(launcher, os.X_OK)
+    client, launcher = bindir / "svcnet-cni", bindir / "svcnet-cni-inprocess"
+    assert os.access(client, os.X_OK) and os.access(launcher, os.X_OK)
+    assert client.read_text().splitlines()[0] == "#!/usr/bin/perl"
+    assert f"'{tmp_path / 'no-daemon.sock'}'" in client.read_text()
     assert launcher.read_text().splitlines()[0] == f"#!{sys.executable} -IS"
     assert choose_python() in (sys.executable, f"/usr/bin/python3.{sys.version_info.minor}")
     assert os.readlink(bindir / "svcnet-ipam") == "svcnet-cni"
@@ -55,9 +57,26 @@ def test_install_writes_fast_launcher_and_conflist(tmp_path: Path) -> None:
     first, portmap = conflist["plugins"]
     assert first["type"] == "svcnet-cni" and first["ipam"]["subnetFile"].endswith("subnet.env")
     assert portmap == {"type": "portmap", "capabilities": {"portMappings": True}}
-    out = subprocess.run([str(launcher)], input=b'{"cniVersion": "1.0.0"}',
-                         env={"CNI_COMMAND": "VERSION"}, capture_output=True, check=True)
-    assert json.loads(out.stdout)["supportedVersions"][-1] == "1.1.0"
+    for binary in (client, launcher):  # no daemon: the client runs the launcher
+        out = subprocess.run([str(binary)], input=b'{"cniVersion": "1.0.0"}',
+                             env={"CNI_COMMAND": "VERSION"}, capture_output=True, check=True)
+        assert json.loads(out.stdout)["supportedVersions"][-1] == "1.1.0"
+
+
+def test_install_in_process_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import svcnet.cni.cli
+
+    bindir, _ = _install(tmp_path, "--no-fast-path")
+    assert (bindir / "svcnet-cni").read_text().startswith(f"#!{sys.executable} -IS")
+    assert not (bindir / "svcnet-cni-inprocess").exists()
+    capsys.readouterr()
+    monkeypatch.setattr(svcnet.cni.cli, "PERL", str(tmp_path / "no-perl"))
+    bindir, _ = _install(tmp_path / "noperl")
+    assert (bindir / "svcnet-cni").read_text().startswith(f"#!{sys.executable} -IS")
+    assert "installing the in-process plugin only" in capsys.readouterr().err
+    assert svcnet_main(["cni", "install", "--bin-dir", str(tmp_path), "--socket",
+                        "rel/x.sock"]) == 2
 
 
 def test_plugin_path_imports_nothing_heavy(netns: Callable[[str], str], tmp_path: Path
@@ -78,7 +97,7 @@ def test_plugin_path_imports_nothing_heavy(netns: Callable[[str], str], tmp_path
         env = {"CNI_COMMAND": command, "CNI_CONTAINERID": "ctr", "CNI_IFNAME": "eth0",
                "CNI_NETNS": f"/var/run/netns/{pod}", "CNI_PATH": str(bindir)}
         proc = subprocess.run(["ip", "netns", "exec", host, sys.executable, "-IS", "-X",
-                               "importtime", str(bindir / "svcnet-cni")], input=stdin,
+                               "importtime", str(bindir / "svcnet-cni-inprocess")], input=stdin,
                               env=env, capture_output=True, check=False, timeout=30)
         assert proc.returncode == 0, (command, proc.stdout, proc.stderr[-2000:])
         if command == "ADD":
