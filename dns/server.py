@@ -1,9 +1,9 @@
 """Transport: UDP and TCP on one port, worker processes sharing it with SO_REUSEPORT.
 
 The main process owns the zone, the slow path (``Handler``) and TCP. Each worker process
-(``worker.py``) has its own SO_REUSEPORT UDP socket and its own copy of the prepared
-table, so UDP answers for cluster names use every core with no lock and no IPC; anything
-else is handed to the main process over a SEQPACKET channel and the reply goes back
+(``worker.py``) has its own SO_REUSEPORT UDP socket and maps the zone's shared table
+(``table.py``), so UDP answers for cluster names use every core with no lock and no IPC;
+anything else is handed to the main process over a SEQPACKET channel and the reply goes back
 through the worker's socket. With ``workers=0`` the main process serves UDP itself.
 """
 
@@ -13,17 +13,16 @@ import asyncio
 import contextlib
 import logging
 import pickle
-import queue
 import socket
 import struct
 import subprocess
 import sys
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from svcnet.dns.handler import Handler
-from svcnet.dns.wire import Prepared, answer_from_prepared
+from svcnet.dns.table import SharedTable
+from svcnet.dns.wire import answer_from_prepared
 from svcnet.dns.worker import (
     CMSG_ROOM,
     WILDCARDS,
@@ -32,14 +31,14 @@ from svcnet.dns.worker import (
     enable_pktinfo,
     reply_source,
 )
-from svcnet.dns.zone import ClusterZone, Updates
+from svcnet.dns.zone import ClusterZone
 
 log = logging.getLogger(__name__)
 
 TCP_IDLE_SECONDS = 10.0
 
 
-def fast_answer(table: dict[bytes, Prepared], data: bytes, tcp: bool) -> bytes | None:
+def fast_answer(table: SharedTable, data: bytes, tcp: bool) -> bytes | None:
     """The prepared answer for a plain query, or None (the slow path decides)."""
     if len(data) < 17 or data[2] & 0xF8 or data[4:10] != b"\x00\x01\x00\x00\x00\x00":
         return None
@@ -77,8 +76,8 @@ class _Worker:
     proc: subprocess.Popen[bytes]
     channel: socket.socket
     updates: socket.socket
-    outbox: queue.Queue[bytes | None] = field(default_factory=queue.Queue)
-    writer: threading.Thread | None = None
+    table_build: int = 0  # which build of the shared table it has been given (0: none)
+    behind: bool = False  # a notice did not fit in its socket buffer; resent every second
 
 
 class DNSServer:
@@ -127,17 +126,19 @@ class DNSServer:
                           worker.proc.returncode)
                 self._retire(worker)
                 self._spawn(_udp_socket(self.host, self.port))
+            for worker in self._workers:
+                if worker.behind:
+                    self._notify(worker)
 
     def _retire(self, worker: _Worker) -> None:
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(worker.channel.fileno())
-        worker.outbox.put(None)
         worker.channel.close()
         worker.updates.close()
         self._workers.remove(worker)
 
     def _spawn(self, udp: socket.socket) -> None:
-        ours_u, theirs_u = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours_u, theirs_u = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours_c, theirs_c = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for s in (ours_c, theirs_c):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
@@ -149,32 +150,33 @@ class DNSServer:
         theirs_c.close()
         udp.close()
         ours_c.setblocking(False)
+        ours_u.setblocking(False)
         worker = _Worker(proc, ours_c, ours_u)
-        worker.writer = threading.Thread(target=self._write_updates, args=(worker,),
-                                         daemon=True, name="dns-worker-updates")
-        worker.writer.start()
         self._workers.append(worker)
-        snapshot = self.zone.snapshot()
-        if snapshot:
-            worker.outbox.put(_frame(snapshot))
+        if self.zone.synced:
+            self._notify(worker)
         asyncio.get_running_loop().add_reader(ours_c.fileno(), self._on_channel, worker)
 
-    @staticmethod
-    def _write_updates(worker: _Worker) -> None:
-        while True:
-            frame = worker.outbox.get()
-            if frame is None:
-                return
-            try:
-                worker.updates.sendall(frame)
-            except OSError:
-                return
+    def _notify(self, worker: _Worker) -> None:
+        """Tell a worker the table changed (``G``), with the table itself (``T`` + its file
+        descriptor) if it has not got this build yet. Notices are idempotent, so one that
+        does not fit now is replaced by the next one or the supervisor's retry."""
+        table = self.zone.table
+        try:
+            if worker.table_build != table.builds:
+                socket.send_fds(worker.updates, [b"T"], [table.fd])
+                worker.table_build = table.builds
+            else:
+                worker.updates.send(b"G")
+            worker.behind = False
+        except (BlockingIOError, InterruptedError):
+            worker.behind = True
+        except OSError:
+            pass  # gone: the supervisor replaces it
 
-    def _publish(self, updates: Updates) -> None:
-        if self._workers:
-            frame = _frame(updates)
-            for worker in self._workers:
-                worker.outbox.put(frame)
+    def _publish(self) -> None:
+        for worker in self._workers:
+            self._notify(worker)
 
     def _on_channel(self, worker: _Worker) -> None:
         for _ in range(256):
@@ -245,7 +247,6 @@ class DNSServer:
         for worker in self._workers:
             with contextlib.suppress(ValueError, OSError):
                 loop.remove_reader(worker.channel.fileno())
-            worker.outbox.put(None)
             worker.proc.kill()
         for worker in self._workers:
             await asyncio.to_thread(worker.proc.wait)
@@ -262,12 +263,6 @@ def _qtype(data: bytes) -> int:
         return (data[end + 1] << 8) | data[end + 2]
     except (ValueError, IndexError):
         return 0
-
-
-def _frame(updates: Updates) -> bytes:
-    payload = pickle.dumps([(k, tuple(v) if v is not None else None)
-                            for k, v in updates.items()], protocol=pickle.HIGHEST_PROTOCOL)
-    return struct.pack("!I", len(payload)) + payload
 
 
 class _UDPProtocol(asyncio.DatagramProtocol):

@@ -1,13 +1,16 @@
-"""A UDP worker process: answers prepared names from its copy of the table, hands off the rest.
+"""A UDP worker process: answers prepared names from the shared table, hands off the rest.
 
 Run as ``python -m svcnet.dns.worker`` by ``server.DNSServer`` with three inherited sockets:
-its SO_REUSEPORT UDP socket, a stream of table updates (length-prefixed pickles of
-``[(key, Prepared | None), ...]``) and a SEQPACKET channel to the main process for
+its SO_REUSEPORT UDP socket, a SEQPACKET socket of table notices (``T`` + the shared table's
+file descriptor, ``G`` "it changed") and a SEQPACKET channel to the main process for
 everything else (``Q`` query out, ``R`` reply in, ``M`` statistics out).
 
-The hot loop is deliberately flat: recvfrom, a few byte compares, one dict lookup, a join and
-sendto. No object is built per query. This module imports nothing heavy so a worker starts
-in tens of milliseconds.
+The worker holds no copy of the table (``table.py`` is one memfd mapped by every worker),
+only a bounded cache of finished replies keyed by the query minus its ID: a repeated query
+shape (same name, case, flags and EDNS buffer size, which is what stub resolvers send) costs
+one dict lookup and one concatenation between recvfrom and sendto. A miss probes the shared
+table (``make_answer``); every table notice empties the cache. This module imports nothing
+heavy so a worker starts in tens of milliseconds.
 """
 
 from __future__ import annotations
@@ -21,13 +24,20 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
+
+from svcnet.dns.table import RECORD, TableView, find
 
 # Duration buckets shared with metrics.py (CoreDNS: 0.25 ms doubling, 16 buckets).
 BUCKETS = tuple(0.00025 * 2**i for i in range(16))
 FLUSH_SECONDS = 1.0
 OPT = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"  # wire.OPT_RECORD: 1232 bytes, version 0
 SAMPLE = 16  # time one query in SAMPLE (a power of two); its histogram weight is SAMPLE
+CACHE_ENTRIES = 16384  # finished replies per worker (~200 bytes each); cleared when full
+COUNTS_NONE = b"\x00\x01\x00\x00\x00\x00\x00\x00"  # question only (truncated)
+COUNTS_OPT_ONLY = b"\x00\x01\x00\x00\x00\x00\x00\x01"
+TABLE, GEN = 0, 1  # the update thread's box: the mapped table, the count of changes seen
 
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; Python lacks the name on some builds
@@ -88,33 +98,42 @@ def control(ctl: bytes) -> list[tuple[int, int, bytes]]:
     return []
 
 
-def read_updates(stream: socket.socket, table: dict[bytes, Any]) -> None:
-    """Apply table update batches until the main process closes the stream."""
-    rfile = stream.makefile("rb")
+def read_updates(updates: socket.socket, box: list[Any], cache: dict[bytes, bytes]) -> None:
+    """Follow the main process's table: ``T`` + a file descriptor is a new table to map,
+    ``G`` says the current one changed. Either way cached replies are dropped."""
     while True:
-        head = rfile.read(4)
-        if len(head) < 4:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(updates, 16, 4)
+        except OSError:
             os._exit(0)
-        (size,) = struct.unpack("!I", head)
-        batch = pickle.loads(rfile.read(size))
-        for key, value in batch:
-            if value is None:
-                table.pop(key, None)
-            else:
-                table[key] = value  # count fields arrive shared (interned, pickle memo)
-        if len(batch) > 1000:  # a big batch (the first sync) leaves freed buffers behind
-            del batch
-            _malloc_trim()
+        if not msg:
+            os._exit(0)  # the main process is gone
+        if fds:
+            view = TableView(fds[-1])
+            for fd in fds:
+                os.close(fd)  # the mapping keeps the table alive
+            box[TABLE] = (view.mm, view.slots, view.mask)
+        box[GEN] += 1
+        cache.clear()
 
 
-def _malloc_trim() -> None:
-    import ctypes
+def reply_stats(hits: dict[bytes, int]) -> dict[int, int]:
+    """Per-reply counts (keyed by the reply after its ID) as per-(qtype << 4 | rcode) counts."""
+    out: dict[int, int] = {}
+    for tail, count in hits.items():
+        stat = (tail_qtype(tail) << 4) | (tail[1] & 0xF)
+        out[stat] = out.get(stat, 0) + count
+    return out
 
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+def tail_qtype(tail: bytes) -> int:
+    """The question type of a reply without its ID (the question starts at offset 10)."""
+    end = tail.find(0, 10)
+    return (tail[end + 1] << 8) | tail[end + 2] if 0 < end < len(tail) - 2 else 0
 
 
-def relay_replies(channel: socket.socket, udp: socket.socket, stats: dict[Any, Any]) -> None:
+def relay_replies(channel: socket.socket, udp: socket.socket, stats: dict[Any, Any],
+                  hits: dict[bytes, int]) -> None:
     """Send the main process's replies to clients; ship statistics every second."""
     channel.settimeout(FLUSH_SECONDS)
     last = time.monotonic()
@@ -137,26 +156,96 @@ def relay_replies(channel: socket.socket, udp: socket.socket, stats: dict[Any, A
         now = time.monotonic()
         if now - last >= FLUSH_SECONDS:
             last = now
-            snapshot = {k: (list(v) if isinstance(v, list) else v) for k, v in stats.items()}
-            for k, v in snapshot.items():
+            # Counts added between a copy and its reset are lost: a window of a few bytecodes
+            # once a second, cheaper than any lock on the hot path.
+            counted = hits.copy()
+            hits.clear()
+            snapshot: dict[Any, Any] = {}
+            for k, v in list(stats.items()):
                 if isinstance(v, list):
+                    snapshot[k] = list(v)
                     stats[k] = [0] * len(v)
                 else:
+                    snapshot[k] = v
                     stats[k] = 0
-            # Counts incremented between the snapshot and the reset are lost; cheap, and
-            # bounded by one second's worth of a race window of a few bytecodes.
+            for stat, count in reply_stats(counted).items():
+                snapshot[stat] = snapshot.get(stat, 0) + count
             if any(v for v in snapshot.values() if not isinstance(v, list)):
                 with contextlib.suppress(OSError):
                     channel.send(b"M" + pickle.dumps(snapshot))
 
 
-def serve(udp: socket.socket, channel: socket.socket, table: dict[bytes, Any],
-          stats: dict[Any, Any], slow_only: bool, pktinfo: bool = False) -> None:
-    """The hot loop.
+def make_answer(box: list[Any], cache: dict[bytes, bytes], slow_only: bool
+                ) -> Callable[[bytes], bytes | None]:
+    """The cache-miss path: the reply (after the ID) from the shared table, or None when the
+    main process must decide (not a plain query, unknown name, DO bit, EDNS version > 0,
+    an answer that fits only without its additional section, no table yet)."""
+    unpack = RECORD.unpack_from
+    rsize = RECORD.size
 
-    ``stats`` maps each answer's ``stat`` (qtype << 4 | rcode) to a count, and ("d", qtype)
-    to a duration histogram of every ``SAMPLE``-th query: timing each one would cost ~1 us of
-    the ~13 us a query costs in CPU here.
+    def answer(data: bytes) -> bytes | None:
+        table = box[TABLE]
+        if table is None or slow_only or len(data) < 17 or data[2] & 0xF8 or \
+                data[4:10] != b"\x00\x01\x00\x00\x00\x00":
+            return None
+        qend = data.find(0, 12) + 5
+        size = len(data)
+        if qend < 17 or qend > size:
+            return None
+        ar = data[10:12]
+        if ar == b"\x00\x00":
+            edns = False
+            limit = 512
+        elif ar == b"\x00\x01" and size >= qend + 11 and \
+                data[qend:qend + 3] == b"\x00\x00\x29" and not data[qend + 6] and \
+                not data[qend + 7] & 0x80:
+            edns = True
+            limit = max(512, (data[qend + 3] << 8) | data[qend + 4])
+        else:
+            return None
+        gen = box[GEN]
+        mm, slots, mask = table
+        key = data[12:qend].lower()
+        off = find(mm, slots, mask, key)
+        if not off:
+            return None
+        at = off + 1 + len(key)
+        flags1, flags2, counts, counts_edns, core_len, _, blen = unpack(mm, at)
+        at += rsize
+        body = mm[at:at + blen]
+        opt = OPT if edns else b""
+        flags1 |= data[2] & 1
+        if edns:
+            counts = counts_edns
+        if qend + blen + len(opt) > limit:
+            if qend + core_len + len(opt) <= limit:
+                return None  # fits without the additional section: the main process decides
+            flags1 |= 2
+            counts = COUNTS_OPT_ONLY if edns else COUNTS_NONE
+            body = b""
+        tail = b"".join((bytes((flags1, flags2 | (data[3] & 0x10))), counts, data[12:qend],
+                         body, opt))
+        if size == qend or size == qend + 11:  # no EDNS options (cookies differ per client)
+            if len(cache) >= CACHE_ENTRIES:
+                cache.clear()
+            cache[data[2:]] = tail
+            if box[GEN] != gen:  # the table changed meanwhile: this reply may be stale
+                cache.clear()
+        return tail
+
+    return answer
+
+
+def serve(udp: socket.socket, channel: socket.socket, answer: Callable[[bytes], bytes | None],
+          cache: dict[bytes, bytes], hits: dict[bytes, int], stats: dict[Any, Any],
+          pktinfo: bool = False) -> None:
+    """The hot loop: recvfrom, one dict lookup of everything after the ID, one concatenation,
+    sendto, one count.
+
+    ``hits`` counts replies (keyed by the cached reply itself; the relay thread turns them
+    into per-type/rcode counts once a second), ``stats`` keeps ("d", qtype) duration
+    histograms of every ``SAMPLE``-th query (timing each would cost more than the lookup)
+    and ``dropped``.
 
     ``pktinfo`` (wildcard-bound socket): receive with recvmsg and reply with sendmsg from the
     query's destination address; ``addr`` is then ``(peer, ctl)``. A specific-address socket
@@ -178,8 +267,8 @@ def serve(udp: socket.socket, channel: socket.socket, table: dict[bytes, Any],
 
         def encode(addr: tuple[Any, bytes]) -> bytes:
             return encode_addr(addr[0], addr[1])
-    get = table.get
-    count = stats.get
+    cached = cache.get
+    counted = hits.get
     handoff = channel.send
     clock = time.perf_counter
     buckets = BUCKETS
@@ -195,55 +284,30 @@ def serve(udp: socket.socket, channel: socket.socket, table: dict[bytes, Any],
         n += 1
         if not n & mask:
             t0 = clock()
+        tail = cached(data[2:])
+        if tail is None:
+            try:
+                tail = answer(data)
+            except Exception:
+                tail = None  # malformed in a way the checks missed: the main process decides
+            if tail is None:
+                try:
+                    handoff(b"Q" + encode(addr) + data)
+                except OSError:
+                    stats["dropped"] = stats.get("dropped", 0) + 1
+                continue
         try:
-            if slow_only or data[2] & 0xF8 or data[4:10] != b"\x00\x01\x00\x00\x00\x00":
-                raise LookupError
-            qend = data.index(0, 12) + 5
-            entry = get(data[12:qend].lower())
-            if entry is None:
-                raise LookupError
-            ar = data[10:12]
-            body = entry[3]
-            if ar == b"\x00\x00":
-                counts = entry[2]
-                opt = b""
-                limit = 512
-            elif ar == b"\x00\x01" and data[qend:qend + 3] == b"\x00\x00\x29" and \
-                    not data[qend + 6] and not data[qend + 7] & 0x80:
-                counts = entry[4]
-                opt = OPT
-                limit = (data[qend + 3] << 8) | data[qend + 4]
-                if limit < 512:
-                    limit = 512
-            else:
-                raise LookupError
-            flags1 = entry[0] | (data[2] & 1)
-            if qend + len(body) + len(opt) > limit:
-                if qend + entry[5] + len(opt) <= limit:
-                    raise LookupError  # fits without the additional section: main decides
-                flags1 |= 2
-                counts = b"\x00\x01\x00\x00\x00\x00\x00\x01" if opt else \
-                    b"\x00\x01\x00\x00\x00\x00\x00\x00"
-                body = b""
-            send(b"".join((data[:2], bytes((flags1, entry[1] | (data[3] & 0x10))), counts,
-                           data[12:qend], body, opt)), addr)
+            send(data[:2] + tail, addr)
         except OSError:
             continue
-        except Exception:
-            try:
-                handoff(b"Q" + encode(addr) + data)
-            except OSError:
-                stats["dropped"] = count("dropped", 0) + 1
-            continue
-        stat = entry[6]
-        stats[stat] = count(stat, 0) + 1
+        hits[tail] = counted(tail, 0) + 1
         if not n & mask:
             elapsed = clock() - t0
             i = 0
             while i < nb and elapsed > buckets[i]:
                 i += 1
-            key = ("d", stat >> 4)
-            hist = count(key)
+            key = ("d", tail_qtype(tail))
+            hist = stats.get(key)
             if hist is None:
                 hist = stats[key] = [0] * (nb + 2)
             hist[i] += SAMPLE
@@ -257,14 +321,17 @@ def main(argv: list[str]) -> int:
     channel = socket.socket(fileno=channel_fd)
     channel.setblocking(False)
     relay = socket.socket(fileno=os.dup(channel_fd))
-    table: dict[bytes, Any] = {}
+    box: list[Any] = [None, 0]  # [TABLE]: (mmap, slots, mask) once synced; [GEN]: changes
+    cache: dict[bytes, bytes] = {}
+    hits: dict[bytes, int] = {}
     stats: dict[Any, Any] = {}
-    # Nothing here makes reference cycles; without the collector a 100k-entry table is never
+    # Nothing here makes reference cycles; without the collector the cache is never
     # rescanned and the hot loop never pauses for it.
     gc.disable()
-    threading.Thread(target=read_updates, args=(updates, table), daemon=True).start()
-    threading.Thread(target=relay_replies, args=(relay, udp, stats), daemon=True).start()
-    serve(udp, channel, table, stats, bool(slow_only), udp.getsockname()[0] in WILDCARDS)
+    threading.Thread(target=read_updates, args=(updates, box, cache), daemon=True).start()
+    threading.Thread(target=relay_replies, args=(relay, udp, stats, hits), daemon=True).start()
+    serve(udp, channel, make_answer(box, cache, bool(slow_only)), cache, hits, stats,
+          udp.getsockname()[0] in WILDCARDS)
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Services are looked up (``records.py``) and rendered (``wire.prepare``) when they or their
 EndpointSlices change, never per query. Each change yields a batch of table updates
-``{key: Prepared | None}`` that is applied here and published to the worker processes.
+``{key: Prepared | None}`` that is written into the shared table (``table.py``) every worker
+process reads; subscribers (the server) are then told, so workers drop cached replies.
 Names that are not prepared (pods, negative answers, ExternalName targets) are answered by
 ``answer`` on the slow path, like CoreDNS's handler: SERVFAIL until synced, NODATA for a
 name that exists without the asked type, NXDOMAIN otherwise, with the zone's SOA.
@@ -20,6 +21,7 @@ from typing import Any, Literal, Protocol
 
 from svcnet.dns import names
 from svcnet.dns.records import ServiceRecords, service_records
+from svcnet.dns.table import SharedTable
 from svcnet.dns.wire import (
     AAAA,
     ANY,
@@ -86,9 +88,8 @@ class ClusterZone:
         self.endpoint_pod_names = endpoint_pod_names
         self.synced = False
         self.serial = int(time.time())
-        self.table: dict[bytes, Prepared] = {}
+        self.table = SharedTable()
         self._services: dict[str, ServiceRecords] = {}
-        self._pending: Updates = {}
         self._owner_of: dict[tuple[str, int], str] = {}
         self._keys: dict[str, set[bytes]] = {}
         self._names: Counter[str] = Counter()
@@ -97,42 +98,32 @@ class ClusterZone:
         self._svc_namespaces: Counter[str] = Counter()
         self._pod_namespaces: Counter[str] = Counter()
         self._pod_ips: Counter[tuple[str, str]] = Counter()
-        self._subscribers: list[Callable[[Updates], None]] = []
+        self._subscribers: list[Callable[[], None]] = []
         self.apply(self._static())
 
     # --- publishing ------------------------------------------------------------------------
 
-    def subscribe(self, callback: Callable[[Updates], None]) -> None:
-        """Receive every future batch of table updates (workers call this via the server)."""
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Be told after every change to the table once synced (the server tells workers)."""
         self._subscribers.append(callback)
 
     def apply(self, updates: Updates) -> None:
-        """Change the table; publish now, or at ``mark_synced`` while the first list runs."""
+        """Change the table; tell subscribers now, or at ``mark_synced`` while the first list
+        runs (workers are not given the table before that)."""
         if not updates:
             return
         self.serial = int(time.time())
         for key, value in updates.items():
-            if value is None:
-                self.table.pop(key, None)
-            else:
-                self.table[key] = value
-        if not self.synced:
-            self._pending.update(updates)
-            return
-        for callback in self._subscribers:
-            callback(updates)
+            self.table.set(key, value)
+        if self.synced:
+            for callback in self._subscribers:
+                callback()
 
     def mark_synced(self) -> None:
-        """The watch cache is complete: publish everything prepared so far and start answering."""
+        """The watch cache is complete: publish the table and start answering."""
         self.synced = True
-        pending, self._pending = self._pending, {}
-        if pending:
-            for callback in self._subscribers:
-                callback(pending)
-
-    def snapshot(self) -> Updates:
-        """The whole table, for a worker that starts after sync."""
-        return dict(self.table) if self.synced else {}
+        for callback in self._subscribers:
+            callback()
 
     def rrset(self, name: str, qtype: int) -> list[RR]:
         svc = self._owner_of.get((name, qtype))
