@@ -1,6 +1,6 @@
 """``svcnet lab ...``: build, use and remove a cluster made of network namespaces.
 
-User commands: up, down, status, exec, apply, delete, scale, demo. Internal ones, run by the
+User commands: up, down, status, verify, exec, apply, delete, scale, demo. Internal ones, run by the
 lab itself inside its namespaces: kubelet, controller, bootstrap, wait-ready.
 Commands that talk to the store re-run themselves inside the lab's control namespace, since
 the store is reachable only on the lab's underlay.
@@ -43,6 +43,12 @@ def register(sub: Any) -> None:
 
     p = named("status", "nodes, pods, services and daemon health of a lab")
     p.set_defaults(func=_status)
+
+    p = named("verify", "every node's kernel state against desired state recomputed from the "
+              "store (exit 1 if any differs)")
+    p.add_argument("--node", action="append", default=[], help="only this node (repeatable)")
+    p.add_argument("--json", action="store_true", help="one JSON report per node")
+    p.set_defaults(func=_verify)
 
     p = named("exec", "run a command in a pod's or node's namespace")
     p.add_argument("target", help="POD, NAMESPACE/POD, or a node name (n1, n2 ...)")
@@ -314,6 +320,32 @@ def _status(args: argparse.Namespace) -> int:
 
     print(asyncio.run(render_status(cfg)))
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """From outside: run one check per node inside its namespace. Inside (the lab sets
+    ``SVCNET_LAB_NS`` to the node's namespace): check that node."""
+    import asyncio
+    import json
+
+    from svcnet.lab.verify import format_report, verify_node, verify_nodes
+
+    from svcnet.cli import UsageError
+
+    cfg = _config(args)
+    unknown = [n for n in args.node if n not in cfg.node_names]
+    if unknown:
+        raise UsageError(f"no node {', '.join(unknown)} in lab {cfg.name}")
+    nodes = args.node or cfg.node_names
+    inside = [n for n in nodes if os.environ.get("SVCNET_LAB_NS") == cfg.node_ns(n)]
+    reports = ([asyncio.run(verify_node(cfg, inside[0]))] if inside
+               else verify_nodes(cfg, nodes))
+    for report in reports:
+        if args.json:
+            print(json.dumps(report))
+        else:
+            print("\n".join(format_report(report)))
+    return 0 if all(r["in_sync"] for r in reports) else 1
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -4,13 +4,17 @@ Server: every TCP port answers HTTP with the pod's name (``/clientip`` answers t
 address, which shows masquerading); every UDP port answers each datagram with the pod's name.
 Client (``call``): N HTTP requests or UDP datagrams, one line per answer (``name`` or
 ``ERROR reason``), bounded in count and time, for the demo and the end-to-end tests.
+``dnsprobe``: DNS lookups the way glibc's stub resolver sends them, one line per try, so a
+test can see exactly when and how queries failed while a DNS server restarts.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import socket
+import struct
 import sys
 import threading
 import time
@@ -113,6 +117,80 @@ def wait(target: str, timeout: float) -> int:
     return 1
 
 
+def dns_query(name: str, qid: int) -> bytes:
+    """A recursive A query for ``name``."""
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.strip(".").split(".") if p)
+    return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + labels + b"\0" + struct.pack(
+        "!HH", 1, 1)
+
+
+def dns_try(sock: socket.socket, query: bytes, timeout: float) -> str:
+    """One try on a connected UDP socket: ``ok``, ``refused`` (ICMP port unreachable),
+    ``timeout``, or the response code's name (``servfail``, ``nxdomain``, ...)."""
+    qid = query[:2]
+    sock.send(query)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return "timeout"
+        sock.settimeout(left)
+        try:
+            data = sock.recv(4096)
+        except TimeoutError:
+            return "timeout"
+        except ConnectionRefusedError:
+            return "refused"
+        if len(data) < 12 or data[:2] != qid:
+            continue  # a late answer to an earlier try, as glibc drops it
+        rcode = data[3] & 0xF
+        if rcode == 0:
+            return "ok" if struct.unpack("!H", data[6:8])[0] else "empty"
+        return {2: "servfail", 3: "nxdomain", 5: "refused-rcode"}.get(rcode, f"rcode{rcode}")
+
+
+def dnsprobe(server: str, name: str, count: int, interval: float, timeout: float,
+             attempts: int, duration: float) -> int:
+    """Lookups modelled on glibc's ``send_dg`` with ``options timeout:T attempts:A``.
+
+    Each lookup opens a connected UDP socket (a new source port, hence a new conntrack
+    entry and a fresh load-balancing choice). A try fails on ICMP port unreachable
+    (ECONNREFUSED) or SERVFAIL/REFUSED -- glibc then closes the socket, so the retry comes
+    from a new port -- or after ``timeout`` without an answer, when glibc retries on the
+    same socket (same conntrack entry, same backend). Prints
+    ``<monotonic send time> <lookup> <try> <outcome> <seconds>`` per try.
+    """
+    failed = 0
+    end = time.monotonic() + duration
+    for lookup in range(count):
+        if time.monotonic() >= end:
+            break
+        sock: socket.socket | None = None
+        ok = False
+        try:
+            for attempt in range(attempts):
+                if sock is None:
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    sock.connect((server, 53))
+                sent = time.monotonic()
+                outcome = dns_try(sock, dns_query(name, random.randrange(65536)), timeout)
+                print(f"{sent:.4f} {lookup} {attempt} {outcome} "
+                      f"{time.monotonic() - sent:.4f}", flush=True)
+                if outcome == "ok":
+                    ok = True
+                    break
+                if outcome != "timeout":
+                    sock.close()
+                    sock = None
+        finally:
+            if sock is not None:
+                sock.close()
+        failed += not ok
+        if interval:
+            time.sleep(interval)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m svcnet.lab.echo")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -129,6 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     w = sub.add_parser("wait", help="seconds until the first successful HTTP call")
     w.add_argument("target")
     w.add_argument("--timeout", type=float, default=10.0)
+    d = sub.add_parser("dnsprobe", help="glibc-like DNS lookups, one line per try")
+    d.add_argument("server")
+    d.add_argument("name")
+    d.add_argument("--count", type=int, default=100)
+    d.add_argument("--interval", type=float, default=0.01)
+    d.add_argument("--timeout", type=float, default=1.0, help="per try (resolv.conf timeout:)")
+    d.add_argument("--attempts", type=int, default=2, help="tries (resolv.conf attempts:)")
+    d.add_argument("--duration", type=float, default=60.0, help="stop after this many seconds")
     r = sub.add_parser("resolve", help="resolve a name with the system resolver")
     r.add_argument("name")
     args = parser.parse_args(argv)
@@ -139,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         return call(args.target, args.count, args.timeout, args.interval, args.udp)
     if args.cmd == "wait":
         return wait(args.target, args.timeout)
+    if args.cmd == "dnsprobe":
+        return dnsprobe(args.server, args.name, args.count, args.interval, args.timeout,
+                        args.attempts, args.duration)
     try:
         infos = socket.getaddrinfo(args.name, None, socket.AF_INET, socket.SOCK_STREAM)
     except socket.gaierror as err:

@@ -8,13 +8,16 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 from svcnet.lab import cluster
 from svcnet.lab.cnirun import Attachment, CNIRunner, subnet_from_file
+from svcnet.lab.echo import dns_query, dns_try
 from svcnet.lab.endpointslices import (
     MANAGED_BY,
     MANAGED_BY_LABEL,
@@ -279,3 +282,40 @@ async def test_cni_runner_chains_prev_result_and_dels_in_reverse(tmp_path: Path)
     env = tmp_path / "subnet.env"
     env.write_text("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\n")
     assert subnet_from_file(env) == "10.244.7.0/24"
+
+
+def test_dns_probe_tries_classify_answers_errors_and_silence() -> None:
+    """The glibc-like probe's outcomes: an answer, SERVFAIL, ICMP port unreachable on the
+    connected socket, a late answer to an earlier query id ignored, and a timeout."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    replies = iter([("ok", 1), ("stale", 1), ("servfail", 0)])
+
+    def answer() -> None:
+        for kind, ancount in replies:
+            data, peer = server.recvfrom(512)
+            qid = data[:2] if kind != "stale" else bytes([data[0] ^ 1, data[1]])
+            flags = b"\x81\x82" if kind == "servfail" else b"\x81\x80"
+            server.sendto(qid + flags + data[4:6] + bytes([0, ancount]) + data[8:], peer)
+            if kind == "stale":
+                server.sendto(data[:2] + b"\x81\x80" + data[4:6] + b"\0\1" + data[8:], peer)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    query = dns_query("web.default.svc.cluster.local", 0x1234)
+    assert query[:2] == b"\x12\x34" and b"\x03web\x07default\x03svc" in query
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect(server.getsockname())
+        assert dns_try(sock, dns_query("a.b", 1), 2.0) == "ok"
+        assert dns_try(sock, dns_query("a.b", 2), 2.0) == "ok"  # after the stale one
+        assert dns_try(sock, dns_query("a.b", 3), 2.0) == "servfail"
+        assert dns_try(sock, dns_query("a.b", 4), 0.05) == "timeout"
+    thread.join(5)
+    server.close()
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect(("127.0.0.1", port))
+        assert dns_try(sock, dns_query("a.b", 5), 2.0) == "refused"
