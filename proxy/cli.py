@@ -28,6 +28,9 @@ def register(sub: Any) -> None:
                     help="query the URL from inside this named network namespace")
     st.add_argument("--json", action="store_true", help="print the raw JSON answer")
     st.set_defaults(func=_status)
+    from svcnet.proxy.desired_check import register as register_check
+
+    register_check(actions)  # svcnet proxy check: kernel vs desired from the store
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
-import ctypes
 import dataclasses
 import json
 import os
@@ -27,14 +25,15 @@ import re
 import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from svcnet.proxy import drift
-from svcnet.proxy.commands import CommandFailed
-from svcnet.proxy.state import Changes, ChangeTracker, NodeConfig
+if TYPE_CHECKING:  # ``svcnet proxy`` registers ``check`` at start-up: stay cheap to import
+    import concurrent.futures
 
-from svcnet.model import ENDPOINT_SLICE, SERVICE, EndpointSlice, InvalidObject, Service
-from svcnet.store.base import Store
+    from svcnet.proxy.state import Changes, NodeConfig
+
+    from svcnet.model import EndpointSlice, Service
+    from svcnet.store.base import Store
 
 CLONE_NEWNET = 0x40000000
 _SPARE_LB = re.compile(r"^\S+ (?:chain|rule) (lbl?-\d+)(?: |$)")
@@ -45,6 +44,10 @@ _SPARE_LB = re.compile(r"^\S+ (?:chain|rule) (lbl?-\d+)(?: |$)")
 
 async def desired_changes(store: Store, node: NodeConfig) -> Changes:
     """Every service port's desired state for ``node``, from one list of each kind."""
+    from svcnet.proxy.state import ChangeTracker
+
+    from svcnet.model import ENDPOINT_SLICE, SERVICE, InvalidObject
+
     services: dict[str, Service] = {}
     slices: dict[str, list[EndpointSlice]] = {}
     for raw in (await store.list(SERVICE)).items:
@@ -72,6 +75,8 @@ async def desired_changes(store: Store, node: NodeConfig) -> Changes:
 
 
 def _unshare_net() -> None:
+    import ctypes
+
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
@@ -87,6 +92,8 @@ class ScratchCommands:
     timeout: float = 600.0
 
     def run(self, argv: Sequence[str], *, input: str | None = None, check: bool = True) -> str:
+        from svcnet.proxy.commands import CommandFailed
+
         proc = self.pool.submit(subprocess.run, list(argv), input=input, capture_output=True,
                                 text=True, timeout=self.timeout, check=False).result()
         if check and proc.returncode != 0:
@@ -96,6 +103,8 @@ class ScratchCommands:
 
 @contextmanager
 def scratch_netns() -> Iterator[ScratchCommands]:
+    import concurrent.futures
+
     pool = concurrent.futures.ThreadPoolExecutor(1, initializer=_unshare_net)
     try:
         pool.submit(lambda: None).result()  # fail here if the namespace cannot be made
@@ -121,6 +130,8 @@ def _without_dynamic_elements(dump: dict[str, Any]) -> dict[str, Any]:
 
 def items(backend: Any) -> frozenset[str] | None:
     """The backend's kernel objects as ``drift`` normalises them; None if not covered."""
+    from svcnet.proxy import drift
+
     families = backend.config.families
     if backend.name == "nftables":
         return frozenset(i for f in families
@@ -150,6 +161,7 @@ async def check(opts: Any, store: Store) -> dict[str, Any]:
     """Kernel vs desired for the node these ``ProxyOptions`` describe (its daemon's flags)."""
     from svcnet.proxy.commands import SubprocessCommands
     from svcnet.proxy.daemon import build_backend, node_addresses
+    from svcnet.proxy.state import NodeConfig
 
     commands = SubprocessCommands(opts.netns)
     kernel = await asyncio.to_thread(build_backend, opts, commands)
