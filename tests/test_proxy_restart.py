@@ -50,7 +50,7 @@ for i in range(n):
             failures.append(f"{i}: empty answer")
         answers.add(data.split()[0] if data else "")
     except OSError as e:
-        failures.append(f"{i}: {e!r}")
+        failures.append(f"{i} at {time.time():.3f}: {e!r}")
     if i % 20 == 0:
         try:
             held.sendall(b"p")
@@ -90,8 +90,10 @@ class Daemon:
         self.lab, self.store, self.mode, self.log = lab, store, mode, log
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.events: list[tuple[str, float]] = []
 
     def start(self) -> None:
+        self.events.append(("start", time.time()))
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "svcnet.cli", "proxy", "--store", self.store,
@@ -114,6 +116,7 @@ class Daemon:
                 with urllib.request.urlopen(
                         f"http://127.0.0.1:{self.port}/healthz", timeout=1) as resp:
                     if resp.status == 200:
+                        self.events.append(("healthy", time.time()))
                         return
             except OSError:
                 pass
@@ -122,6 +125,7 @@ class Daemon:
 
     def stop(self) -> None:
         if self.proc is not None:
+            self.events.append(("stop", time.time()))
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(10)
@@ -155,8 +159,10 @@ def test_restart_and_resync_drop_nothing(mode: str, lab: Lab, etcd: EtcdCluster,
             daemon.start()
             time.sleep(0.5)
         # Live changes while connections flow: a partial sync, then another restart.
+        daemon.events.append(("remove pod3", time.time()))
         put_all(store, [(ENDPOINT_SLICE, endpoint_slice("web", endpoint(p1), endpoint(p2)))])
         time.sleep(0.3)
+        daemon.events.append(("re-add pod3", time.time()))
         put_all(store, [(ENDPOINT_SLICE, endpoint_slice(
             "web", endpoint(p1), endpoint(p2), endpoint(p3)))])
         daemon.stop()
@@ -170,7 +176,16 @@ def test_restart_and_resync_drop_nothing(mode: str, lab: Lab, etcd: EtcdCluster,
     assert out.strip(), "loop printed nothing"
     result = json.loads(out.strip().splitlines()[-1]) if out.strip().startswith("{") else out
     assert isinstance(result, dict), out
-    assert result["failures"] == []
+    if result["failures"]:  # keep what a post-mortem needs: when, and what the node held
+        events = "\n".join(f"{what} {when:.3f}" for what, when in daemon.events)
+        conntrack = subprocess.run(["ip", "netns", "exec", lab.node, "conntrack", "-L"],
+                                   capture_output=True, text=True).stdout
+        conntrack = "\n".join(ln for ln in conntrack.splitlines() if "TIME_WAIT" not in ln)
+        rules = subprocess.run(["ip", "netns", "exec", lab.node, "nft", "list", "ruleset"],
+                               capture_output=True, text=True).stdout
+        pytest.fail(f"failures {result['failures']}\ndaemon events:\n{events}\n"
+                    f"conntrack:\n{conntrack}\nrules:\n{rules}\n"
+                    f"log:\n{(tmp_path / 'proxy.log').read_text()}")
     assert result["held"] == 50
     assert set(result["answers"]) == {"pod1", "pod2", "pod3"}
     # the daemon logged no failure
