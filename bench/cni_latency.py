@@ -3,12 +3,18 @@
 Each plugin gets its own throwaway host namespace (bridge, rules) and pod namespace; cycles
 alternate between the plugins so drift on the shared machine hits both alike. The plugin
 processes enter the host namespace in the forked child before exec, so no ``ip netns exec``
-overhead is measured. Variants: ``svcnet`` is the launcher ``svcnet cni install`` writes
-(the deployed form); ``svcnet-console`` is pip's console-script wrapper, shown for reference.
+overhead is measured. Rows:
 
-Usage (root): .venv/bin/python bench/cni_latency.py [--cycles 40] [--ip-masq]
+* ``svcnet`` -- the default deployment: what ``svcnet cni install`` writes (the Perl socket
+  client) with ``svcnet node --cni-server`` serving that host namespace. Its CPU column is the
+  client's; ``server cpu`` is the daemon's CPU per operation (mean over the run).
+* ``svcnet-inprocess`` -- ``svcnet cni install --no-fast-path`` (the Python launcher alone).
+* ``svcnet-fallback`` -- the default client when no daemon listens (Perl, then the launcher).
+* ``svcnet-console`` (``--console``) -- pip's console-script wrapper, for reference.
+
+Usage (root): .venv/bin/python bench/cni_latency.py [--cycles 40] [--ip-masq] [--console]
 The last line is JSON: svcnet_add_p50_ms, ref_add_p50_ms, add_ratio, svcnet_del_p50_ms,
-ref_del_p50_ms, del_ratio (plus the console-script and p95 figures).
+ref_del_p50_ms, del_ratio (svcnet = the default deployment), plus the other rows' figures.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from svcnet.cni.cli import choose_python, fast_path_client, launcher_text
+from svcnet.cni.cli import choose_python, launcher_text, socket_client
 from svcnet.cni.netns import setns
 
 REFERENCE_DIR = "/usr/lib/cni"
@@ -63,12 +69,24 @@ class Subject:
         self._host_fd = os.open(f"/var/run/netns/{self.host}", os.O_RDONLY)
         if self.server_socket:
             svcnet = os.path.join(os.path.dirname(sys.executable), "svcnet")
-            self._server = subprocess.Popen(["ip", "netns", "exec", self.host, svcnet, "cni",
-                                             "serve", "--socket", self.server_socket])
-            for _ in range(200):
+            self._server = subprocess.Popen(["ip", "netns", "exec", self.host, svcnet, "node",
+                                             "--cni-server", "--cni-server-socket",
+                                             self.server_socket])
+            for _ in range(400):
                 if os.path.exists(self.server_socket):
                     break
                 time.sleep(0.05)
+            else:
+                raise SystemExit("svcnet node did not create its CNI socket")
+
+    def server_cpu_ms(self) -> float:
+        """CPU time the daemon has used so far (user + system, all threads, and the ``nft``
+        children it waited for)."""
+        if self._server is None:
+            return 0.0
+        with open(f"/proc/{self._server.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return sum(int(v) for v in fields[11:15]) * 1000 / os.sysconf("SC_CLK_TCK")
 
     def teardown(self) -> None:
         if self._server is not None:
@@ -110,53 +128,65 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--ip-masq", action="store_true")
+    parser.add_argument("--console", action="store_true",
+                        help="also measure pip's console-script wrapper (slow)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (creates network namespaces)")
-    for tool in ("ip", "nft"):
+    for tool in ("ip", "nft", "perl"):
         if shutil.which(tool) is None:
             raise SystemExit(f"needs {tool}")
     with tempfile.TemporaryDirectory(prefix="cni-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        bindir = tmp / "bin"
-        bindir.mkdir()
-        launcher = bindir / "svcnet-cni"
         python = choose_python()
-        launcher.write_text(launcher_text(python))
-        launcher.chmod(0o755)
-        console = shutil.which("svcnet-cni", path=os.path.dirname(sys.executable))
-        subjects = [Subject("svcnet", str(launcher), "host-local", "s", tmp, args.ip_masq, 0),
+
+        def install(name: str, text: str) -> str:
+            directory = tmp / name
+            directory.mkdir()
+            binary = directory / "svcnet-cni"
+            binary.write_text(text)
+            binary.chmod(0o755)
+            return str(binary)
+
+        launcher = install("inprocess", launcher_text(python))
+        default = Subject("svcnet", install("default", socket_client(
+            launcher, str(tmp / "cni.sock"))), "host-local", "s", tmp, args.ip_masq, 0)
+        default.server_socket = str(tmp / "cni.sock")
+        subjects = [default,
                     Subject("reference", f"{REFERENCE_DIR}/bridge", "host-local", "r", tmp,
-                            args.ip_masq, 1)]
-        fast = Subject("svcnet-fastpath", str(bindir / "fast" / "svcnet-cni"), "host-local",
-                       "f", tmp, args.ip_masq, 3)
-        (bindir / "fast").mkdir()
-        fast.server_socket = str(tmp / "cni.sock")
-        Path(fast.binary).write_text(fast_path_client(str(launcher), fast.server_socket,
-                                                      shutil.which("socat") or "socat"))
-        Path(fast.binary).chmod(0o755)
-        if shutil.which("socat"):
-            subjects.append(fast)
-        if console:
+                            args.ip_masq, 1),
+                    Subject("svcnet-inprocess", launcher, "host-local", "i", tmp, args.ip_masq,
+                            2),
+                    Subject("svcnet-fallback", install("fallback", socket_client(
+                        launcher, str(tmp / "absent.sock"))), "host-local", "f", tmp,
+                        args.ip_masq, 3)]
+        console = shutil.which("svcnet-cni", path=os.path.dirname(sys.executable))
+        if args.console and console:
             subjects.append(Subject("svcnet-console", console, "host-local", "c", tmp,
-                                    args.ip_masq, 2))
+                                    args.ip_masq, 4))
+        server_cpu = 0.0
         try:
             for s in subjects:
                 s.setup()
             for n in range(args.warmup + args.cycles):
+                if n == args.warmup:
+                    server_cpu = -default.server_cpu_ms()
                 order = subjects if n % 2 == 0 else list(reversed(subjects))
                 for s in order:
                     s.cycle(n)
+            server_cpu += default.server_cpu_ms()
             for s in subjects:
                 for series in (s.add_ms, s.del_ms, s.add_cpu, s.del_cpu):
                     del series[:args.warmup]
         finally:
             for s in subjects:
                 s.teardown()
-    print(f"svcnet launcher interpreter: {python}")
-    print(f"{'plugin':16} {'ADD p50':>9} {'ADD p95':>9} {'DEL p50':>9} {'DEL p95':>9} "
-          f"{'ADD cpu':>9} {'DEL cpu':>9}  (ms, {args.cycles} cycles, ipMasq={args.ip_masq}, "
-          f"load {os.getloadavg()[0]:.1f})")
+    server_cpu_per_op = server_cpu / (2 * args.cycles)
+    load = os.getloadavg()[0]
+    print(f"svcnet launcher interpreter: {python}; svcnet = socket client + svcnet node")
+    print(f"{'plugin':17} {'ADD p50':>8} {'ADD p95':>8} {'DEL p50':>8} {'DEL p95':>8} "
+          f"{'ADD cpu':>8} {'DEL cpu':>8}  (ms, {args.cycles} cycles, ipMasq={args.ip_masq}, "
+          f"load {load:.1f})")
     stats = {}
     for s in subjects:
         stats[s.label] = {"add50": statistics.median(s.add_ms),
@@ -166,10 +196,11 @@ def main() -> int:
                           "addcpu": statistics.median(s.add_cpu),
                           "delcpu": statistics.median(s.del_cpu)}
         st = stats[s.label]
-        print(f"{s.label:16} {st['add50']:9.1f} {st['add95']:9.1f} {st['del50']:9.1f} "
-              f"{st['del95']:9.1f} {st['addcpu']:9.1f} {st['delcpu']:9.1f}")
+        print(f"{s.label:17} {st['add50']:8.1f} {st['add95']:8.1f} {st['del50']:8.1f} "
+              f"{st['del95']:8.1f} {st['addcpu']:8.1f} {st['delcpu']:8.1f}")
+    print(f"server cpu per ADD or DEL (svcnet node, mean): {server_cpu_per_op:.1f} ms")
     ours, ref = stats["svcnet"], stats["reference"]
-    result = {
+    result: dict[str, object] = {
         "svcnet_add_p50_ms": round(ours["add50"], 2), "ref_add_p50_ms": round(ref["add50"], 2),
         "add_ratio": round(ours["add50"] / ref["add50"], 3),
         "svcnet_del_p50_ms": round(ours["del50"], 2), "ref_del_p50_ms": round(ref["del50"], 2),
@@ -178,18 +209,21 @@ def main() -> int:
         "svcnet_del_p95_ms": round(ours["del95"], 2), "ref_del_p95_ms": round(ref["del95"], 2),
         "svcnet_add_cpu_ms": round(ours["addcpu"], 2), "ref_add_cpu_ms": round(ref["addcpu"], 2),
         "svcnet_del_cpu_ms": round(ours["delcpu"], 2), "ref_del_cpu_ms": round(ref["delcpu"], 2),
-        "load": round(os.getloadavg()[0], 2), "ip_masq": args.ip_masq, "cycles": args.cycles,
+        "server_cpu_per_op_ms": round(server_cpu_per_op, 2),
+        "load": round(load, 2), "ip_masq": args.ip_masq, "cycles": args.cycles,
         "python": python,
     }
-    if "svcnet-fastpath" in stats:
-        fp = stats["svcnet-fastpath"]
-        result["fastpath_add_p50_ms"] = round(fp["add50"], 2)
-        result["fastpath_add_ratio"] = round(fp["add50"] / ref["add50"], 3)
-        result["fastpath_del_p50_ms"] = round(fp["del50"], 2)
-        result["fastpath_del_ratio"] = round(fp["del50"] / ref["del50"], 3)
-    if "svcnet-console" in stats:
-        result["console_script_add_p50_ms"] = round(stats["svcnet-console"]["add50"], 2)
-    print(f"ratio svcnet/reference: ADD {result['add_ratio']:.2f}x, DEL {result['del_ratio']:.2f}x")
+    for label, key in (("svcnet-inprocess", "inprocess"), ("svcnet-fallback", "fallback"),
+                       ("svcnet-console", "console_script")):
+        if label in stats:
+            st = stats[label]
+            result[f"{key}_add_p50_ms"] = round(st["add50"], 2)
+            result[f"{key}_add_ratio"] = round(st["add50"] / ref["add50"], 3)
+            result[f"{key}_del_p50_ms"] = round(st["del50"], 2)
+            result[f"{key}_del_ratio"] = round(st["del50"] / ref["del50"], 3)
+    print(f"ratio svcnet/reference: ADD {result['add_ratio']:.2f}x, DEL "
+          f"{result['del_ratio']:.2f}x (in-process: ADD {result['inprocess_add_ratio']:.2f}x, "
+          f"DEL {result['inprocess_del_ratio']:.2f}x)")
     print(json.dumps(result))
     return 0
 

@@ -1,9 +1,14 @@
 """``svcnet cni install``: put a fast-starting ``svcnet-cni`` executable and a conflist in place.
 
-The console-script wrapper pip generates runs the full ``site`` machinery (and, for an
-editable install, its import finder): ~20 ms before our first line. The launcher written
-here starts the same interpreter with ``-I -S`` and registers the two package directories
-by hand, which brings interpreter start-up to ~11 ms (measured, see docs/cni.md).
+By default ``svcnet-cni`` is a small Perl client (Perl builtins start in ~2 ms; perl-base is
+essential on Debian) that hands the request to the node daemon's socket and prints the
+answer, and runs ``svcnet-cni-inprocess`` when no daemon accepts it (protocol and failure
+rules: :mod:`svcnet.cni.server`). ``--no-fast-path`` installs only the in-process plugin.
+
+The in-process plugin is not pip's console-script wrapper, which runs the full ``site``
+machinery (and, for an editable install, its import finder): ~20 ms before our first line.
+The launcher written here starts the interpreter with ``-I -S`` and registers the two
+package directories by hand, which brings interpreter start-up to ~11 ms (docs/cni.md).
 """
 
 from __future__ import annotations
@@ -98,7 +103,7 @@ in_process() unless $accepted eq "1";
 
 $SIG{{ALRM}} = sub {{ no_answer("did not answer within {answer_timeout} s") }};
 alarm {answer_timeout};
-$stdin = do {{ local $/; <STDIN> }} // "";
+$stdin = do {{ local $/; <STDIN> }} // "" unless $command eq "VERSION" && -t STDIN;
 $version = $1 if $stdin =~ /"cniVersion"\s*:\s*"([0-9.]+)"/;
 send_all($sock, pack("N", length $stdin) . $stdin) or no_answer("closed the connection");
 shutdown($sock, 1);
