@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 from conftest import ns_sh, require_binary
@@ -67,37 +68,100 @@ def test_apply_then_observe_round_trips(netns: Callable[[str], str], native: boo
 
 def test_masquerade_chains_round_trip_through_iptables(netns: Callable[[str], str]) -> None:
     """Our rule text is exactly what iptables-save prints, so a second sync finds nothing to
-    do; the jumps are inserted once; other rules in the built-in chains are left alone."""
+    do; the jumps are inserted once; drift is reported and healed; rules no longer wanted
+    are removed; other rules in the built-in chains are left alone."""
     require_binary("iptables-restore", "ip6tables-restore")
-    from svcnet.cni.overlay.iptables import FakeFirewall, IptablesFirewall
-    from svcnet.cni.overlay.reconcile import plan_chains
+    from svcnet.cni.overlay.iptables import IptablesFirewall
 
     ns = netns("fw")
     ns_sh(ns, "iptables", "-A", "FORWARD", "-s", "192.0.2.0/24", "-j", "DROP")
     config = parse_network_config(CONF)
-    chains = compute_desired(config, lease(1, "10.99.0.1"), (), _underlay(), "n1").chains
-    assert {c.family for c in chains} == {4, 6}
+    rules = compute_desired(config, lease(1, "10.99.0.1"), (), _underlay(), "n1").rules
+    assert {r.family for r in rules} == {4, 6} and all(r.notrack_ip for r in rules)
 
     async def main() -> None:
         fw = IptablesFirewall(ns)
-        rewrite, jumps = plan_chains(chains, await fw.observe(chains))
-        assert len(rewrite) == len(jumps) == 4
-        assert not await fw.apply(rewrite, jumps)
-        seen = await fw.observe(chains)
-        assert plan_chains(chains, seen) == ([], []), seen
-        fake = FakeFirewall()
-        await fake.apply(rewrite, jumps)
-        assert await fake.observe(chains) == seen
-        stale = [c for c in chains if c.table == "nat" and c.family == 4]
-        ns_sh(ns, "iptables", "-t", "nat", "-A", stale[0].chain, "-j", "RETURN")
-        assert plan_chains(chains, await fw.observe(chains))[0] == stale
-        assert not await fw.apply(stale, [])
-        assert plan_chains(chains, await fw.observe(chains)) == ([], [])
+        assert len(await fw.diff(rules)) == 16  # 2 families x 4 chains x (rules, jump)
+        assert await fw.sync(rules) == (16, [])
+        assert await fw.diff(rules) == []
+        assert await fw.sync(rules) == (0, [])
+        ns_sh(ns, "iptables", "-t", "nat", "-A", "SVCNET-OVL-POSTRTG", "-j", "RETURN")
+        ns_sh(ns, "ip6tables", "-t", "raw", "-D", "OUTPUT", "-m", "comment", "--comment",
+              "svcnet overlay", "-j", "SVCNET-OVL-RAW-OUT")
+        assert sorted(await fw.diff(rules)) == [
+            "IPv4 nat SVCNET-OVL-POSTRTG: rules differ",
+            "IPv6 raw SVCNET-OVL-RAW-OUT: jump from OUTPUT missing"]
+        assert await fw.sync(rules) == (2, [])
+        assert await fw.diff(rules) == []
+        no_masq = tuple(replace(r, masquerade=False) for r in rules)
+        assert await fw.sync(no_masq) == (4, [])
+        assert await fw.diff(no_masq) == []
+        assert await fw.sync(()) == (4, [])
 
     asyncio.run(main())
-    saved = ns_sh(ns, "iptables-save", "-t", "filter").stdout
+    saved = ns_sh(ns, "iptables-save").stdout + ns_sh(ns, "ip6tables-save").stdout
     assert "-A FORWARD -s 192.0.2.0/24 -j DROP" in saved
-    assert saved.count("-j SVCNET-OVL-FWD") == 1
+    assert "SVCNET-OVL" not in saved
+
+
+def test_nftables_table_round_trips_and_leaves_other_tables(
+        netns: Callable[[str], str]) -> None:
+    """The rendered table is exactly what ``nft list table`` prints; a second sync is a
+    no-op; a changed rule is reported and healed; an empty rule set deletes our table and
+    nothing else."""
+    require_binary("nft")
+    from svcnet.cni.overlay.nftables import NftablesFirewall
+
+    ns = netns("nft")
+    ns_sh(ns, "nft", "add", "table", "inet", "filter")
+    config = parse_network_config(CONF)
+    rules = compute_desired(config, lease(1, "10.99.0.1"), (), _underlay(), "n1").rules
+
+    async def main() -> None:
+        fw = NftablesFirewall(ns)
+        assert await fw.diff(rules) == ["nftables inet svcnet-overlay: table missing"]
+        assert await fw.sync(rules) == (1, [])
+        assert await fw.diff(rules) == []
+        assert await fw.sync(rules) == (0, [])
+        ns_sh(ns, "nft", "add", "rule", "inet", "svcnet-overlay", "forward", "accept")
+        assert await fw.diff(rules) == ["nftables inet svcnet-overlay: unexpected: accept"]
+        assert await fw.sync(rules) == (1, [])
+        assert await fw.diff(rules) == []
+        assert await fw.sync(()) == (1, [])
+        assert await fw.diff(()) == []
+
+    asyncio.run(main())
+    assert ns_sh(ns, "nft", "list", "tables").stdout.split() == ["table", "inet", "filter"]
+
+
+def test_auto_backend_follows_the_host(netns: Callable[[str], str]) -> None:
+    """auto: nothing on the host -> iptables; a native nft table -> nftables; our own
+    rules keep a restart on the same backend; cleanup removes both backends' rules."""
+    require_binary("nft", "iptables-restore")
+    from svcnet.cni.overlay.cli import cleanup
+    from svcnet.cni.overlay.firewall import detect_backend, make_firewall
+
+    empty, native, mixed = netns("a"), netns("b"), netns("c")
+    ns_sh(native, "nft", "add", "table", "inet", "filter")
+    ns_sh(mixed, "nft", "add", "table", "inet", "filter")
+    ns_sh(mixed, "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "22", "-j", "ACCEPT")
+    rules = compute_desired(parse_network_config(CONF), lease(1, "10.99.0.1"), (),
+                            _underlay(), "n1").rules
+
+    async def main() -> None:
+        assert await detect_backend(empty) == "iptables"
+        assert await detect_backend(native) == "nftables"
+        assert await detect_backend(mixed) == "iptables"
+        assert (await make_firewall("nftables", empty).sync(rules))[1] == []
+        assert await detect_backend(empty) == "nftables", "our own table decides"
+        assert (await make_firewall("iptables", empty).sync(rules))[1] == []
+        assert await cleanup(empty) == ["iptables: removed 8 objects",
+                                        "nftables: removed 1 objects"]
+        assert await cleanup(empty) == ["iptables: removed 0 objects",
+                                        "nftables: removed 0 objects"]
+
+    asyncio.run(main())
+    assert "svcnet" not in ns_sh(empty, "nft", "list", "ruleset").stdout
 
 
 def _underlay() -> Underlay:

@@ -13,11 +13,13 @@ from svcnet.cni.overlay.desired import (
     FdbEntry,
     Neighbour,
     Route,
+    TrafficRules,
     Underlay,
     compute_desired,
     vtep_mac,
 )
-from svcnet.cni.overlay.iptables import FakeFirewall, restore_text
+from svcnet.cni.overlay.firewall import FakeFirewall
+from svcnet.cni.overlay.iptables import parse_saved, plan_chains, render_chains, restore_text
 from svcnet.cni.overlay.lease import (
     Lease,
     LeaseAttrs,
@@ -115,11 +117,55 @@ def test_direct_routing_and_host_gw_use_plain_routes() -> None:
 
 def test_masquerade_rules_render_as_one_restore() -> None:
     d = compute_desired(parse_network_config(NET), lease(1), (), UNDERLAY, "n1")
-    text = restore_text(d.chains, d.chains)
+    assert d.rules == (TrafficRules(4, "10.244.0.0/16", "10.244.1.0/24", True,
+                                    "192.168.0.1", 8472),)
+    chains = render_chains(d.rules)
+    text = restore_text(plan_chains(chains, {}))
     assert "-A SVCNET-OVL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4" in text
     assert "! -s 10.244.0.0/16 -d 10.244.1.0/24" in text
     assert '-I FORWARD 1 -m comment --comment "svcnet overlay" -j SVCNET-OVL-FWD' in text
-    assert text.count("COMMIT") == 2
+    assert ("-A SVCNET-OVL-RAW-PRE -d 192.168.0.1/32 -p udp -m udp --dport 8472 "
+            '-m comment --comment "svcnet overlay" -j NOTRACK') in text
+    assert "-I OUTPUT 1 " in text and "-I PREROUTING 1 " in text
+    assert text.count("COMMIT") == 3
+    # No masquerade and no notrack: nothing to render, and our old chains are stale.
+    quiet = compute_desired(parse_network_config(NET), lease(1), (), UNDERLAY, "n1",
+                            ip_masq=False, notrack=False)
+    assert quiet.rules == ()
+    saved = parse_saved(4, "*nat\n:POSTROUTING ACCEPT [0:0]\n:SVCNET-OVL-POSTRTG - [0:0]\n"
+                        '-A POSTROUTING -m comment --comment "svcnet overlay" '
+                        "-j SVCNET-OVL-POSTRTG\n-A SVCNET-OVL-POSTRTG -j RETURN\nCOMMIT\n")
+    plan_ = plan_chains(render_chains(quiet.rules), saved)
+    assert [str(c) for c in plan_.stale] == ["IPv4 nat SVCNET-OVL-POSTRTG"]
+    assert restore_text(plan_).splitlines() == [
+        "*nat", '-D POSTROUTING -m comment --comment "svcnet overlay" -j SVCNET-OVL-POSTRTG',
+        "-F SVCNET-OVL-POSTRTG", "-X SVCNET-OVL-POSTRTG", "COMMIT"]
+
+
+def test_nftables_table_renders_like_nft_lists_it() -> None:
+    from svcnet.cni.overlay.nftables import differences, render, script
+
+    cfg = parse_network_config(b'{"Network": "10.244.0.0/16", "EnableIPv6": true, '
+                               b'"IPv6Network": "fd00:1::/56", "IPv6SubnetLen": 64}')
+    own = Lease(ipaddress.IPv4Network("10.244.1.0/24"), ipaddress.IPv6Network("fd00:1::/64"),
+                LeaseAttrs(public_ip="192.168.0.1"))
+    dual = Underlay("eth0", 1500, "192.168.0.1", "fd99::1", ("192.168.0.0/24", "fd99::/64"))
+    lines = render(compute_desired(cfg, own, (), dual, "n1").rules)
+    assert lines[0] == "table inet svcnet-overlay {" and lines[-1] == "}"
+    assert "meta mark & 0x00004000 == 0x00004000 return" in lines
+    assert "ip6 saddr fd00:1::/56 ip6 daddr != ff00::/8 masquerade fully-random" in lines
+    assert "ip daddr 192.168.0.1 udp dport 8472 notrack" in lines
+    assert "ip6 saddr fd99::1 udp dport 8472 notrack" in lines
+    assert differences(lines, lines) == []
+    assert differences(lines, None) == ["nftables inet svcnet-overlay: table missing"]
+    assert differences([], lines) == ["nftables inet svcnet-overlay: not wanted"]
+    assert differences(lines, lines[:-3] + lines[-2:]) == [
+        f"nftables inet svcnet-overlay: missing: {lines[-3]}"]
+    assert script([]).splitlines() == ["add table inet svcnet-overlay",
+                                       "delete table inet svcnet-overlay"]
+    host_gw = compute_desired(parse_network_config(
+        b'{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}'), own, (), dual, "n1")
+    assert not any("notrack" in ln for ln in render(host_gw.rules)), "no VXLAN, no notrack"
 
 
 def _kinds(ops: list[Op]) -> list[str]:
@@ -137,7 +183,7 @@ def test_plan_orders_neighbours_before_routes_and_routes_before_removal() -> Non
         kinds = _kinds(list(first.ops))
         assert kinds.index("add Neighbour") < kinds.index("add Route")
         assert kinds.index("add FdbEntry") < kinds.index("add Route")
-        assert first.chains_rewritten == 4 and not first.errors
+        assert first.chains_rewritten == 1 and not first.errors
         assert not (await rec.sync(three)).changed, "a second sync must change nothing"
         two = compute_desired(cfg, lease(1), (lease(1), lease(2)), UNDERLAY, "n1")
         gone = await rec.sync(two)
@@ -277,8 +323,8 @@ def test_ipv6_only_network() -> None:
     (link,) = d.kernel.links
     assert (link.name, link.mtu, link.local) == ("flannel-v6.1", 1430, "fd99::1")
     assert Route("fd00:1:0:2::/64", "fd00:1:0:2::", "flannel-v6.1", True) in d.kernel.routes
-    assert [c.family for c in d.chains] == [6, 6]
-    assert "ff00::/8" in d.chains[0].rules[3]
+    assert [r.family for r in d.rules] == [6]
+    assert "ff00::/8" in render_chains(d.rules)[0].rules[3]
 
 
 def test_daemon_waits_out_an_unreachable_store(tmp_path: Path) -> None:
@@ -376,8 +422,10 @@ def test_node_flags_reach_the_daemon_options(tmp_path: Path) -> None:
     args = build_parser().parse_args([
         "node", "--overlay", "--store", "etcd://10.0.0.1:2379,10.0.0.2:2379/reg",
         "--overlay-config", str(conf), "--overlay-iface", "ens3", "--overlay-node-name", "w1",
-        "--overlay-backend", "host-gw", "--no-overlay-ip-masq", "--overlay-resync", "5"])
+        "--overlay-backend", "host-gw", "--no-overlay-ip-masq", "--overlay-resync", "5",
+        "--overlay-masq-backend", "nftables", "--no-overlay-vxlan-notrack"])
     opts = node_component(args).options
+    assert (opts.masq_backend, opts.vxlan_notrack) == ("nftables", False)
     assert opts.etcd_endpoints == ("10.0.0.1:2379", "10.0.0.2:2379")
     assert (opts.iface, opts.node_name, opts.backend, opts.ip_masq, opts.resync) == (
         "ens3", "w1", "host-gw", False, 5.0)

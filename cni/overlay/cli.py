@@ -23,6 +23,52 @@ def register(sub: Any) -> None:
     s.add_argument("--netns", default="", help="read the kernel of this named namespace")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_status)
+    c = osub.add_parser("cleanup", help="remove the overlay's firewall rules (both backends) "
+                        "and, with --datapath, its VXLAN devices and routes")
+    c.add_argument("--netns", default="", help="clean up this named namespace")
+    c.add_argument("--datapath", action="store_true",
+                   help="also delete flannel.* devices and our routes (cuts pods off)")
+    c.set_defaults(func=_cleanup)
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    import asyncio
+
+    messages = asyncio.run(cleanup(args.netns or None, datapath=args.datapath))
+    for line in messages:
+        print(line)
+    return 1 if any(line.startswith("error") for line in messages) else 0
+
+
+async def cleanup(netns: str | None, *, datapath: bool = False) -> list[str]:
+    """Remove everything of ours: both firewall backends' rules; with ``datapath`` also the
+    devices (which takes their neighbours and FDB entries) and our routes."""
+    import shutil
+
+    from svcnet.cni.overlay.desired import KernelObjects
+    from svcnet.cni.overlay.firewall import BACKENDS, make_firewall
+    from svcnet.cni.overlay.netlink import IpCommandNetlink
+    from svcnet.cni.overlay.reconcile import plan
+
+    out: list[str] = []
+    for backend in BACKENDS:
+        if not shutil.which("nft" if backend == "nftables" else "iptables-save"):
+            continue
+        try:
+            removed, errors = await make_firewall(backend, netns).sync(())
+        except OSError as err:
+            out.append(f"error: {backend}: {err}")
+            continue
+        out += [f"error: {e}" for e in errors]
+        out.append(f"{backend}: removed {removed} objects")
+    if datapath:
+        kernel = IpCommandNetlink(netns, native=False)
+        links = (await kernel.observe(frozenset())).objects.links
+        observed = await kernel.observe(frozenset(link.name for link in links))
+        ops = plan(KernelObjects(), observed)
+        out += [f"error: {e}" for e in await kernel.apply(ops)]
+        out.append(f"datapath: removed {len(ops)} objects")
+    return out
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -62,8 +108,8 @@ def _status(args: argparse.Namespace) -> int:
     for op in pending:
         what = {"add": "missing", "del": "stale"}.get(op.split(" ", 1)[0], "differs")
         print(f"  {what}: {op}")
-    for chain in rules:
-        print(f"  rules differ: {chain}")
+    for line in rules:
+        print(f"  firewall ({status.get('firewall') or 'iptables'}): {line}")
     return 1
 
 
@@ -91,15 +137,15 @@ async def compare(status: dict[str, Any], netns: str | None) -> Comparison:
     """Read the kernel and diff it against the daemon's desired state."""
     from svcnet.cni.overlay.desired import (
         Address,
-        ChainRules,
         Desired,
         FdbEntry,
         KernelObjects,
         Neighbour,
         Route,
+        TrafficRules,
         VxlanLink,
     )
-    from svcnet.cni.overlay.iptables import IptablesFirewall
+    from svcnet.cni.overlay.firewall import make_firewall
     from svcnet.cni.overlay.netlink import IpCommandNetlink
     from svcnet.cni.overlay.reconcile import Reconciler
 
@@ -111,14 +157,14 @@ async def compare(status: dict[str, Any], netns: str | None) -> Comparison:
         fdb=frozenset(FdbEntry(**x) for x in d.get("fdb", [])),
         routes=frozenset(Route(**x) for x in d.get("routes", [])),
     )
-    chains = tuple(ChainRules(**{**c, "rules": tuple(c["rules"])}) for c in d.get("chains", []))
-    desired = Desired(kernel=kernel, chains=chains, peers=(), mtu=0)
-    reconciler = Reconciler(IpCommandNetlink(netns), IptablesFirewall(netns))
+    rules = tuple(TrafficRules(**r) for r in d.get("rules", []))
+    desired = Desired(kernel=kernel, rules=rules, peers=(), mtu=0)
+    firewall = make_firewall(status.get("firewall") or "iptables", netns)
+    reconciler = Reconciler(IpCommandNetlink(netns), firewall)
     try:
-        observed, ops, rules = await reconciler.pending(desired)
+        observed, ops, differ = await reconciler.pending(desired)
     except OSError as failure:
         print(f"cannot read the kernel: {failure}", file=sys.stderr)
         return Comparison([f"unknown: {failure}"], [], "unknown", _counts(kernel))
-    return Comparison([str(op) for op in ops],
-                      [f"IPv{c.family} {c.table} {c.chain}" for c in rules],
+    return Comparison([str(op) for op in ops], differ,
                       _counts(observed.objects), _counts(kernel))

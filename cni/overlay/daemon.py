@@ -26,7 +26,7 @@ from svcnet.cni.overlay.config import BACKENDS, IPNetwork, NetworkConfig, parse_
 
 if TYPE_CHECKING:
     from svcnet.cni.overlay.desired import Desired, Underlay
-    from svcnet.cni.overlay.iptables import Firewall
+    from svcnet.cni.overlay.firewall import Firewall
     from svcnet.cni.overlay.lease import Lease, Snapshot, SubnetManager
     from svcnet.cni.overlay.netlink import Netlink
     from svcnet.cni.overlay.reconcile import SyncResult
@@ -55,6 +55,8 @@ class OverlayOptions:
     lease_ttl: int = 86400
     subnet_file: str = DEFAULT_SUBNET_FILE
     ip_masq: bool = True
+    masq_backend: str = "auto"
+    vxlan_notrack: bool = True
     resync: float = 10.0
     listen: str = DEFAULT_LISTEN
     netns: str = ""
@@ -84,6 +86,14 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--overlay-subnet-file", default=DEFAULT_SUBNET_FILE)
     g.add_argument("--overlay-ip-masq", action=argparse.BooleanOptionalAction, default=True,
                    help="masquerade pod traffic leaving the cluster network")
+    g.add_argument("--overlay-masq-backend", default="auto",
+                   choices=["auto", "iptables", "nftables"],
+                   help="how to program the masquerade/FORWARD/notrack rules; auto: what the "
+                   "host uses (our own rules, then other iptables rules, then native nftables "
+                   "tables; else iptables)")
+    g.add_argument("--overlay-vxlan-notrack", action=argparse.BooleanOptionalAction,
+                   default=True, help="exempt this node's VXLAN packets from conntrack (and "
+                   "so from NAT)")
     g.add_argument("--overlay-resync", type=float, default=10.0, metavar="SECONDS",
                    help="periodic full reconcile")
     g.add_argument("--overlay-listen", default=DEFAULT_LISTEN,
@@ -104,7 +114,9 @@ def options_from_args(args: argparse.Namespace) -> OverlayOptions:
         subnet_manager=args.overlay_subnet_manager, store_url=store_url,
         etcd_endpoints=endpoints, etcd_prefix=args.overlay_etcd_prefix,
         lease_ttl=args.overlay_lease_ttl, subnet_file=args.overlay_subnet_file,
-        ip_masq=args.overlay_ip_masq, resync=args.overlay_resync, listen=args.overlay_listen,
+        ip_masq=args.overlay_ip_masq, masq_backend=args.overlay_masq_backend,
+        vxlan_notrack=args.overlay_vxlan_notrack, resync=args.overlay_resync,
+        listen=args.overlay_listen,
         netns=args.overlay_netns,
     )
 
@@ -180,6 +192,7 @@ def previous_subnets(path: str) -> tuple[IPNetwork, ...]:
 class Status:
     node: str = ""
     ready: bool = False
+    firewall: str = ""
     lease: dict[str, Any] = field(default_factory=dict)
     peers: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -239,14 +252,14 @@ class OverlayDaemon:
         return leases.MemorySubnetManager(leases.MemoryLeaseRegistry(config))
 
     async def run(self, factory: InformerFactory | None, store: Store | None) -> None:
-        from svcnet.cni.overlay.iptables import IptablesFirewall
         from svcnet.cni.overlay.netlink import IpCommandNetlink
         from svcnet.cni.overlay.reconcile import Reconciler
 
         opts = self.options
         netns = opts.netns or None
         netlink = self._netlink or IpCommandNetlink(netns)
-        firewall = self._firewall or IptablesFirewall(netns)
+        firewall = self._firewall or await self._choose_firewall(netns)
+        self.status.firewall = firewall.name
         file_config = (parse_network_config(Path(opts.config_file).read_bytes())
                        if opts.config_file else None)
         if self._manager is None:
@@ -307,6 +320,28 @@ class OverlayDaemon:
             metrics.ready.set(0)
             if server is not None:
                 await server.stop()
+
+    async def _choose_firewall(self, netns: str | None) -> Firewall:
+        """The configured (or detected) backend; the other one's rules, left by an earlier
+        run with another choice, are removed so two rule sets never coexist."""
+        from svcnet.cni.overlay.firewall import BACKENDS, detect_backend, make_firewall
+
+        backend = self.options.masq_backend
+        if backend == "auto":
+            backend = await detect_backend(netns)
+        log.info("firewall backend: %s", backend)
+        for other in BACKENDS:
+            if other != backend:
+                try:
+                    removed, errors = await make_firewall(other, netns).sync(())
+                except OSError as err:
+                    log.debug("no %s to clean up: %s", other, err)
+                    continue
+                if removed:
+                    log.info("removed our %s rules left by an earlier run", other)
+                if errors:
+                    log.warning("could not remove our %s rules: %s", other, errors)
+        return make_firewall(backend, netns)
 
     def _write_env(self, config: NetworkConfig, desired: Desired) -> None:
         """(Re)write subnet.env when its content changes: after start-up, a re-lease that
@@ -376,7 +411,8 @@ class OverlayDaemon:
         if self.options.public_ip6:
             underlay = replace(underlay, ipv6=self.options.public_ip6)
         return compute_desired(config, self._lease, snapshot, underlay, self.options.node_name,
-                               ip_masq=self.options.ip_masq)
+                               ip_masq=self.options.ip_masq,
+                               notrack=self.options.vxlan_notrack)
 
     def _record(self, desired: Desired, result: SyncResult, metrics: _Metrics) -> None:
         s = self.status
@@ -496,7 +532,7 @@ def desired_json(desired: Desired) -> dict[str, Any]:
         name: [asdict(o) for o in sorted(getattr(kernel, name))]
         for name in ("links", "addresses", "neighbours", "fdb", "routes")
     }
-    out["chains"] = [asdict(c) for c in desired.chains]
+    out["rules"] = [asdict(r) for r in desired.rules]
     return out
 
 

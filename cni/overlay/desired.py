@@ -2,7 +2,7 @@
 
 ``compute_desired`` is the only place that decides what the node should hold: which peers
 exist (``peers_from``), what the backend renders for them (``svcnet.cni.overlay.vxlan`` /
-``hostgw``) and which masquerade rules apply. It is pure: the same snapshot always gives the
+``hostgw``) and what the firewall rules must do. It is pure: the same snapshot always gives the
 same ``Desired``, which is what makes the reconciler's diff meaningful and testable without a
 kernel.
 """
@@ -19,10 +19,8 @@ from svcnet.cni.overlay.lease import Lease, Snapshot
 ROUTE_PROTO = 205
 """Routes we own carry this ``proto`` number, so departed peers' routes can be found."""
 
-MASQ_CHAIN = "SVCNET-OVL-POSTRTG"
-FWD_CHAIN = "SVCNET-OVL-FWD"
-RULE_COMMENT = '-m comment --comment "svcnet overlay"'
-KUBE_PROXY_MASQ_MARK = "0x4000/0x4000"
+KUBE_PROXY_MASQ_MARK = 0x4000
+"""Packets kube-proxy will masquerade itself: our rules leave them alone."""
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -75,19 +73,30 @@ class KernelObjects:
     routes: frozenset[Route] = frozenset()
 
 
-@dataclass(frozen=True, slots=True)
-class ChainRules:
-    """One iptables chain we own, its rules in ``iptables-save`` form, and the jump to it."""
+@dataclass(frozen=True, slots=True, order=True)
+class TrafficRules:
+    """What our firewall rules say for one address family, before any backend renders them.
+
+    ``masquerade``: Flannel's ``--ip-masq`` set -- pods reach the outside via SNAT, never
+    each other, and the FORWARD chain accepts the cluster network. ``notrack_ip`` /
+    ``notrack_port``: this node's VXLAN packets (UDP to the VXLAN port from or to our own
+    VTEP address) bypass conntrack. An untracked packet can never be NATed, so the
+    outer header of an encapsulated packet that still carries kube-proxy's masquerade mark
+    keeps its source port and checksum (the bug behind Flannel users disabling TX checksum
+    offload, which costs ~7x throughput here), and the tunnel's flows take no conntrack
+    entries.
+    """
 
     family: int
-    table: str
-    chain: str
-    parent: str
-    rules: tuple[str, ...]
+    network: str
+    subnet: str
+    masquerade: bool = True
+    notrack_ip: str = ""
+    notrack_port: int = 0
 
     @property
-    def jump(self) -> str:
-        return f"-A {self.parent} {RULE_COMMENT} -j {self.chain}"
+    def multicast(self) -> str:
+        return "224.0.0.0/4" if self.family == 4 else "ff00::/8"
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +131,7 @@ class Peer:
 @dataclass(frozen=True, slots=True)
 class Desired:
     kernel: KernelObjects
-    chains: tuple[ChainRules, ...]
+    rules: tuple[TrafficRules, ...]
     peers: tuple[Peer, ...]
     mtu: int
     skipped: tuple[str, ...] = field(default=())
@@ -188,32 +197,23 @@ def peers_from(own: Lease, snapshot: Snapshot, family: int, underlay: Underlay,
     return tuple(peers), tuple(skipped)
 
 
-def masq_chains(config: NetworkConfig, own: Lease) -> tuple[ChainRules, ...]:
-    """Flannel's ``--ip-masq`` rules: pods reach outside via SNAT, never each other."""
-    chains: list[ChainRules] = []
+def traffic_rules(config: NetworkConfig, own: Lease, underlay: Underlay, *, masquerade: bool,
+                  notrack: bool) -> tuple[TrafficRules, ...]:
+    """The firewall's job per family; a family with nothing to do gets no entry."""
+    out: list[TrafficRules] = []
+    vxlan = config.backend.type == "vxlan"
     for family, fam, subnet in ((4, config.ipv4, own.subnet), (6, config.ipv6, own.subnet6)):
         if fam is None or subnet is None:
             continue
-        net, multicast = str(fam.network), ("224.0.0.0/4" if family == 4 else "ff00::/8")
-        c = RULE_COMMENT
-        nat = (
-            f"-A {MASQ_CHAIN} -m mark --mark {KUBE_PROXY_MASQ_MARK} {c} -j RETURN",
-            f"-A {MASQ_CHAIN} -s {net} -d {net} {c} -j RETURN",
-            f"-A {MASQ_CHAIN} ! -s {net} -d {subnet} {c} -j RETURN",
-            f"-A {MASQ_CHAIN} -s {net} ! -d {multicast} {c} -j MASQUERADE --random-fully",
-            f"-A {MASQ_CHAIN} ! -s {net} -d {net} {c} -j MASQUERADE --random-fully",
-        )
-        fwd = (
-            f"-A {FWD_CHAIN} -s {net} {c} -j ACCEPT",
-            f"-A {FWD_CHAIN} -d {net} {c} -j ACCEPT",
-        )
-        chains.append(ChainRules(family, "nat", MASQ_CHAIN, "POSTROUTING", nat))
-        chains.append(ChainRules(family, "filter", FWD_CHAIN, "FORWARD", fwd))
-    return tuple(chains)
+        local = (underlay.ipv4 if family == 4 else underlay.ipv6) if vxlan and notrack else ""
+        if masquerade or local:
+            out.append(TrafficRules(family, str(fam.network), str(subnet), masquerade,
+                                    local, config.backend.port if local else 0))
+    return tuple(out)
 
 
 def compute_desired(config: NetworkConfig, own: Lease, snapshot: Snapshot, underlay: Underlay,
-                    node_name: str, *, ip_masq: bool = True) -> Desired:
+                    node_name: str, *, ip_masq: bool = True, notrack: bool = True) -> Desired:
     from svcnet.cni.overlay import hostgw, vxlan
 
     backend = config.backend.type
@@ -236,7 +236,8 @@ def compute_desired(config: NetworkConfig, own: Lease, snapshot: Snapshot, under
         all_peers.extend(peers)
     mtu = (min(vxlan_mtu(underlay, f, config.backend.mtu) for f in _families(own))
            if backend == "vxlan" else underlay.mtu)
-    return Desired(kernel=kernel, chains=masq_chains(config, own) if ip_masq else (),
+    rules = traffic_rules(config, own, underlay, masquerade=ip_masq, notrack=notrack)
+    return Desired(kernel=kernel, rules=rules,
                    peers=tuple(all_peers), mtu=mtu, skipped=tuple(skipped))
 
 

@@ -10,11 +10,10 @@ kernel already right and changes nothing, so pods lose no packets.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from svcnet.cni.overlay.desired import ChainRules, Desired, KernelObjects, VxlanLink
-from svcnet.cni.overlay.iptables import ChainKey, ChainState, Firewall
+from svcnet.cni.overlay.desired import Desired, KernelObjects, TrafficRules, VxlanLink
+from svcnet.cni.overlay.firewall import Firewall
 from svcnet.cni.overlay.netlink import Netlink, Observed, Op
 
 
@@ -60,23 +59,11 @@ def plan(desired: KernelObjects, observed: Observed) -> list[Op]:
     return ops
 
 
-def plan_chains(desired: Sequence[ChainRules], observed: dict[ChainKey, ChainState]
-                ) -> tuple[list[ChainRules], list[ChainRules]]:
-    """Chains whose rules differ, and chains whose jump is missing."""
-    rewrite, jumps = [], []
-    for c in desired:
-        got = observed.get((c.family, c.table, c.chain))
-        if got is None or got.rules != c.rules:
-            rewrite.append(c)
-        if got is None or not got.jumped:
-            jumps.append(c)
-    return rewrite, jumps
-
-
 @dataclass(frozen=True, slots=True)
 class SyncResult:
     ops: tuple[Op, ...]
     chains_rewritten: int
+    """Firewall objects (iptables chains, or the nftables table) changed."""
     errors: tuple[str, ...]
     seconds: float
 
@@ -100,15 +87,15 @@ class Reconciler:
         self.firewall = firewall
         self.last_observed: Observed | None = None
         self._known: Observed | None = None
-        self._known_chains: tuple[ChainRules, ...] | None = None
+        self._known_rules: tuple[TrafficRules, ...] | None = None
 
-    async def pending(self, desired: Desired) -> tuple[Observed, list[Op], list[ChainRules]]:
+    async def pending(self, desired: Desired) -> tuple[Observed, list[Op], list[str]]:
+        """What a sync would change: kernel ops, and firewall differences in words."""
         devices = frozenset(link.name for link in desired.kernel.links)
         observed = await self.netlink.observe(devices)
         self.last_observed = observed
-        chains = await self.firewall.observe(desired.chains) if desired.chains else {}
-        rewrite, jumps = plan_chains(desired.chains, chains)
-        return observed, plan(desired.kernel, observed), [*rewrite, *jumps]
+        return (observed, plan(desired.kernel, observed),
+                await self.firewall.diff(desired.rules))
 
     async def sync(self, desired: Desired, *, full: bool = True) -> SyncResult:
         started = time.monotonic()
@@ -121,13 +108,10 @@ class Reconciler:
         ops = plan(desired.kernel, observed)
         errors = await self.netlink.apply(ops) if ops else []
         rewritten = 0
-        if desired.chains and (full or self._known_chains != desired.chains):
-            rewrite, jumps = plan_chains(desired.chains, await self.firewall.observe(
-                desired.chains))
-            if rewrite or jumps:
-                errors += await self.firewall.apply(rewrite, jumps)
-                rewritten = len(rewrite) + len(jumps)
+        if full or self._known_rules != desired.rules:
+            rewritten, failed = await self.firewall.sync(desired.rules)
+            errors += failed
         ok = not errors
         self._known = Observed(desired.kernel) if ok else None
-        self._known_chains = desired.chains if ok else None
+        self._known_rules = desired.rules if ok else None
         return SyncResult(tuple(ops), rewritten, tuple(errors), time.monotonic() - started)
