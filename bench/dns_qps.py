@@ -10,9 +10,21 @@ dnsmasq (``--addn-hosts``) and unbound (``local-data``) serve the same 10k servi
 dnsperf sends A queries for those names from ``--clients`` clients for ``--seconds`` to each
 server in turn (``-v`` gives every query's latency, from which p99 comes).
 
+The servers run one after another in ``--rounds`` interleaved rounds (the machine is shared
+and noisy) with identical dnsperf settings and the same query file; each figure is the mean
+over the rounds, with the range, and the ratio is svcnet's mean over dnsmasq's mean from the
+same rounds (per-round ratios are printed too). CPU time per answered query (all of a
+server's processes, from /proc around each run) is reported as a steadier figure than QPS.
+
+Memory: ``rss_mb`` is the proportional set size (PSS) summed over svcnet's main process and
+workers. The workers map one shared answer table and share the interpreter's pages with the
+main process; plain RSS would count those pages once per process, PSS divides each shared
+page among the processes that map it, so the sum is what the node actually spends.
+``rss_sum_mb`` (plain RSS summed) is reported alongside.
+
 Prints a table; the last line is JSON with ``svcnet_qps``, ``dnsmasq_qps``, ``unbound_qps``,
-``ratio`` (svcnet / dnsmasq), ``svcnet_p99_ms``, ``lost`` (svcnet's), ``rss_mb`` (svcnet's
-processes, proportional set size summed over main + workers) and ``rss_limit_mb``.
+``ratio`` (svcnet / dnsmasq), ``svcnet_p99_ms``, ``lost`` (svcnet's, all rounds), ``rss_mb``
+and ``rss_limit_mb``.
 """
 
 from __future__ import annotations
@@ -195,6 +207,11 @@ class PerfResult:
     p99_ms: float
     lost: int
     sent: int
+    cpu_us: float = 0.0  # the server's CPU time per answered query
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def dnsperf(port: int, queries: Path, seconds: float, clients: int, outstanding: int
@@ -212,8 +229,7 @@ def dnsperf(port: int, queries: Path, seconds: float, clients: int, outstanding:
     return PerfResult(qps, avg * 1000, p99, lost, sent)
 
 
-def pss_mb(pid: int) -> tuple[float, float]:
-    """(PSS, RSS) in MB of a process and all its descendants."""
+def process_tree(pid: int) -> list[int]:
     pids = [pid]
     i = 0
     while i < len(pids):
@@ -224,8 +240,26 @@ def pss_mb(pid: int) -> tuple[float, float]:
         except OSError:
             pass
         i += 1
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its descendants."""
+    ticks = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def pss_mb(pid: int) -> tuple[float, float]:
+    """(PSS, RSS) in MB of a process and all its descendants."""
     pss = rss = 0
-    for p in pids:
+    for p in process_tree(pid):
         try:
             with open(f"/proc/{p}/smaps_rollup") as f:
                 for line in f:
@@ -246,7 +280,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--outstanding", type=int, default=100)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--rounds", type=int, default=3, help="best of N interleaved runs")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved runs to average")
     args = ap.parse_args()
     for tool in ("etcd", "dnsperf", "dnsmasq", "unbound"):
         if shutil.which(tool) is None:
@@ -274,7 +308,7 @@ def main() -> int:
         wait_udp(ports["svcnet"], names[-1])
         print(f"svcnet dns answering after {time.monotonic() - t0:.1f}s", file=sys.stderr)
         ports["dnsmasq"] = free_udp_tcp_port()
-        stack.enter_context(process(
+        dnsmasq = stack.enter_context(process(
             ["dnsmasq", "-k", "-C", "/dev/null", "--no-resolv", "--no-hosts",
              f"--addn-hosts={hosts}", "-p", str(ports["dnsmasq"]),
              "--listen-address=127.0.0.1", "--bind-interfaces", "--cache-size=10000",
@@ -289,18 +323,21 @@ def main() -> int:
             "  local-zone: \"cluster.local.\" static\n"
             + "".join(f'  local-data: "{n}. 5 IN A {service_ip(i)}"\n'
                       for i, n in enumerate(names)))
-        stack.enter_context(process(["unbound", "-d", "-c", str(conf)],
-                                    stderr=subprocess.DEVNULL))
+        unbound = stack.enter_context(process(["unbound", "-d", "-c", str(conf)],
+                                              stderr=subprocess.DEVNULL))
         wait_udp(ports["dnsmasq"], names[-1])
         wait_udp(ports["unbound"], names[-1])
         time.sleep(1)
         mem = pss_mb(svcnet.pid)
+        pids = {"svcnet": svcnet.pid, "dnsmasq": dnsmasq.pid, "unbound": unbound.pid}
         runs: dict[str, list[PerfResult]] = {name: [] for name in ports}
         for _ in range(args.rounds):  # interleaved: the machine is shared and noisy
             for name, port in ports.items():
-                runs[name].append(dnsperf(port, queries, args.seconds, args.clients,
-                                          args.outstanding))
-        results = {name: max(rs, key=lambda r: r.qps) for name, rs in runs.items()}
+                before = cpu_seconds(pids[name])
+                r = dnsperf(port, queries, args.seconds, args.clients, args.outstanding)
+                r.cpu_us = (cpu_seconds(pids[name]) - before) / max(1.0, r.qps * args.seconds) \
+                    * 1e6
+                runs[name].append(r)
         mem_after = pss_mb(svcnet.pid)
         mem = (max(mem[0], mem_after[0]), max(mem[1], mem_after[1]))
         verified_port = free_udp_tcp_port()
@@ -311,21 +348,34 @@ def main() -> int:
             wait_udp(verified_port, names[-1])
             time.sleep(1)
             mem_verified = pss_mb(verified.pid)
-    print(f"best of {args.rounds} interleaved {args.seconds:.0f}-second dnsperf runs, "
-          f"{args.clients} clients, {args.workers} svcnet workers")
-    print(f"{'server':10} {'QPS':>10} {'avg ms':>8} {'p99 ms':>8} {'lost':>8} {'sent':>10}")
-    for name, r in results.items():
-        print(f"{name:10} {r.qps:10.0f} {r.avg_ms:8.2f} {r.p99_ms:8.2f} {r.lost:8d} {r.sent:10d}")
+    print(f"mean [min-max] of {args.rounds} interleaved {args.seconds:.0f}-second dnsperf runs, "
+          f"{args.clients} clients, {args.outstanding} outstanding, {args.workers} svcnet "
+          f"workers, {args.workers} unbound threads, dnsmasq single-threaded")
+    print(f"{'server':8} {'QPS':>22} {'CPU us/query':>18} {'avg ms':>7} {'p99 ms':>7} {'lost':>6}")
+    for name, rs in runs.items():
+        q = [r.qps for r in rs]
+        c = [r.cpu_us for r in rs]
+        print(f"{name:8} {mean(q):8.0f} [{min(q):5.0f}-{max(q):5.0f}] {mean(c):6.1f} "
+              f"[{min(c):4.1f}-{max(c):4.1f}] {mean([r.avg_ms for r in rs]):7.2f} "
+              f"{mean([r.p99_ms for r in rs]):7.2f} {sum(r.lost for r in rs):6d}")
+    per_round = [s.qps / d.qps for s, d in zip(runs["svcnet"], runs["dnsmasq"], strict=True)]
+    print("svcnet/dnsmasq QPS per round: " + " ".join(f"{r:.2f}" for r in per_round))
     limit = (args.pods + args.services) / 1000 + 54
     print(f"svcnet memory at {args.services} services + {args.pods} pods (as endpoints): "
-          f"PSS {mem[0]:.1f} MB (RSS summed {mem[1]:.1f} MB); with --pods verified (watching "
-          f"the pods too) PSS {mem_verified[0]:.1f} MB; CoreDNS formula {limit:.0f} MB")
-    s, d = results["svcnet"], results["dnsmasq"]
+          f"PSS summed {mem[0]:.1f} MB (RSS summed {mem[1]:.1f} MB); with --pods verified "
+          f"(watching the pods too) PSS {mem_verified[0]:.1f} MB; CoreDNS formula {limit:.0f} MB")
+    s, d = runs["svcnet"], runs["dnsmasq"]
     print(json.dumps({
-        "svcnet_qps": round(s.qps), "dnsmasq_qps": round(d.qps),
-        "unbound_qps": round(results["unbound"].qps), "ratio": round(s.qps / d.qps, 3),
-        "svcnet_p99_ms": round(s.p99_ms, 3), "svcnet_avg_ms": round(s.avg_ms, 3),
-        "lost": s.lost, "lost_all_rounds": sum(r.lost for r in runs["svcnet"]),
+        "svcnet_qps": round(mean([r.qps for r in s])),
+        "dnsmasq_qps": round(mean([r.qps for r in d])),
+        "unbound_qps": round(mean([r.qps for r in runs["unbound"]])),
+        "ratio": round(mean([r.qps for r in s]) / mean([r.qps for r in d]), 3),
+        "ratio_min": round(min(per_round), 3), "ratio_max": round(max(per_round), 3),
+        "svcnet_cpu_us": round(mean([r.cpu_us for r in s]), 2),
+        "dnsmasq_cpu_us": round(mean([r.cpu_us for r in d]), 2),
+        "svcnet_p99_ms": round(mean([r.p99_ms for r in s]), 3),
+        "svcnet_avg_ms": round(mean([r.avg_ms for r in s]), 3),
+        "lost": sum(r.lost for r in s),
         "rss_mb": round(mem[0], 1), "rss_sum_mb": round(mem[1], 1),
         "rss_verified_mb": round(mem_verified[0], 1),
         "rss_limit_mb": round(limit, 1)}))

@@ -97,21 +97,36 @@ class _Port(msgspec.Struct, frozen=True):
 
 
 class SliceAddresses(msgspec.Struct, frozen=True, rename="camel"):
-    """The part of an EndpointSlice DNS reads (about a third of the full record's memory).
+    """The part of an EndpointSlice DNS reads, with its endpoints kept as their JSON text.
 
-    Standalone ``svcnet dns`` watches these, as CoreDNS slims objects on arrival; inside
-    ``svcnet node`` the DNS shares the node's full EndpointSlice informer instead of opening
-    a second watch.
+    Only headless Services' endpoints are ever read (ClusterIP answers do not depend on
+    them), so the endpoints array is validated on arrival but stored as raw bytes and
+    decoded on access: at 10k slices of 10 endpoints that keeps ~1.3 KB per slice instead of
+    ~4 KB of small objects. Standalone ``svcnet dns`` watches these, as CoreDNS slims
+    objects on arrival; inside ``svcnet node`` the DNS shares the node's full EndpointSlice
+    informer instead of opening a second watch.
     """
 
     metadata: _SliceMeta
     address_type: str
-    endpoints: tuple[_Endpoint, ...] = ()
+    raw_endpoints: msgspec.Raw = msgspec.field(default=msgspec.Raw(b"[]"), name="endpoints")
     ports: tuple[_Port, ...] = ()
+
+    def __post_init__(self) -> None:
+        _ENDPOINTS.decode(self.raw_endpoints)  # reject a malformed slice now, as before
+        # Own bytes, not a view that would keep the whole received message alive.
+        msgspec.structs.force_setattr(self, "raw_endpoints", self.raw_endpoints.copy())
+
+    @property
+    def endpoints(self) -> tuple[_Endpoint, ...]:
+        return _ENDPOINTS.decode(self.raw_endpoints)
 
     @property
     def service_name(self) -> str:
         return self.metadata.labels.get(SERVICE_NAME_LABEL, "")
+
+
+_ENDPOINTS = msgspec.json.Decoder(tuple[_Endpoint, ...])
 
 
 SLICE_ADDRESSES: Kind[Any] = Kind(  # type: ignore[type-var]

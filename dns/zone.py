@@ -11,6 +11,7 @@ name that exists without the asked type, NXDOMAIN otherwise, with the zone's SOA
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import struct
 import time
@@ -29,6 +30,7 @@ from svcnet.dns.wire import (
     NOERROR,
     NS,
     NXDOMAIN,
+    POINTER_TO_QUESTION,
     PTR,
     RR,
     SERVFAIL,
@@ -69,6 +71,37 @@ def table_key(name: str, qtype: int) -> bytes:
     return encode_name(name) + struct.pack("!HH", qtype, 1)
 
 
+def split_keys(joined: bytes) -> set[bytes]:
+    """Table keys concatenated (wire names are self-delimiting) back into a set."""
+    out = set()
+    start = pos = 0
+    while pos < len(joined):
+        length = joined[pos]
+        if length:
+            pos += 1 + length
+            continue
+        out.add(joined[start:pos + 5])
+        start = pos = pos + 5
+    return out
+
+
+def address_records(name: str, prepared: Prepared) -> list[RR]:
+    """The A/AAAA answer records of a prepared answer (owners point at the question)."""
+    out = []
+    body = prepared.body
+    pos = 0
+    for _ in range(int.from_bytes(prepared.counts[2:4], "big")):
+        rtype, _, ttl, rdlen = struct.unpack_from("!HHIH", body, pos + 2)
+        rdata = body[pos + 12:pos + 12 + rdlen]
+        if body[pos:pos + 2] == POINTER_TO_QUESTION and rtype in (A, AAAA):
+            out.append(RR(name, rtype, ttl, str(ipaddress.ip_address(rdata))))
+        pos += 12 + rdlen
+    return out
+
+
+NO_RRSETS: dict[tuple[str, int], Any] = {}
+
+
 @dataclass(frozen=True, slots=True)
 class Lookup:
     """The slow path's result: a prepared answer, or an ExternalName to chase, or an error."""
@@ -90,8 +123,7 @@ class ClusterZone:
         self.serial = int(time.time())
         self.table = SharedTable()
         self._services: dict[str, ServiceRecords] = {}
-        self._owner_of: dict[tuple[str, int], str] = {}
-        self._keys: dict[str, set[bytes]] = {}
+        self._keys: dict[str, bytes] = {}  # per Service: its table keys, concatenated
         self._names: Counter[str] = Counter()
         self._ptr_owners: dict[str, dict[str, tuple[str, ...]]] = {}
         self._externals: dict[str, str] = {}
@@ -126,9 +158,12 @@ class ClusterZone:
             callback()
 
     def rrset(self, name: str, qtype: int) -> list[RR]:
-        svc = self._owner_of.get((name, qtype))
-        recs = self._services.get(svc) if svc else None
-        return list(recs.rrsets[(name, qtype)][0]) if recs else []
+        """A name's A or AAAA records (ExternalName targets inside the zone, ANY), read back
+        from the table: the zone keeps no records of its own once they are rendered."""
+        if qtype not in (A, AAAA):
+            return []
+        prepared = self.table.get(table_key(name, qtype))
+        return address_records(name, prepared) if prepared is not None else []
 
     # --- SOA and static names --------------------------------------------------------------
 
@@ -165,9 +200,6 @@ class ClusterZone:
         new = service_records(svc, slices, self.zone, self.ttl,
                               endpoint_pod_names=self.endpoint_pod_names) if svc else None
         if old is not None:
-            for name_type in old.rrsets:
-                if self._owner_of.get(name_type) == key:
-                    del self._owner_of[name_type]
             for name in old.names:
                 self._names[name] -= 1
                 if self._names[name] <= 0:
@@ -181,7 +213,7 @@ class ClusterZone:
             if self._svc_namespaces[namespace] <= 0:
                 del self._svc_namespaces[namespace]
         updates: Updates = {}
-        old_keys = self._keys.pop(key, set())
+        old_keys = split_keys(self._keys.pop(key, b""))
         new_keys: set[bytes] = set()
         if new is not None:
             self._services[key] = new
@@ -190,9 +222,6 @@ class ClusterZone:
             if new.external:
                 for name in new.names:
                     self._externals[name] = new.external
-            for name_type in new.rrsets:
-                if name_type[1] in (A, AAAA):
-                    self._owner_of[name_type] = key
             for (name, qtype), (answer, extra) in new.rrsets.items():
                 k = table_key(name, qtype)
                 prepared = prepare(NOERROR, list(answer), [], list(extra), name, qtype=qtype)
@@ -209,11 +238,9 @@ class ClusterZone:
                     new_keys.add(k)
                     if k not in old_keys:
                         updates[k] = self._nodata(name, qtype)
-            self._keys[key] = new_keys
-            # Keep only what the slow path reads again (A/AAAA for ExternalName targets and
-            # ANY); the rest lives on as prepared answers.
-            self._services[key] = replace(new, rrsets={
-                nt: rrs for nt, rrs in new.rrsets.items() if nt[1] in (A, AAAA)})
+            self._keys[key] = b"".join(sorted(new_keys))
+            # Records live on only as prepared answers; keep the names, PTRs, ExternalName.
+            self._services[key] = replace(new, rrsets=NO_RRSETS)
         for k in old_keys - new_keys:
             updates[k] = None
         updates.update(self._update_ptrs(key, old, new))
