@@ -33,7 +33,7 @@ def lease(n: int, public: str, public6: str = "") -> Lease:
 
 @pytest.mark.parametrize("native", [True, False], ids=["rtnetlink", "ip-batch"])
 def test_apply_then_observe_round_trips(netns: Callable[[str], str], native: bool) -> None:
-    require_binary("ip", "bridge")
+    require_binary("ip", "bridge", "ethtool")
     ns = netns("k")
     ns_sh(ns, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0")
     for cmd in (["link", "set", "eth0", "up"], ["addr", "add", "10.99.0.1/24", "dev", "eth0"],
@@ -59,6 +59,15 @@ def test_apply_then_observe_round_trips(netns: Callable[[str], str], native: boo
         assert not await fake.apply(ops)
         assert (await fake.observe(devices)) == seen, "the fake must match the kernel"
         assert plan(want.kernel, seen) == []
+        # Offloads someone turned off (Flannel's checksum workaround) are turned back on.
+        ns_sh(ns, "ethtool", "-K", "flannel.1", "tx-checksum-ip-generic", "off", "gro", "off")
+        drifted = await kernel.observe(devices)
+        assert [link.offloads for link in drifted.objects.links if link.name == "flannel.1"
+                ] == [()]
+        fix = plan(want.kernel, drifted)
+        assert [(op.verb, getattr(op.obj, "name", "")) for op in fix] == [("set", "flannel.1")]
+        assert not await kernel.apply(fix)
+        assert (await kernel.observe(devices)).objects == want.kernel
         fewer = compute_desired(config, peers[0], peers[:10], underlay, "n1")
         assert not await kernel.apply(plan(fewer.kernel, seen))
         assert (await kernel.observe(devices)).objects == fewer.kernel

@@ -151,7 +151,8 @@ async def compare(status: dict[str, Any], netns: str | None) -> Comparison:
 
     d = status.get("desired") or {}
     kernel = KernelObjects(
-        links=frozenset(VxlanLink(**x) for x in d.get("links", [])),
+        links=frozenset(VxlanLink(**{**x, "offloads": tuple(x.get("offloads", ()))})
+                        for x in d.get("links", [])),
         addresses=frozenset(Address(**x) for x in d.get("addresses", [])),
         neighbours=frozenset(Neighbour(**x) for x in d.get("neighbours", [])),
         fdb=frozenset(FdbEntry(**x) for x in d.get("fdb", [])),

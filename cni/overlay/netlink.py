@@ -13,12 +13,14 @@ import asyncio
 import ipaddress
 import json
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, TypeAlias
 
 from svcnet.cni.overlay.desired import (
     ROUTE_PROTO,
+    VXLAN_OFFLOADS,
     Address,
     FdbEntry,
     KernelObjects,
@@ -41,7 +43,8 @@ class NetlinkError(OSError):
 
 @dataclass(frozen=True, slots=True)
 class Op:
-    """One change; ``set`` only applies to links (MTU, MAC, up) and keeps their entries."""
+    """One change; ``set`` only applies to links (MTU, offloads, up) and keeps their
+    entries."""
 
     verb: Verb
     obj: KernelObject
@@ -164,7 +167,7 @@ class IpCommandNetlink:
                 name=name, vni=int(info.get("id", -1)), port=int(info.get("port", 0)),
                 local=str(info.get("local") or info.get("local6") or ""),
                 underlay=str(info.get("link", "")), mtu=int(link.get("mtu", 0)),
-                mac=str(link.get("address", "")),
+                mac=str(link.get("address", "")), offloads=await self._offloads(name),
             ) if not info.get("learning", False) else VxlanLink(name, -1, 0, "", "", 0, ""))
             if "UP" not in link.get("flags", []):
                 down.add(name)
@@ -190,6 +193,21 @@ class IpCommandNetlink:
         return Observed(KernelObjects(links=frozenset(links), addresses=frozenset(addresses),
                                       neighbours=frozenset(neighbours), fdb=frozenset(fdb),
                                       routes=frozenset(routes)), frozenset(down))
+
+    def _ethtool(self, *args: str) -> list[str]:
+        return [*(["ip", "netns", "exec", self.netns] if self.netns else []), "ethtool", *args]
+
+    async def _offloads(self, dev: str) -> tuple[str, ...]:
+        """Which of ``VXLAN_OFFLOADS`` are on (all of them if ``ethtool`` is missing: the
+        kernel's defaults, which we then cannot check)."""
+        if not shutil.which("ethtool"):
+            return VXLAN_OFFLOADS
+        code, out, err = await run(self._ethtool("-k", dev))
+        if code != 0:
+            raise NetlinkError(f"ethtool -k {dev}: {err.decode().strip()}")
+        on = {ln.split(":")[0].strip() for ln in out.decode().splitlines()
+              if ln.split(":", 1)[-1].strip().startswith("on")}
+        return tuple(f for f in VXLAN_OFFLOADS if f in on)
 
     async def apply(self, ops: Sequence[Op]) -> list[str]:
         errors: list[str] = []
@@ -220,7 +238,19 @@ class IpCommandNetlink:
             if code != 0:
                 errors.extend(ln for ln in err.decode().splitlines() if ln.strip())
                 log.warning("%s batch of %d had errors: %s", tool, len(lines), err.decode())
+        for op in ops:
+            # A new device has the kernel's defaults; a "set" means one was turned off.
+            if isinstance(op.obj, VxlanLink) and op.verb == "set" and op.obj.offloads:
+                features = [arg for f in op.obj.offloads for arg in (_ETHTOOL_NAME[f], "on")]
+                code, _, err = await run(self._ethtool("-K", op.obj.name, *features))
+                if code != 0:
+                    errors.append(f"ethtool -K {op.obj.name}: {err.decode().strip()}")
         return errors
+
+
+_ETHTOOL_NAME = {"generic-receive-offload": "gro",
+                 "tx-checksum-ip-generic": "tx-checksum-ip-generic"}
+"""``ethtool -K`` spelling of the feature names ``ethtool -k`` prints."""
 
 
 def _runs(ops: Sequence[Op], native: bool) -> list[tuple[bool, list[Op]]]:
@@ -256,7 +286,7 @@ def command_lines(op: Op) -> list[str]:
         if op.verb == "del":
             return [f"link del {o.name}"]
         if op.verb == "set":
-            return [f"link set dev {o.name} mtu {o.mtu} address {o.mac} up"]
+            return [f"link set dev {o.name} mtu {o.mtu} up"]
         return [f"link add name {o.name} address {o.mac} mtu {o.mtu} type vxlan id {o.vni} "
                 f"local {o.local} dev {o.underlay} dstport {o.port} nolearning",
                 f"link set dev {o.name} up"]

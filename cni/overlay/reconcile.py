@@ -29,11 +29,13 @@ def plan(desired: KernelObjects, observed: Observed) -> list[Op]:
         if got is None:
             link_ops.append(Op("add", want))
             fresh.add(name)
-        elif (got.vni, got.port, got.local, got.underlay) != (
-                want.vni, want.port, want.local, want.underlay):
+        elif (got.vni, got.port, got.local, got.underlay, got.mac) != (
+                want.vni, want.port, want.local, want.underlay, want.mac):
+            # A MAC change makes the kernel flush even permanent neighbours, so a changed
+            # MAC is a re-creation too: the plan then re-adds every entry of the device.
             link_ops += [Op("del", got), Op("add", want)]
             fresh.add(name)
-        elif got.mtu != want.mtu or got.mac != want.mac or name in observed.down:
+        elif (got.mtu, got.offloads) != (want.mtu, want.offloads) or name in observed.down:
             link_ops.append(Op("set", want))
 
     def alive(dev: str) -> bool:
