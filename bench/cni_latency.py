@@ -35,6 +35,15 @@ from svcnet.cni.cli import choose_python, launcher_text, socket_client
 from svcnet.cni.netns import setns
 
 REFERENCE_DIR = "/usr/lib/cni"
+BUSY_DAEMON = """
+import sys, threading
+def spin():
+    while True:
+        sum(i * i for i in range(10000))
+threading.Thread(target=spin, daemon=True).start()
+from svcnet.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -61,6 +70,7 @@ class Subject:
         self.path = f"{REFERENCE_DIR}:{os.path.dirname(binary)}"
 
     server_socket = ""
+    busy_daemon = False
     _server: subprocess.Popen[bytes] | None = None
 
     def setup(self) -> None:
@@ -68,10 +78,12 @@ class Subject:
             subprocess.run(["ip", "netns", "add", ns], check=True)
         self._host_fd = os.open(f"/var/run/netns/{self.host}", os.O_RDONLY)
         if self.server_socket:
-            svcnet = os.path.join(os.path.dirname(sys.executable), "svcnet")
-            self._server = subprocess.Popen(["ip", "netns", "exec", self.host, svcnet, "node",
-                                             "--cni-server", "--cni-server-socket",
-                                             self.server_socket])
+            node = ["node", "--cni-server", "--cni-server-socket", self.server_socket]
+            if self.busy_daemon:  # a component hogging the GIL in the same daemon process
+                command = [sys.executable, "-c", BUSY_DAEMON, *node]
+            else:
+                command = [os.path.join(os.path.dirname(sys.executable), "svcnet"), *node]
+            self._server = subprocess.Popen(["ip", "netns", "exec", self.host, *command])
             for _ in range(400):
                 if os.path.exists(self.server_socket):
                     break
@@ -80,13 +92,18 @@ class Subject:
                 raise SystemExit("svcnet node did not create its CNI socket")
 
     def server_cpu_ms(self) -> float:
-        """CPU time the daemon has used so far (user + system, all threads, and the ``nft``
-        children it waited for)."""
+        """CPU time the daemon and its serving child have used so far (user + system, all
+        threads, and the ``nft`` processes they waited for)."""
         if self._server is None:
             return 0.0
-        with open(f"/proc/{self._server.pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return sum(int(v) for v in fields[11:15]) * 1000 / os.sysconf("SC_CLK_TCK")
+        pid = self._server.pid
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            pids = [pid, *(int(p) for p in f.read().split())]
+        ticks = 0
+        for p in pids:
+            with open(f"/proc/{p}/stat") as f:
+                ticks += sum(int(v) for v in f.read().rpartition(")")[2].split()[11:15])
+        return ticks * 1000 / os.sysconf("SC_CLK_TCK")
 
     def teardown(self) -> None:
         if self._server is not None:
@@ -130,6 +147,9 @@ def main() -> int:
     parser.add_argument("--ip-masq", action="store_true")
     parser.add_argument("--console", action="store_true",
                         help="also measure pip's console-script wrapper (slow)")
+    parser.add_argument("--busy-daemon", action="store_true",
+                        help="run a CPU-bound Python thread inside the serving daemon (worst "
+                             "case of a busy proxy/DNS sharing its GIL)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (creates network namespaces)")
@@ -152,6 +172,7 @@ def main() -> int:
         default = Subject("svcnet", install("default", socket_client(
             launcher, str(tmp / "cni.sock"))), "host-local", "s", tmp, args.ip_masq, 0)
         default.server_socket = str(tmp / "cni.sock")
+        default.busy_daemon = args.busy_daemon
         subjects = [default,
                     Subject("reference", f"{REFERENCE_DIR}/bridge", "host-local", "r", tmp,
                             args.ip_masq, 1),
@@ -210,7 +231,8 @@ def main() -> int:
         "svcnet_add_cpu_ms": round(ours["addcpu"], 2), "ref_add_cpu_ms": round(ref["addcpu"], 2),
         "svcnet_del_cpu_ms": round(ours["delcpu"], 2), "ref_del_cpu_ms": round(ref["delcpu"], 2),
         "server_cpu_per_op_ms": round(server_cpu_per_op, 2),
-        "load": round(load, 2), "ip_masq": args.ip_masq, "cycles": args.cycles,
+        "load": round(load, 2), "ip_masq": args.ip_masq, "busy_daemon": args.busy_daemon,
+        "cycles": args.cycles,
         "python": python,
     }
     for label, key in (("svcnet-inprocess", "inprocess"), ("svcnet-fallback", "fallback"),

@@ -122,6 +122,7 @@ no_answer("closed the connection without a complete answer");
 DEFAULT_SOCKET = "/run/svcnet/cni.sock"
 IN_PROCESS_NAME = "svcnet-cni-inprocess"
 PERL = "/usr/bin/perl"
+BUSY_EXIT = 3
 CONFLIST_NAME = "10-svcnet.conflist"
 
 
@@ -156,6 +157,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve = cni_sub.add_parser("serve", help="serve the svcnet-cni socket standalone "
                                              "(svcnet node does it by default)")
     serve.add_argument("--socket", default=DEFAULT_SOCKET)
+    serve.add_argument("--parent-pid", type=int, default=0,
+                       help="exit when this process (the node daemon that started us) dies")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -292,11 +295,23 @@ def socket_client(launcher: str, socket_path: str, perl: str = "/usr/bin/perl",
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
-    from .server import serve
+    from .server import SocketBusy, exit_with_parent, serve
 
     def stop(signum: int, _frame: object) -> None:
         raise SystemExit(0)  # unwinds serve(), which removes the socket
 
     signal.signal(signal.SIGTERM, stop)
-    serve(args.socket)
+    if args.parent_pid and not exit_with_parent(args.parent_pid):
+        return 0
+    try:
+        serve(args.socket)
+    except SocketBusy as err:
+        print(f"svcnet cni serve: {err}", file=sys.stderr)
+        return BUSY_EXIT
     return 0
+
+
+def serve_child(argv: list[str]) -> int:
+    """Entry point of the node daemon's serving child (``SOCKET PARENT_PID``): no parser and
+    no other component's modules, so the extra process stays small."""
+    return cmd_serve(argparse.Namespace(socket=argv[0], parent_pid=int(argv[1])))

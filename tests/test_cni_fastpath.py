@@ -47,7 +47,8 @@ class Node:
     def start_daemon(self) -> None:
         self.daemon = subprocess.Popen(
             ["ip", "netns", "exec", self.runtime.host_ns, SVCNET, "node", "--cni-server",
-             "--cni-server-socket", str(self.sock)], stderr=subprocess.DEVNULL)
+             "--cni-server-socket", str(self.sock)], stderr=subprocess.DEVNULL,
+            start_new_session=True)
         for _ in range(300):  # up to 15 s on a loaded machine
             if _serving(self.sock):
                 return
@@ -55,10 +56,20 @@ class Node:
             time.sleep(0.05)
         raise AssertionError("svcnet node did not serve its CNI socket")
 
-    def kill_daemon(self) -> None:
+    def kill_daemon(self, with_child: bool = False) -> None:
+        """SIGKILL the node daemon; its serving child follows by itself (PDEATHSIG), or
+        dies with it abruptly (``with_child``: the socket file stays behind)."""
         if self.daemon is not None and self.daemon.poll() is None:
-            self.daemon.send_signal(signal.SIGKILL)
+            if with_child:
+                os.killpg(self.daemon.pid, signal.SIGKILL)
+            else:
+                self.daemon.send_signal(signal.SIGKILL)
             self.daemon.wait(10)
+        for _ in range(100):
+            if not _serving(self.sock):
+                return
+            time.sleep(0.05)
+        raise AssertionError("the CNI socket is still served after the daemon died")
 
     def fallbacks(self) -> list[str]:
         return self.fallback_log.read_text().split() if self.fallback_log.exists() else []
@@ -100,12 +111,12 @@ def node(netns: Callable[[str], str], tmp_path: Path) -> Iterator[Node]:
     try:
         yield n
     finally:
-        if n.daemon is not None:
+        if n.daemon is not None and n.daemon.poll() is None:
             n.daemon.terminate()
             try:
                 n.daemon.wait(10)
             except subprocess.TimeoutExpired:
-                n.kill_daemon()
+                n.kill_daemon(with_child=True)
 
 
 def _conf(tmp_path: Path, ip_masq: bool = True) -> dict[str, Any]:
@@ -196,16 +207,23 @@ def test_daemon_down_killed_and_restarted(node: Node, netns: Callable[[str], str
     res_b = runtime.exec_plugin("svcnet-cni", "ADD", conf, "ctr-b", pod_b)
     assert res_b and node.fallbacks() == ["ADD"]
     assert ping(pod_a, res_b["ips"][0]["address"].split("/")[0])
-    node.kill_daemon()  # SIGKILL: the socket file stays behind, nobody listens on it
-    assert node.sock.exists() and not _serving(node.sock)
+    node.kill_daemon()  # the serving child exits with it and removes the socket
+    assert not node.sock.exists()
     runtime.exec_plugin("svcnet-cni", "DEL", conf, "ctr-b", pod_b)
     assert node.fallbacks() == ["ADD", "DEL"]
     assert "eth0" not in links(pod_b)
-    node.start_daemon()  # replaces the stale socket
+    node.start_daemon()
     runtime.exec_plugin("svcnet-cni", "CHECK", dict(conf, prevResult=res_a), "ctr-a", pod_a)
-    runtime.exec_plugin("svcnet-cni", "DEL", conf, "ctr-a", pod_a)
     assert node.fallbacks() == ["ADD", "DEL"]
+    node.kill_daemon(with_child=True)  # both SIGKILLed: a stale socket nobody listens on
+    assert node.sock.exists()
+    runtime.exec_plugin("svcnet-cni", "DEL", conf, "ctr-a", pod_a)
+    assert node.fallbacks() == ["ADD", "DEL", "DEL"]
     assert "eth0" not in links(pod_a)
+    node.start_daemon()  # replaces the stale socket
+    assert runtime.exec_plugin("svcnet-cni", "ADD", conf, "ctr-b", pod_b)
+    runtime.exec_plugin("svcnet-cni", "DEL", conf, "ctr-b", pod_b)
+    assert node.fallbacks() == ["ADD", "DEL", "DEL"]
     assert not [n for n, link in links(runtime.host_ns).items()
                 if link.get("master") == "cnifast0"]
 
@@ -368,11 +386,12 @@ def test_node_serves_cni_socket_by_default(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_server_component_waits_for_a_busy_socket(tmp_path: Path) -> None:
     """A second server never steals a live socket: required, it fails; by default it waits
-    and takes over once the owner stops. Requests go through the real client (VERSION)."""
+    and takes over (as a child process) once the owner stops. Requests go through the real
+    client (VERSION)."""
     import asyncio
 
     from svcnet.cni.cli import socket_client
-    from svcnet.cni.server import ServerComponent, SocketBusy, serve
+    from svcnet.cni.server import ServerComponent, serve
 
     require_binary("perl")
     sock = tmp_path / "node.sock"
@@ -391,7 +410,7 @@ def test_server_component_waits_for_a_busy_socket(tmp_path: Path) -> None:
         return doc
 
     async def scenario() -> None:
-        with pytest.raises(SocketBusy):
+        with pytest.raises(RuntimeError, match="served by another process"):
             await ServerComponent(str(sock)).run(None, None)
         second = asyncio.create_task(ServerComponent(str(sock), required=False,
                                                      retry_s=0.1).run(None, None))
