@@ -256,10 +256,11 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def pss_mb(pid: int) -> tuple[float, float]:
-    """(PSS, RSS) in MB of a process and all its descendants."""
-    pss = rss = 0
+def memory_by_process(pid: int) -> list[tuple[int, float, float]]:
+    """(pid, PSS, RSS) in MB of a process and each of its descendants."""
+    out = []
     for p in process_tree(pid):
+        pss = rss = 0
         try:
             with open(f"/proc/{p}/smaps_rollup") as f:
                 for line in f:
@@ -268,8 +269,15 @@ def pss_mb(pid: int) -> tuple[float, float]:
                     elif line.startswith("Rss:"):
                         rss += int(line.split()[1])
         except OSError:
-            pass
-    return pss / 1024, rss / 1024
+            continue
+        out.append((p, pss / 1024, rss / 1024))
+    return out
+
+
+def pss_mb(pid: int) -> tuple[float, float]:
+    """(PSS, RSS) in MB of a process and all its descendants, summed."""
+    procs = memory_by_process(pid)
+    return sum(p[1] for p in procs), sum(p[2] for p in procs)
 
 
 def main() -> int:
@@ -339,6 +347,7 @@ def main() -> int:
                     * 1e6
                 runs[name].append(r)
         mem_after = pss_mb(svcnet.pid)
+        per_process = memory_by_process(svcnet.pid)
         mem = (max(mem[0], mem_after[0]), max(mem[1], mem_after[1]))
         verified_port = free_udp_tcp_port()
         with process([sys.executable, "-m", "svcnet.cli", "dns", "--store",
@@ -364,6 +373,9 @@ def main() -> int:
     print(f"svcnet memory at {args.services} services + {args.pods} pods (as endpoints): "
           f"PSS summed {mem[0]:.1f} MB (RSS summed {mem[1]:.1f} MB); with --pods verified "
           f"(watching the pods too) PSS {mem_verified[0]:.1f} MB; CoreDNS formula {limit:.0f} MB")
+    print("svcnet processes (PSS / RSS MB): " + ", ".join(
+        f"{'main' if i == 0 else 'worker'} {pss:.1f} / {rss:.1f}"
+        for i, (_, pss, rss) in enumerate(per_process)))
     s, d = runs["svcnet"], runs["dnsmasq"]
     print(json.dumps({
         "svcnet_qps": round(mean([r.qps for r in s])),

@@ -28,23 +28,26 @@ log = logging.getLogger(__name__)
 
 TRIGGER_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 
+# The slim records below are gc=False: they hold only strings, numbers and tuples or dicts of
+# those (no cycles possible), so they need no collector header and no collector scans.
 
-class _PodMeta(msgspec.Struct, frozen=True, rename="camel"):
+
+class _PodMeta(msgspec.Struct, frozen=True, gc=False, rename="camel"):
     name: str
     namespace: str = ""
     resource_version: str = ""
 
 
-class _PodIP(msgspec.Struct, frozen=True):
+class _PodIP(msgspec.Struct, frozen=True, gc=False):
     ip: str
 
 
-class _PodStatus(msgspec.Struct, frozen=True, rename="camel"):
+class _PodStatus(msgspec.Struct, frozen=True, gc=False, rename="camel"):
     pod_ip: str = msgspec.field(default="", name="podIP")
     pod_ips: tuple[_PodIP, ...] = msgspec.field(default=(), name="podIPs")
 
 
-class PodAddresses(msgspec.Struct, frozen=True):
+class PodAddresses(msgspec.Struct, frozen=True, gc=False):
     """The only part of a Pod ``pods verified`` needs. DNS watches Pods through its own
     informer of these (~10x smaller than full Pod records: 100k pods cost ~12 MB instead
     of ~120 MB), as CoreDNS slims objects on arrival; no other component watches Pods."""
@@ -62,7 +65,7 @@ class PodAddresses(msgspec.Struct, frozen=True):
 POD_ADDRESSES: Kind[Any] = Kind("Pod", "v1", "pods", True, PodAddresses)  # type: ignore[type-var]
 
 
-class _SliceMeta(msgspec.Struct, frozen=True, rename="camel"):
+class _SliceMeta(msgspec.Struct, frozen=True, gc=False, rename="camel"):
     name: str
     namespace: str = ""
     resource_version: str = ""
@@ -70,16 +73,16 @@ class _SliceMeta(msgspec.Struct, frozen=True, rename="camel"):
     annotations: dict[str, str] = {}
 
 
-class _Conditions(msgspec.Struct, frozen=True):
+class _Conditions(msgspec.Struct, frozen=True, gc=False):
     ready: bool | None = None
 
 
-class _Ref(msgspec.Struct, frozen=True):
+class _Ref(msgspec.Struct, frozen=True, gc=False):
     kind: str = ""
     name: str = ""
 
 
-class _Endpoint(msgspec.Struct, frozen=True, rename="camel"):
+class _Endpoint(msgspec.Struct, frozen=True, gc=False, rename="camel"):
     addresses: tuple[str, ...]
     conditions: _Conditions = _Conditions()
     hostname: str | None = None
@@ -90,13 +93,13 @@ class _Endpoint(msgspec.Struct, frozen=True, rename="camel"):
         return self.conditions.ready is not False
 
 
-class _Port(msgspec.Struct, frozen=True):
+class _Port(msgspec.Struct, frozen=True, gc=False):
     name: str = ""
     protocol: str = "TCP"
     port: int = 0
 
 
-class SliceAddresses(msgspec.Struct, frozen=True, rename="camel"):
+class SliceAddresses(msgspec.Struct, frozen=True, gc=False, rename="camel"):
     """The part of an EndpointSlice DNS reads, with its endpoints kept as their JSON text.
 
     Only headless Services' endpoints are ever read (ClusterIP answers do not depend on
