@@ -109,6 +109,8 @@ def _add_up_arguments(p: argparse.ArgumentParser, nodes: int = 3) -> None:
     p.add_argument("--proxy-mode", choices=["", "nftables", "iptables"], default="",
                    help="svcnet proxy backend (default: the proxy's)")
     p.add_argument("--no-dns", action="store_true")
+    p.add_argument("--dns-replicas", type=int, default=2,
+                   help="kube-dns server pods, one per node from n1 (default 2, as CoreDNS)")
     p.add_argument("--node-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for every `svcnet node` (repeatable)")
 
@@ -181,6 +183,8 @@ def _make_config(args: argparse.Namespace, name: str | None = None) -> Any:
         raise UsageError(str(err)) from None
     if not 1 <= args.nodes <= 200:
         raise UsageError("--nodes must be between 1 and 200")
+    if not 1 <= args.dns_replicas <= 10:
+        raise UsageError("--dns-replicas must be between 1 and 10")
     if args.store == "kubernetes" and not args.kubeconfig:
         raise UsageError("--store kubernetes needs --kubeconfig")
     kubeconfig = str(Path(args.kubeconfig).resolve()) if args.kubeconfig else None
@@ -190,6 +194,7 @@ def _make_config(args: argparse.Namespace, name: str | None = None) -> Any:
         name=name, nodes=args.nodes, lab_dir=str(lab_dir), etcd_members=args.etcd_members,
         store=args.store, kubeconfig=kubeconfig, cni=args.cni, overlay=args.overlay,
         proxy=not args.no_proxy, proxy_mode=args.proxy_mode, dns=not args.no_dns,
+        dns_replicas=args.dns_replicas,
         python=default_python(),
         extra_node_args=tuple(args.node_arg), apiserver_argv=tuple(shlex.split(args.apiserver_cmd)),
     )

@@ -130,14 +130,15 @@ def _show(cfg: LabConfig, calls: int, progress: Progress) -> bool:
                 timeout=90)
     pods = _pods(cfg)
     print("\npods: " + ", ".join(f"{p} on {n}" for p, n in sorted(pods.items())
-                                 if p != "svcnet-dns"))
+                                 if not p.startswith("svcnet-dns")))
     ok = True
     target = "http://web/"
     if cfg.dns:
         _until(lambda: resolve(cfg, "client", "web")[:1].isdigit(), 15)
         answer = resolve(cfg, "client", "web")
         print(f"\nDNS from client (on {client_node}): web -> {answer} "
-              f"(web.default.svc.{cfg.zone} via the search path; server on {cfg.node_names[0]})")
+              f"(web.default.svc.{cfg.zone} via the search path; kube-dns has "
+              f"{cfg.dns_replicas} replicas from {cfg.node_names[0]})")
         ok &= not answer.startswith("ERROR") and bool(answer)
     else:
         print("\nDNS: off (svcnet dns not installed); calling the ClusterIP directly")

@@ -263,8 +263,13 @@ class Applier:
         self.messages.append(f"{kind}/{name} deleted")
 
 
+def dns_pod_names(cfg: LabConfig) -> list[str]:
+    """``svcnet-dns`` on n1, ``svcnet-dns-2`` on n2 ...: one replica per node, wrapping."""
+    return [f"svcnet-dns-{i + 1}" if i else "svcnet-dns" for i in range(cfg.dns_replicas)]
+
+
 def system_objects(cfg: LabConfig) -> list[Obj]:
-    """What every lab cluster has: the kube-dns Service and the DNS server's pod."""
+    """What every lab cluster has: the kube-dns Service and its DNS server pods."""
     if not cfg.dns:
         return []
     labels = {"k8s-app": "kube-dns"}
@@ -274,9 +279,10 @@ def system_objects(cfg: LabConfig) -> list[Obj]:
          "spec": {"selector": labels, "clusterIP": DNS_SERVICE_IP,
                   "ports": [{"name": "dns", "port": 53, "protocol": "UDP"},
                             {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]}},
+    ] + [
         {"apiVersion": "v1", "kind": "Pod",
-         "metadata": {"name": "svcnet-dns", "namespace": "kube-system", "labels": labels},
-         "spec": {"nodeName": cfg.node_names[0],
+         "metadata": {"name": name, "namespace": "kube-system", "labels": labels},
+         "spec": {"nodeName": cfg.node_names[i % len(cfg.node_names)],
                   "containers": [{"name": "dns", "image": "svcnet/dns",
                                   "ports": [{"containerPort": 53, "protocol": "UDP"},
                                             {"containerPort": 53, "protocol": "TCP"}],
@@ -284,6 +290,7 @@ def system_objects(cfg: LabConfig) -> list[Obj]:
                                   "readinessProbe": {"exec": {"command": [
                                       "{python}", "-m", "svcnet.lab.echo", "call",
                                       f"http://127.0.0.1:{DNS_HEALTH_PORT}/ready",
-                                      "--timeout", "1"]}}}]}},
+                                      "--timeout", "1"]}}}]}}
+        for i, name in enumerate(dns_pod_names(cfg))
     ]
 

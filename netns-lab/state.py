@@ -42,6 +42,8 @@ class LabConfig:
     proxy: bool = True
     proxy_mode: str = ""
     dns: bool = True
+    dns_replicas: int = 2
+    """kube-dns replicas (CoreDNS runs two, so a restart of one is no outage)."""
     zone: str = "cluster.local"
     python: str = ""
     extra_node_args: tuple[str, ...] = ()

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import require, require_binary, require_root
@@ -14,6 +16,7 @@ from svcnet.lab.cluster import down, lab_command, up
 from svcnet.lab.demo import echo_call, resolve
 from svcnet.lab.netns import RealKernel
 from svcnet.lab.state import LabConfig
+from svcnet.lab.verify import format_report, verify_nodes
 
 pytestmark = [pytest.mark.kernel]
 
@@ -98,5 +101,16 @@ def test_lab_runs_against_a_kubernetes_api_server(tmp_path: Path) -> None:
                 break
         assert len(seen) == 2, seen
         assert resolve(cfg, "client", "web.default").startswith("10.96.")
+        # Overlay (leases from the Nodes' podCIDRs and annotations) and proxy rules match
+        # the desired state recomputed from the API server.
+        reports: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            reports = verify_nodes(cfg, cfg.node_names)
+            if all(r["in_sync"] for r in reports):
+                break
+            time.sleep(0.5)
+        assert all(r["in_sync"] for r in reports), [format_report(r) for r in reports]
+        assert all(r["overlay"]["peers"] == 1 for r in reports), reports
     finally:
         down(Path(cfg.lab_dir), RealKernel(), lambda msg: None)

@@ -28,7 +28,7 @@ from svcnet.lab.endpointslices import (
     plan_slices,
 )
 from svcnet.lab.kubelet import pod_command, resolv_conf
-from svcnet.lab.manifests import Applier, Cluster, allocate_service, pick_node
+from svcnet.lab.manifests import Applier, Cluster, allocate_service, pick_node, system_objects
 from svcnet.lab.netns import FakeKernel
 from svcnet.lab.state import LabConfig, Ledger, check_name
 
@@ -319,3 +319,16 @@ def test_dns_probe_tries_classify_answers_errors_and_silence() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.connect(("127.0.0.1", port))
         assert dns_try(sock, dns_query("a.b", 5), 2.0) == "refused"
+
+
+def test_kube_dns_runs_replicas_on_successive_nodes() -> None:
+    def pods(nodes: int, replicas: int, dns: bool = True) -> list[tuple[str, str]]:
+        cfg = LabConfig(name="x", nodes=nodes, lab_dir="/tmp/x", dns=dns,
+                        dns_replicas=replicas)
+        return [(o["metadata"]["name"], o["spec"]["nodeName"])
+                for o in system_objects(cfg) if o["kind"] == "Pod"]
+
+    assert pods(3, 2) == [("svcnet-dns", "n1"), ("svcnet-dns-2", "n2")]
+    assert pods(1, 2) == [("svcnet-dns", "n1"), ("svcnet-dns-2", "n1")]
+    assert pods(3, 1) == [("svcnet-dns", "n1")]
+    assert pods(3, 2, dns=False) == []
