@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -145,7 +146,7 @@ class DNSOptions:
     endpoint_pod_names: bool = False
     upstreams: list[tuple[str, int]] = field(default_factory=list)
     stub_domains: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
-    workers: int = 2
+    workers: int = field(default_factory=lambda: usable_cpus())
     health_port: int = 0  # 0: no HTTP health server; -1 is never used
     metrics_port: int = 0
     health_host: str = "127.0.0.1"  # CoreDNS's health/ready plugins listen on all addresses
@@ -157,6 +158,14 @@ class DNSOptions:
     forward_timeout: float = 2.0
     lameduck: float = 0.0
     slim_informers: bool = True  # own slim EndpointSlice informer (standalone), else shared
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which a container's cpuset sets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -186,7 +195,8 @@ def options_from_args(args: argparse.Namespace, prefix: str = "") -> DNSOptions:
     return DNSOptions(
         listen=parse_hostport(get("listen")), zone=get("zone"), ttl=get("ttl"), pods=get("pods"),
         endpoint_pod_names=get("endpoint_pod_names"), upstreams=upstreams, stub_domains=stubs,
-        workers=get("workers"), health_port=get("health_port"), metrics_port=get("metrics_port"),
+        workers=usable_cpus() if get("workers") is None else get("workers"),
+        health_port=get("health_port"), metrics_port=get("metrics_port"),
         health_host=get("health_host"), metrics_host=get("metrics_host"),
         query_log=get("query_log"), cache_size=get("cache_size"),
         cache_min_ttl=get("cache_min_ttl"), forward_timeout=get("forward_timeout"),
@@ -207,8 +217,9 @@ def add_dns_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None
                         help="IP[:PORT], repeatable (default: /etc/resolv.conf)")
     parser.add_argument(p + "stub-domain", action="append", default=None,
                         help="DOMAIN=IP[:PORT][,IP...], repeatable")
-    parser.add_argument(p + "workers", type=int, default=2,
-                        help="UDP worker processes (0: serve UDP in the main process)")
+    parser.add_argument(p + "workers", type=int, default=None,
+                        help="UDP worker processes (default: one per usable CPU; 0: serve UDP "
+                             "in the main process)")
     parser.add_argument(p + "health-port", type=int, default=0, help="/health and /ready")
     parser.add_argument(p + "metrics-port", type=int, default=0, help="/metrics")
     parser.add_argument(p + "health-host", default="127.0.0.1",

@@ -217,3 +217,17 @@ def test_cli_against_real_etcd(etcd: EtcdCluster, command: list[str]) -> None:
             proc.kill()
             proc.wait(5)
     time.sleep(0)
+
+
+def test_workers_default_to_usable_cpus() -> None:
+    import os
+
+    from svcnet.dns.daemon import options_from_args, usable_cpus
+
+    from svcnet.cli import build_parser
+
+    opts = options_from_args(build_parser().parse_args(["dns", "--upstream", "127.0.0.1:9"]))
+    assert opts.workers == usable_cpus() == len(os.sched_getaffinity(0))
+    opts = options_from_args(build_parser().parse_args(
+        ["dns", "--upstream", "127.0.0.1:9", "--workers", "0"]))
+    assert opts.workers == 0
