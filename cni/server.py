@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 _UCRED = struct.Struct("3i")
 _LEN = struct.Struct(">I")
 MAX_HEAD = 1 << 16
-MAX_REQUEST = 1 << 20
+MAX_REQUEST = 1 << 26  # far above any network configuration; bounds memory per request
 ACCEPTED = b"1"
 
 
