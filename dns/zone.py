@@ -100,6 +100,7 @@ def address_records(name: str, prepared: Prepared) -> list[RR]:
 
 
 NO_RRSETS: dict[tuple[str, int], Any] = {}
+NO_PODS: Counter[str] = Counter()  # never written: a missing key reads 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +130,7 @@ class ClusterZone:
         self._externals: dict[str, str] = {}
         self._svc_namespaces: Counter[str] = Counter()
         self._pod_namespaces: Counter[str] = Counter()
-        self._pod_ips: Counter[tuple[str, str]] = Counter()
+        self._pod_ips: dict[str, Counter[str]] = {}  # namespace -> pod IP -> pods with it
         self._subscribers: list[Callable[[], None]] = []
         self.apply(self._static())
 
@@ -274,15 +275,18 @@ class ClusterZone:
             self._pod_namespaces[old.metadata.namespace] -= 1
             if self._pod_namespaces[old.metadata.namespace] <= 0:
                 del self._pod_namespaces[old.metadata.namespace]
+            ips = self._pod_ips.get(old.metadata.namespace)
             for ip in old.ips:
-                k = (old.metadata.namespace, ip)
-                self._pod_ips[k] -= 1
-                if self._pod_ips[k] <= 0:
-                    del self._pod_ips[k]
+                if ips is not None and ip in ips:
+                    ips[ip] -= 1
+                    if ips[ip] <= 0:
+                        del ips[ip]
+            if not ips:
+                self._pod_ips.pop(old.metadata.namespace, None)
         if new is not None:
             self._pod_namespaces[new.metadata.namespace] += 1
-            for ip in new.ips:
-                self._pod_ips[(new.metadata.namespace, ip)] += 1
+            if new.ips:
+                self._pod_ips.setdefault(new.metadata.namespace, Counter()).update(new.ips)
 
     # --- the slow path ---------------------------------------------------------------------
 
@@ -353,7 +357,7 @@ class ClusterZone:
         namespace = where.labels[1]
         if ip is None:
             return nx
-        if self.pods == "verified" and self._pod_ips.get((namespace, ip), 0) <= 0:
+        if self.pods == "verified" and self._pod_ips.get(namespace, NO_PODS)[ip] <= 0:
             return nx
         rtype = AAAA if ":" in ip else A
         if qtype != rtype:

@@ -19,12 +19,12 @@ import dns.query
 import dns.rcode
 import pytest
 from dnskit import Running, serve, wait_for
-from svcnet.dns.daemon import SLICE_ADDRESSES, DNSOptions
+from svcnet.dns.daemon import DNSOptions
 from svcnet.dns.table import SharedTable, TableView
-from svcnet.dns.wire import AAAA, ANY, RR, A, prepare
-from svcnet.dns.zone import ClusterZone, split_keys, table_key
+from svcnet.dns.wire import AAAA, RR, A, prepare
+from svcnet.dns.zone import split_keys, table_key
 
-from svcnet.model import SERVICE, InvalidObject
+from svcnet.model import SERVICE
 from svcnet.store.memory import MemoryStore
 
 
@@ -94,49 +94,6 @@ def test_split_keys_round_trip() -> None:
             table_key("_http._tcp.a.b.svc.cluster.local.", 33), table_key(".", 2)}
     assert split_keys(b"".join(sorted(keys))) == keys
     assert split_keys(b"") == set()
-
-
-def test_zone_keeps_no_records_but_reads_them_back() -> None:
-    """ANY and in-zone ExternalName targets read A/AAAA back from the shared table."""
-    zone = ClusterZone()
-    web = SERVICE.convert({"metadata": {"name": "web", "namespace": "ns"},
-                           "spec": {"clusterIP": "10.0.0.1",
-                                    "clusterIPs": ["10.0.0.1", "fd00::1"]}})
-    hdls = SERVICE.convert({"metadata": {"name": "h", "namespace": "ns"},
-                            "spec": {"clusterIP": "None"}})
-    slice_ = SLICE_ADDRESSES.decode(
-        b'{"metadata": {"name": "h-1", "namespace": "ns", "labels": '
-        b'{"kubernetes.io/service-name": "h"}}, "addressType": "IPv4", "endpoints": ['
-        b'{"addresses": ["10.1.0.1"]}, {"addresses": ["10.1.0.2"]}, '
-        b'{"addresses": ["10.1.0.3"], "conditions": {"ready": false}}]}')
-    zone.set_service("ns/web", web, [])
-    zone.set_service("ns/h", hdls, [slice_])
-    zone.mark_synced()
-    assert all(not recs.rrsets for recs in zone._services.values())
-    name = "web.ns.svc.cluster.local."
-    assert zone.rrset(name, A) == [RR(name, A, 5, "10.0.0.1")]
-    assert zone.rrset(name, AAAA) == [RR(name, AAAA, 5, "fd00::1")]
-    assert zone.rrset("h.ns.svc.cluster.local.", A) == [
-        RR("h.ns.svc.cluster.local.", A, 5, "10.1.0.1"),
-        RR("h.ns.svc.cluster.local.", A, 5, "10.1.0.2")]
-    any_ = zone.answer(name, ANY).prepared
-    assert any_ is not None and any_.counts[2:4] == b"\x00\x02"
-    zone.set_service("ns/web", None, [])
-    assert zone.rrset(name, A) == [] and zone.table.get(table_key(name, A)) is None
-
-
-def test_slim_slice_keeps_endpoints_as_text_and_still_rejects_bad_ones() -> None:
-    good = SLICE_ADDRESSES.decode(
-        b'{"metadata": {"name": "s", "namespace": "ns"}, "addressType": "IPv4", '
-        b'"endpoints": [{"addresses": ["10.1.0.1"], "hostname": "a", '
-        b'"targetRef": {"kind": "Pod", "name": "p"}}]}')
-    assert bytes(good.raw_endpoints).startswith(b'[{"addresses"')
-    (ep,) = good.endpoints
-    assert ep.addresses == ("10.1.0.1",) and ep.hostname == "a" and ep.ready
-    assert ep.target_ref is not None and ep.target_ref.name == "p"
-    with pytest.raises(InvalidObject):
-        SLICE_ADDRESSES.decode(b'{"metadata": {"name": "s"}, "addressType": "IPv4", '
-                               b'"endpoints": [{"addresses": 5}]}')
 
 
 async def one_service(store: MemoryStore) -> None:
