@@ -2,14 +2,18 @@
 
 Everything goes through the binary interface (env + stdin) in real namespaces; checks are on
 kernel state (links, addresses, routes, bridge membership, rules) and real traffic. Running
-the same assertions on Debian's reference plugins validates the suite itself.
+the same assertions on Debian's reference plugins validates the suite itself. svcnet-cni runs
+in both deployed forms: ``svcnet`` is the in-process plugin, ``svcnet-daemon`` the default
+client served by ``svcnet cni serve`` in the host namespace (a fallback fails the test).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +38,12 @@ pytestmark = pytest.mark.kernel
 
 REF_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
 OUR_VERSIONS = (*REF_VERSIONS, "1.1.0")
-CASES = [("svcnet", v) for v in OUR_VERSIONS] + [("reference", v) for v in REF_VERSIONS]
+CASES = ([("svcnet", v) for v in OUR_VERSIONS]
+         + [("svcnet-daemon", v) for v in ("0.3.0", "1.1.0")]
+         + [("reference", v) for v in REF_VERSIONS])
+IMPLS = ["svcnet", "svcnet-daemon", "reference"]
+SERVE = ("import sys; from svcnet.cni.cli import serve_child; "
+         "sys.exit(serve_child([sys.argv[1], '0']))")
 
 
 @dataclass
@@ -86,9 +95,11 @@ def _has_prev(conf: dict[str, Any]) -> bool:
 
 @pytest.fixture
 def make_net(netns: Callable[[str], str], tmp_path: Path, svcnet_bin: Path
-             ) -> Callable[[str], Net]:
+             ) -> Iterator[Callable[[str], Net]]:
     require_root()
     require_binary("ip", "nft", "ping")
+    servers: list[subprocess.Popen[bytes]] = []
+    fallback_logs: list[Path] = []
 
     def make(impl: str) -> Net:
         host = netns("h")
@@ -96,12 +107,50 @@ def make_net(netns: Callable[[str], str], tmp_path: Path, svcnet_bin: Path
             require(Path(REFERENCE_DIR, "bridge").exists(), "needs containernetworking-plugins")
             runtime = Runtime(host, REFERENCE_DIR)
             plugin_type = "bridge"
+        elif impl == "svcnet-daemon":
+            bindir = _daemon_bin(tmp_path, svcnet_bin, host, servers, fallback_logs)
+            runtime = Runtime(host, f"{bindir}:{REFERENCE_DIR}")
+            plugin_type = "svcnet-cni"
         else:
             runtime = Runtime(host, f"{svcnet_bin.parent}:{REFERENCE_DIR}")
             plugin_type = "svcnet-cni"
         return Net(impl, runtime, plugin_type, tmp_path / f"ipam-{impl}", f"conf-{impl}", host)
 
-    return make
+    try:
+        yield make
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(10)
+    for log in fallback_logs:  # every request must have been served by the daemon
+        assert not log.exists(), f"svcnet-cni fell back to in-process: {log.read_text()}"
+
+
+def _daemon_bin(tmp_path: Path, svcnet_bin: Path, host: str,
+                servers: list[subprocess.Popen[bytes]], fallback_logs: list[Path]) -> Path:
+    """The default install (socket client) served by ``svcnet cni serve`` in ``host``; the
+    in-process plugin behind it only records that it was used."""
+    from svcnet.cni.cli import socket_client
+
+    require_binary("perl")
+    bindir = tmp_path / f"daemon-bin-{len(servers)}"
+    bindir.mkdir()
+    sock, log = bindir / "cni.sock", bindir / "fallbacks"
+    fallback_logs.append(log)
+    (bindir / "svcnet-cni").write_text(socket_client(str(bindir / "svcnet-cni-inprocess"),
+                                                     str(sock)))
+    (bindir / "svcnet-cni-inprocess").write_text(
+        f'#!/bin/sh\necho "$CNI_COMMAND" >> {log}\nexec {svcnet_bin} "$@"\n')
+    for name in ("svcnet-cni", "svcnet-cni-inprocess"):
+        (bindir / name).chmod(0o755)
+    (bindir / "svcnet-ipam").symlink_to("svcnet-cni")
+    servers.append(subprocess.Popen(["ip", "netns", "exec", host, sys.executable, "-c", SERVE,
+                                     str(sock)]))
+    for _ in range(200):  # up to 10 s on a loaded machine
+        if sock.exists():
+            return bindir
+        time.sleep(0.05)
+    raise AssertionError("svcnet cni serve did not create its socket")
 
 
 def pod_ip(result: dict[str, Any], version: int = 4) -> str:
@@ -167,7 +216,7 @@ def test_add_check_del(make_net: Callable[[str], Net], netns: Callable[[str], st
     assert net.reservations() == []
 
 
-@pytest.mark.parametrize("impl", ["svcnet", "reference"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_check_reports_drift(make_net: Callable[[str], Net], netns: Callable[[str], str],
                              impl: str) -> None:
     net = make_net(impl)
@@ -181,7 +230,7 @@ def test_check_reports_drift(make_net: Callable[[str], Net], netns: Callable[[st
     net.delete(conf, "ctr", pod, prev=res)
 
 
-@pytest.mark.parametrize("impl", ["svcnet", "reference"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_masquerade_and_del_without_netns(make_net: Callable[[str], Net],
                                           netns: Callable[[str], str], impl: str) -> None:
     """Pod traffic to an outside host is masqueraded (the outside host has no route back to
@@ -216,7 +265,7 @@ def test_masquerade_and_del_without_netns(make_net: Callable[[str], Net],
     assert not leaked
 
 
-@pytest.mark.parametrize("impl", ["svcnet", "reference"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_ipv6_masquerade(make_net: Callable[[str], Net], netns: Callable[[str], str],
                          impl: str) -> None:
     """IPv6 pod traffic to an outside host with no route back is masqueraded too."""
@@ -237,7 +286,7 @@ def test_ipv6_masquerade(make_net: Callable[[str], Net], netns: Callable[[str], 
     assert net.reservations() == []
 
 
-@pytest.mark.parametrize("impl", ["svcnet", "reference"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_dual_stack(make_net: Callable[[str], Net], netns: Callable[[str], str],
                     impl: str) -> None:
     net = make_net(impl)
@@ -259,7 +308,7 @@ def test_dual_stack(make_net: Callable[[str], Net], netns: Callable[[str], str],
     assert net.reservations() == []
 
 
-@pytest.mark.parametrize("impl", ["svcnet", "reference"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_requested_ips_and_range_bounds(make_net: Callable[[str], Net],
                                         netns: Callable[[str], str], impl: str) -> None:
     net = make_net(impl)
@@ -279,7 +328,7 @@ def test_requested_ips_and_range_bounds(make_net: Callable[[str], Net],
     assert net.reservations() == []
 
 
-@pytest.mark.parametrize("impl", ["svcnet", "reference"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_add_on_existing_ifname_fails_and_rolls_back(make_net: Callable[[str], Net],
                                                      netns: Callable[[str], str],
                                                      impl: str) -> None:
@@ -293,7 +342,7 @@ def test_add_on_existing_ifname_fails_and_rolls_back(make_net: Callable[[str], N
     assert not [n for n, link in links(net.host).items() if link.get("master") == "cnitest0"]
 
 
-@pytest.mark.parametrize("impl", ["svcnet", "reference"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_bridge_options(make_net: Callable[[str], Net], netns: Callable[[str], str],
                         impl: str) -> None:
     net = make_net(impl)
@@ -317,7 +366,7 @@ def test_bridge_options(make_net: Callable[[str], Net], netns: Callable[[str], s
     assert net.reservations() == []
 
 
-@pytest.mark.parametrize("impl", ["svcnet", "reference"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_macspoofchk(make_net: Callable[[str], Net], netns: Callable[[str], str],
                      impl: str) -> None:
     """Frames from a pod whose source MAC is not the one ADD gave it are dropped."""
@@ -339,7 +388,7 @@ def test_macspoofchk(make_net: Callable[[str], Net], netns: Callable[[str], str]
                                                         "ruleset").stdout
 
 
-@pytest.mark.parametrize("impl", ["svcnet", "reference"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_failed_step_rolls_back_everything(make_net: Callable[[str], Net],
                                            netns: Callable[[str], str], impl: str) -> None:
     """A route whose gateway is not on-link fails late in ADD, after the address, the veth
@@ -359,7 +408,7 @@ def test_failed_step_rolls_back_everything(make_net: Callable[[str], Net],
     assert not leaked
 
 
-@pytest.mark.parametrize("impl", ["svcnet", "reference"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_force_address(make_net: Callable[[str], Net], netns: Callable[[str], str],
                        impl: str) -> None:
     net = make_net(impl)
@@ -390,7 +439,7 @@ ERROR_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(ERROR_CASES))
-@pytest.mark.parametrize("impl", ["svcnet", "reference"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_error_json(make_net: Callable[[str], Net], netns: Callable[[str], str], impl: str,
                     case: str) -> None:
     net = make_net(impl)
