@@ -175,3 +175,25 @@ def test_auto_backend_follows_the_host(netns: Callable[[str], str]) -> None:
 
 def _underlay() -> Underlay:
     return Underlay("eth0", 1500, "10.99.0.1", "fd99::1", ("10.99.0.0/24", "fd99::/64"))
+
+
+def test_switching_backend_removes_the_other_backends_rules(netns: Callable[[str], str]) -> None:
+    """A daemon started with another backend than the last run removes the old rules, so
+    two rule sets never coexist."""
+    require_binary("nft", "iptables-restore")
+    from svcnet.cni.overlay.daemon import OverlayDaemon, OverlayOptions
+    from svcnet.cni.overlay.firewall import make_firewall
+
+    ns = netns("sw")
+    rules = compute_desired(parse_network_config(CONF), lease(1, "10.99.0.1"), (),
+                            _underlay(), "n1").rules
+
+    async def main() -> None:
+        assert (await make_firewall("iptables", ns).sync(rules))[1] == []
+        daemon = OverlayDaemon(OverlayOptions(node_name="n1", masq_backend="nftables"))
+        chosen = await daemon._choose_firewall(ns)
+        assert chosen.name == "nftables"
+
+    asyncio.run(main())
+    assert "SVCNET-OVL" not in ns_sh(ns, "iptables-save").stdout
+    assert "SVCNET-OVL" not in ns_sh(ns, "ip6tables-save").stdout
