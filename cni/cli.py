@@ -14,6 +14,7 @@ package directories by hand, which brings interpreter start-up to ~11 ms (docs/c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -262,6 +263,8 @@ def cmd_install(args: argparse.Namespace) -> int:
               f"interpreter {python})")
     else:
         _write(target, launcher_text(python), 0o755)
+        with contextlib.suppress(FileNotFoundError):  # left by an earlier default install
+            os.unlink(os.path.join(args.bin_dir, IN_PROCESS_NAME))
         print(f"installed {target} (in-process, interpreter {python})")
     ipam_link = os.path.join(args.bin_dir, "svcnet-ipam")
     if not os.path.lexists(ipam_link):

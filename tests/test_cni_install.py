@@ -67,7 +67,8 @@ def test_install_in_process_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                  capsys: pytest.CaptureFixture[str]) -> None:
     import svcnet.cni.cli
 
-    bindir, _ = _install(tmp_path, "--no-fast-path")
+    _install(tmp_path)
+    bindir, _ = _install(tmp_path, "--no-fast-path")  # over the default install
     assert (bindir / "svcnet-cni").read_text().startswith(f"#!{sys.executable} -IS")
     assert not (bindir / "svcnet-cni-inprocess").exists()
     capsys.readouterr()
