@@ -7,7 +7,7 @@ a host-local-style IPAM plugin.
 
 Start-up is the latency budget: this module and everything it imports use only builtin C
 modules and small local modules (no ``json``, ``re``, ``typing``, ``subprocess``,
-``ipaddress``, ``ctypes`` or third-party packages); ``tests/test_cni_imports.py`` enforces it.
+``ipaddress``, ``ctypes`` or third-party packages); ``tests/test_cni_install.py`` enforces it.
 """
 
 from __future__ import annotations
