@@ -232,6 +232,26 @@ def test_changed_vni_recreates_and_mtu_change_only_sets() -> None:
     asyncio.run(main())
 
 
+def test_offloads_are_enforced_only_when_wanted() -> None:
+    """Offloads are a floor: missing ones are set; with enforcement off (no notrack), what
+    the device has is left alone and a sync plans nothing."""
+    from dataclasses import replace
+
+    from svcnet.cni.overlay.netlink import Observed
+
+    cfg = parse_network_config(NET)
+    for notrack in (True, False):
+        want = compute_desired(cfg, lease(1), (lease(1), lease(2)), UNDERLAY, "n1",
+                               notrack=notrack).kernel
+        (link,) = want.links
+        assert bool(link.offloads) == notrack
+        on = replace(want, links=frozenset({replace(link, offloads=(
+            "generic-receive-offload", "tx-checksum-ip-generic"))}))
+        assert plan(want, Observed(on)) == []
+        off = replace(want, links=frozenset({replace(link, offloads=())}))
+        assert [op.verb for op in plan(want, Observed(off))] == (["set"] if notrack else [])
+
+
 def test_command_lines_are_ip_batch_syntax() -> None:
     link = next(iter(compute_desired(parse_network_config(NET), lease(1), (), UNDERLAY,
                                      "n1").kernel.links))

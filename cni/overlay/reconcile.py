@@ -35,7 +35,8 @@ def plan(desired: KernelObjects, observed: Observed) -> list[Op]:
             # MAC is a re-creation too: the plan then re-adds every entry of the device.
             link_ops += [Op("del", got), Op("add", want)]
             fresh.add(name)
-        elif (got.mtu, got.offloads) != (want.mtu, want.offloads) or name in observed.down:
+        elif (got.mtu != want.mtu or not set(want.offloads) <= set(got.offloads)
+              or name in observed.down):
             link_ops.append(Op("set", want))
 
     def alive(dev: str) -> bool:
