@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -155,3 +156,84 @@ def test_sigkill_during_add_then_gc_leaves_nothing(
                         survivor_pod)
     runtime.exec_plugin("svcnet-cni", "DEL", conf, "survivor", survivor_pod)
     assert _reservations(tmp_path) == []
+
+
+SERVE = ("import sys; from svcnet.cni.cli import serve_child; "
+         "sys.exit(serve_child([sys.argv[1], '0']))")
+
+
+def _serve(host: str, sock: Path) -> subprocess.Popen[bytes]:
+    server = subprocess.Popen(["ip", "netns", "exec", host, sys.executable, "-c", SERVE,
+                               str(sock)], stderr=subprocess.DEVNULL)
+    for _ in range(200):  # up to 10 s on a loaded machine
+        if sock.exists():
+            return server
+        time.sleep(0.05)
+    server.kill()
+    raise AssertionError("svcnet cni serve did not create its socket")
+
+
+def test_daemon_sigkilled_during_parallel_adds_then_gc(
+        netns: Callable[[str], str], tmp_path: Path, svcnet_bin: Path) -> None:
+    """The node daemon dies with ADDs in flight, at random points: every client gets an
+    answer (done, or code 11 for a request it had accepted; later ones fall back), none is
+    applied twice, and GC with the completed attachments leaves exactly those."""
+    from svcnet.cni.cli import socket_client
+
+    require_root()
+    require_binary("ip", "nft", "perl")
+    seed = time.time_ns()
+    rng = random.Random(seed)
+    host = netns("h")
+    bindir, sock = tmp_path / "bin", tmp_path / "cni.sock"
+    bindir.mkdir()
+    client = bindir / "svcnet-cni"
+    client.write_text(socket_client(str(svcnet_bin), str(sock)))
+    client.chmod(0o755)
+    runtime = Runtime(host, str(bindir))
+    conf = _conf(tmp_path)
+    server = _serve(host, sock)
+    valid: dict[str, dict[str, Any]] = {}
+    lost = 0
+    try:
+        started = time.monotonic()
+        survivor = runtime.exec_plugin("svcnet-cni", "ADD", conf, "survivor", netns("s"))
+        add_s = time.monotonic() - started
+        assert survivor is not None
+        valid["survivor"] = survivor
+        for round_ in range(3):  # until one round kills the daemon with an ADD accepted
+            pods = {f"r{round_}-{i}": netns("p") for i in range(8)}
+            procs = {}
+            for i, (cid, pod) in enumerate(pods.items()):
+                if i == 6:  # kill while requests are being handled (a thread each) ...
+                    for _ in range(400):
+                        if len(os.listdir(f"/proc/{server.pid}/task")) >= 3:
+                            break
+                        time.sleep(0.005)
+                    time.sleep(rng.uniform(0, 0.5) * add_s)
+                    server.kill()
+                    server.wait(10)
+                procs[cid] = _spawn(host, client, "ADD", conf, cid, pod)  # ... later: refused
+            for cid, proc in procs.items():
+                out, err = proc.communicate(timeout=120)
+                if proc.returncode == 0:
+                    valid[cid] = json.loads(out)
+                    continue
+                doc = json.loads(out)
+                assert doc["code"] == 11 and "not repeated" in doc["msg"], (seed, out, err)
+                lost += 1
+            server = _serve(host, sock)
+            if lost:
+                break
+        assert lost, f"seed {seed}: the daemon never died with an ADD in flight"
+        _gc(runtime, conf, [(cid, "eth0") for cid in valid])
+        ips = {res["ips"][0]["address"].split("/")[0] for res in valid.values()}
+        assert sorted(_reservations(tmp_path)) == sorted(ips), f"seed {seed}"
+        assert sorted(_ports(host)) == sorted(r["interfaces"][1]["name"]
+                                              for r in valid.values()), f"seed {seed}"
+        assert _masq_members(host) == ips, f"seed {seed}"
+        _gc(runtime, conf, [])
+        assert _reservations(tmp_path) == [] and _ports(host) == []
+    finally:
+        server.kill()
+        server.wait(10)
