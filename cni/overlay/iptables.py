@@ -9,6 +9,7 @@ touched.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -195,17 +196,19 @@ class IptablesFirewall:
 
     async def _plans(self, rules: Sequence[TrafficRules]) -> dict[int, ChainPlan]:
         chains = render_chains(rules)
-        plans: dict[int, ChainPlan] = {}
-        for family in FAMILIES:
-            mine = [c for c in chains if c.family == family]
+        mine = {family: [c for c in chains if c.family == family] for family in FAMILIES}
+
+        async def saved(family: int) -> dict[tuple[str, str], SavedChain]:
             try:
-                saved = await self._saved(family, bool(mine))
+                return await self._saved(family, bool(mine[family]))
             except FileNotFoundError:
-                if mine:
+                if mine[family]:
                     raise
-                saved = {}
-            plans[family] = plan_chains(mine, saved)
-        return plans
+                return {}
+
+        dumps = await asyncio.gather(*(saved(family) for family in FAMILIES))
+        return {family: plan_chains(mine[family], dump)
+                for family, dump in zip(FAMILIES, dumps, strict=True)}
 
     async def diff(self, rules: Sequence[TrafficRules]) -> list[str]:
         return [ln for plan in (await self._plans(rules)).values() for ln in plan.lines()]

@@ -146,7 +146,8 @@ class IpCommandNetlink:
                         prefixes=tuple(prefixes))
 
     async def observe(self, devices: frozenset[str]) -> Observed:
-        links_j, addrs_j, neigh_j, fdb_j, r4, r6 = await asyncio.gather(
+        names = sorted(devices)
+        links_j, addrs_j, neigh_j, fdb_j, r4, r6, *features = await asyncio.gather(
             self._json(self._ip("-j", "-d", "link", "show", "type", "vxlan")),
             self._json(self._ip("-j", "addr", "show", "type", "vxlan")),
             self._json(self._ip("-j", "neigh", "show", "nud", "permanent")),
@@ -155,7 +156,9 @@ class IpCommandNetlink:
                                 "proto", str(ROUTE_PROTO))),
             self._json(self._ip("-j", "-6", "route", "show", "table", "main",
                                 "proto", str(ROUTE_PROTO))),
+            *(self._offloads(name) for name in names),
         )
+        offloads: dict[str, tuple[str, ...]] = dict(zip(names, features, strict=True))
         links: set[VxlanLink] = set()
         down: set[str] = set()
         for link in links_j:
@@ -167,7 +170,7 @@ class IpCommandNetlink:
                 name=name, vni=int(info.get("id", -1)), port=int(info.get("port", 0)),
                 local=str(info.get("local") or info.get("local6") or ""),
                 underlay=str(info.get("link", "")), mtu=int(link.get("mtu", 0)),
-                mac=str(link.get("address", "")), offloads=await self._offloads(name),
+                mac=str(link.get("address", "")), offloads=offloads.get(name, ()),
             ) if not info.get("learning", False) else VxlanLink(name, -1, 0, "", "", 0, ""))
             if "UP" not in link.get("flags", []):
                 down.add(name)
@@ -199,12 +202,13 @@ class IpCommandNetlink:
 
     async def _offloads(self, dev: str) -> tuple[str, ...]:
         """Which of ``VXLAN_OFFLOADS`` are on (all of them if ``ethtool`` is missing: the
-        kernel's defaults, which we then cannot check)."""
+        kernel's defaults, which we then cannot check). Read alongside the other dumps, so
+        a device that does not exist (yet) just reads as none."""
         if not shutil.which("ethtool"):
             return VXLAN_OFFLOADS
-        code, out, err = await run(self._ethtool("-k", dev))
+        code, out, _ = await run(self._ethtool("-k", dev))
         if code != 0:
-            raise NetlinkError(f"ethtool -k {dev}: {err.decode().strip()}")
+            return ()
         on = {ln.split(":")[0].strip() for ln in out.decode().splitlines()
               if ln.split(":", 1)[-1].strip().startswith("on")}
         return tuple(f for f in VXLAN_OFFLOADS if f in on)
