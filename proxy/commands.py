@@ -7,11 +7,15 @@ itself normally already runs inside its node's namespace). ``FakeCommands`` reco
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 
 
 class CommandFailed(Exception):
@@ -43,7 +47,6 @@ class SubprocessCommands:
             raise CommandFailed(argv, proc.returncode, proc.stderr)
         return proc.stdout
 
-
     def stream(self, argv: Sequence[str], chunks: Iterable[str]) -> str:
         """Like ``run``, but feeds stdin while ``chunks`` are still being produced, so the
         tool parses the start of a large input while we generate the rest."""
@@ -52,6 +55,8 @@ class SubprocessCommands:
             proc = subprocess.Popen(full, stdin=subprocess.PIPE, stdout=out, stderr=err,
                                     text=True)
             assert proc.stdin is not None
+            with contextlib.suppress(OSError):  # fewer hand-overs between us and the tool
+                fcntl.fcntl(proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
             try:
                 for chunk in chunks:
                     proc.stdin.write(chunk)
@@ -62,7 +67,12 @@ class SubprocessCommands:
                 proc.kill()
                 proc.wait()
                 raise
-            code = proc.wait(self.timeout)
+            try:
+                code = proc.wait(self.timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise
             err.seek(0)
             out.seek(0)
             if code != 0:

@@ -44,6 +44,10 @@ TABLE = "svcnet"
 LOCAL_OFFSET = 1 << 20
 LB_CHAINS_MIN = 32
 ELEMENT_BATCH = 2000
+# nft reads this as a file, parsing while we still write; "-f -" reads all stdin first.
+STREAMED_INPUT = "/proc/self/fd/0"
+# Maps whose values jump to chains: their elements go after the chains in a full sync.
+VERDICT_MAPS = frozenset({"service-ips", "local-shortcut", "no-endpoints"})
 STATIC_MAPS = (
     "service-ips", "backends", "no-endpoints", "local-shortcut", "cluster-ips",
     "external-masq", "local-policy", "hairpin", "firewall-ips", "firewall-allow",
@@ -76,7 +80,6 @@ class NftablesBackend:
     def __init__(self, nft: Commands, config: BackendConfig) -> None:
         self.nft = nft
         self.config = config
-        self._rendered: dict[PortKey, Rendered] = {}
         self._lb_chains: dict[Family, set[str]] = {f: set() for f in config.families}
         self._lb_max: dict[Family, int] = {f: 0 for f in config.families}
         self._hairpin: dict[Family, Counter[str]] = {f: Counter() for f in config.families}
@@ -85,18 +88,28 @@ class NftablesBackend:
     # --- public ---------------------------------------------------------------------------
 
     def sync(self, changes: Changes, *, full: bool) -> None:
-        full = full or not self._synced_once
-        if full or self._needs_full(changes):
-            stream = getattr(self.nft, "stream", None)
-            chunks = self._full_chunks(changes.state)
-            if stream is not None:
-                stream(["nft", "-f", "-"], chunks)
-            else:
-                self.nft.run(["nft", "-f", "-"], input="".join(chunks))
+        if full or not self._synced_once or self._needs_full(changes):
+            self.sync_full(changes.state.values())
         else:
             script = self._partial_script(changes)
             if script:
                 self.nft.run(["nft", "-f", "-"], input=script)
+        self._synced_once = True
+
+    def sync_full(self, ports: Iterable[ServicePortState]) -> None:
+        """Rebuild the table from every service port, in one transaction.
+
+        ``ports`` may be computed lazily (the proxier passes the model as it is being
+        computed): each port is rendered and written to ``nft`` as it comes, and ``nft``
+        reads its input as a file (``/proc/self/fd/0``; ``-f -`` would buffer all of stdin
+        before parsing), so the model, rendering and nft's parsing overlap.
+        """
+        chunks = self._full_chunks(ports)
+        stream = getattr(self.nft, "stream", None)
+        if stream is not None:
+            stream(["nft", "-f", STREAMED_INPUT], chunks)
+        else:
+            self.nft.run(["nft", "-f", "-"], input="".join(chunks))
         self._synced_once = True
 
     def healthy(self) -> bool:
@@ -110,7 +123,6 @@ class NftablesBackend:
             fam = nft_family(family)  # type: ignore[arg-type]
             self.nft.run(["nft", "-f", "-"],
                          input=f"add table {fam} {TABLE}\ndelete table {fam} {TABLE}\n")
-        self._rendered.clear()
         self._synced_once = False
 
     def dump(self, family: Family = 4) -> dict[str, object]:
@@ -122,62 +134,75 @@ class NftablesBackend:
     # --- full and partial scripts -------------------------------------------------------------
 
     def _full_script(self, state: Mapping[PortKey, ServicePortState]) -> str:
-        return "".join(self._full_chunks(state))
+        return "".join(self._full_chunks(state.values()))
 
-    def _full_chunks(self, state: Mapping[PortKey, ServicePortState]) -> Iterator[str]:
+    def _full_chunks(self, ports: Iterable[ServicePortState]) -> Iterator[str]:
         """The full-sync script, produced while ``nft`` already parses the start of it.
 
-        Elements are buffered per set/map and emitted in batches, after the chains and
-        sets they reference.
+        Order: the fixed skeleton; per port its affinity sets and chains and, batched per
+        set, the elements that reference no chain; then the shared ``lb-N`` chains (their
+        number is known only once every port was seen); then the verdict-map elements that
+        jump to them; last the hairpin pairs (deduplicated over all ports).
         """
-        rendered: dict[PortKey, Rendered] = {}
-        self._rendered = {}  # rebuilt below; not holding both halves the peak memory
-        for family in self._families:
+        families = self._families
+        head: list[str] = []
+        for family in families:
             fam = nft_family(family)
-            lines = [f"add table {fam} {TABLE}", f"delete table {fam} {TABLE}"]
-            lines += self._skeleton(family)
+            head += [f"add table {fam} {TABLE}", f"delete table {fam} {TABLE}"]
+            head += self._skeleton(family)
             self._lb_chains[family] = set()
             self._hairpin[family] = Counter()
-            # nft 1.0.6 cannot add a rule using @backends once the map exists in the kernel
-            # ("conflicting protocols: ip vs. th" re-reading its typeof), so every lb chain a
-            # partial sync may need is made here; a partial sync needing more falls back to
-            # a full one.
-            most = max([LB_CHAINS_MIN] + [
-                max(len(sp.cluster_endpoints), len(sp.local_endpoints))
-                for sp in state.values() if sp.family == family])
-            self._lb_max[family] = most * 2
-            lines += self._ensure_lb_chains(family, {
-                f"{kind}-{n}" for kind in ("lb", "lbl") for n in range(1, most * 2 + 1)})
-            yield "\n".join(lines) + "\n"
-            pending: dict[str, dict[str, str]] = {}
-            out: list[str] = []
-            hairpin = self._hairpin[family]
-            for key, sp in state.items():
-                if key.family != family:
-                    continue
-                r = rendered[key] = self.render(sp)
-                hairpin.update(r.hairpin)
+        yield "\n".join(head) + "\n"
+        most = dict.fromkeys(families, LB_CHAINS_MIN)
+        pending: dict[tuple[Family, str], dict[str, str]] = {}
+        deferred: dict[tuple[Family, str], dict[str, str]] = {}
+        out: list[str] = []
+        render = self.render
+        for sp in ports:
+            family = sp.family
+            if family not in most:
+                continue
+            n = max(len(sp.cluster_endpoints), len(sp.local_endpoints))
+            if n > most[family]:
+                most[family] = n
+            fam = "ip" if family == 4 else "ip6"
+            r = render(sp)
+            self._hairpin[family].update(r.hairpin)
+            if r.chains:
                 for name, decl in r.sets.items():
                     out.append(f"add set {fam} {TABLE} {name} {decl}\n")
                 for name in r.chains:
                     out.append(f"add chain {fam} {TABLE} {name}\n")
                 for name, rules in r.chains.items():
                     out += [f"add rule {fam} {TABLE} {name} {rule}\n" for rule in rules]
-                for name, elems in r.elements.items():
-                    buf = pending.setdefault(name, {})
-                    buf.update(elems)
-                    if len(buf) >= ELEMENT_BATCH:
-                        out += [ln + "\n" for ln in _element_lines("add", fam, name, buf)]
-                        pending[name] = {}
-                if len(out) > 64:
-                    yield "".join(out)
-                    out = []
-            for name, elems in pending.items():
-                out += [ln + "\n" for ln in _element_lines("add", fam, name, elems)]
-            hp = {_hairpin_key(ip): "" for ip in hairpin}
-            out += [ln + "\n" for ln in _element_lines("add", fam, "hairpin", hp)]
-            yield "".join(out)
-        self._rendered = rendered
+            for name, elems in r.elements.items():
+                if name in VERDICT_MAPS:
+                    deferred.setdefault((family, name), {}).update(elems)
+                    continue
+                buf = pending.get((family, name))
+                if buf is None:
+                    buf = pending[family, name] = {}
+                buf.update(elems)
+                if len(buf) >= ELEMENT_BATCH:
+                    out += _element_lines("add", fam, name, buf, newline=True)
+                    pending[family, name] = {}
+            if len(out) >= 64:
+                yield "".join(out)
+                out = []
+        for (family, name), elems in pending.items():
+            out += _element_lines("add", nft_family(family), name, elems, newline=True)
+        del pending
+        for family in families:
+            self._lb_max[family] = most[family] * 2
+            out += [ln + "\n" for ln in self._ensure_lb_chains(family, {
+                f"{kind}-{n}" for kind in ("lb", "lbl") for n in range(1, most[family] * 2 + 1)})]
+        for (family, name), elems in deferred.items():
+            out += _element_lines("add", nft_family(family), name, elems, newline=True)
+        del deferred
+        for family in families:
+            hp = dict.fromkeys([f"{ip} . {ip}" for ip in self._hairpin[family]], "")
+            out += _element_lines("add", nft_family(family), "hairpin", hp, newline=True)
+        yield "".join(out)
 
     def _needs_full(self, changes: Changes) -> bool:
         """A port with more endpoints than the lb chains made at the last full sync."""
@@ -199,10 +224,10 @@ class NftablesBackend:
             if key.family not in self._families:
                 continue
             family, fam = key.family, nft_family(key.family)
-            old = self._rendered.pop(key, None) or Rendered()
+            # What the kernel has for this port is what its previous state rendered to
+            # (any sync that failed made this one full): no rendered copy is kept.
+            old = self.render(change.previous) if change.previous else Rendered()
             new = self.render(change.current) if change.current else Rendered()
-            if change.current is not None:
-                self._rendered[key] = new
             head += self._ensure_lb_chains(family, set(new.lb_chains))
             for name, decl in new.sets.items():
                 if name not in old.sets:
@@ -435,10 +460,14 @@ def _hairpin_key(ip: str) -> str:
 
 
 def _element_lines(op: str, fam: str, name: str, elems: Mapping[str, str],
-                   batch: int = 2000) -> list[str]:
-    items = [f"{k} : {v}" if v and op == "add" else k for k, v in elems.items()]
+                   batch: int = ELEMENT_BATCH, *, newline: bool = False) -> list[str]:
+    if op == "add" and any(elems.values()):
+        items = [f"{k} : {v}" if v else k for k, v in elems.items()]
+    else:
+        items = list(elems)
+    end = "\n" if newline else ""
     return [
-        f"{op} element {fam} {TABLE} {name} {{ {', '.join(chunk)} }}"
+        f"{op} element {fam} {TABLE} {name} {{ {', '.join(chunk)} }}{end}"
         for chunk in _chunks(items, batch)
     ]
 

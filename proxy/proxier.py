@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -21,7 +21,7 @@ from typing import Protocol
 from svcnet.proxy import drift, metrics
 from svcnet.proxy.conntrack import ConntrackTable, stale_flows
 from svcnet.proxy.health import HealthCheck, NodePortHealthServers, SyncHealth
-from svcnet.proxy.state import Changes, ChangeTracker, NodeConfig
+from svcnet.proxy.state import Changes, ChangeTracker, Drain, NodeConfig, ServicePortState
 
 from svcnet.model import ENDPOINT_SLICE, SERVICE, EndpointSlice, Service
 from svcnet.watch import Callbacks, InformerFactory
@@ -32,6 +32,9 @@ TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 
 
 class RuleBackend(Protocol):
+    """A backend may also have ``sync_full(ports)``: a full sync from an iterable of every
+    service port, consumed while the model is still being computed (see ``_streamed``)."""
+
     name: str
 
     def sync(self, changes: Changes, *, full: bool) -> None: ...
@@ -179,15 +182,26 @@ class Proxier:
             log.warning("proxy rules differ from the last applied ones; doing a full sync")
             full = True
         self._last_sync_start = now
-        changes = self.tracker.drain(self._services, self._slices, self._service_keys)
+        drain = self.tracker.start_drain(self._services, self._slices, self._service_keys)
         metrics.SERVICE_CHANGES_PENDING.set(0)
         metrics.ENDPOINT_CHANGES_PENDING.set(0)
-        if not changes and not full:
-            self.health.updated()
-            return True
+        stream: Callable[[Iterable[ServicePortState]], None] | None = (
+            getattr(self.backend, "sync_full", None) if full else None)
         started = time.monotonic()
+        changes: Changes | None = None
+        if stream is None:
+            # Partial syncs compute the (small) model here; a full one in the worker thread.
+            changes = drain.finish() if not full else await asyncio.to_thread(drain.finish)
+            if not changes and not full:
+                self.health.updated()
+                return True
         try:
-            await asyncio.to_thread(self.backend.sync, changes, full=full)
+            if stream is not None:
+                # The backend renders and loads ports while the model is being computed.
+                await asyncio.to_thread(_streamed, stream, drain)
+            else:
+                assert changes is not None
+                await asyncio.to_thread(self.backend.sync, changes, full=full)
         except Exception:
             log.exception("%s sync failed (full=%s)", self.backend.name, full)
             self.stats.failures += 1
@@ -200,6 +214,7 @@ class Proxier:
                 metrics.NFTABLES_SYNC_FAILURES.inc()
             return False
         elapsed = time.monotonic() - started
+        changes = drain.finish()
         self._need_full = False
         if self.drift_check:
             await asyncio.to_thread(self._record_applied)
@@ -208,6 +223,11 @@ class Proxier:
         self._observe(changes, full, elapsed)
         await self._after_sync(changes)
         return True
+
+    def request_full_sync(self) -> None:
+        """Make the next sync a full one (as after a failure)."""
+        self._need_full = True
+        self._wake.set()
 
     def _record_applied(self) -> None:
         try:
@@ -268,3 +288,11 @@ class Proxier:
                     wanted[p.health_check_node_port] = HealthCheck(
                         p.key.namespace, p.key.name, p.health_check_node_port, count)
             await self.hc_servers.reconcile(wanted)
+
+
+def _streamed(sync_full: Callable[[Iterable[ServicePortState]], None], drain: Drain) -> None:
+    """A full sync fed by the drain as it computes; the drain is completed even on failure."""
+    try:
+        sync_full(drain.ports())
+    finally:
+        drain.finish()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -204,12 +204,18 @@ def service_ports(
                 ]
             frontends += [Frontend(ip, sp.port, FrontendKind.EXTERNAL_IP) for ip in external_ips]
             frontends += [Frontend(ip, sp.port, FrontendKind.LOAD_BALANCER) for ip in fam_lb_ips]
-            endpoints = _endpoints_for_port(slices, family, sp.name, sp.protocol, node)
             uses_cluster = not internal_local or (
                 not external_local and any(f.kind.external for f in frontends))
-            cluster, local, has_any = categorize(
-                endpoints, node, uses_cluster=uses_cluster,
-                uses_local=internal_local or external_local)
+            uses_local = internal_local or external_local
+            plain = _plain_endpoints(slices, family, sp.name, sp.protocol, node)
+            if plain is not None:
+                cluster = plain if uses_cluster else ()
+                local = tuple(b for b in plain if b.local) if uses_local else ()
+                has_any = bool(plain)
+            else:
+                cluster, local, has_any = categorize(
+                    _endpoints_for_port(slices, family, sp.name, sp.protocol, node), node,
+                    uses_cluster=uses_cluster, uses_local=uses_local)
             state = ServicePortState(
                 key=key,
                 port=sp.port,
@@ -254,6 +260,61 @@ def _new_backend(ip: str, port: int, local: bool, ready: bool) -> Backend:
     _set(b, "local", local)
     _set(b, "ready", ready)
     return b
+
+
+def _plain_endpoints(
+    slices: list[EndpointSlice], family: Family, port_name: str, protocol: str,
+    node: NodeConfig,
+) -> tuple[Backend, ...] | None:
+    """The common case, cheaply: one slice of the family serving the port, every endpoint
+    ready (not terminating), no topology hints, no duplicate addresses -- then
+    ``categorize`` would pick all of them. None when anything is less plain.
+
+    This loop runs 100,000 times in a 10k-service full sync.
+    """
+    want = "IPv4" if family == 4 else "IPv6"
+    found: EndpointSlice | None = None
+    for sl in slices:
+        if sl.address_type == want:
+            if found is not None:
+                return None
+            found = sl
+    if found is None:
+        return ()
+    port = 0
+    for p in found.ports:
+        if p.name == port_name and p.protocol == protocol:
+            port = p.port
+            break
+    if not port:
+        return ()
+    node_name = node.name
+    new, set_ = object.__new__, _set
+    out: list[Backend] = []
+    ips: list[str] = []
+    for ep in found.endpoints:
+        cond = ep.conditions
+        addresses = ep.addresses
+        if (ep.hints is not None or cond.ready is False or cond.serving is False
+                or cond.terminating or len(addresses) == 0):
+            return None
+        b: Backend = new(Backend)
+        ip = addresses[0]
+        ips.append(ip)
+        set_(b, "ip", ip)
+        set_(b, "port", port)
+        set_(b, "local", bool(node_name) and ep.node_name == node_name)
+        set_(b, "ready", True)
+        out.append(b)
+    if len(out) > 1:
+        if len(set(ips)) != len(ips):
+            return None
+        out.sort(key=_backend_ip)
+    return tuple(out)
+
+
+def _backend_ip(b: Backend) -> str:
+    return b.ip
 
 
 def _endpoints_for_port(
@@ -405,30 +466,60 @@ class ChangeTracker:
         all_services: Callable[[], Iterable[str]] | None = None,
     ) -> Changes:
         """Recompute dirty services (all of them after ``set_node``) and diff the result."""
+        return self.start_drain(services, slices, all_services).finish()
+
+    def start_drain(
+        self, services: ServiceLookup, slices: SliceLookup,
+        all_services: Callable[[], Iterable[str]] | None = None,
+    ) -> Drain:
+        """Take the dirty services now; recompute them as the returned ``Drain`` is consumed.
+
+        Call this on the event loop; the ``Drain`` may then run in a worker thread (handlers
+        only add to a fresh dirty set meanwhile), so a full sync can stream rules into the
+        kernel tool while the rest of the model is still being computed. Finish it before
+        the next ``start_drain``.
+        """
         if self._all_dirty and all_services is not None:
             keys = set(all_services()) | set(self._ports_of) | self._dirty
             self._all_dirty = False
         else:
             keys = self._dirty
         self._dirty = set()
-        changed: dict[PortKey, Change] = {}
-        for skey in keys:
-            svc = services(skey)
-            new_ports = (
-                {p.key: p for p in service_ports(svc, slices(skey), self._node)} if svc else {}
-            )
-            for pkey in self._ports_of.get(skey, set()) - new_ports.keys():
+        return Drain(self, keys, services, slices)
+
+    def forget(self) -> None:
+        """Drop the computed state: the next drain recomputes every service, as after a
+        restart (the scale bench uses it to time repeated cold full syncs)."""
+        self._state.clear()
+        self._ports_of.clear()
+        self._all_dirty = True
+
+    def _recompute(
+        self, skey: str, services: ServiceLookup, slices: SliceLookup,
+        changed: dict[PortKey, Change],
+    ) -> list[ServicePortState]:
+        """One service's ports now; records what changed. Returns its current ports."""
+        svc = services(skey)
+        current = service_ports(svc, slices(skey), self._node) if svc else []
+        if len(current) > 1:  # one state per key (a repeated port: the last one, as a dict)
+            current = list({p.key: p for p in current}.values())
+        new_keys = {p.key for p in current}
+        old_keys = self._ports_of.get(skey)
+        if old_keys:
+            for pkey in old_keys - new_keys:
                 changed[pkey] = Change(self._state.pop(pkey), None)
-            for pkey, port in new_ports.items():
-                before = self._state.get(pkey)
-                if before != port:
-                    changed[pkey] = Change(before, port)
-                    self._state[pkey] = port
-            if new_ports:
-                self._ports_of[skey] = set(new_ports)
-            else:
-                self._ports_of.pop(skey, None)
-        return Changes(changed, dict(self._state))
+        state = self._state
+        for port in current:
+            key = port.key
+            before = state.get(key)
+            if before != port:
+                changed[key] = Change(before, port)
+                state[key] = port
+        if new_keys:
+            self._ports_of[skey] = new_keys
+        else:
+            self._ports_of.pop(skey, None)
+        return current
 
     @property
     def state(self) -> Mapping[PortKey, ServicePortState]:
@@ -438,3 +529,48 @@ class ChangeTracker:
 def in_cidrs(ip: str, cidrs: Iterable[str]) -> bool:
     addr = ipaddress.ip_address(ip)
     return any(addr in ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+class Drain:
+    """One drain in progress: ``ports()`` streams every current service port, recomputing
+    the dirty services on the way; ``finish()`` completes the rest and returns ``Changes``.
+
+    Used from one thread at a time. If ``ports()`` is abandoned (a failed sync),
+    ``finish()`` still recomputes what is left, so the tracker never loses a dirty service.
+    """
+
+    def __init__(self, tracker: ChangeTracker, keys: Iterable[str], services: ServiceLookup,
+                 slices: SliceLookup) -> None:
+        self._tracker = tracker
+        self._todo = list(keys)
+        self._next = 0
+        self._services = services
+        self._slices = slices
+        self._changed: dict[PortKey, Change] = {}
+        self._result: Changes | None = None
+
+    def ports(self) -> Iterator[ServicePortState]:
+        """Every service port as of this drain, in no particular order."""
+        if self._result is not None:
+            yield from self._result.state.values()
+            return
+        t = self._tracker
+        dirty = set(self._todo[self._next:])
+        unchanged = [t._state[k] for skey, keys in t._ports_of.items() if skey not in dirty
+                     for k in keys]
+        yield from unchanged
+        del unchanged
+        while self._next < len(self._todo):
+            skey = self._todo[self._next]
+            self._next += 1
+            yield from t._recompute(skey, self._services, self._slices, self._changed)
+
+    def finish(self) -> Changes:
+        if self._result is None:
+            t = self._tracker
+            while self._next < len(self._todo):
+                skey = self._todo[self._next]
+                self._next += 1
+                t._recompute(skey, self._services, self._slices, self._changed)
+            self._result = Changes(self._changed, dict(t._state))
+        return self._result

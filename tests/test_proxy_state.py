@@ -221,3 +221,65 @@ def test_tracker_set_node_recomputes_everything() -> None:
     changes = tracker.drain(cache.svc, cache.eps, lambda: cache.services)
     [c] = changes.changed.values()
     assert c.current is not None and c.current.frontends[1].ip == "192.168.1.9"
+
+
+@pytest.mark.parametrize("slices", [
+    [endpoint_slice("web", endpoint("10.1.0.9", node="n1"), endpoint("10.1.0.1"),
+                    endpoint("10.1.0.5", node="n2"))],
+    [endpoint_slice("web", endpoint("10.1.0.1"), endpoint("10.1.0.1", ready=False))],
+    [endpoint_slice("web", endpoint("10.1.0.1"), endpoint("10.1.0.2", ready=False))],
+    [endpoint_slice("web", endpoint("10.1.0.1", zones=["z1"]), endpoint("10.1.0.2"))],
+    [endpoint_slice("web", endpoint("10.1.0.3", ready=False, serving=True, terminating=True))],
+    [endpoint_slice("web", endpoint("10.1.0.1"), ports=[("other", 80, "TCP")])],
+    [endpoint_slice("web", endpoint("10.1.0.9"), name="a"),
+     endpoint_slice("web", endpoint("10.1.0.2"), name="b")],
+    [endpoint_slice("web", endpoint("fd00::1"))],
+    [],
+])
+@pytest.mark.parametrize("policy", [{}, {"internalTrafficPolicy": "Local"},
+                                    {"externalTrafficPolicy": "Local"}])
+def test_plain_fast_path_agrees_with_categorize(
+    slices: list[dict[str, Any]], policy: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The full sync's fast path for plain slices picks what kube-proxy's rules pick."""
+    from svcnet.proxy import state
+
+    svc = service("web", "10.96.0.10", port(80, node_port=30080), type="NodePort", **policy)
+    fast = ports(svc, *slices)
+    calls: list[object] = []
+    real = state._plain_endpoints
+    monkeypatch.setattr(state, "_plain_endpoints",
+                        lambda *a: calls.append(real(*a)))  # always "not plain"
+    slow = ports(svc, *slices)
+    assert calls  # the fast path was consulted ...
+    assert fast == slow  # ... and gives the same states
+    assert [b.local for b in fast[0].cluster_endpoints] == [
+        b.local for b in slow[0].cluster_endpoints]
+
+
+def test_streamed_drain_yields_every_port_and_survives_abandonment() -> None:
+    cache, tracker = FakeCache(), ChangeTracker(NODE)
+    for i in range(6):
+        svc = to_service(service(f"s{i}", f"10.96.0.{i}", port(80), port(81, "b")))
+        cache.services[f"default/s{i}"] = svc
+        tracker.service_changed(None, svc)
+    first = tracker.start_drain(cache.svc, cache.eps, lambda: cache.services)
+    streamed = {p.key: p for p in first.ports()}
+    changes = first.finish()
+    assert streamed == changes.state and len(streamed) == 12
+    assert set(changes.changed) == set(streamed)
+    # a second drain streams the unchanged ports from the tracker plus the recomputed one
+    cache.slices["default/s0-slice"] = to_slice(endpoint_slice("s0", endpoint("10.1.0.1")))
+    tracker.slice_changed(None, cache.slices["default/s0-slice"])
+    second = tracker.start_drain(cache.svc, cache.eps)
+    assert {p.key: p for p in second.ports()} == second.finish().state
+    assert {k.name for k in second.finish().changed} == {"s0"}
+    # a consumer that gives up half way (a failed sync): finish still computes the rest
+    for i in range(6):
+        tracker.service_changed(None, cache.services[f"default/s{i}"])
+    tracker.set_node(NodeConfig(name="n2"))
+    third = tracker.start_drain(cache.svc, cache.eps, lambda: cache.services)
+    it = third.ports()
+    next(it)
+    assert len(third.finish().state) == 12
+    assert not tracker.pending

@@ -284,3 +284,81 @@ def test_periodic_full_resync_without_changes() -> None:
             await stop(task, factory)
 
     run(go)
+
+
+class StreamingBackend(FakeBackend):
+    """A backend that takes full syncs as a stream of ports, like the nftables one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.streamed: list[list[str]] = []
+        self.fail_after: int | None = None
+
+    def sync_full(self, ports: Any) -> None:
+        seen: list[str] = []
+        for p in ports:
+            if self.fail_after is not None and len(seen) == self.fail_after:
+                self.fail_after = None
+                raise RuntimeError("nft failed half way")
+            seen.append(p.key.name)
+        self.streamed.append(sorted(seen))
+
+
+def test_full_sync_streams_the_model_and_a_failed_stream_loses_nothing() -> None:
+    async def go() -> None:
+        store = MemoryStore()
+        for i in range(4):
+            await store.put(SERVICE, service(f"s{i}", f"10.96.0.{i}"))
+        backend = StreamingBackend()
+        backend.fail_after = 2
+        proxier = Proxier(backend, NodeConfig("n1"), settings=SyncSettings(min_sync_period=0))
+        factory = InformerFactory(store)
+        proxier.attach(factory)
+        factory.start()
+        try:
+            await factory.wait_for_sync(5)
+            assert not await proxier.sync_once()  # failed after two ports
+            assert backend.streamed == [] and proxier.stats.failures == 1
+            assert await proxier.sync_once()  # full again, every port still there
+            assert backend.streamed == [["s0", "s1", "s2", "s3"]]
+            assert backend.syncs == []  # full syncs never went through sync()
+            await store.put(ENDPOINT_SLICE, endpoint_slice("s1", endpoint("10.1.0.1")))
+            await eventually(lambda: proxier.tracker.pending)
+            assert await proxier.sync_once()  # partial: through sync() with the change
+            [(_, full, changes)] = backend.syncs
+            assert not full and [k.name for k in changes.changed] == ["s1"]
+            assert len(changes.state) == 4
+        finally:
+            await factory.stop()
+
+    run(go)
+
+
+def test_nftables_full_script_order_and_partial_diff_from_previous_state() -> None:
+    from svcnet.proxy.nftables import NftablesBackend
+
+    fake = FakeCommands()
+    backend = NftablesBackend(fake, BackendConfig())
+    tracker = ChangeTracker(NodeConfig("n1"))
+    services = {f"default/s{i}": to_service(service(f"s{i}", f"10.96.0.{i}")) for i in range(3)}
+    slices = {k: [to_slice(endpoint_slice(k.split("/")[1], endpoint(f"10.1.0.{i}"),
+                                          endpoint(f"10.1.1.{i}")))]
+              for i, k in enumerate(services)}
+    backend.sync(tracker.drain(services.get, lambda k: slices[k], lambda: services), full=True)
+    full = (fake.calls[-1][1] or "").splitlines()
+    first = {word: next(i for i, ln in enumerate(full) if word in ln)
+             for word in ("add chain ip svcnet lb-2", "element ip svcnet service-ips",
+                          "element ip svcnet backends")}
+    # verdict elements jump to lb chains, which are made once every port was seen
+    assert first["add chain ip svcnet lb-2"] < first["element ip svcnet service-ips"]
+    assert "10.96.0.1 . tcp . 80 : goto lb-2" in "\n".join(full)
+    slices["default/s1"] = [to_slice(endpoint_slice("s1", endpoint("10.1.0.1")))]
+    tracker.slice_changed(None, slices["default/s1"][0])
+    backend.sync(tracker.drain(services.get, lambda k: slices[k]), full=False)
+    partial = fake.calls[-1][1] or ""
+    # the old rendering comes from the previous state: only s1's differences move
+    assert "delete element ip svcnet service-ips { 10.96.0.1 . tcp . 80 }" in partial
+    assert "add element ip svcnet service-ips { 10.96.0.1 . tcp . 80 : goto lb-1 }" in partial
+    assert "delete element ip svcnet backends { 10.96.0.1 . tcp . 80 . 1 }" in partial
+    assert "delete element ip svcnet hairpin { 10.1.1.1 . 10.1.1.1 }" in partial
+    assert "10.96.0.0" not in partial and "10.96.0.2" not in partial
