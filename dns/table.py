@@ -10,12 +10,13 @@ Python objects and without locks:
 ```
 header   magic(8) nslots(4) slots_at(4) data_at(4) data_end(4) data_cap(4)
 slots    nslots x uint32: 0 empty, 1 deleted, else the offset of a record
-data     records, append-only: klen(1) key flags1(1) flags2(1) counts(8) counts_edns(8)
+data     records, append-only: nlen(1) key flags1(1) flags2(1) counts(8) counts_edns(8)
          core_len(4) stat(4) body_len(4) body
 ```
 
-``key`` is the fast path's key (lower-case wire name + type + class), hashed with CRC-32 and
-probed linearly. Only the main process writes, and only in ways a concurrent reader tolerates:
+``key`` is the fast path's key (lower-case wire name + type + class; ``nlen`` is the name's
+length, at most 255, so the key is ``nlen + 4`` bytes), hashed with CRC-32 and probed
+linearly. Only the main process writes, and only in ways a concurrent reader tolerates:
 a new record is appended in full before the 4-byte slot pointing at it is stored (one aligned
 store; x86 keeps the order), an old record is never overwritten, a delete turns the slot into
 a tombstone. When the slots get too full or the data area runs out the main process builds a
@@ -35,7 +36,7 @@ from svcnet.dns.wire import Prepared
 
 MAGIC = b"SVDNSTB1"
 HEADER = struct.Struct("<8sIIIII")
-RECORD = struct.Struct("<BB8s8sIII")  # after klen + key
+RECORD = struct.Struct("<BB8s8sIII")  # after nlen + key
 EMPTY, DELETED = 0, 1
 SLOTS_AT = 64
 MAX_LOAD = 0.5  # slots used (live + tombstones) before rebuilding: short probe chains
@@ -46,13 +47,13 @@ def _round_up(n: int, to: int) -> int:
 
 
 def encode_record(key: bytes, p: Prepared) -> bytes:
-    return bytes((len(key),)) + key + RECORD.pack(
+    return bytes((len(key) - 4,)) + key + RECORD.pack(
         p.flags1, p.flags2, p.counts, p.counts_edns, p.core_len, p.stat, len(p.body)) + p.body
 
 
 def decode_record(buf: bytes | mmap.mmap, off: int) -> tuple[bytes, Prepared, int]:
     """(key, answer, offset after the record) of the record at ``off``."""
-    klen = buf[off]
+    klen = buf[off] + 4
     key = bytes(buf[off + 1:off + 1 + klen])
     at = off + 1 + klen
     flags1, flags2, counts, counts_edns, core_len, stat, blen = RECORD.unpack_from(buf, at)
@@ -82,11 +83,12 @@ def find(mm: mmap.mmap, slots: memoryview, mask: int, key: bytes) -> int:
     wire names (self-delimiting) + 4 bytes, so comparing ``len(key)`` bytes suffices."""
     i = crc32(key) & mask
     n = len(key)
+    nlen = n - 4
     while True:
         off: int = slots[i]
         if off == EMPTY:
             return 0
-        if off != DELETED and mm[off] == n and mm[off + 1:off + 1 + n] == key:
+        if off != DELETED and mm[off] == nlen and mm[off + 1:off + 1 + n] == key:
             return off
         i = (i + 1) & mask
 
@@ -121,8 +123,7 @@ class SharedTable:
         self._data_at, self._end, self._cap = data_at, data_at, size
         self._live = self._used = self._garbage = 0
         for rec in records:
-            klen = rec[0]
-            self._insert(rec[1:1 + klen], rec)
+            self._insert(rec[1:5 + rec[0]], rec)
         self._write_header()
         if old >= 0:
             os.close(old)  # the old mapping lives on in readers until they switch
@@ -149,7 +150,7 @@ class SharedTable:
             if off == DELETED:
                 if free < 0:
                     free = i
-            elif self.mm[off] == n and self.mm[off + 1:off + 1 + n] == key:
+            elif self.mm[off] == n - 4 and self.mm[off + 1:off + 1 + n] == key:
                 return i, off
             i = (i + 1) & self.mask
 
@@ -252,3 +253,7 @@ class SharedTable:
         self.mm.close()
         os.close(self.fd)
         self.fd = -1
+
+    def __del__(self) -> None:
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)  # the mapping goes with the object; workers keep their own

@@ -50,6 +50,18 @@ def test_table_set_get_delete_and_unchanged() -> None:
     table.close()
 
 
+def test_longest_name_fits() -> None:
+    name = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61]) + "."
+    key = table_key(name, A)
+    assert len(key) == 255 + 4
+    table = SharedTable()
+    table.set(key, answer_for(name, "10.0.0.1"))
+    assert table.get(key) == answer_for(name, "10.0.0.1")
+    assert TableView(table.fd).find(key)
+    assert list(table.keys()) == [key]
+    table.close()
+
+
 def test_reader_in_another_mapping_sees_writes_and_rebuilds() -> None:
     table = SharedTable()
     names = [f"s{i}.ns.svc.cluster.local." for i in range(3000)]
