@@ -357,6 +357,28 @@ def test_dns_resolves_service_through_search_path(lab: LabConfig) -> None:
     assert resolve(lab, "client3", "web.default.svc.cluster.local") == cluster_ip
 
 
+def test_verify_sees_an_overlay_route_the_daemon_has_not_restored(lab: LabConfig) -> None:
+    """``svcnet lab verify`` recomputes the overlay's desired state from the leases in the
+    store: a peer route removed behind the (frozen) daemon's back is reported, by name."""
+    require(lab.overlay == "vxlan", "needs the svcnet overlay")
+    daemon = Procs(Path(lab.lab_dir)).get("node-n3")
+    assert daemon is not None
+    route = subprocess.run(["ip", "-n", lab.node_ns("n3"), "route", "show", "proto", "205"],
+                           capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        subprocess.run(["ip", "-n", lab.node_ns("n3"), "route", "del", *route.split()],
+                       check=True)
+        report = verify_nodes(lab, ["n3"])[0]
+    finally:
+        subprocess.run(["ip", "-n", lab.node_ns("n3"), "route", "replace", *route.split(),
+                        "proto", "205"], check=True)
+        os.kill(daemon.pid, signal.SIGCONT)
+    assert report["in_sync"] is False and report["proxy"]["in_sync"] is True, report
+    assert [op for op in report["overlay"]["ops"] if route.split()[0] in op], report
+    assert verify_nodes(lab, ["n3"])[0]["in_sync"], "the restored route is not what verify wants"
+
+
 def test_components_in_use(lab: LabConfig) -> None:
     """Records what this run exercised; under CI every component must be present."""
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
