@@ -43,15 +43,29 @@ def test_zone_keeps_no_records_but_reads_them_back() -> None:
     assert zone.rrset(name, A) == [] and zone.table.get(table_key(name, A)) is None
 
 
-def test_slim_slice_keeps_endpoints_as_text_and_still_rejects_bad_ones() -> None:
+def test_slim_slice_keeps_endpoints_packed_and_still_rejects_bad_ones() -> None:
+    import json
+
+    from svcnet.dns.daemon import _ENDPOINTS
+
+    endpoints = [{"addresses": [f"10.1.0.{i}"], "conditions": {"ready": i % 2 == 0},
+                  "nodeName": "node-1", "zone": "a",
+                  "targetRef": {"kind": "Pod", "namespace": "ns", "name": f"web-{i}"}}
+                 for i in range(10)]
+    endpoints += [{"addresses": ["10.1.1.1", "10.1.1.2"], "hostname": "h"},
+                  {"addresses": ["10.1.1.3"], "conditions": {"ready": None}}]
+    text = json.dumps(endpoints).encode()
     good = SLICE_ADDRESSES.decode(
         b'{"metadata": {"name": "s", "namespace": "ns"}, "addressType": "IPv4", '
-        b'"endpoints": [{"addresses": ["10.1.0.1"], "hostname": "a", '
-        b'"targetRef": {"kind": "Pod", "name": "p"}}]}')
-    assert bytes(good.raw_endpoints).startswith(b'[{"addresses"')
-    (ep,) = good.endpoints
-    assert ep.addresses == ("10.1.0.1",) and ep.hostname == "a" and ep.ready
-    assert ep.target_ref is not None and ep.target_ref.name == "p"
+        b'"endpoints": ' + text + b"}")
+    assert len(bytes(good.raw_endpoints)) * 4 < len(text), "packed, not the JSON text"
+    assert good.endpoints == _ENDPOINTS.decode(text), "every field DNS reads survives"
+    assert [e.ready for e in good.endpoints] == [i % 2 == 0 for i in range(10)] + [True, True]
+    assert good.endpoints[0].target_ref is not None
+    assert good.endpoints[0].target_ref.name == "web-0"
+    assert good.endpoints[10].target_ref is None and good.endpoints[10].hostname == "h"
+    empty = SLICE_ADDRESSES.decode(b'{"metadata": {"name": "e"}, "addressType": "IPv4"}')
+    assert empty.endpoints == ()
     with pytest.raises(InvalidObject):
         SLICE_ADDRESSES.decode(b'{"metadata": {"name": "s"}, "addressType": "IPv4", '
                                b'"endpoints": [{"addresses": 5}]}')
