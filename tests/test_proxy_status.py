@@ -80,7 +80,7 @@ def test_status_reports_and_repairs_drift(mode: str, netns: Callable[[str], str]
             [sys.executable, "-m", "svcnet.cli", "proxy", "--store", store,
              "--proxy-mode", mode, "--proxy-netns", node, "--proxy-node-name", "n1",
              "--proxy-cluster-cidr", "10.1.0.0/16", "--proxy-ip-families", "4",
-             "--proxy-min-sync-period", "0.1", "--proxy-sync-period", "8",
+             "--proxy-min-sync-period", "0.1", "--proxy-sync-period", "20",
              "--proxy-full-sync-period", "3600",
              "--proxy-healthz-bind-address", f"127.0.0.1:{hp}", "--proxy-drift-check",
              "--proxy-metrics-bind-address", "", "--proxy-nodeport-addresses",
@@ -88,10 +88,11 @@ def test_status_reports_and_repairs_drift(mode: str, netns: Callable[[str], str]
     try:
         wait_status(url, True)
         name, detail = break_rule(mode, node)
-        # Caught before the periodic check repairs it (sync period 8 s; each `svcnet proxy
-        # status` starts a Python process: 5 s at a load of 18 on this machine).
+        # Caught before the periodic check repairs it: its first run is 20 s after the
+        # start, and the start (Python, the first sync, one `svcnet proxy status` process)
+        # took up to ~7 s at a load of 18 on this machine; each status probe up to 5 s.
         code, body = 0, {}
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             code, body = status(url)
             if body.get("in_sync") is False:
@@ -101,7 +102,7 @@ def test_status_reports_and_repairs_drift(mode: str, netns: Callable[[str], str]
         assert isinstance(missing, list) and any(name in m and detail in m for m in missing), body
         assert body["extra"] == [], body
         # the periodic check notices the drift and its full sync repairs it
-        wait_status(url, True)
+        wait_status(url, True, timeout=40)
         text = log.read_text()
         assert "differ from the last applied" in text, text
         assert "Traceback" not in text, text
