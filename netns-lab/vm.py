@@ -232,7 +232,12 @@ def run_in_vm(command: str, *, kernel: VmKernel | None = None, kvm: bool | None 
     guest_env.update({IN_VM_ENV: "1", "PYTHONDONTWRITEBYTECODE": "1",
                       "PYTHONUNBUFFERED": "1", "HOME": "/tmp"})
     guest_env.update(env or {})
-    attempts = [True, False] if kvm is None and _kvm_candidate() else [bool(kvm)]
+    fallback = kvm is None and _kvm_candidate()
+    attempts = [True, False] if fallback else [bool(kvm)]
+    # One more try when the guest never started: QEMU's emulation occasionally aborts
+    # during boot (seen once under TCG: an assertion in hw/pci/msix.c), which says
+    # nothing about the command. A command that ran and failed is never retried.
+    attempts.append(attempts[-1])
     deadline = time.monotonic() + timeout
     consoles = []
     for use_kvm in attempts:
@@ -243,11 +248,11 @@ def run_in_vm(command: str, *, kernel: VmKernel | None = None, kvm: bool | None 
             started = time.monotonic()
             console = _boot(kernel, script, rundir, use_kvm=use_kvm, memory=memory, cpus=cpus,
                             timeout=max(1.0, deadline - started),
-                            boot_timeout=KVM_BOOT_TIMEOUT if use_kvm and len(attempts) > 1
+                            boot_timeout=KVM_BOOT_TIMEOUT if use_kvm and fallback
                             else None)
             consoles.append(console)
             if not (rundir / "started").exists():
-                if use_kvm and len(attempts) > 1:
+                if use_kvm and fallback:
                     with contextlib.suppress(OSError):
                         _kvm_memo().write_text(console[-2000:])
                 continue

@@ -66,6 +66,7 @@ class NetlinkConntrack:
         if not flows:
             return 0
         from pyroute2.conntrack import Conntrack, NFCTAttrTuple
+        from pyroute2.netlink.exceptions import NetlinkError
 
         deleted = 0
         for family in {f.family for f in flows}:
@@ -83,7 +84,7 @@ class NetlinkConntrack:
                         try:
                             ct.entry("del", tuple_orig=entry.tuple_orig)
                             deleted += 1
-                        except OSError as err:  # already gone
+                        except (OSError, NetlinkError) as err:  # gone since the dump
                             log.debug("conntrack delete: %s", err)
             finally:
                 ct.close()
