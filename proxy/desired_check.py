@@ -116,18 +116,6 @@ def scratch_netns() -> Iterator[ScratchCommands]:
 # --- comparing -------------------------------------------------------------------------------
 
 
-def _without_dynamic_elements(dump: dict[str, Any]) -> dict[str, Any]:
-    """Drop the members of sets with timeouts: the ClientIP affinity entries that traffic
-    adds (``update @set``); no set we program holds configured elements with timeouts."""
-    out = []
-    for obj in dump.get("nftables", []):
-        s = obj.get("set")
-        if s is not None and {"dynamic", "timeout"} & set(s.get("flags") or ()):
-            obj = {"set": {k: v for k, v in s.items() if k != "elem"}}
-        out.append(obj)
-    return {"nftables": out}
-
-
 def items(backend: Any) -> frozenset[str] | None:
     """The backend's kernel objects as ``drift`` normalises them; None if not covered."""
     from svcnet.proxy import drift
@@ -135,7 +123,7 @@ def items(backend: Any) -> frozenset[str] | None:
     families = backend.config.families
     if backend.name == "nftables":
         return frozenset(i for f in families
-                         for i in drift.nft_items(_without_dynamic_elements(backend.dump(f))))
+                         for i in drift.nft_items(backend.dump(f)))
     if backend.name == "iptables":
         return frozenset(i for f in families for i in drift.iptables_items(backend.dump(f), f))
     return None

@@ -3,8 +3,9 @@
 After every successful sync the proxier records a normalised snapshot of the proxy's own
 kernel objects (the nftables table, or our chains in ``iptables-save``); ``GET /status``
 compares a fresh dump with it, so hand edits, flushes or another program touching our rules
-show up as ``missing``/``extra`` items. Counters and handles are dropped so traffic alone
-is never drift. IPVS is not covered (``supported: false``).
+show up as ``missing``/``extra`` items. Counters, handles and the members of sets that
+traffic fills (affinity) are dropped so traffic alone is never drift. IPVS is not covered
+(``supported: false``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 from svcnet.proxy.iptables import CANARY, FILTER_TOP, NAT_TOP, SERVICE_CHAIN_PREFIXES
 
 _VOLATILE = frozenset({"handle", "packets", "bytes", "counter"})
+# sets the datapath fills; none we program holds configured elements
+_DYNAMIC = frozenset({"dynamic", "timeout"})
 
 
 def _strip(value: Any) -> Any:
@@ -40,6 +43,8 @@ def nft_items(dump: dict[str, Any]) -> set[str]:
             kind = "set" if "set" in obj else "map"
             s = obj[kind]
             items.add(f"{s['family']} {kind} {s['name']}")
+            if _DYNAMIC & set(s.get("flags") or ()):
+                continue  # ClientIP affinity entries that traffic adds (``update @set``)
             for elem in s.get("elem", []):
                 items.add(f"{s['family']} element {s['name']} "
                           f"{json.dumps(_strip(elem), sort_keys=True)}")

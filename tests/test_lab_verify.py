@@ -19,12 +19,8 @@ from conftest import ns_sh, require_binary
 from svcnet.proxy.builders import endpoint, endpoint_slice, port, service
 from svcnet.proxy.commands import SubprocessCommands
 from svcnet.proxy.daemon import ProxyOptions, add_node_arguments, build_backend
-from svcnet.proxy.desired_check import (
-    _without_dynamic_elements,
-    check,
-    compare,
-    desired_changes,
-)
+from svcnet.proxy.desired_check import check, compare, desired_changes
+from svcnet.proxy.drift import nft_items
 from svcnet.proxy.state import ChangeTracker, NodeConfig
 
 from svcnet.model import ENDPOINT_SLICE, SERVICE
@@ -57,9 +53,8 @@ def test_members_of_timeout_sets_are_traffic_not_configuration() -> None:
         {"set": {"family": "ip", "name": "cluster-ips", "table": "svcnet",
                  "elem": ["10.96.0.1"]}},
     ]}
-    out = _without_dynamic_elements(dump)["nftables"]
-    assert "elem" not in out[1]["set"] and out[1]["set"]["name"] == "aff-X"
-    assert out[2]["set"]["elem"] == ["10.96.0.1"]
+    assert nft_items(dump) == {"ip set aff-X", "ip set cluster-ips",
+                               'ip element cluster-ips "10.96.0.1"'}
 
 
 async def _store_with_web(ready: int, extra_service: bool = False) -> MemoryStore:
