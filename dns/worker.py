@@ -113,6 +113,9 @@ def read_updates(updates: socket.socket, box: list[Any], cache: dict[bytes, byte
             for fd in fds:
                 os.close(fd)  # the mapping keeps the table alive
             box[TABLE] = (view.mm, view.slots, view.mask)
+        # Order matters: the table, then the count, then the cache. ``make_answer`` reads the
+        # count before the table and checks it again after caching a reply, so a reply built
+        # from a table older than this notice is either cleared here or dropped there.
         box[GEN] += 1
         cache.clear()
 
@@ -184,6 +187,7 @@ def make_answer(box: list[Any], cache: dict[bytes, bytes], slow_only: bool
     rsize = RECORD.size
 
     def answer(data: bytes) -> bytes | None:
+        gen = box[GEN]  # before the table: a switch after this point is seen at the check
         table = box[TABLE]
         if table is None or slow_only or len(data) < 17 or data[2] & 0xF8 or \
                 data[4:10] != b"\x00\x01\x00\x00\x00\x00":
@@ -203,7 +207,6 @@ def make_answer(box: list[Any], cache: dict[bytes, bytes], slow_only: bool
             limit = max(512, (data[qend + 3] << 8) | data[qend + 4])
         else:
             return None
-        gen = box[GEN]
         mm, slots, mask = table
         key = data[12:qend].lower()
         off = find(mm, slots, mask, key)
