@@ -10,7 +10,10 @@ old answer.
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import threading
+import time
 from collections.abc import Iterator
 
 import dns.flags
@@ -197,3 +200,51 @@ def test_cached_reply_follows_the_query_shape(server: Running) -> None:
             assert msg.flags & dns.flags.AA
             assert (msg.edns >= 0) == (edns >= 0)
             assert msg.answer[0][0].to_text() == "10.0.0.3"
+
+
+def test_no_stale_reply_after_changes_under_load(server: Running,
+                                                clients: list[socket.socket]) -> None:
+    """Queries keep arriving while a Service changes 40 times and the table is rebuilt in
+    between; once the changes stop, every worker answers the last address (a reply cached
+    from an older table would stay wrong until the next change)."""
+    name = "churn.shop.svc.cluster.local."
+    stop = threading.Event()
+    sent = [0]
+
+    def hammer() -> None:
+        q = dns.message.make_query(name, "A").to_wire()
+        deadline = time.monotonic() + 30
+        while not stop.is_set() and time.monotonic() < deadline:
+            for s in clients[:8]:
+                s.sendto(q, ("127.0.0.1", server.port))
+                sent[0] += 1
+            time.sleep(0.001)
+
+    async def churn() -> None:
+        for i in range(40):
+            await server.store.put(SERVICE, service("churn", f"10.3.0.{i + 1}"))
+            if i % 10 == 5:  # grow the table: a rebuild hands workers a new one
+                for j in range(300):
+                    await server.store.put(SERVICE, service(f"g{i}-{j}", f"10.4.{i}.{j % 250}"))
+            await asyncio.sleep(0.01)
+
+    builds = server.component.zone.table.builds
+    thread = threading.Thread(target=hammer, daemon=True)
+    thread.start()
+    try:
+        server.call(churn(), timeout=60)
+    finally:
+        stop.set()
+        thread.join(10)
+    for s in clients[:8]:  # drop the replies the hammer never read
+        s.setblocking(False)
+        try:
+            while True:
+                s.recv(4096)
+        except BlockingIOError:
+            pass
+        s.setblocking(True)
+    assert sent[0] > 100 and server.component.zone.table.builds > builds
+    assert wait_for(lambda: ask_all(server.port, clients, name) == {"10.3.0.40"})
+    time.sleep(0.3)
+    assert ask_all(server.port, clients, name) == {"10.3.0.40"}
