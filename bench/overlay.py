@@ -77,13 +77,46 @@ def iperf(client: str, server: str, address: str, seconds: float) -> Sample:
 NICE = ("nice", "-n", "-10")
 """iperf3 runs above other jobs' priority: the machine is shared, and the same for all paths."""
 
+@dataclass(frozen=True)
+class Row:
+    """One measured row: which pair of nodes, pod or node endpoints, and an ``ethtool -K``
+    setting applied on both nodes just for this measurement (then undone)."""
+
+    what: str
+    bed: str
+    pods: bool = True
+    dev: str = ""
+    feature: str = ""
+    value: str = ""
+
+    def toggle(self, nodes: list[SimNode], on: bool) -> None:
+        if self.dev:
+            undo = {"on": "off", "off": "on"}[self.value]
+            for n in nodes:
+                in_ns(n.ns, "ethtool", "-K", self.dev, self.feature, self.value if on else undo)
+
+
 PATHS = {
-    "underlay": "node to node, no overlay",
-    "host-gw": "pod to pod, host-gw",
-    "vxlan": "pod to pod, VXLAN (svcnet: notrack, offloads kept on)",
-    "vxlan-flannel": "pod to pod, VXLAN as Flannel programs it",
-    "vxlan-flannel-csum-off": "same + Flannel's 'tx-checksum-ip-generic off' fix",
+    "underlay": Row("node to node, no overlay", "host-gw", pods=False),
+    "host-gw": Row("pod to pod, host-gw", "host-gw"),
+    "vxlan": Row("pod to pod, VXLAN (svcnet: notrack, offloads kept on)", "vxlan"),
+    "vxlan-flannel": Row("pod to pod, VXLAN as Flannel programs it", "vxlan-flannel"),
+    "vxlan-flannel-csum-off": Row("same + Flannel's 'tx-checksum-ip-generic off' fix",
+                                    "vxlan-flannel", dev="flannel.1",
+                                    feature="tx-checksum-ip-generic", value="off"),
 }
+SETTINGS = {
+    "vxlan-gro-off": Row("Flannel-style VXLAN, GRO off on flannel.1", "vxlan-flannel",
+                           dev="flannel.1", feature="gro", value="off"),
+    "vxlan-rx-csum-off": Row("Flannel-style VXLAN, rx-checksumming off on flannel.1 (Flannel "
+                             "PR #1282 turned rx and tx off)", "vxlan-flannel",
+                             dev="flannel.1", feature="rx", value="off"),
+    "host-gw-veth-gro": Row("host-gw, GRO (NAPI) on the underlay veths", "host-gw",
+                              dev="eth0", feature="gro", value="on"),
+    "vxlan-veth-gro": Row("svcnet VXLAN, GRO (NAPI) on the underlay veths", "vxlan",
+                            dev="eth0", feature="gro", value="on"),
+}
+"""``--settings``: device settings tried, measured in the same interleaved rounds."""
 
 
 def two_nodes(pool: NamespacePool, workdir: Path, backend: str, *extra: str
@@ -105,16 +138,11 @@ def two_nodes(pool: NamespacePool, workdir: Path, backend: str, *extra: str
     return tb, nodes, pods
 
 
-def set_tx_csum(nodes: list[SimNode], on: bool) -> None:
-    for n in nodes:
-        in_ns(n.ns, "ethtool", "-K", "flannel.1", "tx-checksum-ip-generic",
-              "on" if on else "off")
-
-
-def throughput(runs: int, seconds: float) -> dict[str, list[Sample]]:
+def throughput(runs: int, seconds: float, paths: dict[str, Row]
+               ) -> dict[str, list[Sample]]:
     """``runs`` rounds; each measures every path once, in alternating order, so slow changes
     in the machine's load hit all paths alike."""
-    results: dict[str, list[Sample]] = {name: [] for name in PATHS}
+    results: dict[str, list[Sample]] = {name: [] for name in paths}
     beds = {}
     pool = NamespacePool(f"ovb{os.getpid()}")
     try:
@@ -123,22 +151,20 @@ def throughput(runs: int, seconds: float) -> dict[str, list[Sample]]:
                                      ("host-gw", "host-gw", ())):
             workdir = Path(tempfile.mkdtemp(prefix=f"overlay-{name}-"))
             beds[name] = two_nodes(pool, workdir, backend, *extra)
-        flannel_nodes = beds["vxlan-flannel"][1]
         for i in range(runs):
-            order = list(PATHS) if i % 2 == 0 else list(reversed(PATHS))
+            order = list(paths) if i % 2 == 0 else list(reversed(paths))
             for name in order:
-                if name == "underlay":
-                    tb, nodes, _ = beds["host-gw"]
-                    results[name].append(iperf(nodes[0].ns, nodes[1].ns, nodes[1].ip, seconds))
-                    continue
-                tb, nodes, pods = beds[name.removesuffix("-csum-off")]
-                if name.endswith("-csum-off"):
-                    set_tx_csum(nodes, False)
+                path = paths[name]
+                tb, nodes, pods = beds[path.bed]
+                path.toggle(nodes, True)
                 try:
-                    results[name].append(iperf(pods[0], pods[1], tb.pod_ips[pods[1]], seconds))
+                    if path.pods:
+                        sample = iperf(pods[0], pods[1], tb.pod_ips[pods[1]], seconds)
+                    else:
+                        sample = iperf(nodes[0].ns, nodes[1].ns, nodes[1].ip, seconds)
+                    results[name].append(sample)
                 finally:
-                    if name.endswith("-csum-off"):
-                        set_tx_csum(flannel_nodes, True)
+                    path.toggle(nodes, False)
     finally:
         for tb, _, _ in beds.values():
             tb.close()
@@ -231,6 +257,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--seconds", type=float, default=2)
     parser.add_argument("--nodes", default="10,50")
+    parser.add_argument("--settings", action="store_true",
+                        help="also measure the device settings we tried and did not keep")
     parser.add_argument("--inside", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -252,7 +280,8 @@ def main() -> int:
     sh("ip", "link", "set", "lo", "up")
 
     load_before = os.getloadavg()
-    samples = throughput(args.runs, args.seconds)
+    paths = {**PATHS, **(SETTINGS if args.settings else {})}
+    samples = throughput(args.runs, args.seconds, paths)
     load_after = os.getloadavg()
     tput = {k: statistics.median(x.gbps for x in v) for k, v in samples.items()}
     hostgw = samples["host-gw"]
@@ -261,14 +290,14 @@ def main() -> int:
           f"{load_after[0]:.1f} after (2 cores)")
     print(f"{'path':<24} {'Gbit/s':>19} {'vs host-gw':>17} {'CPU s/Gbit':>21} "
           f"{'CPU efficiency':>17}")
-    for name in PATHS:
+    for name in paths:
         got = samples[name]
         print(f"{name:<24} {spread([x.gbps for x in got]):>19} "
               f"{spread(paired(got, hostgw, 'gbps')):>17} "
               f"{spread([x.cpu_s_per_gbit for x in got], '{:.3f}'):>21} "
               f"{spread(paired(hostgw, got, 'cpu_s_per_gbit')):>17}")
-    for name, what in PATHS.items():
-        print(f"  {name}: {what}")
+    for name, path in paths.items():
+        print(f"  {name}: {path.what}")
     ratio = statistics.median(paired(samples["vxlan"], hostgw, "gbps"))
     efficiency = statistics.median(paired(hostgw, samples["vxlan"], "cpu_s_per_gbit"))
     print(f"vxlan / host-gw: throughput {ratio:.2f}x (median of per-round ratios), "

@@ -142,7 +142,7 @@ def test_three_nodes_pods_talk_heal_and_forget_departed_node(bed: Testbed) -> No
     until(lambda: pings(pods[0], bed.pod_ips[pods[1]]), 10, "ping after device deletion")
     until(lambda: status(nodes[1]).returncode == 0, 10, "kernel back in sync")
 
-    # Flannel's documented checksum workaround costs ~7x throughput; with our notrack rules
+    # Flannel's documented checksum workaround costs ~8-10x throughput; with our notrack rules
     # it is unnecessary, and the daemon turns the offload back on.
     in_ns(nodes[1].ns, "ethtool", "-K", "flannel.1", "tx-checksum-ip-generic", "off")
     until(lambda: "tx-checksum-ip-generic: on" in in_ns(

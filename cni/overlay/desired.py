@@ -19,11 +19,11 @@ from svcnet.cni.overlay.lease import Lease, Snapshot
 ROUTE_PROTO = 205
 """Routes we own carry this ``proto`` number, so departed peers' routes can be found."""
 
-VXLAN_OFFLOADS = ("generic-receive-offload", "tx-checksum-ip-generic")
+VXLAN_OFFLOADS = ("tx-checksum-ip-generic",)
 """Kernel defaults on a new VXLAN device that we insist on (see docs/overlay.md): with TX
 checksum offload off (Flannel's documented workaround for NATed VXLAN packets, which our
-notrack rules make unnecessary) pod-to-pod throughput here drops to ~0.14x; with GRO off,
-to ~0.7x."""
+notrack rules make unnecessary) pod-to-pod throughput here drops to ~0.1x of host-gw. GRO
+and RX checksumming off showed no consistent effect, so they are left alone."""
 
 KUBE_PROXY_MASQ_MARK = 0x4000
 """Packets kube-proxy will masquerade itself: our rules leave them alone."""
@@ -91,7 +91,7 @@ class TrafficRules:
     VTEP address) bypass conntrack. An untracked packet can never be NATed, so the
     outer header of an encapsulated packet that still carries kube-proxy's masquerade mark
     keeps its source port and checksum (the bug behind Flannel users disabling TX checksum
-    offload, which costs ~7x throughput here), and the tunnel's flows take no conntrack
+    offload, which costs ~8-10x throughput here), and the tunnel's flows take no conntrack
     entries.
     """
 
