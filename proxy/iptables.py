@@ -21,13 +21,14 @@ service ports and delete the chains of removed ones; full syncs rewrite every ch
 
 from __future__ import annotations
 
+import io
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from svcnet.proxy.commands import CommandFailed, Commands
 from svcnet.proxy.config import BackendConfig, short_hash
-from svcnet.proxy.state import Backend, Changes, Family, PortKey, ServicePortState
+from svcnet.proxy.state import Backend, Changes, Family, ServicePortState
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,8 @@ class IptablesBackend:
         self.run = run
         self.config = config
         self.legacy = detect_legacy(run) if legacy is None else legacy
-        self._rendered: dict[PortKey, Rendered] = {}
         self._synced_once = False
         self._node_addresses = dict(node_addresses or {})
-        self._pending: dict[PortKey, Rendered] = {}
         self.rules_total: dict[str, int] = {"nat": 0, "filter": 0}
 
     # --- public ---------------------------------------------------------------------------
@@ -134,13 +133,43 @@ class IptablesBackend:
             self._synced_once = False  # the KUBE-NODEPORTS jumps change: next sync is full
 
     def sync(self, changes: Changes, *, full: bool) -> None:
-        full = full or not self._synced_once
+        if full or not self._synced_once:
+            self.sync_full(changes.state.values())
+            return
+        totals = dict(self.rules_total)
         for family in self.config.families:
             v = variant(family, self.legacy)
-            current = _Current.parse(self.run.run([v.save])) if full else None
-            text = self.restore_input(changes, family, full=full, current=current)
+            text = self.partial_input(changes, family, totals)
             self.run.run([v.restore, "-w", "5", "--noflush"], input=text)
-            self._commit()
+        self.rules_total = totals
+
+    def sync_full(self, ports: Iterable[ServicePortState]) -> None:
+        """Rewrite every chain we own: one ``iptables-restore --noflush`` per family, fed
+        while ``ports`` are still being computed and rendered (the tool parses its input
+        line by line as it arrives, so our work overlaps its own)."""
+        totals = {"nat": 0, "filter": 0}
+        rest: list[ServicePortState] = []  # other families' ports, for their turn
+
+        def of(family: Family, source: Iterable[ServicePortState], keep: bool
+               ) -> Iterator[ServicePortState]:
+            for sp in source:
+                if sp.family == family:
+                    yield sp
+                elif keep:
+                    rest.append(sp)
+
+        stream = getattr(self.run, "stream", None)
+        for i, family in enumerate(self.config.families):
+            v = variant(family, self.legacy)
+            current = _Current.parse(self.run.run([v.save]))
+            source = ports if i == 0 else list(rest)
+            lines = self._full_lines(family, of(family, source, i == 0), current, totals)
+            argv = [v.restore, "-w", "5", "--noflush"]
+            if stream is not None:
+                stream(argv, _chunked(lines))
+            else:
+                self.run.run(argv, input="".join(lines))
+        self.rules_total = totals
         self._synced_once = True
 
     def healthy(self) -> bool:
@@ -163,7 +192,6 @@ class IptablesBackend:
             except (CommandFailed, OSError):
                 continue
             self.run.run([v.restore, "-w", "5", "--noflush"], input=_flush_ours(dump))
-        self._rendered.clear()
         self._synced_once = False
 
     def dump(self, family: Family = 4) -> str:
@@ -173,126 +201,114 @@ class IptablesBackend:
 
     def restore_input(self, changes: Changes, family: Family, *, full: bool,
                       current: _Current | None = None) -> str:
-        """The iptables-restore text for one family.
+        """The whole iptables-restore text of one family's sync (tests and tools)."""
+        totals = {"nat": 0, "filter": 0}
+        if not full:
+            return self.partial_input(changes, family, totals)
+        ports = (sp for sp in changes.state.values() if sp.family == family)
+        return "".join(self._full_lines(family, ports, current or _Current(), totals))
 
-        ``current`` (full syncs) is what the kernel holds now: chains that do not exist yet
-        are created with ``-N`` rather than declared (iptables-nft's ``--noflush`` declares
-        are slow), stale service chains are deleted, and missing jumps from the built-in
-        chains are added in the same transaction.
+    def _full_lines(self, family: Family, ports: Iterable[ServicePortState], current: _Current,
+                    totals: dict[str, int]) -> Iterator[str]:
+        """Full-sync restore input, line by line as each port is rendered.
+
+        ``current`` is what the kernel holds now: chains that do not exist yet are created
+        with ``-N`` rather than declared (iptables-nft's ``--noflush`` declares are slow),
+        each port's chains are declared right before its rules, stale service chains are
+        deleted and missing jumps from the built-in chains added, all in the same
+        transaction. The nat table goes first; the filter lines (few: frontends without
+        endpoints, firewalls) are kept for the second table.
         """
-        current = current or _Current()
-        rendered = dict(self._rendered)
-        changed_chains: set[str] = set()
-        deleted_chains: set[str] = set()
-        if full:
-            rendered = {k: self.render(sp) for k, sp in changes.state.items()}
-            stale = {c for k, r in self._rendered.items() if k.family == family
-                     for c in r.nat_chains} | {
-                         c for c in current.chains.get("nat", set())
-                         if c.startswith(SERVICE_CHAIN_PREFIXES)}
-            changed_chains = {c for k, r in rendered.items() if k.family == family
-                              for c in r.nat_chains}
-            deleted_chains = stale - changed_chains
-        else:
-            top_edits: dict[str, tuple[list[str], list[str]]] = {"filter": ([], []),
-                                                                  "nat": ([], [])}
-            for key, change in changes.changed.items():
-                if key.family != family:
-                    continue
-                old = rendered.pop(key, None) or Rendered()
-                new = self.render(change.current) if change.current else Rendered()
-                if change.current is not None:
-                    rendered[key] = new
-                changed_chains |= {c for c, rules in new.nat_chains.items()
-                                   if old.nat_chains.get(c) != rules}
-                deleted_chains |= old.nat_chains.keys() - new.nat_chains.keys()
-                for table, before, after in (
-                    ("filter", old.filter_lines, new.filter_lines),
-                    ("nat", old.nat_services + old.nat_nodeports,
-                     new.nat_services + new.nat_nodeports),
-                ):
-                    gone, added = top_edits[table]
-                    gone += ["-D" + ln[2:] for ln in before if ln not in after]
-                    added += [ln for ln in after if ln not in before]
-            self._pending = rendered
-            return self._partial_input(rendered, changed_chains, deleted_chains, top_edits)
-        self._pending = rendered
-        ours = [r for k, r in sorted(rendered.items()) if k.family == family]
         mark = f"{self.config.masq_mark:#x}"
-        def declare(table: str, chains: Iterable[str]) -> list[str]:
-            if not full:
-                return [f":{c} - [0:0]" for c in chains]
-            have = current.chains.get(table, set())
-            return [f":{c} - [0:0]" if c in have else f"-N {c}" for c in chains]
+
+        def declare(table: str, chain: str) -> str:
+            return (f":{chain} - [0:0]\n" if chain in current.chains.get(table, ())
+                    else f"-N {chain}\n")
 
         def jumps(table: str) -> list[str]:
-            if not full:
-                return []
             lines = [f"-A {chain} {_quoted(spec)}" for t, chain, spec in JUMPS if t == table]
-            return [ln for ln in lines if ln not in current.rules.get(table, set())]
+            return [ln + "\n" for ln in lines if ln not in current.rules.get(table, set())]
 
-        out = ["*filter"]
-        out += declare("filter", FILTER_TOP)
-        out += jumps("filter")
-        out += [f"-A KUBE-FIREWALL -m mark --mark {DROP_MARK:#x}/{DROP_MARK:#x} -j DROP"]
-        out += ["-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
-                f"-A KUBE-FORWARD -m mark --mark {mark}/{mark} -j ACCEPT",
-                "-A KUBE-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"]
-        for r in ours:
-            out += r.filter_services + r.filter_external + r.filter_firewall
-        out.append("COMMIT")
-        out.append("*nat")
-        out += declare("nat", NAT_TOP)
-        chains_by_name = {c: rules for r in ours for c, rules in r.nat_chains.items()}
-        out += declare("nat", sorted(changed_chains | deleted_chains))
-        out += jumps("nat")
-        out += [
-            f"-A KUBE-POSTROUTING -m mark ! --mark {mark}/{mark} -j RETURN",
-            f"-A KUBE-POSTROUTING -j MARK --xor-mark {mark}",
-            "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring "
-            "SNAT\" -j MASQUERADE --random-fully",
-            f"-A KUBE-MARK-MASQ -j MARK --or-mark {mark}",
-            f"-A KUBE-MARK-DROP -j MARK --or-mark {DROP_MARK:#x}",
-        ]
-        for r in ours:
+        yield "*nat\n"
+        yield "".join(declare("nat", c) for c in NAT_TOP)
+        yield "".join(jumps("nat"))
+        yield (f"-A KUBE-POSTROUTING -m mark ! --mark {mark}/{mark} -j RETURN\n"
+               f"-A KUBE-POSTROUTING -j MARK --xor-mark {mark}\n"
+               "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic "
+               "requiring SNAT\" -j MASQUERADE --random-fully\n"
+               f"-A KUBE-MARK-MASQ -j MARK --or-mark {mark}\n"
+               f"-A KUBE-MARK-DROP -j MARK --or-mark {DROP_MARK:#x}\n")
+        ours: set[str] = set()
+        filter_lines: list[str] = []
+        render = self.render
+        for sp in ports:
+            r = render(sp)
+            out = [declare("nat", c) for c in r.nat_chains]
+            ours.update(r.nat_chains)
+            for rules in r.nat_chains.values():
+                out += rules
             out += r.nat_services
-        for addr in self._node_addresses.get(family, ()):
-            out.append(f"-A KUBE-SERVICES -d {_host(addr)} -j KUBE-NODEPORTS")
-        for r in ours:
             out += r.nat_nodeports
-        for c in sorted(changed_chains):
-            out += chains_by_name.get(c, [])
-        out += [f"-X {c}" for c in sorted(deleted_chains)]
-        out.append("COMMIT")
-        return "\n".join(out) + "\n"
+            yield "\n".join(out) + "\n"
+            filter_lines += r.filter_lines
+            nat, filt = r.rule_count
+            totals["nat"] += nat
+            totals["filter"] += filt
+        yield "".join(f"-A KUBE-SERVICES -d {_host(addr)} -j KUBE-NODEPORTS\n"
+                      for addr in self._node_addresses.get(family, ()))
+        stale = sorted(c for c in current.chains.get("nat", ())
+                       if c.startswith(SERVICE_CHAIN_PREFIXES) and c not in ours)
+        del ours
+        yield "".join([f":{c} - [0:0]\n" for c in stale] + [f"-X {c}\n" for c in stale])
+        yield "COMMIT\n*filter\n"
+        yield "".join(declare("filter", c) for c in FILTER_TOP)
+        yield "".join(jumps("filter"))
+        yield (f"-A KUBE-FIREWALL -m mark --mark {DROP_MARK:#x}/{DROP_MARK:#x} -j DROP\n"
+               "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n"
+               f"-A KUBE-FORWARD -m mark --mark {mark}/{mark} -j ACCEPT\n"
+               "-A KUBE-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n")
+        yield "".join(ln + "\n" for ln in filter_lines)
+        yield "COMMIT\n"
 
-    def _partial_input(
-        self, rendered: Mapping[PortKey, Rendered], changed_chains: set[str],
-        deleted_chains: set[str], top_edits: Mapping[str, tuple[list[str], list[str]]],
-    ) -> str:
-        """Touches only what changed: top-level chains are edited rule by rule (``-D`` the
-        old line, ``-A`` the new one; their rules match disjoint frontends, so order does
-        not matter) instead of being flushed and rewritten -- kube-proxy rewrites them,
-        which at 10k services costs more than everything else in a small change."""
-        chains_by_name = {c: rules for r in rendered.values() for c, rules in r.nat_chains.items()}
-        gone, added = top_edits["filter"]
+    def partial_input(self, changes: Changes, family: Family, totals: dict[str, int]) -> str:
+        """Touches only what changed: the chains of changed service ports are rewritten
+        (the previous rendering comes from ``change.previous``; any failed sync makes the
+        next one full), and top-level chains are edited rule by rule (``-D`` the old line,
+        ``-A`` the new one; their rules match disjoint frontends, so order does not matter)
+        instead of being flushed and rewritten -- kube-proxy rewrites them, which at 10k
+        services costs more than everything else in a small change."""
+        changed: dict[str, list[str]] = {}
+        deleted: set[str] = set()
+        top: dict[str, tuple[list[str], list[str]]] = {"filter": ([], []), "nat": ([], [])}
+        for key, change in changes.changed.items():
+            if key.family != family:
+                continue
+            old = self.render(change.previous) if change.previous else Rendered()
+            new = self.render(change.current) if change.current else Rendered()
+            changed.update({c: rules for c, rules in new.nat_chains.items()
+                            if old.nat_chains.get(c) != rules})
+            deleted |= old.nat_chains.keys() - new.nat_chains.keys()
+            for table, before, after in (
+                ("filter", old.filter_lines, new.filter_lines),
+                ("nat", old.nat_services + old.nat_nodeports,
+                 new.nat_services + new.nat_nodeports),
+            ):
+                gone, added = top[table]
+                gone += ["-D" + ln[2:] for ln in before if ln not in after]
+                added += [ln for ln in after if ln not in before]
+            (old_nat, old_filter), (new_nat, new_filter) = old.rule_count, new.rule_count
+            totals["nat"] += new_nat - old_nat
+            totals["filter"] += new_filter - old_filter
+        gone, added = top["filter"]
         out = ["*filter", *gone, *added, "COMMIT", "*nat"]
-        out += [f":{c} - [0:0]" for c in sorted(changed_chains | deleted_chains)]
-        gone, added = top_edits["nat"]
+        out += [f":{c} - [0:0]" for c in sorted(changed.keys() | deleted)]
+        gone, added = top["nat"]
         out += gone + added
-        for c in sorted(changed_chains):
-            out += chains_by_name.get(c, [])
-        out += [f"-X {c}" for c in sorted(deleted_chains)]
+        for c in sorted(changed):
+            out += changed[c]
+        out += [f"-X {c}" for c in sorted(deleted)]
         out.append("COMMIT")
         return "\n".join(out) + "\n"
-
-    def _commit(self) -> None:
-        self._rendered = self._pending
-        nat = filt = 0
-        for r in self._rendered.values():
-            n, f = r.rule_count
-            nat, filt = nat + n, filt + f
-        self.rules_total = {"nat": nat, "filter": filt}
 
     # --- one service port -------------------------------------------------------------------
 
@@ -428,7 +444,8 @@ class _Current:
     def parse(cls, save: str) -> _Current:
         cur = cls()
         table = ""
-        for line in save.splitlines():
+        for line in io.StringIO(save):  # not splitlines(): at 10k services that is 430k lines
+            line = line.rstrip("\n")
             if line.startswith("*"):
                 table = line[1:]
                 cur.chains.setdefault(table, set())
@@ -438,6 +455,20 @@ class _Current:
             elif line.startswith("-A ") and not line.startswith(("-A KUBE-", )):
                 cur.rules[table].add(line)
         return cur
+
+
+def _chunked(lines: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
+    """Lines joined into chunks of about ``size`` characters, for streaming."""
+    buf: list[str] = []
+    n = 0
+    for line in lines:
+        buf.append(line)
+        n += len(line)
+        if n >= size:
+            yield "".join(buf)
+            buf, n = [], 0
+    if buf:
+        yield "".join(buf)
 
 
 def _quoted(spec: tuple[str, ...]) -> str:

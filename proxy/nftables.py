@@ -34,6 +34,7 @@ from svcnet.proxy.state import (
     Backend,
     Changes,
     Family,
+    FrontendKind,
     PortKey,
     ServicePortState,
 )
@@ -154,54 +155,82 @@ class NftablesBackend:
             self._hairpin[family] = Counter()
         yield "\n".join(head) + "\n"
         most = dict.fromkeys(families, LB_CHAINS_MIN)
-        pending: dict[tuple[Family, str], dict[str, str]] = {}
-        deferred: dict[tuple[Family, str], dict[str, str]] = {}
+        # Element texts ("key" or "key : value") per (family, set), emitted in batches.
+        pending: dict[tuple[Family, str], list[str]] = {}
+        deferred: dict[tuple[Family, str], list[str]] = {}
+        seen: set[str] = set()
         out: list[str] = []
         render = self.render
+
+        def items(where: dict[tuple[Family, str], list[str]], family: Family, name: str
+                  ) -> list[str]:
+            got = where.get((family, name))
+            if got is None:
+                got = where[family, name] = []
+            return got
+
         for sp in ports:
             family = sp.family
             if family not in most:
                 continue
+            proto = sp.key.protocol.lower()
+            keys = [f"{fe.ip} . {proto} . {fe.port}" for fe in sp.frontends]
+            if not seen.isdisjoint(keys):
+                # Two services claiming one address and port (an API server prevents it):
+                # the first keeps it, as one nft transaction cannot hold both.
+                log.warning("%s: frontend already used by another service; skipped", sp.key)
+                continue
+            seen.update(keys)
             n = max(len(sp.cluster_endpoints), len(sp.local_endpoints))
             if n > most[family]:
                 most[family] = n
-            fam = "ip" if family == 4 else "ip6"
-            r = render(sp)
-            self._hairpin[family].update(r.hairpin)
-            if r.chains:
+            eps = sp.cluster_endpoints
+            if (eps and not sp.affinity_timeout and not sp.internal_local
+                    and all(fe.kind is FrontendKind.CLUSTER_IP for fe in sp.frontends)):
+                # The common case, written directly: what render() gives for it (a test
+                # checks they agree), without the intermediate dicts.
+                ips = {b.ip for b in eps}
+                ips.update(b.ip for b in sp.local_endpoints)
+                self._hairpin[family].update(ips)
+                backends = items(pending, family, "backends")
+                verdict = f" : goto lb-{len(eps)}"
+                for key in keys:
+                    backends += [f"{key} . {i} : {b.ip} . {b.port}" for i, b in enumerate(eps)]
+                    items(deferred, family, "service-ips").append(key + verdict)
+                    items(pending, family, "cluster-ips").append(key)
+            else:
+                fam = nft_family(family)
+                r = render(sp)
+                self._hairpin[family].update(r.hairpin)
                 for name, decl in r.sets.items():
                     out.append(f"add set {fam} {TABLE} {name} {decl}\n")
                 for name in r.chains:
                     out.append(f"add chain {fam} {TABLE} {name}\n")
                 for name, rules in r.chains.items():
                     out += [f"add rule {fam} {TABLE} {name} {rule}\n" for rule in rules]
-            for name, elems in r.elements.items():
-                if name in VERDICT_MAPS:
-                    deferred.setdefault((family, name), {}).update(elems)
-                    continue
-                buf = pending.get((family, name))
-                if buf is None:
-                    buf = pending[family, name] = {}
-                buf.update(elems)
-                if len(buf) >= ELEMENT_BATCH:
-                    out += _element_lines("add", fam, name, buf, newline=True)
-                    pending[family, name] = {}
-            if len(out) >= 64:
+                for name, elems in r.elements.items():
+                    items(deferred if name in VERDICT_MAPS else pending, family, name).extend(
+                        f"{k} : {v}" if v else k for k, v in elems.items())
+            for (family, name), texts in pending.items():
+                if len(texts) >= ELEMENT_BATCH:
+                    out += _add_elements(family, name, texts)
+                    texts.clear()
+            if len(out) >= 16:
                 yield "".join(out)
                 out = []
-        for (family, name), elems in pending.items():
-            out += _element_lines("add", nft_family(family), name, elems, newline=True)
+        for (family, name), texts in pending.items():
+            out += _add_elements(family, name, texts)
         del pending
         for family in families:
             self._lb_max[family] = most[family] * 2
             out += [ln + "\n" for ln in self._ensure_lb_chains(family, {
                 f"{kind}-{n}" for kind in ("lb", "lbl") for n in range(1, most[family] * 2 + 1)})]
-        for (family, name), elems in deferred.items():
-            out += _element_lines("add", nft_family(family), name, elems, newline=True)
+        for (family, name), texts in deferred.items():
+            out += _add_elements(family, name, texts)
         del deferred
         for family in families:
-            hp = dict.fromkeys([f"{ip} . {ip}" for ip in self._hairpin[family]], "")
-            out += _element_lines("add", nft_family(family), "hairpin", hp, newline=True)
+            hairpin = [f"{ip} . {ip}" for ip in self._hairpin[family]]
+            out += _add_elements(family, "hairpin", hairpin)
         yield "".join(out)
 
     def _needs_full(self, changes: Changes) -> bool:
@@ -453,6 +482,13 @@ class NftablesBackend:
         rules.append(f"numgen random mod {len(targets)} vmap {{ {vmap} }}")
         r.chains[base] = tuple(rules)
         return base
+
+
+def _add_elements(family: Family, name: str, texts: list[str]) -> list[str]:
+    """``add element`` lines for element texts, ``ELEMENT_BATCH`` per line."""
+    fam = nft_family(family)
+    return [f"add element {fam} {TABLE} {name} {{ {', '.join(texts[i : i + ELEMENT_BATCH])} }}\n"
+            for i in range(0, len(texts), ELEMENT_BATCH)]
 
 
 def _hairpin_key(ip: str) -> str:

@@ -362,3 +362,37 @@ def test_nftables_full_script_order_and_partial_diff_from_previous_state() -> No
     assert "delete element ip svcnet backends { 10.96.0.1 . tcp . 80 . 1 }" in partial
     assert "delete element ip svcnet hairpin { 10.1.1.1 . 10.1.1.1 }" in partial
     assert "10.96.0.0" not in partial and "10.96.0.2" not in partial
+
+
+def test_nftables_full_sync_fast_path_writes_what_render_gives() -> None:
+    """Plain ClusterIP ports skip render() in a full sync; the elements must be the same."""
+    from svcnet.proxy.nftables import NftablesBackend
+
+    backend = NftablesBackend(FakeCommands(), BackendConfig())
+    tracker = ChangeTracker(NodeConfig("n1"))
+    services = {
+        "default/a": to_service(service("a", "10.96.0.1", port(80), port(53, "d", "UDP"))),
+        "default/b": to_service(service("b", "10.96.0.2", port(80, node_port=30001),
+                                        type="NodePort", externalTrafficPolicy="Local")),
+        "default/c": to_service(service("c", "10.96.0.3", internalTrafficPolicy="Local")),
+        "default/e": to_service(service("e", "10.96.0.5")),  # no endpoints
+    }
+    slices = {k: [to_slice(endpoint_slice(
+        k.split("/")[1], endpoint(f"10.1.{i}.2", node="n1"), endpoint(f"10.1.{i}.1"),
+        ports=[("", 8080, "TCP"), ("d", 5353, "UDP")]))] for i, k in enumerate(services)}
+    slices["default/e"] = []
+    state = tracker.drain(services.get, lambda k: slices[k], lambda: services).state
+    got: dict[str, set[str]] = {}
+    for line in backend._full_script(state).splitlines():
+        if line.startswith("add element"):
+            name, body = line.split(" ", 5)[4:]
+            got.setdefault(name, set()).update(body.strip("{} ").split(", "))
+    want: dict[str, set[str]] = {}
+    for sp in state.values():
+        r = backend.render(sp)
+        for name, elems in r.elements.items():
+            want.setdefault(name, set()).update(f"{k} : {v}" if v else k
+                                                for k, v in elems.items())
+        want.setdefault("hairpin", set()).update(f"{ip} . {ip}" for ip in r.hairpin)
+    assert got == want
+    assert "10.96.0.1 . udp . 53 . 1 : 10.1.0.2 . 5353" in got["backends"]
