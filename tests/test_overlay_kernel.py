@@ -197,3 +197,31 @@ def test_switching_backend_removes_the_other_backends_rules(netns: Callable[[str
     asyncio.run(main())
     assert "SVCNET-OVL" not in ns_sh(ns, "iptables-save").stdout
     assert "SVCNET-OVL" not in ns_sh(ns, "ip6tables-save").stdout
+
+
+def test_cleanup_datapath_removes_devices_and_routes(netns: Callable[[str], str]) -> None:
+    require_binary("ip", "bridge")
+    from svcnet.cni.overlay.cli import cleanup
+
+    ns = netns("cd")
+    ns_sh(ns, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0")
+    for cmd in (["link", "set", "eth0", "up"], ["addr", "add", "10.99.0.1/24", "dev", "eth0"],
+                ["addr", "add", "fd99::1/64", "dev", "eth0", "nodad"]):
+        ns_sh(ns, "ip", *cmd)
+    peers = (lease(1, "10.99.0.1"), lease(2, "10.99.0.2"), lease(40, "172.16.0.40", "fd98::40"))
+
+    async def main() -> None:
+        kernel = IpCommandNetlink(ns)
+        want = compute_desired(parse_network_config(CONF), peers[0], peers,
+                               await kernel.underlay("eth0"), "n1", ip_masq=False,
+                               notrack=False)
+        devices = frozenset(link.name for link in want.kernel.links)
+        assert not await kernel.apply(plan(want.kernel, await kernel.observe(devices)))
+        messages = await cleanup(ns, datapath=True)
+        assert messages[-1].startswith("datapath: removed ") and messages[-1] != \
+            "datapath: removed 0 objects", messages
+
+    asyncio.run(main())
+    assert "flannel" not in ns_sh(ns, "ip", "link").stdout
+    assert not ns_sh(ns, "ip", "route", "show", "proto", "205").stdout.strip()
+    assert not ns_sh(ns, "ip", "-6", "route", "show", "proto", "205").stdout.strip()
