@@ -179,12 +179,18 @@ def write_node_files(cfg: LabConfig, node: str) -> None:
         for plugin in REFERENCE_CNI_DIR.iterdir():
             (bin_dir / plugin.name).symlink_to(plugin)
     if cfg.cni == "svcnet":
-        # The launcher ``svcnet cni install`` deploys (lean start-up), not pip's wrapper.
-        from svcnet.cni.cli import launcher_text
+        # What ``svcnet cni install`` deploys: the client of the node daemon's socket, with
+        # the lean in-process launcher as its fallback (not pip's wrapper).
+        from svcnet.cni.cli import IN_PROCESS_NAME, PERL, launcher_text, socket_client
 
-        launcher = bin_dir / "svcnet-cni"
-        launcher.write_text(launcher_text(cfg.python))
-        launcher.chmod(0o755)
+        socket = cni_socket(cfg, node)
+        inprocess = bin_dir / (IN_PROCESS_NAME if socket else "svcnet-cni")
+        inprocess.write_text(launcher_text(cfg.python))
+        inprocess.chmod(0o755)
+        if socket:
+            client = bin_dir / "svcnet-cni"
+            client.write_text(socket_client(str(inprocess), socket, PERL))
+            client.chmod(0o755)
     if cfg.overlay == "static":
         subnet = cfg.node_subnet(node)
         gw = subnet.replace(".0/24", ".1/24")
@@ -220,8 +226,19 @@ def net_conf(cfg: LabConfig) -> dict[str, object]:
             "Backend": {"Type": cfg.overlay, "VNI": 1, "Port": 8472}}
 
 
+def cni_socket(cfg: LabConfig, node: str) -> str | None:
+    """The node daemon's CNI socket, inside the lab's directory (never the host's
+    /run/svcnet/cni.sock); None when perl is missing or the path is too long for AF_UNIX."""
+    from svcnet.cni.cli import PERL
+
+    path = str(cfg.node_dir(node) / "cni.sock")
+    return path if cfg.cni == "svcnet" and len(path) < 100 and os.access(PERL, os.X_OK) else None
+
+
 def node_daemon_argv(cfg: LabConfig, node: str) -> list[str]:
     argv = [*cfg.svcnet_argv, "node", *cfg.store_args()]
+    socket = cni_socket(cfg, node)
+    argv += ["--cni-server-socket", socket] if socket else ["--no-cni-server"]
     if cfg.overlay in ("vxlan", "host-gw"):
         argv += ["--overlay", "--overlay-config", str(cfg.dir / "net-conf.json"),
                  "--overlay-node-name", node, "--overlay-iface", "eth0",
