@@ -42,6 +42,7 @@ import threading
 import time
 from typing import Any
 
+from .cli import DEFAULT_SOCKET
 from .fastjson import dumps
 from .spec import ERR_INTERNAL, LATEST, CniError
 
@@ -262,12 +263,42 @@ class ServerComponent:
 
 def add_node_arguments(parser: Any) -> None:
     """``svcnet node`` serves the svcnet-cni socket unless ``--no-cni-server``."""
-    parser.add_argument("--cni-server-socket", default="/run/svcnet/cni.sock",
+    parser.add_argument("--cni-server-socket", default=None,
                         help="socket svcnet-cni hands its requests to (svcnet cni install "
-                             "--socket); served by default")
+                             f"--socket; default {DEFAULT_SOCKET}); served by default")
     parser.add_argument("--no-cni-server", action="store_true",
                         help="do not serve the CNI socket (svcnet-cni then runs in-process)")
 
 
+def on_by_default(args: Any) -> bool:
+    """Serve where the pods' plugin runs: in the host's network namespace, or wherever a
+    socket is named. A daemon in another namespace (a test, a lab node) serves only its own
+    namespace's clients, so taking the host's socket path would just lock the host out."""
+    if args.no_cni_server:
+        return False
+    return args.cni_server_socket is not None or _in_host_netns()
+
+
+def _in_host_netns() -> bool:
+    """Ours is pid 1's namespace; where pid 1's is not readable, it is at least not one
+    made with ``ip netns add`` (as ``ip netns identify`` finds them)."""
+    try:
+        mine = os.stat("/proc/self/ns/net")
+    except OSError:
+        return True
+    try:
+        return mine.st_ino == os.stat("/proc/1/ns/net").st_ino
+    except OSError:
+        pass
+    with contextlib.suppress(OSError), os.scandir("/run/netns") as named:
+        for entry in named:
+            with contextlib.suppress(OSError):
+                st = os.stat(entry.path)
+                if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                    return False
+    return True
+
+
 def node_component(args: Any) -> ServerComponent:
-    return ServerComponent(args.cni_server_socket, required=bool(args.cni_server))
+    return ServerComponent(args.cni_server_socket or DEFAULT_SOCKET,
+                           required=bool(args.cni_server))

@@ -57,6 +57,10 @@ def _component_modules() -> list[Any]:
     return modules
 
 
+def _never(args: argparse.Namespace) -> bool:
+    return False
+
+
 def _run(args: argparse.Namespace) -> int:
     wanted = [name for name in COMPONENTS if getattr(args, name.replace("-", "_"))]
     if not wanted:
@@ -64,8 +68,8 @@ def _run(args: argparse.Namespace) -> int:
 
         raise UsageError(
             "svcnet node: choose at least one of --overlay, --proxy, --dns, --cni-server")
-    if "cni-server" not in wanted and not getattr(args, "no_cni_server", True):
-        wanted.append("cni-server")  # on by default: svcnet-cni's socket (docs/cni.md)
+    wanted += [name for name, path in COMPONENTS.items() if name not in wanted
+               and getattr(importlib.import_module(path), "on_by_default", _never)(args)]
     asyncio.run(run_node(args, wanted))
     return 0
 

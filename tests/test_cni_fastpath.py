@@ -379,6 +379,13 @@ def test_node_serves_cni_socket_by_default(monkeypatch: pytest.MonkeyPatch) -> N
         args = build_parser().parse_args(argv)
         assert args.func(args) == 0
     assert seen == [["dns", "cni-server"], ["dns"], ["cni-server"]]
+    # in another network namespace (a test, a lab node) only a named socket is served
+    server = svcnet.node.importlib.import_module("svcnet.cni.server")
+    monkeypatch.setattr(server, "_in_host_netns", lambda: False)
+    for argv in (["node", "--dns"], ["node", "--dns", "--cni-server-socket", "/tmp/x.sock"]):
+        args = build_parser().parse_args(argv)
+        assert args.func(args) == 0
+    assert seen[3:] == [["dns"], ["dns", "cni-server"]]
     args = build_parser().parse_args(["node", "--dns"])
     assert not svcnet.node.importlib.import_module("svcnet.cni.server").node_component(
         args).required
@@ -437,3 +444,14 @@ def test_server_component_waits_for_a_busy_socket(tmp_path: Path) -> None:
             break
         time.sleep(0.05)
     assert not sock.exists()
+
+
+def test_host_netns_is_told_from_a_named_one(netns: Callable[[str], str]) -> None:
+    """The default-on CNI server keys off this: in a test's or a lab node's namespace it
+    must not take the host's /run/svcnet/cni.sock."""
+    probe = [sys.executable, "-c",
+             "from svcnet.cni.server import _in_host_netns; print(_in_host_netns())"]
+    inside = subprocess.run(["ip", "netns", "exec", netns("h"), *probe],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    here = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+    assert (inside, here) == ("False", "True")
