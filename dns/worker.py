@@ -260,16 +260,27 @@ def serve(udp: socket.socket, channel: socket.socket, answer: Callable[[bytes], 
     if pktinfo:
         recvmsg = udp.recvmsg
         sendmsg = udp.sendmsg
+        # The query's pktinfo -> the reply's ancillary data: one entry per local address,
+        # so the common case is a dict lookup instead of parsing and building both.
+        controls: dict[Any, list[tuple[int, int, bytes]]] = {}
+        known = controls.get
 
-        def recv(size: int) -> tuple[bytes, tuple[Any, bytes]]:
+        def recv(size: int) -> tuple[bytes, tuple[Any, list[Any]]]:
             data, anc, _flags, peer = recvmsg(size, CMSG_ROOM)
-            return data, (peer, reply_source(anc))
+            return data, (peer, anc)
 
-        def send(reply: bytes, addr: tuple[Any, bytes]) -> int:
-            return sendmsg([reply], control(addr[1]), 0, addr[0])
+        def send(reply: bytes, addr: tuple[Any, list[Any]]) -> int:
+            anc = addr[1]
+            key = anc[0] if len(anc) == 1 else None
+            ctl = known(key)
+            if ctl is None:
+                ctl = control(reply_source(anc))
+                if key is not None and len(controls) < 256:
+                    controls[key] = ctl
+            return sendmsg([reply], ctl, 0, addr[0])
 
-        def encode(addr: tuple[Any, bytes]) -> bytes:
-            return encode_addr(addr[0], addr[1])
+        def encode(addr: tuple[Any, list[Any]]) -> bytes:
+            return encode_addr(addr[0], reply_source(addr[1]))
     cached = cache.get
     counted = hits.get
     handoff = channel.send
