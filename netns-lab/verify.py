@@ -75,7 +75,7 @@ async def verify_overlay(args: argparse.Namespace, store: Store) -> dict[str, An
     from svcnet.cni.overlay.config import parse_network_config
     from svcnet.cni.overlay.daemon import options_from_args
     from svcnet.cni.overlay.desired import compute_desired
-    from svcnet.cni.overlay.iptables import IptablesFirewall
+    from svcnet.cni.overlay.firewall import detect_backend, make_firewall
     from svcnet.cni.overlay.netlink import IpCommandNetlink
     from svcnet.cni.overlay.reconcile import Reconciler
 
@@ -94,8 +94,10 @@ async def verify_overlay(args: argparse.Namespace, store: Store) -> dict[str, An
     if opts.public_ip:
         underlay = dataclasses.replace(underlay, ipv4=opts.public_ip)
     desired = compute_desired(config, own[0], snapshot, underlay, opts.node_name,
-                              ip_masq=opts.ip_masq)
-    _observed, ops, chains = await Reconciler(netlink, IptablesFirewall(None)).pending(desired)
+                              ip_masq=opts.ip_masq, notrack=opts.vxlan_notrack)
+    backend = opts.masq_backend if opts.masq_backend != "auto" else await detect_backend(None)
+    firewall = make_firewall(backend, None)
+    _observed, ops, chains = await Reconciler(netlink, firewall).pending(desired)
     return {"in_sync": not ops and not chains, "ops": [str(op) for op in ops],
             "chains": [_rules_name(c) for c in chains],
             "peers": len(desired.peers)}
