@@ -48,7 +48,7 @@ def test_apply_then_observe_round_trips(netns: Callable[[str], str], native: boo
         underlay = await kernel.underlay("eth0")
         assert underlay.ipv4 == "10.99.0.1" and underlay.mtu == 1500
         want = compute_desired(config, peers[0], peers, underlay, "n1")
-        assert len(want.kernel.routes) == 2 * 29
+        assert len(want.kernel.routes) == 2 * 29 + 2  # and a blackhole per family
         assert len(want.kernel.neighbours) == 2  # only the peer behind a router: 4 and 6
         devices = frozenset(link.name for link in want.kernel.links)
         ops = plan(want.kernel, await kernel.observe(devices))
@@ -217,11 +217,13 @@ def test_cleanup_datapath_removes_devices_and_routes(netns: Callable[[str], str]
                                notrack=False)
         devices = frozenset(link.name for link in want.kernel.links)
         assert not await kernel.apply(plan(want.kernel, await kernel.observe(devices)))
+        assert "blackhole 10.244.0.0/16 proto 205" in ns_sh(ns, "ip", "route").stdout
         messages = await cleanup(ns, datapath=True)
         assert messages[-1].startswith("datapath: removed ") and messages[-1] != \
             "datapath: removed 0 objects", messages
 
     asyncio.run(main())
     assert "flannel" not in ns_sh(ns, "ip", "link").stdout
+    assert "blackhole" not in ns_sh(ns, "ip", "-6", "route").stdout
     assert not ns_sh(ns, "ip", "route", "show", "proto", "205").stdout.strip()
     assert not ns_sh(ns, "ip", "-6", "route", "show", "proto", "205").stdout.strip()

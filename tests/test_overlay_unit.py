@@ -31,6 +31,7 @@ from svcnet.cni.overlay.netlink import FakeNetlink, Op, command_lines
 from svcnet.cni.overlay.reconcile import Reconciler, plan
 
 NET = b'{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}'
+BLACKHOLE = Route("10.244.0.0/16", "", "", kind="blackhole")
 UNDERLAY = Underlay("eth0", 1500, "192.168.0.1", "", ("192.168.0.0/24",))
 
 
@@ -96,21 +97,22 @@ def test_desired_vxlan_has_neighbour_fdb_and_onlink_route_per_peer() -> None:
     assert Route("10.244.2.0/24", "10.244.2.0", "flannel.1", True) in d.kernel.routes
     assert Neighbour("flannel.1", "10.244.3.0", lease(3).attrs.vtep_mac) in d.kernel.neighbours
     assert FdbEntry("flannel.1", lease(3).attrs.vtep_mac, "192.168.0.3") in d.kernel.fdb
-    assert len(d.kernel.routes) == 2 and d.mtu == 1450
+    assert BLACKHOLE in d.kernel.routes
+    assert len(d.kernel.routes) == 3 and d.mtu == 1450
 
 
 def test_direct_routing_and_host_gw_use_plain_routes() -> None:
     direct = parse_network_config(b'{"Network": "10.244.0.0/16", "Backend": '
                                   b'{"Type": "vxlan", "DirectRouting": true}}')
     d = compute_desired(direct, lease(1), (lease(1), lease(2)), UNDERLAY, "n1")
-    assert d.kernel.routes == {Route("10.244.2.0/24", "192.168.0.2", "eth0")}
+    assert d.kernel.routes == {Route("10.244.2.0/24", "192.168.0.2", "eth0"), BLACKHOLE}
     assert not d.kernel.neighbours
     hostgw = parse_network_config(b'{"Network": "10.244.0.0/16", "Backend": '
                                   b'{"Type": "host-gw"}}')
     far = Lease(ipaddress.IPv4Network("10.244.9.0/24"), None,
                 LeaseAttrs(public_ip="172.16.0.9", backend_type="host-gw"))
     d = compute_desired(hostgw, lease(1, "host-gw"), (lease(2, "host-gw"), far), UNDERLAY, "n1")
-    assert d.kernel.routes == {Route("10.244.2.0/24", "192.168.0.2", "eth0")}
+    assert d.kernel.routes == {Route("10.244.2.0/24", "192.168.0.2", "eth0"), BLACKHOLE}
     assert not d.kernel.links and d.mtu == 1500
     assert any("172.16.0.9" in s for s in d.skipped)
 
@@ -169,7 +171,10 @@ def test_nftables_table_renders_like_nft_lists_it() -> None:
 
 
 def _kinds(ops: list[Op]) -> list[str]:
-    return [f"{op.verb} {type(op.obj).__name__}" for op in ops]
+    def name(o: object) -> str:
+        return "Blackhole" if isinstance(o, Route) and o.blackhole else type(o).__name__
+
+    return [f"{op.verb} {name(op.obj)}" for op in ops]
 
 
 def test_plan_orders_neighbours_before_routes_and_routes_before_removal() -> None:
@@ -183,6 +188,7 @@ def test_plan_orders_neighbours_before_routes_and_routes_before_removal() -> Non
         kinds = _kinds(list(first.ops))
         assert kinds.index("add Neighbour") < kinds.index("add Route")
         assert kinds.index("add FdbEntry") < kinds.index("add Route")
+        assert first.ops[0] == Op("add", BLACKHOLE), "the blackhole goes in before anything"
         assert first.chains_rewritten == 1 and not first.errors
         assert not (await rec.sync(three)).changed, "a second sync must change nothing"
         two = compute_desired(cfg, lease(1), (lease(1), lease(2)), UNDERLAY, "n1")
@@ -203,9 +209,10 @@ def test_deleted_device_is_recreated_with_its_entries() -> None:
         await rec.sync(d)
         (link,) = d.kernel.links
         await fake.apply([Op("del", link)])
-        assert not fake.state.routes
+        assert fake.state.routes == {BLACKHOLE}, "the blackhole outlives the device"
         healed = await rec.sync(d)
         assert _kinds(list(healed.ops))[0] == "add VxlanLink"
+        assert Op("add", BLACKHOLE) not in healed.ops
         assert fake.state == d.kernel
 
     asyncio.run(main())
@@ -222,7 +229,7 @@ def test_changed_vni_recreates_and_mtu_change_only_sets() -> None:
     async def main() -> None:
         await fake.apply([Op("add", replace(link, vni=7)), Op("add", *d.kernel.addresses)])
         ops = plan(d.kernel, await fake.observe(frozenset({link.name})))
-        assert _kinds(ops)[:2] == ["del VxlanLink", "add VxlanLink"]
+        assert _kinds(ops)[:3] == ["add Blackhole", "del VxlanLink", "add VxlanLink"]
         await fake.apply(ops)
         await fake.apply([Op("add", replace(link, mtu=1300))])
         fake.state = replace(fake.state, links=frozenset({replace(link, mtu=1300)}))
@@ -260,6 +267,9 @@ def test_command_lines_are_ip_batch_syntax() -> None:
     assert command_lines(Op("add", Route("10.244.2.0/24", "10.244.2.0", "flannel.1", True))
                          ) == ["route replace 10.244.2.0/24 via 10.244.2.0 dev flannel.1 "
                                "onlink proto 205"]
+    assert command_lines(Op("add", BLACKHOLE)) == [
+        "route replace blackhole 10.244.0.0/16 proto 205"]
+    assert command_lines(Op("del", BLACKHOLE)) == ["route del blackhole 10.244.0.0/16 proto 205"]
     assert command_lines(Op("del", FdbEntry("flannel.1", "02:00:00:00:00:01", "1.2.3.4"))
                          ) == ["fdb del 02:00:00:00:00:01 dev flannel.1 dst 1.2.3.4 self"]
 
@@ -287,18 +297,19 @@ def test_daemons_share_leases_and_write_subnet_env_after_sync(tmp_path: Path) ->
             assert "FLANNEL_NETWORK=10.244.0.0/16\n" in env and "FLANNEL_MTU=1450\n" in env
             assert fake.state.links, "subnet.env must only appear once the datapath exists"
         for _ in range(100):
-            if all(len(f.state.routes) == 2 for f in fakes):
+            if all(len(f.state.routes) == 3 for f in fakes):
                 break
             await asyncio.sleep(0.02)
-        assert all(len(f.state.routes) == 2 for f in fakes)
+        assert all(len(f.state.routes) == 3 for f in fakes)  # a peer each, and the blackhole
         subnet = previous_subnets(str(tmp_path / "n1.env"))
         assert subnet and reg.leases[f"{subnet[0].network_address}-24"].attrs.node_name == "n1"
         await reg.set(None, remove=f"{subnet[0].network_address}-24")
         for _ in range(100):
-            if all(len(f.state.routes) == 1 for f in fakes[1:]):
+            if all(len(f.state.routes) == 2 for f in fakes[1:]):
                 break
             await asyncio.sleep(0.02)
-        assert all(len(f.state.routes) == 1 for f in fakes[1:])
+        assert all(len(f.state.routes) == 2 for f in fakes[1:])
+        assert all(BLACKHOLE in f.state.routes for f in fakes[1:])
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -343,6 +354,8 @@ def test_ipv6_only_network() -> None:
     (link,) = d.kernel.links
     assert (link.name, link.mtu, link.local) == ("flannel-v6.1", 1430, "fd99::1")
     assert Route("fd00:1:0:2::/64", "fd00:1:0:2::", "flannel-v6.1", True) in d.kernel.routes
+    assert Route("fd00:1::/56", "", "", kind="blackhole") in d.kernel.routes
+    assert BLACKHOLE not in d.kernel.routes
     assert [r.family for r in d.rules] == [6]
     assert "ff00::/8" in render_chains(d.rules)[0].rules[3]
 
@@ -449,3 +462,47 @@ def test_node_flags_reach_the_daemon_options(tmp_path: Path) -> None:
     assert opts.etcd_endpoints == ("10.0.0.1:2379", "10.0.0.2:2379")
     assert (opts.iface, opts.node_name, opts.backend, opts.ip_masq, opts.resync) == (
         "ens3", "w1", "host-gw", False, 5.0)
+
+
+def test_network_blackhole_is_added_first_removed_last_and_kept_for_departed_peers() -> None:
+    """The cluster network's blackhole route stays while peers come and go; only a network
+    that is no longer ours loses it, after everything else (and cleanup removes it)."""
+    from dataclasses import replace
+
+    from svcnet.cni.overlay.netlink import Observed
+
+    cfg = parse_network_config(NET)
+    fake = FakeNetlink(iface=UNDERLAY)
+    three = compute_desired(cfg, lease(1), (lease(1), lease(2), lease(3)), UNDERLAY, "n1")
+    one = compute_desired(cfg, lease(1), (lease(1),), UNDERLAY, "n1")
+    assert one.kernel.routes == {BLACKHOLE}
+
+    async def main() -> None:
+        rec = Reconciler(fake, FakeFirewall())
+        await rec.sync(three)
+        gone = await rec.sync(one)
+        assert {op.obj for op in gone.ops if op.verb == "del" and isinstance(op.obj, Route)
+                } == {r for r in three.kernel.routes if not r.blackhole}
+        assert fake.state.routes == {BLACKHOLE}
+        observed = await fake.observe(frozenset({"flannel.1"}))
+        moved = replace(cfg, ipv4=replace(cfg.ipv4, network=ipaddress.IPv4Network(
+            "10.245.0.0/16"))) if cfg.ipv4 else cfg
+        other = compute_desired(moved, lease(1), (lease(1),), UNDERLAY, "n1")
+        ops = plan(other.kernel, observed)
+        assert ops[0] == Op("add", Route("10.245.0.0/16", "", "", kind="blackhole"))
+        assert ops[-1] == Op("del", BLACKHOLE)
+        everything = plan(replace(one.kernel, links=frozenset(), addresses=frozenset(),
+                                  routes=frozenset()), Observed(fake.state))
+        assert everything[-1] == Op("del", BLACKHOLE), "cleanup removes it, last"
+
+    asyncio.run(main())
+
+
+def test_host_gw_owns_a_blackhole_per_family() -> None:
+    cfg = parse_network_config(b'{"Network": "10.244.0.0/16", "EnableIPv6": true, '
+                               b'"IPv6Network": "fd00:1::/56", "IPv6SubnetLen": 64, '
+                               b'"Backend": {"Type": "host-gw"}}')
+    own = Lease(ipaddress.IPv4Network("10.244.1.0/24"), ipaddress.IPv6Network("fd00:1:0:1::/64"),
+                LeaseAttrs(public_ip="192.168.0.1", backend_type="host-gw"))
+    d = compute_desired(cfg, own, (own,), UNDERLAY, "n1")
+    assert d.kernel.routes == {BLACKHOLE, Route("fd00:1::/56", "", "", kind="blackhole")}

@@ -42,7 +42,8 @@ def _cleanup(args: argparse.Namespace) -> int:
 
 async def cleanup(netns: str | None, *, datapath: bool = False) -> list[str]:
     """Remove everything of ours: both firewall backends' rules; with ``datapath`` also the
-    devices (which takes their neighbours and FDB entries) and our routes."""
+    devices (which takes their neighbours and FDB entries) and our routes, the cluster
+    network's blackhole included."""
     import shutil
 
     from svcnet.cni.overlay.desired import KernelObjects
@@ -96,6 +97,9 @@ def _status(args: argparse.Namespace) -> int:
     for p in status.get("peers", []):
         print(f"{p['subnet']:<28} {p['public_ip']:<24} {p['vtep_mac'] or '-':<18} "
               f"{'direct' if p['direct'] else 'vxlan':<7} {p['node'] or '-'}")
+    for route in (status.get("desired") or {}).get("routes", []):
+        if route.get("kind") == "blackhole":
+            print(f"blackhole {route['dst']}: drops pod traffic that no peer route matches")
     for line in status.get("skipped", []):
         print(f"skipped: {line}")
     for err in status.get("last_errors", []):
@@ -122,7 +126,9 @@ class Comparison:
 
 
 def _counts(objects: Any) -> str:
-    return (f"{len(objects.links)} links, {len(objects.routes)} routes, "
+    holes = sum(1 for r in objects.routes if r.blackhole)
+    return (f"{len(objects.links)} links, {len(objects.routes) - holes} routes, "
+            f"{holes} blackhole, "
             f"{len(objects.neighbours)} neighbours, {len(objects.fdb)} FDB entries")
 
 

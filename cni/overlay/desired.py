@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Literal
 
 from svcnet.cni.overlay.config import IPNetwork, NetworkConfig
 from svcnet.cni.overlay.lease import Lease, Snapshot
@@ -62,12 +63,23 @@ class FdbEntry:
     dst: str
 
 
+RouteKind = Literal["unicast", "blackhole"]
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class Route:
+    """A route we own. ``kind="blackhole"`` has no ``via`` and no ``dev``: the kernel drops
+    what matches it, silently (see ``network_blackhole``)."""
+
     dst: str
     via: str
     dev: str
     onlink: bool = False
+    kind: RouteKind = "unicast"
+
+    @property
+    def blackhole(self) -> bool:
+        return self.kind == "blackhole"
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +217,16 @@ def peers_from(own: Lease, snapshot: Snapshot, family: int, underlay: Underlay,
     return tuple(peers), tuple(skipped)
 
 
+def network_blackhole(network: IPNetwork) -> Route:
+    """The catch-all for the whole cluster network, less specific than every peer's and our
+    own subnet's route: pod traffic with no better route (the VXLAN device is being
+    re-created and took its routes along, a departed node's subnet, before convergence) is
+    dropped silently. Without it the node answers ICMP net-unreachable -- ``connect()``
+    fails at once instead of retransmitting -- or, with a default route, sends pod traffic
+    unencapsulated out of the underlay."""
+    return Route(dst=str(network), via="", dev="", kind="blackhole")
+
+
 def traffic_rules(config: NetworkConfig, own: Lease, underlay: Underlay, *, masquerade: bool,
                   notrack: bool) -> tuple[TrafficRules, ...]:
     """The firewall's job per family; a family with nothing to do gets no entry."""
@@ -242,6 +264,10 @@ def compute_desired(config: NetworkConfig, own: Lease, snapshot: Snapshot, under
             part, skip = hostgw.render(family, peers, underlay)
             skipped.extend(skip)
         kernel = merge(kernel, part)
+        fam = config.ipv4 if family == 4 else config.ipv6
+        if fam is not None:
+            kernel = merge(kernel, KernelObjects(routes=frozenset({
+                network_blackhole(fam.network)})))
         all_peers.extend(peers)
     mtu = (min(vxlan_mtu(underlay, f, config.backend.mtu) for f in _families(own))
            if backend == "vxlan" else underlay.mtu)

@@ -189,9 +189,12 @@ class IpCommandNetlink:
             and f.get("state") == "permanent"
         }
         routes = {
+            Route(dst=_prefix(r["dst"]), via="", dev="", kind="blackhole")
+            # IPv6 reports a blackhole on "dev lo"; it has no device of ours.
+            if r.get("type") == "blackhole" else
             Route(dst=_prefix(r["dst"]), via=r.get("gateway", ""), dev=r.get("dev", ""),
                   onlink="onlink" in r.get("flags", []))
-            for r in (*r4, *r6)
+            for r in (*r4, *r6) if r.get("type", "unicast") in ("unicast", "blackhole")
         }
         return Observed(KernelObjects(links=frozenset(links), addresses=frozenset(addresses),
                                       neighbours=frozenset(neighbours), fdb=frozenset(fdb),
@@ -308,6 +311,9 @@ def command_lines(op: Op) -> list[str]:
         if op.verb == "del":
             return [f"fdb del {o.mac} dev {o.dev} dst {o.dst} self"]
         return [f"fdb append {o.mac} dev {o.dev} dst {o.dst} self permanent"]
+    if o.blackhole:
+        return [f"route {'del' if op.verb == 'del' else 'replace'} blackhole {o.dst} "
+                f"proto {ROUTE_PROTO}"]
     via = f" via {o.via}" if o.via else ""
     onlink = " onlink" if o.onlink else ""
     if op.verb == "del":
@@ -321,7 +327,8 @@ def command_lines(op: Op) -> list[str]:
 @dataclass
 class FakeNetlink:
     """Kernel semantics the reconciler relies on, in memory: deleting a link drops its
-    addresses, neighbours, FDB entries and routes; a route needs its device."""
+    addresses, neighbours, FDB entries and routes; a route needs its device (a blackhole
+    route has none and outlives every device)."""
 
     iface: Underlay = field(default_factory=lambda: Underlay("eth0", 1500, "192.168.0.1", "",
                                                              ("192.168.0.0/24",)))
@@ -370,6 +377,8 @@ class FakeNetlink:
             self.down.discard(o.name)
             return ""
         names = {k.name for k in s.links} | {self.iface.name}
+        if isinstance(o, Route) and o.blackhole:
+            names.add("")  # needs no device
         if getattr(o, "dev", "") not in names:
             return f"no device {getattr(o, 'dev', '')}"
         attr = {Address: "addresses", Neighbour: "neighbours", FdbEntry: "fdb",
@@ -382,7 +391,8 @@ class FakeNetlink:
         if op.verb == "del":
             current = current - {o}
         else:
-            if isinstance(o, Route) and not o.onlink and o.dev != self.iface.name:
+            if (isinstance(o, Route) and not o.onlink and not o.blackhole
+                    and o.dev != self.iface.name):
                 return f"route {o.dst}: gateway unreachable"
             current = current | {o}
         self.state = replace(s, **{attr: current})

@@ -3,8 +3,10 @@
 ``plan`` is pure: (desired, observed) -> ordered ops. The order keeps the datapath
 consistent at every step: a peer's neighbour and FDB entry exist before its route is added,
 and its route is gone before they are removed, so no packet is ever routed to a VTEP address
-the kernel cannot resolve. Nothing is flushed on start-up: a restarted daemon finds the
-kernel already right and changes nothing, so pods lose no packets.
+the kernel cannot resolve; the cluster network's blackhole route is added before everything
+and removed after everything, so pod traffic always meets at least that route. Nothing is
+flushed on start-up: a restarted daemon finds the kernel already right and changes nothing,
+so pods lose no packets.
 """
 
 from __future__ import annotations
@@ -45,12 +47,17 @@ def plan(desired: KernelObjects, observed: Observed) -> list[Op]:
     addresses = {a for a in have.addresses if alive(a.dev)}
     neighbours = {(n.dev, n.ip): n for n in have.neighbours if alive(n.dev)}
     fdb = {f for f in have.fdb if alive(f.dev)}
-    routes = {r.dst: r for r in have.routes if alive(r.dev)}
+    routes = {r.dst: r for r in have.routes if alive(r.dev) and not r.blackhole}
     want_neigh = {(n.dev, n.ip): n for n in desired.neighbours}
-    want_routes = {r.dst: r for r in desired.routes}
+    want_routes = {r.dst: r for r in desired.routes if not r.blackhole}
+    holes = {r.dst: r for r in have.routes if r.blackhole}
+    want_holes = {r.dst: r for r in desired.routes if r.blackhole}
 
-    # Three batches at most (ip, bridge, ip); a pure add or a pure removal needs two.
-    ops = list(link_ops)
+    # Three batches at most (ip, bridge, ip); a pure add or a pure removal needs two. The
+    # network's blackhole goes in first (it catches what a device re-creation or a departed
+    # peer leaves without a route) and out last.
+    ops = [Op("add", r) for dst, r in sorted(want_holes.items()) if holes.get(dst) != r]
+    ops += link_ops
     ops += [Op("add", a) for a in sorted(desired.addresses - addresses)]
     ops += [Op("del", r) for dst, r in sorted(routes.items()) if dst not in want_routes]
     ops += [Op("del", n) for key, n in sorted(neighbours.items()) if key not in want_neigh]
@@ -59,6 +66,7 @@ def plan(desired: KernelObjects, observed: Observed) -> list[Op]:
     ops += [Op("add", n) for key, n in sorted(want_neigh.items()) if neighbours.get(key) != n]
     ops += [Op("add", r) for dst, r in sorted(want_routes.items()) if routes.get(dst) != r]
     ops += [Op("del", a) for a in sorted(addresses - desired.addresses)]
+    ops += [Op("del", r) for dst, r in sorted(holes.items()) if dst not in want_holes]
     return ops
 
 

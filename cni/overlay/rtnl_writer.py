@@ -38,7 +38,7 @@ NTF_SELF = 0x02
 NDA_DST, NDA_LLADDR = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
 RT_TABLE_MAIN = 254
-RTN_UNICAST = 1
+RTN_UNICAST, RTN_BLACKHOLE = 1, 6
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
 RTNH_F_ONLINK = 4
 _NDMSG = struct.Struct("=BxxxiHBB")
@@ -122,6 +122,9 @@ class RtnlWriter:
 
     def _one(self, verb: str, obj: PeerObject) -> None:
         sock = self._sock()
+        if isinstance(obj, Route):
+            self._route(sock, verb, obj)
+            return
         index = self._ifindex(obj.dev)
         if isinstance(obj, Neighbour):
             family, dst = _ip(obj.ip)
@@ -142,13 +145,20 @@ class RtnlWriter:
                              f"fdb {obj.mac}")
             else:
                 sock.request(RTM_DELNEIGH, 0, body, f"fdb {obj.mac}")
-            return
+
+    def _route(self, sock: Rtnl, verb: str, obj: Route) -> None:
         net = ipaddress.ip_network(obj.dst)
         family = AF_INET if net.version == 4 else AF_INET6
-        body = _RTMSG.pack(family, net.prefixlen, 0, 0, RT_TABLE_MAIN, ROUTE_PROTO,
-                           RT_SCOPE_UNIVERSE if obj.via else RT_SCOPE_LINK, RTN_UNICAST,
-                           RTNH_F_ONLINK if obj.onlink else 0)
-        body += attr(RTA_DST, net.network_address.packed) + attr_u32(RTA_OIF, index)
+        if obj.blackhole:  # no device, no gateway: the kernel drops what matches
+            body = (_RTMSG.pack(family, net.prefixlen, 0, 0, RT_TABLE_MAIN, ROUTE_PROTO,
+                                RT_SCOPE_UNIVERSE, RTN_BLACKHOLE, 0)
+                    + attr(RTA_DST, net.network_address.packed))
+        else:
+            body = _RTMSG.pack(family, net.prefixlen, 0, 0, RT_TABLE_MAIN, ROUTE_PROTO,
+                               RT_SCOPE_UNIVERSE if obj.via else RT_SCOPE_LINK, RTN_UNICAST,
+                               RTNH_F_ONLINK if obj.onlink else 0)
+            body += (attr(RTA_DST, net.network_address.packed)
+                     + attr_u32(RTA_OIF, self._ifindex(obj.dev)))
         if obj.via:
             body += attr(RTA_GATEWAY, _ip(obj.via)[1])
         if verb == "add":
