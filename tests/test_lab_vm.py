@@ -1,6 +1,6 @@
 """VM runner pieces that need no VM: the guest script, the pytest command, the kernel cache.
 
-The runner itself is exercised for real by tests/test_vm_ipvs.py."""
+The runner itself is exercised for real by tests/test_vm_suites.py."""
 
 from __future__ import annotations
 
