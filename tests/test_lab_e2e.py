@@ -363,8 +363,9 @@ def test_verify_sees_an_overlay_route_the_daemon_has_not_restored(lab: LabConfig
     require(lab.overlay == "vxlan", "needs the svcnet overlay")
     daemon = Procs(Path(lab.lab_dir)).get("node-n3")
     assert daemon is not None
-    route = subprocess.run(["ip", "-n", lab.node_ns("n3"), "route", "show", "proto", "205"],
-                           capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    route = next(line for line in subprocess.run(
+        ["ip", "-n", lab.node_ns("n3"), "route", "show", "proto", "205"],
+        capture_output=True, text=True, check=True).stdout.splitlines() if " via " in line)
     os.kill(daemon.pid, signal.SIGSTOP)
     try:
         subprocess.run(["ip", "-n", lab.node_ns("n3"), "route", "del", *route.split()],
