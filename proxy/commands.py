@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -57,22 +58,32 @@ class SubprocessCommands:
             assert proc.stdin is not None
             with contextlib.suppress(OSError):  # fewer hand-overs between us and the tool
                 fcntl.fcntl(proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-            try:
-                for chunk in chunks:
-                    proc.stdin.write(chunk)
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass  # the tool died early; its exit status and stderr say why
-            except BaseException:
+            # The timeout covers the whole run: a slow tool blocks our writes, not only
+            # the final wait.
+            fired = threading.Event()
+
+            def kill() -> None:
+                fired.set()
                 proc.kill()
-                proc.wait()
-                raise
+
+            timer = threading.Timer(self.timeout, kill)
+            timer.start()
             try:
-                code = proc.wait(self.timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                raise
+                try:
+                    for chunk in chunks:
+                        proc.stdin.write(chunk)
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass  # the tool died early; its exit status and stderr say why
+                except BaseException:
+                    proc.kill()
+                    proc.wait()
+                    raise
+                code = proc.wait()
+            finally:
+                timer.cancel()
+            if fired.is_set() and code < 0:
+                raise subprocess.TimeoutExpired(argv, self.timeout)
             err.seek(0)
             out.seek(0)
             if code != 0:

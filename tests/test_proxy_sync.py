@@ -396,3 +396,16 @@ def test_nftables_full_sync_fast_path_writes_what_render_gives() -> None:
         want.setdefault("hairpin", set()).update(f"{ip} . {ip}" for ip in r.hairpin)
     assert got == want
     assert "10.96.0.1 . udp . 53 . 1 : 10.1.0.2 . 5353" in got["backends"]
+
+
+def test_streamed_tool_run_is_bounded_by_the_timeout() -> None:
+    """A tool that stops reading blocks our writes; the timeout still ends the run."""
+    import itertools
+    import subprocess
+
+    from svcnet.proxy.commands import SubprocessCommands
+
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        SubprocessCommands(timeout=0.5).stream(["sleep", "30"], itertools.repeat("x" * 65536))
+    assert time.monotonic() - started < 5
