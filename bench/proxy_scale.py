@@ -180,6 +180,7 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
         if not ok:
             # Failed or timed out (bounded by --timeout): report it with the floor's own time.
             result["floors_s"] = [f for f, _ in floors]
+            result["rss_mb"] = rss_mb()
             return result
         # 2. More rounds of (cold full sync, floor), each pair back to back so both see the
         # same machine load: the model is forgotten and rebuilt, the namespace is fresh.
@@ -363,7 +364,7 @@ def report(args: argparse.Namespace, inner: dict[str, Any]) -> dict[str, Any]:
         print(f"{name}: {args.services} services x {ENDPOINTS}: our full sync did not finish "
               f"within {args.timeout:.0f} s (gave up after {inner['first_sync_s']:.1f} s); "
               f"the bare tool loading the same ruleset (floor): {floor_text}")
-        result.update(timed_out=True, timeout_s=args.timeout)
+        result.update(timed_out=True, timeout_s=args.timeout, rss_mb=round(inner["rss_mb"], 1))
         return result
     syncs = inner["full_syncs_s"]
     best = min(syncs)

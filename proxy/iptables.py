@@ -21,7 +21,6 @@ service ports and delete the chains of removed ones; full syncs rewrite every ch
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -444,8 +443,7 @@ class _Current:
     def parse(cls, save: str) -> _Current:
         cur = cls()
         table = ""
-        for line in io.StringIO(save):  # not splitlines(): at 10k services that is 430k lines
-            line = line.rstrip("\n")
+        for line in _lines(save):
             if line.startswith("*"):
                 table = line[1:]
                 cur.chains.setdefault(table, set())
@@ -455,6 +453,19 @@ class _Current:
             elif line.startswith("-A ") and not line.startswith(("-A KUBE-", )):
                 cur.rules[table].add(line)
         return cur
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The lines of ``text`` one at a time: at 10k services an ``iptables-save`` dump has
+    430k lines, which ``splitlines()`` (a list) or ``io.StringIO`` (4 bytes per character)
+    would hold all at once."""
+    start, size = 0, len(text)
+    while start < size:
+        end = text.find("\n", start)
+        if end < 0:
+            end = size
+        yield text[start:end]
+        start = end + 1
 
 
 def _chunked(lines: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
