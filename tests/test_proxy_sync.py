@@ -409,3 +409,20 @@ def test_streamed_tool_run_is_bounded_by_the_timeout() -> None:
     with pytest.raises(subprocess.TimeoutExpired):
         SubprocessCommands(timeout=0.5).stream(["sleep", "30"], itertools.repeat("x" * 65536))
     assert time.monotonic() - started < 5
+
+
+def test_nftables_full_script_makes_long_lb_chains_before_their_verdicts() -> None:
+    from svcnet.proxy.nftables import NftablesBackend
+
+    backend = NftablesBackend(FakeCommands(), BackendConfig())
+    tracker = ChangeTracker(NodeConfig("n1"))
+    services = {"default/big": to_service(service("big", "10.96.0.9")),
+                "default/small": to_service(service("small", "10.96.0.8"))}
+    eps = {"default/big": [endpoint(f"10.1.{i // 250}.{i % 250 + 1}") for i in range(70)],
+           "default/small": [endpoint("10.2.0.1")]}
+    slices = {k: [to_slice(endpoint_slice(k.split("/")[1], *v))] for k, v in eps.items()}
+    state = tracker.drain(services.get, lambda k: slices[k], lambda: services).state
+    script = backend._full_script(state)
+    assert script.index("add chain ip svcnet lb-70\n") < script.index(
+        "10.96.0.9 . tcp . 80 : goto lb-70")
+    assert script.count("10.1.0.1 . 10.1.0.1") == 1
