@@ -51,6 +51,7 @@ from svcnet.proxy.builders import endpoint, endpoint_slice, port, service
 from svcnet.proxy.commands import SubprocessCommands
 from svcnet.proxy.config import BackendConfig, LocalDetector
 from svcnet.proxy.proxier import Proxier, SyncSettings
+from svcnet.proxy.sealed_input import Seal
 from svcnet.proxy.state import NodeConfig
 
 from svcnet.model import ENDPOINT_SLICE, SERVICE
@@ -76,7 +77,8 @@ class RecordingCommands:
         return out
 
 
-    def stream(self, argv: Sequence[str], chunks: Iterable[str]) -> str:
+    def stream(self, argv: Sequence[str], chunks: Iterable[str], *,
+               seal: Seal | None = None) -> str:
         parts: list[str] = []
 
         def recorded() -> Iterator[str]:
@@ -84,7 +86,7 @@ class RecordingCommands:
                 parts.append(chunk)
                 yield chunk
 
-        out = self.inner.stream(argv, recorded())
+        out = self.inner.stream(argv, recorded(), seal=seal)
         self.inputs.append((list(argv), "".join(parts)))
         self.returned.append(time.monotonic())
         return out
@@ -114,9 +116,11 @@ class FileRecordingCommands:
             self.returned.append(time.monotonic())
         return out
 
-    def stream(self, argv: Sequence[str], chunks: Iterable[str]) -> str:
+    def stream(self, argv: Sequence[str], chunks: Iterable[str], *,
+               seal: Seal | None = None) -> str:
+        """The recorded input is the script itself, unsealed, for the floor to replay."""
         if not self.record_streams:  # later full syncs: no bench work inside the timing
-            out = self.inner.stream(argv, chunks)
+            out = self.inner.stream(argv, chunks, seal=seal)
             self.returned.append(time.monotonic())
             return out
         path = self._file()
@@ -128,7 +132,7 @@ class FileRecordingCommands:
                     f.write(chunk)
                     yield chunk
 
-            out = self.inner.stream(argv, recorded())
+            out = self.inner.stream(argv, recorded(), seal=seal)
         self.returned.append(time.monotonic())
         return out
 

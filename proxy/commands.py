@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from svcnet.proxy.sealed_input import Seal, sealed_pieces, write_pieces
+
 PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size
 
 
@@ -48,9 +50,12 @@ class SubprocessCommands:
             raise CommandFailed(argv, proc.returncode, proc.stderr)
         return proc.stdout
 
-    def stream(self, argv: Sequence[str], chunks: Iterable[str]) -> str:
+    def stream(self, argv: Sequence[str], chunks: Iterable[str], *,
+               seal: Seal | None = None) -> str:
         """Like ``run``, but feeds stdin while ``chunks`` are still being produced, so the
-        tool parses the start of a large input while we generate the rest."""
+        tool parses the start of a large input while we generate the rest. With ``seal``,
+        a tool that sees end-of-input early (we died) finds it unparseable and applies
+        nothing (``sealed_input``)."""
         full = ["ip", "netns", "exec", self.netns, *argv] if self.netns else list(argv)
         with tempfile.TemporaryFile("w+") as err, tempfile.TemporaryFile("w+") as out:
             proc = subprocess.Popen(full, stdin=subprocess.PIPE, stdout=out, stderr=err,
@@ -70,8 +75,11 @@ class SubprocessCommands:
             timer.start()
             try:
                 try:
-                    for chunk in chunks:
-                        proc.stdin.write(chunk)
+                    if seal is None:
+                        for chunk in chunks:
+                            proc.stdin.write(chunk)
+                    else:
+                        write_pieces(proc.stdin.fileno(), sealed_pieces(chunks, seal))
                     proc.stdin.close()
                 except BrokenPipeError:
                     pass  # the tool died early; its exit status and stderr say why

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from svcnet.proxy.commands import Commands
 from svcnet.proxy.config import BackendConfig, short_hash
+from svcnet.proxy.sealed_input import NFT_SEAL
 from svcnet.proxy.state import (
     Backend,
     Changes,
@@ -94,7 +95,7 @@ class NftablesBackend:
         else:
             script = self._partial_script(changes)
             if script:
-                self.nft.run(["nft", "-f", "-"], input=script)
+                self._apply([script])
         self._synced_once = True
 
     def sync_full(self, ports: Iterable[ServicePortState]) -> None:
@@ -105,13 +106,17 @@ class NftablesBackend:
         reads its input as a file (``/proc/self/fd/0``; ``-f -`` would buffer all of stdin
         before parsing), so the model, rendering and nft's parsing overlap.
         """
-        chunks = self._full_chunks(ports)
+        self._apply(self._full_chunks(ports))
+        self._synced_once = True
+
+    def _apply(self, chunks: Iterable[str]) -> None:
+        """One nft transaction, sealed: if we die while writing it, nft applies nothing
+        rather than the part it got (a table missing every service not yet written)."""
         stream = getattr(self.nft, "stream", None)
         if stream is not None:
-            stream(["nft", "-f", STREAMED_INPUT], chunks)
+            stream(["nft", "-f", STREAMED_INPUT], chunks, seal=NFT_SEAL)
         else:
             self.nft.run(["nft", "-f", "-"], input="".join(chunks))
-        self._synced_once = True
 
     def healthy(self) -> bool:
         """The table still exists (somebody may have flushed the ruleset)."""

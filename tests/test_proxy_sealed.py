@@ -9,6 +9,7 @@ small enough for the kernel to deliver whole.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -112,3 +113,73 @@ def test_unsealed_prefix_is_committed_and_sealed_whole_works(
     listing = ns_sh(ns, "nft", "list", "table", "ip", "t").stdout
     assert listing.count("accept") == 800
     assert "10.9.2.99 : 10.8.0.1" in listing
+
+
+BACKEND_WRITER = r"""
+import os, signal, sys
+from svcnet.proxy.builders import endpoint, endpoint_slice, port, service, to_service, to_slice
+from svcnet.proxy.commands import SubprocessCommands
+from svcnet.proxy.config import BackendConfig, LocalDetector
+from svcnet.proxy.nftables import NftablesBackend
+from svcnet.proxy.state import ChangeTracker, NodeConfig
+
+netns, count, die_after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+svcs, slices = {}, {}
+tracker = ChangeTracker(NodeConfig("n1"))
+for i in range(count):
+    # ClientIP affinity: each service gets its own chains and set, written as it comes
+    s = to_service(service(f"s{i}", f"10.96.{i // 250}.{i % 250 + 1}", port(80, target=8080),
+                           sessionAffinity="ClientIP"))
+    key = f"default/s{i}"
+    svcs[key] = s
+    slices[key] = [to_slice(endpoint_slice(f"s{i}", endpoint(f"10.1.{i // 250}.{i % 250 + 2}")))]
+    tracker.service_changed(None, s)
+changes = tracker.drain(svcs.get, lambda k: slices.get(k, []), lambda: list(svcs))
+states = list(changes.state.values())
+backend = NftablesBackend(SubprocessCommands(netns), BackendConfig(
+    families=(4,), detect_local=LocalDetector("ClusterCIDR", ("10.1.0.0/16",))))
+
+def ports():
+    for n, state in enumerate(states):
+        if n == die_after:  # the daemon dies (kill -9, OOM) in the middle of a full sync
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield state
+
+backend.sync_full(ports())
+"""
+
+
+def _cluster_ips(ns: str) -> int:
+    out = ns_sh(ns, "nft", "-j", "list", "set", "ip", "svcnet", "cluster-ips", check=False)
+    if out.returncode != 0:
+        return -1
+    import json
+    doc = json.loads(out.stdout)
+    return sum(len(o["set"].get("elem", [])) for o in doc["nftables"] if "set" in o)
+
+
+def test_proxy_killed_mid_full_sync_leaves_the_previous_table(
+        netns: Callable[[str], str], tmp_path: Path) -> None:
+    """The nftables backend's full sync of 3000 services, killed at 15 points while it
+    streams: the kernel keeps the previous complete table (200 services), never a
+    half-written one."""
+    require_binary("nft")
+    ns = netns("node")
+    script = tmp_path / "backend.py"
+    script.write_text(BACKEND_WRITER)
+
+    def run(count: int, die_after: int) -> int:
+        return subprocess.run([sys.executable, str(script), ns, str(count), str(die_after)],
+                              capture_output=True, text=True, timeout=120).returncode
+
+    assert run(200, -1) == 0
+    assert _cluster_ips(ns) == 200
+    for die_after in range(100, 3000, 197):
+        assert run(3000, die_after) == -signal.SIGKILL
+        deadline = time.monotonic() + 20  # nft may still be reading what it got
+        while time.monotonic() < deadline and subprocess.run(
+                ["pgrep", "-f", "nft -f /proc/self/fd/0"], capture_output=True).returncode == 0:
+            time.sleep(0.05)
+        assert _cluster_ips(ns) == 200, die_after
+    assert run(3000, -1) == 0
+    assert _cluster_ips(ns) == 3000
