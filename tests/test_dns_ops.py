@@ -167,7 +167,8 @@ def test_config_file_and_flags(tmp_path: Any) -> None:
 
 
 @pytest.mark.etcd
-@pytest.mark.parametrize("command", [["dns"], ["node", "--dns"]])
+# in the host's namespace: --no-cni-server, or the node daemon would serve /run/svcnet
+@pytest.mark.parametrize("command", [["dns"], ["node", "--dns", "--no-cni-server"]])
 def test_cli_against_real_etcd(etcd: EtcdCluster, command: list[str]) -> None:
     """``svcnet dns`` / ``svcnet node --dns`` as processes, watching a real etcd, asked by dig."""
     require_binary("dig")
