@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +217,9 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
         result["resync_s"], ok, _ = await timed_sync(proxier)
         assert ok, "full re-sync failed"
         # 4. One EndpointSlice change at a time: store write -> rules in the kernel.
-        result["one_change_all_ms"] = await one_changes(args, store, proxier, commands)
+        result["one_change_all_ms"] = await one_changes(
+            args, store, proxier, commands.returned,
+            lambda i, generation: check_live(args, i, generation, proxier.backend))
     finally:
         await factory.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -239,33 +241,42 @@ def cpu_now() -> tuple[float, float]:
 
 
 async def one_changes(args: argparse.Namespace, store: MemoryStore, proxier: Proxier,
-                      commands: FileRecordingCommands) -> list[float]:
+                      returned: list[float], check: Callable[[int, int], None],
+                      timeout: float = 30) -> list[float]:
+    """Store write to the kernel tool's return, for ``args.changes`` endpoint changes run
+    by the proxier's own loop; ``returned`` gets a time whenever the tool returns, and
+    ``check(service, generation)`` confirms the new endpoint is live."""
     loop_task = asyncio.create_task(proxier.loop())
     changes: list[float] = []
     try:
         await asyncio.sleep(args.min_sync_period + 0.2)
         for n in range(args.changes):
             await asyncio.sleep(args.min_sync_period + 0.1)
-            before = len(commands.returned)
+            before = len(returned)
             target = (n * 7919) % args.services
             wrote = time.monotonic()
             await store.put(ENDPOINT_SLICE, slice_for(target, generation=n + 1))
-            deadline = time.monotonic() + 30
-            while len(commands.returned) == before and time.monotonic() < deadline:
+            deadline = time.monotonic() + timeout
+            while len(returned) == before and time.monotonic() < deadline:
                 await asyncio.sleep(0.0005)
-            if len(commands.returned) == before:
+            if len(returned) == before:
                 raise RuntimeError("the change never reached the kernel")
-            changes.append((commands.returned[before] - wrote) * 1000)
-            check_live(args, target, n + 1, proxier.backend)
+            changes.append((returned[before] - wrote) * 1000)
+            check(target, n + 1)
     finally:
         loop_task.cancel()
         await asyncio.gather(loop_task, return_exceptions=True)
     return changes
 
 
+def changed_endpoint(i: int, generation: int) -> str:
+    """The endpoint ``slice_for(i, generation)`` adds."""
+    return f"10.{128 + generation}.{i // 256 % 256}.{i % 256}"
+
+
 def check_live(args: argparse.Namespace, i: int, generation: int, backend: Any) -> None:
     """The changed endpoint really is in the kernel."""
-    ep = f"10.{128 + generation}.{i // 256 % 256}.{i % 256}"
+    ep = changed_endpoint(i, generation)
     if args.backend == "nftables":
         out = subprocess.run(["nft", "get", "element", "ip", "svcnet", "backends",
                               f"{{ {cluster_ip(i)} . tcp . 80 . 0 }}"],

@@ -38,7 +38,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from proxy_scale import ENDPOINTS, RecordingCommands, cluster_ip, rss_mb, slice_for
+from proxy_scale import (
+    ENDPOINTS,
+    RecordingCommands,
+    changed_endpoint,
+    cluster_ip,
+    one_changes,
+    rss_mb,
+    slice_for,
+)
 from svcnet.lab import vm
 from svcnet.proxy.builders import port, service
 from svcnet.proxy.config import BackendConfig, LocalDetector
@@ -88,28 +96,15 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
                for r in backend._rendered.values() for vs, (opts, reals) in r.servers.items()]
     full_inputs = [*commands.inputs, (["ipvsadm-restore"], "".join(ipvsadm))]
 
-    loop_task = asyncio.create_task(proxier.loop())
-    changes: list[float] = []
+    def check(i: int, generation: int) -> None:
+        ep = changed_endpoint(i, generation)
+        if ep not in subprocess.run(["ipvsadm", "-Ln", "-t", f"{cluster_ip(i)}:80"],
+                                    capture_output=True, text=True).stdout:
+            raise RuntimeError(f"endpoint {ep} not live after the change")
+
     try:
-        for n in range(args.changes):
-            await asyncio.sleep(args.min_sync_period + 0.1)
-            before = len(backend.returned)
-            target = (n * 7919) % args.services
-            wrote = time.monotonic()
-            await store.put(ENDPOINT_SLICE, slice_for(target, generation=n + 1))
-            deadline = time.monotonic() + 120
-            while len(backend.returned) == before and time.monotonic() < deadline:
-                await asyncio.sleep(0.0005)
-            if len(backend.returned) == before:
-                raise RuntimeError("the change never reached the kernel")
-            changes.append((backend.returned[before] - wrote) * 1000)
-            ep = f"10.{128 + n + 1}.{target // 256 % 256}.{target % 256}"
-            if ep not in subprocess.run(["ipvsadm", "-Ln", "-t", f"{cluster_ip(target)}:80"],
-                                        capture_output=True, text=True).stdout:
-                raise RuntimeError(f"endpoint {ep} not live after the change")
+        changes = await one_changes(args, store, proxier, backend.returned, check, timeout=120)
     finally:
-        loop_task.cancel()
-        await asyncio.gather(loop_task, return_exceptions=True)
         await factory.stop()
     return {"full_sync_s": full_sync, "one_change_ms": statistics.median(changes),
             "one_change_all_ms": [round(c, 1) for c in changes], "rss_mb": rss_mb(),

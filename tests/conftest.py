@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,6 +46,16 @@ def sh(*cmd: str, check: bool = True, timeout: float = 30, input: str | None = N
 def ns_sh(ns: str, *cmd: str, check: bool = True, timeout: float = 30
           ) -> subprocess.CompletedProcess[str]:
     return sh("ip", "netns", "exec", ns, *cmd, check=check, timeout=timeout)
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from typing import Any
 
 import dns.rcode
 import pytest
-from conftest import EtcdCluster, free_port, require_binary
+from conftest import EtcdCluster, free_port, require_binary, stop
 from dnskit import query, serve, wait_for
 from svcnet.dns.daemon import DNSOptions
 
@@ -211,12 +211,7 @@ def test_cli_against_real_etcd(etcd: EtcdCluster, command: list[str]) -> None:
              "db.prod.svc.cluster.local"], capture_output=True, text=True,
             timeout=5).stdout.split() == ["10.0.3.4"], 10, 0.1)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop(proc)
     time.sleep(0)
 
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import free_port, ns_sh, require_binary
+from conftest import free_port, ns_sh, require_binary, stop
 
 SERVER = """
 import asyncio, sys
@@ -116,12 +116,7 @@ def test_wildcard_replies_from_queried_address(netns: Callable[[str], str],
                        timeout=10).stdout.strip()
         assert status == "200"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop(proc)
 
 
 def test_health_and_metrics_host_flags() -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import EtcdCluster, free_port, ns_sh, require_binary
+from conftest import EtcdCluster, free_port, ns_sh, require_binary, stop
 from svcnet.proxy.builders import endpoint, endpoint_slice, port, service
 from test_proxy_restart import put_all
 
@@ -107,12 +107,7 @@ def test_status_reports_and_repairs_drift(mode: str, netns: Callable[[str], str]
         assert "differ from the last applied" in text, text
         assert "Traceback" not in text, text
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop(proc)
 
 
 def test_normalisation_ignores_counters_and_handles_but_not_rules() -> None:
