@@ -78,7 +78,7 @@ class RecordingCommands:
 
 
     def stream(self, argv: Sequence[str], chunks: Iterable[str], *,
-               seal: Seal | None = None) -> str:
+               seal: Seal | None = None, quiet: bool = False) -> str:
         parts: list[str] = []
 
         def recorded() -> Iterator[str]:
@@ -86,7 +86,7 @@ class RecordingCommands:
                 parts.append(chunk)
                 yield chunk
 
-        out = self.inner.stream(argv, recorded(), seal=seal)
+        out = self.inner.stream(argv, recorded(), seal=seal, quiet=quiet)
         self.inputs.append((list(argv), "".join(parts)))
         self.returned.append(time.monotonic())
         return out
@@ -117,10 +117,10 @@ class FileRecordingCommands:
         return out
 
     def stream(self, argv: Sequence[str], chunks: Iterable[str], *,
-               seal: Seal | None = None) -> str:
+               seal: Seal | None = None, quiet: bool = False) -> str:
         """The recorded input is the script itself, unsealed, for the floor to replay."""
         if not self.record_streams:  # later full syncs: no bench work inside the timing
-            out = self.inner.stream(argv, chunks, seal=seal)
+            out = self.inner.stream(argv, chunks, seal=seal, quiet=quiet)
             self.returned.append(time.monotonic())
             return out
         path = self._file()
@@ -132,7 +132,7 @@ class FileRecordingCommands:
                     f.write(chunk)
                     yield chunk
 
-            out = self.inner.stream(argv, recorded(), seal=seal)
+            out = self.inner.stream(argv, recorded(), seal=seal, quiet=quiet)
         self.returned.append(time.monotonic())
         return out
 
@@ -320,6 +320,9 @@ def floor_once(inputs: list[tuple[list[str], str]], how: str,
                                    check=True, capture_output=True, timeout=timeout)
                 except subprocess.TimeoutExpired:
                     return None, 0.0
+                except subprocess.CalledProcessError as e:
+                    raise SystemExit(f"floor: {' '.join(argv)} failed: "
+                                     f"{e.stderr.decode(errors='replace')[-2000:]}") from e
             total += time.monotonic() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         return total, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)

@@ -51,14 +51,15 @@ class SubprocessCommands:
         return proc.stdout
 
     def stream(self, argv: Sequence[str], chunks: Iterable[str], *,
-               seal: Seal | None = None) -> str:
+               seal: Seal | None = None, quiet: bool = False) -> str:
         """Like ``run``, but feeds stdin while ``chunks`` are still being produced, so the
         tool parses the start of a large input while we generate the rest. With ``seal``,
         a tool that sees end-of-input early (we died) finds it unparseable and applies
-        nothing (``sealed_input``)."""
+        nothing (``sealed_input``). ``quiet`` discards the tool's output (returns "")."""
         full = ["ip", "netns", "exec", self.netns, *argv] if self.netns else list(argv)
         with tempfile.TemporaryFile("w+") as err, tempfile.TemporaryFile("w+") as out:
-            proc = subprocess.Popen(full, stdin=subprocess.PIPE, stdout=out, stderr=err,
+            proc = subprocess.Popen(full, stdin=subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL if quiet else out, stderr=err,
                                     text=True)
             assert proc.stdin is not None
             with contextlib.suppress(OSError):  # fewer hand-overs between us and the tool

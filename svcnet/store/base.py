@@ -172,6 +172,20 @@ _FIELD_PATHS = {
 }
 
 
+def selectable(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of an object a ``Selector`` can look at (labels and ``_FIELD_PATHS``), so
+    a store that filters locally need not keep the whole decoded object."""
+    labels = (obj.get("metadata") or {}).get("labels")
+    slim: dict[str, Any] = {"metadata": {"labels": labels} if labels else {}}
+    for path in _FIELD_PATHS.values():
+        value: Any = obj
+        for part in path:
+            value = value.get(part) if isinstance(value, Mapping) else None
+        if value is not None:
+            slim.setdefault(path[0], {})[path[1]] = value
+    return slim
+
+
 def _split(expr: str) -> list[str]:
     return [part.strip() for part in expr.split(",") if part.strip()]
 

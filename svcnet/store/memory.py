@@ -25,6 +25,7 @@ from svcnet.store.base import (
     Selector,
     SelectorMatcher,
     Unavailable,
+    selectable,
 )
 
 
@@ -91,8 +92,9 @@ class MemoryStore:
                         json.dumps(stored).encode())
         objs = self._objects.setdefault(kind.name, {})
         etype = EventType.MODIFIED if raw.key in objs else EventType.ADDED
-        objs[raw.key] = (raw, stored)
-        await self._record(kind, Event(etype, rev, raw), stored)
+        slim = selectable(stored)  # the JSON is the object; this is what selectors read
+        objs[raw.key] = (raw, slim)
+        await self._record(kind, Event(etype, rev, raw), slim)
         return raw
 
     async def delete(self, kind: Kind[Any], namespace: str, name: str) -> None:
