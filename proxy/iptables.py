@@ -234,15 +234,15 @@ class IptablesBackend:
         mark = f"{self.config.masq_mark:#x}"
 
         def declare(table: str, chain: str) -> str:
-            return (f":{chain} - [0:0]\n" if chain in current.chains.get(table, ())
-                    else f"-N {chain}\n")
+            return (f":{chain} - [0:0]" if chain in current.chains.get(table, ())
+                    else f"-N {chain}")
 
         def jumps(table: str) -> list[str]:
             lines = [f"-A {chain} {_quoted(spec)}" for t, chain, spec in JUMPS if t == table]
             return [ln + "\n" for ln in lines if ln not in current.rules.get(table, set())]
 
         yield "*nat\n"
-        yield "".join(declare("nat", c) for c in NAT_TOP)
+        yield "".join(declare("nat", c) + "\n" for c in NAT_TOP)
         yield "".join(jumps("nat"))
         if not self.legacy:  # after the jumps: a listing first would fake missing built-ins
             yield WHOLE_TABLE_CACHE
@@ -275,7 +275,7 @@ class IptablesBackend:
         del ours
         yield "".join([f":{c} - [0:0]\n" for c in stale] + [f"-X {c}\n" for c in stale])
         yield "COMMIT\n*filter\n"
-        yield "".join(declare("filter", c) for c in FILTER_TOP)
+        yield "".join(declare("filter", c) + "\n" for c in FILTER_TOP)
         yield "".join(jumps("filter"))
         yield (f"-A KUBE-FIREWALL -m mark --mark {DROP_MARK:#x}/{DROP_MARK:#x} -j DROP\n"
                "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n"
