@@ -17,6 +17,7 @@ the time is from its start until its own datapath holds all N-1 peers and every 
 has synced the route to it; then every node pings the newcomer's VTEP address to prove it.
 
 Usage (root): .venv/bin/python bench/overlay.py [--runs 9] [--seconds 2] [--nodes 10,50]
+    [--settings] [--profile RUNS]
 Last line: JSON with vxlan_gbps, hostgw_gbps, underlay_gbps, vxlan_vs_hostgw,
 converge_10_s, converge_50_s (plus vxlan_cpu_efficiency_vs_hostgw, the Flannel-style ratios
 and the load average).
@@ -29,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -51,14 +53,16 @@ class Sample:
     and far less disturbed by other jobs on the machine than the throughput."""
 
 
-def iperf(client: str, server: str, address: str, seconds: float) -> Sample:
+def iperf(client: str, server: str, address: str, seconds: float,
+          wrap: tuple[str, ...] = ()) -> Sample:
+    """One iperf3 run; ``wrap`` prefixes the client's command (``perf record ... --``)."""
     srv = subprocess.Popen(["ip", "netns", "exec", server, *NICE, "iperf3", "-s"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         doc: dict[str, Any] = {}
         for _ in range(50):
-            got = in_ns(client, *NICE, "iperf3", "-c", address, "-t", str(seconds), "-J",
-                        check=False, timeout=seconds + 30)
+            got = sh(*wrap, "ip", "netns", "exec", client, *NICE, "iperf3", "-c", address,
+                     "-t", str(seconds), "-J", check=False, timeout=seconds + 60)
             with contextlib.suppress(ValueError):
                 doc = json.loads(got.stdout)
             end = doc.get("end", {})
@@ -88,12 +92,35 @@ class Row:
     dev: str = ""
     feature: str = ""
     value: str = ""
+    big_tcp: int = 0
+    """If set: GSO/GRO maximum size (IPv4 and IPv6, BIG TCP) of every device of the pair --
+    pods, nodes, underlay -- for this measurement (then back to 64 KiB)."""
 
-    def toggle(self, nodes: list[SimNode], on: bool) -> None:
+    def toggle(self, bed: tuple[Testbed, list[SimNode], list[str]], on: bool) -> None:
+        tb, nodes, pods = bed
         if self.dev:
             undo = {"on": "off", "off": "on"}[self.value]
             for n in nodes:
                 in_ns(n.ns, "ethtool", "-K", self.dev, self.feature, self.value if on else undo)
+        if self.big_tcp:
+            for ns in (tb.underlay, *(n.ns for n in nodes), *pods):
+                in_ns(ns, sys.executable, "-c", SET_GSO_SIZE,
+                      str(self.big_tcp if on else 65536))
+
+
+SET_GSO_SIZE = """
+import sys
+from svcnet.cni import rtnl
+size = int(sys.argv[1])
+with rtnl.Rtnl() as r:
+    for link in r.links():
+        if link.name != "lo":
+            body = rtnl._IFINFOMSG.pack(rtnl.AF_UNSPEC, 0, link.index, 0, 0) + b"".join(
+                rtnl.attr_u32(kind, size) for kind in (41, 58, 63, 64))
+            r.request(rtnl.RTM_NEWLINK, 0, body, f"set {link.name} gso/gro max size")
+"""
+"""IFLA_GSO_MAX_SIZE, IFLA_GRO_MAX_SIZE, IFLA_GSO_IPV4_MAX_SIZE, IFLA_GRO_IPV4_MAX_SIZE:
+Debian 12's ``ip`` (iproute2 6.1) cannot set the IPv4 ones."""
 
 
 PATHS = {
@@ -115,8 +142,119 @@ SETTINGS = {
                               dev="eth0", feature="gro", value="on"),
     "vxlan-veth-gro": Row("svcnet VXLAN, GRO (NAPI) on the underlay veths", "vxlan",
                             dev="eth0", feature="gro", value="on"),
+    "host-gw-big-tcp": Row("host-gw, BIG TCP (192 KiB GSO/GRO) on every device", "host-gw",
+                           big_tcp=196608),
+    "vxlan-big-tcp": Row("svcnet VXLAN, BIG TCP (192 KiB GSO/GRO) on every device incl. "
+                         "flannel.1", "vxlan", big_tcp=196608),
 }
 """``--settings``: device settings tried, measured in the same interleaved rounds."""
+
+
+PERF_PERIOD_NS = 250_000
+"""``perf record -e cpu-clock -c``: one sample per 0.25 ms of CPU, so samples convert to CPU
+time (hardware counters are not available in every VM; the clock event is)."""
+IDLE = re.compile(r"(safe_halt|_idle\b|^poll_idle|mwait|^default_idle|cpuidle)")
+CATEGORIES = (
+    ("netfilter: nft chains, conntrack, NAT hooks, xt compat",
+     r"^(nft_|__nft|nf_|__nf_|xt_|ipt_|ipv4_conntrack|ipv4_confirm|hash_conntrack|"
+     r"tcp_in_window|tcp_error|get_l4proto|ip_sabotage)"),
+    ("bridge netfilter (br_netfilter)", r"^(br_nf|brnf|nf_bridge|setup_pre_routing)"),
+    ("VXLAN, UDP tunnel, outer UDP, GRO cells",
+     r"^(vxlan|udp_tunnel|iptunnel|__iptunnel|ip_tunnel|gro_cell|udp4|__udp4|udp_|__udp|"
+     r"skb_tunnel|__ip_select_ident|ip_md_tunnel|dst_cache)"),
+    ("GRO / NAPI", r"^(dev_gro|napi_gro|gro_|inet_gro|tcp4_gro|tcp_gro|skb_gro|napi_|__napi)"),
+    ("checksum (software)", r"(csum|checksum)"),
+    ("software segmentation, skb copies",
+     r"^(skb_segment|__skb_gso_segment|skb_mac_gso|inet_gso|tcp_gso|tcp4_gso|udp4_ufo|"
+     r"__udp_gso|skb_udp_tunnel_segment|skb_copy|pskb_expand_head|__pskb_pull_tail|"
+     r"skb_checksum_help)"),
+    ("copy to/from the iperf3 sockets", r"^(_copy_from_iter|_copy_to_iter|copy_user|"
+     r"rep_movs|__check_object_size|check_heap_object|__virt_addr_valid)"),
+    ("memcpy/memset", r"(memcpy|memset|memmove)"),
+    ("softirq dispatch, scheduler, wake-ups (and irq-restore points*)",
+     r"^(handle_softirqs|__do_softirq|net_rx_action|__local_bh_enable_ip|do_softirq|"
+     r"finish_task_switch|__schedule|schedule|try_to_wake_up|_raw_spin_unlock_irq|__wake_up|"
+     r"pick_next|dequeue_|enqueue_|update_curr|psi_|ttwu_)"),
+)
+OTHER = "rest: TCP, IP, routing, bridges, veth, skb alloc/free, softirq, locks"
+"""Self time of the leaf symbol, by category: VXLAN's extra work shows up where it is done."""
+
+
+def categorize(symbol: str) -> str:
+    for name, pattern in CATEGORIES:
+        if re.search(pattern, symbol):
+            return name
+    return OTHER
+
+
+def perf_symbols(data: Path) -> dict[str, int]:
+    """Samples per kernel/user symbol in the datapath's contexts: iperf3 (on veths almost
+    all softirq work runs in the sender's context), ksoftirqd and the idle task's
+    interrupts -- not the other jobs sharing the machine, and not idling."""
+    comms = ["iperf3", "swapper", *(f"ksoftirqd/{i}" for i in range(os.cpu_count() or 1))]
+    got = sh("perf", "report", "-i", str(data), "--no-children", "--sort", "sym", "-n",
+             "--stdio", "-g", "none", "--comms", ",".join(comms), timeout=300)
+    counts: dict[str, int] = {}
+    for line in got.stdout.splitlines():
+        m = re.match(r"\s+[\d.]+%\s+(\d+)\s+\[.\]\s+(\S+)", line)
+        if m and not IDLE.search(m.group(2)):
+            counts[m.group(2)] = counts.get(m.group(2), 0) + int(m.group(1))
+    return counts
+
+
+@dataclass
+class Profile:
+    ms_per_gbit: dict[str, float]
+    """CPU milliseconds per Gbit moved, by symbol."""
+    gbit: float
+
+    def by_category(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for symbol, ms in self.ms_per_gbit.items():
+            name = categorize(symbol)
+            out[name] = out.get(name, 0.0) + ms
+        return out
+
+
+def profile(path: Row, beds: dict[str, tuple[Testbed, list[SimNode], list[str]]],
+            runs: int, seconds: float) -> Profile:
+    """``runs`` iperf3 runs of one path under system-wide ``perf record``."""
+    tb, _, pods = beds[path.bed]
+    samples: dict[str, int] = {}
+    gbit = 0.0
+    with tempfile.TemporaryDirectory(prefix="overlay-perf-") as tmp:
+        data = Path(tmp) / "perf.data"
+        for _ in range(runs):
+            wrap = ("perf", "record", "-q", "-a", "-e", "cpu-clock", "-c",
+                    str(PERF_PERIOD_NS), "-o", str(data), "--")
+            sample = iperf(pods[0], pods[1], tb.pod_ips[pods[1]], seconds, wrap)
+            gbit += sample.gbps * seconds
+            for symbol, n in perf_symbols(data).items():
+                samples[symbol] = samples.get(symbol, 0) + n
+    ms = PERF_PERIOD_NS / 1e6
+    return Profile({k: n * ms / gbit for k, n in samples.items()}, gbit)
+
+
+def print_profile(vxlan: Profile, hostgw: Profile, runs: int, seconds: float) -> None:
+    a, b = vxlan.by_category(), hostgw.by_category()
+    ta, tb = sum(a.values()), sum(b.values())
+    print(f"\nperf: {runs} runs x {seconds:g} s per path, CPU ms per Gbit by leaf symbol "
+          f"(iperf3, softirq and interrupt context; {vxlan.gbit:.0f} / {hostgw.gbit:.0f} Gbit)")
+    print(f"{'category':<58} {'VXLAN':>7} {'share':>6} {'host-gw':>8} {'share':>6} "
+          f"{'extra':>6} {'of gap':>7}")
+    gap = ta - tb
+    for name in sorted(set(a) | set(b), key=lambda k: -a.get(k, 0.0)):
+        x, y = a.get(name, 0.0), b.get(name, 0.0)
+        print(f"{name[:58]:<58} {x:7.2f} {x / ta:6.1%} {y:8.2f} {y / tb:6.1%} {x - y:+6.2f} "
+              f"{(x - y) / gap if gap > 0 else 0:7.0%}")
+    print(f"{'total':<58} {ta:7.2f} {'':6} {tb:8.2f} {'':6} {gap:+6.2f}   "
+          f"(VXLAN / host-gw {ta / tb:.2f}x)")
+    print("* the clock event cannot sample with interrupts off; such time lands where they "
+          "are turned back on")
+    extra = sorted(vxlan.ms_per_gbit, key=lambda k: -(vxlan.ms_per_gbit[k]
+                                                      - hostgw.ms_per_gbit.get(k, 0.0)))
+    print("largest extra symbols (ms/Gbit): " + ", ".join(
+        f"{k} +{vxlan.ms_per_gbit[k] - hostgw.ms_per_gbit.get(k, 0.0):.2f}" for k in extra[:12]))
 
 
 def two_nodes(pool: NamespacePool, workdir: Path, backend: str, *extra: str
@@ -138,11 +276,13 @@ def two_nodes(pool: NamespacePool, workdir: Path, backend: str, *extra: str
     return tb, nodes, pods
 
 
-def throughput(runs: int, seconds: float, paths: dict[str, Row]
-               ) -> dict[str, list[Sample]]:
+def throughput(runs: int, seconds: float, paths: dict[str, Row], profile_runs: int = 0
+               ) -> tuple[dict[str, list[Sample]], dict[str, Profile]]:
     """``runs`` rounds; each measures every path once, in alternating order, so slow changes
-    in the machine's load hit all paths alike."""
+    in the machine's load hit all paths alike. Then, if asked, VXLAN and host-gw under
+    ``perf``."""
     results: dict[str, list[Sample]] = {name: [] for name in paths}
+    profiles: dict[str, Profile] = {}
     beds = {}
     pool = NamespacePool(f"ovb{os.getpid()}")
     try:
@@ -156,7 +296,7 @@ def throughput(runs: int, seconds: float, paths: dict[str, Row]
             for name in order:
                 path = paths[name]
                 tb, nodes, pods = beds[path.bed]
-                path.toggle(nodes, True)
+                path.toggle(beds[path.bed], True)
                 try:
                     if path.pods:
                         sample = iperf(pods[0], pods[1], tb.pod_ips[pods[1]], seconds)
@@ -164,12 +304,14 @@ def throughput(runs: int, seconds: float, paths: dict[str, Row]
                         sample = iperf(nodes[0].ns, nodes[1].ns, nodes[1].ip, seconds)
                     results[name].append(sample)
                 finally:
-                    path.toggle(nodes, False)
+                    path.toggle(beds[path.bed], False)
+        for name in ("vxlan", "host-gw") if profile_runs else ():
+            profiles[name] = profile(paths[name], beds, profile_runs, seconds)
     finally:
         for tb, _, _ in beds.values():
             tb.close()
         pool.close()
-    return results
+    return results, profiles
 
 
 def paired(a: list[Sample], b: list[Sample], field: str) -> list[float]:
@@ -259,6 +401,9 @@ def main() -> int:
     parser.add_argument("--nodes", default="10,50")
     parser.add_argument("--settings", action="store_true",
                         help="also measure the device settings we tried and did not keep")
+    parser.add_argument("--profile", type=int, default=0, metavar="RUNS",
+                        help="also run VXLAN and host-gw RUNS times under perf record -a "
+                             "and print where the CPU per Gbit goes")
     parser.add_argument("--inside", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -281,7 +426,7 @@ def main() -> int:
 
     load_before = os.getloadavg()
     paths = {**PATHS, **(SETTINGS if args.settings else {})}
-    samples = throughput(args.runs, args.seconds, paths)
+    samples, profiles = throughput(args.runs, args.seconds, paths, args.profile)
     load_after = os.getloadavg()
     tput = {k: statistics.median(x.gbps for x in v) for k, v in samples.items()}
     hostgw = samples["host-gw"]
@@ -302,6 +447,8 @@ def main() -> int:
     efficiency = statistics.median(paired(hostgw, samples["vxlan"], "cpu_s_per_gbit"))
     print(f"vxlan / host-gw: throughput {ratio:.2f}x (median of per-round ratios), "
           f"CPU efficiency {efficiency:.2f}x")
+    if profiles:
+        print_profile(profiles["vxlan"], profiles["host-gw"], args.profile, args.seconds)
 
     converged: dict[int, float] = {}
     print(f"\n{'nodes':>5} {'converge s':>11} {'reached':>8} {'setup s':>8}")
@@ -324,6 +471,9 @@ def main() -> int:
         "vxlan_flannel_csum_off_vs_hostgw": round(statistics.median(
             paired(samples["vxlan-flannel-csum-off"], hostgw, "gbps")), 3),
         "load_average": round(max(load_before[0], load_after[0]), 1),
+        **({"vxlan_perf_ms_per_gbit": round(sum(profiles["vxlan"].ms_per_gbit.values()), 2),
+            "hostgw_perf_ms_per_gbit": round(sum(profiles["host-gw"].ms_per_gbit.values()), 2)}
+           if profiles else {}),
         "converge_10_s": round(converged.get(10, float("nan")), 3),
         "converge_50_s": round(converged.get(50, float("nan")), 3),
     }))
