@@ -460,7 +460,8 @@ _last_verify: list[str] = []
 def assert_converged(cfg: LabConfig, backends: int = 3) -> None:
     assert until(lambda: daemons_healthy(cfg), 20, 0.5), "a node daemon is not healthy"
     assert until(lambda: not nodes_differing(cfg), 30, 0.5), (
-        "kernel differs from the store's desired state:\n" + "\n".join(_last_verify[:40]))
+        "kernel differs from the store's desired state:\n" + "\n".join(_last_verify[:40])
+        + "\nnode logs:\n" + log_tails(cfg, "node-n", 25))
     assert wait_all_backends(cfg, "client2", backends, 20), "client2 lost some backends"
 
 
@@ -512,6 +513,15 @@ def test_kill_9_a_daemon_mid_sync_and_restart(lab: LabConfig) -> None:
     assert_converged(lab)
 
 
+def log_tails(lab: LabConfig, prefix: str, lines: int) -> str:
+    """The last ``lines`` of each lab process log whose name starts with ``prefix``."""
+    out = []
+    for log in sorted((Path(lab.lab_dir) / "logs").glob(f"{prefix}*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        out += [f"--- {log.name}", *tail]
+    return "\n".join(out)
+
+
 def _etcd_member_used_by(lab: LabConfig, node: str) -> int:
     out = subprocess.run(["ip", "netns", "exec", lab.node_ns(node), "ss", "-tnH", "state",
                           "established", "dport", "= :2379"],
@@ -531,7 +541,8 @@ def test_kill_the_etcd_member_a_node_is_connected_to(lab: LabConfig) -> None:
         # The control plane keeps working through the other members: a new backend appears.
         lab_command(lab, "scale", "deploy", "web", "--replicas", "4", "--lab-dir",
                     lab.lab_dir, timeout=90)
-        assert wait_all_backends(lab, "client3", 4, 30)
+        assert wait_all_backends(lab, "client3", 4, 30), (
+            f"etcd member e{member} killed; node logs:\n" + log_tails(lab, "node-n", 40))
         lines = loop.stop()
         assert len(lines) > 50 and failures(lines) == [], failures(lines)[:5]
     finally:
