@@ -54,14 +54,17 @@ class Sample:
 
 
 def iperf(client: str, server: str, address: str, seconds: float,
-          wrap: tuple[str, ...] = ()) -> Sample:
-    """One iperf3 run; ``wrap`` prefixes the client's command (``perf record ... --``)."""
-    srv = subprocess.Popen(["ip", "netns", "exec", server, *NICE, "iperf3", "-s"],
+          wrap: tuple[str, ...] = (), pin: bool = False) -> Sample:
+    """One iperf3 run; ``wrap`` prefixes the client's command (``perf record ... --``);
+    ``pin`` runs the client on CPU 0 and the server on CPU 1 (see ``--cpu-per-node``)."""
+    cpu = (lambda n: ("taskset", "-c", str(n))) if pin else (lambda n: ())
+    srv = subprocess.Popen(["ip", "netns", "exec", server, *NICE, *cpu(1), "iperf3", "-s"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         doc: dict[str, Any] = {}
         for _ in range(50):
-            got = sh(*wrap, "ip", "netns", "exec", client, *NICE, "iperf3", "-c", address,
+            got = sh(*wrap, "ip", "netns", "exec", client, *NICE, *cpu(0), "iperf3", "-c",
+                     address,
                      "-t", str(seconds), "-J", check=False, timeout=seconds + 60)
             with contextlib.suppress(ValueError):
                 doc = json.loads(got.stdout)
@@ -276,11 +279,11 @@ def two_nodes(pool: NamespacePool, workdir: Path, backend: str, *extra: str
     return tb, nodes, pods
 
 
-def throughput(runs: int, seconds: float, paths: dict[str, Row], profile_runs: int = 0
-               ) -> tuple[dict[str, list[Sample]], dict[str, Profile]]:
+def throughput(runs: int, seconds: float, paths: dict[str, Row], profile_runs: int = 0,
+               pin: bool = False) -> tuple[dict[str, list[Sample]], dict[str, Profile]]:
     """``runs`` rounds; each measures every path once, in alternating order, so slow changes
     in the machine's load hit all paths alike. Then, if asked, VXLAN and host-gw under
-    ``perf``."""
+    ``perf``. ``pin``: one CPU per node (``--cpu-per-node``)."""
     results: dict[str, list[Sample]] = {name: [] for name in paths}
     profiles: dict[str, Profile] = {}
     beds = {}
@@ -291,6 +294,10 @@ def throughput(runs: int, seconds: float, paths: dict[str, Row], profile_runs: i
                                      ("host-gw", "host-gw", ())):
             workdir = Path(tempfile.mkdtemp(prefix=f"overlay-{name}-"))
             beds[name] = two_nodes(pool, workdir, backend, *extra)
+            if pin:  # each node's receive work on its own CPU (RPS), as on two machines
+                for node, mask in zip(beds[name][1], ("1", "2"), strict=True):
+                    in_ns(node.ns, "sh", "-c",
+                          f"echo {mask} > /sys/class/net/eth0/queues/rx-0/rps_cpus")
         for i in range(runs):
             order = list(paths) if i % 2 == 0 else list(reversed(paths))
             for name in order:
@@ -299,9 +306,11 @@ def throughput(runs: int, seconds: float, paths: dict[str, Row], profile_runs: i
                 path.toggle(beds[path.bed], True)
                 try:
                     if path.pods:
-                        sample = iperf(pods[0], pods[1], tb.pod_ips[pods[1]], seconds)
+                        sample = iperf(pods[0], pods[1], tb.pod_ips[pods[1]], seconds,
+                                       pin=pin)
                     else:
-                        sample = iperf(nodes[0].ns, nodes[1].ns, nodes[1].ip, seconds)
+                        sample = iperf(nodes[0].ns, nodes[1].ns, nodes[1].ip, seconds,
+                                       pin=pin)
                     results[name].append(sample)
                 finally:
                     path.toggle(beds[path.bed], False)
@@ -404,6 +413,10 @@ def main() -> int:
     parser.add_argument("--profile", type=int, default=0, metavar="RUNS",
                         help="also run VXLAN and host-gw RUNS times under perf record -a "
                              "and print where the CPU per Gbit goes")
+    parser.add_argument("--cpu-per-node", action="store_true",
+                        help="iperf3 client on CPU 0, server on CPU 1, and each node's "
+                             "receive processing steered (RPS) to its own CPU: on veths the "
+                             "sender's CPU otherwise carries every packet through both nodes")
     parser.add_argument("--inside", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -426,13 +439,15 @@ def main() -> int:
 
     load_before = os.getloadavg()
     paths = {**PATHS, **(SETTINGS if args.settings else {})}
-    samples, profiles = throughput(args.runs, args.seconds, paths, args.profile)
+    samples, profiles = throughput(args.runs, args.seconds, paths, args.profile,
+                                   args.cpu_per_node)
     load_after = os.getloadavg()
     tput = {k: statistics.median(x.gbps for x in v) for k, v in samples.items()}
     hostgw = samples["host-gw"]
     print(f"iperf3, 1 TCP stream, {args.runs} interleaved rounds of {args.seconds:g} s; "
           f"median (min-max); load average {load_before[0]:.1f} before, "
-          f"{load_after[0]:.1f} after (2 cores)")
+          f"{load_after[0]:.1f} after (2 cores)"
+          + ("; one CPU per node" if args.cpu_per_node else ""))
     print(f"{'path':<24} {'Gbit/s':>19} {'vs host-gw':>17} {'CPU s/Gbit':>21} "
           f"{'CPU efficiency':>17}")
     for name in paths:
@@ -471,6 +486,7 @@ def main() -> int:
         "vxlan_flannel_csum_off_vs_hostgw": round(statistics.median(
             paired(samples["vxlan-flannel-csum-off"], hostgw, "gbps")), 3),
         "load_average": round(max(load_before[0], load_after[0]), 1),
+        "cpu_per_node": args.cpu_per_node,
         **({"vxlan_perf_ms_per_gbit": round(sum(profiles["vxlan"].ms_per_gbit.values()), 2),
             "hostgw_perf_ms_per_gbit": round(sum(profiles["host-gw"].ms_per_gbit.values()), 2)}
            if profiles else {}),
