@@ -81,6 +81,11 @@ class Variant:
 # services x 10 endpoints, bare tool: 16.7 s cold, 18.6 s with the table present. Partial
 # syncs name a few chains and never need it.
 WHOLE_TABLE_CACHE = "-S\n"
+# A partial sync lists too once it writes more rules plus deletes more chains than this (a
+# burst: hundreds of services changed within one minSyncPeriod): the sorted list of the
+# chains they name then costs more than reading the table, ~0.5 s at 10k names and growing
+# with their square.
+PARTIAL_LISTING_ABOVE = 10_000
 
 
 def variant(family: Family, legacy: bool) -> Variant:
@@ -149,10 +154,15 @@ class IptablesBackend:
             self.sync_full(changes.state.values())
             return
         totals = dict(self.rules_total)
+        stream = getattr(self.run, "stream", None)
         for family in self.config.families:
             v = variant(family, self.legacy)
             text = self.partial_input(changes, family, totals)
-            self.run.run([v.restore, "-w", "5", "--noflush"], input=text)
+            argv = [v.restore, "-w", "5", "--noflush"]
+            if stream is not None:
+                stream(argv, [text], quiet=True)  # a large one may list the table
+            else:
+                self.run.run(argv, input=text)
         self.rules_total = totals
 
     def sync_full(self, ports: Iterable[ServicePortState]) -> None:
@@ -315,6 +325,9 @@ class IptablesBackend:
             totals["filter"] += new_filter - old_filter
         gone, added = top["filter"]
         out = ["*filter", *gone, *added, "COMMIT", "*nat"]
+        named = len(deleted) + sum(len(rules) for rules in changed.values())
+        if not self.legacy and named > PARTIAL_LISTING_ABOVE:
+            out.append(WHOLE_TABLE_CACHE.strip())  # a burst of changes: see WHOLE_TABLE_CACHE
         out += [f":{c} - [0:0]" for c in sorted(changed.keys() | deleted)]
         gone, added = top["nat"]
         out += gone + added

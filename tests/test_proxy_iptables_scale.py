@@ -14,8 +14,21 @@ from collections.abc import Callable
 from conftest import ns_sh, require_binary, require_root
 from svcnet.proxy.commands import SubprocessCommands
 from svcnet.proxy.config import BackendConfig
-from svcnet.proxy.iptables import WHOLE_TABLE_CACHE, IptablesBackend, _Current
-from svcnet.proxy.state import Backend, Frontend, FrontendKind, PortKey, ServicePortState
+from svcnet.proxy.iptables import (
+    PARTIAL_LISTING_ABOVE,
+    WHOLE_TABLE_CACHE,
+    IptablesBackend,
+    _Current,
+)
+from svcnet.proxy.state import (
+    Backend,
+    Change,
+    Changes,
+    Frontend,
+    FrontendKind,
+    PortKey,
+    ServicePortState,
+)
 
 SERVICES = 10_000
 ENDPOINTS = 10
@@ -51,6 +64,42 @@ def test_whole_table_listing_follows_the_builtin_jumps() -> None:
     legacy = IptablesBackend(SubprocessCommands(), BackendConfig(), legacy=True)
     text = "".join(legacy._full_lines(4, ports(3), _Current(), {"nat": 0, "filter": 0}))
     assert WHOLE_TABLE_CACHE.strip() not in text.splitlines()
+
+
+def moved(before: list[ServicePortState], after: list[ServicePortState]) -> Changes:
+    return Changes({a.key: Change(b, a) for b, a in zip(before, after, strict=True)},
+                   {a.key: a for a in after})
+
+
+def test_a_burst_of_changes_lists_the_table_a_few_do_not() -> None:
+    nft = IptablesBackend(SubprocessCommands(), BackendConfig(), legacy=False)
+    legacy = IptablesBackend(SubprocessCommands(), BackendConfig(), legacy=True)
+    # Moving every endpoint of one port writes 31 rules and deletes 10 chains.
+    few, many = PARTIAL_LISTING_ABOVE // 100, PARTIAL_LISTING_ABOVE // 10
+    listing = WHOLE_TABLE_CACHE.strip()
+    for backend, n, expected in ((nft, few, False), (nft, many, True), (legacy, many, False)):
+        text = backend.partial_input(moved(ports(n), ports(n, generation=8)), 4,
+                                     {"nat": 0, "filter": 0})
+        assert (listing in text.splitlines()) is expected, (backend.legacy, n)
+
+
+def test_nft_variant_burst_partial_sync(netns: Callable[[str], str]) -> None:
+    """Every endpoint of 2000 services moves in one partial sync (listing the table)."""
+    require_root()
+    require_binary("iptables-nft-restore", "iptables-nft-save")
+    ns = netns("iptburst")
+    backend = IptablesBackend(SubprocessCommands(netns=ns, timeout=TOOL_LIMIT_S),
+                              BackendConfig(), legacy=False)
+    n = 2000
+    before, after = ports(n), ports(n, generation=8)
+    backend.sync(moved(before, before), full=True)
+    backend.sync(moved(before, after), full=False)
+    save = ns_sh(ns, "iptables-nft-save", "-t", "nat", timeout=TOOL_LIMIT_S).stdout
+    assert save.count("-j DNAT --to-destination") == n * ENDPOINTS
+    assert save.count("-j DNAT --to-destination 10.136.") == n * 4  # endpoints 0-3 of each
+    assert "--to-destination 10.128." not in save
+    assert len([ln for ln in save.splitlines() if ln.startswith(":KUBE-SEP-")]) == (
+        n * ENDPOINTS)
 
 
 def test_nft_variant_full_sync_of_10k_services(netns: Callable[[str], str]) -> None:
