@@ -213,7 +213,13 @@ class IptablesBackend:
                 dump = self.run.run([v.save])
             except (CommandFailed, OSError):
                 continue
-            self.run.run([v.restore, "-w", "5", "--noflush"], input=_flush_ours(dump))
+            text = _flush_ours(dump, whole_table=not self.legacy)
+            argv = [v.restore, "-w", "5", "--noflush"]
+            stream = getattr(self.run, "stream", None)
+            if stream is not None:
+                stream(argv, [text], quiet=True)
+            else:
+                self.run.run(argv, input=text)
         self._synced_once = False
 
     def dump(self, family: Family = 4) -> str:
@@ -514,8 +520,9 @@ def _quoted(spec: tuple[str, ...]) -> str:
     return " ".join(f'"{a}"' if " " in a else a for a in spec)
 
 
-def _flush_ours(save: str) -> str:
-    """Restore input that flushes and deletes every KUBE-* chain found in a save dump."""
+def _flush_ours(save: str, *, whole_table: bool) -> str:
+    """Restore input that flushes and deletes every KUBE-* chain found in a save dump
+    (``whole_table``: with the listing iptables-nft needs to name 110k chains at once)."""
     out: list[str] = []
     for block in save.split("COMMIT"):
         lines = [ln for ln in block.splitlines() if ln and not ln.startswith("#")]
@@ -527,6 +534,8 @@ def _flush_ours(save: str) -> str:
         if not chains:
             continue
         out.append(table)
+        if whole_table:
+            out.append(WHOLE_TABLE_CACHE.strip())
         out += [f":{c} - [0:0]" for c in chains]
         out += [f"-X {c}" for c in chains]
         out.append("COMMIT")

@@ -123,3 +123,7 @@ def test_nft_variant_full_sync_of_10k_services(netns: Callable[[str], str]) -> N
         SERVICES * ENDPOINTS)
     assert "--to-destination 10.136.0.5:8080" in save
     assert "--to-destination 10.128.0.5:8080" not in save
+    # `svcnet proxy cleanup` names every chain at once too.
+    backend.cleanup()
+    save = ns_sh(ns, "iptables-nft-save", timeout=TOOL_LIMIT_S).stdout
+    assert "KUBE-" not in save, [ln for ln in save.splitlines() if "KUBE-" in ln][:5]
