@@ -78,8 +78,8 @@ class Variant:
 # the sync discards). It must follow any rule added to a built-in chain: in a table that
 # does not exist yet, the listing puts placeholder built-in chains in the tool's cache, and
 # a later append to one fails with ENOENT because nothing created it. Measured at 10k
-# services x 10 endpoints, bare tool: 16.7 s cold, 18.6 s with the table present. Partial
-# syncs name a few chains and never need it.
+# services x 10 endpoints, bare tool: 16.7 s cold, 18.6 s with the table present. A small
+# partial sync names a few chains and does without it.
 WHOLE_TABLE_CACHE = "-S\n"
 # A partial sync lists too once it writes more rules plus deletes more chains than this (a
 # burst: hundreds of services changed within one minSyncPeriod): the sorted list of the
@@ -154,15 +154,9 @@ class IptablesBackend:
             self.sync_full(changes.state.values())
             return
         totals = dict(self.rules_total)
-        stream = getattr(self.run, "stream", None)
         for family in self.config.families:
-            v = variant(family, self.legacy)
-            text = self.partial_input(changes, family, totals)
-            argv = [v.restore, "-w", "5", "--noflush"]
-            if stream is not None:
-                stream(argv, [text], quiet=True)  # a large one may list the table
-            else:
-                self.run.run(argv, input=text)
+            self._restore(variant(family, self.legacy),
+                          [self.partial_input(changes, family, totals)])
         self.rules_total = totals
 
     def sync_full(self, ports: Iterable[ServicePortState]) -> None:
@@ -180,17 +174,12 @@ class IptablesBackend:
                 elif keep:
                     rest.append(sp)
 
-        stream = getattr(self.run, "stream", None)
         for i, family in enumerate(self.config.families):
             v = variant(family, self.legacy)
             current = _Current.parse(self.run.run([v.save]))
             source = ports if i == 0 else list(rest)
             lines = self._full_lines(family, of(family, source, i == 0), current, totals)
-            argv = [v.restore, "-w", "5", "--noflush"]
-            if stream is not None:
-                stream(argv, _chunked(lines), quiet=True)  # the nft variant's -S listing
-            else:
-                self.run.run(argv, input="".join(lines))
+            self._restore(v, _chunked(lines))
         self.rules_total = totals
         self._synced_once = True
 
@@ -213,14 +202,18 @@ class IptablesBackend:
                 dump = self.run.run([v.save])
             except (CommandFailed, OSError):
                 continue
-            text = _flush_ours(dump, whole_table=not self.legacy)
-            argv = [v.restore, "-w", "5", "--noflush"]
-            stream = getattr(self.run, "stream", None)
-            if stream is not None:
-                stream(argv, [text], quiet=True)
-            else:
-                self.run.run(argv, input=text)
+            self._restore(v, [_flush_ours(dump, whole_table=not self.legacy)])
         self._synced_once = False
+
+    def _restore(self, v: Variant, chunks: Iterable[str]) -> None:
+        """One ``iptables-restore --noflush`` transaction, fed as ``chunks`` are produced;
+        its output (the nft variant's listing, ``WHOLE_TABLE_CACHE``) is discarded."""
+        argv = [v.restore, "-w", "5", "--noflush"]
+        stream = getattr(self.run, "stream", None)
+        if stream is not None:
+            stream(argv, chunks, quiet=True)
+        else:
+            self.run.run(argv, input="".join(chunks))
 
     def dump(self, family: Family = 4) -> str:
         return self.run.run([variant(family, self.legacy).save])

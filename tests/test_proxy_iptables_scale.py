@@ -83,13 +83,18 @@ def test_a_burst_of_changes_lists_the_table_a_few_do_not() -> None:
         assert (listing in text.splitlines()) is expected, (backend.legacy, n)
 
 
-def test_nft_variant_burst_partial_sync(netns: Callable[[str], str]) -> None:
-    """Every endpoint of 2000 services moves in one partial sync (listing the table)."""
+def nft_backend(netns: Callable[[str], str]) -> tuple[str, IptablesBackend]:
+    """The nft variant's backend driving a fresh namespace."""
     require_root()
     require_binary("iptables-nft-restore", "iptables-nft-save")
-    ns = netns("iptburst")
-    backend = IptablesBackend(SubprocessCommands(netns=ns, timeout=TOOL_LIMIT_S),
-                              BackendConfig(), legacy=False)
+    ns = netns("iptscale")
+    return ns, IptablesBackend(SubprocessCommands(netns=ns, timeout=TOOL_LIMIT_S),
+                               BackendConfig(), legacy=False)
+
+
+def test_nft_variant_burst_partial_sync(netns: Callable[[str], str]) -> None:
+    """Every endpoint of 2000 services moves in one partial sync (listing the table)."""
+    ns, backend = nft_backend(netns)
     n = 2000
     before, after = ports(n), ports(n, generation=8)
     backend.sync(moved(before, before), full=True)
@@ -103,11 +108,7 @@ def test_nft_variant_burst_partial_sync(netns: Callable[[str], str]) -> None:
 
 
 def test_nft_variant_full_sync_of_10k_services(netns: Callable[[str], str]) -> None:
-    require_root()
-    require_binary("iptables-nft-restore", "iptables-nft-save")
-    ns = netns("iptscale")
-    backend = IptablesBackend(SubprocessCommands(netns=ns, timeout=TOOL_LIMIT_S),
-                              BackendConfig(), legacy=False)
+    ns, backend = nft_backend(netns)
     first = ports(SERVICES)
     backend.sync_full(first)  # cold: the nat table does not exist yet
     save = ns_sh(ns, "iptables-nft-save", "-t", "nat", timeout=TOOL_LIMIT_S).stdout
