@@ -13,11 +13,12 @@ import posix
 
 from . import ipam, posixfs
 from .addr import AddressError, Prefix, format_ip, parse_ip
-from .netns import InNetns, NetnsError, open_netns, read_sysctl, write_sysctl
+from .netns import InNetns, NetnsError, NotANetns, open_netns, read_sysctl, write_sysctl
 from .rtnl import AlreadyExists, Link, LinkNotFound, Rtnl, mac_text
 from .spec import (
     ERR_INTERNAL,
     ERR_INVALID_CONFIG,
+    ERR_INVALID_ENV,
     ERR_LIMITED_CONNECTIVITY,
     ERR_NOT_AVAILABLE,
     ERR_UNKNOWN_CONTAINER,
@@ -36,6 +37,8 @@ DEFAULT_BRIDGE = "cni0"
 HOST_VETH_PREFIX = "veth"
 ALIAS_PREFIX = "svcnet-cni"
 EMBEDDED_IPAM = ("host-local", "svcnet-cni", "svcnet-ipam")
+MAX_ALIAS = 255  # IFALIASZ - 1: the kernel refuses a longer interface alias
+NET_ADDR_SET = "3"  # /sys/class/net/<dev>/addr_assign_type of a MAC set by the user
 
 
 class Env:
@@ -57,7 +60,7 @@ class NetConf:
 
     def __init__(self, conf: dict[str, Any]) -> None:
         self.raw = conf
-        self.name = ipam.safe_name("network name", conf.get("name"))
+        self.name = ipam.safe_name("network name", conf.get("name"), ipam.MAX_NAME)
         self.bridge = link_name("bridge", conf.get("bridge", DEFAULT_BRIDGE))
         self.is_default_gateway = _flag(conf, "isDefaultGateway")
         self.is_gateway = _flag(conf, "isGateway") or self.is_default_gateway
@@ -77,15 +80,70 @@ class NetConf:
         self.macspoofchk = _flag(conf, "macspoofchk")
         self.enable_dad = _flag(conf, "enabledad")
         ipam_conf = conf.get("ipam")
+        if ipam_conf is None or ipam_conf == {}:
+            ipam_conf = {"type": ""}  # layer 2 only, as the reference bridge
         if not isinstance(ipam_conf, dict) or not isinstance(ipam_conf.get("type"), str):
-            raise CniError(ERR_INVALID_CONFIG, "the configuration needs ipam.type",
+            raise CniError(ERR_INVALID_CONFIG, "ipam needs a type (or leave ipam out, or "
+                           "empty, for interfaces without addresses)",
                            "e.g. \"ipam\": {\"type\": \"host-local\", \"ranges\": ...}")
         self.ipam_type: str = ipam_conf["type"]
         self.dns = conf.get("dns") if isinstance(conf.get("dns"), dict) else {}
+        self.mac = _config_mac(conf)
+
+    @property
+    def layer3(self) -> bool:
+        """False for a layer-2-only network (no ``ipam``): interfaces without addresses."""
+        return bool(self.ipam_type)
 
     @property
     def embedded_ipam(self) -> bool:
         return self.ipam_type in EMBEDDED_IPAM
+
+
+def parse_mac(text: str) -> str:
+    """A unicast Ethernet MAC (``aa:bb:..`` or ``aa-bb-..``) in the kernel's lower-case
+    form; ValueError otherwise."""
+    parts = text.strip().replace("-", ":").split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"{text!r} is not a MAC address (six hex octets, e.g. "
+                         "02:42:ac:11:00:02)")
+    raw = bytes(int(p, 16) for p in parts)
+    if raw[0] & 1:
+        raise ValueError(f"{text!r} is a multicast MAC address; an interface needs a unicast "
+                         "one (lowest bit of the first octet clear)")
+    if not any(raw):
+        raise ValueError(f"{text!r} is the all-zero MAC address")
+    return mac_text(raw)
+
+
+def _config_mac(conf: dict[str, Any]) -> str:
+    """The MAC requested in the config, ``runtimeConfig.mac`` (the ``mac`` capability)
+    before ``args.cni.mac``, as the reference bridge; '' if none."""
+    runtime = conf.get("runtimeConfig")
+    args = conf.get("args")
+    cni_args = args.get("cni") if isinstance(args, dict) else None
+    for where, holder in (("runtimeConfig.mac", runtime), ("args.cni.mac", cni_args)):
+        value = holder.get("mac") if isinstance(holder, dict) else None
+        if value:
+            try:
+                return parse_mac(str(value))
+            except ValueError as err:
+                raise CniError(ERR_INVALID_CONFIG, f"{where}: {err}") from None
+    return ""
+
+
+def requested_mac(conf: NetConf, env: Env) -> str:
+    """The pod interface's MAC: the config's, else ``CNI_ARGS`` ``MAC=`` (podman
+    ``--mac-address`` and ``network reload``), else '' (a random one)."""
+    if conf.mac:
+        return conf.mac
+    text = env.args.get("MAC", "")
+    if not text:
+        return ""
+    try:
+        return parse_mac(text)
+    except ValueError as err:
+        raise CniError(ERR_INVALID_ENV, f"CNI_ARGS MAC: {err}") from None
 
 
 def _flag(conf: dict[str, Any], key: str) -> bool:
@@ -117,7 +175,14 @@ def host_veth_name(container_id: str, ifname: str) -> str:
 
 
 def attachment_alias(network: str, container_id: str, ifname: str) -> str:
-    return f"{ALIAS_PREFIX}/{network}/{container_id}/{ifname}"
+    """``svcnet-cni/<network>/<containerID>/<ifname>``, cut to the kernel's 255 bytes (a
+    long container ID loses its end; GC matches the network prefix and the veth name)."""
+    return _cut_alias(f"{ALIAS_PREFIX}/{network}/{container_id}/{ifname}")
+
+
+def _cut_alias(text: str) -> str:
+    raw = text.encode()
+    return text if len(raw) <= MAX_ALIAS else raw[:MAX_ALIAS].decode(errors="ignore")
 
 
 def random_mac() -> str:
@@ -170,6 +235,8 @@ class Undo:
 
 def ipam_add(conf: NetConf, env: Env, stdin: bytes, undo: Undo) -> tuple[dict[str, Any],
                                                                          ipam.IpamConfig | None]:
+    if not conf.layer3:
+        return {"ips": [], "routes": [], "dns": {}}, None
     if conf.embedded_ipam:
         cfg = ipam.parse_config(conf.raw, env.args)
         with ipam.Store(cfg.directory) as store:
@@ -203,7 +270,8 @@ def _masq_enabled(conf: NetConf, cfg: ipam.IpamConfig | None) -> bool:
 
 
 def cmd_add(conf: NetConf, env: Env, stdin: bytes) -> dict[str, Any]:
-    netns_fd = _open_netns(env.netns)
+    pod_mac = requested_mac(conf, env) or random_mac()
+    netns_fd = _open_netns(env.netns)  # before anything is allocated
     try:
         with open_host() as host, Undo() as undo:
             ipam_result, cfg = ipam_add(conf, env, stdin, undo)
@@ -213,7 +281,7 @@ def cmd_add(conf: NetConf, env: Env, stdin: bytes) -> dict[str, Any]:
             if conf.is_gateway:
                 ensure_gateway_addresses(host, conf, bridge.index, ips)
             host_name = host_veth_name(env.container_id, env.ifname)
-            host_mac, pod_mac = random_mac(), random_mac()
+            host_mac = random_mac()
             try:
                 host.add_veth(host_name, host_mac, env.ifname, pod_mac, netns_fd, mtu,
                               bridge.index)
@@ -234,7 +302,7 @@ def cmd_add(conf: NetConf, env: Env, stdin: bytes) -> dict[str, Any]:
             if conf.is_default_gateway:
                 routes = _with_default_routes(routes, ips)
             configure_pod(netns_fd, env.ifname, ips, routes, conf.enable_dad)
-            if _masq_enabled(conf, cfg):
+            if _masq_enabled(conf, cfg) and ips:
                 from . import masq
 
                 subnets = [p.masked() for p, _gw in ips]
@@ -262,6 +330,8 @@ def cmd_add(conf: NetConf, env: Env, stdin: bytes) -> dict[str, Any]:
         for iface in result["interfaces"]:
             iface["mtu"] = mtu
     result["ips"] = [dict(e, interface=2) for e in ipam_result["ips"]]
+    if not result["ips"]:
+        del result["ips"]  # layer 2 only: the reference leaves the key out
     if routes:
         result["routes"] = routes
     result["dns"] = ipam_result.get("dns") or conf.dns or {}
@@ -271,23 +341,34 @@ def cmd_add(conf: NetConf, env: Env, stdin: bytes) -> dict[str, Any]:
 def _open_netns(path: str) -> int:
     try:
         return open_netns(path)
+    except NotANetns as err:
+        raise CniError(ERR_INVALID_ENV, f"CNI_NETNS {path} is not a network namespace",
+                       err.strerror or "") from None
     except NetnsError as err:
         raise CniError(ERR_UNKNOWN_CONTAINER, f"network namespace {path} does not exist",
                        str(err)) from None
 
 
 def ensure_bridge(host: RtnlApi, conf: NetConf, mtu: int) -> Link:
+    """The bridge, up, with its MAC pinned: created with a MAC of its own, or an existing
+    unpinned one (another tool's, an older svcnet's) pinned to its current MAC. Unpinned,
+    Linux gives a bridge the lowest MAC of its ports, so it changes when pods come and go
+    and running pods keep sending to the old gateway MAC until their ARP entry expires."""
+    created = False
     try:
         bridge = host.link(conf.bridge)
     except LinkNotFound:
-        try:  # noqa: SIM105 - no contextlib on the plugin path
-            host.add_bridge(conf.bridge, mtu, vlan_filtering=bool(conf.vlan))
+        try:
+            host.add_bridge(conf.bridge, mtu, vlan_filtering=bool(conf.vlan), mac=random_mac())
+            created = True
         except AlreadyExists:
             pass  # a concurrent ADD created it first
         bridge = host.link(conf.bridge)
     if bridge.kind != "bridge":
         raise CniError(ERR_INVALID_CONFIG, f"{conf.bridge} already exists but is not a bridge",
                        f"its kind is {bridge.kind or 'unknown'}")
+    if not created and not mac_pinned(bridge):
+        host.set_link(bridge.index, mac=bridge.mac)
     if conf.promisc and not bridge.flags & 0x100:
         host.set_link(bridge.index, promisc=True)
     if not bridge.up:
@@ -295,12 +376,33 @@ def ensure_bridge(host: RtnlApi, conf: NetConf, mtu: int) -> Link:
     return bridge
 
 
+def mac_pinned(link: Link) -> bool:
+    """Whether the link's MAC was set explicitly (sysfs ``addr_assign_type``). False also
+    when this process's /sys shows another namespace's link of that name (the name, index
+    and MAC must all match): pinning again is harmless, missing an unpinned bridge is not."""
+    base = f"/sys/class/net/{link.name}/"
+    try:
+        with open(base + "ifindex", encoding="ascii") as f:
+            same = int(f.read()) == link.index
+        with open(base + "address", encoding="ascii") as f:
+            same = same and f.read().strip() == link.mac
+        with open(base + "addr_assign_type", encoding="ascii") as f:
+            return same and f.read().strip() == NET_ADDR_SET
+    except (OSError, ValueError):
+        return False
+
+
 def ensure_gateway_addresses(host: RtnlApi, conf: NetConf, bridge_index: int,
                              ips: list[tuple[Prefix, str]]) -> None:
-    """Put each family's gateway on the bridge (like the reference: forceAddress replaces a
-    different address in the same subnet; without it that is an error) and turn on
-    forwarding."""
+    """Put each family's gateway on the bridge and turn on forwarding. Like the reference:
+    one IPv4 address per bridge (any other IPv4 address is an error, which ``forceAddress``
+    resolves by replacing it), while IPv6 addresses only conflict within a subnet."""
     existing = host.addresses(bridge_index)
+    wanted_all = set()
+    for prefix, gateway in ips:
+        if gateway:
+            version, gw = parse_ip(gateway)
+            wanted_all.add(Prefix(version, gw, prefix.length))
     for prefix, gateway in ips:
         if not gateway:
             continue
@@ -308,13 +410,16 @@ def ensure_gateway_addresses(host: RtnlApi, conf: NetConf, bridge_index: int,
         wanted = Prefix(version, gw, prefix.length)
         if any(p == wanted for _i, p in existing):
             continue
-        for _i, p in existing:
-            if p.version == version and p.overlaps(wanted) and p != wanted:
+        for idx, p in list(existing):
+            if p.version != version or p in wanted_all:
+                continue
+            if version == 4 or p.overlaps(wanted):
                 if not conf.force_address:
                     raise CniError(ERR_INVALID_CONFIG,
                                    f"{conf.bridge} already has an IP address different from "
                                    f"{wanted}", f"it has {p}; set forceAddress to replace it")
                 host.delete_address(bridge_index, p)
+                existing.remove((idx, p))
         try:  # noqa: SIM105 - no contextlib on the plugin path
             host.add_address(bridge_index, wanted, nodad=True)
         except AlreadyExists:
@@ -392,7 +497,7 @@ def cmd_del(conf: NetConf, env: Env, stdin: bytes) -> None:
             host.delete_link(host_name)
         except LinkNotFound:
             pass
-    if cfg is None:
+    if cfg is None and conf.layer3:
         from .delegate import delegate
 
         delegate(conf.ipam_type, "DEL", stdin, env)
@@ -408,13 +513,12 @@ def cmd_check(conf: NetConf, env: Env, stdin: bytes) -> None:
                        "the runtime must pass the result of the ADD")
     prev = result_from_wire(prev_raw)
     ips = [Prefix.parse(e["address"]) for e in prev.get("ips") or []]
+    cfg: ipam.IpamConfig | None = None
     if conf.embedded_ipam:
-        cfg: ipam.IpamConfig | None = ipam.parse_config(conf.raw, env.args)
-        assert cfg is not None
+        cfg = ipam.parse_config(conf.raw, env.args)
         ipam.check(cfg, env.container_id, env.ifname,
                    [format_ip(p.version, p.address) for p in ips])
-    else:
-        cfg = None
+    elif conf.layer3:
         from .delegate import delegate
 
         delegate(conf.ipam_type, "CHECK", stdin, env)
@@ -484,12 +588,12 @@ def cmd_gc(conf: NetConf, env: Env, stdin: bytes) -> None:
     if conf.embedded_ipam:
         cfg = _ipam_config_for_release(conf, env)
         ipam.collect_garbage(cfg, valid)
-    else:
+    elif conf.layer3:
         from .delegate import delegate
 
         delegate(conf.ipam_type, "GC", stdin, env)
     valid_hosts = {host_veth_name(cid, ifname) for cid, ifname in valid}
-    alias_prefix = f"{ALIAS_PREFIX}/{conf.name}/"
+    alias_prefix = _cut_alias(f"{ALIAS_PREFIX}/{conf.name}/")
     with open_host() as host:
         try:
             bridge_index = host.link(conf.bridge).index
@@ -524,6 +628,8 @@ def cmd_gc(conf: NetConf, env: Env, stdin: bytes) -> None:
 def cmd_status(conf: NetConf, env: Env, stdin: bytes) -> None:
     """50 when ADD cannot work (no subnet yet, IPAM directory unusable, addresses
     exhausted), 51 when the bridge of existing pods is missing or down."""
+    if not conf.layer3:
+        return  # nothing to allocate: ADD can always work
     if not conf.embedded_ipam:
         from .delegate import delegate
 

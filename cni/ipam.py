@@ -3,8 +3,8 @@
 Layout under ``<dataDir>/<network>/`` (the same as host-local's, so a node can switch between
 the two plugins with pods running): one file per reserved address, named by the address and
 holding ``<containerID>\\r\\n<ifname>``; ``last_reserved_ip.<set>`` per range set for round-robin;
-and an exclusive ``flock`` on the directory itself around every allocate/release (host-local
-locks the same directory, so the two also exclude each other). Reserving is an
+and an exclusive ``flock`` on the file ``lock`` in it around every allocate/release (the file
+host-local 1.x locks, so the two also exclude each other). Reserving is an
 ``O_CREAT|O_EXCL`` create, so a process killed at any point leaves either a complete
 reservation (which DEL or GC releases) or nothing.
 """
@@ -34,6 +34,8 @@ DEFAULT_DATA_DIR = "/var/lib/cni/networks"
 LAST_RESERVED = "last_reserved_ip."
 LOCK_TIMEOUT_S = 20.0
 LINE_BREAK = "\r\n"
+LOCK_FILE = "lock"  # host-local's lock: <dataDir>/<network>/lock
+MAX_NAME = 255  # the network name is a directory name (NAME_MAX)
 
 
 def _invalid(msg: str, details: str = "") -> CniError:
@@ -85,21 +87,38 @@ class Range:
         return f"{format_ip(v, self.start)}-{format_ip(v, self.end)}"
 
 
+def _range_field(doc: dict[str, Any], key: str) -> tuple[int, int] | None:
+    value = doc.get(key)
+    if not value:
+        return None
+    try:
+        return parse_ip(value)
+    except AddressError as err:
+        raise _invalid(f"range {key} {value!r}: {err}") from None
+
+
 def parse_range(doc: object) -> Range:
+    """One range of a range set, validated like host-local (its messages where it has
+    one): the subnet must be a network address, not an address with host bits set."""
     if not isinstance(doc, dict) or "subnet" not in doc:
         raise _invalid("every range needs a 'subnet'")
     try:
-        subnet = Prefix.parse(doc["subnet"]).masked()
-        v = subnet.version
-        if subnet.length > subnet.bits - 2:
-            raise _invalid(f"network {subnet} is too small to allocate from")
-        first = subnet.network + 1
-        last = subnet.broadcast - 1 if v == 4 else subnet.broadcast
-        start = parse_ip(doc["rangeStart"]) if doc.get("rangeStart") else (v, first)
-        end = parse_ip(doc["rangeEnd"]) if doc.get("rangeEnd") else (v, last)
-        gateway = parse_ip(doc["gateway"]) if doc.get("gateway") else (v, first)
+        given = Prefix.parse(doc["subnet"])
     except AddressError as err:
-        raise _invalid(f"bad range {doc}: {err}") from None
+        raise _invalid(f"range subnet {doc['subnet']!r}: {err}") from None
+    subnet = given.masked()
+    v = subnet.version
+    if subnet.length > subnet.bits - 2:
+        raise _invalid(f"Network {subnet} too small to allocate from")
+    if given.address != subnet.network:
+        raise _invalid(f"Network has host bits set. For a subnet mask of length "
+                       f"{subnet.length} the network address is {format_ip(v, subnet.network)}",
+                       f"range subnet {doc['subnet']!r}: use {subnet}")
+    first = subnet.network + 1
+    last = subnet.broadcast - 1 if v == 4 else subnet.broadcast
+    start = _range_field(doc, "rangeStart") or (v, first)
+    end = _range_field(doc, "rangeEnd") or (v, last)
+    gateway = _range_field(doc, "gateway") or (v, first)
     for label, (ver, value) in (("rangeStart", start), ("rangeEnd", end)):
         if not subnet.contains(ver, value) or not first <= value <= last:
             raise _invalid(f"{label} {format_ip(ver, value)} is not a usable address of {subnet}")
@@ -155,7 +174,7 @@ class IpamConfig:
 
 def parse_config(conf: dict[str, Any], cni_args: dict[str, str]) -> IpamConfig:
     """The ``ipam`` section (plus ``args``/``runtimeConfig``) -> :class:`IpamConfig`."""
-    network = safe_name("network name", conf.get("name"))
+    network = safe_name("network name", conf.get("name"), MAX_NAME)
     ipam = conf.get("ipam")
     if not isinstance(ipam, dict):
         raise _invalid("the configuration has no 'ipam' object")
@@ -214,12 +233,14 @@ def parse_config(conf: dict[str, Any], cni_args: dict[str, str]) -> IpamConfig:
                                                for r in routes):
         raise _invalid("ipam.routes must be a list of objects with 'dst'")
     for route in routes:
-        try:
-            Prefix.parse(route["dst"])
-            if route.get("gw"):
-                parse_ip(route["gw"])
-        except AddressError as err:
-            raise _invalid(f"bad route {route}: {err}") from None
+        for key in ("dst", "gw"):
+            try:
+                if key == "dst":
+                    Prefix.parse(route["dst"])
+                elif route.get("gw"):
+                    parse_ip(route["gw"])
+            except AddressError as err:
+                raise _invalid(f"route {key} {route.get(key)!r}: {err}") from None
     return IpamConfig(network, data_dir, range_sets, list(routes),
                       _requested_ips(conf, cni_args), mtu, ipmasq)
 
@@ -244,7 +265,10 @@ def _requested_ips(conf: dict[str, Any], cni_args: dict[str, str]) -> list[tuple
 
 
 class Store:
-    """The on-disk reservations of one network; use as a context manager to hold the lock."""
+    """The on-disk reservations of one network; use as a context manager to hold the lock.
+
+    The lock is an exclusive ``flock`` on ``<directory>/lock``, the file host-local 1.x
+    locks, so the two plugins exclude each other on a shared data directory."""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
@@ -253,10 +277,10 @@ class Store:
     def __enter__(self) -> Store:
         try:
             posixfs.makedirs(self.directory)
-            self._fd = posix.open(self.directory,
-                                  posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC)
+            self._fd = posix.open(posixfs.join(self.directory, LOCK_FILE),
+                                  posix.O_RDONLY | posix.O_CREAT | posix.O_CLOEXEC, 0o644)
         except OSError as err:
-            raise CniError(ERR_IO, f"cannot open IPAM directory {self.directory}: "
+            raise CniError(ERR_IO, f"cannot open IPAM lock {self.directory}/{LOCK_FILE}: "
                            f"{err.strerror}") from None
         deadline = time.monotonic() + LOCK_TIMEOUT_S
         while True:
@@ -284,10 +308,17 @@ class Store:
                             posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_CLOEXEC, 0o644)
         except FileExistsError:
             return False
+        except OSError as err:
+            raise CniError(ERR_IO, f"cannot reserve {ip} in {self.directory}: "
+                           f"{err.strerror}") from None
         try:
             posix.write(fd, f"{container_id}{LINE_BREAK}{ifname}".encode())
-        finally:
+        except OSError as err:
             posix.close(fd)
+            posix.unlink(self._path(ip))
+            raise CniError(ERR_IO, f"cannot write reservation {ip} in {self.directory}: "
+                           f"{err.strerror}") from None
+        posix.close(fd)
         return True
 
     def last_reserved(self, set_index: int) -> str:
@@ -300,18 +331,23 @@ class Store:
     def set_last_reserved(self, set_index: int, ip: str) -> None:
         """Written in place like host-local: a torn write only makes the next allocation
         start from the range's beginning, and a crash leaves no temporary file behind."""
-        fd = posix.open(self._path(f"{LAST_RESERVED}{set_index}"),
-                        posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_CLOEXEC, 0o644)
         try:
-            posix.write(fd, ip.encode())
-        finally:
-            posix.close(fd)
+            fd = posix.open(self._path(f"{LAST_RESERVED}{set_index}"),
+                            posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_CLOEXEC,
+                            0o644)
+            try:
+                posix.write(fd, ip.encode())
+            finally:
+                posix.close(fd)
+        except OSError as err:
+            raise CniError(ERR_IO, f"cannot write {LAST_RESERVED}{set_index} in "
+                           f"{self.directory}: {err.strerror}") from None
 
     def allocations(self) -> dict[str, tuple[str, str]]:
         """Every reservation: address -> (containerID, ifname)."""
         out = {}
         for name in posix.listdir(self.directory):
-            if name.startswith((".", LAST_RESERVED)) or name == "lock":
+            if name.startswith((".", LAST_RESERVED)) or name == LOCK_FILE:
                 continue
             try:
                 with open(self._path(name), "rb") as f:

@@ -20,6 +20,7 @@ from .spec import (
     ERR_DECODE,
     ERR_INTERNAL,
     ERR_INVALID_ENV,
+    ERR_IO,
     LATEST,
     SUPPORTED_VERSIONS,
     CniError,
@@ -133,6 +134,21 @@ def run(command: str, stdin: bytes, environ: dict[str, str] | Any, argv0: str
     return result_to_wire(res, version)
 
 
+EPERM, EACCES, EROFS = 1, 13, 30
+
+
+def unexpected_error(err: Exception) -> CniError:
+    """An exception that is not a CniError, as the error the runtime gets: the kernel or the
+    filesystem refusing for lack of privilege is an I/O failure (code 5) saying so; anything
+    else is a bug or an unexpected kernel answer (999)."""
+    if isinstance(err, OSError) and err.errno in (EPERM, EACCES, EROFS):
+        return CniError(ERR_IO, f"permission denied: {err}",
+                        "svcnet-cni must run as root (CAP_NET_ADMIN, CAP_SYS_ADMIN for "
+                        "setns) with a writable IPAM dataDir")
+    return CniError(ERR_INTERNAL, f"internal error: {type(err).__name__}: {err}",
+                    "please report this with the network configuration")
+
+
 def _error_version(stdin: bytes) -> str:
     try:
         version = loads(stdin).get("cniVersion")
@@ -154,11 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     except CniError as err:
         sys.stdout.write(dumps(err.to_json(_error_version(stdin))) + "\n")
         return 1
-    except Exception as err:  # a bug or an unexpected kernel answer: still speak the protocol
-        doc = CniError(ERR_INTERNAL, f"internal error: {type(err).__name__}: {err}",
-                       "please report this with the network configuration").to_json(
-            _error_version(stdin))
-        sys.stdout.write(dumps(doc) + "\n")
+    except Exception as err:  # still speak the protocol
+        sys.stdout.write(dumps(unexpected_error(err).to_json(_error_version(stdin))) + "\n")
         return 1
     if out is not None:
         sys.stdout.write(dumps(out) + "\n")

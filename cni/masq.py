@@ -16,12 +16,13 @@ from .addr import Prefix
 from .fastjson import loads
 from .ipam import short_hash
 from .spawn import SpawnError, run
-from .spec import ERR_INTERNAL, CniError
+from .spec import ERR_INTERNAL, ERR_IO, CniError
 
 TABLE = "svcnet-cni"
 _MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
 _TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
 _MATCH = {4: "ip", 6: "ip6"}
+MAX_COMMENT = 128  # nft's limit on a comment
 
 
 def network_tag(network: str) -> str:
@@ -59,6 +60,7 @@ def add_script(network: str, subnets: list[Prefix], ips: list[tuple[int, str]],
         m = _MATCH[version]
         lines.append(f"add rule inet {TABLE} masq-{tag} {m} saddr @pods{version}-{tag} "
                      f"{m} daddr != {{ {', '.join(nets)} }} masquerade")
+    owner = owner[:MAX_COMMENT]  # a note for people; nft refuses longer comments
     for version, ip in ips:
         lines.append(f'add element inet {TABLE} pods{version}-{tag} {{ {ip} comment "{owner}" }}')
     return "\n".join(lines) + "\n"
@@ -81,8 +83,9 @@ def apply(script: str) -> None:
         raise CniError(ERR_INTERNAL, f"masquerade: {exc.strerror}",
                        "is the nftables package installed?") from None
     if rc:
-        raise CniError(ERR_INTERNAL, "masquerade rules: nft failed",
-                       err.decode(errors="replace").strip())
+        text = err.decode(errors="replace").strip()
+        code = ERR_IO if "Operation not permitted" in text else ERR_INTERNAL
+        raise CniError(code, "masquerade rules: nft failed", text)
 
 
 def members(network: str) -> dict[str, str]:

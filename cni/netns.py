@@ -17,59 +17,126 @@ if TYPE_CHECKING:
 CLONE_NEWNET = 0x40000000
 
 
+NSFS_MAGIC = 0x6E736673  # statfs f_type of namespace files (linux/magic.h)
+NS_GET_NSTYPE = 0xB703  # ioctl: which kind of namespace an nsfs file is (linux/nsfs.h)
+_S_IFMT, _S_IFREG, _S_IFDIR, _S_IFIFO = 0o170000, 0o100000, 0o040000, 0o010000
+
+
 class NetnsError(OSError):
     """The namespace path does not exist or cannot be entered."""
 
 
-def _load_setns() -> Callable[[int, int], int]:
+class NotANetns(NetnsError):
+    """The path exists but is not a network namespace (a plain file, directory, FIFO...)."""
+
+
+def _load_libc() -> tuple[Callable[[int, int], int], Callable[[int], int]]:
+    """``setns(fd, nstype)`` and ``fstatfs(fd) -> f_type``, each returning ``-errno`` on
+    failure."""
     try:
         import _ctypes
 
         class _Int(_ctypes._SimpleCData):  # type: ignore[name-defined,misc,type-arg]
             _type_ = "i"
 
+        class _Long(_ctypes._SimpleCData):  # type: ignore[name-defined,misc,type-arg]
+            _type_ = "l"
+
+        class _StatfsBuf(_ctypes.Array):  # type: ignore[name-defined,misc,type-arg]
+            _type_ = _Long
+            _length_ = 32  # struct statfs is 120 bytes on 64-bit Linux; f_type comes first
+
         class _Func(_ctypes.CFuncPtr):  # type: ignore[name-defined,misc]
             _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
             _restype_ = _Int
 
         libc = _ctypes.dlopen(None, 2)  # type: ignore[attr-defined,arg-type]
-        func = _Func(_ctypes.dlsym(libc, "setns"))  # type: ignore[attr-defined]
-        func.argtypes = (_Int, _Int)
+        setns_fn = _Func(_ctypes.dlsym(libc, "setns"))  # type: ignore[attr-defined]
+        setns_fn.argtypes = (_Int, _Int)
+        fstatfs_fn = _Func(_ctypes.dlsym(libc, "fstatfs"))  # type: ignore[attr-defined]
         get_errno = _ctypes.get_errno  # type: ignore[attr-defined]
 
         def call(fd: int, nstype: int) -> int:
-            return 0 if func(fd, nstype) == 0 else -int(get_errno())
+            return 0 if setns_fn(fd, nstype) == 0 else -int(get_errno())
 
-        return call
+        def fstatfs_type(fd: int) -> int:
+            buf = _StatfsBuf()
+            if fstatfs_fn(fd, buf) != 0:
+                return -int(get_errno())
+            return int(buf[0]) & 0xFFFFFFFF
+
+        return call, fstatfs_type
     except (ImportError, AttributeError, OSError, TypeError):  # pragma: no cover
         import ctypes
 
-        fn = ctypes.CDLL(None, use_errno=True).setns
+        lib = ctypes.CDLL(None, use_errno=True)
 
         def call_ctypes(fd: int, nstype: int) -> int:
-            return 0 if fn(fd, nstype) == 0 else -ctypes.get_errno()
+            return 0 if lib.setns(fd, nstype) == 0 else -ctypes.get_errno()
 
-        return call_ctypes
+        def fstatfs_ctypes(fd: int) -> int:
+            buf = (ctypes.c_long * 32)()
+            if lib.fstatfs(fd, buf) != 0:
+                return -ctypes.get_errno()
+            return int(buf[0]) & 0xFFFFFFFF
+
+        return call_ctypes, fstatfs_ctypes
 
 
-_setns: Callable[[int, int], int] | None = None
+_libc: tuple[Callable[[int, int], int], Callable[[int], int]] | None = None
+
+
+def _libc_calls() -> tuple[Callable[[int, int], int], Callable[[int], int]]:
+    global _libc
+    if _libc is None:
+        _libc = _load_libc()
+    return _libc
 
 
 def setns(fd: int) -> None:
-    global _setns
-    if _setns is None:
-        _setns = _load_setns()
-    rc = _setns(fd, CLONE_NEWNET)
+    rc = _libc_calls()[0](fd, CLONE_NEWNET)
     if rc:
         raise NetnsError(-rc, f"setns: {posix.strerror(-rc)}")
 
 
 def open_netns(path: str) -> int:
-    """An fd for the namespace at ``path``; NetnsError when it is gone or not a netns."""
+    """An fd for the network namespace at ``path``.
+
+    NetnsError when nothing is there; NotANetns when something else is: checked by
+    ``stat`` before opening (so a FIFO or a device is never opened, which could block or
+    have side effects), then ``fstatfs`` (nsfs) and ``NS_GET_NSTYPE`` on the open file. A
+    caller checks this before it allocates anything."""
     try:
-        fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
+        st = posix.stat(path)
     except OSError as err:
         raise NetnsError(err.errno, f"cannot open netns {path}: {err.strerror}") from None
+    kind = st.st_mode & _S_IFMT
+    if kind != _S_IFREG:
+        what = {_S_IFDIR: "a directory", _S_IFIFO: "a FIFO"}.get(kind, "a device or socket")
+        raise NotANetns(22, f"{path} is {what}, not a network namespace")
+    try:
+        fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC | posix.O_NONBLOCK
+                        | posix.O_NOCTTY)
+    except OSError as err:
+        raise NetnsError(err.errno, f"cannot open netns {path}: {err.strerror}") from None
+    try:
+        fs_type = _libc_calls()[1](fd)
+        if fs_type != NSFS_MAGIC:
+            raise NotANetns(22, f"{path} is a file (filesystem type {fs_type:#x}), not a "
+                            "namespace: expected a bind mount of /proc/<pid>/ns/net (nsfs)")
+        import fcntl
+
+        try:
+            nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
+        except OSError as err:
+            raise NetnsError(err.errno, f"cannot inspect namespace {path}: {err.strerror}"
+                             ) from None
+        if nstype != CLONE_NEWNET:
+            raise NotANetns(22, f"{path} is a namespace of another kind ({nstype:#x}), not a "
+                            "network namespace")
+    except BaseException:
+        posix.close(fd)
+        raise
     return fd
 
 

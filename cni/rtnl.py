@@ -32,13 +32,13 @@ if TYPE_CHECKING:
         def close(self) -> None: ...
         def link(self, name: str = "", index: int = 0) -> Link: ...
         def links(self) -> list[Link]: ...
-        def add_bridge(self, name: str, mtu: int = 0, vlan_filtering: bool = False
-                       ) -> None: ...
+        def add_bridge(self, name: str, mtu: int = 0, vlan_filtering: bool = False,
+                       mac: str = "") -> None: ...
         def add_veth(self, name: str, mac: str, peer_name: str, peer_mac: str,
                      peer_netns_fd: int, mtu: int, master: int) -> None: ...
         def set_link(self, index: int, *, up: bool | None = None,
                      promisc: bool | None = None, mtu: int = 0,
-                     alias: str | None = None) -> None: ...
+                     alias: str | None = None, mac: str = "") -> None: ...
         def set_hairpin(self, index: int, on: bool) -> None: ...
         def bridge_vlan(self, index: int, vid: int, *, add: bool, pvid: bool = False,
                         untagged: bool = False, self_: bool = False) -> None: ...
@@ -297,11 +297,16 @@ class Rtnl:
         return [_parse_link(m) for m in self.request(RTM_GETLINK, NLM_F_DUMP, body,
                                                        "list links")]
 
-    def add_bridge(self, name: str, mtu: int = 0, vlan_filtering: bool = False) -> None:
-        """Create a bridge; raises AlreadyExists when a link of that name exists."""
+    def add_bridge(self, name: str, mtu: int = 0, vlan_filtering: bool = False,
+                   mac: str = "") -> None:
+        """Create a bridge; raises AlreadyExists when a link of that name exists. A ``mac``
+        given here is pinned (the kernel marks it as set by the user), so the bridge never
+        takes over the lowest port MAC."""
         data = attr(IFLA_BR_VLAN_FILTERING, b"\1") if vlan_filtering else b""
         info = attr_str(IFLA_INFO_KIND, "bridge") + (attr(IFLA_INFO_DATA, data) if data else b"")
         body = _IFINFOMSG.pack(AF_UNSPEC, 0, 0, IFF_UP, IFF_UP) + attr_str(IFLA_IFNAME, name)
+        if mac:
+            body += attr(IFLA_ADDRESS, mac_bytes(mac))
         if mtu:
             body += attr_u32(IFLA_MTU, mtu)
         body += attr(IFLA_LINKINFO, info)
@@ -328,7 +333,7 @@ class Rtnl:
         self.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body, f"create veth {name}")
 
     def set_link(self, index: int, *, up: bool | None = None, promisc: bool | None = None,
-                 mtu: int = 0, alias: str | None = None) -> None:
+                 mtu: int = 0, alias: str | None = None, mac: str = "") -> None:
         flags = change = 0
         if up is not None:
             change |= IFF_UP
@@ -341,6 +346,8 @@ class Rtnl:
             body += attr_u32(IFLA_MTU, mtu)
         if alias is not None:
             body += attr_str(IFLA_IFALIAS, alias)
+        if mac:
+            body += attr(IFLA_ADDRESS, mac_bytes(mac))
         self.request(RTM_NEWLINK, 0, body, f"set link {index}")
 
     def set_hairpin(self, index: int, on: bool) -> None:

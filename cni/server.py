@@ -44,7 +44,7 @@ from typing import Any
 
 from .cli import DEFAULT_SOCKET
 from .fastjson import dumps
-from .spec import ERR_INTERNAL, LATEST, CniError
+from .spec import LATEST, CniError
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def accept_request(conn: socket.socket, own_netns: str) -> dict[str, str]:
 
 def answer(env: dict[str, str], stdin: bytes) -> bytes:
     """Step 4's payload: what the in-process plugin would print, and its exit status."""
-    from .main import _error_version, run
+    from .main import _error_version, run, unexpected_error
 
     try:
         out = run(env.get("CNI_COMMAND", ""), stdin, env,
@@ -114,10 +114,8 @@ def answer(env: dict[str, str], stdin: bytes) -> bytes:
         status, body = b"0", (dumps(out).encode() if out is not None else b"")
     except CniError as err:
         status, body = b"1", dumps(err.to_json(_error_version(stdin))).encode()
-    except Exception as err:  # a bug or an unexpected kernel answer: still speak the protocol
-        doc = CniError(ERR_INTERNAL, f"internal error: {type(err).__name__}: {err}",
-                       "please report this with the network configuration").to_json(
-            _error_version(stdin) if stdin else LATEST)
+    except Exception as err:  # still speak the protocol
+        doc = unexpected_error(err).to_json(_error_version(stdin) if stdin else LATEST)
         status, body = b"1", dumps(doc).encode()
     return status + _LEN.pack(len(body)) + body
 

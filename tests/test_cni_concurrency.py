@@ -48,8 +48,8 @@ def _spawn(host: str, binary: Path, command: str, conf: dict[str, Any], cid: str
 
 def _reservations(tmp_path: Path) -> list[str]:
     d = tmp_path / "ipam" / NETWORK
-    return [p.name for p in d.iterdir() if not p.name.startswith("last_reserved")] \
-        if d.is_dir() else []
+    return [p.name for p in d.iterdir()
+            if not p.name.startswith("last_reserved") and p.name != "lock"] if d.is_dir() else []
 
 
 def _ports(host: str) -> list[str]:

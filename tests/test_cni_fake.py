@@ -73,9 +73,10 @@ class FakeRtnl:
     def links(self) -> list[Link]:
         return list(self.k.links[self.ns].values())
 
-    def add_bridge(self, name: str, mtu: int = 0, vlan_filtering: bool = False) -> None:
+    def add_bridge(self, name: str, mtu: int = 0, vlan_filtering: bool = False,
+                   mac: str = "") -> None:
         self._check("add_bridge")
-        self.k.new_link(self.ns, name, "bridge", "02:00:00:00:00:01").flags |= 1
+        self.k.new_link(self.ns, name, "bridge", mac or "02:00:00:00:00:01").flags |= 1
 
     def add_veth(self, name: str, mac: str, peer_name: str, peer_mac: str,
                  peer_netns_fd: int, mtu: int, master: int) -> None:
@@ -86,9 +87,11 @@ class FakeRtnl:
         self.k.new_link("pod", peer_name, "veth", peer_mac)
 
     def set_link(self, index: int, *, up: bool | None = None, promisc: bool | None = None,
-                 mtu: int = 0, alias: str | None = None) -> None:
+                 mtu: int = 0, alias: str | None = None, mac: str = "") -> None:
         self._check("set_link")
         link = self._find(index=index)
+        if mac:
+            link.mac = mac
         if up is not None:
             link.flags = link.flags | 1 if up else link.flags & ~1
         if alias is not None:
@@ -155,8 +158,8 @@ ENV = Env("ctr", "eth0", "/var/run/netns/fake", {}, "")
 
 def _reservations(tmp_path: Path) -> list[str]:
     d = tmp_path / "fake"
-    return sorted(p.name for p in d.iterdir() if not p.name.startswith("last_")) \
-        if d.is_dir() else []
+    return sorted(p.name for p in d.iterdir()
+                  if not p.name.startswith("last_") and p.name != "lock") if d.is_dir() else []
 
 
 def test_add_builds_the_expected_state(kernel: FakeKernel, tmp_path: Path) -> None:

@@ -151,4 +151,4 @@ def test_installed_conflist_with_subnet_env(netns: Callable[[str], str], tmp_pat
     (tmp_path / "subnet.env").unlink()  # DEL still works once the lease is gone
     runtime.del_list(conflist, res_b, "ctr-b", pod_b)
     assert sorted(p.name for p in (tmp_path / "ipam" / "svcnet").iterdir()) == [
-        "last_reserved_ip.0"]
+        "last_reserved_ip.0", "lock"]
