@@ -37,7 +37,7 @@ DEFAULT_BRIDGE = "cni0"
 HOST_VETH_PREFIX = "veth"
 ALIAS_PREFIX = "svcnet-cni"
 EMBEDDED_IPAM = ("host-local", "svcnet-cni", "svcnet-ipam")
-MAX_ALIAS = 255  # IFALIASZ - 1: the kernel refuses a longer interface alias
+MAX_ALIAS = 254  # the kernel refuses a longer interface alias (IFALIASZ - 1 with the NUL)
 NET_ADDR_SET = "3"  # /sys/class/net/<dev>/addr_assign_type of a MAC set by the user
 
 
@@ -104,10 +104,14 @@ def parse_mac(text: str) -> str:
     """A unicast Ethernet MAC (``aa:bb:..`` or ``aa-bb-..``) in the kernel's lower-case
     form; ValueError otherwise."""
     parts = text.strip().replace("-", ":").split(":")
-    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+    if len(parts) != 6 or not all(len(p) == 2 and p.isascii() and p.isalnum() for p in parts):
         raise ValueError(f"{text!r} is not a MAC address (six hex octets, e.g. "
                          "02:42:ac:11:00:02)")
-    raw = bytes(int(p, 16) for p in parts)
+    try:
+        raw = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a MAC address (six hex octets, e.g. "
+                         "02:42:ac:11:00:02)") from None
     if raw[0] & 1:
         raise ValueError(f"{text!r} is a multicast MAC address; an interface needs a unicast "
                          "one (lowest bit of the first octet clear)")
@@ -175,7 +179,7 @@ def host_veth_name(container_id: str, ifname: str) -> str:
 
 
 def attachment_alias(network: str, container_id: str, ifname: str) -> str:
-    """``svcnet-cni/<network>/<containerID>/<ifname>``, cut to the kernel's 255 bytes (a
+    """``svcnet-cni/<network>/<containerID>/<ifname>``, cut to the kernel's 254 bytes (a
     long container ID loses its end; GC matches the network prefix and the veth name)."""
     return _cut_alias(f"{ALIAS_PREFIX}/{network}/{container_id}/{ifname}")
 
