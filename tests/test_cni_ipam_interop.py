@@ -14,10 +14,9 @@ from typing import Any
 
 import pytest
 from conftest import require
-from test_cni_helpers import REFERENCE_DIR, svcnet_bin
-
 from svcnet.cni import ipam
 from svcnet.cni.spec import ERR_TRY_AGAIN, CniError
+from test_cni_helpers import REFERENCE_DIR, svcnet_bin
 
 __all__ = ["svcnet_bin"]
 
