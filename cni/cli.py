@@ -47,7 +47,8 @@ SOCKET_CLIENT = r"""#!{perl}
 # the in-process plugin (the Python launcher). Perl builtins only (no `use`): ~2 ms to start.
 # The daemon gets stdin only after it sent the accept byte, so every failure before that falls
 # back; after it the daemon owns the request: a lost ADD is reported as "try again", never
-# repeated, the idempotent verbs re-run in-process. Protocol: svcnet.cni.server.
+# repeated, the idempotent verbs re-run in-process. Each fallback is noted on stderr, at most
+# every {note_interval} s (the mtime of <socket>.fallback). Protocol: svcnet.cni.server.
 my $socket_path = {socket};
 my $launcher = {launcher};
 my ($stdin, $version, $command) = ("", "1.1.0", $ENV{{CNI_COMMAND}} // "");
@@ -61,19 +62,48 @@ sub fail {{
   exit 1;
 }}
 
+sub note {{
+  my ($why) = @_;
+  my $stamp = "$socket_path.fallback";
+  my @st = stat($stamp);
+  my $now = time;
+  return if @st && $now >= $st[9] && $now - $st[9] < {note_interval};
+  my $fh;
+  unless (open($fh, ">", $stamp)) {{
+    mkdir($1, 0700) if $socket_path =~ m{{^(.+)/[^/]*$}};
+    open($fh, ">", $stamp);
+  }}
+  close($fh) if $fh;
+  print STDERR "svcnet-cni: $command runs in-process: $why (node daemon socket " .
+    "$socket_path; noted at most every {note_interval} s)\n";
+}}
+
 sub in_process {{
-  $SIG{{PIPE}} = "DEFAULT";
+  my ($why) = @_;
   alarm 0;
+  note($why);
+  $SIG{{PIPE}} = "DEFAULT";
   exec {{ $launcher }} $launcher, @ARGV;
   fail(999, "cannot execute $launcher: $!");
+}}
+
+sub read_exact {{
+  my ($sock, $size) = @_;
+  my $data = "";
+  while (length $data < $size) {{
+    my $n = sysread($sock, $data, $size - length $data, length $data);
+    last unless $n;
+  }}
+  return $data;
 }}
 
 sub no_answer {{
   my ($why) = @_;
   fail(11, "the svcnet node daemon $why while handling ADD; it may be partly applied, so " .
        "it is not repeated: DEL, then ADD again") if $command eq "ADD";
-  $SIG{{PIPE}} = "DEFAULT";
   alarm 0;
+  note("the node daemon $why");
+  $SIG{{PIPE}} = "DEFAULT";
   open(my $again, "|-", $launcher, @ARGV) or fail(999, "cannot execute $launcher: $!");
   print $again $stdin;
   close $again;
@@ -90,17 +120,23 @@ sub send_all {{
   return 1;
 }}
 
-$SIG{{ALRM}} = \&in_process;
+$SIG{{ALRM}} = sub {{ in_process("the node daemon did not accept within {accept_timeout} s") }};
 alarm {accept_timeout};
-socket(my $sock, {af_unix}, {sock_stream}, 0) or in_process();
-connect($sock, pack("S a*", {af_unix}, $socket_path)) or in_process();
+socket(my $sock, {af_unix}, {sock_stream}, 0) or in_process("no socket: $!");
+connect($sock, pack("S a*", {af_unix}, $socket_path)) or in_process("cannot connect: $!");
 my @netns = stat("/proc/self/ns/net");
+my @target = length($ENV{{CNI_NETNS}} // "") ? stat($ENV{{CNI_NETNS}}) : ();
 my $head = join("\0", "SVCNET_NETNS=$netns[0]:$netns[1]",
+                "SVCNET_CNI_NETNS_ID=" . (@target ? "$target[0]:$target[1]" : ""),
                 map {{ "$_=$ENV{{$_}}" }} grep {{ /^CNI_|^SVCNET_CNI_ARGV0$/ }} sort keys %ENV);
-send_all($sock, pack("N", length $head) . $head) or in_process();
-my $accepted = "";
-sysread($sock, $accepted, 1);
-in_process() unless $accepted eq "1";
+send_all($sock, pack("N", length $head) . $head)
+  or in_process("the node daemon closed the connection");
+my $accepted = read_exact($sock, 1);
+if ($accepted eq "0") {{
+  my ($size) = unpack("N", read_exact($sock, 4) . "\0\0\0\0");
+  in_process("declined by the node daemon: " . read_exact($sock, $size > 4096 ? 4096 : $size));
+}}
+in_process("the node daemon closed the connection without accepting") unless $accepted eq "1";
 
 $SIG{{ALRM}} = sub {{ no_answer("did not answer within {answer_timeout} s") }};
 alarm {answer_timeout};
@@ -282,17 +318,20 @@ def _perl_string(text: str) -> str:
 
 
 def socket_client(launcher: str, socket_path: str, perl: str = "/usr/bin/perl",
-                  accept_timeout: int = 10, answer_timeout: int = 240) -> str:
+                  accept_timeout: int = 10, answer_timeout: int = 240,
+                  note_interval: int = 60) -> str:
     """The default ``svcnet-cni``: the node daemon's client with the in-process fallback.
 
     ``accept_timeout`` bounds connect + accept (then it falls back: the daemon has not seen
-    stdin), ``answer_timeout`` the daemon's work once it accepted."""
+    stdin), ``answer_timeout`` the daemon's work once it accepted; a fallback is noted on
+    stderr at most every ``note_interval`` seconds."""
     import socket
 
     return SOCKET_CLIENT.format(perl=perl, socket=_perl_string(socket_path),
                                 launcher=_perl_string(launcher),
                                 af_unix=int(socket.AF_UNIX), sock_stream=int(socket.SOCK_STREAM),
-                                accept_timeout=accept_timeout, answer_timeout=answer_timeout)
+                                accept_timeout=accept_timeout, answer_timeout=answer_timeout,
+                                note_interval=note_interval)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -315,6 +354,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def serve_child(argv: list[str]) -> int:
-    """Entry point of the node daemon's serving child (``SOCKET PARENT_PID``): no parser and
-    no other component's modules, so the extra process stays small."""
+    """Entry point of the node daemon's serving child (``SOCKET PARENT_PID [LOG_LEVEL]``):
+    no parser and no other component's modules, so the extra process stays small. It logs
+    to the stderr it shares with the daemon, at the daemon's level."""
+    import logging
+
+    logging.basicConfig(level=int(argv[2]) if len(argv) > 2 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return cmd_serve(argparse.Namespace(socket=argv[0], parent_pid=int(argv[1])))

@@ -8,12 +8,16 @@ this server and prints the answer, and runs the in-process plugin when no server
 Protocol (one request per connection, integers big-endian u32):
 
 1. client -> server: ``len, head`` where head is ``K=V`` entries separated by NUL: the
-   client's ``CNI_*`` variables, ``SVCNET_CNI_ARGV0`` (the name it was invoked as) and
-   ``SVCNET_NETNS=<dev>:<inode>`` of its network namespace.
+   client's ``CNI_*`` variables, ``SVCNET_CNI_ARGV0`` (the name it was invoked as),
+   ``SVCNET_NETNS=<dev>:<inode>`` of its network namespace and ``SVCNET_CNI_NETNS_ID``, the
+   ``<dev>:<inode>`` that ``CNI_NETNS`` has for the client ('' if it cannot stat it).
 2. server -> client: ``1`` (accepted) -- only for a root peer (SO_PEERCRED) in the server's
-   own network namespace; otherwise the server closes and the client runs in-process, in
-   its own namespace. Until this byte the server has not read stdin, so falling back can
-   never apply a request twice.
+   own network namespace, and for ADD and CHECK only when ``CNI_NETNS`` is the same
+   namespace for the server as for the client (a daemon in another mount namespace may not
+   see the runtime's ``/run/netns``, or see another namespace under that name). Otherwise
+   ``0, len, reason`` (declined: nothing was done) and the server closes; the client runs
+   in-process, in its own namespaces. Until this byte the server has not read stdin, so
+   falling back can never apply a request twice.
 3. client -> server: ``len, stdin``; the server acts only on a complete request.
 4. server -> client: status byte (``0``/``1``), ``len``, the plugin's stdout.
 
@@ -53,6 +57,19 @@ _LEN = struct.Struct(">I")
 MAX_HEAD = 1 << 16
 MAX_REQUEST = 1 << 26  # far above any network configuration; bounds memory per request
 ACCEPTED = b"1"
+DECLINED = b"0"
+NOTE_INTERVAL_S = 60.0  # a declined kind of request is logged at most this often
+_noted: dict[str, float] = {}
+
+
+class Declined(PermissionError):
+    """This request is not served here; ``reason`` goes to the client, which runs it
+    in-process, and (rate-limited) to the log."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
 
 
 class SocketBusy(OSError):
@@ -91,17 +108,46 @@ def parse_head(head: bytes) -> dict[str, str]:
     return env
 
 
+def path_id(path: str) -> str:
+    """``<dev>:<inode>`` of what ``path`` names here ('' if nothing): a namespace file's
+    identity, the same in every mount namespace."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return ""
+    return f"{st.st_dev}:{st.st_ino}"
+
+
 def accept_request(conn: socket.socket, own_netns: str) -> dict[str, str]:
     """Steps 1-2: the client's environment, once it may be served here."""
     _pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                     _UCRED.size))
     if uid != 0:
-        raise PermissionError(f"client uid {uid} is not root")
+        raise Declined("uid", f"client uid {uid} is not root")
     env = parse_head(_recv_frame(conn, MAX_HEAD))
     if env.get("SVCNET_NETNS") != own_netns:
-        raise PermissionError(f"client network namespace {env.get('SVCNET_NETNS')} is not "
-                              f"the server's {own_netns}")
+        raise Declined("netns", f"the client's network namespace {env.get('SVCNET_NETNS')} "
+                       f"is not the node daemon's {own_netns}")
+    netns = env.get("CNI_NETNS", "")
+    client_view = env.get("SVCNET_CNI_NETNS_ID")  # absent from clients before 0.2
+    if (env.get("CNI_COMMAND") in ("ADD", "CHECK") and netns and client_view is not None
+            and path_id(netns) != client_view):
+        seen = path_id(netns)
+        raise Declined("mount", f"CNI_NETNS {netns} is "
+                       + (f"another namespace ({seen}, the client's is {client_view or 'none'})"
+                          if seen else "not there")
+                       + " for the node daemon: it runs in another mount namespace than the "
+                       "runtime (give it the host's /run)")
     return env
+
+
+def note_declined(err: Declined) -> None:
+    """Log a declined request, at most once per NOTE_INTERVAL_S for each kind."""
+    now = time.monotonic()
+    if now - _noted.get(err.kind, -NOTE_INTERVAL_S) >= NOTE_INTERVAL_S:
+        _noted[err.kind] = now
+        log.warning("CNI request left to the in-process plugin: %s (logged at most every "
+                    "%.0f s)", err.reason, NOTE_INTERVAL_S)
 
 
 def answer(env: dict[str, str], stdin: bytes) -> bytes:
@@ -126,7 +172,13 @@ def handle(conn: socket.socket, own_netns: str) -> None:
             env = accept_request(conn, own_netns)
             conn.sendall(ACCEPTED)
             stdin = _recv_frame(conn, MAX_REQUEST)
-        except (OSError, ValueError) as err:  # not ours, or the client went away: do nothing
+        except Declined as err:  # before the accept byte: the client runs it in-process
+            note_declined(err)
+            reason = err.reason.encode()[:4096]
+            with contextlib.suppress(OSError):
+                conn.sendall(DECLINED + _LEN.pack(len(reason)) + reason)
+            return
+        except (OSError, ValueError) as err:  # the client went away: do nothing
             log.debug("CNI request not served: %s", err)
             return
         reply = answer(env, stdin)
@@ -166,6 +218,9 @@ def serve(path: str, ready: threading.Event | None = None,
             os.umask(old_umask)
         server.listen(128)
         server.settimeout(0.5)
+        log.info("serving svcnet-cni requests on %s (network namespace %s); svcnet-cni "
+                 "runs in-process while nothing serves it, and says so on its stderr",
+                 path, own_netns)
         if ready is not None:
             ready.set()
         try:
@@ -222,7 +277,8 @@ class ServerComponent:
         import sys
 
         return [sys.executable, "-c", "import sys; from svcnet.cni.cli import serve_child; "
-                "sys.exit(serve_child(sys.argv[1:]))", self.path, str(os.getpid())]
+                "sys.exit(serve_child(sys.argv[1:]))", self.path, str(os.getpid()),
+                str(logging.getLogger().getEffectiveLevel())]
 
     async def run(self, factory: object, store: object) -> None:
         import asyncio

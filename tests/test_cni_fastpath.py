@@ -455,3 +455,89 @@ def test_host_netns_is_told_from_a_named_one(netns: Callable[[str], str]) -> Non
                             capture_output=True, text=True, check=True).stdout.strip()
     here = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
     assert (inside, here) == ("False", "True")
+
+
+def _run_client(node: Node, command: str, conf: dict[str, Any], cid: str, pod: str
+                ) -> subprocess.CompletedProcess[bytes]:
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_IFNAME": "eth0",
+           "CNI_NETNS": f"/var/run/netns/{pod}", "CNI_PATH": node.runtime.cni_path,
+           "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    return subprocess.run(["ip", "netns", "exec", node.runtime.host_ns,
+                           str(node.bindir / "svcnet-cni")], input=json.dumps(conf).encode(),
+                          env=env, capture_output=True, timeout=60, check=False)
+
+
+def _wait_serving(node: Node, daemon: subprocess.Popen[bytes], log: Path) -> None:
+    for _ in range(300):  # up to 15 s on a loaded machine
+        if _serving(node.sock):
+            return
+        assert daemon.poll() is None, f"svcnet node exited: {log.read_text()}"
+        time.sleep(0.05)
+    raise AssertionError(f"svcnet node did not serve its CNI socket: {log.read_text()}")
+
+
+def test_fast_path_is_visible_in_the_logs(node: Node, netns: Callable[[str], str],
+                                          tmp_path: Path) -> None:
+    """`svcnet node` says it serves the socket; the client notes each fallback on stderr,
+    at most once a minute (a runtime calls VERSION for every plugin of every command)."""
+    conf = _conf(tmp_path, ip_masq=False)
+    pod_a, pod_b = netns("p"), netns("p")
+    first = _run_client(node, "ADD", conf, "ctr-a", pod_a)
+    assert first.returncode == 0, first.stdout
+    note = first.stderr.decode()
+    assert "svcnet-cni: ADD runs in-process: cannot connect:" in note, note
+    assert str(node.sock) in note
+    second = _run_client(node, "DEL", conf, "ctr-a", pod_a)
+    assert second.returncode == 0 and second.stderr == b""  # noted a moment ago
+    assert node.fallbacks() == ["ADD", "DEL"]
+    log = tmp_path / "node.log"
+    with open(log, "wb") as out:
+        node.daemon = subprocess.Popen(
+            ["ip", "netns", "exec", node.runtime.host_ns, SVCNET, "-v", "node",
+             "--cni-server", "--cni-server-socket", str(node.sock)], stderr=out,
+            start_new_session=True)
+    _wait_serving(node, node.daemon, log)
+    for _ in range(100):  # the line is written just before the socket accepts
+        if "serving svcnet-cni requests on" in log.read_text():
+            break
+        time.sleep(0.05)
+    assert f"serving svcnet-cni requests on {node.sock}" in log.read_text()
+    served = _run_client(node, "ADD", conf, "ctr-b", pod_b)
+    assert served.returncode == 0 and served.stderr == b""
+    assert node.fallbacks() == ["ADD", "DEL"]
+    node.runtime.exec_plugin("svcnet-cni", "DEL", conf, "ctr-b", pod_b)
+
+
+def test_daemon_in_another_mount_namespace(node: Node, netns: Callable[[str], str],
+                                           tmp_path: Path) -> None:
+    """A daemon that sees another /run/netns than the runtime declines ADD and CHECK before
+    accepting them (nothing done), so the client runs them in-process: whether the path is
+    missing for the daemon or names another namespace there (here the daemon's own)."""
+    require_binary("unshare", "mount")
+    hidden, decoy = netns("p"), netns("p")
+    log = tmp_path / "node.log"
+    script = (f"mount -t tmpfs none /run/netns && touch /run/netns/{decoy} && "
+              f"mount --bind /proc/self/ns/net /run/netns/{decoy} && "
+              f"exec {SVCNET} node --cni-server --cni-server-socket {node.sock}")
+    with open(log, "wb") as out:
+        node.daemon = subprocess.Popen(
+            ["ip", "netns", "exec", node.runtime.host_ns, "unshare", "--mount",
+             "--propagation", "private", "sh", "-c", script], stderr=out,
+            start_new_session=True)
+    _wait_serving(node, node.daemon, log)
+    runtime, conf = node.runtime, _conf(tmp_path, ip_masq=False)
+    res_h = runtime.exec_plugin("svcnet-cni", "ADD", conf, "ctr-h", hidden)
+    res_d = runtime.exec_plugin("svcnet-cni", "ADD", conf, "ctr-d", decoy)
+    assert node.fallbacks() == ["ADD", "ADD"]
+    assert "eth0" in links(hidden) and "eth0" in links(decoy)
+    assert "eth0" not in links(runtime.host_ns)  # the daemon did not use its own view
+    assert res_h and res_d and ping(hidden, res_d["ips"][0]["address"].split("/")[0])
+    runtime.exec_plugin("svcnet-cni", "CHECK", dict(conf, prevResult=res_d), "ctr-d", decoy)
+    assert node.fallbacks() == ["ADD", "ADD", "CHECK"]
+    runtime.exec_plugin("svcnet-cni", "DEL", conf, "ctr-h", hidden)  # needs no netns: served
+    runtime.exec_plugin("svcnet-cni", "DEL", conf, "ctr-d", decoy)
+    assert node.fallbacks() == ["ADD", "ADD", "CHECK"]
+    assert "eth0" not in links(hidden) and "eth0" not in links(decoy)
+    warnings = [line for line in log.read_text().splitlines()
+                if "another mount namespace" in line]
+    assert len(warnings) == 1, log.read_text()  # rate-limited
