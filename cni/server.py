@@ -129,7 +129,7 @@ def accept_request(conn: socket.socket, own_netns: str) -> dict[str, str]:
         raise Declined("netns", f"the client's network namespace {env.get('SVCNET_NETNS')} "
                        f"is not the node daemon's {own_netns}")
     netns = env.get("CNI_NETNS", "")
-    client_view = env.get("SVCNET_CNI_NETNS_ID")  # absent from clients before 0.2
+    client_view = env.get("SVCNET_CNI_NETNS_ID")  # absent from clients installed earlier
     if (env.get("CNI_COMMAND") in ("ADD", "CHECK") and netns and client_view is not None
             and path_id(netns) != client_view):
         seen = path_id(netns)
