@@ -121,6 +121,8 @@ def open_netns(path: str) -> int:
         raise NetnsError(err.errno, f"cannot open netns {path}: {err.strerror}") from None
     try:
         fs_type = _libc_calls()[1](fd)
+        if fs_type < 0:
+            raise NetnsError(-fs_type, f"cannot inspect {path}: {posix.strerror(-fs_type)}")
         if fs_type != NSFS_MAGIC:
             raise NotANetns(22, f"{path} is a file (filesystem type {fs_type:#x}), not a "
                             "namespace: expected a bind mount of /proc/<pid>/ns/net (nsfs)")
