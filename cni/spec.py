@@ -112,7 +112,8 @@ def result_to_wire(result: dict[str, Any], version: str) -> dict[str, Any]:
         if legacy:
             entry = {"version": "6" if ":" in entry["address"] else "4", **entry}
         ips.append(entry)
-    out["ips"] = ips
+    if ips or "interfaces" not in result:  # a layer-2-only result has none, like the reference
+        out["ips"] = ips
     routes = []
     for route in result.get("routes") or []:
         route = dict(route)

@@ -258,3 +258,87 @@ def test_masquerade_and_macspoof_scripts() -> None:
     spoof = macspoof.delete_script("net1", "vethabc", "02:00:00:00:00:01")
     assert f'delete element bridge svcnet-cni allowed-{tag} {{ "vethabc" . 02:00:00:00:00:01 }}' \
         in spoof
+
+
+@pytest.mark.parametrize(("text", "mac"), [("02:AA:bb:cc:dd:01", "02:aa:bb:cc:dd:01"),
+                                           ("02-aa-bb-cc-dd-01", "02:aa:bb:cc:dd:01")])
+def test_parse_mac(text: str, mac: str) -> None:
+    from svcnet.cni.bridge import parse_mac
+
+    assert parse_mac(text) == mac
+
+
+@pytest.mark.parametrize("text", ["02:aa:bb:cc:dd", "02:aa:bb:cc:dd:zz", "01:00:5e:00:00:01",
+                                  "00:00:00:00:00:00", "0x:aa:bb:cc:dd:01", ""])
+def test_parse_mac_rejects(text: str) -> None:
+    from svcnet.cni.bridge import parse_mac
+
+    with pytest.raises(ValueError):
+        parse_mac(text)
+
+
+def test_requested_mac_precedence() -> None:
+    from svcnet.cni.bridge import Env, NetConf, requested_mac
+
+    base = {"cniVersion": "1.0.0", "name": "n", "type": "svcnet-cni"}
+    env = Env("c", "eth0", "/x", {"MAC": "02:00:00:00:00:03"}, "")
+    assert requested_mac(NetConf(base), env) == "02:00:00:00:00:03"
+    with_args = dict(base, args={"cni": {"mac": "02:00:00:00:00:02"}})
+    assert requested_mac(NetConf(with_args), env) == "02:00:00:00:00:02"
+    both = dict(with_args, runtimeConfig={"mac": "02:00:00:00:00:01"})
+    assert requested_mac(NetConf(both), env) == "02:00:00:00:00:01"
+    assert requested_mac(NetConf(base), Env("c", "eth0", "/x", {}, "")) == ""
+    with pytest.raises(CniError) as info:
+        requested_mac(NetConf(base), Env("c", "eth0", "/x", {"MAC": "nope"}, ""))
+    assert info.value.code == spec.ERR_INVALID_ENV
+    with pytest.raises(CniError) as info:
+        NetConf(dict(base, runtimeConfig={"mac": "nope"}))
+    assert info.value.code == spec.ERR_INVALID_CONFIG
+
+
+def test_layer2_config_and_result() -> None:
+    from svcnet.cni.bridge import NetConf
+
+    base = {"cniVersion": "1.0.0", "name": "n", "type": "svcnet-cni"}
+    assert not NetConf(base).layer3 and not NetConf(dict(base, ipam={})).layer3
+    with pytest.raises(CniError):
+        NetConf(dict(base, ipam={"ranges": []}))  # settings without a type
+    out = spec.result_to_wire({"interfaces": [{"name": "eth0"}], "ips": []}, "1.0.0")
+    assert "ips" not in out and out["interfaces"] == [{"name": "eth0"}]
+
+
+@pytest.mark.parametrize(("subnet", "message"), [
+    ("10.88.56.7/24", "Network has host bits set. For a subnet mask of length 24 the network "
+                      "address is 10.88.56.0"),
+    ("fd00::5/64", "Network has host bits set. For a subnet mask of length 64 the network "
+                   "address is fd00::"),
+    ("10.0.0.0/31", "Network 10.0.0.0/31 too small to allocate from"),
+    ("10.0.0.x/24", "range subnet '10.0.0.x/24': ")])
+def test_range_validation_like_host_local(subnet: str, message: str) -> None:
+    with pytest.raises(CniError) as info:
+        ipam.parse_range({"subnet": subnet})
+    assert info.value.code == spec.ERR_INVALID_CONFIG and info.value.msg.startswith(message)
+
+
+def test_subnet_file_gateway_keeps_host_bits(tmp_path: Path) -> None:
+    """FLANNEL_SUBNET is the gateway with its prefix: host bits there are intended."""
+    env = tmp_path / "subnet.env"
+    env.write_text("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\n")
+    cfg = ipam.parse_config({"name": "n", "ipam": {"subnetFile": str(env)}}, {})
+    assert str(cfg.range_sets[0][0].subnet) == "10.244.3.0/24"
+
+
+def test_long_names() -> None:
+    from svcnet.cni.bridge import MAX_ALIAS, attachment_alias
+
+    alias = attachment_alias("n" * 240, "c" * 10_000, "eth0")
+    assert len(alias.encode()) == MAX_ALIAS and alias.startswith("svcnet-cni/" + "n" * 240)
+    with pytest.raises(CniError) as info:
+        ipam.parse_config({"name": "n" * 256, "ipam": {"subnet": "10.0.0.0/24"}}, {})
+    assert "longer than 255" in info.value.msg
+
+
+def test_permission_errors_are_io_failures() -> None:
+    assert main.unexpected_error(PermissionError(13, "Permission denied")).code == spec.ERR_IO
+    assert main.unexpected_error(OSError(1, "Operation not permitted")).code == spec.ERR_IO
+    assert main.unexpected_error(RuntimeError("bug")).code == spec.ERR_INTERNAL
