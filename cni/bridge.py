@@ -371,8 +371,8 @@ def ensure_bridge(host: RtnlApi, conf: NetConf, mtu: int) -> Link:
     if bridge.kind != "bridge":
         raise CniError(ERR_INVALID_CONFIG, f"{conf.bridge} already exists but is not a bridge",
                        f"its kind is {bridge.kind or 'unknown'}")
-    if not created and not mac_pinned(bridge):
-        host.set_link(bridge.index, mac=bridge.mac)
+    if not created and not _pinned(host, bridge):
+        host.set_link(bridge.index, mac=bridge.mac)  # also flushes its neighbour entries
     if conf.promisc and not bridge.flags & 0x100:
         host.set_link(bridge.index, promisc=True)
     if not bridge.up:
@@ -380,20 +380,32 @@ def ensure_bridge(host: RtnlApi, conf: NetConf, mtu: int) -> Link:
     return bridge
 
 
-def mac_pinned(link: Link) -> bool:
-    """Whether the link's MAC was set explicitly (sysfs ``addr_assign_type``). False also
-    when this process's /sys shows another namespace's link of that name (the name, index
-    and MAC must all match): pinning again is harmless, missing an unpinned bridge is not."""
+def mac_pinned(link: Link) -> bool | None:
+    """Whether the link's MAC was set explicitly (sysfs ``addr_assign_type``); None when
+    this process's /sys shows another namespace (the name, index and MAC must all match)."""
     base = f"/sys/class/net/{link.name}/"
     try:
         with open(base + "ifindex", encoding="ascii") as f:
             same = int(f.read()) == link.index
         with open(base + "address", encoding="ascii") as f:
             same = same and f.read().strip() == link.mac
+        if not same:
+            return None
         with open(base + "addr_assign_type", encoding="ascii") as f:
-            return same and f.read().strip() == NET_ADDR_SET
+            return f.read().strip() == NET_ADDR_SET
     except (OSError, ValueError):
-        return False
+        return None
+
+
+def _pinned(host: RtnlApi, bridge: Link) -> bool:
+    """sysfs's answer, or without one the kernel's rule: an unpinned bridge with ports has
+    the lowest port MAC, so a bridge whose MAC no port has is pinned. Pinning when unsure
+    costs a flush of the bridge's neighbour entries, so it is avoided when not needed."""
+    known = mac_pinned(bridge)
+    if known is not None:
+        return known
+    ports = {link.mac for link in host.links() if link.master == bridge.index}
+    return bool(ports) and bridge.mac not in ports
 
 
 def ensure_gateway_addresses(host: RtnlApi, conf: NetConf, bridge_index: int,

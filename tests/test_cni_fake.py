@@ -31,6 +31,7 @@ class FakeKernel:
         self.next_index = 2
         self.fail_on = ""
         self.sysctls: dict[str, str] = {}
+        self.macs_set: list[tuple[str, str]] = []
 
     def new_link(self, ns: str, name: str, kind: str, mac: str, master: int = 0) -> Link:
         if name in self.links[ns]:
@@ -92,6 +93,7 @@ class FakeRtnl:
         link = self._find(index=index)
         if mac:
             link.mac = mac
+            self.k.macs_set.append((link.name, mac))
         if up is not None:
             link.flags = link.flags | 1 if up else link.flags & ~1
         if alias is not None:
@@ -212,3 +214,25 @@ def test_del_tolerates_everything_already_gone(kernel: FakeKernel, tmp_path: Pat
     bridge.cmd_del(conf, ENV, b"")
     bridge.cmd_del(conf, ENV, b"")
     assert _reservations(tmp_path) == []
+
+
+def test_existing_bridge_is_pinned_only_when_it_follows_a_port(kernel: FakeKernel,
+                                                              tmp_path: Path) -> None:
+    """Without a /sys of the bridge's namespace, the kernel's rule decides: a bridge with
+    ports whose MAC no port has is pinned already (pinning again would flush its neighbour
+    entries); one with a port's MAC, or without ports, is pinned to its current MAC."""
+    bridge_link = kernel.new_link("host", "br0", "bridge", "02:00:00:00:00:10")
+    bridge_link.flags |= 1
+    kernel.new_link("host", "vethother", "veth", "02:00:00:00:00:05", bridge_link.index)
+    bridge.cmd_add(_conf(tmp_path), ENV, b"")
+    assert kernel.macs_set == []
+    bridge_link.mac = "02:00:00:00:00:05"  # following its port
+    bridge.cmd_add(_conf(tmp_path), Env("ctr2", "eth1", "/var/run/netns/fake", {}, ""), b"")
+    assert kernel.macs_set == [("br0", "02:00:00:00:00:05")]
+
+
+def test_new_bridge_gets_its_own_mac(kernel: FakeKernel, tmp_path: Path) -> None:
+    result = bridge.cmd_add(_conf(tmp_path), ENV, b"")
+    own = kernel.links["host"]["br0"].mac
+    assert own != "02:00:00:00:00:01" and result["interfaces"][0]["mac"] == own
+    assert kernel.macs_set == []
