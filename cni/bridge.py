@@ -39,6 +39,7 @@ ALIAS_PREFIX = "svcnet-cni"
 EMBEDDED_IPAM = ("host-local", "svcnet-cni", "svcnet-ipam")
 MAX_ALIAS = 254  # the kernel refuses a longer interface alias (IFALIASZ - 1 with the NUL)
 NET_ADDR_SET = "3"  # /sys/class/net/<dev>/addr_assign_type of a MAC set by the user
+_HEX = "0123456789abcdefABCDEF"
 
 
 class Env:
@@ -88,7 +89,6 @@ class NetConf:
                            "e.g. \"ipam\": {\"type\": \"host-local\", \"ranges\": ...}")
         self.ipam_type: str = ipam_conf["type"]
         self.dns = conf.get("dns") if isinstance(conf.get("dns"), dict) else {}
-        self.mac = _config_mac(conf)
 
     @property
     def layer3(self) -> bool:
@@ -104,14 +104,10 @@ def parse_mac(text: str) -> str:
     """A unicast Ethernet MAC (``aa:bb:..`` or ``aa-bb-..``) in the kernel's lower-case
     form; ValueError otherwise."""
     parts = text.strip().replace("-", ":").split(":")
-    if len(parts) != 6 or not all(len(p) == 2 and p.isascii() and p.isalnum() for p in parts):
+    if len(parts) != 6 or not all(len(p) == 2 and all(c in _HEX for c in p) for p in parts):
         raise ValueError(f"{text!r} is not a MAC address (six hex octets, e.g. "
                          "02:42:ac:11:00:02)")
-    try:
-        raw = bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a MAC address (six hex octets, e.g. "
-                         "02:42:ac:11:00:02)") from None
+    raw = bytes(int(p, 16) for p in parts)
     if raw[0] & 1:
         raise ValueError(f"{text!r} is a multicast MAC address; an interface needs a unicast "
                          "one (lowest bit of the first octet clear)")
@@ -138,9 +134,11 @@ def _config_mac(conf: dict[str, Any]) -> str:
 
 def requested_mac(conf: NetConf, env: Env) -> str:
     """The pod interface's MAC: the config's, else ``CNI_ARGS`` ``MAC=`` (podman
-    ``--mac-address`` and ``network reload``), else '' (a random one)."""
-    if conf.mac:
-        return conf.mac
+    ``--mac-address`` and ``network reload``), else '' (a random one). Only ADD asks, so
+    DEL works whatever was requested."""
+    configured = _config_mac(conf.raw)
+    if configured:
+        return configured
     text = env.args.get("MAC", "")
     if not text:
         return ""

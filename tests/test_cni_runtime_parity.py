@@ -166,6 +166,7 @@ def test_invalid_requested_mac(make_net: Callable[[str], Net], netns: Callable[[
         assert info.value.code == code
         assert mac in info.value.doc["msg"]
     assert net.reservations() == [] and "eth0" not in links(pod)
+    net.runtime.exec_plugin(net.plugin_type, "DEL", conf, "ctr", pod, args=args)  # still fine
 
 
 # -- 3. one IPv4 gateway address per bridge --------------------------------------------------

@@ -292,7 +292,7 @@ def test_requested_mac_precedence() -> None:
         requested_mac(NetConf(base), Env("c", "eth0", "/x", {"MAC": "nope"}, ""))
     assert info.value.code == spec.ERR_INVALID_ENV
     with pytest.raises(CniError) as info:
-        NetConf(dict(base, runtimeConfig={"mac": "nope"}))
+        requested_mac(NetConf(dict(base, runtimeConfig={"mac": "nope"})), env)
     assert info.value.code == spec.ERR_INVALID_CONFIG
 
 
