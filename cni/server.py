@@ -130,9 +130,8 @@ def accept_request(conn: socket.socket, own_netns: str) -> dict[str, str]:
                        f"is not the node daemon's {own_netns}")
     netns = env.get("CNI_NETNS", "")
     client_view = env.get("SVCNET_CNI_NETNS_ID")  # absent from clients installed earlier
-    if (env.get("CNI_COMMAND") in ("ADD", "CHECK") and netns and client_view is not None
-            and path_id(netns) != client_view):
-        seen = path_id(netns)
+    seen = path_id(netns) if env.get("CNI_COMMAND") in ("ADD", "CHECK") and netns else None
+    if seen is not None and client_view is not None and seen != client_view:
         raise Declined("mount", f"CNI_NETNS {netns} is "
                        + (f"another namespace ({seen}, the client's is {client_view or 'none'})"
                           if seen else "not there")
