@@ -125,6 +125,8 @@ IN_PROCESS_NAME = "svcnet-cni-inprocess"
 PERL = "/usr/bin/perl"
 BUSY_EXIT = 3
 CONFLIST_NAME = "10-svcnet.conflist"
+CONFLIST_VERSION = "1.0.0"
+CONFLIST_VERSIONS = ("1.0.0", "1.1.0")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -225,7 +227,10 @@ def conflist(args: argparse.Namespace) -> dict[str, object]:
         elif kind == "bandwidth":
             extra["capabilities"] = {"bandwidth": True}
         plugins.append(extra)
-    return {"cniVersion": "1.1.0", "cniVersions": ["0.4.0", "1.0.0", "1.1.0"],
+    # 1.0.0 is the newest version podman 4.x, containerd 1.6/1.7, CRI-O and the reference
+    # plugins 1.1.x load (a 1.1.0 conflist is refused); runtimes with libcni 1.2+ read
+    # ``cniVersions`` and take the newest they know, so they still get GC and STATUS.
+    return {"cniVersion": CONFLIST_VERSION, "cniVersions": list(CONFLIST_VERSIONS),
             "name": args.name, "plugins": plugins}
 
 
