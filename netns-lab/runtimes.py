@@ -315,3 +315,102 @@ def root_state() -> dict[str, list[str]]:
             "nft": [line for line in out("nft", "list", "ruleset") if line.strip() != "}"],
             "iptables": [line for line in out("iptables-save") if not line.startswith(":")],
             "mounts": mounts, "processes": sorted(procs)}
+
+
+# --- containerd -------------------------------------------------------------------------------
+
+
+class Containerd:
+    """A containerd daemon (CRI plugin, runc, ``native`` snapshotter) with its root, state and
+    sockets under ``base``, in ``box``; CNI from ``cni_bin_dir`` and ``cni_conf_dir``.
+
+    containerd 1.6 takes one CNI binary directory: put every plugin the conflist names in it
+    (:meth:`link_plugins`), including ``loopback``, which the CRI plugin runs for ``lo``."""
+
+    SANDBOX_IMAGE = "localhost/busybox:svcnet"
+    NAMESPACE = "k8s.io"  # the CRI plugin's containerd namespace
+    DISABLED = ("io.containerd.internal.v1.opt",  # would create /opt/containerd
+                "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+                "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs",
+                "io.containerd.tracing.processor.v1.otlp")
+
+    def __init__(self, box: Sandbox, base: Path, cni_bin_dir: Path, cni_conf_dir: Path) -> None:
+        self.box = box
+        self.base = base
+        base.mkdir(parents=True, exist_ok=True)
+        self.address = str(base / "containerd.sock")
+        self.config = base / "config.toml"
+        self.log = base / "containerd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        cri = '[plugins."io.containerd.grpc.v1.cri"'
+        self.config.write_text(
+            "version = 2\n"
+            f'root = "{base}/root"\n'
+            f'state = "{base}/state"\n'
+            f"disabled_plugins = {json.dumps(list(self.DISABLED))}\n"
+            f'[grpc]\naddress = "{self.address}"\n'
+            f'[ttrpc]\naddress = "{self.address}.ttrpc"\n'
+            '[metrics]\naddress = ""\n'
+            f"{cri}]\n"
+            f'sandbox_image = "{self.SANDBOX_IMAGE}"\n'
+            "disable_apparmor = true\n"
+            # not below containerd's own: lowering oom_score_adj needs CAP_SYS_RESOURCE
+            "restrict_oom_score_adj = true\n"
+            "enable_selinux = false\n"
+            'stream_server_address = "127.0.0.1"\n'
+            'stream_server_port = "0"\n'
+            f"{cri}.containerd]\n"
+            'snapshotter = "native"\n'
+            'default_runtime_name = "runc"\n'
+            f"{cri}.containerd.runtimes.runc]\n"
+            'runtime_type = "io.containerd.runc.v2"\n'
+            f"{cri}.containerd.runtimes.runc.options]\n"
+            "SystemdCgroup = false\n"
+            f"{cri}.cni]\n"
+            f'bin_dir = "{cni_bin_dir}"\n'
+            f'conf_dir = "{cni_conf_dir}"\n'
+            "max_conf_num = 1\n")
+
+    @staticmethod
+    def link_plugins(bin_dir: Path, source: str, names: Iterable[str]) -> None:
+        for name in names:
+            target = bin_dir / name
+            if not target.exists():
+                target.symlink_to(os.path.join(source, name))
+
+    def start(self, timeout: float = 60) -> None:
+        from .cri import CriClient
+
+        self.proc = self.box.popen("containerd", "--config", str(self.config), log=self.log)
+        with CriClient(self.address, timeout=5) as client:
+            deadline = time.monotonic() + timeout
+            while True:
+                if self.proc.poll() is not None:
+                    raise SandboxError(f"containerd exited: {self.log.read_text()[-2000:]}")
+                try:
+                    client.version()
+                    return
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise SandboxError(
+                            f"containerd did not answer: {self.log.read_text()[-2000:]}"
+                        ) from None
+                    time.sleep(0.2)
+
+    def ctr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return self.box.run("ctr", "--address", self.address, "-n", self.NAMESPACE, *args,
+                            timeout=timeout)
+
+    def import_busybox(self) -> str:
+        archive = busybox_docker_archive(self.base / "busybox.tar", self.SANDBOX_IMAGE)
+        self.ctr("images", "import", "--snapshotter", "native", str(archive))
+        return self.SANDBOX_IMAGE
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
