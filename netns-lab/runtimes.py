@@ -311,7 +311,7 @@ def root_state() -> dict[str, list[str]]:
                     procs.append(f"{entry} {comm}")
     return {"links": [line.split(":", 2)[1].strip() + " " + line.split("link/", 1)[-1]
                       for line in out("ip", "-o", "link")],
-            "addrs": out("ip", "-o", "addr"),
+            "addrs": [line.replace(" tentative", "") for line in out("ip", "-o", "addr")],
             "nft": [line for line in out("nft", "list", "ruleset") if line.strip() != "}"],
             "iptables": [line for line in out("iptables-save") if not line.startswith(":")],
             "mounts": mounts, "processes": sorted(procs)}

@@ -118,7 +118,8 @@ class PodmanEnv:
             return sorted(ln for ln in out if ln.strip() and not ln.startswith(("#", ":")))
 
         return {"links": [ln.split(":", 2)[1] for ln in lines("ip", "-o", "link")],
-                "addrs": lines("ip", "-o", "addr"), "iptables": lines("iptables-save"),
+                "addrs": [ln.replace(" tentative", "") for ln in lines("ip", "-o", "addr")],
+                "iptables": lines("iptables-save"),
                 "nft": [ln for ln in lines("nft", "list", "ruleset") if "handle" not in ln],
                 "ipam": sorted(str(p.relative_to(self.ipam_dir))
                                for p in self.ipam_dir.rglob("*") if p.is_file())}
