@@ -27,12 +27,13 @@ CHAINED = ("portmap", "firewall", "tuning")
 ALL_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 
 
-def _install(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+def _install(tmp_path: Path, chain: tuple[str, ...] = CHAINED
+             ) -> tuple[Path, dict[str, Any]]:
     bindir, confdir = tmp_path / "bin", tmp_path / "net.d"
-    chain = [arg for kind in CHAINED for arg in ("--chain", kind)]
+    chain_args = [arg for kind in chain for arg in ("--chain", kind)]
     assert svcnet_main(["cni", "install", "--bin-dir", str(bindir), "--conf-dir", str(confdir),
                         "--subnet", "10.89.40.0/24", "--python", sys.executable, "--socket",
-                        str(tmp_path / "no-daemon.sock"), "--no-fast-path", *chain]) == 0
+                        str(tmp_path / "no-daemon.sock"), "--no-fast-path", *chain_args]) == 0
     return bindir, json.loads((confdir / "10-svcnet.conflist").read_text())
 
 
@@ -51,13 +52,31 @@ def test_installed_conflist_version_is_loadable_by_every_plugin(tmp_path: Path) 
         require(Path(REFERENCE_DIR, kind).exists(), f"needs the reference {kind} plugin")
     bindir, conflist = _install(tmp_path)
     assert conflist["cniVersion"] == "1.0.0"
-    assert conflist["cniVersions"] == ["1.0.0", "1.1.0"]
     assert [p["type"] for p in conflist["plugins"]] == ["svcnet-cni", *CHAINED]
     ours = _version_info(bindir / "svcnet-cni", "1.0.0")
     assert set(ALL_VERSIONS) <= set(ours["supportedVersions"])
     for kind in CHAINED:
         info = _version_info(Path(REFERENCE_DIR, kind), "1.0.0")
-        assert conflist["cniVersion"] in info["supportedVersions"], (kind, info)
+        for version in (conflist["cniVersion"], *conflist["cniVersions"]):
+            assert version in info["supportedVersions"], (kind, version, info)
+    _, alone = _install(tmp_path / "alone", chain=())
+    assert alone["cniVersion"] == "1.0.0" and alone["cniVersions"] == ["1.0.0", "1.1.0"]
+
+
+def test_cni_versions_leave_out_what_a_chained_plugin_refuses(tmp_path: Path) -> None:
+    """A runtime with libcni 1.2+ runs every plugin at the newest version in ``cniVersions``
+    it knows: 1.1.0 is listed only when every chained plugin found supports it."""
+    from svcnet.cni.cli import conflist_versions
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, versions in (("new", '"1.0.0", "1.1.0"'), ("old", '"0.4.0", "1.0.0"')):
+        (fake / name).write_text(f"#!/bin/sh\necho '{{\"cniVersion\": \"1.0.0\", "
+                                 f"\"supportedVersions\": [{versions}]}}'\n")
+        (fake / name).chmod(0o755)
+    assert conflist_versions(["new"], str(fake)) == ("1.0.0", "1.1.0")
+    assert conflist_versions(["new", "old"], str(fake)) == ("1.0.0",)
+    assert conflist_versions(["not-installed"], str(fake)) == ("1.0.0", "1.1.0")
 
 
 @pytest.mark.parametrize("asked", ALL_VERSIONS)
