@@ -32,6 +32,10 @@ BUSYBOX = "/bin/busybox"
 APPLETS = ("sh", "ping", "nc", "sleep", "ip", "cat", "true", "echo", "ls", "httpd", "hostname",
            "arping", "wget", "ifconfig", "kill", "timeout", "seq")
 TMPFS_DIRS = ("/run", "/var/lib", "/var/tmp", "/dev/shm")
+# where the runtimes keep state by default: a confined runtime must not create any of them
+RUNTIME_PATHS = ("/var/lib/cni", "/var/lib/containers", "/var/lib/containerd", "/run/containers",
+                 "/run/containerd", "/run/libpod", "/run/cni", "/opt/containerd",
+                 "/etc/cni/net.d", "/var/run/containers", "/dev/shm/libpod_lock")
 RUNTIME_PROCESSES = ("podman", "conmon", "containerd", "containerd-shim-runc-v2", "runc", "ctr")
 
 _HOLDER = """
@@ -288,8 +292,8 @@ class Podman:
 
 def root_state() -> dict[str, list[str]]:
     """What a runtime could leave behind in the root namespaces: links, addresses, firewall
-    rules, mounts (other than named network namespaces, which tests create all the time) and
-    runtime processes."""
+    rules, mounts (other than network namespaces other tests name), the runtimes' default
+    state paths and runtime processes."""
 
     def out(*cmd: str) -> list[str]:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=30)
@@ -298,7 +302,9 @@ def root_state() -> dict[str, list[str]]:
 
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
         mounts = sorted(" ".join(line.split()[3:5]) for line in f
-                        if " /run/netns/" not in line and " /var/run/netns/" not in line)
+                        if not _test_netns_mount(line.split()[4]))
+    files = sorted(f"{path}: {sorted(os.listdir(path)) if os.path.isdir(path) else 'file'}"
+                   for path in RUNTIME_PATHS if os.path.lexists(path))
     procs = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -314,7 +320,16 @@ def root_state() -> dict[str, list[str]]:
             "addrs": [line.replace(" tentative", "") for line in out("ip", "-o", "addr")],
             "nft": [line for line in out("nft", "list", "ruleset") if line.strip() != "}"],
             "iptables": [line for line in out("iptables-save") if not line.startswith(":")],
-            "mounts": mounts, "processes": sorted(procs)}
+            "mounts": mounts, "files": files, "processes": sorted(procs)}
+
+
+def _test_netns_mount(mount_point: str) -> bool:
+    """A named network namespace some test made (they come and go), unlike the ones podman
+    (``netns-*``) and containerd (``cni-*``) name."""
+    for directory in ("/run/netns/", "/var/run/netns/"):
+        if mount_point.startswith(directory):
+            return not mount_point[len(directory):].startswith(("cni-", "netns-"))
+    return False
 
 
 # --- containerd -------------------------------------------------------------------------------
