@@ -12,14 +12,23 @@ overhead is measured. Rows:
 * ``svcnet-fallback`` -- the default client when no daemon listens (Perl, then the launcher).
 * ``svcnet-console`` (``--console``) -- pip's console-script wrapper, for reference.
 
+A second table times whole ``podman run --rm`` calls (Debian's podman 4.3, runc, CNI backend,
+in a :class:`svcnet.lab.runtimes.Sandbox`) on three networks, alternating: ``svcnet`` (the
+installed client with ``svcnet node`` serving), ``svcnet-inprocess`` and ``reference``
+(bridge + host-local). ``--podman-runs 0`` skips it.
+
 Usage (root): .venv/bin/python bench/cni_latency.py [--cycles 40] [--ip-masq] [--console]
+              [--podman-runs 15]
 The last line is JSON: svcnet_add_p50_ms, ref_add_p50_ms, add_ratio, svcnet_del_p50_ms,
-ref_del_p50_ms, del_ratio (svcnet = the default deployment), plus the other rows' figures.
+ref_del_p50_ms, del_ratio (svcnet = the default deployment), plus the other rows' figures,
+and podman_run_ms ({svcnet, svcnet_inprocess, reference}: medians) with podman_run_ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import resource
@@ -150,6 +159,8 @@ def main() -> int:
     parser.add_argument("--busy-daemon", action="store_true",
                         help="run a CPU-bound Python thread inside the serving daemon (worst "
                              "case of a busy proxy/DNS sharing its GIL)")
+    parser.add_argument("--podman-runs", type=int, default=15,
+                        help="podman run --rm per network (0: skip the podman table)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (creates network namespaces)")
@@ -246,8 +257,68 @@ def main() -> int:
     print(f"ratio svcnet/reference: ADD {result['add_ratio']:.2f}x, DEL "
           f"{result['del_ratio']:.2f}x (in-process: ADD {result['inprocess_add_ratio']:.2f}x, "
           f"DEL {result['inprocess_del_ratio']:.2f}x)")
+    if args.podman_runs > 0:
+        if shutil.which("podman") is None:
+            raise SystemExit("needs podman (or --podman-runs 0)")
+        runs = podman_runs(args.podman_runs, python)
+        print(f"{'podman run --rm':17} {'p50':>8} {'p95':>8}  (ms, {args.podman_runs} runs)")
+        for label, values in runs.items():
+            print(f"{label:17} {statistics.median(values):8.1f} {percentile(values, 0.95):8.1f}")
+        result["podman_run_ms"] = {label.replace("-", "_"): round(statistics.median(v), 1)
+                                   for label, v in runs.items()}
+        result["podman_run_ratio"] = round(
+            statistics.median(runs["svcnet"]) / statistics.median(runs["reference"]), 3)
+        result["podman_runs"] = args.podman_runs
     print(json.dumps(result))
     return 0
+
+
+def podman_runs(runs: int, python: str) -> dict[str, list[float]]:
+    """Wall time of ``podman run --rm IMAGE true`` per network, alternating networks."""
+    from svcnet.lab.runtimes import Podman, Sandbox
+
+    from svcnet.cli import main as svcnet_main
+
+    with tempfile.TemporaryDirectory(prefix="cni-bench-podman-") as tmpdir:
+        tmp = Path(tmpdir)
+        bindir, confdir, sock = tmp / "bin", tmp / "net.d", tmp / "cni.sock"
+        with contextlib.redirect_stdout(io.StringIO()):
+            svcnet_main(["cni", "install", "--bin-dir", str(bindir), "--conf-dir", "",
+                         "--socket", str(sock), "--python", python])
+        confdir.mkdir()
+        ipam = {"type": "host-local", "dataDir": str(tmp / "ipam")}
+        networks = {
+            "svcnet": ("svcnet-cni", "cnib0", "10.89.70.0/24"),
+            "svcnet-inprocess": ("svcnet-cni-inprocess", "cnib1", "10.89.71.0/24"),
+            "reference": ("bridge", "cnib2", "10.89.72.0/24")}
+        for name, (kind, bridge, subnet) in networks.items():
+            conflist = {"cniVersion": "1.0.0", "name": name, "plugins": [
+                {"type": kind, "bridge": bridge, "isGateway": True, "isDefaultGateway": True,
+                 "ipam": dict(ipam, ranges=[[{"subnet": subnet}]])}]}
+            (confdir / f"{name}.conflist").write_text(json.dumps(conflist))
+        box = Sandbox(f"bench{os.getpid()}podman", tmp / "box")
+        box.start()
+        try:
+            podman = Podman(box, tmp / "podman", [str(bindir), REFERENCE_DIR], confdir)
+            podman.import_busybox()
+            daemon = box.popen(os.path.join(os.path.dirname(sys.executable), "svcnet"), "node",
+                               "--cni-server", "--cni-server-socket", str(sock))
+            deadline = time.monotonic() + 20
+            while box.run("test", "-S", str(sock), check=False).returncode != 0:
+                if daemon.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("svcnet node did not serve its CNI socket")
+                time.sleep(0.1)
+            times: dict[str, list[float]] = {name: [] for name in networks}
+            for n in range(runs + 1):  # the first round warms caches and makes the bridges
+                order = list(networks) if n % 2 == 0 else list(reversed(networks))
+                for name in order:
+                    start = time.perf_counter()
+                    podman("run", "--rm", "--network", name, Podman.IMAGE, "true")
+                    if n:
+                        times[name].append((time.perf_counter() - start) * 1000)
+            return times
+        finally:
+            box.close()
 
 
 if __name__ == "__main__":

@@ -161,6 +161,9 @@ IN_PROCESS_NAME = "svcnet-cni-inprocess"
 PERL = "/usr/bin/perl"
 BUSY_EXIT = 3
 CONFLIST_NAME = "10-svcnet.conflist"
+CONFLIST_VERSION = "1.0.0"
+CONFLIST_VERSIONS = ("1.0.0", "1.1.0")
+PLUGIN_DIRS = ("/opt/cni/bin", "/usr/lib/cni", "/usr/libexec/cni")  # where chained plugins live
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -261,8 +264,39 @@ def conflist(args: argparse.Namespace) -> dict[str, object]:
         elif kind == "bandwidth":
             extra["capabilities"] = {"bandwidth": True}
         plugins.append(extra)
-    return {"cniVersion": "1.1.0", "cniVersions": ["0.4.0", "1.0.0", "1.1.0"],
+    # 1.0.0 is the newest version podman 4.x, containerd 1.6/1.7, CRI-O and the reference
+    # plugins 1.1.x load (a 1.1.0 conflist is refused); runtimes with libcni 1.2+ read
+    # ``cniVersions`` and take the newest they know, so they still get GC and STATUS.
+    return {"cniVersion": CONFLIST_VERSION,
+            "cniVersions": list(conflist_versions(args.chain, args.bin_dir)),
             "name": args.name, "plugins": plugins}
+
+
+def conflist_versions(chain: list[str], bin_dir: str) -> tuple[str, ...]:
+    """``CONFLIST_VERSIONS`` less those a chained plugin found on this node does not support:
+    a newer runtime picks the newest listed version for every plugin of the list, and the
+    reference plugins before 1.4 refuse 1.1.0."""
+    import subprocess
+
+    versions: tuple[str, ...] = CONFLIST_VERSIONS
+    for kind in chain:
+        binary = next((os.path.join(d, kind) for d in (bin_dir, *PLUGIN_DIRS)
+                       if os.access(os.path.join(d, kind), os.X_OK)), None)
+        if binary is None:
+            continue
+        try:
+            proc = subprocess.run([binary], input=b'{"cniVersion": "1.0.0"}', timeout=10,
+                                  env={"CNI_COMMAND": "VERSION"}, capture_output=True,
+                                  check=True)
+            supported = json.loads(proc.stdout)["supportedVersions"]
+        except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError):
+            continue
+        kept = tuple(v for v in versions if v in supported or v == CONFLIST_VERSION)
+        if kept != versions:
+            print(f"{binary} does not support CNI {', '.join(sorted(set(versions) - set(kept)))}"
+                  ": not listed in cniVersions", file=sys.stderr)
+        versions = kept
+    return versions
 
 
 def _write(path: str, text: str, mode: int) -> None:

@@ -53,7 +53,7 @@ def test_install_writes_client_launcher_and_conflist(tmp_path: Path) -> None:
     assert choose_python() in (sys.executable, f"/usr/bin/python3.{sys.version_info.minor}")
     assert os.readlink(bindir / "svcnet-ipam") == "svcnet-cni"
     conflist = json.loads(conflist_path.read_text())
-    assert conflist["cniVersion"] == "1.1.0" and conflist["name"] == "svcnet"
+    assert conflist["cniVersion"] == "1.0.0" and conflist["name"] == "svcnet"
     first, portmap = conflist["plugins"]
     assert first["type"] == "svcnet-cni" and first["ipam"]["subnetFile"].endswith("subnet.env")
     assert portmap == {"type": "portmap", "capabilities": {"portMappings": True}}
@@ -125,7 +125,7 @@ def test_installed_conflist_with_subnet_env(netns: Callable[[str], str], tmp_pat
     runtime = Runtime(host, str(bindir))
     res_a = runtime.add_list(conflist, "ctr-a", pod_a)
     res_b = runtime.add_list(conflist, "ctr-b", pod_b)
-    assert res_a["cniVersion"] == "1.1.0"
+    assert res_a["cniVersion"] == "1.0.0"
     assert res_a["ips"][0] == {"address": "10.244.9.2/24", "gateway": "10.244.9.1",
                                "interface": 2}
     assert "10.244.9.2/24" in addresses(pod_a, "eth0")
