@@ -254,9 +254,8 @@ def test_podman_published_port_answers(env: PodmanEnv, plugin_path: str) -> None
     _check_path(env, plugin_path, fallbacks)
 
 
-NEEDS_DEFECT_2 = pytest.mark.xfail(strict=True, reason="needs #14 defect 2 (h-cni)")
 MAC_NETWORKS = [pytest.param(NETWORK, id="chained"),
-                pytest.param(BARE, id="bare", marks=NEEDS_DEFECT_2)]
+                pytest.param(BARE, id="bare")]
 
 
 @pytest.mark.parametrize("network", MAC_NETWORKS)
@@ -281,7 +280,6 @@ def test_podman_network_reload_keeps_ip_and_mac(env: PodmanEnv, network: str) ->
     assert env.ping("r", GATEWAY if network == NETWORK else BARE_GATEWAY)
 
 
-@pytest.mark.xfail(strict=True, reason="needs #14 defect 1 (h-cni)")
 def test_podman_gateway_mac_does_not_flap(env: PodmanEnv) -> None:
     """Defect 1's scenario: the bridge would take the lowest port MAC; when the container
     whose veth MAC it took goes away, the bridge's MAC changes under a running container's
