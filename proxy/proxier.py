@@ -21,7 +21,14 @@ from typing import Protocol
 from svcnet.proxy import drift, metrics
 from svcnet.proxy.conntrack import ConntrackTable, stale_flows
 from svcnet.proxy.health import HealthCheck, NodePortHealthServers, SyncHealth
-from svcnet.proxy.state import Changes, ChangeTracker, Drain, NodeConfig, ServicePortState
+from svcnet.proxy.state import (
+    Changes,
+    ChangeTracker,
+    Drain,
+    FrontendKind,
+    NodeConfig,
+    ServicePortState,
+)
 
 from svcnet.model import ENDPOINT_SLICE, SERVICE, EndpointSlice, Service
 from svcnet.watch import Callbacks, InformerFactory
@@ -76,7 +83,7 @@ class Proxier:
     ) -> None:
         self.backend = backend
         self.settings = settings
-        self.tracker = ChangeTracker(node)
+        self.tracker = ChangeTracker(node, on_ignored=_log_ignored)
         self.conntrack = conntrack
         self.hc_servers = health_check_servers
         self.node_refresh = node_refresh
@@ -288,6 +295,15 @@ class Proxier:
                     wanted[p.health_check_node_port] = HealthCheck(
                         p.key.namespace, p.key.name, p.health_check_node_port, count)
             await self.hc_servers.reconcile(wanted)
+
+
+def _log_ignored(service: str, addresses: list[tuple[FrontendKind, str]]) -> None:
+    """A service claiming an address outside the allowed ranges: refused, said, counted."""
+    for kind, _ip in addresses:
+        metrics.IGNORED_ADDRESSES.labels(kind.value).inc()
+    log.warning("service %s: not programming %s (outside the allowed ranges: see "
+                "--service-cluster-ip-range, --proxy-external-ip-cidrs)", service,
+                ", ".join(f"{kind.value} {ip}" for kind, ip in addresses))
 
 
 def _streamed(sync_full: Callable[[Iterable[ServicePortState]], None], drain: Drain) -> None:
