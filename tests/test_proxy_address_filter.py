@@ -245,3 +245,19 @@ def test_without_the_flags_a_service_does_capture(kind: str, infra_lab: Lab) -> 
     program(backend, options().node_config((NODE_IP,)))
     assert reached(lab, "cpod", EXT_IP, 2379) <= {"pod1", "pod2"}
     assert reached(lab, "cpod", EXT_IP, 2380) <= {"pod1", "pod2"}
+
+
+def test_the_lab_runs_its_proxies_with_safe_ranges(tmp_path: Path) -> None:
+    """Lab nodes refuse external addresses on the underlay (nodes, etcd) and ClusterIPs off
+    the service network, as parsed by ``svcnet node`` itself."""
+    from svcnet.lab.state import SERVICE_NETWORK, UNDERLAY, LabConfig
+    from svcnet.lab.verify import daemon_args
+
+    cfg = LabConfig(name="x", nodes=2, lab_dir=str(tmp_path), etcd_members=3)
+    node = ProxyOptions.from_args(daemon_args(cfg, "n1")).node_config(())
+    underlay = [*map(cfg.node_ip, cfg.node_names), *map(cfg.etcd_ip, (1, 2, 3)),
+                str(UNDERLAY.broadcast_address - 1)]
+    assert not any(node.external_ips.allows(ip) for ip in underlay), underlay
+    assert not any(node.cluster_ips.allows(ip) for ip in underlay)
+    assert node.external_ips.allows("203.0.113.10")
+    assert node.cluster_ips.allows(str(SERVICE_NETWORK.network_address + 10))
