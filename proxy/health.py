@@ -90,7 +90,6 @@ class StatusPage:
         self.dump = dump
         self.ttl = ttl
         self.clock = clock
-        self.dumps = 0
         self._answer: tuple[float, Response] | None = None
         self._running: asyncio.Task[Response] | None = None
 
@@ -105,7 +104,6 @@ class StatusPage:
     async def _refresh(self) -> Response:
         try:
             started = self.clock()
-            self.dumps += 1
             resp = status_response(await asyncio.to_thread(self.dump))
             self._answer = (started, resp)
             return resp
