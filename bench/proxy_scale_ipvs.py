@@ -69,13 +69,14 @@ def progress(message: str) -> None:
 
 
 class CountingIpvs(NetlinkIpvs):
-    """Says every 10,000 netlink writes how far a full sync has come."""
+    """Says how far a full sync has come: its first IPVS write (the ipsets, rules and link
+    addresses are in by then), then every 10,000 writes."""
 
     writes = 0
 
     def _count(self) -> None:
         self.writes += 1
-        if self.writes % 10_000 == 0:
+        if self.writes == 1 or self.writes % 10_000 == 0:
             progress(f"{self.writes} IPVS writes")
 
     def add_service(self, vs: Any, options: Any) -> None:
