@@ -180,9 +180,10 @@ def test_a_slow_status_dump_does_not_block_the_loop(
             pending = [pool.submit(proxy.metrics, "/status", 90) for _ in range(4)]
             assert gate.entered.wait(15), "no dump started"
             # While the dump is held: the probes answer and a new service reaches the kernel.
-            assert proxy.health("/healthz", timeout=3)[0] == 200
-            assert proxy.add_service(1) < 5.0
-            assert proxy.metrics("/metrics", timeout=3)[0] == 200
+            # (bounds generous for a loaded machine; the held dump lasts up to 60 s)
+            assert proxy.health("/healthz", timeout=10)[0] == 200
+            proxy.add_service(1)  # fails if not in the kernel within 15 s
+            assert proxy.metrics("/metrics", timeout=10)[0] == 200
             assert gate.calls == 1, "one dump in flight at a time"
         finally:
             gate.release.set()
