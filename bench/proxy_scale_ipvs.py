@@ -59,6 +59,34 @@ from svcnet.model import ENDPOINT_SLICE, SERVICE
 from svcnet.store.memory import MemoryStore
 from svcnet.watch import InformerFactory
 
+STARTED = time.monotonic()
+
+
+def progress(message: str) -> None:
+    """A timestamped line on stderr, which in_guest passes through to the VM's output file:
+    a long run under emulation can be followed (and judged) from the host while it goes."""
+    print(f"[{time.monotonic() - STARTED:8.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+class CountingIpvs(NetlinkIpvs):
+    """Says how far a full sync has come: its first IPVS write (the ipsets, rules and link
+    addresses are in by then), then every 10,000 writes."""
+
+    writes = 0
+
+    def _count(self) -> None:
+        self.writes += 1
+        if self.writes == 1 or self.writes % 10_000 == 0:
+            progress(f"{self.writes} IPVS writes")
+
+    def add_service(self, vs: Any, options: Any) -> None:
+        super().add_service(vs, options)
+        self._count()
+
+    def add_dest(self, vs: Any, rs: Any, weight: int) -> None:
+        super().add_dest(vs, rs, weight)
+        self._count()
+
 
 class TimedBackend(IpvsBackend):
     """Records when each sync returned: IPVS changes go by netlink, not through commands."""
@@ -76,10 +104,11 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
         await store.put(SERVICE, service(f"s{i}", cluster_ip(i), port(80, target=8080)))
         await store.put(ENDPOINT_SLICE, slice_for(i))
     store_rss = rss_mb()
+    progress(f"{args.services} services in the store")
     commands = RecordingCommands()
     config = BackendConfig(families=(4,),
                            detect_local=LocalDetector("ClusterCIDR", ("10.128.0.0/9",)))
-    backend = TimedBackend(NetlinkIpvs(), commands, config)
+    backend = TimedBackend(CountingIpvs(), commands, config)
     backend.returned = []
     proxier = Proxier(backend, NodeConfig("n1"), settings=SyncSettings(
         min_sync_period=args.min_sync_period, sync_period=3600))
@@ -87,9 +116,11 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
     proxier.attach(factory)
     factory.start()
     await factory.wait_for_sync(3600)
+    progress("informers synced; full sync starts")
     started = time.monotonic()
     assert await proxier.sync_once()
     full_sync = time.monotonic() - started
+    progress(f"full sync done in {full_sync:.1f} s")
     ipvsadm = [f"-A -t {vs.ip}:{vs.port} -s {opts.scheduler}\n"
                + "".join(f"-a -t {vs.ip}:{vs.port} -r {rs.ip}:{rs.port} -m -w 1\n"
                          for rs in sorted(reals))
@@ -102,6 +133,7 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
                                     capture_output=True, text=True).stdout:
             raise RuntimeError(f"endpoint {ep} not live after the change")
 
+    progress("one-change measurements")
     try:
         changes = await one_changes(args, store, proxier, backend.returned, check, timeout=120)
     finally:
@@ -134,13 +166,14 @@ def in_guest(args: argparse.Namespace) -> int:
     try:
         proc = subprocess.run(
             ["ip", "netns", "exec", ns, sys.executable, __file__, "--inside", *sys.argv[1:]],
-            capture_output=True, text=True, check=False)
+            stdout=subprocess.PIPE, text=True, check=False)  # progress on stderr, live
     finally:
         subprocess.run(["ip", "netns", "delete", ns], check=False)
     if proc.returncode != 0:
-        print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+        print(proc.stdout[-3000:], file=sys.stderr)
         return 1
     inner = json.loads(proc.stdout.strip().splitlines()[-1])
+    progress("floor: the bare tools load the same state")
     floor_s = floor(inner["full_inputs"])
     result = {
         "backend": "ipvs", "services": args.services, "endpoints": args.services * ENDPOINTS,
@@ -168,6 +201,8 @@ def main() -> int:
     p.add_argument("--changes", type=int, default=5)
     p.add_argument("--min-sync-period", type=float, default=1.0)
     p.add_argument("--vm-timeout", type=float, default=7200)
+    p.add_argument("--vm-cpus", type=int, default=2,
+                   help="guest CPUs (1 halves what a long emulated run takes from the host)")
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.inside:
@@ -177,7 +212,7 @@ def main() -> int:
         return in_guest(args)
     python = vm.PROJECT_ROOT / ".venv" / "bin" / "python"
     command = " ".join(shlex.quote(a) for a in [str(python), __file__, *sys.argv[1:]])
-    result = vm.run_in_vm(command, timeout=args.vm_timeout, memory="4G")
+    result = vm.run_in_vm(command, timeout=args.vm_timeout, memory="4G", cpus=args.vm_cpus)
     sys.stdout.write(result.output)
     return result.returncode
 

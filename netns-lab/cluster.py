@@ -24,7 +24,14 @@ from pathlib import Path
 from svcnet.lab import etcd
 from svcnet.lab.netns import NETNS_DIR, Kernel, in_netns_thread, kill_pids
 from svcnet.lab.procs import Procs
-from svcnet.lab.state import POD_NETWORK, UNDERLAY, LabConfig, Ledger
+from svcnet.lab.state import (
+    EXTERNAL_IP_RANGE,
+    POD_NETWORK,
+    SERVICE_NETWORK,
+    UNDERLAY,
+    LabConfig,
+    Ledger,
+)
 
 Progress = Callable[[str], None]
 REFERENCE_CNI_DIR = Path("/usr/lib/cni")
@@ -248,7 +255,9 @@ def node_daemon_argv(cfg: LabConfig, node: str) -> list[str]:
         argv += ["--proxy", "--proxy-node-name", node, "--proxy-zone", cfg.node_zone(node),
                  "--proxy-nodeport-addresses", str(UNDERLAY),
                  "--proxy-cluster-cidr", str(POD_NETWORK), "--proxy-ip-families", "4",
-                 "--proxy-min-sync-period", "0.1", "--proxy-drift-check"]
+                 "--proxy-min-sync-period", "0.1", "--proxy-drift-check",
+                 "--proxy-service-cluster-ip-range", str(SERVICE_NETWORK),
+                 "--proxy-external-ip-cidrs", str(EXTERNAL_IP_RANGE)]
         if cfg.proxy_mode:
             argv += ["--proxy-mode", cfg.proxy_mode]
     return [*argv, *cfg.extra_node_args]

@@ -21,6 +21,9 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 UNDERLAY = ipaddress.IPv4Network("10.250.0.0/16")
 POD_NETWORK = ipaddress.IPv4Network("10.244.0.0/16")
 SERVICE_NETWORK = ipaddress.IPv4Network("10.96.0.0/16")
+# The only addresses a lab Service may claim as externalIPs / LoadBalancer IPs (TEST-NET-3):
+# never the underlay, where etcd and the nodes live (CVE-2020-8554).
+EXTERNAL_IP_RANGE = ipaddress.IPv4Network("203.0.113.0/24")
 DNS_SERVICE_IP = "10.96.0.10"
 ZONES = ("zone-a", "zone-b", "zone-c")
 ETCD_CLIENT_PORT = 2379

@@ -22,8 +22,8 @@ def register(sub: Any) -> None:
     c.set_defaults(func=_cleanup)
     st = actions.add_parser(
         "status", help="kernel vs the rules the running proxy applied (exit 1 on drift)")
-    st.add_argument("--url", default="http://127.0.0.1:10256",
-                    help="the proxy's healthz server (--proxy-healthz-bind-address)")
+    st.add_argument("--url", default="http://127.0.0.1:10249",
+                    help="the proxy's metrics server (--proxy-metrics-bind-address)")
     st.add_argument("--proxy-netns", dest="status_netns", default=None,
                     help="query the URL from inside this named network namespace")
     st.add_argument("--json", action="store_true", help="print the raw JSON answer")

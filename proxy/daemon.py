@@ -16,10 +16,13 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from svcnet.store.base import Store
 from svcnet.watch import InformerFactory
+
+if TYPE_CHECKING:
+    from svcnet.proxy.state import NodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,17 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--proxy-min-sync-period", type=float, default=1.0)
     g.add_argument("--proxy-sync-period", type=float, default=30.0)
     g.add_argument("--proxy-full-sync-period", type=float, default=3600.0)
-    g.add_argument("--proxy-healthz-bind-address", default="0.0.0.0:10256")
-    g.add_argument("--proxy-metrics-bind-address", default="127.0.0.1:10249")
+    g.add_argument("--proxy-healthz-bind-address", default="0.0.0.0:10256",
+                   help="host:port serving only /healthz and /livez ('' = off)")
+    g.add_argument("--proxy-metrics-bind-address", default="127.0.0.1:10249",
+                   help="host:port serving /metrics and /status ('' = off)")
+    g.add_argument("--proxy-service-cluster-ip-range", "--service-cluster-ip-range",
+                   dest="proxy_service_cluster_ip_range", default="",
+                   help="comma-separated service CIDRs; ClusterIPs outside them are not "
+                        "programmed (default: any)")
+    g.add_argument("--proxy-external-ip-cidrs", default="",
+                   help="comma-separated CIDRs externalIPs and LoadBalancer IPs must be in "
+                        "(default: any, as kube-proxy; see docs/proxy.md)")
     g.add_argument("--proxy-netns", default=None,
                    help="program this named network namespace instead of our own")
 
@@ -77,6 +89,15 @@ class ProxyOptions:
     netns: str | None
     ipvs_scheduler: str = "rr"
     drift_check: bool = False
+    service_cidrs: tuple[str, ...] = ()
+    external_ip_cidrs: tuple[str, ...] = ()
+
+    def node_config(self, nodeport_addresses: tuple[str, ...]) -> NodeConfig:
+        from svcnet.proxy.state import AddressFilter, NodeConfig
+
+        return NodeConfig(self.node_name, self.zone, nodeport_addresses,
+                          cluster_ips=AddressFilter(self.service_cidrs),
+                          external_ips=AddressFilter(self.external_ip_cidrs))
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> ProxyOptions:
@@ -86,7 +107,9 @@ class ProxyOptions:
             return tuple(x.strip() for x in text.split(",") if x.strip())
 
         cidrs = split(a.proxy_cluster_cidr)
-        for c in (*cidrs, *split(a.proxy_nodeport_addresses)):
+        service_cidrs = split(getattr(a, "proxy_service_cluster_ip_range", ""))
+        external_cidrs = split(getattr(a, "proxy_external_ip_cidrs", ""))
+        for c in (*cidrs, *split(a.proxy_nodeport_addresses), *service_cidrs, *external_cidrs):
             try:
                 ipaddress.ip_network(c, strict=False)
             except ValueError:
@@ -110,6 +133,7 @@ class ProxyOptions:
             min_sync_period=a.proxy_min_sync_period, sync_period=a.proxy_sync_period,
             full_sync_period=a.proxy_full_sync_period, healthz=a.proxy_healthz_bind_address,
             metrics=a.proxy_metrics_bind_address, netns=a.proxy_netns,
+            service_cidrs=service_cidrs, external_ip_cidrs=external_cidrs,
         )
 
 
@@ -165,11 +189,15 @@ class ProxyComponent:
     async def run(self, factory: InformerFactory, store: Store) -> None:
         from svcnet.proxy.commands import SubprocessCommands
         from svcnet.proxy.conntrack import NetlinkConntrack
-        from svcnet.proxy.health import NodePortHealthServers, health_routes
+        from svcnet.proxy.health import (
+            NodePortHealthServers,
+            StatusPage,
+            health_routes,
+            metrics_routes,
+        )
         from svcnet.proxy.proxier import Proxier, SyncSettings
-        from svcnet.proxy.state import NodeConfig
 
-        from svcnet.httpserve import HTTPServer, metrics_route
+        from svcnet.httpserve import HTTPServer
 
         opts = self.opts
         commands = SubprocessCommands(opts.netns)
@@ -180,7 +208,7 @@ class ProxyComponent:
             if hasattr(backend, "set_node_addresses"):
                 backend.set_node_addresses({
                     f: tuple(a for a in addrs if (":" in a) == (f == 6)) for f in (4, 6)})
-            return NodeConfig(opts.node_name, opts.zone, addrs)
+            return opts.node_config(addrs)
 
         proxier = Proxier(
             backend, await asyncio.to_thread(node),
@@ -188,14 +216,14 @@ class ProxyComponent:
             conntrack=NetlinkConntrack(opts.netns),
             health_check_servers=NodePortHealthServers() if opts.netns is None else None,
             node_refresh=node,
-            drift_check=opts.drift_check and bool(opts.healthz),
+            drift_check=opts.drift_check and bool(opts.metrics),
         )
         servers = []
         if opts.healthz:
-            servers.append(HTTPServer(health_routes(proxier.health, proxier.status),
-                                      *_host_port(opts.healthz)))
+            servers.append(HTTPServer(health_routes(proxier.health), *_host_port(opts.healthz)))
         if opts.metrics:
-            servers.append(HTTPServer({"/metrics": metrics_route}, *_host_port(opts.metrics)))
+            servers.append(HTTPServer(metrics_routes(StatusPage(proxier.status)),
+                                      *_host_port(opts.metrics)))
         for s in servers:
             await s.start()
         log.info("proxy %s running for node %s", backend.name, opts.node_name)

@@ -149,14 +149,13 @@ async def check(opts: Any, store: Store) -> dict[str, Any]:
     """Kernel vs desired for the node these ``ProxyOptions`` describe (its daemon's flags)."""
     from svcnet.proxy.commands import SubprocessCommands
     from svcnet.proxy.daemon import build_backend, node_addresses
-    from svcnet.proxy.state import NodeConfig
 
     commands = SubprocessCommands(opts.netns)
     kernel = await asyncio.to_thread(build_backend, opts, commands)
     if kernel.name not in ("nftables", "iptables"):
         return {"supported": False, "in_sync": None, "missing": [], "extra": []}
     addrs = await asyncio.to_thread(node_addresses, commands, opts.nodeport_cidrs)
-    changes = await desired_changes(store, NodeConfig(opts.node_name, opts.zone, addrs))
+    changes = await desired_changes(store, opts.node_config(addrs))
     return await asyncio.to_thread(_compare_kernel, opts, kernel, addrs, changes)
 
 

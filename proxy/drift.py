@@ -11,6 +11,7 @@ traffic fills (affinity) are dropped so traffic alone is never drift. IPVS is no
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from svcnet.proxy.iptables import CANARY, FILTER_TOP, NAT_TOP, SERVICE_CHAIN_PREFIXES
@@ -91,8 +92,14 @@ def snapshot(backend: Any) -> frozenset[str] | None:
     return frozenset(items)
 
 
-def status(backend: Any, applied: frozenset[str] | None) -> dict[str, Any]:
-    """The ``/status`` body: ``in_sync`` plus what is missing from / extra in the kernel."""
+def status(backend: Any, applied: frozenset[str] | None,
+           settled: Callable[[], frozenset[str] | None] | None = None) -> dict[str, Any]:
+    """The ``/status`` body: ``in_sync`` plus what is missing from / extra in the kernel.
+
+    ``settled``, called after the dump, returns the applied snapshot once any sync that ran
+    meanwhile is recorded: each sync is one transaction, so a kernel dumped during it holds
+    the rules before or after, and only what both lack or both hold is drift.
+    """
     try:
         actual = snapshot(backend)
     except Exception as err:  # a failed dump is reported, never raised into the server
@@ -100,10 +107,11 @@ def status(backend: Any, applied: frozenset[str] | None) -> dict[str, Any]:
                 "extra": []}
     if actual is None:
         return {"supported": False, "in_sync": None, "missing": [], "extra": []}
-    if applied is None:
+    snapshots = [s for s in (applied, settled() if settled else None) if s is not None]
+    if not snapshots:
         return {"supported": True, "in_sync": False, "error": "no sync applied yet",
                 "missing": [], "extra": []}
-    missing = sorted(applied - actual)
-    extra = sorted(actual - applied)
+    missing = sorted(frozenset.intersection(*snapshots) - actual)
+    extra = sorted(actual - frozenset.union(*snapshots))
     return {"supported": True, "in_sync": not missing and not extra,
             "missing": missing, "extra": extra}

@@ -1,5 +1,8 @@
 """kube-proxy's health endpoints: ``/healthz`` + ``/livez``, and healthCheckNodePort servers.
 
+As in kube-proxy, the health address (all interfaces by default) serves the two probes only;
+``/metrics`` and ``/status`` (a kernel dump) are on the metrics address, loopback by default.
+
 ``/healthz`` and ``/livez`` answer 200 once rules have been synced and no queued change has
 waited longer than the health timeout, 503 otherwise (kube-proxy's ProxierHealthServer; we
 have no node-deletion state, so both agree). A Service with
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter
 from svcnet.proxy import metrics
 
-from svcnet.httpserve import HTTPServer, Response, metrics_route
+from svcnet.httpserve import HTTPServer, Response, Route, metrics_route
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +62,53 @@ class SyncHealth:
         return Response(code, json.dumps(body).encode(), "application/json")
 
 
-def health_routes(
-    health: SyncHealth, status: Callable[[], dict[str, object]] | None = None,
-) -> dict[str, Callable[[], Response]]:
-    routes: dict[str, Callable[[], Response]] = {
+def health_routes(health: SyncHealth) -> dict[str, Route]:
+    """What ``--proxy-healthz-bind-address`` serves (0.0.0.0 by default): only the two
+    probes, each answered from memory, so a client anywhere cannot slow the sync loop."""
+    return {
         "/healthz": lambda: health.response(metrics.HEALTHZ),
         "/livez": lambda: health.response(metrics.LIVEZ),
-        "/metrics": metrics_route,
     }
-    if status is not None:
-        routes["/status"] = lambda: status_response(status())
-    return routes
+
+
+def metrics_routes(status: StatusPage) -> dict[str, Route]:
+    """What ``--proxy-metrics-bind-address`` serves (loopback by default)."""
+
+    async def metrics_page() -> Response:
+        return await asyncio.to_thread(metrics_route)
+
+    return {"/metrics": metrics_page, "/status": status.response}
+
+
+class StatusPage:
+    """``/status`` without stalling the sync loop: the kernel dump (seconds for a large
+    ruleset) runs in a worker thread, at most one at a time; requests arriving meanwhile
+    share it, and its answer serves every request for ``ttl`` seconds."""
+
+    def __init__(self, dump: Callable[[], dict[str, object]], ttl: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.dump = dump
+        self.ttl = ttl
+        self.clock = clock
+        self._answer: tuple[float, Response] | None = None
+        self._running: asyncio.Task[Response] | None = None
+
+    async def response(self) -> Response:
+        if self._answer is not None and self.clock() - self._answer[0] < self.ttl:
+            return self._answer[1]
+        if self._running is None:
+            self._running = asyncio.create_task(self._refresh())
+        # A client going away must not cancel the dump the others wait for.
+        return await asyncio.shield(self._running)
+
+    async def _refresh(self) -> Response:
+        try:
+            started = self.clock()
+            resp = status_response(await asyncio.to_thread(self.dump))
+            self._answer = (started, resp)
+            return resp
+        finally:
+            self._running = None
 
 
 def status_response(body: dict[str, object]) -> Response:

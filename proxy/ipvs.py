@@ -70,10 +70,27 @@ SYSCTLS = {
     6: ("net.ipv6.conf.all.forwarding=1",),
 }
 WEIGHT = 1
+# ipset's own defaults, kept as the floor: small clusters get the sets kube-proxy makes.
+MIN_HASHSIZE = 1024
+MIN_MAXELEM = 65536
 
 
 def set_name(base: str, family: Family) -> str:
     return base if family == 4 else f"{base}-6"
+
+
+def set_size(members: int) -> tuple[int, int]:
+    """(hashsize, maxelem) for a set that must hold ``members``.
+
+    ``maxelem`` is a hard limit ("Hash is full" past it: the loop-back set holds one member
+    per endpoint, 100k at 10k services x 10); twice the need, so partial syncs can grow the
+    set until the next resize. ``hashsize`` starts at the need, sparing the kernel rehashes
+    while a full sync loads the set. Both powers of two, as ipset rounds them.
+    """
+    def pow2(n: int) -> int:
+        return 1 << max(0, n - 1).bit_length()
+
+    return max(MIN_HASHSIZE, pow2(members)), max(MIN_MAXELEM, pow2(2 * members))
 
 
 @dataclass(slots=True)
@@ -101,6 +118,8 @@ class IpvsBackend:
         self._rendered: dict[PortKey, Rendered] = {}
         self._addresses: Counter[str] = Counter()
         self._members: Counter[tuple[str, str]] = Counter()
+        self._set_lengths: Counter[str] = Counter()  # members per set, as in the kernel
+        self._set_capacity: dict[str, int] = {}  # maxelem of each set as we created it
         self._graceful: dict[tuple[VirtualServer, RealServer], float] = {}
         self._synced_once = False
         self._node_ips: set[str] = set()
@@ -150,6 +169,8 @@ class IpvsBackend:
         self._rendered.clear()
         self._addresses.clear()
         self._members.clear()
+        self._set_lengths.clear()
+        self._set_capacity.clear()
         self._graceful.clear()
         self._synced_once = False
 
@@ -189,6 +210,7 @@ class IpvsBackend:
         self._rendered = rendered
         self._addresses = Counter(a for r in rendered.values() for a in r.addresses)
         self._members = Counter(m for r in rendered.values() for m in r.members)
+        self._set_lengths = Counter(s for s, _ in self._members)
         # Sets first (the rules match them), then rules, link and addresses, then IPVS.
         self.commands.run(["sysctl", "-q", "-w", *(s for f in self.config.families
                                                    for s in SYSCTLS[f])], check=False)
@@ -391,24 +413,53 @@ class IpvsBackend:
 
     def _apply_members(self, *, add: Iterable[tuple[str, str]],
                        remove: Iterable[tuple[str, str]]) -> None:
-        lines = [f"del {s} {m} -exist" for s, m in sorted(remove)]
-        lines += [f"add {s} {m} -exist" for s, m in sorted(add)]
+        add, remove = sorted(add), sorted(remove)
+        for s, _ in remove:
+            self._set_lengths[s] -= 1
+        for s, _ in add:
+            self._set_lengths[s] += 1
+        if any(n > self._set_capacity.get(s, MIN_MAXELEM) for s, n in self._set_lengths.items()):
+            self._replace_sets()  # a set outgrew its maxelem: a bigger one is swapped in
+            return
+        lines = [f"del {s} {m} -exist" for s, m in remove]
+        lines += [f"add {s} {m} -exist" for s, m in add]
         if lines:
             self.commands.run(["ipset", "restore", "-exist"], input="\n".join(lines) + "\n")
 
     def _replace_sets(self) -> None:
-        """Full sync: fill temporary sets and swap them in, so no member is ever missing."""
-        lines: list[str] = []
-        for family in self.config.families:
-            inet = "inet" if family == 4 else "inet6"
-            for base, kind in SET_TYPES.items():
-                name = set_name(base, family)
-                tmp = f"{name}-T"[:31]
-                lines += [f"create {name} {kind} family {inet} -exist",
-                          f"create {tmp} {kind} family {inet} -exist", f"flush {tmp}"]
-                lines += [f"add {tmp} {m} -exist" for s, m in sorted(self._members) if s == name]
-                lines += [f"swap {tmp} {name}", f"destroy {tmp}"]
+        """Fill temporary sets sized for their members and swap them in, so no member is
+        ever missing and a set that must grow does (``create`` cannot resize a set)."""
+        existing = set(self.commands.run(["ipset", "list", "-n"], check=False).split())
+        by_set: dict[str, list[str]] = {}
+        for s, m in sorted(self._members):
+            by_set.setdefault(s, []).append(m)
+        self._set_lengths = Counter({s: len(ms) for s, ms in by_set.items()})
+        lines = set_restore_lines(self.config.families, by_set, existing, self._set_capacity)
         self.commands.run(["ipset", "restore", "-exist"], input="\n".join(lines) + "\n")
+
+
+def set_restore_lines(families: Iterable[Family], members: Mapping[str, list[str]],
+                      existing: set[str], capacity: dict[str, int]) -> list[str]:
+    """``ipset restore`` input replacing every set of ours with one holding ``members``
+    (per set name), each sized by ``set_size``; records each set's maxelem in ``capacity``."""
+    lines: list[str] = []
+    for family in families:
+        inet = "inet" if family == 4 else "inet6"
+        for base, kind in SET_TYPES.items():
+            name = set_name(base, family)
+            tmp = f"{name}-T"[:31]
+            want = members.get(name, [])
+            hashsize, maxelem = set_size(len(want))
+            spec = f"{kind} family {inet} hashsize {hashsize} maxelem {maxelem}"
+            if name not in existing:
+                lines.append(f"create {name} {spec}")
+            if tmp in existing:  # left by a run that died mid-way, perhaps another size
+                lines.append(f"destroy {tmp}")
+            lines.append(f"create {tmp} {spec}")
+            lines += [f"add {tmp} {m}" for m in want]
+            lines += [f"swap {tmp} {name}", f"destroy {tmp}"]
+            capacity[name] = maxelem
+    return lines
 
 
 def _iptables(family: Family) -> str:

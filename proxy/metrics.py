@@ -56,3 +56,7 @@ LIVEZ = Counter("kubeproxy_proxy_livez_total", "Cumulative proxy livez HTTP stat
 CONNTRACK_DELETED = Counter(
     "svcnet_proxy_conntrack_entries_deleted_total",
     "Stale UDP conntrack entries deleted after endpoints went away")
+IGNORED_ADDRESSES = Counter(
+    "svcnet_proxy_ignored_service_addresses_total",
+    "Service addresses not programmed because they fall outside --service-cluster-ip-range "
+    "or --proxy-external-ip-cidrs (counted once per service and address)", ["kind"])

@@ -21,7 +21,14 @@ from typing import Protocol
 from svcnet.proxy import drift, metrics
 from svcnet.proxy.conntrack import ConntrackTable, stale_flows
 from svcnet.proxy.health import HealthCheck, NodePortHealthServers, SyncHealth
-from svcnet.proxy.state import Changes, ChangeTracker, Drain, NodeConfig, ServicePortState
+from svcnet.proxy.state import (
+    Changes,
+    ChangeTracker,
+    Drain,
+    FrontendKind,
+    NodeConfig,
+    ServicePortState,
+)
 
 from svcnet.model import ENDPOINT_SLICE, SERVICE, EndpointSlice, Service
 from svcnet.watch import Callbacks, InformerFactory
@@ -76,7 +83,7 @@ class Proxier:
     ) -> None:
         self.backend = backend
         self.settings = settings
-        self.tracker = ChangeTracker(node)
+        self.tracker = ChangeTracker(node, on_ignored=_log_ignored)
         self.conntrack = conntrack
         self.hc_servers = health_check_servers
         self.node_refresh = node_refresh
@@ -86,6 +93,8 @@ class Proxier:
         self.drift_check = drift_check  # snapshot after each sync; /status compares with it
         self.applied: frozenset[str] | None = None  # kernel snapshot after the last sync
         self._wake = asyncio.Event()
+        self._applying = False  # a sync is changing the kernel (read by the /status thread)
+        self._generation = 0  # syncs that started changing the kernel
         self._need_full = True
         self._last_sync_start = -1e9
         self._last_full = -1e9
@@ -188,6 +197,16 @@ class Proxier:
         stream: Callable[[Iterable[ServicePortState]], None] | None = (
             getattr(self.backend, "sync_full", None) if full else None)
         started = time.monotonic()
+        self._applying = True
+        self._generation += 1
+        try:
+            return await self._apply(drain, stream, full, now, started)
+        finally:
+            self._applying = False
+
+    async def _apply(self, drain: Drain,
+                     stream: Callable[[Iterable[ServicePortState]], None] | None,
+                     full: bool, now: float, started: float) -> bool:
         changes: Changes | None = None
         if stream is None:
             # Partial syncs compute the (small) model here; a full one in the worker thread.
@@ -242,8 +261,26 @@ class Proxier:
         return drift.status(self.backend, self.applied)["in_sync"] is False
 
     def status(self) -> dict[str, object]:
-        """Kernel vs last applied rules, for ``GET /status`` and ``svcnet proxy status``."""
-        return drift.status(self.backend, self.applied)
+        """Kernel vs last applied rules, for ``GET /status`` and ``svcnet proxy status``.
+
+        Runs in a worker thread while syncs go on, never holding them up: a dump during a
+        sync is compared with the snapshots before and after it; one that saw several
+        syncs is taken again (a few times).
+        """
+        def settled() -> frozenset[str] | None:
+            deadline = time.monotonic() + 30
+            while self._applying and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return self.applied
+
+        body: dict[str, object] = {}
+        for _ in range(3):
+            applied, generation, busy = self.applied, self._generation, self._applying
+            body = drift.status(self.backend, applied, settled)
+            # Covered: the kernel before and after at most one sync.
+            if self._generation - generation <= (0 if busy else 1):
+                break
+        return body
 
     def _observe(self, changes: Changes, full: bool, elapsed: float) -> None:
         self.stats.syncs += 1
@@ -288,6 +325,15 @@ class Proxier:
                     wanted[p.health_check_node_port] = HealthCheck(
                         p.key.namespace, p.key.name, p.health_check_node_port, count)
             await self.hc_servers.reconcile(wanted)
+
+
+def _log_ignored(service: str, addresses: list[tuple[FrontendKind, str]]) -> None:
+    """A service claiming an address outside the allowed ranges: refused, said, counted."""
+    for kind, _ip in addresses:
+        metrics.IGNORED_ADDRESSES.labels(kind.value).inc()
+    log.warning("service %s: not programming %s (outside the allowed ranges: see "
+                "--service-cluster-ip-range, --proxy-external-ip-cidrs)", service,
+                ", ".join(f"{kind.value} {ip}" for kind, ip in addresses))
 
 
 def _streamed(sync_full: Callable[[Iterable[ServicePortState]], None], drain: Drain) -> None:

@@ -11,7 +11,10 @@ change trackers, ``topology.go`` CategorizeEndpoints):
 - ``internalTrafficPolicy``/``externalTrafficPolicy: Local`` use node-local endpoints only;
 - topology hints (forNodes, then forZones) only when every ready endpoint has one and one
   matches this node;
-- headless, ExternalName and ``service.kubernetes.io/service-proxy-name`` services are skipped.
+- headless, ExternalName and ``service.kubernetes.io/service-proxy-name`` services are skipped;
+- ClusterIPs outside the service range, and externalIPs / LoadBalancer IPs outside the
+  allowed external ranges, are left out (``AddressFilter``): otherwise any object in the
+  store could capture traffic to infrastructure such as etcd (CVE-2020-8554).
 
 ``ChangeTracker`` keeps {previous, current} per service port; ``drain`` recomputes only the
 services whose objects changed and returns what changed.
@@ -39,6 +42,34 @@ def family_of(ip: str) -> Family:
 
 
 @dataclass(frozen=True, slots=True)
+class AddressFilter:
+    """The ranges a kind of service address must fall in; no ranges allows every address.
+
+    Parsed once here: the model checks every service's addresses at each full sync.
+    """
+
+    cidrs: tuple[str, ...] = ()
+    _nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        init=False, repr=False, compare=False, default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_nets", tuple(
+            ipaddress.ip_network(c, strict=False) for c in self.cidrs))
+
+    def allows(self, ip: str) -> bool:
+        if not self._nets:
+            return True
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in n for n in self._nets)
+
+
+ALLOW_ALL = AddressFilter()
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """What the model needs to know about this node."""
 
@@ -46,6 +77,10 @@ class NodeConfig:
     zone: str = ""
     # Node addresses NodePorts answer on, per family (already filtered by --nodeport-addresses).
     nodeport_addresses: tuple[str, ...] = ()
+    # --service-cluster-ip-range: ClusterIPs outside it are not programmed.
+    cluster_ips: AddressFilter = ALLOW_ALL
+    # --proxy-external-ip-cidrs: externalIPs and LoadBalancer ingress IPs outside it are not.
+    external_ips: AddressFilter = ALLOW_ALL
 
     def addresses(self, family: Family) -> tuple[str, ...]:
         return tuple(a for a in self.nodeport_addresses if family_of(a) == family)
@@ -166,30 +201,49 @@ def _externally_accessible(svc: Service) -> bool:
     return svc.spec.type in ("NodePort", "LoadBalancer") or bool(svc.spec.external_ips)
 
 
+Ignored = list[tuple[FrontendKind, str]]
+
+
+def _allowed(ips: Iterable[str], allow: AddressFilter, kind: FrontendKind,
+             ignored: Ignored | None) -> list[str]:
+    out = []
+    for ip in ips:
+        if allow.allows(ip):
+            out.append(ip)
+        elif ignored is not None:
+            ignored.append((kind, ip))
+    return out
+
+
 def service_ports(
-    svc: Service, slices: Iterable[EndpointSlice], node: NodeConfig
+    svc: Service, slices: Iterable[EndpointSlice], node: NodeConfig,
+    ignored: Ignored | None = None,
 ) -> list[ServicePortState]:
-    """Every ``ServicePortState`` of one service on this node (empty if the proxy skips it)."""
+    """Every ``ServicePortState`` of one service on this node (empty if the proxy skips it).
+
+    Addresses the node's filters refuse are left out and appended to ``ignored``; the rest
+    of the service (its NodePorts, its other addresses) still works.
+    """
     if service_skipped(svc):
         return []
     spec = svc.spec
     slices = list(slices)
     external_local = spec.external_traffic_policy == "Local" and _externally_accessible(svc)
     internal_local = spec.internal_traffic_policy == "Local"
-    lb_ips = (
-        tuple(
-            i.ip for i in svc.status.load_balancer.ingress if i.ip and i.ip_mode != "Proxy"
-        )
-        if spec.type == "LoadBalancer"
-        else ()
-    )
+    lb_ips = _allowed(
+        (i.ip for i in svc.status.load_balancer.ingress if i.ip and i.ip_mode != "Proxy")
+        if spec.type == "LoadBalancer" else (),
+        node.external_ips, FrontendKind.LOAD_BALANCER, ignored)
+    all_external_ips = _allowed(spec.external_ips, node.external_ips, FrontendKind.EXTERNAL_IP,
+                                ignored)
     out: list[ServicePortState] = []
     all_cluster_ips = svc.cluster_ips
     for family in FAMILIES:
-        cluster_ips = [ip for ip in all_cluster_ips if family_of(ip) == family]
-        if not cluster_ips:
+        if not any(family_of(ip) == family for ip in all_cluster_ips):
             continue
-        external_ips = [ip for ip in spec.external_ips if family_of(ip) == family]
+        cluster_ips = _allowed((ip for ip in all_cluster_ips if family_of(ip) == family),
+                               node.cluster_ips, FrontendKind.CLUSTER_IP, ignored)
+        external_ips = [ip for ip in all_external_ips if family_of(ip) == family]
         fam_lb_ips = [ip for ip in lb_ips if family_of(ip) == family]
         ranges = tuple(
             r for r in spec.load_balancer_source_ranges if family_of(r.split("/")[0]) == family
@@ -204,6 +258,8 @@ def service_ports(
                 ]
             frontends += [Frontend(ip, sp.port, FrontendKind.EXTERNAL_IP) for ip in external_ips]
             frontends += [Frontend(ip, sp.port, FrontendKind.LOAD_BALANCER) for ip in fam_lb_ips]
+            if not frontends:  # every address filtered out: nothing to program
+                continue
             uses_cluster = not internal_local or (
                 not external_local and any(f.kind.external for f in frontends))
             uses_local = internal_local or external_local
@@ -423,6 +479,8 @@ class Changes:
 
 ServiceLookup = Callable[[str], Service | None]
 SliceLookup = Callable[[str], list[EndpointSlice]]
+# Told once per service and address when the filters start refusing it (log + metric).
+IgnoredHandler = Callable[[str, list[tuple[FrontendKind, str]]], None]
 
 
 class ChangeTracker:
@@ -431,8 +489,10 @@ class ChangeTracker:
     Not thread-safe: call it from the event loop only.
     """
 
-    def __init__(self, node: NodeConfig) -> None:
+    def __init__(self, node: NodeConfig, on_ignored: IgnoredHandler | None = None) -> None:
         self._node = node
+        self._on_ignored = on_ignored
+        self._ignored: dict[str, frozenset[tuple[FrontendKind, str]]] = {}
         self._dirty: set[str] = set()
         self._all_dirty = True
         self._state: dict[PortKey, ServicePortState] = {}
@@ -500,7 +560,10 @@ class ChangeTracker:
     ) -> list[ServicePortState]:
         """One service's ports now; records what changed. Returns its current ports."""
         svc = services(skey)
-        current = service_ports(svc, slices(skey), self._node) if svc else []
+        ignored: Ignored = []
+        current = service_ports(svc, slices(skey), self._node, ignored) if svc else []
+        if ignored or skey in self._ignored:
+            self._note_ignored(skey, frozenset(ignored))
         if len(current) > 1:  # one state per key (a repeated port: the last one, as a dict)
             current = list({p.key: p for p in current}.values())
         new_keys = {p.key for p in current}
@@ -520,6 +583,15 @@ class ChangeTracker:
         else:
             self._ports_of.pop(skey, None)
         return current
+
+    def _note_ignored(self, skey: str, now: frozenset[tuple[FrontendKind, str]]) -> None:
+        """Report addresses newly refused for a service, not every recompute of it."""
+        before = self._ignored.pop(skey, frozenset())
+        if now:
+            self._ignored[skey] = now
+        fresh = sorted(now - before, key=lambda x: (x[0].value, x[1]))
+        if fresh and self._on_ignored is not None:
+            self._on_ignored(skey, fresh)
 
     @property
     def state(self) -> Mapping[PortKey, ServicePortState]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,8 @@ class Response:
     content_type: str = "text/plain; charset=utf-8"
 
 
-Route = Callable[[], Response]
+# A route may be a coroutine function: one that must not block the event loop awaits a thread.
+Route = Callable[[], Response | Awaitable[Response]]
 
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
             503: "Service Unavailable"}
@@ -61,7 +62,8 @@ class HTTPServer:
                 resp = Response(405, b"method not allowed\n")
             else:
                 try:
-                    resp = route()
+                    answer = route()
+                    resp = answer if isinstance(answer, Response) else await answer
                 except Exception:
                     log.exception("route %s failed", path)
                     resp = Response(500, b"internal error\n")

@@ -82,8 +82,8 @@ def test_status_reports_and_repairs_drift(mode: str, netns: Callable[[str], str]
              "--proxy-cluster-cidr", "10.1.0.0/16", "--proxy-ip-families", "4",
              "--proxy-min-sync-period", "0.1", "--proxy-sync-period", "20",
              "--proxy-full-sync-period", "3600",
-             "--proxy-healthz-bind-address", f"127.0.0.1:{hp}", "--proxy-drift-check",
-             "--proxy-metrics-bind-address", "", "--proxy-nodeport-addresses",
+             "--proxy-healthz-bind-address", "", "--proxy-drift-check",
+             "--proxy-metrics-bind-address", f"127.0.0.1:{hp}", "--proxy-nodeport-addresses",
              "192.168.1.0/24"], stdout=out, stderr=out)
     try:
         wait_status(url, True)
