@@ -18,7 +18,6 @@ Should an informer task still end with an exception, ``failed`` says so, for rea
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import random
@@ -209,8 +208,8 @@ class Informer(Generic[R]):
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # A task that died has been logged and recorded in ``error``: not raised again.
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
     async def wait_synced(self, timeout: float | None = None) -> None:
