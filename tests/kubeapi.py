@@ -16,10 +16,17 @@ What it reproduces, from the API concepts documentation and kube-apiserver's beh
   with objects leaving/entering the selection seen as DELETED/ADDED.
 - POST (create, 201; 409 ``AlreadyExists``), PUT (replace; 409 ``Conflict`` on a stale
   ``resourceVersion``), DELETE (200 ``Status`` Success; 404 ``NotFound``), GET of one object.
+- Service create allocates a given ``clusterIP``/``nodePort`` before it checks whether the
+  name exists, as the real registry does: re-creating a Service that fixes either answers
+  422 ``provided IP/port is already allocated``, not 409.
+- Objects come back as Go serialises them after the round trip through etcd: an empty or
+  missing list without ``omitempty`` (EndpointSlice ``endpoints``/``ports``, an endpoint's
+  ``addresses``) is ``null``; an empty ``omitempty`` list or map is left out.
 
-Test controls: ``compact()``, ``drop_watches()``, ``inject(status, ...)`` for 429/5xx faults, and
-``requests`` recording every request for protocol assertions. Certificates come from
-``make_certs`` (the ``openssl`` command line).
+Test controls (``create``/``update``/``delete`` write straight into storage, as a write into
+etcd would, without the registry's allocation): ``compact()``, ``drop_watches()``,
+``inject(status, ...)`` for 429/5xx faults, and ``requests`` recording every request for
+protocol assertions. Certificates come from ``make_certs`` (the ``openssl`` command line).
 """
 
 from __future__ import annotations
@@ -380,6 +387,7 @@ class FakeKubeAPI:
             "metadata": {**meta, "uid": str(uuid.uuid4()), "resourceVersion": str(rv),
                          "creationTimestamp": "2026-01-01T00:00:00Z"},
         }
+        stored = as_go_serialises(res.kind, stored)
         if res.namespaced:
             stored["metadata"]["namespace"] = namespace
         self._current[res.plural][key] = stored
@@ -406,6 +414,7 @@ class FakeKubeAPI:
             "metadata": {**meta, "uid": old["metadata"]["uid"], "resourceVersion": str(rv),
                          "creationTimestamp": old["metadata"]["creationTimestamp"]},
         }
+        stored = as_go_serialises(res.kind, stored)
         if res.namespaced:
             stored["metadata"]["namespace"] = namespace
         self._current[res.plural][key] = stored
@@ -422,6 +431,28 @@ class FakeKubeAPI:
         gone = {**old, "metadata": {**old["metadata"], "resourceVersion": str(rv)}}
         self._record(_Change(rv, res, "DELETED", gone, old))
         return old
+
+    def _allocate(self, obj: dict[str, Any], name: str) -> None:
+        """The Service registry allocates the IPs and node ports a create asks for first, so
+        a taken one is a 422 even when the Service itself already exists."""
+        spec = obj.get("spec") or {}
+        taken_ips: set[str] = set()
+        taken_ports: set[int] = set()
+        for svc in self._current["services"].values():
+            other = svc.get("spec") or {}
+            taken_ips.update(other.get("clusterIPs") or [other.get("clusterIP")])
+            taken_ports.update(p.get("nodePort") for p in other.get("ports") or [])
+        ips = [ip for ip in spec.get("clusterIPs") or [spec.get("clusterIP")]
+               if ip and ip != "None"]
+        for ip in ips:
+            if ip in taken_ips:
+                quoted = ", ".join(f'"{i}"' for i in ips)
+                _invalid("Service", name, "spec.clusterIPs", f"[]string{{{quoted}}}",
+                         f"failed to allocate IP {ip}: provided IP is already allocated")
+        for i, port in enumerate(spec.get("ports") or []):
+            if port.get("nodePort") and port["nodePort"] in taken_ports:
+                _invalid("Service", name, f"spec.ports[{i}].nodePort", str(port["nodePort"]),
+                         "provided port is already allocated")
 
     def _record(self, change: _Change) -> None:
         self._history.append(change)
@@ -546,6 +577,8 @@ class FakeKubeAPI:
             if meta.get("resourceVersion"):
                 raise _Respond(500, status_object(
                     500, "resourceVersion should not be set on objects to be created"))
+            if res.kind == "Service":
+                self._allocate(obj, meta["name"])
             await _write_json(writer, 201, self._create(res, namespace, obj))
         elif verb == "update":
             obj = self._body(req, res)
@@ -733,6 +766,46 @@ class FakeKubeAPI:
             await writer.drain()
         finally:
             self._watches.discard(watch)
+
+
+def _invalid(kind: str, name: str, field: str, value: str, problem: str) -> None:
+    """Raise kube-apiserver's 422 for one invalid field."""
+    message = f"Invalid value: {value}: {problem}"
+    raise _Respond(422, status_object(
+        422, f'{kind} "{name}" is invalid: {field}: {message}', "Invalid",
+        {"name": name, "kind": kind.lower() + "s",
+         "causes": [{"reason": "FieldValueInvalid", "message": message, "field": field}]}))
+
+
+# Lists without ``omitempty`` in the Go API types of the kinds served here: a nil (empty or
+# missing) one is written as ``null``. Every other list and map we serve is ``omitempty``.
+_NULLABLE_LISTS = {"EndpointSlice": (("endpoints",), ("ports",), ("endpoints", "*", "addresses"))}
+_MAPS = ("labels", "annotations", "selector")
+
+
+def as_go_serialises(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` as kube-apiserver returns it once stored (see the module docstring)."""
+
+    def walk(value: Any, path: tuple[str, ...]) -> Any:
+        if isinstance(value, list):
+            return [walk(v, (*path, "*")) for v in value]
+        if not isinstance(value, dict):
+            return value
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            here = (*path, key)
+            if item == [] and here not in nullable:
+                continue
+            if item == {} and key in _MAPS:
+                continue
+            out[key] = None if item == [] else walk(item, here)
+        for here in nullable:
+            if here[:-1] == path:
+                out.setdefault(here[-1], None)
+        return out
+
+    nullable = set(_NULLABLE_LISTS.get(kind, ()))
+    return dict(walk(obj, ()))
 
 
 def _details(res: Resource, name: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import time
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -66,9 +67,12 @@ async def store(api: FakeKubeAPI) -> AsyncIterator[KubernetesStore]:
 
 
 def service(name: str, namespace: str = "default", **labels: str) -> dict[str, Any]:
+    """A Service with a clusterIP of its own (the API server refuses one already taken)."""
+    n = zlib.crc32(f"{namespace}/{name}".encode()) % 65000
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": name, "namespace": namespace, "labels": labels},
-            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80, "protocol": "TCP"}]}}
+            "spec": {"clusterIP": f"10.96.{n // 250}.{n % 250 + 1}",
+                     "ports": [{"port": 80, "protocol": "TCP"}]}}
 
 
 async def next_events(it: AsyncIterator[Event], count: int, timeout: float = 5.0
@@ -124,7 +128,7 @@ async def test_list_items_keep_server_bytes_and_revisions(
     assert "kind" not in sent and "apiVersion" not in sent
     assert json.loads(raw.data) == stored
     assert raw.data.startswith(b'{"kind":"Service","apiVersion":"v1","metadata":')
-    assert SERVICE.decode(raw.data).spec.cluster_ip == "10.96.0.10"
+    assert SERVICE.decode(raw.data).spec.cluster_ip == stored["spec"]["clusterIP"]
     slices = await store.list(ENDPOINT_SLICE)
     assert api.requests[-1].path == "/apis/discovery.k8s.io/v1/endpointslices"
     assert ENDPOINT_SLICE.decode(slices.items[0].data).endpoints[0].addresses == ("10.1.0.5",)

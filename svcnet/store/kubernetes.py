@@ -329,26 +329,32 @@ class KubernetesStore:
         body = {**obj, "apiVersion": kind.api_version, "kind": kind.name, "metadata": meta}
         collection = self._collection_path(kind, namespace)
         item = f"{collection}/{quote(str(name), safe='')}"
+        what = f"{kind.name} {namespace + '/' if namespace else ''}{name}"
         resp = await self._request("POST", collection, body=_ENCODE.encode(body))
         if resp.status in (200, 201, 202):
             return _raw_object(resp.body)
-        if resp.status != 409:
-            _raise_for(resp, f"create {kind.name} {namespace}/{name}", self.config)
+        # 409: it exists. 422 may mean the same: a Service's registry allocates the clusterIP
+        # or nodePort a create asks for before it checks the name, so re-creating a Service
+        # that fixes one is "provided IP is already allocated". Either way replace it, as
+        # kubectl apply would; a 422 for an object that does not exist is a real error.
+        if resp.status not in (409, 422):
+            _raise_for(resp, f"create {what}", self.config)
         for _ in range(self.retries):
             current = await self._request("GET", item)
             if current.status == 404:
+                if resp.status == 422:
+                    _raise_for(resp, f"create {what}", self.config)
                 resp = await self._request("POST", collection, body=_ENCODE.encode(body))
             else:
                 if current.status != 200:
-                    _raise_for(current, f"get {kind.name} {namespace}/{name}", self.config)
+                    _raise_for(current, f"get {what}", self.config)
                 meta["resourceVersion"] = _raw_object(current.body).revision
                 resp = await self._request("PUT", item, body=_ENCODE.encode(body))
             if resp.status in (200, 201):
                 return _raw_object(resp.body)
-            if resp.status != 409:
-                _raise_for(resp, f"replace {kind.name} {namespace}/{name}", self.config)
-        raise Conflict(f"replace {kind.name} {namespace}/{name}: still conflicting after "
-                       f"{self.retries} attempts")
+            if resp.status not in (404, 409):  # deleted or changed meanwhile: again
+                _raise_for(resp, f"replace {what}", self.config)
+        raise Conflict(f"replace {what}: still conflicting after {self.retries} attempts")
 
     async def delete(self, kind: Kind[Any], namespace: str, name: str) -> None:
         ns = (namespace or "default") if kind.namespaced else ""
