@@ -250,6 +250,7 @@ class EndpointSlice(Struct, frozen=True, gc=False, rename="camel", omit_defaults
 
     def __post_init__(self) -> None:
         _empty_nulls(self, "endpoints", "ports")
+        _check(validation.dns1123_subdomain(self.metadata.name), "metadata.name")
         check_endpoint_slice_names(self.endpoints, self.ports)
         if self.address_type == "FQDN":
             return
@@ -307,6 +308,7 @@ class Node(Struct, frozen=True, gc=False, omit_defaults=True):
     status: NodeStatus = NodeStatus()
 
     def __post_init__(self) -> None:
+        _check(validation.dns1123_subdomain(self.metadata.name), "metadata.name")
         for i, cidr in enumerate(self.spec.pod_cidrs):
             _check_cidr(cidr, f"spec.podCIDRs[{i}]")
         if self.spec.pod_cidr:
@@ -356,6 +358,7 @@ class Pod(Struct, frozen=True, gc=False, omit_defaults=True):
     status: PodStatus = PodStatus()
 
     def __post_init__(self) -> None:
+        _check(validation.dns1123_subdomain(self.metadata.name), "metadata.name")
         for i, pip in enumerate(self.status.pod_ips):
             _check_ip(pip.ip, f"status.podIPs[{i}].ip")
 

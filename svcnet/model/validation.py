@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _IANA_SVC_NAME = re.compile(r"[-a-z0-9]+")
 _LABEL_MAX = 63
@@ -40,11 +41,11 @@ def dns1035_label(value: str) -> str | None:
 
 
 def dns1123_subdomain(value: str) -> str | None:
-    """An ExternalName target: dot-separated DNS-1123 labels, 253 characters at most."""
+    """Names of most objects, and ExternalName targets: dot-separated DNS-1123 labels, 253
+    characters at most (like kube-apiserver, no limit per label)."""
     if len(value) > _SUBDOMAIN_MAX:
         return f"{value[:80]!r}... is longer than {_SUBDOMAIN_MAX} characters"
-    if not value or not all(_DNS1123_LABEL.fullmatch(p) and len(p) <= _LABEL_MAX
-                            for p in value.split(".")):
+    if not _DNS1123_SUBDOMAIN.fullmatch(value):
         return (f"{value!r} is not a DNS-1123 subdomain (dot-separated lower-case labels of "
                 "letters, digits and '-')")
     return None
