@@ -19,6 +19,11 @@ What it reproduces, from the API concepts documentation and kube-apiserver's beh
 - Service create allocates a given ``clusterIP``/``nodePort`` before it checks whether the
   name exists, as the real registry does: re-creating a Service that fixes either answers
   422 ``provided IP/port is already allocated``, not 409.
+- Server-side apply: PATCH with ``application/apply-patch+yaml`` and a ``fieldManager``
+  creates the object (201) or updates it (200). Simplified: the applied fields are merged
+  over the stored object (maps recursively, lists replaced), fields this manager applied
+  before and no longer applies are dropped, and conflicts with other managers are not
+  reported (as with ``force=true``, which svcnet sends). ``managedFields`` is not kept.
 - Objects come back as Go serialises them after the round trip through etcd: an empty or
   missing list without ``omitempty`` (EndpointSlice ``endpoints``/``ports``, an endpoint's
   ``addresses``) is ``null``; an empty ``omitempty`` list or map is left out.
@@ -46,6 +51,8 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
+
+import yaml
 
 from svcnet.model.kinds import KINDS
 from svcnet.store.base import Invalid, Selector, SelectorMatcher
@@ -220,6 +227,7 @@ class _Respond(Exception):
 
 _REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized",
             403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+            415: "Unsupported Media Type",
             410: "Gone", 422: "Unprocessable Entity", 429: "Too Many Requests",
             500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout"}
 _STATUS_REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
@@ -273,6 +281,8 @@ class FakeKubeAPI:
         }
         self._current: dict[str, dict[str, dict[str, Any]]] = {p: {} for p in self.resources}
         self._history: list[_Change] = []
+        self._applied: dict[tuple[str, str, str], dict[str, Any]] = {}
+        """(plural, key, field manager) -> what that manager applied last."""
         self._faults: list[_Fault] = []
         self._watches: set[_Watch] = set()
         self._conns: set[asyncio.StreamWriter] = set()
@@ -588,6 +598,8 @@ class FakeKubeAPI:
                     400, f"the name of the object ({meta.get('name')}) does not match the name "
                     f"on the URL ({name})"))
             await _write_json(writer, 200, self._replace(res, namespace, name, obj))
+        elif verb == "patch":
+            await _write_json(writer, *self._server_side_apply(req, res, namespace, name))
         elif verb == "delete":
             old = self._delete(res, namespace, name)
             await _write_json(writer, 200, {
@@ -624,7 +636,7 @@ class FakeKubeAPI:
             if name:
                 return "get"
             return "watch" if req.param("watch") in ("1", "true") else "list"
-        return {("POST", False): "create", ("PUT", True): "update",
+        return {("POST", False): "create", ("PUT", True): "update", ("PATCH", True): "patch",
                 ("DELETE", True): "delete"}.get((req.method, bool(name)), "unsupported")
 
     @staticmethod
@@ -641,6 +653,59 @@ class FakeKubeAPI:
                 400, f"the API version in the data ({obj.get('apiVersion')}) does not match "
                 f"the expected API version ({res.api_version})"))
         return dict(obj)
+
+    def _server_side_apply(self, req: Recorded, res: Resource, namespace: str, name: str
+                           ) -> tuple[int, dict[str, Any]]:
+        ctype = req.headers.get("content-type", "").split(";")[0]
+        if ctype != "application/apply-patch+yaml":
+            raise _Respond(415, status_object(
+                415, f"the body of the request was in an unknown format - accepted media "
+                f"types include: application/apply-patch+yaml (this fake: got {ctype})",
+                "UnsupportedMediaType"))
+        manager = req.param("fieldManager")
+        if not manager:
+            raise _Respond(400, status_object(
+                400, "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: "
+                "is required for apply patch"))
+        try:
+            obj = yaml.safe_load(req.body)
+        except yaml.YAMLError as err:
+            raise _Respond(400, status_object(400, f"error decoding YAML: {err}")) from None
+        if not isinstance(obj, dict) or obj.get("kind") != res.kind or (
+                obj.get("apiVersion") != res.api_version):
+            raise _Respond(400, status_object(
+                400, "the API version in the data does not match the expected API version"))
+        meta = obj.setdefault("metadata", {})
+        if meta.get("name") != name:
+            raise _Respond(400, status_object(
+                400, f"the name of the object ({meta.get('name')}) does not match the name on "
+                f"the URL ({name})"))
+        if res.namespaced and meta.setdefault("namespace", namespace) != namespace:
+            raise _Respond(400, status_object(
+                400, "the namespace of the provided object does not match the namespace sent "
+                "on the request"))
+        if meta.get("managedFields") is not None:
+            raise _Respond(400, status_object(400, "metadata.managedFields must be nil"))
+        key = self._key(namespace, name)
+        applied_key = (res.plural, key, manager)
+        current = self._current[res.plural].get(key)
+        if current is None:
+            if res.kind == "Service":
+                self._allocate(obj, name)
+            stored = self._create(res, namespace, json.loads(json.dumps(obj)))
+            self._applied[applied_key] = obj
+            return 201, stored
+        given = meta.pop("resourceVersion", None)
+        if given and given != current["metadata"]["resourceVersion"]:
+            raise _Respond(409, status_object(
+                409, f'Operation cannot be fulfilled on {res.qualified} "{name}": the object '
+                "has been modified; please apply your changes to the latest version and try "
+                "again", "Conflict", _details(res, name)))
+        merged = _apply_merge(current, self._applied.get(applied_key, {}), obj)
+        merged["metadata"].pop("resourceVersion", None)
+        stored = self._replace(res, namespace, name, merged)
+        self._applied[applied_key] = obj
+        return 200, stored
 
     def _matcher(self, req: Recorded) -> SelectorMatcher:
         try:
@@ -806,6 +871,24 @@ def as_go_serialises(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
 
     nullable = set(_NULLABLE_LISTS.get(kind, ()))
     return dict(walk(obj, ()))
+
+
+def _apply_merge(current: dict[str, Any], last: dict[str, Any], applied: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """Server-side apply, simplified: ``applied`` over ``current``; what the same manager
+    applied ``last`` time but no longer does is removed."""
+    out = dict(current)
+    for key in last:
+        if key not in applied:
+            out.pop(key, None)
+    for key, value in applied.items():
+        before = out.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            prev = last.get(key)
+            out[key] = _apply_merge(before, prev if isinstance(prev, dict) else {}, value)
+        else:
+            out[key] = value
+    return out
 
 
 def _details(res: Resource, name: str) -> dict[str, Any]:

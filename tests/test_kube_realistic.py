@@ -212,14 +212,14 @@ async def test_recreating_a_service_with_a_fixed_ip_or_port_is_a_422(
         assert post.status == 422 and status["reason"] == "Invalid"
         assert status["details"]["causes"][0]["field"] == field
         assert "is already allocated" in status["message"]
-        # put (apply) replaces it anyway, as kubectl apply would
+        # put (server-side apply) updates it, as kubectl apply would
         svc["metadata"]["labels"] = {"v": "2"}
         mark = len(api.requests)
         raw = await store.put(SERVICE, svc)
         assert json.loads(raw.data)["metadata"]["labels"] == {"v": "2"}
-        assert [r.method for r in api.requests[mark:]] == ["POST", "GET", "PUT"]
-        # a 422 for a Service that does not exist is a real error, reported as such
-        with pytest.raises(Invalid, match=r'create Service default/other: 422 Invalid: '
+        assert [r.method for r in api.requests[mark:]] == ["PATCH"]
+        # a Service that takes another's IP or port is a real error, reported as such
+        with pytest.raises(Invalid, match=r'apply Service default/other: 422 Invalid: '
                                           r'Service "other" is invalid: .*already allocated'):
             await store.put(SERVICE, service("other", fixed["cluster_ip"],
                                              fixed.get("node_port", 0)))
