@@ -122,3 +122,19 @@ def test_apply_refuses_names_the_api_server_refuses_and_writes_nothing(
     # the valid objects in front of the invalid one were not written either
     gone = svcnet("get", "--store", store, "svc", "web", "-n", "shop")
     assert gone.returncode == 2 and "not found" in gone.stderr
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_cleanly() -> None:
+    """``svcnet watch --demo | head -2``: no traceback, no hang once the reader is gone."""
+    proc = subprocess.Popen([SVCNET, "watch", "--demo"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        first = [proc.stdout.readline() for _ in range(2)]
+        assert all(line.startswith("ADDED") for line in first), first
+        proc.stdout.close()
+        assert proc.wait(timeout=30) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
