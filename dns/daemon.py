@@ -23,6 +23,7 @@ import msgspec
 
 from svcnet.httpserve import HTTPServer, Response, metrics_route
 from svcnet.model import ENDPOINT_SLICE, SERVICE, SERVICE_NAME_LABEL, Kind, Service
+from svcnet.model.records import ListOf, check_endpoint_slice_names
 from svcnet.store.base import Store
 from svcnet.watch import Callbacks, Informer, InformerFactory, by_service_name
 
@@ -49,9 +50,11 @@ class _PodIP(msgspec.Struct, frozen=True, gc=False):
 
 class _PodStatus(msgspec.Struct, frozen=True, gc=False, rename="camel"):
     pod_ip: str = msgspec.field(default="", name="podIP")
-    pod_ips: tuple[_PodIP, ...] = msgspec.field(default=(), name="podIPs")
+    pod_ips: ListOf[_PodIP] = msgspec.field(default=(), name="podIPs")
 
     def __post_init__(self) -> None:
+        if self.pod_ips is None:
+            msgspec.structs.force_setattr(self, "pod_ips", ())
         if len(self.pod_ips) == 1 and self.pod_ips[0].ip == self.pod_ip:
             msgspec.structs.force_setattr(self, "pod_ips", ())  # single-stack: podIP says it
 
@@ -126,10 +129,13 @@ class SliceAddresses(msgspec.Struct, frozen=True, gc=False, rename="camel"):
     address_type: str
     # JSON as received; after __post_init__ the packed form (see _pack_endpoints).
     raw_endpoints: msgspec.Raw = msgspec.field(default=msgspec.Raw(b"[]"), name="endpoints")
-    ports: tuple[_Port, ...] = ()
+    ports: ListOf[_Port] = ()
 
     def __post_init__(self) -> None:
-        endpoints = _ENDPOINTS.decode(self.raw_endpoints)  # rejects a malformed slice now
+        endpoints = _ENDPOINTS.decode(self.raw_endpoints) or ()  # rejects a malformed slice now
+        if self.ports is None:  # kube-apiserver sends an empty list as null
+            msgspec.structs.force_setattr(self, "ports", ())
+        check_endpoint_slice_names(endpoints, self.ports)
         msgspec.structs.force_setattr(self, "raw_endpoints", _pack_endpoints(endpoints))
 
     @property
@@ -141,7 +147,7 @@ class SliceAddresses(msgspec.Struct, frozen=True, gc=False, rename="camel"):
         return self.metadata.labels.get(SERVICE_NAME_LABEL, "")
 
 
-_ENDPOINTS = msgspec.json.Decoder(tuple[_Endpoint, ...])
+_ENDPOINTS = msgspec.json.Decoder(tuple[_Endpoint, ...] | None)
 _Packed = tuple[tuple[str, ...], bool | None, str | None, tuple[str, str] | None]
 _PACKED = msgspec.msgpack.Decoder(tuple[_Packed, ...])
 _PACK = msgspec.msgpack.Encoder()
@@ -298,6 +304,7 @@ class DNSComponent:
         self.healthy = True
         self.server: Any = None
         self.zone: Any = None
+        self.informers: list[Informer[Any]] = []
 
     async def run(self, factory: InformerFactory, store: Store) -> None:
         from svcnet.dns import metrics
@@ -384,6 +391,7 @@ class DNSComponent:
             for h in http:
                 await h.start()
             wanted: list[Any] = [services, slices] + ([pods] if pods is not None else [])
+            self.informers = wanted
             for inf in wanted:
                 inf.start()
             await asyncio.gather(*(inf.synced.wait() for inf in wanted))
@@ -416,4 +424,6 @@ class DNSComponent:
         return Response(200, b"OK") if self.healthy else Response(503, b"lame duck\n")
 
     def _ready(self) -> Response:
+        if any(inf.failed for inf in self.informers):
+            return Response(503, b"informer failed\n")
         return Response(200, b"OK") if self.ready.is_set() else Response(503, b"not synced\n")

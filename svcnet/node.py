@@ -89,12 +89,18 @@ async def run_node(args: argparse.Namespace, wanted: list[str]) -> None:
     ]
     factory.start()
     stopper: asyncio.Task[Any] = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-    for task in [*tasks, stopper]:
+    # A dead shared informer would leave every component on stale objects while reporting
+    # ready: the node exits instead, so its supervisor restarts it.
+    dead: asyncio.Task[Any] = asyncio.create_task(factory.wait_failed(), name="informers")
+    done, _ = await asyncio.wait([*tasks, stopper, dead], return_when=asyncio.FIRST_COMPLETED)
+    for task in [*tasks, stopper, dead]:
         task.cancel()
-    await asyncio.gather(*tasks, stopper, return_exceptions=True)
+    await asyncio.gather(*tasks, stopper, dead, return_exceptions=True)
     await factory.stop()
     await store.close()
+    if dead in done:
+        informer = dead.result()
+        raise RuntimeError(f"informer {informer.kind.name} failed") from informer.error
     failed = [t for t in done if t is not stopper and not t.cancelled() and t.exception()]
     if failed:
         raise RuntimeError(f"component {failed[0].get_name()} failed") from failed[0].exception()

@@ -155,8 +155,12 @@ def _watch(args: argparse.Namespace) -> int:
                 verb = "ADDED" if old is None else "DELETED" if new is None else "MODIFIED"
                 obj = new if new is not None else old
                 meta = obj.metadata
-                print(f"{verb:<9} {kind.name:<14} {meta.namespace}/{meta.name:<20} "
-                      f"rv={meta.resource_version} {_summary(obj)}", flush=True)
+                try:
+                    print(f"{verb:<9} {kind.name:<14} {meta.namespace}/{meta.name:<20} "
+                          f"rv={meta.resource_version} {_summary(obj)}", flush=True)
+                except BrokenPipeError:  # `svcnet watch | head`: nobody reads any more
+                    seen.set()
+                    return
                 printed += 1
                 if count and printed >= count:
                     seen.set()
@@ -247,6 +251,10 @@ def _with_store(args: argparse.Namespace, run: Any, demo: bool = False) -> int:
 
     try:
         asyncio.run(main())
+    except BrokenPipeError:  # `svcnet get ... | head`: the reader has all it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except StoreError as err:
         raise UsageError(f"store error: {err}") from None
     except json.JSONDecodeError as err:

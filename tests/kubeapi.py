@@ -16,10 +16,22 @@ What it reproduces, from the API concepts documentation and kube-apiserver's beh
   with objects leaving/entering the selection seen as DELETED/ADDED.
 - POST (create, 201; 409 ``AlreadyExists``), PUT (replace; 409 ``Conflict`` on a stale
   ``resourceVersion``), DELETE (200 ``Status`` Success; 404 ``NotFound``), GET of one object.
+- Service create allocates a given ``clusterIP``/``nodePort`` before it checks whether the
+  name exists, as the real registry does: re-creating a Service that fixes either answers
+  422 ``provided IP/port is already allocated``, not 409.
+- Server-side apply: PATCH with ``application/apply-patch+yaml`` and a ``fieldManager``
+  creates the object (201) or updates it (200). Simplified: the applied fields are merged
+  over the stored object (maps recursively, lists replaced), fields this manager applied
+  before and no longer applies are dropped, and conflicts with other managers are not
+  reported (as with ``force=true``, which svcnet sends). ``managedFields`` is not kept.
+- Objects come back as Go serialises them after the round trip through etcd: an empty or
+  missing list without ``omitempty`` (EndpointSlice ``endpoints``/``ports``, an endpoint's
+  ``addresses``) is ``null``; an empty ``omitempty`` list or map is left out.
 
-Test controls: ``compact()``, ``drop_watches()``, ``inject(status, ...)`` for 429/5xx faults, and
-``requests`` recording every request for protocol assertions. Certificates come from
-``make_certs`` (the ``openssl`` command line).
+Test controls (``create``/``update``/``delete`` write straight into storage, as a write into
+etcd would, without the registry's allocation): ``compact()``, ``drop_watches()``,
+``inject(status, ...)`` for 429/5xx faults, and ``requests`` recording every request for
+protocol assertions. Certificates come from ``make_certs`` (the ``openssl`` command line).
 """
 
 from __future__ import annotations
@@ -39,6 +51,8 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
+
+import yaml
 
 from svcnet.model.kinds import KINDS
 from svcnet.store.base import Invalid, Selector, SelectorMatcher
@@ -213,6 +227,7 @@ class _Respond(Exception):
 
 _REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized",
             403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+            415: "Unsupported Media Type",
             410: "Gone", 422: "Unprocessable Entity", 429: "Too Many Requests",
             500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout"}
 _STATUS_REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
@@ -266,6 +281,8 @@ class FakeKubeAPI:
         }
         self._current: dict[str, dict[str, dict[str, Any]]] = {p: {} for p in self.resources}
         self._history: list[_Change] = []
+        self._applied: dict[tuple[str, str, str], dict[str, Any]] = {}
+        """(plural, key, field manager) -> what that manager applied last."""
         self._faults: list[_Fault] = []
         self._watches: set[_Watch] = set()
         self._conns: set[asyncio.StreamWriter] = set()
@@ -380,6 +397,7 @@ class FakeKubeAPI:
             "metadata": {**meta, "uid": str(uuid.uuid4()), "resourceVersion": str(rv),
                          "creationTimestamp": "2026-01-01T00:00:00Z"},
         }
+        stored = as_go_serialises(res.kind, stored)
         if res.namespaced:
             stored["metadata"]["namespace"] = namespace
         self._current[res.plural][key] = stored
@@ -406,6 +424,7 @@ class FakeKubeAPI:
             "metadata": {**meta, "uid": old["metadata"]["uid"], "resourceVersion": str(rv),
                          "creationTimestamp": old["metadata"]["creationTimestamp"]},
         }
+        stored = as_go_serialises(res.kind, stored)
         if res.namespaced:
             stored["metadata"]["namespace"] = namespace
         self._current[res.plural][key] = stored
@@ -422,6 +441,28 @@ class FakeKubeAPI:
         gone = {**old, "metadata": {**old["metadata"], "resourceVersion": str(rv)}}
         self._record(_Change(rv, res, "DELETED", gone, old))
         return old
+
+    def _allocate(self, obj: dict[str, Any], name: str) -> None:
+        """The Service registry allocates the IPs and node ports a create asks for first, so
+        a taken one is a 422 even when the Service itself already exists."""
+        spec = obj.get("spec") or {}
+        taken_ips: set[str] = set()
+        taken_ports: set[int] = set()
+        for svc in self._current["services"].values():
+            other = svc.get("spec") or {}
+            taken_ips.update(other.get("clusterIPs") or [other.get("clusterIP")])
+            taken_ports.update(p.get("nodePort") for p in other.get("ports") or [])
+        ips = [ip for ip in spec.get("clusterIPs") or [spec.get("clusterIP")]
+               if ip and ip != "None"]
+        for ip in ips:
+            if ip in taken_ips:
+                quoted = ", ".join(f'"{i}"' for i in ips)
+                _invalid("Service", name, "spec.clusterIPs", f"[]string{{{quoted}}}",
+                         f"failed to allocate IP {ip}: provided IP is already allocated")
+        for i, port in enumerate(spec.get("ports") or []):
+            if port.get("nodePort") and port["nodePort"] in taken_ports:
+                _invalid("Service", name, f"spec.ports[{i}].nodePort", str(port["nodePort"]),
+                         "provided port is already allocated")
 
     def _record(self, change: _Change) -> None:
         self._history.append(change)
@@ -546,6 +587,8 @@ class FakeKubeAPI:
             if meta.get("resourceVersion"):
                 raise _Respond(500, status_object(
                     500, "resourceVersion should not be set on objects to be created"))
+            if res.kind == "Service":
+                self._allocate(obj, meta["name"])
             await _write_json(writer, 201, self._create(res, namespace, obj))
         elif verb == "update":
             obj = self._body(req, res)
@@ -555,6 +598,8 @@ class FakeKubeAPI:
                     400, f"the name of the object ({meta.get('name')}) does not match the name "
                     f"on the URL ({name})"))
             await _write_json(writer, 200, self._replace(res, namespace, name, obj))
+        elif verb == "patch":
+            await _write_json(writer, *self._server_side_apply(req, res, namespace, name))
         elif verb == "delete":
             old = self._delete(res, namespace, name)
             await _write_json(writer, 200, {
@@ -591,7 +636,7 @@ class FakeKubeAPI:
             if name:
                 return "get"
             return "watch" if req.param("watch") in ("1", "true") else "list"
-        return {("POST", False): "create", ("PUT", True): "update",
+        return {("POST", False): "create", ("PUT", True): "update", ("PATCH", True): "patch",
                 ("DELETE", True): "delete"}.get((req.method, bool(name)), "unsupported")
 
     @staticmethod
@@ -608,6 +653,59 @@ class FakeKubeAPI:
                 400, f"the API version in the data ({obj.get('apiVersion')}) does not match "
                 f"the expected API version ({res.api_version})"))
         return dict(obj)
+
+    def _server_side_apply(self, req: Recorded, res: Resource, namespace: str, name: str
+                           ) -> tuple[int, dict[str, Any]]:
+        ctype = req.headers.get("content-type", "").split(";")[0]
+        if ctype != "application/apply-patch+yaml":
+            raise _Respond(415, status_object(
+                415, f"the body of the request was in an unknown format - accepted media "
+                f"types include: application/apply-patch+yaml (this fake: got {ctype})",
+                "UnsupportedMediaType"))
+        manager = req.param("fieldManager")
+        if not manager:
+            raise _Respond(400, status_object(
+                400, "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: "
+                "is required for apply patch"))
+        try:
+            obj = yaml.safe_load(req.body)
+        except yaml.YAMLError as err:
+            raise _Respond(400, status_object(400, f"error decoding YAML: {err}")) from None
+        if not isinstance(obj, dict) or obj.get("kind") != res.kind or (
+                obj.get("apiVersion") != res.api_version):
+            raise _Respond(400, status_object(
+                400, "the API version in the data does not match the expected API version"))
+        meta = obj.setdefault("metadata", {})
+        if meta.get("name") != name:
+            raise _Respond(400, status_object(
+                400, f"the name of the object ({meta.get('name')}) does not match the name on "
+                f"the URL ({name})"))
+        if res.namespaced and meta.setdefault("namespace", namespace) != namespace:
+            raise _Respond(400, status_object(
+                400, "the namespace of the provided object does not match the namespace sent "
+                "on the request"))
+        if meta.get("managedFields") is not None:
+            raise _Respond(400, status_object(400, "metadata.managedFields must be nil"))
+        key = self._key(namespace, name)
+        applied_key = (res.plural, key, manager)
+        current = self._current[res.plural].get(key)
+        if current is None:
+            if res.kind == "Service":
+                self._allocate(obj, name)
+            stored = self._create(res, namespace, json.loads(json.dumps(obj)))
+            self._applied[applied_key] = obj
+            return 201, stored
+        given = meta.pop("resourceVersion", None)
+        if given and given != current["metadata"]["resourceVersion"]:
+            raise _Respond(409, status_object(
+                409, f'Operation cannot be fulfilled on {res.qualified} "{name}": the object '
+                "has been modified; please apply your changes to the latest version and try "
+                "again", "Conflict", _details(res, name)))
+        merged = _apply_merge(current, self._applied.get(applied_key, {}), obj)
+        merged["metadata"].pop("resourceVersion", None)
+        stored = self._replace(res, namespace, name, merged)
+        self._applied[applied_key] = obj
+        return 200, stored
 
     def _matcher(self, req: Recorded) -> SelectorMatcher:
         try:
@@ -733,6 +831,64 @@ class FakeKubeAPI:
             await writer.drain()
         finally:
             self._watches.discard(watch)
+
+
+def _invalid(kind: str, name: str, field: str, value: str, problem: str) -> None:
+    """Raise kube-apiserver's 422 for one invalid field."""
+    message = f"Invalid value: {value}: {problem}"
+    raise _Respond(422, status_object(
+        422, f'{kind} "{name}" is invalid: {field}: {message}', "Invalid",
+        {"name": name, "kind": kind.lower() + "s",
+         "causes": [{"reason": "FieldValueInvalid", "message": message, "field": field}]}))
+
+
+# Lists without ``omitempty`` in the Go API types of the kinds served here: a nil (empty or
+# missing) one is written as ``null``. Every other list and map we serve is ``omitempty``.
+_NULLABLE_LISTS = {"EndpointSlice": (("endpoints",), ("ports",), ("endpoints", "*", "addresses"))}
+_MAPS = ("labels", "annotations", "selector")
+
+
+def as_go_serialises(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` as kube-apiserver returns it once stored (see the module docstring)."""
+
+    def walk(value: Any, path: tuple[str, ...]) -> Any:
+        if isinstance(value, list):
+            return [walk(v, (*path, "*")) for v in value]
+        if not isinstance(value, dict):
+            return value
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            here = (*path, key)
+            if item == [] and here not in nullable:
+                continue
+            if item == {} and key in _MAPS:
+                continue
+            out[key] = None if item == [] else walk(item, here)
+        for here in nullable:
+            if here[:-1] == path:
+                out.setdefault(here[-1], None)
+        return out
+
+    nullable = set(_NULLABLE_LISTS.get(kind, ()))
+    return dict(walk(obj, ()))
+
+
+def _apply_merge(current: dict[str, Any], last: dict[str, Any], applied: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """Server-side apply, simplified: ``applied`` over ``current``; what the same manager
+    applied ``last`` time but no longer does is removed."""
+    out = dict(current)
+    for key in last:
+        if key not in applied:
+            out.pop(key, None)
+    for key, value in applied.items():
+        before = out.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            prev = last.get(key)
+            out[key] = _apply_merge(before, prev if isinstance(prev, dict) else {}, value)
+        else:
+            out[key] = value
+    return out
 
 
 def _details(res: Resource, name: str) -> dict[str, Any]:

@@ -92,3 +92,49 @@ def test_embedded_demo_prints_the_scripted_events() -> None:
     assert any(line.startswith("DELETED") and "default/api" in line for line in lines)
     assert "NodePort 10.96.0.20 80/TCP" in lines[-1] or any(
         "NodePort" in line for line in lines)
+
+
+def test_apply_refuses_names_the_api_server_refuses_and_writes_nothing(
+    etcd: EtcdCluster,
+) -> None:
+    store = f"etcd://{etcd.endpoints[0]}"
+    bad = [
+        ("{kind: Service, metadata: {name: wéb, namespace: shop}}",
+         "invalid Service shop/wéb: metadata.name: 'wéb' is not a DNS-1035 label"),
+        ("{kind: Service, metadata: {name: api, namespace: shop}, "
+         "spec: {ports: [{name: pört, port: 80}]}}",
+         "invalid Service shop/api: spec.ports[0].name: 'pört' is not a DNS-1123 label"),
+        ("{kind: Service, metadata: {name: api, namespace: shop}, "
+         "spec: {ports: [{name: http, port: 80, targetPort: sixteen-chars-xx}]}}",
+         "invalid Service shop/api: spec.ports[0].targetPort: 'sixteen-chars-xx' is longer"),
+        ("{kind: Service, metadata: {name: api, namespace: shop}, "
+         "spec: {ports: [{name: a, port: 80}, {name: a, port: 81}]}}",
+         "invalid Service shop/api: spec.ports[1].name: duplicate port name 'a'"),
+        ("{kind: EndpointSlice, addressType: IPv4, metadata: {name: e, namespace: shop}, "
+         "endpoints: [{addresses: [10.0.0.1], hostname: hé}]}",
+         "invalid EndpointSlice shop/e: endpoints[0].hostname: 'hé' is not a DNS-1123 label"),
+    ]
+    for doc, message in bad:
+        result = svcnet("apply", "--store", store, "-f", "-", stdin=MANIFEST + "---\n" + doc)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    # the valid objects in front of the invalid one were not written either
+    gone = svcnet("get", "--store", store, "svc", "web", "-n", "shop")
+    assert gone.returncode == 2 and "not found" in gone.stderr
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_cleanly() -> None:
+    """``svcnet watch --demo | head -2``: no traceback, no hang once the reader is gone."""
+    proc = subprocess.Popen([SVCNET, "watch", "--demo"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        first = [proc.stdout.readline() for _ in range(2)]
+        assert all(line.startswith("ADDED") for line in first), first
+        proc.stdout.close()
+        assert proc.wait(timeout=30) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import msgspec
 import pytest
 
 from svcnet.model import ENDPOINT_SLICE, NODE, POD, SERVICE, InvalidObject, kind_named, object_key
@@ -152,3 +153,133 @@ def test_kind_lookup_accepts_kubectl_names() -> None:
     assert SERVICE.api_path == "/api/v1/services"
     with pytest.raises(KeyError):
         kind_named("deployment")
+
+
+# --- null lists (kube-apiserver's Go nil slices) ---------------------------------------------
+
+
+def _tuple_fields(record: type, seen: set[type] | None = None) -> list[tuple[str, str, bool]]:
+    """Every tuple-typed field reachable from ``record``: (struct, field, accepts null)."""
+    seen = set() if seen is None else seen
+    if record in seen:
+        return []
+    seen.add(record)
+    info = msgspec.inspect.type_info(record)
+    assert isinstance(info, msgspec.inspect.StructType)
+    found = []
+    for f in info.fields:
+        types = f.type.types if isinstance(f.type, msgspec.inspect.UnionType) else (f.type,)
+        nullable = any(isinstance(t, msgspec.inspect.NoneType) for t in types)
+        for t in types:
+            if isinstance(t, msgspec.inspect.VarTupleType):
+                found.append((record.__name__, f.name, nullable))
+                t = t.item_type
+            if isinstance(t, msgspec.inspect.StructType):
+                found += _tuple_fields(t.cls, seen)
+    return found
+
+
+def test_every_list_field_accepts_null() -> None:
+    """Only ``addresses`` may not be null: kube-apiserver requires at least one address."""
+    fields = [f for kind in (SERVICE, ENDPOINT_SLICE, NODE, POD)
+              for f in _tuple_fields(kind.record)]
+    assert len(fields) > 15
+    assert [(s, n) for s, n, nullable in fields if not nullable] == [("Endpoint", "addresses")]
+
+
+@pytest.mark.parametrize(("kind", "obj", "read"), [
+    (ENDPOINT_SLICE, {"metadata": {"name": "s", "namespace": "d"}, "addressType": "IPv4",
+                      "endpoints": None, "ports": None},
+     lambda o: (o.endpoints, o.ports)),
+    (ENDPOINT_SLICE, {"metadata": {"name": "s", "namespace": "d"}, "addressType": "IPv4",
+                      "endpoints": [{"addresses": ["10.0.0.1"],
+                                     "hints": {"forZones": None, "forNodes": None}}]},
+     lambda o: (o.endpoints[0].hints.for_zones, o.endpoints[0].hints.for_nodes)),
+    (SERVICE, svc(clusterIP="None", ports=None, clusterIPs=None, ipFamilies=None,
+                  externalIPs=None, loadBalancerSourceRanges=None)
+     | {"status": {"loadBalancer": {"ingress": None}}},
+     lambda o: (o.spec.ports, o.spec.cluster_ips, o.spec.ip_families, o.spec.external_ips,
+                o.spec.load_balancer_source_ranges, o.status.load_balancer.ingress)),
+    (NODE, {"metadata": {"name": "n"}, "spec": {"podCIDRs": None, "taints": None},
+            "status": {"addresses": None}},
+     lambda o: (o.spec.pod_cidrs, o.spec.taints, o.status.addresses)),
+    (POD, {"metadata": {"name": "p", "namespace": "d"},
+           "status": {"podIPs": None, "conditions": None}},
+     lambda o: (o.status.pod_ips, o.status.conditions)),
+])
+def test_null_lists_decode_as_empty(kind: Any, obj: dict[str, Any], read: Any) -> None:
+    for record in (kind.decode(json.dumps(obj).encode()), kind.convert(obj)):
+        values = read(record)
+        assert all(v == () for v in values), values
+
+
+# --- what kube-apiserver validates ------------------------------------------------------------
+
+
+def _slice(**fields: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "s", "namespace": "d"}, "addressType": "IPv4", **fields}
+
+
+@pytest.mark.parametrize(("kind", "obj", "message"), [
+    ("Service", {"metadata": {"name": "wéb", "namespace": "prod"}},
+     "invalid Service prod/wéb: metadata.name: 'wéb' is not a DNS-1035 label"),
+    ("Service", {"metadata": {"name": "1web", "namespace": "prod"}},
+     "invalid Service prod/1web: metadata.name: '1web' is not a DNS-1035 label"),
+    ("Service", {"metadata": {"name": "w" * 64, "namespace": "prod"}},
+     f"invalid Service prod/{'w' * 64}: metadata.name: '{'w' * 64}' is longer than 63"),
+    ("Service", {"metadata": {"name": "web", "namespace": "Prod"}},
+     "invalid Service Prod/web: metadata.namespace: 'Prod' is not a DNS-1123 label"),
+    ("EndpointSlice", {**_slice(), "metadata": {"name": "s", "namespace": "pröd"}},
+     "invalid EndpointSlice pröd/s: metadata.namespace: 'pröd' is not a DNS-1123 label"),
+    ("Service", svc(ports=[{"name": "pört", "port": 80}]),
+     "invalid Service prod/web: spec.ports[0].name: 'pört' is not a DNS-1123 label"),
+    ("Service", svc(ports=[{"name": "p" * 64, "port": 80}]),
+     "invalid Service prod/web: spec.ports[0].name: '" + "p" * 64 + "' is longer than 63"),
+    ("Service", svc(ports=[{"name": "http", "port": 80}, {"name": "http", "port": 81}]),
+     "invalid Service prod/web: spec.ports[1].name: duplicate port name 'http'"),
+    ("Service", svc(ports=[{"port": 80}, {"port": 81}]),
+     "invalid Service prod/web: spec.ports[1].name: duplicate port name ''"),
+    ("Service", svc(ports=[{"name": "http", "port": 80, "targetPort": "a" * 16}]),
+     "invalid Service prod/web: spec.ports[0].targetPort: '" + "a" * 16 + "' is longer than 15"),
+    ("Service", svc(ports=[{"name": "http", "port": 80, "targetPort": "web-ü"}]),
+     "invalid Service prod/web: spec.ports[0].targetPort: 'web-ü' may contain only"),
+    ("Service", svc(ports=[{"name": "http", "port": 80, "targetPort": "8080"}]),
+     "invalid Service prod/web: spec.ports[0].targetPort: '8080' must contain at least one"),
+    ("Service", svc(ports=[{"name": "http", "port": 80, "targetPort": "a--b"}]),
+     "invalid Service prod/web: spec.ports[0].targetPort: 'a--b' must not begin or end"),
+    ("Service", svc(type="ExternalName", externalName="wéb.example.org"),
+     "invalid Service prod/web: spec.externalName: 'wéb.example.org' is not a DNS-1123"),
+    ("EndpointSlice", _slice(endpoints=[{"addresses": ["10.0.0.1"], "hostname": "hé"}]),
+     "invalid EndpointSlice d/s: endpoints[0].hostname: 'hé' is not a DNS-1123 label"),
+    ("EndpointSlice", _slice(endpoints=[{"addresses": ["10.0.0.1"], "hostname": "Web-0"}]),
+     "invalid EndpointSlice d/s: endpoints[0].hostname: 'Web-0' is not a DNS-1123 label"),
+    ("EndpointSlice", _slice(ports=[{"name": "ü", "port": 80}]),
+     "invalid EndpointSlice d/s: ports[0].name: 'ü' is not a DNS-1123 label"),
+    ("EndpointSlice", _slice(ports=[{"name": "a", "port": 80}, {"name": "a", "port": 81}]),
+     "invalid EndpointSlice d/s: ports[1].name: duplicate port name 'a'"),
+    ("EndpointSlice", _slice(endpoints=[{"addresses": None}]),
+     "invalid EndpointSlice d/s: endpoints[0].addresses: Expected `array`, got `null`"),
+])
+def test_names_the_api_server_would_refuse_are_rejected(kind: str, obj: dict[str, Any],
+                                                         message: str) -> None:
+    k = kind_named(kind)
+    for raised in (lambda: k.decode(json.dumps(obj).encode()), lambda: k.convert(obj)):
+        with pytest.raises(InvalidObject) as err:
+            raised()
+        assert str(err.value).startswith(message), str(err.value)
+        assert "\n" not in str(err.value)
+
+
+def test_names_at_the_limits_are_accepted() -> None:
+    """kube-apiserver checks Service and EndpointSlice port names as DNS-1123 labels (up to
+    63 characters); only a named targetPort is an IANA service name (up to 15)."""
+    s = SERVICE.convert({"metadata": {"name": "w" * 63, "namespace": "n" * 63},
+                         "spec": {"ports": [{"name": "a-long-port-name-of-32-chars-xyz",
+                                             "port": 80, "targetPort": "fifteen-chars-x"},
+                                            {"name": "dns", "port": 53, "targetPort": 5353}]}})
+    assert s.spec.ports[0].target_port == "fifteen-chars-x"
+    ext = SERVICE.convert(svc(type="ExternalName", externalName="db.example.org."))
+    assert ext.spec.external_name == "db.example.org."
+    es = ENDPOINT_SLICE.convert(_slice(endpoints=[{"addresses": ["10.0.0.1"], "hostname": "0"}],
+                                       ports=[{"port": 80}]))
+    assert es.endpoints[0].hostname == "0"

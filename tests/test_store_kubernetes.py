@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import time
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -66,9 +67,12 @@ async def store(api: FakeKubeAPI) -> AsyncIterator[KubernetesStore]:
 
 
 def service(name: str, namespace: str = "default", **labels: str) -> dict[str, Any]:
+    """A Service with a clusterIP of its own (the API server refuses one already taken)."""
+    n = zlib.crc32(f"{namespace}/{name}".encode()) % 65000
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": name, "namespace": namespace, "labels": labels},
-            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80, "protocol": "TCP"}]}}
+            "spec": {"clusterIP": f"10.96.{n // 250}.{n % 250 + 1}",
+                     "ports": [{"port": 80, "protocol": "TCP"}]}}
 
 
 async def next_events(it: AsyncIterator[Event], count: int, timeout: float = 5.0
@@ -124,7 +128,7 @@ async def test_list_items_keep_server_bytes_and_revisions(
     assert "kind" not in sent and "apiVersion" not in sent
     assert json.loads(raw.data) == stored
     assert raw.data.startswith(b'{"kind":"Service","apiVersion":"v1","metadata":')
-    assert SERVICE.decode(raw.data).spec.cluster_ip == "10.96.0.10"
+    assert SERVICE.decode(raw.data).spec.cluster_ip == stored["spec"]["clusterIP"]
     slices = await store.list(ENDPOINT_SLICE)
     assert api.requests[-1].path == "/apis/discovery.k8s.io/v1/endpointslices"
     assert ENDPOINT_SLICE.decode(slices.items[0].data).endpoints[0].addresses == ("10.1.0.5",)
@@ -315,22 +319,21 @@ async def test_put_creates_then_replaces_and_delete_removes(
 ) -> None:
     created = await store.put(SERVICE, service("web", namespace="prod"))
     assert created.key == "prod/web" and created.revision == str(api.rv)
-    post = api.requests[-1]
-    assert (post.method, post.path) == ("POST", "/api/v1/namespaces/prod/services")
-    assert post.headers["content-type"] == "application/json"
-    assert int(post.headers["content-length"]) == len(post.body)
-    assert json.loads(post.body)["kind"] == "Service"
+    apply = api.requests[-1]  # server-side apply: one PATCH creates or updates
+    assert (apply.method, apply.path) == ("PATCH", "/api/v1/namespaces/prod/services/web")
+    assert apply.query == {"fieldManager": ["svcnet"], "force": ["true"]}
+    assert apply.headers["content-type"] == "application/apply-patch+yaml"
+    assert int(apply.headers["content-length"]) == len(apply.body)
+    assert json.loads(apply.body)["kind"] == "Service"
 
     mark = len(api.requests)
     changed = service("web", namespace="prod", tier="front")
-    changed["metadata"]["resourceVersion"] = "1"  # ignored: put replaces unconditionally
+    changed["metadata"]["resourceVersion"] = "1"  # not sent: put applies unconditionally
     replaced = await store.put(SERVICE, changed)
     assert replaced.revision == str(api.rv)
     assert [(r.method, r.path) for r in api.requests[mark:]] == [
-        ("POST", "/api/v1/namespaces/prod/services"),
-        ("GET", "/api/v1/namespaces/prod/services/web"),
-        ("PUT", "/api/v1/namespaces/prod/services/web")]
-    assert json.loads(api.requests[-1].body)["metadata"]["resourceVersion"] == created.revision
+        ("PATCH", "/api/v1/namespaces/prod/services/web")]
+    assert "resourceVersion" not in json.loads(api.requests[-1].body)["metadata"]
     assert api.objects("services")["prod/web"]["metadata"]["labels"] == {"tier": "front"}
 
     await store.delete(SERVICE, "prod", "web")
@@ -348,24 +351,23 @@ async def test_put_paths_for_group_and_cluster_scoped_kinds(
     await store.put(NODE, {"metadata": {"name": "node-1"}, "spec": {"podCIDR": "10.1.0.0/24"}})
     await store.delete(NODE, "", "node-1")
     assert [(r.method, r.path) for r in api.requests] == [
-        ("POST", "/apis/discovery.k8s.io/v1/namespaces/ns1/endpointslices"),
-        ("POST", "/api/v1/nodes"), ("DELETE", "/api/v1/nodes/node-1")]
+        ("PATCH", "/apis/discovery.k8s.io/v1/namespaces/ns1/endpointslices/web-1"),
+        ("PATCH", "/api/v1/nodes/node-1"), ("DELETE", "/api/v1/nodes/node-1")]
     assert json.loads(api.requests[0].body)["apiVersion"] == "discovery.k8s.io/v1"
 
 
-async def test_put_retries_when_replace_races_another_writer(
+async def test_put_applies_over_another_writer_and_drops_what_it_no_longer_sets(
     api: FakeKubeAPI, store: KubernetesStore
 ) -> None:
-    api.create("services", service("web"))
-
-    def race_first_put(req: Recorded) -> None:
-        if req.method == "PUT" and sum(r.method == "PUT" for r in api.requests) == 1:
-            api.update("services", service("web", by="someone-else"))
-
-    api.hooks.append(race_first_put)
+    first = service("web", by="us", old="yes")
+    await store.put(SERVICE, first)
+    other = api.objects("services")["default/web"]
+    api.update("services", {**other, "metadata": {**other["metadata"], "labels": {
+        **other["metadata"]["labels"], "by": "someone-else", "theirs": "1"}}})
     raw = await store.put(SERVICE, service("web", by="us"))
-    assert [r.method for r in api.requests] == ["POST", "GET", "PUT", "GET", "PUT"]
-    assert json.loads(raw.data)["metadata"]["labels"] == {"by": "us"}
+    assert [r.method for r in api.requests] == ["PATCH", "PATCH"]
+    # ours wins (force), the label we stopped applying goes, theirs stays
+    assert json.loads(raw.data)["metadata"]["labels"] == {"by": "us", "theirs": "1"}
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -492,7 +494,7 @@ async def test_plain_http_and_a_path_prefix(certs: Certs) -> None:
         assert [o.name for o in (await s.list(SERVICE)).items] == ["web"]
         assert [e async for e in s.watch(SERVICE, revision=str(api.rv))] == []
         assert [(r.method, r.path) for r in api.requests] == [
-            ("POST", "/api/v1/namespaces/default/services"), ("GET", "/api/v1/services"),
+            ("PATCH", "/api/v1/namespaces/default/services/web"), ("GET", "/api/v1/services"),
             ("GET", "/api/v1/services")]
         assert api.requests[0].headers["host"] == f"127.0.0.1:{api.port}"
     finally:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from svcnet.model import Service
+from svcnet.model import Kind, Service
 
 
 def service(name: str, ip: str = "10.0.0.1", ns: str = "default", port: int = 80
@@ -48,3 +48,14 @@ async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+class _Unchecked(Kind[Any]):
+    def convert(self, obj: dict[str, Any]) -> Any:
+        return None
+
+
+def unchecked(kind: Kind[Any]) -> Kind[Any]:
+    """``kind`` for ``MemoryStore.put`` without the store's validation: writes an object as
+    any client with access to etcd could, which the informers must then survive."""
+    return _Unchecked(kind.name, kind.api_version, kind.plural, kind.namespaced, kind.record)

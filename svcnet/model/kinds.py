@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -106,9 +107,19 @@ def _key_of_bytes(data: bytes | str) -> str:
     return _key(named.metadata.namespace, named.metadata.name)
 
 
+_RELATIVE_PATH = re.compile(r"[A-Za-z]\w*(\[\d+\])*(\.[A-Za-z]\w*(\[\d+\])*)*")
+
+
 def _field_path(message: str) -> str:
-    """Turn msgspec's ``... - at `$.spec.ports[0].port``` into ``spec.ports[0].port: ...``."""
-    problem, sep, where = message.rpartition(" - at `$.")
+    """Turn msgspec's ``... - at `$.spec.ports[0].port``` into ``spec.ports[0].port: ...``.
+
+    A record's own check names its field relative to the record (``namespace: ...`` raised
+    inside ``metadata``); that is joined to msgspec's path: ``metadata.namespace: ...``."""
+    problem, sep, where = message.rpartition(" - at `$")
     if not sep:
         return message
-    return f"{where.rstrip('`')}: {problem}"
+    where = where.rstrip("`").removeprefix(".")
+    field, colon, rest = problem.partition(": ")
+    if colon and _RELATIVE_PATH.fullmatch(field):
+        return f"{where}.{field}: {rest}"
+    return f"{where}: {problem}"

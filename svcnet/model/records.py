@@ -12,15 +12,49 @@ cycle, and untracked objects spare the cyclic collector a pass over every decode
 from __future__ import annotations
 
 import socket
-from typing import Annotated, Literal
+import typing
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, TypeVar
 
 from msgspec import Meta as Constraint
 from msgspec import Struct, field
+from msgspec.structs import force_setattr
+
+from svcnet.model import validation
 
 Port = Annotated[int, Constraint(ge=1, le=65535)]
 OptionalPort = Annotated[int, Constraint(ge=0, le=65535)]
 Protocol = Literal["TCP", "UDP", "SCTP"]
 IPFamily = Literal["IPv4", "IPv6"]
+
+T = TypeVar("T")
+if TYPE_CHECKING:
+    ListOf: TypeAlias = tuple[T, ...]
+else:
+    class ListOf:
+        """A JSON list that may arrive as ``null``: records hold it as a tuple, empty for null.
+
+        kube-apiserver writes a Go nil slice as ``null`` wherever the field has no
+        ``omitempty`` (EndpointSlice ``endpoints`` and ``ports``: an empty list comes back as
+        ``null`` after its round trip through etcd), and writers that bypass it may send
+        ``null`` for any list. msgspec decodes ``tuple[T, ...] | None``; the record's
+        ``__post_init__`` turns ``None`` into ``()`` (``_empty_nulls``), so consumers always
+        see a tuple, as the type checker is told.
+        """
+
+        def __class_getitem__(cls, item: Any) -> Any:
+            return tuple[item, ...] | None
+
+
+def _empty_nulls(obj: Struct, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) is None:
+            force_setattr(obj, name, ())
+
+
+def _check(problem: str | None, path: str) -> None:
+    if problem is not None:
+        raise ValueError(f"{path}: {problem}")
 
 
 class ObjectMeta(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
@@ -32,6 +66,10 @@ class ObjectMeta(Struct, frozen=True, gc=False, rename="camel", omit_defaults=Tr
     labels: dict[str, str] = {}
     annotations: dict[str, str] = {}
     deletion_timestamp: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.namespace:
+            _check(validation.dns1123_label(self.namespace), "namespace")
 
 
 # --- Service -----------------------------------------------------------------------------
@@ -62,23 +100,27 @@ class SessionAffinityConfig(Struct, frozen=True, gc=False, rename="camel", omit_
 class ServiceSpec(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
     type: Literal["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"] = "ClusterIP"
     cluster_ip: str = field(default="", name="clusterIP")
-    cluster_ips: tuple[str, ...] = field(default=(), name="clusterIPs")
-    ip_families: tuple[IPFamily, ...] = ()
+    cluster_ips: ListOf[str] = field(default=(), name="clusterIPs")
+    ip_families: ListOf[IPFamily] = ()
     ip_family_policy: str | None = None
-    ports: tuple[ServicePort, ...] = ()
+    ports: ListOf[ServicePort] = ()
     selector: dict[str, str] | None = None
     session_affinity: Literal["None", "ClientIP"] = "None"
     session_affinity_config: SessionAffinityConfig | None = None
     external_traffic_policy: Literal["Cluster", "Local", ""] = ""
     internal_traffic_policy: Literal["Cluster", "Local", ""] = ""
-    external_ips: tuple[str, ...] = field(default=(), name="externalIPs")
+    external_ips: ListOf[str] = field(default=(), name="externalIPs")
     load_balancer_ip: str = field(default="", name="loadBalancerIP")
-    load_balancer_source_ranges: tuple[str, ...] = ()
+    load_balancer_source_ranges: ListOf[str] = ()
     health_check_node_port: OptionalPort = 0
     publish_not_ready_addresses: bool = False
     external_name: str = ""
     allocate_load_balancer_node_ports: bool | None = None
     load_balancer_class: str | None = None
+
+    def __post_init__(self) -> None:
+        _empty_nulls(self, "cluster_ips", "ip_families", "ports", "external_ips",
+                     "load_balancer_source_ranges")
 
 
 class LoadBalancerIngress(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
@@ -88,7 +130,10 @@ class LoadBalancerIngress(Struct, frozen=True, gc=False, rename="camel", omit_de
 
 
 class LoadBalancerStatus(Struct, frozen=True, gc=False, omit_defaults=True):
-    ingress: tuple[LoadBalancerIngress, ...] = ()
+    ingress: ListOf[LoadBalancerIngress] = ()
+
+    def __post_init__(self) -> None:
+        _empty_nulls(self, "ingress")
 
 
 class ServiceStatus(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
@@ -101,10 +146,15 @@ class Service(Struct, frozen=True, gc=False, omit_defaults=True):
     status: ServiceStatus = ServiceStatus()
 
     def __post_init__(self) -> None:
+        _check(validation.dns1035_label(self.metadata.name), "metadata.name")
         for path, ip in _service_ips(self.spec):
             _check_ip(ip, path)
         for i, cidr in enumerate(self.spec.load_balancer_source_ranges):
             _check_cidr(cidr, f"spec.loadBalancerSourceRanges[{i}]")
+        _check_service_ports(self.spec.ports)
+        if self.spec.type == "ExternalName":
+            _check(validation.dns1123_subdomain(self.spec.external_name.removesuffix(".")),
+                   "spec.externalName")
 
     @property
     def cluster_ips(self) -> tuple[str, ...]:
@@ -145,8 +195,11 @@ class ForNode(Struct, frozen=True, gc=False):
 
 
 class EndpointHints(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
-    for_zones: tuple[ForZone, ...] = ()
-    for_nodes: tuple[ForNode, ...] = ()
+    for_zones: ListOf[ForZone] = ()
+    for_nodes: ListOf[ForNode] = ()
+
+    def __post_init__(self) -> None:
+        _empty_nulls(self, "for_zones", "for_nodes")
 
 
 class ObjectReference(Struct, frozen=True, gc=False, omit_defaults=True):
@@ -192,10 +245,13 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 class EndpointSlice(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
     metadata: ObjectMeta
     address_type: Literal["IPv4", "IPv6", "FQDN"]
-    endpoints: tuple[Endpoint, ...] = ()
-    ports: tuple[EndpointPort, ...] = ()
+    endpoints: ListOf[Endpoint] = ()
+    ports: ListOf[EndpointPort] = ()
 
     def __post_init__(self) -> None:
+        _empty_nulls(self, "endpoints", "ports")
+        _check(validation.dns1123_subdomain(self.metadata.name), "metadata.name")
+        check_endpoint_slice_names(self.endpoints, self.ports)
         if self.address_type == "FQDN":
             return
         family = socket.AF_INET if self.address_type == "IPv4" else socket.AF_INET6
@@ -231,13 +287,19 @@ class Taint(Struct, frozen=True, gc=False, omit_defaults=True):
 
 class NodeSpec(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
     pod_cidr: str = field(default="", name="podCIDR")
-    pod_cidrs: tuple[str, ...] = field(default=(), name="podCIDRs")
-    taints: tuple[Taint, ...] = ()
+    pod_cidrs: ListOf[str] = field(default=(), name="podCIDRs")
+    taints: ListOf[Taint] = ()
     unschedulable: bool = False
+
+    def __post_init__(self) -> None:
+        _empty_nulls(self, "pod_cidrs", "taints")
 
 
 class NodeStatus(Struct, frozen=True, gc=False, omit_defaults=True):
-    addresses: tuple[NodeAddress, ...] = ()
+    addresses: ListOf[NodeAddress] = ()
+
+    def __post_init__(self) -> None:
+        _empty_nulls(self, "addresses")
 
 
 class Node(Struct, frozen=True, gc=False, omit_defaults=True):
@@ -246,6 +308,7 @@ class Node(Struct, frozen=True, gc=False, omit_defaults=True):
     status: NodeStatus = NodeStatus()
 
     def __post_init__(self) -> None:
+        _check(validation.dns1123_subdomain(self.metadata.name), "metadata.name")
         for i, cidr in enumerate(self.spec.pod_cidrs):
             _check_cidr(cidr, f"spec.podCIDRs[{i}]")
         if self.spec.pod_cidr:
@@ -281,9 +344,12 @@ class PodSpec(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True)
 class PodStatus(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
     phase: str = "Pending"
     pod_ip: str = field(default="", name="podIP")
-    pod_ips: tuple[PodIP, ...] = field(default=(), name="podIPs")
+    pod_ips: ListOf[PodIP] = field(default=(), name="podIPs")
     host_ip: str = field(default="", name="hostIP")
-    conditions: tuple[PodCondition, ...] = ()
+    conditions: ListOf[PodCondition] = ()
+
+    def __post_init__(self) -> None:
+        _empty_nulls(self, "pod_ips", "conditions")
 
 
 class Pod(Struct, frozen=True, gc=False, omit_defaults=True):
@@ -292,6 +358,7 @@ class Pod(Struct, frozen=True, gc=False, omit_defaults=True):
     status: PodStatus = PodStatus()
 
     def __post_init__(self) -> None:
+        _check(validation.dns1123_subdomain(self.metadata.name), "metadata.name")
         for i, pip in enumerate(self.status.pod_ips):
             _check_ip(pip.ip, f"status.podIPs[{i}].ip")
 
@@ -326,6 +393,49 @@ def _check_ip(ip: str, path: str) -> None:
         except OSError:
             continue
     raise ValueError(f"{path}: {ip!r} is not an IP address")
+
+
+def _check_service_ports(ports: tuple[ServicePort, ...]) -> None:
+    """Port names as kube-apiserver checks them: DNS-1123 labels, unique on the Service (two
+    unnamed ports collide too: proxy rules and SRV records are keyed by the name)."""
+    seen: set[str] = set()
+    for i, p in enumerate(ports):
+        path = f"spec.ports[{i}]"
+        if p.name:
+            _check(validation.dns1123_label(p.name), f"{path}.name")
+        if p.name in seen:
+            raise ValueError(f"{path}.name: duplicate port name {p.name!r}")
+        seen.add(p.name)
+        if isinstance(p.target_port, str):
+            _check(validation.iana_svc_name(p.target_port), f"{path}.targetPort")
+        elif not 0 <= p.target_port <= 65535:
+            raise ValueError(f"{path}.targetPort: {p.target_port} is not a port number")
+
+
+class _HasHostname(typing.Protocol):
+    @property
+    def hostname(self) -> str | None: ...
+
+
+class _HasName(typing.Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+def check_endpoint_slice_names(endpoints: Sequence[_HasHostname], ports: Sequence[_HasName]
+                               ) -> None:
+    """EndpointSlice names as kube-apiserver checks them (hostnames become DNS names, port
+    names SRV labels); shared with DNS's slim slice record."""
+    for i, ep in enumerate(endpoints):
+        if ep.hostname is not None:
+            _check(validation.dns1123_label(ep.hostname), f"endpoints[{i}].hostname")
+    seen: set[str] = set()
+    for i, p in enumerate(ports):
+        if p.name:
+            _check(validation.dns1123_label(p.name), f"ports[{i}].name")
+        if p.name in seen:
+            raise ValueError(f"ports[{i}].name: duplicate port name {p.name!r}")
+        seen.add(p.name)
 
 
 def _check_cidr(cidr: str, path: str) -> None:

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from svcnet.store.base import Invalid
+from svcnet.store.redact import redact_url, yaml_problem
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 TOKEN_RELOAD_SECONDS = 60.0
@@ -42,8 +43,8 @@ class ClusterConfig:
     insecure_skip_tls_verify: bool = False
     tls_server_name: str | None = None
     client_cert_pem: bytes | None = None
-    client_key_pem: bytes | None = None
-    token: str | None = None
+    client_key_pem: bytes | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
     token_file: str | None = None
     exec_plugin: ExecPlugin | None = None
     namespace: str = "default"
@@ -90,8 +91,8 @@ class ExecPlugin:
     plugin``, ``kubelogin``): a command printing an ``ExecCredential`` with a bearer token."""
 
     command: str
-    args: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()
+    args: tuple[str, ...] = field(default=(), repr=False)
+    env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     api_version: str = "client.authentication.k8s.io/v1"
     timeout: float = 60.0
 
@@ -105,7 +106,7 @@ class TokenSource:
     when its token is about to expire. ``invalidate`` (after a 401) forces both.
     """
 
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     path: str | None = None
     plugin: ExecPlugin | None = None
     _read_at: float = field(default=0.0, init=False)
@@ -314,9 +315,16 @@ def _check_user(user: dict[str, Any], source: str) -> None:
 
 def _server(cluster: dict[str, Any], source: str) -> str:
     server = str(cluster.get("server") or "")
-    parts = urlsplit(server)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise Invalid(f"{source}: cluster server {server!r} is not an http(s) URL")
+    try:
+        parts = urlsplit(server)
+        hostname = parts.hostname
+    except ValueError:
+        raise Invalid(f"{source}: cluster server {redact_url(server)!r} is not a URL") from None
+    if parts.scheme not in ("https", "http") or not hostname:
+        raise Invalid(f"{source}: cluster server {redact_url(server)!r} is not an http(s) URL")
+    if "@" in parts.netloc:
+        raise Invalid(f"{source}: cluster server {redact_url(server)!r} carries credentials; "
+                      "put a token or client certificate in the user entry instead")
     return server.rstrip("/")
 
 
@@ -328,7 +336,7 @@ def _read_yaml(path: str) -> dict[str, Any]:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise Invalid(f"kubeconfig {path} is not valid YAML: {err}") from None
+        raise Invalid(f"kubeconfig {path} is not valid YAML: {yaml_problem(err)}") from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):

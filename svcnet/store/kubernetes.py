@@ -53,6 +53,12 @@ from svcnet.store.kubeconfig import load as load_config
 log = logging.getLogger(__name__)
 
 USER_AGENT = "svcnet/0.1.0"
+APPLY_PATCH = "application/apply-patch+yaml"
+APPLY_PARAMS = {"fieldManager": "svcnet", "force": "true"}
+_SERVER_SET_METADATA = frozenset({
+    "resourceVersion", "uid", "creationTimestamp", "generation", "managedFields", "selfLink",
+    "deletionTimestamp", "deletionGracePeriodSeconds"})
+"""What ``svcnet get -o json`` prints but an apply may not (or need not) send back."""
 MAX_RETRY_AFTER = 30.0
 """Longest wait honoured from a 429's Retry-After; beyond it we report Unavailable."""
 
@@ -316,7 +322,17 @@ class KubernetesStore:
                 await chunks.aclose()
 
     async def put(self, kind: Kind[Any], obj: Mapping[str, Any]) -> RawObject:
-        meta = dict(obj.get("metadata") or {})
+        """Create or update the object with server-side apply, as ``kubectl apply
+        --server-side --force-conflicts`` does: one PATCH that creates the object if needed,
+        sets every field given, drops fields svcnet applied before and no longer gives, and
+        keeps what others set (a Service's allocated clusterIP and nodePorts, a Pod's
+        defaulted spec and admission-added volumes).
+
+        A create-then-replace cannot do that: re-creating a Service that fixes its clusterIP
+        or nodePort is a 422 "already allocated" (the registry allocates before it checks the
+        name), and replacing a Pod whose spec the server completed is a 422 too."""
+        meta = {k: v for k, v in (obj.get("metadata") or {}).items()
+                if k not in _SERVER_SET_METADATA}
         name = meta.get("name")
         if not name:
             raise Invalid(f"{kind.name} has no metadata.name")
@@ -325,30 +341,14 @@ class KubernetesStore:
             meta["namespace"] = namespace
         else:
             meta.pop("namespace", None)
-        meta.pop("resourceVersion", None)
         body = {**obj, "apiVersion": kind.api_version, "kind": kind.name, "metadata": meta}
-        collection = self._collection_path(kind, namespace)
-        item = f"{collection}/{quote(str(name), safe='')}"
-        resp = await self._request("POST", collection, body=_ENCODE.encode(body))
-        if resp.status in (200, 201, 202):
-            return _raw_object(resp.body)
-        if resp.status != 409:
-            _raise_for(resp, f"create {kind.name} {namespace}/{name}", self.config)
-        for _ in range(self.retries):
-            current = await self._request("GET", item)
-            if current.status == 404:
-                resp = await self._request("POST", collection, body=_ENCODE.encode(body))
-            else:
-                if current.status != 200:
-                    _raise_for(current, f"get {kind.name} {namespace}/{name}", self.config)
-                meta["resourceVersion"] = _raw_object(current.body).revision
-                resp = await self._request("PUT", item, body=_ENCODE.encode(body))
-            if resp.status in (200, 201):
-                return _raw_object(resp.body)
-            if resp.status != 409:
-                _raise_for(resp, f"replace {kind.name} {namespace}/{name}", self.config)
-        raise Conflict(f"replace {kind.name} {namespace}/{name}: still conflicting after "
-                       f"{self.retries} attempts")
+        item = f"{self._collection_path(kind, namespace)}/{quote(str(name), safe='')}"
+        resp = await self._request("PATCH", f"{item}?{_query(APPLY_PARAMS)}",
+                                   body=_ENCODE.encode(body), content_type=APPLY_PATCH)
+        if resp.status not in (200, 201):
+            _raise_for(resp, f"apply {kind.name} {namespace + '/' if namespace else ''}{name}",
+                       self.config)
+        return _raw_object(resp.body)
 
     async def delete(self, kind: Kind[Any], namespace: str, name: str) -> None:
         ns = (namespace or "default") if kind.namespaced else ""
@@ -397,7 +397,8 @@ class KubernetesStore:
             if not token:
                 return Listing(items, revision)
 
-    async def _request_bytes(self, method: str, target: str, body: bytes | None) -> bytes:
+    async def _request_bytes(self, method: str, target: str, body: bytes | None,
+                             content_type: str = "application/json") -> bytes:
         lines = [
             f"{method} {target} HTTP/1.1",
             f"Host: {self._host_header}",
@@ -408,20 +409,20 @@ class KubernetesStore:
         if token:
             lines.append(f"Authorization: Bearer {token}")
         if body is not None:
-            lines.append("Content-Type: application/json")
+            lines.append(f"Content-Type: {content_type}")
             lines.append(f"Content-Length: {len(body)}")
         elif method in ("POST", "PUT"):
             lines.append("Content-Length: 0")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
 
-    async def _request(self, method: str, target: str, *, body: bytes | None = None
-                       ) -> _Response:
+    async def _request(self, method: str, target: str, *, body: bytes | None = None,
+                       content_type: str = "application/json") -> _Response:
         """One request on the shared keep-alive connection, honouring 429 Retry-After and
         fetching a fresh token once after a 401 (a rotated token file, an expired plugin
         token)."""
         refreshed = False
         for _ in range(self.retries):
-            resp = await self._exchange(method, target, body)
+            resp = await self._exchange(method, target, body, content_type)
             if resp.status == 401 and self._token.refreshable and not refreshed:
                 self._token.invalidate()
                 refreshed = True
@@ -431,8 +432,9 @@ class KubernetesStore:
             await self._wait_retry_after(resp.headers, f"{method} {target}")
         raise Unavailable(f"{method} {target}: still throttled (429) after {self.retries} tries")
 
-    async def _exchange(self, method: str, target: str, body: bytes | None) -> _Response:
-        request = await self._request_bytes(method, target, body)
+    async def _exchange(self, method: str, target: str, body: bytes | None,
+                        content_type: str = "application/json") -> _Response:
+        request = await self._request_bytes(method, target, body, content_type)
         async with self._lock:
             for attempt in (1, 2):
                 reused = self._conn is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from svcnet.store.base import Invalid, Store
+from svcnet.store.redact import redact_url
 
 STORE_HELP = "kubernetes | etcd://HOST:PORT[,HOST:PORT...][/PREFIX] | memory"
 
@@ -28,13 +29,13 @@ def open_store(url: str, *, kubeconfig: str | None = None, context: str | None =
         hosts, _, prefix = rest.partition("/")
         endpoints = [h for h in hosts.split(",") if h]
         if not endpoints:
-            raise Invalid(f"--store {url!r}: no etcd endpoint given")
+            raise Invalid(f"--store {redact_url(url)!r}: no etcd endpoint given")
         return EtcdStore(endpoints, prefix="/" + prefix if prefix else "/registry")
     if url in ("kubernetes", "k8s"):
         from svcnet.store.kubernetes import KubernetesStore
 
         return KubernetesStore.from_config(kubeconfig=kubeconfig, context=context)
-    raise Invalid(f"--store {url!r} is not one of: {STORE_HELP}")
+    raise Invalid(f"--store {redact_url(url)!r} is not one of: {STORE_HELP}")
 
 
 def store_from_args(args: argparse.Namespace) -> Store:

@@ -8,12 +8,16 @@ Layered like kopf's watcher, each layer one async generator:
 3. ``Informer.run``: decodes raw objects into records (the only place that happens), keeps
    the cache, and calls handlers in order. After a relist it reconciles the cache with the
    listing, so an object deleted while the watch was away is still delivered as a delete.
+
+One bad object must never stop the loop: an object that fails to decode is rejected (its
+last good version stays cached), and a handler that raises for one object is logged once
+for that object, counted, and skipped for it; every other object and handler carries on.
+Should an informer task still end with an exception, ``failed`` says so, for readiness.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import random
@@ -137,12 +141,19 @@ class Callbacks(Generic[R]):
         return self.on_change(obj, None)
 
 
+def _handler_name(handler: Handler[Any]) -> str:
+    if isinstance(handler, Callbacks):
+        return str(getattr(handler.on_change, "__qualname__", type(handler).__qualname__))
+    return type(handler).__qualname__
+
+
 class Informer(Generic[R]):
     """One resource's list/watch loop, cache and handlers. Share it via ``InformerFactory``."""
 
     def __init__(
         self, store: Store, kind: Kind[R], *, selector: Selector = NO_SELECTOR,
         resync_period: float = 0.0, backoff: Backoff | None = None,
+        on_failure: Callable[[Informer[R]], None] | None = None,
     ) -> None:
         self.store = store
         self.kind: Kind[R] = kind
@@ -155,23 +166,50 @@ class Informer(Generic[R]):
         self._backoff = backoff or Backoff()
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Future[None]] = set()
+        self._failing: set[tuple[int, str]] = set()
+        """(handler index, object key) whose last call raised: logged once, not per event."""
+        self._on_failure: Callable[[Informer[R]], None] | None = on_failure
+        self.error: BaseException | None = None
+        """Why the informer task ended, if it ended with an exception."""
+
+    @property
+    def failed(self) -> bool:
+        """True once the informer task has died: its cache no longer follows the store."""
+        return self.error is not None
 
     def add_handler(self, handler: Handler[R]) -> None:
         """Register a handler; it first receives an add for every object already cached."""
         self._handlers.append(handler)
-        for obj in self.cache.values():
-            self._schedule(handler.on_add(obj))
+        index = len(self._handlers) - 1
+        for key in self.cache.keys_snapshot():
+            obj = self.cache.get(key)
+            if obj is None:
+                continue
+            task = asyncio.ensure_future(self._call(index, handler, key, "on_add", obj))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
 
     def start(self) -> asyncio.Task[None]:
         if self._task is None:
             self._task = asyncio.create_task(self.run(), name=f"informer-{self.kind.name}")
+            self._task.add_done_callback(self._ended)
         return self._task
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        self.error = task.exception()
+        metrics.INFORMER_FAILURES.labels(self.kind.name).inc()
+        log.error("informer %s died; its cache no longer follows the store", self.kind.name,
+                  exc_info=self.error)
+        if self._on_failure is not None:
+            self._on_failure(self)
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # A task that died has been logged and recorded in ``error``: not raised again.
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
     async def wait_synced(self, timeout: float | None = None) -> None:
@@ -225,48 +263,57 @@ class Informer(Generic[R]):
     def _decode(self, raw: RawObject) -> R | None:
         try:
             return self.kind.decode(raw.data)
-        except InvalidObject as err:
+        except Exception as err:  # one object must never stop the informer
+            problem = err if isinstance(err, InvalidObject) else f"undecodable: {err!r}"
             metrics.REJECTED.labels(self.kind.name).inc()
-            log.error("rejected %s; keeping its last good version: %s", raw.key, err)
+            log.error("rejected %s; keeping its last good version: %s", raw.key, problem)
             return None
 
     async def _upsert(self, key: str, obj: R) -> None:
         old = self.cache.upsert(key, obj)
         if old is None:
-            for h in self._handlers:
-                await self._call(h.on_add(obj))
+            await self._deliver(key, "on_add", obj)
         elif old.metadata.resource_version != obj.metadata.resource_version or (
             not obj.metadata.resource_version and old != obj
         ):
-            for h in self._handlers:
-                await self._call(h.on_update(old, obj))
+            await self._deliver(key, "on_update", old, obj)
 
     async def _remove(self, key: str) -> None:
         old = self.cache.remove(key)
         if old is not None:
-            for h in self._handlers:
-                await self._call(h.on_delete(old))
+            await self._deliver(key, "on_delete", old)
+            self._failing = {f for f in self._failing if f[1] != key}
 
     async def _resync_loop(self) -> None:
         while True:
             await asyncio.sleep(self.resync_period)
-            for obj in self.cache.values():
-                for h in self._handlers:
-                    await self._call(h.on_update(obj, obj))
+            for key in self.cache.keys_snapshot():
+                obj = self.cache.get(key)
+                if obj is not None:
+                    await self._deliver(key, "on_update", obj, obj)
 
-    async def _call(self, result: Awaitable[None] | None) -> None:
-        if result is None or not inspect.isawaitable(result):
-            return
+    async def _deliver(self, key: str, method: str, *args: R) -> None:
+        for index, handler in enumerate(list(self._handlers)):
+            await self._call(index, handler, key, method, *args)
+
+    async def _call(self, index: int, handler: Handler[R], key: str, method: str,
+                    *args: R) -> None:
+        """One handler call, sync or async; if it raises, that object is skipped for that
+        handler: logged the first time (with the traceback), counted every time."""
         try:
-            await result
-        except Exception:
-            log.exception("%s handler failed", self.kind.name)
-
-    def _schedule(self, result: Awaitable[None] | None) -> None:
-        if result is not None and inspect.isawaitable(result):
-            task = asyncio.ensure_future(self._call(result))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            result = getattr(handler, method)(*args)
+            if result is not None and inspect.isawaitable(result):
+                await result
+        except Exception:  # a handler bug must not stop the informer
+            name = _handler_name(handler)
+            metrics.HANDLER_ERRORS.labels(self.kind.name, name).inc()
+            if (index, key) not in self._failing:
+                self._failing.add((index, key))
+                log.exception("%s handler %s failed for %s; skipping that object for it "
+                              "(logged once until it succeeds)", self.kind.name, name, key)
+            return
+        if self._failing:
+            self._failing.discard((index, key))
 
 
 class InformerFactory:
@@ -276,12 +323,14 @@ class InformerFactory:
         self.store = store
         self.resync_period = resync_period
         self._informers: dict[tuple[str, Selector], Informer[Any]] = {}
+        self._failed = asyncio.Event()
 
     def informer(self, kind: Kind[R], *, selector: Selector = NO_SELECTOR) -> Informer[R]:
         key = (kind.name, selector)
         inf = self._informers.get(key)
         if inf is None:
-            inf = Informer(self.store, kind, selector=selector, resync_period=self.resync_period)
+            inf = Informer(self.store, kind, selector=selector, resync_period=self.resync_period,
+                           on_failure=lambda _: self._failed.set())
             if kind.name == "EndpointSlice":
                 inf.cache.add_index("service", by_service_name)
             self._informers[key] = inf
@@ -298,6 +347,18 @@ class InformerFactory:
     @property
     def synced(self) -> bool:
         return all(inf.synced.is_set() for inf in self._informers.values())
+
+    @property
+    def failed(self) -> list[Informer[Any]]:
+        """Informers whose task died (for readiness); normally empty."""
+        return [inf for inf in self._informers.values() if inf.failed]
+
+    async def wait_failed(self) -> Informer[Any]:
+        """Return the first informer whose task dies, whenever that happens."""
+        while not self.failed:
+            self._failed.clear()
+            await self._failed.wait()
+        return self.failed[0]
 
     async def stop(self) -> None:
         for inf in self._informers.values():

@@ -24,3 +24,12 @@ LAST_EVENT = Gauge(
     "Unix time the last event (or bookmark) of this kind arrived; lag = now - this.", ["kind"],
 )
 CACHED = Gauge("svcnet_watch_cached_objects", "Objects in the informer cache.", ["kind"])
+HANDLER_ERRORS = Counter(
+    "svcnet_watch_handler_errors_total",
+    "Handler calls that raised; that object is skipped for that handler, the rest carry on.",
+    ["kind", "handler"],
+)
+INFORMER_FAILURES = Counter(
+    "svcnet_watch_informer_failures_total",
+    "Informer tasks that ended with an exception (readiness turns false).", ["kind"],
+)
