@@ -188,6 +188,9 @@ class DNSOptions:
     max_concurrent: int = 1000
     forward_timeout: float = 2.0
     lameduck: float = 0.0
+    tcp_idle_timeout: float = 10.0  # CoreDNS's defaults: idle 10 s, read and write 5 s
+    tcp_write_timeout: float = 5.0
+    tcp_max_connections: int = 1000
     slim_informers: bool = True  # own slim EndpointSlice informer (standalone), else shared
 
 
@@ -368,7 +371,9 @@ class DNSComponent:
                           cache=ResponseCache(o.cache_size, min_ttl=o.cache_min_ttl), stats=stats,
                           log_queries=o.query_log)
         server = DNSServer(zone, handler, host=o.listen[0], port=o.listen[1],
-                           workers=o.workers, slow_only=o.query_log)
+                           workers=o.workers, slow_only=o.query_log,
+                           tcp_idle=o.tcp_idle_timeout, tcp_write=o.tcp_write_timeout,
+                           tcp_max=o.tcp_max_connections)
         self.server = server
         http: list[HTTPServer] = []
         try:

@@ -13,6 +13,7 @@ import logging
 import struct
 import time
 
+from svcnet.dns import metrics
 from svcnet.dns.cache import ResponseCache
 from svcnet.dns.forward import ConcurrencyLimit, Forwarder, ForwardError
 from svcnet.dns.metrics import DNSStats
@@ -46,6 +47,30 @@ log = logging.getLogger(__name__)
 query_log = logging.getLogger("svcnet.dns.query")
 
 
+class RateLimitedLog:
+    """At most one log line per key per ``interval``, saying how many were suppressed:
+    one client repeating a query that trips a bug must not fill the disk."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 60.0, keys: int = 64) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.keys = keys
+        self._last: dict[str, tuple[float, int]] = {}  # key -> (last logged, suppressed)
+
+    def exception(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        last, suppressed = self._last.get(key, (-self.interval, 0))
+        if now - last < self.interval:
+            self._last[key] = (last, suppressed + 1)
+            return
+        if len(self._last) >= self.keys:
+            self._last.clear()  # bounded: forgetting only means one more line
+        self._last[key] = (now, 0)
+        if suppressed:
+            msg += f" ({suppressed} more like it in the last {self.interval:.0f} s)"
+        self.logger.exception(msg, *args)
+
+
 class Handler:
     def __init__(self, zone: ClusterZone, *, forwarder: Forwarder | None = None,
                  stubs: dict[str, Forwarder] | None = None, cache: ResponseCache | None = None,
@@ -56,6 +81,7 @@ class Handler:
         self.cache = cache if cache is not None else ResponseCache()
         self.stats = stats
         self.log_queries = log_queries
+        self.errors = RateLimitedLog(log)
 
     def forwarders(self) -> list[Forwarder]:
         return [f for f in (self.forwarder, *self.stubs.values()) if f is not None]
@@ -68,7 +94,13 @@ class Handler:
             return header_only(data, FORMERR)
         if query.flags & 0x8000:
             return None
-        response, plugin = await self._answer(data, query, proto)
+        try:
+            response, plugin = await self._answer(data, query, proto)
+        except Exception as err:  # a bug: answer SERVFAIL, count, log rarely
+            kind = type(err).__name__
+            metrics.HANDLER_ERRORS.labels(kind).inc()
+            self.errors.exception(kind, "answering %s %d failed", query.qname, query.qtype)
+            response, plugin = build_response(query, SERVFAIL), "handler"
         rcode = response[3] & 0xF if response else SERVFAIL
         elapsed = time.perf_counter() - started
         if self.stats is not None:

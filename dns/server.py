@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from svcnet.dns import metrics
 from svcnet.dns.handler import Handler
 from svcnet.dns.table import SharedTable
 from svcnet.dns.wire import answer_from_prepared
@@ -35,7 +36,11 @@ from svcnet.dns.zone import ClusterZone
 
 log = logging.getLogger(__name__)
 
-TCP_IDLE_SECONDS = 10.0
+TCP_IDLE_SECONDS = 10.0  # CoreDNS's defaults: idle 10 s between queries, read/write 5 s
+TCP_READ_SECONDS = 5.0
+TCP_WRITE_SECONDS = 5.0
+TCP_MAX_CONNECTIONS = 1000
+TCP_WRITE_BUFFER = 1 << 16
 
 
 def fast_answer(table: SharedTable, data: bytes, tcp: bool) -> bytes | None:
@@ -82,7 +87,9 @@ class _Worker:
 
 class DNSServer:
     def __init__(self, zone: ClusterZone, handler: Handler, *, host: str = "127.0.0.1",
-                 port: int = 53, workers: int = 2, slow_only: bool = False) -> None:
+                 port: int = 53, workers: int = 2, slow_only: bool = False,
+                 tcp_idle: float = TCP_IDLE_SECONDS, tcp_write: float = TCP_WRITE_SECONDS,
+                 tcp_max: int = TCP_MAX_CONNECTIONS) -> None:
         self.zone = zone
         self.handler = handler
         self.host = host
@@ -94,6 +101,11 @@ class DNSServer:
         self._udp_transport: asyncio.DatagramTransport | None = None
         self._udp_reader: _PktinfoUDP | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.tcp_idle = tcp_idle
+        self.tcp_read = min(tcp_idle, TCP_READ_SECONDS)
+        self.tcp_write = tcp_write
+        self.tcp_max = tcp_max
+        self._tcp_clients: dict[asyncio.WriteTransport, None] = {}  # least recently active first
 
     async def start(self) -> None:
         udp = _udp_socket(self.host, self.port)
@@ -211,12 +223,33 @@ class DNSServer:
 
     async def _tcp_client(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
+        """One TCP client. Every wait is bounded (idle between queries, reading a query,
+        writing a reply) and the connection count is capped (at the cap the least recently
+        active connection is closed, so a new client still gets answers), so clients that
+        connect and stay, or send and never read, cost bounded memory for a bounded time."""
+        transport = writer.transport
+        clients = self._tcp_clients
+        while len(clients) >= self.tcp_max:
+            metrics.TCP_REJECTED.inc()
+            oldest = next(iter(clients))
+            del clients[oldest]
+            _reset(oldest)
+        clients[transport] = None
+        transport.set_write_buffer_limits(high=TCP_WRITE_BUFFER)
         peer = writer.get_extra_info("peername") or ("", 0)
+        clean = False
         try:
             while True:
-                head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_SECONDS)
+                try:
+                    head = await asyncio.wait_for(reader.readexactly(2), self.tcp_idle)
+                except asyncio.IncompleteReadError as err:
+                    clean = not err.partial  # the client closed between queries
+                    return
                 (size,) = struct.unpack("!H", head)
-                data = await asyncio.wait_for(reader.readexactly(size), TCP_IDLE_SECONDS)
+                data = await asyncio.wait_for(reader.readexactly(size), self.tcp_read)
+                if transport in clients:  # most recently active last
+                    del clients[transport]
+                    clients[transport] = None
                 response = None if self.handler.log_queries else fast_answer(
                     self.zone.table, data, True) if self.zone.synced else None
                 if response is None:
@@ -225,13 +258,22 @@ class DNSServer:
                     self.handler.stats.count("tcp", _qtype(data), response[3] & 0xF,
                                              "kubernetes", 0.0)
                 if response is None:
+                    clean = True
                     return
                 writer.write(struct.pack("!H", len(response)) + response)
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), self.tcp_write)
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError, OSError):
-            pass
+            metrics.TCP_TIMEOUTS.inc()
         finally:
-            writer.close()
+            clients.pop(transport, None)
+            if clean and not transport.get_write_buffer_size():
+                writer.close()
+            else:
+                _reset(transport)  # never wait to flush to a client that does not read
+
+    @property
+    def tcp_connections(self) -> int:
+        return len(self._tcp_clients)
 
     def alive_workers(self) -> int:
         return sum(1 for w in self._workers if w.proc.poll() is None)
@@ -255,6 +297,16 @@ class DNSServer:
         self._workers.clear()
         for task in list(self._tasks):
             task.cancel()
+
+
+def _reset(transport: asyncio.WriteTransport) -> None:
+    """Close with RST: a plain close keeps unsent replies queued in the kernel (FIN_WAIT1)
+    for as long as the client keeps its window shut."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def _qtype(data: bytes) -> int:

@@ -13,6 +13,7 @@ We render by hand rather than through dnslib: the record types are few and fixed
 from __future__ import annotations
 
 import ipaddress
+import re
 import struct
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -228,10 +229,26 @@ def read_name(data: bytes, offset: int) -> tuple[list[bytes], int]:
     return labels, (end if end >= 0 else offset)
 
 
+_SPECIAL = re.compile(rb"[^\x21-\x7e]|[.\\]")
+
+
+def _escape(match: re.Match[bytes]) -> bytes:
+    return b"\\%03d" % match.group()[0]
+
+
 def labels_to_text(labels: list[bytes]) -> str:
+    """Lower-case dotted text. Bytes that are not printable ASCII, and a dot or backslash
+    inside a label, are written ``\\DDD`` (as zone files and CoreDNS do): a wire label
+    ``a.b`` stays one label, and any byte is text we can compare and log."""
     if not labels:
         return "."
-    return ".".join(label.decode("latin-1").lower() for label in labels) + "."
+    out = []
+    for label in labels:
+        label = label.lower()
+        if _SPECIAL.search(label) is not None:
+            label = _SPECIAL.sub(_escape, label)
+        out.append(label.decode("ascii"))
+    return ".".join(out) + "."
 
 
 def skip_rr(data: bytes, offset: int) -> tuple[int, int, int, int, int]:

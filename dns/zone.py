@@ -66,8 +66,16 @@ Updates = dict[bytes, Prepared | None]
 VERSION_TTL = 28800  # CoreDNS answers dns-version with this TTL
 
 
+NO_KEY = b"\xff"
+"""What ``table_key`` gives a name no table entry can have (``names.py`` never builds one)."""
+
+
 def table_key(name: str, qtype: int) -> bytes:
-    """The fast path's key: the lower-case wire name, type and class IN, as in the query."""
+    """The fast path's key: the lower-case wire name, type and class IN, as in the query.
+
+    A query name with escaped bytes (``wire.labels_to_text``) names nothing we serve."""
+    if "\\" in name:
+        return NO_KEY
     return encode_name(name) + struct.pack("!HH", qtype, 1)
 
 
@@ -297,6 +305,8 @@ class ClusterZone:
         """Answer a name inside the zone that has no prepared answer for this type."""
         if not self.synced:
             return Lookup(rcode=SERVFAIL)
+        if "\\" in qname:  # an escaped byte: no object name has one
+            return Lookup(prepare(NXDOMAIN, [], [self.soa()], [], qname))
         prepared = self.table.get(table_key(qname, qtype))
         if prepared is not None:
             return Lookup(prepared)
