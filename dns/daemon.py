@@ -191,6 +191,7 @@ class DNSOptions:
     tcp_idle_timeout: float = 10.0  # CoreDNS's defaults: idle 10 s, read and write 5 s
     tcp_write_timeout: float = 5.0
     tcp_max_connections: int = 1000
+    loop_probe_interval: float = 30.0  # seconds between forwarding-loop probes per upstream
     slim_informers: bool = True  # own slim EndpointSlice informer (standalone), else shared
 
 
@@ -363,9 +364,11 @@ class DNSComponent:
         metrics.register(stats)
         upstreams = drop_self(o.upstreams, o.listen)
         forwarder = Forwarder(upstreams, timeout=o.forward_timeout,
-                              max_concurrent=o.max_concurrent) if upstreams else None
+                              max_concurrent=o.max_concurrent,
+                              loop_interval=o.loop_probe_interval) if upstreams else None
         stubs = {d: Forwarder(drop_self(s, o.listen), timeout=o.forward_timeout,
-                              max_concurrent=o.max_concurrent)
+                              max_concurrent=o.max_concurrent,
+                              loop_interval=o.loop_probe_interval)
                  for d, s in o.stub_domains.items()}
         handler = Handler(zone, forwarder=forwarder, stubs=stubs,
                           cache=ResponseCache(o.cache_size, min_ttl=o.cache_min_ttl), stats=stats,
@@ -397,7 +400,7 @@ class DNSComponent:
             self.ready.set()
             log.info("dns synced: %d prepared answers", len(zone.table))
             for fwd in handler.forwarders():
-                asyncio.get_running_loop().create_task(fwd.check_loops())
+                fwd.start_loop_checks()
             await asyncio.Event().wait()
         finally:
             if pods is not None:

@@ -120,7 +120,7 @@ class Handler:
             return build_response(q, BADVERS), "handler"
         if q.qtype in (AXFR, IXFR):
             return build_response(q, REFUSED), "handler"
-        if any(f.saw_probe(q.qname) for f in self.forwarders()):
+        if any(f.seen(data, q.qname) for f in self.forwarders()):
             return build_response(q, SERVFAIL), "loop"
         if self.zone.contains(q.qname) or (
                 in_reverse_zone(q.qname) and q.qtype == PTR

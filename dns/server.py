@@ -108,12 +108,21 @@ class DNSServer:
         self._tcp_clients: dict[asyncio.WriteTransport, None] = {}  # least recently active first
 
     async def start(self) -> None:
-        udp = _udp_socket(self.host, self.port)
-        self.port = udp.getsockname()[1]
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        tcp = socket.socket(family, socket.SOCK_STREAM)
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        tcp.bind((self.host, self.port))
+        for attempt in range(20):  # port 0: the kernel's UDP port may be taken for TCP
+            udp = _udp_socket(self.host, self.port)
+            port = udp.getsockname()[1]
+            tcp = socket.socket(family, socket.SOCK_STREAM)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                tcp.bind((self.host, port))
+                break
+            except OSError:
+                udp.close()
+                tcp.close()
+                if self.port or attempt == 19:
+                    raise
+        self.port = port
         self._tcp = await asyncio.start_server(self._tcp_client, sock=tcp, backlog=1024)
         loop = asyncio.get_running_loop()
         if self.workers <= 0 and self.host in WILDCARDS:
