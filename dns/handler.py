@@ -22,6 +22,7 @@ from svcnet.dns.wire import (
     AAAA,
     AXFR,
     BADVERS,
+    CLASS_IN,
     CNAME,
     FORMERR,
     IXFR,
@@ -37,11 +38,13 @@ from svcnet.dns.wire import (
     answer_from_prepared,
     build_response,
     encode_name,
-    encode_rr,
     header_only,
     parse_query,
+    prepare,
 )
 from svcnet.dns.zone import ClusterZone, table_key
+
+CLASS_ANY = 255
 
 log = logging.getLogger(__name__)
 query_log = logging.getLogger("svcnet.dns.query")
@@ -122,15 +125,21 @@ class Handler:
             return build_response(q, REFUSED), "handler"
         if any(f.seen(data, q.qname) for f in self.forwarders()):
             return build_response(q, SERVFAIL), "loop"
+        if in_reverse_zone(q.qname) and q.qtype == PTR and self.zone.synced and \
+                table_key(q.qname, PTR) not in self.zone.table and q.qclass == CLASS_IN:
+            found = self.zone.endpoint_ptr(q.qname)  # a ClusterIP Service's endpoint
+            if found is not None and found.prepared is not None:
+                return answer_from_prepared(data, q, found.prepared, limit), "kubernetes"
         if self.zone.contains(q.qname) or (
                 in_reverse_zone(q.qname) and q.qtype == PTR
                 and table_key(q.qname, PTR) in self.zone.table):
+            if q.qclass not in (CLASS_IN, CLASS_ANY):  # CHAOS, HESIOD: not our data
+                return build_response(q, REFUSED), "kubernetes"
             result = self.zone.answer(q.qname, q.qtype)
             if result.prepared is not None:
-                return answer_from_prepared(data, q.question_end, result.prepared, q.edns,
-                                            limit), "kubernetes"
+                return answer_from_prepared(data, q, result.prepared, limit), "kubernetes"
             if result.cname is not None:
-                return await self._external(q, result.cname, limit), "kubernetes"
+                return await self._external(data, q, result.cname, limit), "kubernetes"
             return build_response(q, result.rcode), "kubernetes"
         return await self._forward(data, q, limit)
 
@@ -156,20 +165,21 @@ class Handler:
         reply = self.cache.put(key, reply)
         return _fit(reply, q, limit), "forward"
 
-    async def _external(self, q: Query, cname: RR, limit: int) -> bytes:
-        """ExternalName: the CNAME, then the target's A/AAAA records when we can get them."""
+    async def _external(self, data: bytes, q: Query, cname: RR, limit: int) -> bytes:
+        """ExternalName: the CNAME, then the target's A/AAAA records when we can get them;
+        a chain ending in our zone without data carries our SOA (RFC 2308 NODATA)."""
         records = [cname]
+        authority: list[RR] = []
         target = cname.rdata
-        if q.qtype in (A, AAAA):
-            if self.zone.contains(target):
-                result = self.zone.rrset(target, q.qtype)
-                records += result
-            else:
-                records += await self._resolve(target, q.qtype)
-        body = b"".join(encode_rr(rr, b"\xc0\x0c" if i == 0 else None)
-                        for i, rr in enumerate(records))
-        response = build_response(q, NOERROR, body, (len(records), 0, 0), authoritative=True)
-        return _fit(response, q, limit)
+        if self.zone.contains(target):
+            if q.qtype in (A, AAAA):
+                records += self.zone.rrset(target, q.qtype)
+            if len(records) == 1:
+                authority.append(self.zone.soa())
+        elif q.qtype in (A, AAAA):
+            records += await self._resolve(target, q.qtype)
+        prepared = prepare(NOERROR, records, authority, [], q.qname, qtype=q.qtype)
+        return answer_from_prepared(data, q, prepared, limit)
 
     async def _resolve(self, name: str, qtype: int) -> list[RR]:
         """Resolve an ExternalName target upstream (through the cache); dnslib parses."""

@@ -22,8 +22,8 @@ from typing import Any
 
 from svcnet.dns import metrics
 from svcnet.dns.handler import Handler
+from svcnet.dns.policy import plain_query, reply_tail
 from svcnet.dns.table import SharedTable
-from svcnet.dns.wire import answer_from_prepared
 from svcnet.dns.worker import (
     CMSG_ROOM,
     WILDCARDS,
@@ -44,25 +44,18 @@ TCP_WRITE_BUFFER = 1 << 16
 
 
 def fast_answer(table: SharedTable, data: bytes, tcp: bool) -> bytes | None:
-    """The prepared answer for a plain query, or None (the slow path decides)."""
-    if len(data) < 17 or data[2] & 0xF8 or data[4:10] != b"\x00\x01\x00\x00\x00\x00":
+    """The prepared answer for a plain query, or None (the slow path decides); the same
+    policy as a worker's (``policy.py``)."""
+    plain = plain_query(data)
+    if plain is None:
         return None
-    try:
-        qend = data.index(0, 12) + 5
-    except ValueError:
-        return None
+    qend, limit, opt = plain
     entry = table.get(data[12:qend].lower())
     if entry is None:
         return None
-    ar = data[10:12]
-    if ar == b"\x00\x00":
-        edns, size = False, 512
-    elif ar == b"\x00\x01" and data[qend:qend + 3] == b"\x00\x00\x29" and len(data) >= qend + 11 \
-            and not data[qend + 6] and not data[qend + 7] & 0x80:
-        edns, size = True, max(512, (data[qend + 3] << 8) | data[qend + 4])
-    else:
-        return None
-    return answer_from_prepared(data, qend, entry, edns, 65535 if tcp else size)
+    return data[:2] + reply_tail(data, qend, entry.flags1, entry.flags2, entry.counts,
+                                 entry.counts_edns, entry.body, entry.core_len, opt,
+                                 65535 if tcp else limit)
 
 
 def _udp_socket(host: str, port: int) -> socket.socket:
