@@ -268,3 +268,44 @@ def test_every_path_gives_the_same_reply() -> None:
                     checked += 1
     assert checked > 500
     zone.table.close()
+
+
+# --- defect 7: every query class stays in the workers ------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "rtype", "edns"), [
+    ("10-9-8-7.shop.pod.cluster.local.", "A", True),  # pod name
+    ("10-9-8-7.shop.pod.cluster.local.", "AAAA", False),  # pod name, NODATA
+    ("www.google.com.shop.svc.cluster.local.", "A", True),  # search-path miss
+    ("nope.cluster.local.", "AAAA", False),  # negative
+    ("kube-public.svc.cluster.local.", "A", True),  # namespace NODATA
+    ("10-1-0-5.web.shop.svc.cluster.local.", "A", False),  # ClusterIP endpoint name
+    ("alias.shop.svc.cluster.local.", "A", True),  # in-zone CNAME
+    ("5.0.1.10.in-addr.arpa.", "PTR", False),  # endpoint PTR
+])
+def test_repeated_queries_of_every_class_stay_in_the_worker(
+        server: Running, name: str, rtype: str, edns: bool) -> None:
+    """The first query of a kind the table does not hold is answered by the main process;
+    the worker keeps that reply (it depends only on the zone, and every zone change empties
+    the cache), so the next 50 never leave the worker."""
+    srv = server.component.server
+    first = query(server.port, name, rtype, use_edns=0 if edns else False)
+    before = srv.handoffs
+    for _ in range(50):
+        again = query(server.port, name, rtype, use_edns=0 if edns else False)
+        assert again.rcode() == first.rcode()
+        assert lines(again.answer) == lines(first.answer)
+        assert lines(again.authority) == lines(first.authority)
+    assert srv.handoffs - before <= 1, srv.handoffs - before
+
+
+def test_truncation_is_handled_in_the_worker(server: Running) -> None:
+    """Answers that need the additional section dropped, or TC, are built by the worker."""
+    srv = server.component.server
+    before = srv.handoffs
+    for _ in range(20):
+        msg = dns.query.udp(dns.message.make_query("hl.shop.svc.cluster.local.", "SRV",
+                                                   use_edns=0, payload=512),
+                            "127.0.0.1", port=server.port, timeout=3)
+        assert len(msg.answer[0]) == 6
+    assert srv.handoffs == before
