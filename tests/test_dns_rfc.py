@@ -378,3 +378,15 @@ def test_worker_pod_answers_equal_the_main_process(monkeypatch: pytest.MonkeyPat
                 answered += 1
     assert answered == 4 * 2 * 2
     zone.table.close()
+
+
+def test_first_time_pod_names_stay_in_the_worker(server: Running) -> None:
+    """Pod names are computable from the name: even never-seen ones do not reach the main
+    process once their namespace exists."""
+    srv = server.component.server
+    before = srv.handoffs
+    for i in range(30):
+        msg = query(server.port, f"10-77-0-{i + 1}.shop.pod.cluster.local.", "A")
+        assert lines(msg.answer) == [f"10-77-0-{i + 1}.shop.pod.cluster.local. 5 IN A "
+                                     f"10.77.0.{i + 1}"]
+    assert srv.handoffs == before
