@@ -33,6 +33,7 @@ import ssl
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -53,6 +54,7 @@ K8S_SHA256 = {
 }
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 ADMIN_USER = "svcnet-admin"
+PROBE_PATH = "/api/v1/namespaces/default/serviceaccounts/default"
 
 
 class MissingBinaries(RuntimeError):
@@ -466,6 +468,7 @@ class ControlPlane:
         self.netns = netns
         self.die_with_parent = die_with_parent
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._probe_token: str | None = None
 
     @classmethod
     def on_loopback(cls, directory: Path, **kw: Any) -> ControlPlane:
@@ -492,10 +495,12 @@ class ControlPlane:
         argv = component_argv(self.layout, self.bins, component)
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
+        # PR_SET_PDEATHSIG fires when the forking *thread* ends: only from the main thread.
+        on_death = self.die_with_parent and threading.current_thread() is threading.main_thread()
         with self.layout.log(component).open("ab") as log:
             self.procs[component] = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                preexec_fn=_die_with_parent if self.die_with_parent else None)
+                preexec_fn=_die_with_parent if on_death else None)
 
     def pid(self, component: str) -> int:
         return self.procs[component].pid
@@ -515,6 +520,7 @@ class ControlPlane:
         self.start_component(component)
         if component == "kube-apiserver":
             self.wait_apiserver(timeout)
+            self.wait_rbac(timeout)
         elif component == "etcd":
             self._wait_etcd(timeout)
 
@@ -587,13 +593,30 @@ class ControlPlane:
         while True:
             for component in COMPONENTS:
                 self._check_alive(component)
-            status, _ = api_get(self.layout, "/api/v1/namespaces/default/serviceaccounts/default")
+            status, _ = api_get(self.layout, PROBE_PATH)
             if status == 200:
-                return
+                break
             if time.monotonic() > deadline:
                 raise ControlPlaneError(
                     "no default ServiceAccount: kube-controller-manager not working; see "
                     f"{self.layout.log('kube-controller-manager')}")
+            time.sleep(0.2)
+        if self._probe_token is None:
+            self._probe_token = self.service_account_token(
+                "svcnet-probe", namespace="kube-system", cluster_role="view")
+        self.wait_rbac(max(deadline - time.monotonic(), 10.0))
+
+    def wait_rbac(self, timeout: float = 30.0) -> None:
+        """Until a request as a ServiceAccount bound by RBAC succeeds: after a start the
+        authorizer denies such requests for a few seconds (its cache is not synced)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, body = api_get(self.layout, PROBE_PATH, token=self._probe_token)
+            if status == 200:
+                return
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(f"RBAC still answers {status} to a ServiceAccount: "
+                                        f"{body[:200]!r}")
             time.sleep(0.2)
 
     # helpers ---------------------------------------------------------------------------------
@@ -640,11 +663,11 @@ class ControlPlane:
         return write_kubeconfig(self.layout.dir / f"{name}.kubeconfig", self.url,
                                 self.layout.ca_crt, cert_user(crt, key))
 
-    def service_account_kubeconfig(
+    def service_account_token(
         self, name: str, *, namespace: str = "default",
         rules: Sequence[Mapping[str, Any]] = (), cluster_role: str | None = None,
         duration: str = "24h", bind: bool = True,
-    ) -> Path:
+    ) -> str:
         """A ServiceAccount allowed exactly ``rules`` (a ClusterRole of its own) or an existing
         ``cluster_role``, cluster-wide, with a token from the TokenRequest API (what a pod's
         projected token is); ``bind=False`` makes the account with no rights at all."""
@@ -660,6 +683,12 @@ class ControlPlane:
         self.apply(docs)
         token = self.kubectl("create", "token", name, "-n", namespace,
                              f"--duration={duration}").stdout.strip()
+        return token
+
+    def service_account_kubeconfig(self, name: str, *, namespace: str = "default",
+                                   **kw: Any) -> Path:
+        """``service_account_token``'s account in a kubeconfig of its own."""
+        token = self.service_account_token(name, namespace=namespace, **kw)
         return write_kubeconfig(self.layout.dir / f"sa-{namespace}-{name}.kubeconfig", self.url,
                                 self.layout.ca_crt, {"token": token}, namespace=namespace)
 
