@@ -357,6 +357,20 @@ class KubernetesStore:
         if resp.status not in (200, 202):
             _raise_for(resp, f"delete {kind.name} {ns + '/' if ns else ''}{name}", self.config)
 
+    async def call(self, method: str, path: str, body: Any = None, *,
+                   content_type: str = "application/json") -> tuple[int, Any]:
+        """One request to any API path (``/apis/coordination.k8s.io/v1/...``, a ``/status``
+        subresource, a merge patch): (HTTP status, decoded JSON body or None). For what a
+        node agent does beyond the kinds svcnet reads: leases, status, deletion options."""
+        data = None if body is None else _ENCODE.encode(body)
+        resp = await self._request(method, self.config.path_prefix + path, body=data,
+                                   content_type=content_type)
+        try:
+            decoded = msgspec.json.decode(resp.body) if resp.body else None
+        except msgspec.DecodeError:
+            decoded = None
+        return resp.status, decoded
+
     async def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -410,7 +424,8 @@ class KubernetesStore:
             if not token:
                 return Listing(items, revision)
 
-    async def _request_bytes(self, method: str, target: str, body: bytes | None) -> bytes:
+    async def _request_bytes(self, method: str, target: str, body: bytes | None,
+                             content_type: str = "application/json") -> bytes:
         lines = [
             f"{method} {target} HTTP/1.1",
             f"Host: {self._host_header}",
@@ -421,20 +436,20 @@ class KubernetesStore:
         if token:
             lines.append(f"Authorization: Bearer {token}")
         if body is not None:
-            lines.append("Content-Type: application/json")
+            lines.append(f"Content-Type: {content_type}")
             lines.append(f"Content-Length: {len(body)}")
         elif method in ("POST", "PUT"):
             lines.append("Content-Length: 0")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
 
-    async def _request(self, method: str, target: str, *, body: bytes | None = None
-                       ) -> _Response:
+    async def _request(self, method: str, target: str, *, body: bytes | None = None,
+                       content_type: str = "application/json") -> _Response:
         """One request on the shared keep-alive connection, honouring 429 Retry-After and
         fetching a fresh token once after a 401 (a rotated token file, an expired plugin
         token)."""
         refreshed = False
         for _ in range(self.retries):
-            resp = await self._exchange(method, target, body)
+            resp = await self._exchange(method, target, body, content_type)
             if resp.status == 401 and self._token.refreshable and not refreshed:
                 self._token.invalidate()
                 refreshed = True
@@ -444,8 +459,9 @@ class KubernetesStore:
             await self._wait_retry_after(resp.headers, f"{method} {target}")
         raise Unavailable(f"{method} {target}: still throttled (429) after {self.retries} tries")
 
-    async def _exchange(self, method: str, target: str, body: bytes | None) -> _Response:
-        request = await self._request_bytes(method, target, body)
+    async def _exchange(self, method: str, target: str, body: bytes | None,
+                        content_type: str = "application/json") -> _Response:
+        request = await self._request_bytes(method, target, body, content_type)
         async with self._lock:
             for attempt in (1, 2):
                 reused = self._conn is not None
