@@ -77,13 +77,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabConfig]:
         down(Path(cfg.lab_dir), RealKernel(), lambda msg: None)
 
 
-def kubectl(cfg: LabConfig, *args: str, kubeconfig: str | None = None, check: bool = True
-            ) -> subprocess.CompletedProcess[str]:
+def kubectl(cfg: LabConfig, *args: str, kubeconfig: str | None = None, check: bool = True,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
     argv = kubectl_argv(cfg, *args)
     if kubeconfig:
         argv[1] = f"--kubeconfig={kubeconfig}"
     return subprocess.run(["ip", "netns", "exec", cfg.control_ns, *argv], capture_output=True,
-                          text=True, timeout=60, check=check)
+                          text=True, timeout=timeout, check=check)
 
 
 def get(cfg: LabConfig, *what: str) -> Any:
@@ -184,7 +184,7 @@ def test_scale_to_zero_rejects_at_once_and_back(lab: LabConfig) -> None:
 class RequestLoop:
     """At most ``count`` requests from a pod to the web ClusterIP until stopped."""
 
-    def __init__(self, cfg: LabConfig, pod: str, *, count: int = 3000,
+    def __init__(self, cfg: LabConfig, pod: str, *, count: int = 6000,
                  interval: float = 0.02) -> None:
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", cfg.pod_ns("default", pod), cfg.python, "-m",
@@ -197,6 +197,31 @@ class RequestLoop:
         self.proc.send_signal(signal.SIGTERM)
         out, _ = self.proc.communicate(timeout=20)
         return out.splitlines()
+
+
+def web_pod_names(cfg: LabConfig) -> set[str]:
+    return {p["metadata"]["name"] for p in get(cfg, "pods", "-l", "app=web")["items"]}
+
+
+def test_rollout_restart_under_50_requests_per_second_fails_none(lab: LabConfig) -> None:
+    """Old pods are deleted one by one as new ones turn Ready; each deleted pod turns not
+    Ready, its endpoint terminating, and it drains (lameduck) before it exits: not one of the
+    requests through the ClusterIP may fail."""
+    old = web_pod_names(lab)
+    loop = RequestLoop(lab, "client", count=9000, interval=0.02)
+    try:
+        time.sleep(1)
+        kubectl(lab, "rollout", "restart", "deployment/web")
+        kubectl(lab, "rollout", "status", "deployment/web", "--timeout=240s", timeout=260)
+        assert until(lambda: not (web_pod_names(lab) & old), 90), "old pods still there"
+        time.sleep(1)
+    finally:
+        lines = loop.stop()
+    errors = [line for line in lines if line.startswith("ERROR")]
+    assert len(lines) > 100 and errors == [], (len(lines), errors[:5])
+    new = web_pod_names(lab)
+    assert len(new) == 3 and new <= set(lines[-60:]), (new, lines[-10:])
+    nodes_in_sync(lab)
 
 
 @pytest.mark.parametrize("component", ["kube-apiserver", "kube-controller-manager"])
