@@ -224,6 +224,73 @@ def test_rollout_restart_under_50_requests_per_second_fails_none(lab: LabConfig)
     nodes_in_sync(lab)
 
 
+BIG = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: big}
+spec:
+  replicas: 250
+  selector: {matchLabels: {app: big}}
+  template:
+    metadata: {labels: {app: big}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: httpd
+        image: busybox
+        command: [sh, -c, 'mkdir -p %(www)s/$POD_NAME && echo $POD_NAME >
+          %(www)s/$POD_NAME/index.html && exec busybox httpd -f -p 8080 -h %(www)s/$POD_NAME']
+        ports: [{containerPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: big}
+spec: {selector: {app: big}, ports: [{port: 80, targetPort: 8080}]}
+"""
+
+
+def rulesets_hold(cfg: LabConfig, ips: set[str]) -> bool:
+    for node in cfg.node_names:
+        rules = subprocess.run(["ip", "netns", "exec", cfg.node_ns(node), "nft", "list",
+                                "ruleset"], capture_output=True, text=True, timeout=30,
+                               check=False).stdout
+        if not all(f"{ip} " in rules or f"{ip}:" in rules for ip in ips):
+            return False
+    return True
+
+
+def test_a_service_of_250_endpoints_in_three_slices_balances_over_all(lab: LabConfig) -> None:
+    """250 pods (busybox httpd, ~1 MB each): the real EndpointSlice controller splits them
+    100/100/50; every node's proxy programs all of them; calls spread over all of them."""
+    require_binary("busybox", "nft")
+    www = Path(lab.lab_dir) / "www"
+    (Path(lab.lab_dir) / "big.yaml").write_text(BIG % {"www": www})
+    lab_command(lab, "apply", "-f", str(Path(lab.lab_dir) / "big.yaml"), "--lab-dir", lab.lab_dir)
+    try:
+        slices: list[dict[str, Any]] = []
+
+        def all_ready() -> bool:
+            nonlocal slices
+            slices = get(lab, "endpointslices", "-l", "kubernetes.io/service-name=big")["items"]
+            return sum(1 for s in slices for e in s.get("endpoints") or ()
+                       if e["conditions"].get("ready")) == 250
+
+        assert until(all_ready, 400, 2), f"{len(slices)} slices, not 250 ready endpoints"
+        assert sorted(len(s["endpoints"]) for s in slices) == [50, 100, 100]
+        ips = {a for s in slices for e in s["endpoints"] for a in e["addresses"]}
+        assert len(ips) == 250
+        assert until(lambda: rulesets_hold(lab, ips), 60, 1), "a node lacks some endpoints"
+        answers = echo_call(lab, "client", "http://big/", 600, timeout=2)
+        errors = [a for a in answers if a.startswith("ERROR")]
+        assert errors == [] and len(answers) == 600, errors[:5]
+        # 600 uniform draws over 250 backends hit ~228 of them; far fewer means imbalance.
+        assert len(set(answers)) >= 190, len(set(answers))
+    finally:
+        kubectl(lab, "delete", "deployment", "big", "--wait=false", check=False)
+        kubectl(lab, "delete", "service", "big", "--wait=false", check=False)
+        assert until(lambda: not get(lab, "pods", "-l", "app=big")["items"], 300, 2)
+
+
 @pytest.mark.parametrize("component", ["kube-apiserver", "kube-controller-manager"])
 def test_kill_9_of_a_control_plane_component_under_traffic(lab: LabConfig, component: str
                                                              ) -> None:
