@@ -259,6 +259,7 @@ def rulesets_hold(cfg: LabConfig, ips: set[str]) -> bool:
     return True
 
 
+@pytest.mark.timeout(900)
 def test_a_service_of_250_endpoints_in_three_slices_balances_over_all(lab: LabConfig) -> None:
     """250 pods (busybox httpd, ~1 MB each): the real EndpointSlice controller splits them
     100/100/50; every node's proxy programs all of them; calls spread over all of them."""
@@ -275,7 +276,7 @@ def test_a_service_of_250_endpoints_in_three_slices_balances_over_all(lab: LabCo
             return sum(1 for s in slices for e in s.get("endpoints") or ()
                        if e["conditions"].get("ready")) == 250
 
-        assert until(all_ready, 400, 2), f"{len(slices)} slices, not 250 ready endpoints"
+        assert until(all_ready, 600, 2), f"{len(slices)} slices, not 250 ready endpoints"
         assert sorted(len(s["endpoints"]) for s in slices) == [50, 100, 100]
         ips = {a for s in slices for e in s["endpoints"] for a in e["addresses"]}
         assert len(ips) == 250
