@@ -33,6 +33,7 @@ import ssl
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -53,6 +54,7 @@ K8S_SHA256 = {
 }
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 ADMIN_USER = "svcnet-admin"
+PROBE_PATH = "/api/v1/namespaces/default/serviceaccounts/default"
 
 
 class MissingBinaries(RuntimeError):
@@ -466,6 +468,7 @@ class ControlPlane:
         self.netns = netns
         self.die_with_parent = die_with_parent
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._probe_token: str | None = None
 
     @classmethod
     def on_loopback(cls, directory: Path, **kw: Any) -> ControlPlane:
@@ -489,13 +492,20 @@ class ControlPlane:
     def start_component(self, component: str) -> None:
         if (proc := self.procs.get(component)) is not None and proc.poll() is None:
             raise ControlPlaneError(f"{component} is already running (pid {proc.pid})")
-        argv = component_argv(self.layout, self.bins, component)
+        self._spawn(component, component_argv(self.layout, self.bins, component))
+
+    def _spawn(self, component: str, argv: list[str]) -> None:
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
-        with self.layout.log(component).open("ab") as log:
+        # PR_SET_PDEATHSIG fires when the forking *thread* ends: only from the main thread.
+        on_death = self.die_with_parent and threading.current_thread() is threading.main_thread()
+        with self.log_path(component).open("ab") as log:
             self.procs[component] = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                preexec_fn=_die_with_parent if self.die_with_parent else None)
+                preexec_fn=_die_with_parent if on_death else None)
+
+    def log_path(self, component: str) -> Path:
+        return self.layout.log(component)
 
     def pid(self, component: str) -> int:
         return self.procs[component].pid
@@ -515,6 +525,7 @@ class ControlPlane:
         self.start_component(component)
         if component == "kube-apiserver":
             self.wait_apiserver(timeout)
+            self.wait_rbac(timeout)
         elif component == "etcd":
             self._wait_etcd(timeout)
 
@@ -548,33 +559,32 @@ class ControlPlane:
     # readiness -----------------------------------------------------------------------------
 
     def _check_alive(self, component: str) -> None:
-        proc = self.procs.get(component)
-        if proc is None or proc.poll() is not None:
-            raise ControlPlaneError(f"{component} exited; see {self.layout.log(component)}:\n"
-                                    + tail(self.layout.log(component)))
+        if not self.running(component):
+            raise ControlPlaneError(f"{component} exited; see {self.log_path(component)}:\n"
+                                    + tail(self.log_path(component)))
 
     def _wait_etcd(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
             self._check_alive("etcd")
             with contextlib.suppress(OSError, ValueError, KeyError):
-                etcd_revision(self.layout)
+                self.etcd_revision()
                 return
             if time.monotonic() > deadline:
-                raise ControlPlaneError(f"etcd did not answer; see {self.layout.log('etcd')}")
+                raise ControlPlaneError(f"etcd did not answer; see {self.log_path('etcd')}")
             time.sleep(0.1)
 
     def wait_apiserver(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
             self._check_alive("kube-apiserver")
-            status, body = api_get(self.layout, "/readyz", timeout=2)
+            status, body = self.api_get("/readyz", timeout=2)
             if status == 200 and body.strip() == b"ok":
                 return
             if time.monotonic() > deadline:
                 raise ControlPlaneError(f"kube-apiserver not ready after {timeout:.0f}s "
                                         f"({status} {body[:200]!r}); see "
-                                        f"{self.layout.log('kube-apiserver')}")
+                                        f"{self.log_path('kube-apiserver')}")
             time.sleep(0.2)
 
     def wait_ready(self, timeout: float = 90.0) -> None:
@@ -587,13 +597,30 @@ class ControlPlane:
         while True:
             for component in COMPONENTS:
                 self._check_alive(component)
-            status, _ = api_get(self.layout, "/api/v1/namespaces/default/serviceaccounts/default")
+            status, _ = self.api_get(PROBE_PATH)
             if status == 200:
-                return
+                break
             if time.monotonic() > deadline:
                 raise ControlPlaneError(
                     "no default ServiceAccount: kube-controller-manager not working; see "
-                    f"{self.layout.log('kube-controller-manager')}")
+                    f"{self.log_path('kube-controller-manager')}")
+            time.sleep(0.2)
+        if self._probe_token is None:
+            self._probe_token = self.service_account_token(
+                "svcnet-probe", namespace="kube-system", cluster_role="view")
+        self.wait_rbac(max(deadline - time.monotonic(), 10.0))
+
+    def wait_rbac(self, timeout: float = 30.0) -> None:
+        """Until a request as a ServiceAccount bound by RBAC succeeds: after a start the
+        authorizer denies such requests for a few seconds (its cache is not synced)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, body = self.api_get(PROBE_PATH, token=self._probe_token)
+            if status == 200:
+                return
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(f"RBAC still answers {status} to a ServiceAccount: "
+                                        f"{body[:200]!r}")
             time.sleep(0.2)
 
     # helpers ---------------------------------------------------------------------------------
@@ -606,11 +633,15 @@ class ControlPlane:
     def admin_kubeconfig(self) -> Path:
         return self.layout.admin_kubeconfig
 
+    def api_get(self, path: str, *, token: str | None = None, timeout: float = 5.0
+                ) -> tuple[int, bytes]:
+        return api_get(self.layout, path, token=token, timeout=timeout)
+
     def kubectl(self, *args: str, input: str | None = None, check: bool = True,
                 timeout: float = 60.0, kubeconfig: Path | None = None
                 ) -> subprocess.CompletedProcess[str]:
         return kubectl(self.bins, kubeconfig or self.admin_kubeconfig, *args, input=input,
-                       check=check, timeout=timeout)
+                       check=check, timeout=timeout, netns=self.netns)
 
     def apply(self, docs: Sequence[Mapping[str, Any]] | str) -> None:
         text = docs if isinstance(docs, str) else yaml.safe_dump_all(list(docs))
@@ -622,12 +653,15 @@ class ControlPlane:
     def etcd_revision(self) -> int:
         return etcd_revision(self.layout)
 
+    def pids(self) -> dict[str, int]:
+        return {c: p.pid for c, p in self.procs.items() if p.poll() is None}
+
     def rss_bytes(self) -> dict[str, int]:
         """Resident memory of each running component (the benchmarks report it)."""
         out: dict[str, int] = {}
-        for component, proc in self.procs.items():
+        for component, pid in self.pids().items():
             with contextlib.suppress(OSError, ValueError, IndexError):
-                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                     if line.startswith("VmRSS:"):
                         out[component] = int(line.split()[1]) * 1024
         return out
@@ -640,11 +674,11 @@ class ControlPlane:
         return write_kubeconfig(self.layout.dir / f"{name}.kubeconfig", self.url,
                                 self.layout.ca_crt, cert_user(crt, key))
 
-    def service_account_kubeconfig(
+    def service_account_token(
         self, name: str, *, namespace: str = "default",
         rules: Sequence[Mapping[str, Any]] = (), cluster_role: str | None = None,
         duration: str = "24h", bind: bool = True,
-    ) -> Path:
+    ) -> str:
         """A ServiceAccount allowed exactly ``rules`` (a ClusterRole of its own) or an existing
         ``cluster_role``, cluster-wide, with a token from the TokenRequest API (what a pod's
         projected token is); ``bind=False`` makes the account with no rights at all."""
@@ -660,6 +694,12 @@ class ControlPlane:
         self.apply(docs)
         token = self.kubectl("create", "token", name, "-n", namespace,
                              f"--duration={duration}").stdout.strip()
+        return token
+
+    def service_account_kubeconfig(self, name: str, *, namespace: str = "default",
+                                   **kw: Any) -> Path:
+        """``service_account_token``'s account in a kubeconfig of its own."""
+        token = self.service_account_token(name, namespace=namespace, **kw)
         return write_kubeconfig(self.layout.dir / f"sa-{namespace}-{name}.kubeconfig", self.url,
                                 self.layout.ca_crt, {"token": token}, namespace=namespace)
 
@@ -685,9 +725,13 @@ def cluster_role_binding(name: str, role: str, namespace: str, account: str) -> 
 
 
 def kubectl(bins: Binaries, kubeconfig: Path, *args: str, input: str | None = None,
-            check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """kubectl with ``kubeconfig`` only (never the caller's own config)."""
-    proc = subprocess.run([str(bins.dir / "kubectl"), f"--kubeconfig={kubeconfig}", *args],
+            check: bool = True, timeout: float = 60.0, netns: str | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    """kubectl with ``kubeconfig`` only (never the caller's own config), in ``netns`` if
+    given (a lab's apiserver is reachable only from its namespaces)."""
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    proc = subprocess.run([*prefix, str(bins.dir / "kubectl"), f"--kubeconfig={kubeconfig}",
+                           *args],
                           input=input, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "KUBECONFIG": str(kubeconfig)})
     if check and proc.returncode != 0:
