@@ -35,8 +35,9 @@ def dashed(ip: str) -> str:
 
 
 def undashed(label: str) -> str | None:
-    """Inverse of ``dashed`` for pod names: the IP, or None when the label is not one."""
-    if label.count("-") == 3 and ":" not in label:
+    """Inverse of ``dashed`` for pod names: the IP, or None when the label is not one.
+    As CoreDNS: three dashes and no ``--`` is IPv4, anything else is tried as IPv6."""
+    if label.count("-") == 3 and "--" not in label and ":" not in label:
         candidate = label.replace("-", ".")
         try:
             return str(ipaddress.IPv4Address(candidate))
@@ -107,6 +108,23 @@ def split_zone(qname: str, zones: tuple[str, ...]) -> ZoneName | None:
                 where: Where = "svc" if labels[-1] == "svc" else "pod"
                 return ZoneName(zone, where, labels[:-1])
             return ZoneName(zone, "other", labels)
+    return None
+
+
+def reverse_to_ip(qname: str) -> str | None:
+    """``1.0.0.10.in-addr.arpa.`` -> ``10.0.0.1`` (and ip6.arpa nibbles); None for a name
+    that is not one whole address."""
+    if qname.endswith(".in-addr.arpa."):
+        parts = qname[: -len(".in-addr.arpa.")].split(".")
+        if len(parts) != 4:
+            return None
+        return str(ipaddress.IPv4Address(".".join(reversed(parts))))
+    if qname.endswith(".ip6.arpa."):
+        nibbles = qname[: -len(".ip6.arpa.")].split(".")
+        if len(nibbles) != 32 or any(len(n) != 1 for n in nibbles):
+            return None
+        text = "".join(reversed(nibbles))
+        return str(ipaddress.IPv6Address(":".join(text[i:i + 4] for i in range(0, 32, 4))))
     return None
 
 

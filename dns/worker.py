@@ -27,16 +27,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from svcnet.dns.names import undashed
+from svcnet.dns.policy import plain_query, reply_tail
 from svcnet.dns.table import RECORD, TableView, find
 
 # Duration buckets shared with metrics.py (CoreDNS: 0.25 ms doubling, 16 buckets).
 BUCKETS = tuple(0.00025 * 2**i for i in range(16))
 FLUSH_SECONDS = 1.0
-OPT = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"  # wire.OPT_RECORD: 1232 bytes, version 0
 SAMPLE = 16  # time one query in SAMPLE (a power of two); its histogram weight is SAMPLE
 CACHE_ENTRIES = 16384  # finished replies per worker (~200 bytes each); cleared when full
-COUNTS_NONE = b"\x00\x01\x00\x00\x00\x00\x00\x00"  # question only (truncated)
-COUNTS_OPT_ONLY = b"\x00\x01\x00\x00\x00\x00\x00\x01"
 TABLE, GEN = 0, 1  # the update thread's box: the mapped table, the count of changes seen
 
 
@@ -113,10 +112,12 @@ def read_updates(updates: socket.socket, box: list[Any], cache: dict[bytes, byte
             for fd in fds:
                 os.close(fd)  # the mapping keeps the table alive
             box[TABLE] = (view.mm, view.slots, view.mask)
-        # Order matters: the table, then the count, then the cache. ``make_answer`` reads the
-        # count before the table and checks it again after caching a reply, so a reply built
-        # from a table older than this notice is either cleared here or dropped there.
-        box[GEN] += 1
+        # Order matters: the table, then the generation, then the cache. ``make_answer``
+        # reads the generation before the table and checks it again after caching a reply,
+        # so a reply built from a table older than this notice is either cleared here or
+        # dropped there; the main process's replies carry the generation they were
+        # computed at and are kept only if it is still the latest (``relay_replies``).
+        box[GEN] = int.from_bytes(msg[1:9], "big") if len(msg) >= 9 else box[GEN] + 1
         cache.clear()
 
 
@@ -136,8 +137,13 @@ def tail_qtype(tail: bytes) -> int:
 
 
 def relay_replies(channel: socket.socket, udp: socket.socket, stats: dict[Any, Any],
-                  hits: dict[bytes, int]) -> None:
-    """Send the main process's replies to clients; ship statistics every second."""
+                  hits: dict[bytes, int], box: list[Any] | None = None,
+                  cache: dict[bytes, bytes] | None = None) -> None:
+    """Send the main process's replies to clients; ship statistics every second.
+
+    ``C`` replies depend only on the zone (negative answers, pod names, endpoint names,
+    in-zone CNAMEs): they are cached like table answers if the zone has not changed since
+    they were computed, so a repeated query of any kind stays in the worker."""
     channel.settimeout(FLUSH_SECONDS)
     last = time.monotonic()
     while True:
@@ -145,13 +151,29 @@ def relay_replies(channel: socket.socket, udp: socket.socket, stats: dict[Any, A
             msg = channel.recv(70000)
             if not msg:
                 os._exit(0)
-            if msg[:1] == b"R":
-                addr, n, ctl = decode_addr(msg[1:])
+            kind = msg[:1]
+            if kind == b"R" or kind == b"C":
+                start = 9 if kind == b"C" else 1
+                addr, n, ctl = decode_addr(msg[start:])
+                body = start + n
+                key = b""
+                if kind == b"C":
+                    size = int.from_bytes(msg[body:body + 2], "big")
+                    key = msg[body + 2:body + size]
+                    body += size
+                reply = msg[body:]
                 with contextlib.suppress(OSError):
                     if ctl:
-                        udp.sendmsg([msg[1 + n:]], control(ctl), 0, addr)
+                        udp.sendmsg([reply], control(ctl), 0, addr)
                     else:
-                        udp.sendto(msg[1 + n:], addr)
+                        udp.sendto(reply, addr)
+                if key and box is not None and cache is not None and \
+                        int.from_bytes(msg[1:9], "big") == box[GEN] and _plain_key(key):
+                    if len(cache) >= CACHE_ENTRIES:
+                        cache.clear()
+                    cache[key] = reply[2:]
+                    if int.from_bytes(msg[1:9], "big") != box[GEN]:
+                        cache.clear()  # a notice came in meanwhile
         except TimeoutError:
             pass
         except OSError:
@@ -178,56 +200,95 @@ def relay_replies(channel: socket.socket, udp: socket.socket, stats: dict[Any, A
                     channel.send(b"M" + pickle.dumps(snapshot))
 
 
-def make_answer(box: list[Any], cache: dict[bytes, bytes], slow_only: bool
+def _plain_key(key: bytes) -> bool:
+    """A query (after its ID) whose bytes every client repeats: no EDNS options."""
+    qend = key.find(0, 10) + 5  # the question ends 4 bytes after its name's root label
+    return qend >= 15 and (len(key) == qend or len(key) == qend + 11)
+
+
+A_IN = b"\x00\x01\x00\x01"
+AAAA_IN = b"\x00\x1c\x00\x01"
+
+
+def pod_answer(mm: Any, slots: Any, mask: int, key: bytes, zone: bytes) -> tuple[
+        int, bytes, bytes, bytes] | None:
+    """``a-b-c-d.<ns>.pod.<zone>`` A/AAAA with ``pods insecure``, computed from the name as
+    the main process would: (qtype's flags2, counts, counts with OPT, body), or None (the
+    main process decides). The namespace must exist, which the main process says by
+    preparing ``<ns>.pod.<zone>`` (its NODATA holds the SOA we answer NODATA with)."""
+    tail = b"\x03pod" + zone
+    qtype = key[-4:]
+    name = key[:-4]
+    if qtype not in (A_IN, AAAA_IN) or not name.endswith(tail) or len(name) > 255:
+        return None
+    first = name[0]
+    if not 0 < first < 64:
+        return None
+    ns_at = 1 + first
+    ns_len = name[ns_at] if ns_at < len(name) else 0
+    if not 0 < ns_len < 64 or ns_at + 1 + ns_len + len(tail) != len(name):
+        return None
+    marker = find(mm, slots, mask, name[ns_at:] + A_IN)
+    if not marker:
+        return None
+    ip = undashed(name[1:ns_at].decode("ascii", "replace"))
+    if ip is None:
+        return None
+    at = marker + 1 + len(name) - ns_at + 4
+    blen = RECORD.unpack_from(mm, at)[6]
+    soa = mm[at + RECORD.size:at + RECORD.size + blen]  # one SOA record, owner a pointer
+    nums = soa[-20:]
+    zone_off = 12 + len(name) - len(zone)  # the zone's labels in the client's question
+    if zone_off >= 0x4000 or soa[:1] < b"\xc0":
+        return None
+    ptr = bytes((0xC0 | zone_off >> 8, zone_off & 0xFF))
+    packed = socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+    if (len(packed) == 4) == (qtype == A_IN):
+        body = b"\xc0\x0c" + qtype + nums[-4:] + len(packed).to_bytes(2, "big") + packed
+        return 0, b"\x00\x01\x00\x01\x00\x00\x00\x00", b"\x00\x01\x00\x01\x00\x00\x00\x01", body
+    rdata = b"\x02ns\x03dns" + ptr + b"\x0ahostmaster" + ptr + nums
+    body = ptr + b"\x00\x06\x00\x01" + soa[6:10] + len(rdata).to_bytes(2, "big") + rdata
+    return 0, b"\x00\x01\x00\x00\x00\x01\x00\x00", b"\x00\x01\x00\x00\x00\x01\x00\x01", body
+
+
+def make_answer(box: list[Any], cache: dict[bytes, bytes], slow_only: bool,
+                zone: bytes = b"", insecure_pods: bool = False
                 ) -> Callable[[bytes], bytes | None]:
     """The cache-miss path: the reply (after the ID) from the shared table, or None when the
-    main process must decide (not a plain query, unknown name, DO bit, EDNS version > 0,
-    an answer that fits only without its additional section, no table yet)."""
+    main process must decide (not a plain query or an unknown name, see
+    ``policy.plain_query``; no table yet). The reply follows ``policy.reply_tail``, the
+    rule every path shares."""
     unpack = RECORD.unpack_from
     rsize = RECORD.size
 
     def answer(data: bytes) -> bytes | None:
         gen = box[GEN]  # before the table: a switch after this point is seen at the check
         table = box[TABLE]
-        if table is None or slow_only or len(data) < 17 or data[2] & 0xF8 or \
-                data[4:10] != b"\x00\x01\x00\x00\x00\x00":
+        if table is None or slow_only:
             return None
-        qend = data.find(0, 12) + 5
-        size = len(data)
-        if qend < 17 or qend > size:
+        plain = plain_query(data)
+        if plain is None:
             return None
-        ar = data[10:12]
-        if ar == b"\x00\x00":
-            edns = False
-            limit = 512
-        elif ar == b"\x00\x01" and size >= qend + 11 and \
-                data[qend:qend + 3] == b"\x00\x00\x29" and not data[qend + 6] and \
-                not data[qend + 7] & 0x80:
-            edns = True
-            limit = max(512, (data[qend + 3] << 8) | data[qend + 4])
-        else:
-            return None
+        qend, limit, opt = plain
         mm, slots, mask = table
         key = data[12:qend].lower()
         off = find(mm, slots, mask, key)
-        if not off:
+        if off:
+            at = off + 1 + len(key)
+            flags1, flags2, counts, counts_edns, core_len, _, blen = unpack(mm, at)
+            at += rsize
+            tail = reply_tail(data, qend, flags1, flags2, counts, counts_edns,
+                              mm[at:at + blen], core_len, opt, limit)
+        elif insecure_pods:
+            pod = pod_answer(mm, slots, mask, key, zone)
+            if pod is None:
+                return None
+            flags2, counts, counts_edns, body = pod
+            tail = reply_tail(data, qend, 0x84, flags2, counts, counts_edns, body, len(body),
+                              opt, limit)
+        else:
             return None
-        at = off + 1 + len(key)
-        flags1, flags2, counts, counts_edns, core_len, _, blen = unpack(mm, at)
-        at += rsize
-        body = mm[at:at + blen]
-        opt = OPT if edns else b""
-        flags1 |= data[2] & 1
-        if edns:
-            counts = counts_edns
-        if qend + blen + len(opt) > limit:
-            if qend + core_len + len(opt) <= limit:
-                return None  # fits without the additional section: the main process decides
-            flags1 |= 2
-            counts = COUNTS_OPT_ONLY if edns else COUNTS_NONE
-            body = b""
-        tail = b"".join((bytes((flags1, flags2 | (data[3] & 0x10))), counts, data[12:qend],
-                         body, opt))
+        size = len(data)
         if size == qend or size == qend + 11:  # no EDNS options (cookies differ per client)
             if len(cache) >= CACHE_ENTRIES:
                 cache.clear()
@@ -330,6 +391,8 @@ def serve(udp: socket.socket, channel: socket.socket, answer: Callable[[bytes], 
 
 def main(argv: list[str]) -> int:
     udp_fd, updates_fd, channel_fd, slow_only = (int(a) for a in argv[:4])
+    zone = bytes.fromhex(argv[4]) if len(argv) > 4 else b""
+    insecure_pods = len(argv) > 5 and argv[5] == "insecure"
     udp = socket.socket(fileno=udp_fd)
     updates = socket.socket(fileno=updates_fd)
     channel = socket.socket(fileno=channel_fd)
@@ -343,8 +406,10 @@ def main(argv: list[str]) -> int:
     # rescanned and the hot loop never pauses for it.
     gc.disable()
     threading.Thread(target=read_updates, args=(updates, box, cache), daemon=True).start()
-    threading.Thread(target=relay_replies, args=(relay, udp, stats, hits), daemon=True).start()
-    serve(udp, channel, make_answer(box, cache, bool(slow_only)), cache, hits, stats,
+    threading.Thread(target=relay_replies, args=(relay, udp, stats, hits, box, cache),
+                     daemon=True).start()
+    serve(udp, channel, make_answer(box, cache, bool(slow_only), zone, insecure_pods), cache,
+          hits, stats,
           udp.getsockname()[0] in WILDCARDS)
     return 0
 

@@ -267,7 +267,7 @@ class KubernetesStore:
     # Store protocol ------------------------------------------------------------------------
 
     async def list(self, kind: Kind[Any], *, selector: Selector = NO_SELECTOR) -> Listing:
-        path = self.config.path_prefix + kind.api_path
+        path = self._list_path(kind, selector)
         type_meta = b'{"kind":%s,"apiVersion":%s,' % (
             _ENCODE.encode(kind.name), _ENCODE.encode(kind.api_version))
         try:
@@ -286,7 +286,7 @@ class KubernetesStore:
             params["resourceVersion"] = revision
         params["timeoutSeconds"] = str(timeout)
         params["watch"] = "1"
-        target = self.config.path_prefix + kind.api_path + "?" + _query(params)
+        target = self._list_path(kind, selector) + "?" + _query(params)
         conn, headers = await self._open_watch(target, kind)
         self._watches.add(conn)
         # The server ends the stream after ``timeout``; silence well beyond that means a
@@ -357,6 +357,20 @@ class KubernetesStore:
         if resp.status not in (200, 202):
             _raise_for(resp, f"delete {kind.name} {ns + '/' if ns else ''}{name}", self.config)
 
+    async def call(self, method: str, path: str, body: Any = None, *,
+                   content_type: str = "application/json") -> tuple[int, Any]:
+        """One request to any API path (``/apis/coordination.k8s.io/v1/...``, a ``/status``
+        subresource, a merge patch): (HTTP status, decoded JSON body or None). For what a
+        node agent does beyond the kinds svcnet reads: leases, status, deletion options."""
+        data = None if body is None else _ENCODE.encode(body)
+        resp = await self._request(method, self.config.path_prefix + path, body=data,
+                                   content_type=content_type)
+        try:
+            decoded = msgspec.json.decode(resp.body) if resp.body else None
+        except msgspec.DecodeError:
+            decoded = None
+        return resp.status, decoded
+
     async def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -365,6 +379,19 @@ class KubernetesStore:
             conn.close()
 
     # internals -------------------------------------------------------------------------------
+
+    def _list_path(self, kind: Kind[Any], selector: Selector) -> str:
+        """The namespace's own collection when the field selector pins one namespace.
+
+        kube-apiserver v1.28 answers a paged all-namespaces list with
+        ``fieldSelector=metadata.namespace=X`` with its first page and then an empty one
+        (``kubectl get -A --field-selector metadata.namespace=X --chunk-size=N`` shows only N
+        objects); the namespaced collection pages correctly and is what kubectl -n asks for.
+        """
+        namespace = _pinned_namespace(selector) if kind.namespaced else ""
+        if namespace:
+            return self._collection_path(kind, namespace)
+        return self.config.path_prefix + kind.api_path
 
     def _collection_path(self, kind: Kind[Any], namespace: str) -> str:
         if not kind.namespaced:
@@ -543,6 +570,15 @@ def _selector_params(selector: Selector) -> dict[str, str]:
     if selector.fields:
         params["fieldSelector"] = selector.fields
     return params
+
+
+def _pinned_namespace(selector: Selector) -> str:
+    """X if the field selector requires ``metadata.namespace=X`` (or ``==X``), else ""."""
+    for term in selector.fields.split(","):
+        key, op, value = term.partition("=")
+        if op and key.strip() == "metadata.namespace":
+            return value.removeprefix("=").strip()
+    return ""
 
 
 def _query(params: Mapping[str, str]) -> str:
