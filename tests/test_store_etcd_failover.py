@@ -214,3 +214,59 @@ def test_informer_misses_nothing_when_its_member_dies_mid_burst(etcd3: EtcdClust
 
     problems = asyncio.run(body())
     assert problems == [], f"seed {seed}: " + "; ".join(problems)
+
+
+# ---- a member that travels back in time --------------------------------------------------
+
+
+class BackInTimeWatch:
+    """A Watch service answering as etcd 3.4.23 does on a member that has just restored a
+    snapshot while holding a watch on a future revision (etcd #15520, #20221): the events
+    after ``created`` begin below the requested start revision."""
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+
+    async def Watch(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        from svcnet.store.etcdpb import etcd_pb2 as pb
+
+        create = (await anext(aiter(requests))).create_request
+        self.requests.append(create)
+        start = create.start_revision
+        yield pb.WatchResponse(header=pb.ResponseHeader(revision=start - 1), created=True)
+
+        def put(rev: int) -> Any:
+            return pb.Event(type=pb.Event.PUT, kv=pb.KeyValue(
+                key=b"/k/%d" % rev, value=b"v", create_revision=rev, mod_revision=rev))
+
+        yield pb.WatchResponse(header=pb.ResponseHeader(revision=start + 1),
+                               events=[put(start - 2), put(start - 1), put(start)])
+        yield pb.WatchResponse(header=pb.ResponseHeader(revision=start + 1),
+                               events=[put(start + 1)])
+        await asyncio.sleep(3600)
+
+
+def test_watch_drops_events_older_than_its_start_revision() -> None:
+    """Events already delivered are not delivered again, even if a member sends them."""
+    import grpc.aio
+
+    from svcnet.store.etcd_client import EtcdClient
+    from svcnet.store.etcdpb import etcd_pb2_grpc
+
+    async def body() -> list[int]:
+        server = grpc.aio.server()
+        etcd_pb2_grpc.add_WatchServicer_to_server(BackInTimeWatch(), server)  # type: ignore[no-untyped-call]
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with EtcdClient([f"127.0.0.1:{port}"], timeout=5) as client:
+                got: list[int] = []
+                async for event in client.watch_prefix(b"/k/", start_revision=10):
+                    got.append(event.mod_revision)
+                    if len(got) == 2:
+                        break
+                return got
+        finally:
+            await server.stop(None)
+
+    assert asyncio.run(body()) == [10, 11]

@@ -568,7 +568,15 @@ class EtcdClient:
                             next_revision = batch.revision + 1
                             yield batch
                         continue
-                    for event in batch:
+                    fresh = [e for e in batch if e.mod_revision >= next_revision]
+                    if len(fresh) < len(batch):
+                        # Delivered already. etcd 3.4 before 3.4.25/3.4.38 can send them
+                        # again from a member that just restored a snapshot (etcd #15520,
+                        # #20221); applied, they would roll objects back to old versions.
+                        log.warning("etcd: %s sent %d event(s) older than revision %d, "
+                                    "already delivered; dropped", member.endpoint,
+                                    len(batch) - len(fresh), next_revision)
+                    for event in fresh:
                         yield event
                     next_revision = max(next_revision, batch[-1].mod_revision + 1)
                 raise Unavailable(f"watch on {member.endpoint}: stream ended")
