@@ -170,6 +170,11 @@ def test_store_url_carries_user_password_and_tls_files() -> None:
     assert QUOTED not in str(err.value) and PASSWORD not in str(err.value)
     with pytest.raises(Invalid, match="both a certificate file and a key file"):
         parse_etcd_url("etcd://h:1?certfile=/crt.pem")
+    # The user in the URL, the password from a flag (or file): kept out of the URL.
+    split = parse_etcd_url("etcd://root@h:1", EtcdCredentials(password=PASSWORD)).credentials
+    assert (split.username, split.password) == ("root", PASSWORD)
+    with pytest.raises(Invalid, match="password was given without a user name"):
+        parse_etcd_url("etcd://h:1", EtcdCredentials(password=PASSWORD))
 
 
 def test_unreadable_tls_file_is_one_line(tmp_path: Path) -> None:

@@ -319,7 +319,7 @@ class EtcdClient:
                  credentials: EtcdCredentials = NO_CREDENTIALS) -> None:
         if not endpoints:
             raise Invalid("etcd: no endpoints given")
-        channel_credentials = _channel_credentials(credentials)
+        channel_credentials = _channel_credentials(credentials.check())
         self._members = [_Member(e, channel_credentials) for e in endpoints]
         self._current = 0
         self.timeout = timeout

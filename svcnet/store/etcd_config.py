@@ -32,12 +32,14 @@ class EtcdCredentials:
     username: str = ""
     password: str = field(default="", repr=False)
 
-    def __post_init__(self) -> None:
+    def check(self) -> EtcdCredentials:
+        """These credentials, if complete (flags may complete a URL, so not at creation)."""
         if bool(self.certfile) != bool(self.keyfile):
             raise Invalid("etcd: a client certificate needs both a certificate file and "
                           "a key file (--etcd-certfile and --etcd-keyfile)")
         if self.password and not self.username:
             raise Invalid("etcd: a password was given without a user name (--etcd-username)")
+        return self
 
     @property
     def uses_tls(self) -> bool:
@@ -100,7 +102,7 @@ def parse_etcd_url(url: str, flags: EtcdCredentials = NO_CREDENTIALS) -> EtcdTar
     try:
         from_url = EtcdCredentials(tls=parts.scheme == "etcds", username=unquote(user),
                                    password=unquote(password), **files)
-        credentials = flags.over(from_url)
+        credentials = flags.over(from_url).check()
     except Invalid as err:
         raise Invalid(f"--store {shown!r}: {str(err).removeprefix('etcd: ')}") from None
     prefix = parts.path.rstrip("/")
