@@ -313,3 +313,29 @@ def test_auth_wrong_password_or_no_user_is_one_clear_line(
                     pass
 
     run(watch_without_user)
+
+
+def test_every_command_with_a_store_takes_the_etcd_options() -> None:
+    """One place adds the options; every command that opens a store (and the overlay's own
+    etcd client) ends up with the same endpoints and credentials."""
+    from svcnet.cni.overlay.daemon import options_from_args
+
+    from svcnet.cli import build_parser
+    from svcnet.store.open import etcd_target_from_args
+
+    parser = build_parser()
+    flags = ["--store", "etcds://root@h1:2379,h2:2379/reg", "--etcd-cafile", "/ca.pem",
+             "--etcd-certfile", "/c.pem", "--etcd-keyfile", "/k.pem", "--etcd-password", "pw"]
+    want = EtcdCredentials(tls=True, cafile="/ca.pem", certfile="/c.pem", keyfile="/k.pem",
+                           username="root", password="pw")
+    commands = [["node", "--proxy"], ["get", "services"], ["apply", "-f", "-"],
+                ["delete", "svc", "x"], ["watch"], ["dns"], ["proxy"], ["proxy", "check"]]
+    for argv in commands:
+        args = parser.parse_args([*argv, *flags])
+        target = etcd_target_from_args(args)
+        assert target is not None, argv
+        assert (target.endpoints, target.prefix, target.credentials) == (
+            ("h1:2379", "h2:2379"), "/reg", want), argv
+    overlay = options_from_args(parser.parse_args(["node", "--overlay", *flags]))
+    assert overlay.etcd_endpoints == ("h1:2379", "h2:2379")
+    assert overlay.etcd_credentials == want
