@@ -31,6 +31,7 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -246,8 +247,47 @@ class _Slow:
         await asyncio.sleep(self.lag)
 
 
+class _ChildInformer:
+    """The informer in its own process, as a node daemon's is: ``svcnet watch`` (the same
+    InformerFactory path) at nice 10, so the load starves it first. Each handler call is a
+    line ``VERB KIND ns/name rv=N ...``."""
+
+    def __init__(self, endpoints: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            ["nice", "-n", "10", sys.executable, "-m", "svcnet.cli", "watch", "endpointslices",
+             "--store", "etcd://" + ",".join(endpoints)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.lines: list[tuple[str, str, int]] = []
+        self._reader = asyncio.get_running_loop().run_in_executor(None, self._read)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            verb, _kind, key, rv = line.split()[:4]
+            self.lines.append((verb, key, int(rv.removeprefix("rv="))))
+
+    def state(self) -> dict[str, str]:
+        view: dict[str, str] = {}
+        for verb, key, rv in list(self.lines):
+            if verb == "DELETED":
+                view.pop(key, None)
+            else:
+                view[key] = str(rv)
+        return view
+
+    @property
+    def seen(self) -> int:
+        return max((rv for _v, _k, rv in list(self.lines)), default=0)
+
+    async def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        await self._reader
+
+
 async def informer_round(seed: int, writes: int = 200, objects: int = 8, writers: int = 4,
-                         restart: bool = False, lag: float = 0.0) -> dict[str, Any]:
+                         restart: bool = False, lag: float = 0.0, separate: bool = False
+                         ) -> dict[str, Any]:
     """One kill during a burst; the informer's view is compared with etcd's history."""
     rng = random.Random(seed)
     cluster = Cluster()
@@ -262,6 +302,9 @@ async def informer_round(seed: int, writes: int = 200, objects: int = 8, writers
         hosts: dict[str, list[int]] = {f"s{i}": [i] for i in range(objects)}
         for name, h in hosts.items():
             await _retry(lambda n=name, h=h: writer.put(ENDPOINT_SLICE, _slice(n, h)))
+        if separate:
+            return await _separate_round(rng, cluster, order, writer, hosts, writes, writers,
+                                         restart, seed)
         inf = Informer(watched, ENDPOINT_SLICE, backoff=Backoff(base=0.05, cap=1.0))
         if lag:
             inf.add_handler(_Slow(lag))
@@ -334,13 +377,88 @@ async def informer_round(seed: int, writes: int = 200, objects: int = 8, writers
         cluster.stop()
 
 
-async def run_informer(rounds: int, seed: int, lag: float) -> dict[str, Any]:
+async def _separate_round(rng: random.Random, cluster: Cluster, order: list[str],
+                          writer: EtcdStore, hosts: dict[str, list[int]], writes: int,
+                          writers: int, restart: bool, seed: int) -> dict[str, Any]:
+    """``informer_round`` with the informer in a child process (see ``_ChildInformer``)."""
+    child = _ChildInformer([cluster.endpoint(n) for n in order])
+    victim = order[0]
+    try:
+        deadline = time.monotonic() + 60
+        while len(child.state()) < len(hosts) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        listed = str(await _retry(writer.client.revision))
+        kill_at = rng.randrange(writes)
+        restart_at = rng.randrange(kill_at, writes) if restart else -1
+        counter = iter(range(len(hosts), 10**9))
+        done = behind = 0
+
+        async def burst(names: list[str], share: int) -> None:
+            nonlocal done, behind
+            for _ in range(share):
+                step, done = done, done + 1
+                if step == kill_at:
+                    cluster.procs.pop(victim).kill()
+                    behind = int(await _retry(writer.client.revision)) - child.seen
+                if step == restart_at:
+                    cluster.start(victim)
+                name = rng.choice(names)
+                if rng.random() < 0.1:
+                    with suppress(NotFound):
+                        await _retry(lambda n=name: writer.delete(ENDPOINT_SLICE, "default", n))
+                    hosts[name] = []
+                    continue
+                if hosts[name] and rng.random() < 0.4:
+                    hosts[name] = hosts[name][1:]
+                else:
+                    hosts[name] = [*hosts[name], next(counter)]
+                await _retry(lambda n=name: writer.put(ENDPOINT_SLICE, _slice(n, hosts[n])))
+
+        names = sorted(hosts)
+        await asyncio.gather(*(burst(names[w::writers], writes // writers)
+                               for w in range(writers)))
+        wrote = time.monotonic()
+        truth = await _retry(lambda: writer.list(ENDPOINT_SLICE))
+        want = {o.key: o.revision for o in truth.items}
+        deadline = time.monotonic() + 30
+        while child.state() != want and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        caught_up = time.monotonic() - wrote
+        history: list[Event] = []
+
+        async def read_history() -> None:
+            async for e in writer.watch(ENDPOINT_SLICE, revision=listed):
+                if e.type is not EventType.BOOKMARK:
+                    history.append(e)
+                    if int(e.revision) >= int(truth.revision):
+                        return
+
+        if int(truth.revision) > int(listed):
+            await asyncio.wait_for(read_history(), 30)
+        puts = {int(e.revision) for e in history if e.type is not EventType.DELETED}
+        got_puts = {rv for verb, _k, rv in child.lines if verb != "DELETED"
+                    and rv > int(listed)}
+        deletes = sorted(e.obj.key for e in history if e.type is EventType.DELETED and e.obj)
+        got_deletes = sorted(k for verb, k, rv in child.lines if verb == "DELETED")
+        return {"seed": seed, "victim": victim, "kill_at": kill_at, "restart_at": restart_at,
+                "events": len(history),
+                "missed": len(puts - got_puts) + len(set(deletes) ^ set(got_deletes)),
+                "extra": len(got_puts - puts) + abs(len(deletes) - len(got_deletes)),
+                "cache_ok": child.state() == want, "relists": 0, "behind": behind,
+                "catch_up_s": round(caught_up, 3)}
+    finally:
+        await child.stop()
+        await writer.close()
+
+
+async def run_informer(rounds: int, seed: int, lag: float, separate: bool = False
+                       ) -> dict[str, Any]:
     rows = []
     print(f"{'round':>5} {'victim':>6} {'kill@':>5} {'restart@':>8} {'behind':>6} "
           f"{'events':>6} {'missed':>6} {'extra':>5} {'cache':>5} {'relists':>7} "
           f"{'catch-up s':>10}")
     for r in range(rounds):
-        row = await informer_round(seed + r, restart=r % 2 == 1, lag=lag)
+        row = await informer_round(seed + r, restart=r % 2 == 1, lag=lag, separate=separate)
         rows.append(row)
         print(f"{r:5} {row['victim']:>6} {row['kill_at']:5} {row['restart_at']:8} "
               f"{row['behind']:6} {row['events']:6} {row['missed']:6} {row['extra']:5} "
@@ -371,6 +489,8 @@ def main() -> None:
                         help="run the informer kill-during-burst case this many times")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--stress", action="store_true", help="keep every core busy")
+    parser.add_argument("--separate", action="store_true",
+                        help="run the informer in its own process (svcnet watch, nice 10)")
     parser.add_argument("--lag", type=float, default=0.0, metavar="SECONDS",
                         help="informer handler time per change (it falls behind the writers)")
     args = parser.parse_args()
@@ -379,8 +499,10 @@ def main() -> None:
     load = _contention() if args.stress else []
     try:
         if args.informer_rounds:
-            result = asyncio.run(run_informer(args.informer_rounds, args.seed, args.lag))
+            result = asyncio.run(run_informer(args.informer_rounds, args.seed, args.lag,
+                                              args.separate))
             result["lag_s"] = args.lag
+            result["separate_process"] = args.separate
             result["stress"] = bool(load)
         else:
             result = asyncio.run(run(args.rounds))
