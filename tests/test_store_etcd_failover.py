@@ -221,8 +221,8 @@ def test_informer_misses_nothing_when_its_member_dies_mid_burst(etcd3: EtcdClust
 
 class BackInTimeWatch:
     """A Watch service answering as etcd 3.4.23 does on a member that has just restored a
-    snapshot while holding a watch on a future revision (etcd #15520, #20221): the events
-    after ``created`` begin below the requested start revision."""
+    snapshot while holding a watch on a future revision (etcd pull 15520, issue 20221): the
+    events after ``created`` begin below the requested start revision."""
 
     def __init__(self) -> None:
         self.requests: list[Any] = []

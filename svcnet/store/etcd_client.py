@@ -571,8 +571,8 @@ class EtcdClient:
                     fresh = [e for e in batch if e.mod_revision >= next_revision]
                     if len(fresh) < len(batch):
                         # Delivered already. etcd 3.4 before 3.4.25/3.4.38 can send them
-                        # again from a member that just restored a snapshot (etcd #15520,
-                        # #20221); applied, they would roll objects back to old versions.
+                        # again from a member that just restored a snapshot (etcd pull
+                        # 15520, issue 20221); applied, they would roll objects back.
                         log.warning("etcd: %s sent %d event(s) older than revision %d, "
                                     "already delivered; dropped", member.endpoint,
                                     len(batch) - len(fresh), next_revision)
