@@ -201,8 +201,9 @@ def test_tls_store_list_watch_and_resume_after_restart(etcd_tls: EtcdCluster, pk
             await _retry(lambda: store.put(SERVICE, svc("a")))
             inf.start()
             await inf.wait_synced(20)
-            await store.put(SERVICE, svc("b"))
-            await eventually(lambda: inf.cache.keys_snapshot() == ["default/a", "default/b"])
+            await _retry(lambda: store.put(SERVICE, svc("b")))
+            await eventually(lambda: inf.cache.keys_snapshot() == ["default/a", "default/b"],
+                             timeout=20)
             etcd_tls.kill("m0")
             etcd_tls.start("m0")
             await _retry(lambda: store.put(SERVICE, svc("c")))
@@ -251,19 +252,19 @@ def test_auth_over_tls_renews_token_and_watch_resumes(etcd_tls: EtcdCluster, pki
         assert isinstance(store, EtcdStore)
         inf = Informer(store, SERVICE, backoff=Backoff(base=0.05, cap=0.5))
         try:
-            await store.put(SERVICE, svc("a"))
+            await _retry(lambda: store.put(SERVICE, svc("a")))
             first = store.client._token
             assert first
             inf.start()
             await inf.wait_synced(20)
-            await store.put(SERVICE, svc("b"))
-            await eventually(lambda: len(inf.cache) == 2)
+            await _retry(lambda: store.put(SERVICE, svc("b")))
+            await eventually(lambda: len(inf.cache) == 2, timeout=20)
             etcdctl(etcd_tls, pki, "--user", f"root:{PASSWORD}", "auth", "disable")
             etcdctl(etcd_tls, pki, "auth", "enable")
-            await store.put(SERVICE, svc("c"))  # refused token -> new token -> done
+            await _retry(lambda: store.put(SERVICE, svc("c")))  # refused token -> new one
             second = store.client._token
             assert second and second != first
-            await eventually(lambda: len(inf.cache) == 3)
+            await eventually(lambda: len(inf.cache) == 3, timeout=20)
             etcdctl(etcd_tls, pki, "--user", f"root:{PASSWORD}", "auth", "disable")
             etcdctl(etcd_tls, pki, "auth", "enable")
             etcd_tls.kill("m0")  # the watch must come back with a new token

@@ -721,7 +721,10 @@ class EtcdClient:
                     continue
                 if err.code() not in _TRANSIENT:
                     raise map_error(err, what) from None
-                reason = f"{member.endpoint}: {_details(err)}"
+                if err.code() is not grpc.StatusCode.DEADLINE_EXCEEDED or not attempt:
+                    # A last try cut short by the deadline would hide why the others
+                    # failed (a TLS handshake refused, say): keep the earlier reason.
+                    reason = f"{member.endpoint}: {_details(err)}"
                 self._failed(index)
                 if not repeatable and not _never_sent(err):
                     raise Unavailable(f"{what}: outcome unknown ({reason})") from None
