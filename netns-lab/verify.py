@@ -52,7 +52,8 @@ async def overlay_leases(args: argparse.Namespace, store: Store, config: Any) ->
     if opts.etcd_endpoints and opts.subnet_manager in ("auto", "etcd"):
         from svcnet.store.etcd import EtcdClient
 
-        manager = EtcdSubnetManager(EtcdClient(list(opts.etcd_endpoints)),
+        manager = EtcdSubnetManager(EtcdClient(list(opts.etcd_endpoints),
+                                               credentials=opts.etcd_credentials),
                                     prefix=opts.etcd_prefix, config=config)
         snapshots = manager.watch()
         try:

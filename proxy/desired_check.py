@@ -201,12 +201,12 @@ def register(actions: Any) -> None:
 def _check_command(args: argparse.Namespace) -> int:
     from svcnet.proxy.daemon import ProxyOptions
 
-    from svcnet.store.open import open_store
+    from svcnet.store.open import store_from_args
 
     opts = ProxyOptions.from_args(args)
 
     async def run() -> dict[str, Any]:
-        store = open_store(args.store, kubeconfig=args.kubeconfig, context=args.context)
+        store = store_from_args(args)
         try:
             return await check(opts, store)
         finally:

@@ -63,4 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main: under ``python -m svcnet.cli`` this file is also
+    # ``__main__``, whose UsageError is not the one the commands raise (svcnet.cli's).
+    from svcnet.cli import main as _main
+
+    sys.exit(_main())

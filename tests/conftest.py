@@ -106,6 +106,9 @@ class EtcdCluster:
         self.client_ports = {n: free_port() for n in self.names}
         self.peer_ports = {n: free_port() for n in self.names}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        # TLS tests set these: "https" and the --client-cert-auth/--cert-file/... flags.
+        self.client_scheme = "http"
+        self.client_args: list[str] = []
 
     @property
     def endpoints(self) -> list[str]:
@@ -121,13 +124,14 @@ class EtcdCluster:
             log = open(self.base / f"{n}.log", "ab")  # noqa: SIM115 - lives as long as etcd
             self.procs[n] = subprocess.Popen(
                 ["etcd", "--name", n, "--data-dir", str(self.base / n),
-                 "--listen-client-urls", f"http://127.0.0.1:{cport}",
-                 "--advertise-client-urls", f"http://127.0.0.1:{cport}",
+                 "--listen-client-urls", f"{self.client_scheme}://127.0.0.1:{cport}",
+                 "--advertise-client-urls", f"{self.client_scheme}://127.0.0.1:{cport}",
                  "--listen-peer-urls", f"http://127.0.0.1:{pport}",
                  "--initial-advertise-peer-urls", f"http://127.0.0.1:{pport}",
                  "--initial-cluster", initial, "--initial-cluster-state", "new",
                  "--initial-cluster-token", f"t{os.getpid()}",
-                 "--heartbeat-interval", "50", "--election-timeout", "500"],
+                 "--heartbeat-interval", "50", "--election-timeout", "500",
+                 *self.client_args],
                 stdout=log, stderr=log, env={**os.environ, "ETCD_UNSUPPORTED_ARCH": "amd64"},
             )
         self.wait_ready([name] if name else self.names)

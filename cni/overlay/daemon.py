@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from svcnet.cni.overlay.config import BACKENDS, IPNetwork, NetworkConfig, parse_network_config
 
+from svcnet.store.etcd_config import NO_CREDENTIALS, EtcdCredentials
+
 if TYPE_CHECKING:
     from svcnet.cni.overlay.desired import Desired, Underlay
     from svcnet.cni.overlay.firewall import Firewall
@@ -52,6 +54,7 @@ class OverlayOptions:
     store_url: str = "memory"
     etcd_endpoints: tuple[str, ...] = ()
     etcd_prefix: str = "/coreos.com/network"
+    etcd_credentials: EtcdCredentials = NO_CREDENTIALS  # from --store and --etcd-*
     lease_ttl: int = 86400
     subnet_file: str = DEFAULT_SUBNET_FILE
     ip_masq: bool = True
@@ -102,17 +105,27 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> OverlayOptions:
+    from svcnet.store.base import Invalid
+    from svcnet.store.open import etcd_credentials_from_args, etcd_target_from_args
+
     endpoints = tuple(e for e in args.overlay_etcd_endpoints.split(",") if e)
     store_url = getattr(args, "store", "memory")
-    if not endpoints and store_url.startswith("etcd://"):
-        hosts = store_url.removeprefix("etcd://").partition("/")[0]
-        endpoints = tuple(h for h in hosts.split(",") if h)
+    try:
+        target = etcd_target_from_args(args)
+        credentials = target.credentials if target else etcd_credentials_from_args(args)
+    except Invalid as err:
+        from svcnet.cli import UsageError
+
+        raise UsageError(str(err)) from None
+    if not endpoints and target is not None:
+        endpoints = target.endpoints
     return OverlayOptions(
         node_name=args.overlay_node_name or os.environ.get("NODE_NAME") or socket.gethostname(),
         config_file=args.overlay_config, backend=args.overlay_backend, iface=args.overlay_iface,
         public_ip=args.overlay_public_ip, public_ip6=args.overlay_public_ipv6,
         subnet_manager=args.overlay_subnet_manager, store_url=store_url,
         etcd_endpoints=endpoints, etcd_prefix=args.overlay_etcd_prefix,
+        etcd_credentials=credentials,
         lease_ttl=args.overlay_lease_ttl, subnet_file=args.overlay_subnet_file,
         ip_masq=args.overlay_ip_masq, masq_backend=args.overlay_masq_backend,
         vxlan_notrack=args.overlay_vxlan_notrack, resync=args.overlay_resync,
@@ -241,7 +254,9 @@ class OverlayDaemon:
                 raise UsageError("--overlay-subnet-manager etcd needs --store etcd://... or "
                                  "--overlay-etcd-endpoints")
             return leases.EtcdSubnetManager(
-                EtcdClient(list(self.options.etcd_endpoints)), prefix=self.options.etcd_prefix,
+                EtcdClient(list(self.options.etcd_endpoints),
+                           credentials=self.options.etcd_credentials),
+                prefix=self.options.etcd_prefix,
                 ttl=self.options.lease_ttl, config=config)
         if kind == "kube":
             from svcnet.model import NODE

@@ -39,9 +39,11 @@ from svcnet.store.etcd_client import (
     WatchProgress,
     prefix_end,
 )
+from svcnet.store.etcd_config import NO_CREDENTIALS, EtcdCredentials
 
 __all__ = [
     "EtcdClient",
+    "EtcdCredentials",
     "EtcdStore",
     "KvEvent",
     "KvEventType",
@@ -92,8 +94,10 @@ class EtcdStore:
 
     def __init__(self, endpoints: list[str], *, prefix: str = "/registry",
                  timeout: float = 5.0, page_size: int = 500,
-                 probe_interval: float = 2.0) -> None:
-        self.client = EtcdClient(endpoints, timeout=timeout, probe_interval=probe_interval)
+                 probe_interval: float = 2.0,
+                 credentials: EtcdCredentials = NO_CREDENTIALS) -> None:
+        self.client = EtcdClient(endpoints, timeout=timeout, probe_interval=probe_interval,
+                                 credentials=credentials)
         self.prefix = prefix.rstrip("/")
         self.page_size = page_size
 

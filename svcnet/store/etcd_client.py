@@ -15,6 +15,12 @@ Fail-over rules (the same split as etcd's own clientv3 retry interceptor):
 
 A watch remembers the revision after the last response it delivered and, when its stream
 breaks, re-creates itself on the next member from exactly there: nothing lost, nothing twice.
+
+Security (``EtcdCredentials``): TLS with a CA and an optional client certificate, and etcd's
+user/password authentication. The password buys a token (``Auth.Authenticate``) that rides
+along as the ``token`` metadata of every request; when a member says the token is no longer
+valid (expired, auth disabled and re-enabled, password changed) the client authenticates
+again and repeats the request once. Errors never show the password or the token.
 """
 
 from __future__ import annotations
@@ -23,15 +29,21 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import grpc
+# gRPC's C core would log a failed TLS handshake itself, on stderr, unformatted and twice;
+# our errors already say it once, clearly. GRPC_VERBOSITY set by the user still wins.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+import grpc  # after GRPC_VERBOSITY, which grpc reads when imported
 import grpc.aio
 
 from svcnet.store.base import Expired, Invalid, NotFound, StoreError, Unavailable
+from svcnet.store.etcd_config import NO_CREDENTIALS, EtcdCredentials
 from svcnet.store.etcdpb import etcd_pb2 as pb
 from svcnet.store.etcdpb import etcd_pb2_grpc
 
@@ -41,7 +53,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_REQUIRE_LEADER = (("hasleader", "true"),)
+_REQUIRE_LEADER: tuple[tuple[str, str], ...] = (("hasleader", "true"),)
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
@@ -116,8 +128,54 @@ def prefix_end(prefix: bytes) -> bytes:
     return b"\0"  # every key
 
 
+def _channel_credentials(credentials: EtcdCredentials) -> grpc.ChannelCredentials | None:
+    """gRPC credentials from the PEM files, read now: a bad path fails at start-up."""
+    if not credentials.uses_tls:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read_pem(credentials.cafile, "--etcd-cafile"),
+        private_key=_read_pem(credentials.keyfile, "--etcd-keyfile"),
+        certificate_chain=_read_pem(credentials.certfile, "--etcd-certfile"))
+
+
+def _read_pem(path: str, flag: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise Invalid(f"etcd: cannot read {flag} {path}: {err.strerror}") from None
+    if b"-----BEGIN " not in data:
+        raise Invalid(f"etcd: {flag} {path} is not a PEM file")
+    return data
+
+
 def _details(err: grpc.aio.AioRpcError) -> str:
-    return f"{err.code().name}: {err.details() or ''}"
+    text = err.details() or ""
+    return _tls_problem(text) or f"{err.code().name}: {text}"
+
+
+def _tls_problem(text: str) -> str:
+    """A one-line explanation of a failed TLS handshake in gRPC's error text, else ''."""
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        why = text.partition("CERTIFICATE_VERIFY_FAILED")[2].strip(": ").split(":")[0]
+        return ("TLS: the member's certificate is not trusted (not signed by the CA in "
+                f"--etcd-cafile){f': {why}' if why else ''}")
+    if "Peer name" in text and "not in peer certificate" in text:
+        return ("TLS: the member's certificate is not valid for the address used to reach "
+                "it (its subjectAltName lacks it)")
+    if "TSI_DATA_CORRUPTED" in text or "BAD_CERTIFICATE" in text or "CERTIFICATE_REQUIRED" in text:
+        return ("TLS: the member rejected our client certificate (missing, or not signed by "
+                "its trusted CA): check --etcd-certfile/--etcd-keyfile")
+    if "WRONG_VERSION_NUMBER" in text or "Tls handshake failed" in text or (
+            "Handshake failed" in text):
+        return "TLS handshake failed (is this member serving TLS on this port?)"
+    return ""
+
+
+_GIVE_USER = ("give a user name and password (--etcd-username and --etcd-password[-file], "
+              "or etcd://USER:PASSWORD@...)")
 
 
 def map_error(err: grpc.aio.AioRpcError, what: str) -> StoreError:
@@ -127,9 +185,27 @@ def map_error(err: grpc.aio.AioRpcError, what: str) -> StoreError:
         return Expired(f"{what}: {text}")
     if code is grpc.StatusCode.NOT_FOUND:
         return NotFound(f"{what}: {text}")
+    if "user name is empty" in text:
+        return Invalid(f"{what}: etcd has authentication enabled: {_GIVE_USER}")
     if code in _TRANSIENT or code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
         return Unavailable(f"{what}: {_details(err)}")
     return Invalid(f"{what}: {_details(err)}")
+
+
+def _token_rejected(code: grpc.StatusCode, text: str) -> bool:
+    """The member refused our token (expired, revoked, auth store changed): get a new one."""
+    return code is grpc.StatusCode.UNAUTHENTICATED or (
+        code is grpc.StatusCode.INVALID_ARGUMENT
+        and ("user name is empty" in text or "revision of auth store is old" in text))
+
+
+# Cancel reasons of a watch refused for its token (or for want of one).
+_WATCH_AUTH_REFUSALS = ("permission denied", "auth token", "user name is empty",
+                        "revision of auth store is old")
+
+
+class _TokenRejected(Exception):
+    """A watch was refused for want of a valid token (etcd says "permission denied")."""
 
 
 def _never_sent(err: grpc.aio.AioRpcError) -> bool:
@@ -142,19 +218,27 @@ def _never_sent(err: grpc.aio.AioRpcError) -> bool:
 class _Member:
     """One endpoint's channel and stubs, created on first use."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, credentials: grpc.ChannelCredentials | None = None
+                 ) -> None:
         self.endpoint = endpoint
+        self._credentials = credentials
         self._channel: grpc.aio.Channel | None = None
         self._kv: Any = None
         self._watch: Any = None
         self._lease: Any = None
         self._maintenance: Any = None
+        self._auth: Any = None
         self._retired: set[grpc.aio.Channel] = set()
         self._closing: set[asyncio.Future[None]] = set()
 
     def channel(self) -> grpc.aio.Channel:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.endpoint, options=_CHANNEL_OPTIONS)
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.endpoint,
+                                                          options=_CHANNEL_OPTIONS)
+            else:
+                self._channel = grpc.aio.secure_channel(self.endpoint, self._credentials,
+                                                        options=_CHANNEL_OPTIONS)
         return self._channel
 
     @property
@@ -181,6 +265,12 @@ class _Member:
             self._maintenance = pb_grpc.MaintenanceStub(self.channel())
         return self._maintenance
 
+    @property
+    def auth(self) -> Any:
+        if self._auth is None:
+            self._auth = pb_grpc.AuthStub(self.channel())
+        return self._auth
+
     def refresh_if_failing(self) -> None:
         """Replace a channel stuck in reconnect backoff, so the next call connects now.
 
@@ -192,7 +282,7 @@ class _Member:
         if channel is None or channel.get_state() is not grpc.ChannelConnectivity.TRANSIENT_FAILURE:
             return
         self._channel = None
-        self._kv = self._watch = self._lease = self._maintenance = None
+        self._kv = self._watch = self._lease = self._maintenance = self._auth = None
         self._retired.add(channel)
         asyncio.get_running_loop().call_later(_RETIRE_AFTER, self._close_retired, channel)
 
@@ -205,7 +295,7 @@ class _Member:
 
     async def close(self) -> None:
         channel, self._channel = self._channel, None
-        self._kv = self._watch = self._lease = self._maintenance = None
+        self._kv = self._watch = self._lease = self._maintenance = self._auth = None
         retired, self._retired = self._retired, set()
         for old in [*retired, *([channel] if channel is not None else [])]:
             await old.close()
@@ -218,19 +308,62 @@ class EtcdClient:
 
     ``endpoints`` are ``host:port`` strings of members of one cluster. ``timeout`` bounds each
     request; a watch idle for ``probe_interval`` checks that its member still answers.
+    ``credentials`` turn on TLS and/or authentication (unreadable files raise ``Invalid`` here).
     Failures raise ``svcnet.store.base`` errors: ``Unavailable`` when no
-    member could answer, ``Expired`` for a compacted revision, ``NotFound``, ``Invalid``.
+    member could answer, ``Expired`` for a compacted revision, ``NotFound``, ``Invalid``
+    (also for a wrong user name or password).
     """
 
     def __init__(self, endpoints: list[str], *, timeout: float = 5.0,
-                 probe_interval: float = 2.0) -> None:
+                 probe_interval: float = 2.0,
+                 credentials: EtcdCredentials = NO_CREDENTIALS) -> None:
         if not endpoints:
             raise Invalid("etcd: no endpoints given")
-        self._members = [_Member(e) for e in endpoints]
+        channel_credentials = _channel_credentials(credentials.check())
+        self._members = [_Member(e, channel_credentials) for e in endpoints]
         self._current = 0
         self.timeout = timeout
         self.probe_interval = probe_interval
+        self.credentials = credentials
         self._closed = False
+        # None: not authenticated yet; "": authentication is off in etcd; else the token.
+        self._token: str | None = None
+        self._auth_lock: asyncio.Lock | None = None
+
+    # ---- authentication --------------------------------------------------------------
+
+    def _md(self, *, leader: bool = True) -> tuple[tuple[str, str], ...]:
+        """Metadata for one request: ``hasleader`` and, once authenticated, the token."""
+        md = _REQUIRE_LEADER if leader else ()
+        return (*md, ("token", self._token)) if self._token else md
+
+    async def _ensure_token(self) -> None:
+        if self.credentials.username and self._token is None:
+            await self._authenticate(None)
+
+    async def _authenticate(self, stale: str | None) -> None:
+        """Trade the password for a new token, unless another task already replaced
+        ``stale`` (the token a failed request carried) meanwhile."""
+        if self._auth_lock is None:
+            self._auth_lock = asyncio.Lock()
+        async with self._auth_lock:
+            if self._token != stale:
+                return
+            name = self.credentials.username
+            request = pb.AuthenticateRequest(name=name, password=self.credentials.password)
+            try:
+                resp = await self._call("authenticate", lambda m, t: m.auth.Authenticate(
+                    request, timeout=t), repeatable=True, authenticated=False)
+            except Invalid as err:
+                if "authentication is not enabled" in str(err):
+                    self._token = ""  # etcd does not check users: go on without a token
+                    return
+                if "authentication failed" in str(err):
+                    raise Invalid(f"etcd: authentication failed for user {name!r}: wrong "
+                                  "user name or password") from None
+                raise
+            self._token = resp.token
+            log.debug("etcd: authenticated as %r", name)
 
     @property
     def endpoint(self) -> str:
@@ -246,7 +379,7 @@ class EtcdClient:
     async def get(self, key: bytes) -> tuple[bytes, int] | None:
         """The value and mod_revision of ``key``, or None if it does not exist."""
         resp = await self._read("get", lambda m, t: m.kv.Range(
-            pb.RangeRequest(key=key), timeout=t, metadata=_REQUIRE_LEADER))
+            pb.RangeRequest(key=key), timeout=t, metadata=self._md()))
         if not resp.kvs:
             return None
         kv = resp.kvs[0]
@@ -274,13 +407,13 @@ class EtcdClient:
 
     async def _range(self, request: Any) -> Any:
         return await self._read("range", lambda m, t: m.kv.Range(
-            request, timeout=t, metadata=_REQUIRE_LEADER))
+            request, timeout=t, metadata=self._md()))
 
     async def put(self, key: bytes, value: bytes, *, lease: int = 0) -> int:
         """Write ``key`` unconditionally; returns the new revision."""
         resp = await self._write("put", lambda m, t: m.kv.Put(
             pb.PutRequest(key=key, value=value, lease=lease),
-            timeout=t, metadata=_REQUIRE_LEADER))
+            timeout=t, metadata=self._md()))
         return int(resp.header.revision)
 
     async def create(self, key: bytes, value: bytes, *, lease: int = 0) -> bool:
@@ -321,7 +454,7 @@ class EtcdClient:
     async def delete_revision(self, key: bytes) -> int | None:
         """Delete ``key``; the deletion's revision, or None if it did not exist."""
         resp = await self._write("delete", lambda m, t: m.kv.DeleteRange(
-            pb.DeleteRangeRequest(key=key), timeout=t, metadata=_REQUIRE_LEADER))
+            pb.DeleteRangeRequest(key=key), timeout=t, metadata=self._md()))
         return int(resp.header.revision) if resp.deleted else None
 
     async def compact(self, revision: int, *, physical: bool = True) -> None:
@@ -332,23 +465,23 @@ class EtcdClient:
         with contextlib.suppress(Expired):
             await self._write("compact", lambda m, t: m.kv.Compact(
                 pb.CompactionRequest(revision=revision, physical=physical),
-                timeout=t, metadata=_REQUIRE_LEADER))
+                timeout=t, metadata=self._md()))
 
     async def revision(self) -> int:
         """The cluster's current revision."""
         resp = await self._read("revision", lambda m, t: m.kv.Range(
             pb.RangeRequest(key=b"\0", count_only=True), timeout=t,
-            metadata=_REQUIRE_LEADER))
+            metadata=self._md()))
         return int(resp.header.revision)
 
     async def member_status(self) -> Any:
         """The current member's ``StatusResponse`` (leader, raft index, version)."""
         return await self._read("status", lambda m, t: m.maintenance.Status(
-            pb.StatusRequest(), timeout=t))
+            pb.StatusRequest(), timeout=t, metadata=self._md(leader=False)))
 
     async def _txn(self, what: str, txn: Any) -> Any:
         return await self._write(what, lambda m, t: m.kv.Txn(
-            txn, timeout=t, metadata=_REQUIRE_LEADER))
+            txn, timeout=t, metadata=self._md()))
 
     # ---- leases ----------------------------------------------------------------------
 
@@ -356,7 +489,7 @@ class EtcdClient:
         """A new lease of ``ttl`` seconds; keys written with it vanish when it expires."""
         # Granting twice after an unknown outcome only leaks a lease that expires by itself.
         resp = await self._read("grant lease", lambda m, t: m.lease.LeaseGrant(
-            pb.LeaseGrantRequest(TTL=ttl), timeout=t, metadata=_REQUIRE_LEADER))
+            pb.LeaseGrantRequest(TTL=ttl), timeout=t, metadata=self._md()))
         if resp.error:
             raise Invalid(f"grant lease: {resp.error}")
         return int(resp.ID)
@@ -365,7 +498,7 @@ class EtcdClient:
         """Renew a lease once; its TTL in seconds, or 0 if the lease is gone."""
 
         async def once(member: _Member, t: float) -> int:
-            call = member.lease.LeaseKeepAlive(timeout=t, metadata=_REQUIRE_LEADER)
+            call = member.lease.LeaseKeepAlive(timeout=t, metadata=self._md())
             try:
                 await call.write(pb.LeaseKeepAliveRequest(ID=lease_id))
                 resp = await call.read()
@@ -381,7 +514,7 @@ class EtcdClient:
         """Remaining TTL of a lease without renewing it; 0 if it is gone."""
         resp = await self._read("lease ttl", lambda m, t: m.lease.LeaseTimeToLive(
             pb.LeaseTimeToLiveRequest(ID=lease_id), timeout=t,
-            metadata=_REQUIRE_LEADER))
+            metadata=self._md()))
         return max(0, int(resp.TTL))
 
     async def revoke_lease(self, lease_id: int) -> None:
@@ -389,7 +522,7 @@ class EtcdClient:
         with contextlib.suppress(NotFound):
             await self._read("revoke lease", lambda m, t: m.lease.LeaseRevoke(
                 pb.LeaseRevokeRequest(ID=lease_id), timeout=t,
-                metadata=_REQUIRE_LEADER))
+                metadata=self._md()))
 
     # ---- watch -----------------------------------------------------------------------
 
@@ -415,27 +548,56 @@ class EtcdClient:
         """
         next_revision = start_revision
         failures = 0
+        renewed = False
         while True:
             if self._closed:
                 raise Unavailable("etcd client closed")
+            await self._ensure_token()
             index = self._current
             member = self._members[index]
             if failures >= len(self._members):
                 member.refresh_if_failing()
+            token = self._token
             try:
                 async for batch in self._watch_stream(member, prefix, next_revision,
                                                       progress_notify):
                     failures = 0
+                    renewed = False
                     if isinstance(batch, WatchProgress):
                         if batch.revision >= next_revision:
                             next_revision = batch.revision + 1
                             yield batch
                         continue
-                    for event in batch:
+                    fresh = [e for e in batch if e.mod_revision >= next_revision]
+                    if len(fresh) < len(batch):
+                        # Delivered already. etcd 3.4 before 3.4.25/3.4.38 can send them
+                        # again from a member that just restored a snapshot (etcd pull
+                        # 15520, issue 20221); applied, they would roll objects back.
+                        log.warning("etcd: %s sent %d event(s) older than revision %d, "
+                                    "already delivered; dropped", member.endpoint,
+                                    len(batch) - len(fresh), next_revision)
+                    for event in fresh:
                         yield event
                     next_revision = max(next_revision, batch[-1].mod_revision + 1)
                 raise Unavailable(f"watch on {member.endpoint}: stream ended")
+            except _TokenRejected as err:
+                # etcd 3.4 refuses a watch whose token is missing or stale as "permission
+                # denied": one new token; refused again, it really is not allowed.
+                user = self.credentials.username
+                if not user:
+                    raise Invalid(f"watch {prefix!r}: {err}: etcd has authentication "
+                                  f"enabled: {_GIVE_USER}") from None
+                if renewed:
+                    raise Invalid(f"watch {prefix!r}: {err} for etcd user {user!r}") from None
+                renewed = True
+                await self._authenticate(token)
+                continue
             except grpc.aio.AioRpcError as err:
+                if (not renewed and self.credentials.username
+                        and _token_rejected(err.code(), err.details() or "")):
+                    renewed = True
+                    await self._authenticate(token)
+                    continue
                 if err.code() not in _TRANSIENT and err.code() is not grpc.StatusCode.UNKNOWN:
                     raise map_error(err, f"watch {prefix!r}") from None
                 reason = _details(err)
@@ -460,7 +622,7 @@ class EtcdClient:
         network), which TCP and gRPC keepalives would notice only much later. The answer
         only proves liveness: its revision is not used (see ``watch_events``).
         """
-        call = member.watch.Watch(metadata=_REQUIRE_LEADER)
+        call = member.watch.Watch(metadata=self._md())
         read: asyncio.Future[Any] | None = None
         try:
             # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation
@@ -491,8 +653,11 @@ class EtcdClient:
                     raise Expired(f"watch from revision {start}: compacted at "
                                   f"{resp.compact_revision}")
                 if resp.canceled:
-                    raise Unavailable(f"watch canceled by {member.endpoint}: "
-                                      f"{resp.cancel_reason or 'no reason given'}")
+                    why = resp.cancel_reason or "no reason given"
+                    if any(m in why for m in _WATCH_AUTH_REFUSALS):
+                        raise _TokenRejected(
+                            why.rpartition("desc = ")[2].removeprefix("etcdserver: "))
+                    raise Unavailable(f"watch canceled by {member.endpoint}: {why}")
                 if resp.created:
                     created = True
                 if resp.events:
@@ -522,28 +687,44 @@ class EtcdClient:
         return await self._call(what, request, repeatable=False)
 
     async def _call(self, what: str, request: Callable[[_Member, float], Awaitable[T]], *,
-                    repeatable: bool) -> T:
+                    repeatable: bool, authenticated: bool = True) -> T:
         """Send to the current member; on a transient failure move on and maybe retry.
 
         ``request`` gets the member and the seconds left: the whole call, retries included,
         takes at most ``timeout``. After every member failed once, a member whose channel is
         in reconnect backoff gets a fresh channel, so a restarted etcd is used at once.
+        A request refused for its token is repeated once with a new token (the check
+        happens before raft, so even a write was not applied).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         reason = "no attempt made"
         attempt = 0
+        renewed = False
         while not self._closed:
+            if authenticated:
+                await self._ensure_token()
             index = self._current
             member = self._members[index]
             if attempt >= len(self._members):
                 member.refresh_if_failing()
+            token = self._token
             try:
                 return await request(member, max(0.01, deadline - loop.time()))
             except grpc.aio.AioRpcError as err:
+                if (authenticated and not renewed and self.credentials.username
+                        and _token_rejected(err.code(), err.details() or "")):
+                    log.info("etcd: %s refused our token (%s); authenticating again",
+                             member.endpoint, err.details())
+                    renewed = True
+                    await self._authenticate(token)
+                    continue
                 if err.code() not in _TRANSIENT:
                     raise map_error(err, what) from None
-                reason = f"{member.endpoint}: {_details(err)}"
+                if err.code() is not grpc.StatusCode.DEADLINE_EXCEEDED or not attempt:
+                    # A last try cut short by the deadline would hide why the others
+                    # failed (a TLS handshake refused, say): keep the earlier reason.
+                    reason = f"{member.endpoint}: {_details(err)}"
                 self._failed(index)
                 if not repeatable and not _never_sent(err):
                     raise Unavailable(f"{what}: outcome unknown ({reason})") from None
