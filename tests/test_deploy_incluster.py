@@ -152,7 +152,7 @@ def test_without_reread_a_revoked_token_fails(account: Any, tmp_path: Path,
             await store.list(SERVICE)
             write_like_kubelet(sa_dir, bound_token(cp, "rotor-4"))
             await asyncio.to_thread(revoke, cp, "rotor-3", old)
-            with pytest.raises(StoreError, match="not accepted|401|Unauthorized"):
+            with pytest.raises(StoreError, match=r"not accepted|401|Unauthorized"):
                 await store.list(SERVICE)
         finally:
             await store.close()
