@@ -278,7 +278,9 @@ def dns_command(o: Options) -> list[str]:
             "--zone", o.cluster_domain, "--pods", o.dns_pods,
             "--health-host", "0.0.0.0", "--health-port", str(DNS_HEALTH_PORT),
             "--metrics-host", "0.0.0.0", "--metrics-port", str(DNS_METRICS_PORT),
-            "--lameduck", "5"]
+            "--lameduck", "5",
+            # one UDP worker per CPU by default: pinned, so the memory limit holds on big nodes
+            "--workers", "2"]
 
 
 def dns_deployment(o: Options) -> dict[str, Any]:
