@@ -21,9 +21,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from svcnet import __version__
 from svcnet.lab.controlplane import cache_root
 from svcnet.lab.runtimes import Podman, Sandbox
+
+from svcnet import __version__
 
 SUITE = "bookworm"
 # What the node agent calls (docs/deploy.md); perl-base is Essential, so always in the base.
@@ -138,9 +139,10 @@ class ImageBuilder:
 
     def __init__(self, box: Sandbox, cache: Path | None = None) -> None:
         self.cache = cache or images_dir()
-        conf_dir = self.cache / "podman-cni"
-        conf_dir.mkdir(parents=True, exist_ok=True)
-        self.podman = Podman(box, self.cache / "podman", [], conf_dir)
+        conf_dir, plugin_dir = self.cache / "podman-cni", self.cache / "podman-cni-bin"
+        for d in (conf_dir, plugin_dir):  # builds and runs use --network none: both stay empty
+            d.mkdir(parents=True, exist_ok=True)
+        self.podman = Podman(box, self.cache / "podman", [str(plugin_dir)], conf_dir)
 
     def exists(self, ref: str) -> bool:
         return self.podman("image", "exists", ref, check=False).returncode == 0
