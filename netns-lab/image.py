@@ -171,9 +171,20 @@ class ImageBuilder:
                                 "-f", str(context / "Containerfile"), str(context),
                                 timeout=1800)
                 built = True
+                self._prune(keep=ref)
             size = int(self.podman("image", "inspect", "--format", "{{.Size}}", ref
                                    ).stdout.strip())
         return BuildResult(ref, size, built, time.monotonic() - start)
+
+    def _prune(self, keep: str) -> None:
+        """Drop earlier builds: each source change makes a new tag, and with the vfs driver
+        each image is a full copy (~230 MB), so the cache would grow without bound."""
+        listing = self.podman("images", "--format", "{{.Repository}}:{{.Tag}}",
+                              "--filter", "reference=localhost/svcnet", check=False)
+        old = [r for r in listing.stdout.split()
+               if r != keep and r.startswith("localhost/svcnet:")]
+        if old:
+            self.podman("rmi", "--force", *old, check=False, timeout=300)
 
     def run(self, ref: str, *cmd: str, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess[str]:

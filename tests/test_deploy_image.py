@@ -81,6 +81,9 @@ def test_image_is_cached(image: tuple[Any, Any]) -> None:
     builder, first = image
     again = builder.build(sys.executable)
     assert (again.ref, again.built) == (first.ref, False)
+    # earlier builds are pruned: the cache holds one svcnet image
+    names = builder.podman("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split()
+    assert [n for n in names if n.startswith("localhost/svcnet:")] == [first.ref]
 
 
 def test_apt_mirror_reads_both_source_formats(tmp_path: Path) -> None:
