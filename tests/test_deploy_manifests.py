@@ -296,3 +296,50 @@ def test_node_agent_informers_and_lease_work_with_the_node_token(applied: Any,
     finally:
         cp.kubectl("delete", "node", name, "--wait=false", check=False)
 
+
+
+def test_controllers_create_the_pods(applied: Any) -> None:
+    """The real DaemonSet and Deployment controllers accept the templates: one node-agent pod
+    per Node (bound to it, the node name from the downward API, the ServiceAccount token
+    projected by admission), and the DNS replicas."""
+    cp, opts = applied
+    name = f"deploy-ds-{int(time.time())}"
+    cp.apply([{"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}])
+    room = {"cpu": "4", "memory": "8Gi", "pods": "110"}  # what a kubelet would report
+    cp.kubectl("patch", "node", name, "--subresource=status", "--type=merge", "-p",
+               json.dumps({"status": {"capacity": room, "allocatable": room}}))
+
+    def pods(selector: str) -> list[dict[str, Any]]:
+        out = cp.kubectl("get", "pods", "-n", opts.namespace, "-l", selector, "-o", "json")
+        items: list[dict[str, Any]] = json.loads(out.stdout)["items"]
+        return items
+
+    def node_pod() -> dict[str, Any] | None:
+        for pod in pods("k8s-app=svcnet-node"):
+            terms = pod["spec"].get("affinity", {}).get("nodeAffinity", {}).get(
+                "requiredDuringSchedulingIgnoredDuringExecution", {}).get(
+                "nodeSelectorTerms", [])
+            if any(f.get("values") == [name] for t in terms
+                   for f in t.get("matchFields", [])):
+                return pod
+        return None
+
+    try:
+        deadline = time.monotonic() + 60
+        while (pod := node_pod()) is None or pod["spec"].get("nodeName") != name:
+            assert time.monotonic() < deadline, "no scheduled svcnet-node pod for the node"
+            time.sleep(0.5)
+        spec = pod["spec"]
+        assert spec["hostNetwork"] is True
+        assert [c["name"] for c in spec["initContainers"]] == ["install-cni"]
+        assert spec["containers"][0]["securityContext"]["privileged"] is True
+        mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+        assert "/var/run/secrets/kubernetes.io/serviceaccount" in mounts
+        projected = [v for v in spec["volumes"] if "projected" in v]
+        assert projected and any("serviceAccountToken" in s
+                                 for s in projected[0]["projected"]["sources"])
+        while len(pods("k8s-app=kube-dns")) < 2:
+            assert time.monotonic() < deadline, "the DNS Deployment made fewer than 2 pods"
+            time.sleep(0.5)
+    finally:
+        cp.kubectl("delete", "node", name, "--wait=false", check=False)
