@@ -372,6 +372,7 @@ def component_argv(layout: Layout, bins: Binaries, component: str) -> list[str]:
             f"--tls-private-key-file={pki / 'apiserver.key'}",
             f"--client-ca-file={layout.ca_crt}", f"--token-auth-file={pki / 'tokens.csv'}",
             "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
+            "--allow-privileged=true",  # as kubeadm: node agents (kube-proxy, svcnet) need it
             f"--service-cluster-ip-range={layout.service_cidr}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={pki / 'sa.pub'}",

@@ -45,23 +45,42 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _cleanup(args: argparse.Namespace) -> int:
+    import sys
+
+    errors = cleanup_rules(args.netns)
+    for err in errors:
+        print(f"error: {err}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def cleanup_rules(netns: str | None) -> list[str]:
+    """Remove every rule the proxy owns, in all modes; the errors, if any, as text."""
     from svcnet.proxy.commands import SubprocessCommands
     from svcnet.proxy.config import BackendConfig
     from svcnet.proxy.iptables import IptablesBackend
     from svcnet.proxy.nftables import NftablesBackend
 
-    commands = SubprocessCommands(args.netns)
+    commands = SubprocessCommands(netns)
     config = BackendConfig(families=(4, 6))
-    NftablesBackend(commands, config).cleanup()
+    errors: list[str] = []
+    try:
+        NftablesBackend(commands, config).cleanup()
+    except Exception as err:  # every mode is tried whatever one of them raises
+        errors.append(f"nftables: {err}")
     for legacy in (False, True):
         try:
             IptablesBackend(commands, config, legacy=legacy).cleanup()
         except OSError:
             continue
+        except Exception as err:
+            errors.append(f"iptables{'-legacy' if legacy else ''}: {err}")
     from svcnet.proxy.ipvs import cleanup_all
 
-    cleanup_all(commands, args.netns)
-    return 0
+    try:
+        cleanup_all(commands, netns)
+    except Exception as err:
+        errors.append(f"ipvs: {err}")
+    return errors
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "svcnet.proxy.cli",
     "svcnet.dns.cli",
     "svcnet.lab.cli",
+    "svcnet.manifests",
 )
 
 EXIT_USAGE = 2
@@ -29,9 +30,16 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
+def _version() -> str:
+    from svcnet import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svcnet", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("--version", action="version", version=f"svcnet {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:

@@ -43,6 +43,14 @@ def register(sub: Any) -> None:
         p.add_argument(f"--{name}", action="store_true", help=f"run the {name} component")
     for module in _component_modules():
         module.add_node_arguments(p)
+    c = p.add_argument_group("cleanup (kube-proxy --cleanup)")
+    c.add_argument("--cleanup", action="store_true",
+                   help="remove what svcnet node and `svcnet cni install` put on this node "
+                        "(proxy rules of every mode, overlay rules, flannel.* devices and "
+                        "routes, CNI binaries and conflist, subnet file, socket), then exit; "
+                        "in the namespace --proxy-netns names, else our own")
+    c.add_argument("--cni-bin-dir", default="/opt/cni/bin", help="for --cleanup")
+    c.add_argument("--cni-conf-dir", default="/etc/cni/net.d", help="for --cleanup")
     p.set_defaults(func=_run)
 
 
@@ -62,6 +70,11 @@ def _never(args: argparse.Namespace) -> bool:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.cleanup:
+        messages = cleanup(args)
+        for line in messages:
+            print(line)
+        return 1 if any(line.startswith("error") for line in messages) else 0
     wanted = [name for name in COMPONENTS if getattr(args, name.replace("-", "_"))]
     if not wanted:
         from svcnet.cli import UsageError
@@ -104,3 +117,30 @@ async def run_node(args: argparse.Namespace, wanted: list[str]) -> None:
     failed = [t for t in done if t is not stopper and not t.cancelled() and t.exception()]
     if failed:
         raise RuntimeError(f"component {failed[0].get_name()} failed") from failed[0].exception()
+
+
+def cleanup(args: argparse.Namespace) -> list[str]:
+    """Undo a node agent, as ``kube-proxy --cleanup`` does for its rules: what stays is the
+    pods' own interfaces and the ``cni0`` bridge (removed with the last pod or by a reboot,
+    as after Flannel), and any other tool's rules."""
+    import contextlib
+    import os
+
+    from svcnet.cni.cli import CONFLIST_NAME, IN_PROCESS_NAME
+    from svcnet.cni.overlay.cli import cleanup as overlay_cleanup
+    from svcnet.proxy.cli import cleanup_rules
+
+    netns = getattr(args, "proxy_netns", None) or None
+    out = [f"error: proxy: {err}" for err in cleanup_rules(netns)]
+    out.append("proxy: rules of every mode removed" if not out else "proxy: partly removed")
+    out += asyncio.run(overlay_cleanup(netns, datapath=True))
+    files = [os.path.join(args.cni_conf_dir, CONFLIST_NAME),
+             *(os.path.join(args.cni_bin_dir, n) for n in ("svcnet-cni", IN_PROCESS_NAME,
+                                                            "svcnet-ipam")),
+             args.overlay_subnet_file, args.cni_server_socket,
+             f"{args.cni_server_socket}.fallback"]
+    for path in files:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            out.append(f"removed {path}")
+    return out

@@ -517,6 +517,9 @@ class KubeSubnetManager:
             if fam is not None and got is None:
                 raise LeaseError(f"node {self.node_name} has no IPv{family} podCIDR but the "
                                  f"network config has {fam.network}")
+        if callable(getattr(self.store, "call", None)) and await self._patch_annotations(
+                node_annotations(attrs, ipv6=lease.subnet6 is not None)):
+            return lease
         for _ in range(10):
             listing = await self.store.list(NODE)
             raw = next((r for r in listing.items if r.name == self.node_name), None)
@@ -539,6 +542,28 @@ class KubeSubnetManager:
                 if not isinstance(err, Conflict):
                     raise
         raise LeaseError(f"could not annotate node {self.node_name}: conflicts")
+
+    async def _patch_annotations(self, wanted: dict[str, str]) -> bool:
+        """A merge patch of the Node's ``status`` subresource, as Flannel publishes its
+        annotations: the node agent's role needs ``patch`` on ``nodes/status`` only, not
+        ``create``/``update`` on Nodes (which could rewrite any node's spec). False when
+        RBAC forbids it: an identity granted only ``update`` on nodes then replaces the
+        Node as before."""
+        from urllib.parse import quote
+
+        status, body = await self.store.call(  # type: ignore[attr-defined]
+            "PATCH", f"/api/v1/nodes/{quote(self.node_name, safe='')}/status",
+            {"metadata": {"annotations": wanted}},
+            content_type="application/merge-patch+json")
+        if status == 403:
+            log.info("patch of nodes/%s/status forbidden; updating the Node instead",
+                     self.node_name)
+            return False
+        if status != 200:
+            message = body.get("message") if isinstance(body, dict) else None
+            raise LeaseError(f"could not annotate node {self.node_name}: HTTP {status}"
+                             + (f": {message}" if message else ""))
+        return True
 
     async def renew(self, lease: Lease) -> Lease:
         return lease
