@@ -11,7 +11,7 @@ Identities, each a client certificate signed by the cluster CA (nothing expires 
   NodeRestriction admission plugin confine it to its own Node, Lease and Pods;
 - ``svcnet:node-daemon:<node>`` in ``svcnet:node-daemons`` for ``svcnet node`` (overlay +
   proxy): what kube-proxy (``system:node-proxier``) and Flannel need; the overlay writes its
-  VTEP annotations with an update of the Node, so nodes get update too;
+  VTEP annotations with a patch of ``nodes/status``, as Flannel does;
 - ``svcnet:dns`` for the DNS pods: what CoreDNS's ClusterRole grants.
 """
 
@@ -43,8 +43,8 @@ NODE_DAEMON_GROUP = "svcnet:node-daemons"
 DNS_USER = "svcnet:dns"
 
 NODE_DAEMON_RULES: list[dict[str, Any]] = [
-    {"apiGroups": [""], "resources": ["nodes"],
-     "verbs": ["get", "list", "watch", "create", "update", "patch"]},
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
     {"apiGroups": [""], "resources": ["services", "endpoints", "pods"],
      "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],

@@ -158,7 +158,8 @@ def test_node_identities_are_least_privilege(lab: LabConfig) -> None:
         return proc.stdout.strip() == "yes"
 
     assert can(daemon, "watch", "endpointslices.discovery.k8s.io")
-    assert can(daemon, "update", "nodes")
+    assert can(daemon, "patch", "nodes", "--subresource=status")
+    assert not can(daemon, "update", "nodes")
     assert not can(daemon, "list", "secrets")
     assert not can(daemon, "create", "pods")
     other = kubectl(lab, "label", "node", "n2", "x=y", kubeconfig=agent, check=False)
