@@ -1,7 +1,7 @@
 """``svcnet lab ...``: build, use and remove a cluster made of network namespaces.
 
-User commands: up, down, status, verify, exec, apply, delete, scale, demo. Internal ones, run by the
-lab itself inside its namespaces: kubelet, controller, bootstrap, wait-ready.
+User commands: up, down, status, verify, exec, apply, delete, scale, kubectl, demo. Internal
+ones, run by the lab itself inside its namespaces: kubelet, controller, bootstrap, wait-ready.
 Commands that talk to the store re-run themselves inside the lab's control namespace, since
 the store is reachable only on the lab's underlay.
 """
@@ -72,6 +72,10 @@ def register(sub: Any) -> None:
     p.add_argument("-n", "--namespace", default="default")
     p.set_defaults(func=_scale)
 
+    p = named("kubectl", "kubectl as the lab's admin (--control-plane kubernetes labs)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="kubectl arguments (after --)")
+    p.set_defaults(func=_kubectl)
+
     p = named("demo", "3 nodes, a 3-replica web service and a client: DNS, ClusterIP, "
               "NodePort, load balancing; torn down unless --keep")
     _add_up_arguments(p, nodes=3)
@@ -95,6 +99,10 @@ def register(sub: Any) -> None:
 def _add_up_arguments(p: argparse.ArgumentParser, nodes: int = 3) -> None:
     p.add_argument("--nodes", type=int, default=nodes)
     p.add_argument("--etcd-members", type=int, choices=[1, 3], default=1)
+    p.add_argument("--control-plane", choices=["etcd", "kubernetes"], default="etcd",
+                   help="etcd and the lab's own controllers (default: starts in ~1 s, small), "
+                        "or a real one: etcd 3.5, kube-apiserver, kube-controller-manager, "
+                        "kube-scheduler v1.28.7 in the lab's control namespace")
     p.add_argument("--store", choices=["etcd", "kubernetes"], default="etcd")
     p.add_argument("--kubeconfig", default=None,
                    help="with --store kubernetes: its server must be reachable from the lab")
@@ -149,10 +157,12 @@ def _inside_lab(cfg: Any) -> int | None:
     """Re-run this command inside the control namespace; None when already there."""
     if os.environ.get("SVCNET_LAB_NS") == cfg.control_ns:
         return None
-    argv = ["nsenter", f"--net=/var/run/netns/{cfg.control_ns}", *cfg.svcnet_argv,
-            *sys.argv[1:]]
-    if "--lab-dir" not in argv:
-        argv += ["--lab-dir", str(cfg.dir)]
+    args = sys.argv[1:]
+    if "--lab-dir" not in args:
+        # Right after ``lab COMMAND``: anything later may be another program's arguments.
+        at = args.index("lab") + 2 if "lab" in args else len(args)
+        args = [*args[:at], "--lab-dir", str(cfg.dir), *args[at:]]
+    argv = ["nsenter", f"--net=/var/run/netns/{cfg.control_ns}", *cfg.svcnet_argv, *args]
     env = {**os.environ, "SVCNET_LAB_NS": cfg.control_ns}
     return subprocess.run(argv, env=env, check=False).returncode
 
@@ -185,6 +195,9 @@ def _make_config(args: argparse.Namespace, name: str | None = None) -> Any:
         raise UsageError("--nodes must be between 1 and 200")
     if not 1 <= args.dns_replicas <= 10:
         raise UsageError("--dns-replicas must be between 1 and 10")
+    if args.control_plane == "kubernetes" and (args.store != "etcd" or args.kubeconfig):
+        raise UsageError("--control-plane kubernetes brings its own apiserver: leave out "
+                         "--store and --kubeconfig")
     if args.store == "kubernetes" and not args.kubeconfig:
         raise UsageError("--store kubernetes needs --kubeconfig")
     kubeconfig = str(Path(args.kubeconfig).resolve()) if args.kubeconfig else None
@@ -197,6 +210,7 @@ def _make_config(args: argparse.Namespace, name: str | None = None) -> Any:
         dns_replicas=args.dns_replicas,
         python=default_python(),
         extra_node_args=tuple(args.node_arg), apiserver_argv=tuple(shlex.split(args.apiserver_cmd)),
+        control_plane=args.control_plane,
     )
 
 
@@ -266,6 +280,8 @@ def _apply(args: argparse.Namespace) -> int:
     code = _inside_lab(cfg)
     if code is not None:
         return code
+    if cfg.real_control_plane:
+        return _run_kubectl(cfg, "apply", "-f", args.filename)
     from svcnet.objects_cli import load_documents
 
     docs = load_documents(args.filename)
@@ -277,6 +293,9 @@ def _delete(args: argparse.Namespace) -> int:
     code = _inside_lab(cfg)
     if code is not None:
         return code
+    if cfg.real_control_plane:
+        return _run_kubectl(cfg, "delete", "-n", args.namespace, args.kind, args.object_name,
+                            "--wait=false")
     return _with_applier(cfg, lambda a: a.delete(args.kind, args.namespace, args.object_name))
 
 
@@ -285,8 +304,32 @@ def _scale(args: argparse.Namespace) -> int:
     code = _inside_lab(cfg)
     if code is not None:
         return code
+    if cfg.real_control_plane:
+        return _run_kubectl(cfg, "scale", "-n", args.namespace, "deployment", args.object_name,
+                            f"--replicas={args.replicas}")
     return _with_applier(cfg, lambda a: a.scale(args.namespace, args.object_name,
                                                 args.replicas))
+
+
+def _run_kubectl(cfg: Any, *args: str) -> int:
+    """On a real control plane the lab's apply/scale/delete are kubectl's."""
+    from svcnet.lab.k8s import kubectl_argv
+
+    return subprocess.run(kubectl_argv(cfg, *args), check=False).returncode
+
+
+def _kubectl(args: argparse.Namespace) -> int:
+    from svcnet.cli import UsageError
+
+    cfg = _config(args)
+    if not cfg.real_control_plane:
+        raise UsageError(f"lab {cfg.name} has no Kubernetes control plane "
+                         "(up --control-plane kubernetes)")
+    code = _inside_lab(cfg)
+    if code is not None:
+        return code
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    return _run_kubectl(cfg, *cmd)
 
 
 def _with_applier(cfg: Any, action: Any) -> int:

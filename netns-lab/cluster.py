@@ -62,6 +62,22 @@ def resolve_choices(cfg: LabConfig) -> LabConfig:
     return replace(cfg, cni=cni, overlay=overlay, proxy=proxy, dns=dns)
 
 
+def with_real_control_plane(cfg: LabConfig) -> LabConfig:
+    """Find the binaries now (a clear error before anything is built) and point every
+    store user at the apiserver the lab will run."""
+    from dataclasses import replace
+
+    from svcnet.lab.controlplane import MissingBinaries, find_binaries
+    from svcnet.lab.k8s import admin_kubeconfig
+
+    try:
+        bins = find_binaries()
+    except MissingBinaries as err:
+        raise LabError(f"--control-plane kubernetes: {err}") from None
+    return replace(cfg, store="kubernetes", etcd_members=1, apiserver_argv=(),
+                   kubeconfig=admin_kubeconfig(cfg), k8s_bin=str(bins.dir))
+
+
 def _timer() -> Callable[[], float]:
     start = time.monotonic()
     return lambda: time.monotonic() - start
@@ -76,6 +92,8 @@ def up(cfg: LabConfig, kernel: Kernel, progress: Progress, *, wait: bool = True)
             raise LabError(f"namespace {ns} already exists (a lab named {cfg.name} from another "
                            f"lab dir?); remove it or choose another --name")
     cfg = resolve_choices(cfg)
+    if cfg.real_control_plane:
+        cfg = with_real_control_plane(cfg)
     elapsed = _timer()
     cfg.dir.mkdir(parents=True, exist_ok=True)
     cfg.save()
@@ -90,7 +108,16 @@ def up(cfg: LabConfig, kernel: Kernel, progress: Progress, *, wait: bool = True)
         if cfg.apiserver_argv:
             procs.start(kernel, "apiserver", cfg.control_ns, list(cfg.apiserver_argv))
             progress(f"[{elapsed():5.1f}s] API server started in {cfg.control_ns}")
-        if cfg.store == "etcd":
+        if cfg.real_control_plane:
+            from svcnet.lab.k8s import LabControlPlane
+
+            control_plane = LabControlPlane(cfg, kernel)
+            control_plane.start(timeout=180)
+            control_plane.write_identities()
+            control_plane.apply_rbac()
+            progress(f"[{elapsed():5.1f}s] etcd, kube-apiserver, kube-controller-manager, "
+                     f"kube-scheduler ready at {control_plane.url}")
+        elif cfg.store == "etcd":
             for i in range(1, cfg.etcd_members + 1):
                 etcd.start_member(kernel, procs, cfg, i)
             for i in range(1, cfg.etcd_members + 1):
@@ -99,17 +126,29 @@ def up(cfg: LabConfig, kernel: Kernel, progress: Progress, *, wait: bool = True)
         (cfg.dir / "net-conf.json").write_text(json.dumps(net_conf(cfg)))
         for node in cfg.node_names:
             write_node_files(cfg, node)
-        bootstrap(cfg)
-        progress(f"[{elapsed():5.1f}s] Nodes, network config and kube-dns written to the store")
+        if cfg.real_control_plane:
+            from svcnet.lab.manifests import system_objects
+
+            if cfg.dns:
+                control_plane.apply(system_objects(cfg))
+            progress(f"[{elapsed():5.1f}s] kube-dns applied; RBAC and kubeconfigs for the node "
+                     f"agents, node daemons and DNS in {cfg.dir}")
+        else:
+            bootstrap(cfg)
+            progress(f"[{elapsed():5.1f}s] Nodes, network config and kube-dns written to the "
+                     "store")
         for node in cfg.node_names:
             if cfg.overlay != "static" or cfg.proxy:
                 procs.start(kernel, f"node-{node}", cfg.node_ns(node), node_daemon_argv(cfg, node))
             procs.start(kernel, f"kubelet-{node}", cfg.node_ns(node), kubelet_argv(cfg, node),
                         mount_ns=False)
-        procs.start(kernel, "controller", cfg.control_ns,
-                    [*cfg.svcnet_argv, "lab", "controller", "--lab-dir", str(cfg.dir)])
-        progress(f"[{elapsed():5.1f}s] node daemons, kubelets and the endpointslice controller "
-                 "started")
+        if cfg.real_control_plane:
+            progress(f"[{elapsed():5.1f}s] node daemons and node agents started")
+        else:
+            procs.start(kernel, "controller", cfg.control_ns,
+                        [*cfg.svcnet_argv, "lab", "controller", "--lab-dir", str(cfg.dir)])
+            progress(f"[{elapsed():5.1f}s] node daemons, kubelets and the endpointslice "
+                     "controller started")
         if wait:
             wait_ready(cfg, progress, elapsed)
         progress(f"[{elapsed():5.1f}s] lab {cfg.name} is up; try: svcnet lab status "
@@ -236,7 +275,12 @@ def cni_socket(cfg: LabConfig, node: str) -> str | None:
 
 
 def node_daemon_argv(cfg: LabConfig, node: str) -> list[str]:
-    argv = [*cfg.svcnet_argv, "node", *cfg.store_args()]
+    kubeconfig = None
+    if cfg.real_control_plane:
+        from svcnet.lab.k8s import node_daemon_kubeconfig
+
+        kubeconfig = node_daemon_kubeconfig(cfg, node)
+    argv = [*cfg.svcnet_argv, "node", *cfg.store_args(kubeconfig)]
     socket = cni_socket(cfg, node)
     argv += ["--cni-server-socket", socket] if socket else ["--no-cni-server"]
     if cfg.overlay in ("vxlan", "host-gw"):

@@ -28,10 +28,14 @@ from svcnet.lab.state import DNS_SERVICE_IP, LabConfig, Ledger
 
 from svcnet.model import NODE, POD
 from svcnet.store.base import NotFound, Selector, Store, StoreError
+from svcnet.store.kubernetes import KubernetesStore
 from svcnet.watch import Listed, changes
 
 log = logging.getLogger(__name__)
 
+STRATEGIC_MERGE = "application/strategic-merge-patch+json"
+MERGE = "application/merge-patch+json"
+HEARTBEAT_S = 10.0
 ECHO_IMAGE = "svcnet/echo"
 DNS_IMAGE = "svcnet/dns"
 DNS_HEALTH_PORT = 8181
@@ -90,7 +94,12 @@ def pod_command(cfg: LabConfig, pod: dict[str, Any]) -> list[str]:
     if cmd:
         return [subst.get(part, part) for part in cmd]
     if c.get("image") == DNS_IMAGE:
-        return [*cfg.svcnet_argv, "dns", *cfg.store_args(), "--zone", cfg.zone,
+        kubeconfig = None
+        if cfg.real_control_plane:
+            from svcnet.lab.k8s import dns_kubeconfig
+
+            kubeconfig = dns_kubeconfig(cfg)
+        return [*cfg.svcnet_argv, "dns", *cfg.store_args(kubeconfig), "--zone", cfg.zone,
                 "--listen", "0.0.0.0:53", "--workers", "1", "--health-port", str(DNS_HEALTH_PORT),
                 "--lameduck", "0.5"]
     ports = pod_ports(pod)
@@ -120,10 +129,21 @@ class Kubelet:
         self.synced = False
 
     # --- lifecycle ---------------------------------------------------------------------
+    @property
+    def real(self) -> bool:
+        """Speaking to a real kube-apiserver: status through the ``/status`` subresources,
+        heartbeats through a Lease, deletion finished with grace period 0, as a kubelet."""
+        return self.cfg.real_control_plane and isinstance(self.store, KubernetesStore)
+
     async def run(self) -> None:
         self.sandbox_dir.mkdir(parents=True, exist_ok=True)
         self._adopt()
-        await self._register_node()
+        if self.real:
+            await self._register_real_node()
+            heartbeat = asyncio.create_task(self._heartbeat())
+        else:
+            await self._register_node()
+            heartbeat = asyncio.create_task(asyncio.sleep(0))
         watcher = asyncio.create_task(self._watch())
         liveness = asyncio.create_task(self._watch_processes())
         try:
@@ -136,6 +156,7 @@ class Kubelet:
         finally:
             watcher.cancel()
             liveness.cancel()
+            heartbeat.cancel()
             for task in self.workers.values():
                 task.cancel()
 
@@ -178,6 +199,82 @@ class Kubelet:
                 log.warning("registering node %s: %s", node, err)
                 await asyncio.sleep(min(2.0, 0.1 * (attempt + 1)))
         raise RuntimeError(f"could not register node {node}")
+
+    # --- a real apiserver: registration and heartbeats ---------------------------------
+    def _node_status(self) -> dict[str, Any]:
+        stamp = now_rfc3339()
+        resources = {"cpu": "8", "memory": "16Gi", "pods": "110"}
+        return {
+            "capacity": resources, "allocatable": resources,
+            "addresses": [{"type": "InternalIP", "address": self.cfg.node_ip(self.node)},
+                          {"type": "Hostname", "address": self.node}],
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                            "message": "svcnet lab node agent is posting ready status",
+                            "lastHeartbeatTime": stamp, "lastTransitionTime": stamp}],
+            "nodeInfo": {"kubeletVersion": "v1.28.7-svcnet-lab", "operatingSystem": "linux",
+                         "architecture": "amd64", "containerRuntimeVersion": "svcnet-lab://0",
+                         "kernelVersion": "", "osImage": "", "kubeProxyVersion": "",
+                         "machineID": "", "systemUUID": "", "bootID": ""},
+        }
+
+    async def _register_real_node(self) -> None:
+        """Create our Node (no podCIDR: the controller-manager's node IPAM allocates it),
+        or just post our status if it exists (a restarted agent)."""
+        assert isinstance(self.store, KubernetesStore)
+        cfg, node = self.cfg, self.node
+        obj = {"apiVersion": "v1", "kind": "Node",
+               "metadata": {"name": node, "labels": {
+                   "kubernetes.io/hostname": node, "kubernetes.io/os": "linux",
+                   "kubernetes.io/arch": "amd64",
+                   "topology.kubernetes.io/zone": cfg.node_zone(node)}},
+               "status": self._node_status()}
+        for attempt in range(100):
+            try:
+                status, body = await self.store.call("POST", "/api/v1/nodes", obj)
+                if status == 409:
+                    status, body = await self._patch_node_status()
+                if status in (200, 201):
+                    return
+                log.warning("registering node %s: %s %s", node, status, body)
+            except StoreError as err:
+                log.warning("registering node %s: %s", node, err)
+            await asyncio.sleep(min(2.0, 0.1 * (attempt + 1)))
+        raise RuntimeError(f"could not register node {node}")
+
+    async def _patch_node_status(self) -> tuple[int, Any]:
+        assert isinstance(self.store, KubernetesStore)
+        return await self.store.call(
+            "PATCH", f"/api/v1/nodes/{self.node}/status",
+            {"status": {k: v for k, v in self._node_status().items() if k != "nodeInfo"}},
+            content_type=STRATEGIC_MERGE)
+
+    async def _heartbeat(self) -> None:
+        """Renew the node's Lease and post Ready every ``HEARTBEAT_S``: without them the node
+        controller marks the node Unknown after 40 s and its pods' endpoints not ready; after
+        an outage, posting Ready again is our job."""
+        assert isinstance(self.store, KubernetesStore)
+        path = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{self.node}"
+        while True:
+            try:
+                renew = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+                spec = {"holderIdentity": self.node, "leaseDurationSeconds": 40,
+                        "renewTime": renew}
+                status, body = await self.store.call("PATCH", path, {"spec": spec},
+                                                     content_type=MERGE)
+                if status == 404:
+                    status, body = await self.store.call(
+                        "POST", path.rpartition("/")[0],
+                        {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                         "metadata": {"name": self.node, "namespace": "kube-node-lease"},
+                         "spec": spec})
+                if status not in (200, 201):
+                    log.warning("renewing lease of %s: %s %s", self.node, status, body)
+                status, body = await self._patch_node_status()
+                if status != 200:
+                    log.warning("posting status of %s: %s %s", self.node, status, body)
+            except StoreError as err:
+                log.warning("heartbeat of %s: %s", self.node, err)
+            await asyncio.sleep(HEARTBEAT_S)
 
     async def _watch(self) -> None:
         selector = Selector(fields=f"spec.nodeName={self.node}")
@@ -312,8 +409,8 @@ class Kubelet:
         if self.ready.get(sb.key, True):
             self.ready[sb.key] = False
             await self._put_status(pod, sb, ready=False)
-        grace = float(pod.get("spec", {}).get("terminationGracePeriodSeconds",
-                                              DEFAULT_GRACE_S))
+        grace = float(pod["metadata"].get("deletionGracePeriodSeconds") or pod.get(
+            "spec", {}).get("terminationGracePeriodSeconds", DEFAULT_GRACE_S))
         await asyncio.to_thread(kill_pids, [sb.pid], grace=max(grace, 0.01))
         await self._teardown(sb, pod)
 
@@ -338,6 +435,17 @@ class Kubelet:
 
     async def _delete_pod_object(self, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
+        if self.real:
+            # The last step of a graceful deletion: grace 0, only this incarnation (uid).
+            assert isinstance(self.store, KubernetesStore)
+            ns = meta.get("namespace", "default")
+            status, body = await self.store.call(
+                "DELETE", f"/api/v1/namespaces/{ns}/pods/{meta['name']}",
+                {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
+                 "preconditions": {"uid": meta.get("uid", "")}})
+            if status not in (200, 404, 409):
+                raise StoreError(f"deleting pod {ns}/{meta['name']}: {status} {body}")
+            return
         with contextlib.suppress(NotFound):
             await self.store.delete(POD, meta.get("namespace", "default"), meta["name"])
 
@@ -412,6 +520,9 @@ class Kubelet:
     async def _put_status(self, pod: dict[str, Any], sb: Sandbox, *, ready: bool) -> None:
         flag = "True" if ready else "False"
         stamp = now_rfc3339()
+        if self.real:
+            await self._patch_pod_status(pod, sb, ready=ready, stamp=stamp)
+            return
         obj = {**pod, "status": {
             "phase": "Running", "podIP": sb.ip, "podIPs": [{"ip": sb.ip}],
             "hostIP": self.cfg.node_ip(self.node), "startTime": pod.get("status", {}).get(
@@ -433,13 +544,48 @@ class Kubelet:
             meta["deletionTimestamp"] = latest["metadata"]["deletionTimestamp"]
         await self.store.put(POD, obj)
 
+    async def _patch_pod_status(self, pod: dict[str, Any], sb: Sandbox, *, ready: bool,
+                                stamp: str) -> None:
+        assert isinstance(self.store, KubernetesStore)
+        meta = pod["metadata"]
+        flag = "True" if ready else "False"
+        c = container(pod)
+        started = pod.get("status", {}).get("startTime") or stamp
+        status = {
+            "phase": "Running", "podIP": sb.ip, "podIPs": [{"ip": sb.ip}],
+            "hostIP": self.cfg.node_ip(self.node), "startTime": started,
+            "conditions": [
+                {"type": "Initialized", "status": "True", "lastTransitionTime": started},
+                {"type": "ContainersReady", "status": flag, "lastTransitionTime": stamp},
+                {"type": "Ready", "status": flag, "lastTransitionTime": stamp}],
+            "containerStatuses": [{
+                "name": c.get("name", "main"), "ready": ready, "restartCount": sb.restarts,
+                "started": True, "image": c.get("image", ""), "imageID": "",
+                "containerID": f"svcnet-lab://{sb.container_id}",
+                "state": {"running": {"startedAt": started}}}],
+        }
+        ns = meta.get("namespace", "default")
+        code, body = await self.store.call(
+            "PATCH", f"/api/v1/namespaces/{ns}/pods/{meta['name']}/status",
+            {"metadata": {"uid": meta.get("uid", "")}, "status": status},
+            content_type=STRATEGIC_MERGE)
+        if code == 404:
+            return
+        if code != 200:
+            raise StoreError(f"status of pod {ns}/{meta['name']}: {code} {body}")
+
 
 async def run_kubelet(cfg: LabConfig, node: str) -> None:
     from svcnet.lab.netns import RealKernel
 
     from svcnet.store.open import open_store
 
-    store = open_store(cfg.store_url, kubeconfig=cfg.kubeconfig)
+    kubeconfig = cfg.kubeconfig
+    if cfg.real_control_plane:
+        from svcnet.lab.k8s import node_agent_kubeconfig
+
+        kubeconfig = node_agent_kubeconfig(cfg, node)
+    store = open_store(cfg.store_url, kubeconfig=kubeconfig)
     kubelet = Kubelet(cfg, node, store, RealKernel())
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -461,4 +607,3 @@ def heartbeat_age(node: dict[str, Any]) -> float | None:
             t = datetime.datetime.strptime(cond["lastHeartbeatTime"], "%Y-%m-%dT%H:%M:%SZ")
             return time.time() - t.replace(tzinfo=datetime.UTC).timestamp()
     return None
-

@@ -49,6 +49,15 @@ class LabConfig:
     extra_node_args: tuple[str, ...] = ()
     apiserver_argv: tuple[str, ...] = ()
     """With ``store="kubernetes"``: an API server the lab starts in its control namespace."""
+    control_plane: str = "etcd"
+    """``etcd``: etcd plus the lab's own controllers; ``kubernetes``: a real control plane
+    (svcnet.lab.k8s) in the control namespace, with ``store="kubernetes"``."""
+    k8s_bin: str = ""
+    """With the real control plane: where its binaries are (found by ``up``)."""
+
+    @property
+    def real_control_plane(self) -> bool:
+        return self.control_plane == "kubernetes"
 
     @property
     def dir(self) -> Path:
@@ -106,10 +115,12 @@ class LabConfig:
             return "kubernetes"
         return "etcd://" + ",".join(self.etcd_endpoints)
 
-    def store_args(self) -> list[str]:
+    def store_args(self, kubeconfig: str | None = None) -> list[str]:
+        """``--store`` and, for Kubernetes, ``--kubeconfig`` (the admin's unless a process
+        gets an identity of its own)."""
         args = ["--store", self.store_url]
-        if self.kubeconfig:
-            args += ["--kubeconfig", self.kubeconfig]
+        if kubeconfig or self.kubeconfig:
+            args += ["--kubeconfig", kubeconfig or self.kubeconfig or ""]
         return args
 
     # --- files -----------------------------------------------------------------------

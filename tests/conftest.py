@@ -177,6 +177,29 @@ def etcd3(tmp_path: Path) -> Iterator[EtcdCluster]:
         cluster.stop()
 
 
+# --- a real Kubernetes control plane, one per test session --------------------------------------
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """etcd 3.5, kube-apiserver, kube-controller-manager and kube-scheduler v1.28.7 on loopback
+    (svcnet.lab.controlplane), shared by every test of the session: it takes ~20 s to start.
+    Tests isolate themselves by namespace (``control_plane.namespace(...)``) and unique names."""
+    from svcnet.lab.controlplane import ControlPlane, MissingBinaries
+
+    require_binary("openssl")
+    try:
+        cp = ControlPlane.on_loopback(tmp_path_factory.mktemp("k8s"))
+    except MissingBinaries as err:
+        require(False, str(err))
+        raise
+    cp.start()
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
 # --- tests marked `vm` run inside svcnet.lab.vm's guest only ---------------------------------
 
 

@@ -8,7 +8,9 @@ What it reproduces, from the API concepts documentation and kube-apiserver's beh
 - LIST of a collection (all namespaces or one) as ``{"kind": "ServiceList", "apiVersion": "v1",
   "metadata": {"resourceVersion", "continue", "remainingItemCount"}, "items": [...]}``, items
   without ``kind``/``apiVersion`` as the real server sends them; ``limit``/``continue``
-  pagination over one consistent snapshot; an expired continue token -> 410 ``Expired``.
+  pagination over one consistent snapshot; an expired continue token -> 410 ``Expired``; an
+  all-namespaces list pinned to one namespace by its field selector stops after one page (a
+  v1.28.7 quirk).
 - WATCH (``watch=1|true``) as a chunked stream of ``{"type", "object"}`` lines; events after
   ``resourceVersion``; ``""``/``"0"`` start with synthetic ADDED events; a compacted revision ->
   410 either as HTTP status or as an ``ERROR`` event (``expire_as``); BOOKMARK events when
@@ -632,6 +634,12 @@ class FakeKubeAPI:
                 raise _Respond(410, status_object(
                     410, "The provided continue parameter is too old to display a consistent "
                     "list result. You can start a new list without the continue parameter."))
+        if token and not namespace and _pins_namespace(req.param("fieldSelector") or ""):
+            # kube-apiserver v1.28.7: an all-namespaces list whose field selector pins one
+            # namespace pages its first page correctly and then answers the continue token
+            # with no items and no further token (seen with kubectl --chunk-size too).
+            return {"kind": f"{res.kind}List", "apiVersion": res.api_version,
+                    "metadata": {"resourceVersion": str(rv)}, "items": []}
         state = self._snapshot(res, rv)
         keys = sorted(k for k in state if k >= start and (
             not namespace or state[k]["metadata"].get("namespace") == namespace))
@@ -741,6 +749,11 @@ def _details(res: Resource, name: str) -> dict[str, Any]:
         details["group"] = res.group
     details["kind"] = res.plural
     return details
+
+
+def _pins_namespace(fields: str) -> bool:
+    return any(t.partition("=")[0].strip() == "metadata.namespace" and "=" in t
+               for t in fields.split(","))
 
 
 def _in_namespace(obj: dict[str, Any], namespace: str) -> bool:

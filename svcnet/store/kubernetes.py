@@ -261,7 +261,7 @@ class KubernetesStore:
     # Store protocol ------------------------------------------------------------------------
 
     async def list(self, kind: Kind[Any], *, selector: Selector = NO_SELECTOR) -> Listing:
-        path = self.config.path_prefix + kind.api_path
+        path = self._list_path(kind, selector)
         type_meta = b'{"kind":%s,"apiVersion":%s,' % (
             _ENCODE.encode(kind.name), _ENCODE.encode(kind.api_version))
         try:
@@ -280,7 +280,7 @@ class KubernetesStore:
             params["resourceVersion"] = revision
         params["timeoutSeconds"] = str(timeout)
         params["watch"] = "1"
-        target = self.config.path_prefix + kind.api_path + "?" + _query(params)
+        target = self._list_path(kind, selector) + "?" + _query(params)
         conn, headers = await self._open_watch(target, kind)
         self._watches.add(conn)
         # The server ends the stream after ``timeout``; silence well beyond that means a
@@ -357,6 +357,20 @@ class KubernetesStore:
         if resp.status not in (200, 202):
             _raise_for(resp, f"delete {kind.name} {ns + '/' if ns else ''}{name}", self.config)
 
+    async def call(self, method: str, path: str, body: Any = None, *,
+                   content_type: str = "application/json") -> tuple[int, Any]:
+        """One request to any API path (``/apis/coordination.k8s.io/v1/...``, a ``/status``
+        subresource, a merge patch): (HTTP status, decoded JSON body or None). For what a
+        node agent does beyond the kinds svcnet reads: leases, status, deletion options."""
+        data = None if body is None else _ENCODE.encode(body)
+        resp = await self._request(method, self.config.path_prefix + path, body=data,
+                                   content_type=content_type)
+        try:
+            decoded = msgspec.json.decode(resp.body) if resp.body else None
+        except msgspec.DecodeError:
+            decoded = None
+        return resp.status, decoded
+
     async def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -365,6 +379,19 @@ class KubernetesStore:
             conn.close()
 
     # internals -------------------------------------------------------------------------------
+
+    def _list_path(self, kind: Kind[Any], selector: Selector) -> str:
+        """The namespace's own collection when the field selector pins one namespace.
+
+        kube-apiserver v1.28 answers a paged all-namespaces list with
+        ``fieldSelector=metadata.namespace=X`` with its first page and then an empty one
+        (``kubectl get -A --field-selector metadata.namespace=X --chunk-size=N`` shows only N
+        objects); the namespaced collection pages correctly and is what kubectl -n asks for.
+        """
+        namespace = _pinned_namespace(selector) if kind.namespaced else ""
+        if namespace:
+            return self._collection_path(kind, namespace)
+        return self.config.path_prefix + kind.api_path
 
     def _collection_path(self, kind: Kind[Any], namespace: str) -> str:
         if not kind.namespaced:
@@ -397,7 +424,8 @@ class KubernetesStore:
             if not token:
                 return Listing(items, revision)
 
-    async def _request_bytes(self, method: str, target: str, body: bytes | None) -> bytes:
+    async def _request_bytes(self, method: str, target: str, body: bytes | None,
+                             content_type: str = "application/json") -> bytes:
         lines = [
             f"{method} {target} HTTP/1.1",
             f"Host: {self._host_header}",
@@ -408,20 +436,20 @@ class KubernetesStore:
         if token:
             lines.append(f"Authorization: Bearer {token}")
         if body is not None:
-            lines.append("Content-Type: application/json")
+            lines.append(f"Content-Type: {content_type}")
             lines.append(f"Content-Length: {len(body)}")
         elif method in ("POST", "PUT"):
             lines.append("Content-Length: 0")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
 
-    async def _request(self, method: str, target: str, *, body: bytes | None = None
-                       ) -> _Response:
+    async def _request(self, method: str, target: str, *, body: bytes | None = None,
+                       content_type: str = "application/json") -> _Response:
         """One request on the shared keep-alive connection, honouring 429 Retry-After and
         fetching a fresh token once after a 401 (a rotated token file, an expired plugin
         token)."""
         refreshed = False
         for _ in range(self.retries):
-            resp = await self._exchange(method, target, body)
+            resp = await self._exchange(method, target, body, content_type)
             if resp.status == 401 and self._token.refreshable and not refreshed:
                 self._token.invalidate()
                 refreshed = True
@@ -431,8 +459,9 @@ class KubernetesStore:
             await self._wait_retry_after(resp.headers, f"{method} {target}")
         raise Unavailable(f"{method} {target}: still throttled (429) after {self.retries} tries")
 
-    async def _exchange(self, method: str, target: str, body: bytes | None) -> _Response:
-        request = await self._request_bytes(method, target, body)
+    async def _exchange(self, method: str, target: str, body: bytes | None,
+                        content_type: str = "application/json") -> _Response:
+        request = await self._request_bytes(method, target, body, content_type)
         async with self._lock:
             for attempt in (1, 2):
                 reused = self._conn is not None
@@ -541,6 +570,15 @@ def _selector_params(selector: Selector) -> dict[str, str]:
     if selector.fields:
         params["fieldSelector"] = selector.fields
     return params
+
+
+def _pinned_namespace(selector: Selector) -> str:
+    """X if the field selector requires ``metadata.namespace=X`` (or ``==X``), else ""."""
+    for term in selector.fields.split(","):
+        key, op, value = term.partition("=")
+        if op and key.strip() == "metadata.namespace":
+            return value.removeprefix("=").strip()
+    return ""
 
 
 def _query(params: Mapping[str, str]) -> str:
