@@ -76,6 +76,50 @@ class PodAddresses(msgspec.Struct, frozen=True, gc=False):
 POD_ADDRESSES: Kind[Any] = Kind("Pod", "v1", "pods", True, PodAddresses)  # type: ignore[type-var]
 
 
+class _NamespaceMeta(msgspec.Struct, frozen=True, gc=False, rename="camel"):
+    name: str = ""
+    namespace: str = ""  # always empty (cluster-scoped); the watch cache indexes by it
+    resource_version: str = ""
+
+
+class NamespaceName(msgspec.Struct, frozen=True, gc=False):
+    """A Namespace is only its name to DNS: existing namespaces answer NODATA
+    (``<ns>.svc.<zone>``) and hold pod names, as in CoreDNS."""
+
+    metadata: _NamespaceMeta
+
+
+NAMESPACE_NAMES: Kind[Any] = Kind(  # type: ignore[type-var]
+    "Namespace", "v1", "namespaces", False, NamespaceName)
+
+
+def local_addresses(host: str) -> list[str]:
+    """Our non-loopback addresses, as CoreDNS's: the listen address, or with a wildcard
+    every local address of this network namespace (IPv4 from /proc/net/fib_trie, IPv6 from
+    /proc/net/if_inet6)."""
+    import ipaddress
+
+    if host not in ("0.0.0.0", "::", ""):
+        return [] if ipaddress.ip_address(host).is_loopback else [host]
+    out: list[str] = []
+    with contextlib.suppress(OSError), open("/proc/net/fib_trie") as f:
+        last = ""
+        for line in f:
+            text = line.strip()
+            if text.startswith("|--"):
+                last = text[3:].strip()
+            elif text == "/32 host LOCAL" and last and last not in out and \
+                    not ipaddress.ip_address(last).is_loopback:
+                out.append(last)
+    with contextlib.suppress(OSError), open("/proc/net/if_inet6") as f:
+        for line in f:
+            raw = line.split()[0]
+            ip = ipaddress.IPv6Address(bytes.fromhex(raw))
+            if not (ip.is_loopback or ip.is_link_local) and str(ip) not in out:
+                out.append(str(ip))
+    return out
+
+
 class _SliceMeta(msgspec.Struct, frozen=True, gc=False, rename="camel"):
     name: str
     namespace: str = ""
@@ -188,6 +232,10 @@ class DNSOptions:
     max_concurrent: int = 1000
     forward_timeout: float = 2.0
     lameduck: float = 0.0
+    tcp_idle_timeout: float = 10.0  # CoreDNS's defaults: idle 10 s, read and write 5 s
+    tcp_write_timeout: float = 5.0
+    tcp_max_connections: int = 1000
+    loop_probe_interval: float = 30.0  # seconds between forwarding-loop probes per upstream
     slim_informers: bool = True  # own slim EndpointSlice informer (standalone), else shared
 
 
@@ -320,6 +368,31 @@ class DNSComponent:
             slices = factory.informer(ENDPOINT_SLICE)
         pods: Informer[Any] | None = Informer(store, POD_ADDRESSES) if o.pods == "verified" \
             else None
+        namespaces: Informer[Any] = Informer(store, NAMESPACE_NAMES)
+        local = local_addresses(o.listen[0])
+
+        def endpoints_of(key: str) -> list[tuple[str, str]] | None:
+            """A ClusterIP Service's ready endpoints as (hostname, IP), for the slow path."""
+            from svcnet.dns.names import endpoint_hostname
+
+            svc = services.cache.get(key)
+            if svc is None or svc.is_headless or svc.spec.type == "ExternalName":
+                return None
+            publish_all = svc.spec.publish_not_ready_addresses
+            out = []
+            for sl in slices.cache.by_index("service", key):
+                if sl.address_type == "FQDN":
+                    continue
+                for ep in sl.endpoints:
+                    if ep.ready or publish_all:
+                        out += [(endpoint_hostname(ep, a, pod_names=o.endpoint_pod_names), a)
+                                for a in ep.addresses]
+            return out
+
+        def update_ns() -> None:
+            zone.set_ns_addresses(zone.dns_service_ips(local) or local)
+
+        zone.endpoints_of = endpoints_of
 
         def recompute(key: str, trigger: str = "") -> None:
             svc = services.cache.get(key)
@@ -338,8 +411,21 @@ class DNSComponent:
             obj = new or old
             assert obj is not None
             recompute(f"{obj.metadata.namespace}/{obj.metadata.name}")
+            if zone.synced:
+                update_ns()
+
+        def addresses(sl: Any) -> list[str]:
+            if sl is None or not sl.service_name or sl.address_type == "FQDN":
+                return []
+            return [a for ep in sl.endpoints for a in ep.addresses]
 
         def on_slice(old: Any, new: Any) -> None:
+            obj = new or old
+            if obj.service_name:
+                zone.index_endpoints(f"{obj.metadata.namespace}/{obj.service_name}",
+                                     addresses(old), addresses(new))
+                if zone.synced:
+                    update_ns()
             keys = {f"{o.metadata.namespace}/{o.service_name}" for o in (old, new)
                     if o is not None and o.service_name}
             for key in keys:
@@ -351,24 +437,35 @@ class DNSComponent:
         def on_pod(old: Any, new: Any) -> None:
             zone.set_pod(old, new)
 
+        def on_namespace(old: Any, new: Any) -> None:
+            if old is not None:
+                zone.set_namespace(old.metadata.name, False)
+            if new is not None:
+                zone.set_namespace(new.metadata.name, True)
+
         services.add_handler(Callbacks(on_service))
         slices.add_handler(Callbacks(on_slice))
         if pods is not None:
             pods.add_handler(Callbacks(on_pod))
+        namespaces.add_handler(Callbacks(on_namespace))
 
         stats = metrics.DNSStats(f"dns://{o.listen[0]}:{o.listen[1]}", zone.zone)
         metrics.register(stats)
         upstreams = drop_self(o.upstreams, o.listen)
         forwarder = Forwarder(upstreams, timeout=o.forward_timeout,
-                              max_concurrent=o.max_concurrent) if upstreams else None
+                              max_concurrent=o.max_concurrent,
+                              loop_interval=o.loop_probe_interval) if upstreams else None
         stubs = {d: Forwarder(drop_self(s, o.listen), timeout=o.forward_timeout,
-                              max_concurrent=o.max_concurrent)
+                              max_concurrent=o.max_concurrent,
+                              loop_interval=o.loop_probe_interval)
                  for d, s in o.stub_domains.items()}
         handler = Handler(zone, forwarder=forwarder, stubs=stubs,
                           cache=ResponseCache(o.cache_size, min_ttl=o.cache_min_ttl), stats=stats,
                           log_queries=o.query_log)
         server = DNSServer(zone, handler, host=o.listen[0], port=o.listen[1],
-                           workers=o.workers, slow_only=o.query_log)
+                           workers=o.workers, slow_only=o.query_log,
+                           tcp_idle=o.tcp_idle_timeout, tcp_write=o.tcp_write_timeout,
+                           tcp_max=o.tcp_max_connections)
         self.server = server
         http: list[HTTPServer] = []
         try:
@@ -383,20 +480,23 @@ class DNSComponent:
                                        o.metrics_port))
             for h in http:
                 await h.start()
-            wanted: list[Any] = [services, slices] + ([pods] if pods is not None else [])
+            wanted: list[Any] = [services, slices, namespaces] + (
+                [pods] if pods is not None else [])
             for inf in wanted:
                 inf.start()
             await asyncio.gather(*(inf.synced.wait() for inf in wanted))
+            update_ns()
             zone.mark_synced()
             release_free_memory()
             self.ready.set()
             log.info("dns synced: %d prepared answers", len(zone.table))
             for fwd in handler.forwarders():
-                asyncio.get_running_loop().create_task(fwd.check_loops())
+                fwd.start_loop_checks()
             await asyncio.Event().wait()
         finally:
             if pods is not None:
                 await pods.stop()
+            await namespaces.stop()
             if o.slim_informers:
                 await slices.stop()
             await self._shutdown(server, http, handler)

@@ -13,6 +13,7 @@ import logging
 import struct
 import time
 
+from svcnet.dns import metrics
 from svcnet.dns.cache import ResponseCache
 from svcnet.dns.forward import ConcurrencyLimit, Forwarder, ForwardError
 from svcnet.dns.metrics import DNSStats
@@ -21,6 +22,7 @@ from svcnet.dns.wire import (
     AAAA,
     AXFR,
     BADVERS,
+    CLASS_IN,
     CNAME,
     FORMERR,
     IXFR,
@@ -36,14 +38,40 @@ from svcnet.dns.wire import (
     answer_from_prepared,
     build_response,
     encode_name,
-    encode_rr,
     header_only,
     parse_query,
+    prepare,
 )
 from svcnet.dns.zone import ClusterZone, table_key
 
+CLASS_ANY = 255
+
 log = logging.getLogger(__name__)
 query_log = logging.getLogger("svcnet.dns.query")
+
+
+class RateLimitedLog:
+    """At most one log line per key per ``interval``, saying how many were suppressed:
+    one client repeating a query that trips a bug must not fill the disk."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 60.0, keys: int = 64) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.keys = keys
+        self._last: dict[str, tuple[float, int]] = {}  # key -> (last logged, suppressed)
+
+    def exception(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        last, suppressed = self._last.get(key, (-self.interval, 0))
+        if now - last < self.interval:
+            self._last[key] = (last, suppressed + 1)
+            return
+        if len(self._last) >= self.keys:
+            self._last.clear()  # bounded: forgetting only means one more line
+        self._last[key] = (now, 0)
+        if suppressed:
+            msg += f" ({suppressed} more like it in the last {self.interval:.0f} s)"
+        self.logger.exception(msg, *args)
 
 
 class Handler:
@@ -56,6 +84,7 @@ class Handler:
         self.cache = cache if cache is not None else ResponseCache()
         self.stats = stats
         self.log_queries = log_queries
+        self.errors = RateLimitedLog(log)
 
     def forwarders(self) -> list[Forwarder]:
         return [f for f in (self.forwarder, *self.stubs.values()) if f is not None]
@@ -68,7 +97,13 @@ class Handler:
             return header_only(data, FORMERR)
         if query.flags & 0x8000:
             return None
-        response, plugin = await self._answer(data, query, proto)
+        try:
+            response, plugin = await self._answer(data, query, proto)
+        except Exception as err:  # a bug: answer SERVFAIL, count, log rarely
+            kind = type(err).__name__
+            metrics.HANDLER_ERRORS.labels(kind).inc()
+            self.errors.exception(kind, "answering %s %d failed", query.qname, query.qtype)
+            response, plugin = build_response(query, SERVFAIL), "handler"
         rcode = response[3] & 0xF if response else SERVFAIL
         elapsed = time.perf_counter() - started
         if self.stats is not None:
@@ -88,17 +123,23 @@ class Handler:
             return build_response(q, BADVERS), "handler"
         if q.qtype in (AXFR, IXFR):
             return build_response(q, REFUSED), "handler"
-        if any(f.saw_probe(q.qname) for f in self.forwarders()):
+        if any(f.seen(data, q.qname) for f in self.forwarders()):
             return build_response(q, SERVFAIL), "loop"
+        if in_reverse_zone(q.qname) and q.qtype == PTR and self.zone.synced and \
+                table_key(q.qname, PTR) not in self.zone.table and q.qclass == CLASS_IN:
+            found = self.zone.endpoint_ptr(q.qname)  # a ClusterIP Service's endpoint
+            if found is not None and found.prepared is not None:
+                return answer_from_prepared(data, q, found.prepared, limit), "kubernetes"
         if self.zone.contains(q.qname) or (
                 in_reverse_zone(q.qname) and q.qtype == PTR
                 and table_key(q.qname, PTR) in self.zone.table):
+            if q.qclass not in (CLASS_IN, CLASS_ANY):  # CHAOS, HESIOD: not our data
+                return build_response(q, REFUSED), "kubernetes"
             result = self.zone.answer(q.qname, q.qtype)
             if result.prepared is not None:
-                return answer_from_prepared(data, q.question_end, result.prepared, q.edns,
-                                            limit), "kubernetes"
+                return answer_from_prepared(data, q, result.prepared, limit), "kubernetes"
             if result.cname is not None:
-                return await self._external(q, result.cname, limit), "kubernetes"
+                return await self._external(data, q, result.cname, limit), "kubernetes"
             return build_response(q, result.rcode), "kubernetes"
         return await self._forward(data, q, limit)
 
@@ -124,20 +165,21 @@ class Handler:
         reply = self.cache.put(key, reply)
         return _fit(reply, q, limit), "forward"
 
-    async def _external(self, q: Query, cname: RR, limit: int) -> bytes:
-        """ExternalName: the CNAME, then the target's A/AAAA records when we can get them."""
+    async def _external(self, data: bytes, q: Query, cname: RR, limit: int) -> bytes:
+        """ExternalName: the CNAME, then the target's A/AAAA records when we can get them;
+        a chain ending in our zone without data carries our SOA (RFC 2308 NODATA)."""
         records = [cname]
+        authority: list[RR] = []
         target = cname.rdata
-        if q.qtype in (A, AAAA):
-            if self.zone.contains(target):
-                result = self.zone.rrset(target, q.qtype)
-                records += result
-            else:
-                records += await self._resolve(target, q.qtype)
-        body = b"".join(encode_rr(rr, b"\xc0\x0c" if i == 0 else None)
-                        for i, rr in enumerate(records))
-        response = build_response(q, NOERROR, body, (len(records), 0, 0), authoritative=True)
-        return _fit(response, q, limit)
+        if self.zone.contains(target):
+            if q.qtype in (A, AAAA):
+                records += self.zone.rrset(target, q.qtype)
+            if len(records) == 1:
+                authority.append(self.zone.soa())
+        elif q.qtype in (A, AAAA):
+            records += await self._resolve(target, q.qtype)
+        prepared = prepare(NOERROR, records, authority, [], q.qname, qtype=q.qtype)
+        return answer_from_prepared(data, q, prepared, limit)
 
     async def _resolve(self, name: str, qtype: int) -> list[RR]:
         """Resolve an ExternalName target upstream (through the cache); dnslib parses."""

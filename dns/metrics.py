@@ -41,6 +41,21 @@ FORWARD_HC_BROKEN = Counter("coredns_forward_healthcheck_broken_total",
 FORWARD_MAX_CONCURRENT = Counter("coredns_forward_max_concurrent_rejects_total",
                                  "Counter of the number of queries rejected because the "
                                  "concurrent queries were at maximum.")
+HANDLER_ERRORS = Counter("svcnet_dns_handler_errors_total",
+                         "Queries answered SERVFAIL because answering them raised an error "
+                         "(a bug; the log shows one traceback per kind per minute).", ["error"])
+FORWARD_LOOPS = Counter("svcnet_dns_forward_loops_total",
+                        "Times one of our own forwarded queries or loop probes came back to "
+                        "us: the upstream leads back here and is not used.", ["to"])
+FORWARD_BAD_REPLIES = Counter("svcnet_dns_forward_bad_replies_total",
+                              "Upstream replies dropped: wrong ID, not a response, or another "
+                              "question (spoofed or broken).", ["to"])
+TCP_REJECTED = Counter("svcnet_dns_tcp_rejected_total",
+                       "TCP connections closed because the connection limit was reached "
+                       "(the least recently active one goes).")
+TCP_TIMEOUTS = Counter("svcnet_dns_tcp_aborted_total",
+                       "TCP connections aborted: idle, slow to send a query, not reading "
+                       "replies, or broken.")
 PROGRAMMING = Histogram("coredns_kubernetes_dns_programming_duration_seconds",
                         "Histogram of the time (in seconds) it took to program a dns instance.",
                         ["service_kind"],

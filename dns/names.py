@@ -110,5 +110,22 @@ def split_zone(qname: str, zones: tuple[str, ...]) -> ZoneName | None:
     return None
 
 
+def reverse_to_ip(qname: str) -> str | None:
+    """``1.0.0.10.in-addr.arpa.`` -> ``10.0.0.1`` (and ip6.arpa nibbles); None for a name
+    that is not one whole address."""
+    if qname.endswith(".in-addr.arpa."):
+        parts = qname[: -len(".in-addr.arpa.")].split(".")
+        if len(parts) != 4:
+            return None
+        return str(ipaddress.IPv4Address(".".join(reversed(parts))))
+    if qname.endswith(".ip6.arpa."):
+        nibbles = qname[: -len(".ip6.arpa.")].split(".")
+        if len(nibbles) != 32 or any(len(n) != 1 for n in nibbles):
+            return None
+        text = "".join(reversed(nibbles))
+        return str(ipaddress.IPv6Address(":".join(text[i:i + 4] for i in range(0, 32, 4))))
+    return None
+
+
 def in_reverse_zone(qname: str) -> bool:
     return qname.endswith(".in-addr.arpa.") or qname.endswith(".ip6.arpa.")

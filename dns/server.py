@@ -20,9 +20,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from svcnet.dns import metrics
 from svcnet.dns.handler import Handler
+from svcnet.dns.policy import plain_query, reply_tail
 from svcnet.dns.table import SharedTable
-from svcnet.dns.wire import answer_from_prepared
 from svcnet.dns.worker import (
     CMSG_ROOM,
     WILDCARDS,
@@ -35,29 +36,26 @@ from svcnet.dns.zone import ClusterZone
 
 log = logging.getLogger(__name__)
 
-TCP_IDLE_SECONDS = 10.0
+TCP_IDLE_SECONDS = 10.0  # CoreDNS's defaults: idle 10 s between queries, read/write 5 s
+TCP_READ_SECONDS = 5.0
+TCP_WRITE_SECONDS = 5.0
+TCP_MAX_CONNECTIONS = 1000
+TCP_WRITE_BUFFER = 1 << 16
 
 
 def fast_answer(table: SharedTable, data: bytes, tcp: bool) -> bytes | None:
-    """The prepared answer for a plain query, or None (the slow path decides)."""
-    if len(data) < 17 or data[2] & 0xF8 or data[4:10] != b"\x00\x01\x00\x00\x00\x00":
+    """The prepared answer for a plain query, or None (the slow path decides); the same
+    policy as a worker's (``policy.py``)."""
+    plain = plain_query(data)
+    if plain is None:
         return None
-    try:
-        qend = data.index(0, 12) + 5
-    except ValueError:
-        return None
+    qend, limit, opt = plain
     entry = table.get(data[12:qend].lower())
     if entry is None:
         return None
-    ar = data[10:12]
-    if ar == b"\x00\x00":
-        edns, size = False, 512
-    elif ar == b"\x00\x01" and data[qend:qend + 3] == b"\x00\x00\x29" and len(data) >= qend + 11 \
-            and not data[qend + 6] and not data[qend + 7] & 0x80:
-        edns, size = True, max(512, (data[qend + 3] << 8) | data[qend + 4])
-    else:
-        return None
-    return answer_from_prepared(data, qend, entry, edns, 65535 if tcp else size)
+    return data[:2] + reply_tail(data, qend, entry.flags1, entry.flags2, entry.counts,
+                                 entry.counts_edns, entry.body, entry.core_len, opt,
+                                 65535 if tcp else limit)
 
 
 def _udp_socket(host: str, port: int) -> socket.socket:
@@ -82,7 +80,9 @@ class _Worker:
 
 class DNSServer:
     def __init__(self, zone: ClusterZone, handler: Handler, *, host: str = "127.0.0.1",
-                 port: int = 53, workers: int = 2, slow_only: bool = False) -> None:
+                 port: int = 53, workers: int = 2, slow_only: bool = False,
+                 tcp_idle: float = TCP_IDLE_SECONDS, tcp_write: float = TCP_WRITE_SECONDS,
+                 tcp_max: int = TCP_MAX_CONNECTIONS) -> None:
         self.zone = zone
         self.handler = handler
         self.host = host
@@ -94,14 +94,28 @@ class DNSServer:
         self._udp_transport: asyncio.DatagramTransport | None = None
         self._udp_reader: _PktinfoUDP | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.tcp_idle = tcp_idle
+        self.tcp_read = min(tcp_idle, TCP_READ_SECONDS)
+        self.tcp_write = tcp_write
+        self.tcp_max = tcp_max
+        self._tcp_clients: dict[asyncio.WriteTransport, None] = {}  # least recently active first
 
     async def start(self) -> None:
-        udp = _udp_socket(self.host, self.port)
-        self.port = udp.getsockname()[1]
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        tcp = socket.socket(family, socket.SOCK_STREAM)
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        tcp.bind((self.host, self.port))
+        for attempt in range(20):  # port 0: the kernel's UDP port may be taken for TCP
+            udp = _udp_socket(self.host, self.port)
+            port = udp.getsockname()[1]
+            tcp = socket.socket(family, socket.SOCK_STREAM)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                tcp.bind((self.host, port))
+                break
+            except OSError:
+                udp.close()
+                tcp.close()
+                if self.port or attempt == 19:
+                    raise
+        self.port = port
         self._tcp = await asyncio.start_server(self._tcp_client, sock=tcp, backlog=1024)
         loop = asyncio.get_running_loop()
         if self.workers <= 0 and self.host in WILDCARDS:
@@ -211,12 +225,33 @@ class DNSServer:
 
     async def _tcp_client(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
+        """One TCP client. Every wait is bounded (idle between queries, reading a query,
+        writing a reply) and the connection count is capped (at the cap the least recently
+        active connection is closed, so a new client still gets answers), so clients that
+        connect and stay, or send and never read, cost bounded memory for a bounded time."""
+        transport = writer.transport
+        clients = self._tcp_clients
+        while len(clients) >= self.tcp_max:
+            metrics.TCP_REJECTED.inc()
+            oldest = next(iter(clients))
+            del clients[oldest]
+            _reset(oldest)
+        clients[transport] = None
+        transport.set_write_buffer_limits(high=TCP_WRITE_BUFFER)
         peer = writer.get_extra_info("peername") or ("", 0)
+        clean = False
         try:
             while True:
-                head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_SECONDS)
+                try:
+                    head = await asyncio.wait_for(reader.readexactly(2), self.tcp_idle)
+                except asyncio.IncompleteReadError as err:
+                    clean = not err.partial  # the client closed between queries
+                    return
                 (size,) = struct.unpack("!H", head)
-                data = await asyncio.wait_for(reader.readexactly(size), TCP_IDLE_SECONDS)
+                data = await asyncio.wait_for(reader.readexactly(size), self.tcp_read)
+                if transport in clients:  # most recently active last
+                    del clients[transport]
+                    clients[transport] = None
                 response = None if self.handler.log_queries else fast_answer(
                     self.zone.table, data, True) if self.zone.synced else None
                 if response is None:
@@ -225,13 +260,22 @@ class DNSServer:
                     self.handler.stats.count("tcp", _qtype(data), response[3] & 0xF,
                                              "kubernetes", 0.0)
                 if response is None:
+                    clean = True
                     return
                 writer.write(struct.pack("!H", len(response)) + response)
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), self.tcp_write)
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError, OSError):
-            pass
+            metrics.TCP_TIMEOUTS.inc()
         finally:
-            writer.close()
+            clients.pop(transport, None)
+            if clean and not transport.get_write_buffer_size():
+                writer.close()
+            else:
+                _reset(transport)  # never wait to flush to a client that does not read
+
+    @property
+    def tcp_connections(self) -> int:
+        return len(self._tcp_clients)
 
     def alive_workers(self) -> int:
         return sum(1 for w in self._workers if w.proc.poll() is None)
@@ -255,6 +299,16 @@ class DNSServer:
         self._workers.clear()
         for task in list(self._tasks):
             task.cancel()
+
+
+def _reset(transport: asyncio.WriteTransport) -> None:
+    """Close with RST: a plain close keeps unsent replies queued in the kernel (FIN_WAIT1)
+    for as long as the client keeps its window shut."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def _qtype(data: bytes) -> int:

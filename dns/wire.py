@@ -13,9 +13,13 @@ We render by hand rather than through dnslib: the record types are few and fixed
 from __future__ import annotations
 
 import ipaddress
+import re
 import struct
 from dataclasses import dataclass
 from typing import NamedTuple
+
+from svcnet.dns import policy
+from svcnet.dns.policy import reply_tail
 
 # Record types and classes we render or recognise.
 A, NS, CNAME, SOA, PTR, HINFO, TXT, AAAA, SRV, OPT, IXFR, AXFR, ANY = (
@@ -137,14 +141,71 @@ def _intern(value: bytes) -> bytes:
     return _interned.setdefault(value, value)
 
 
+class Compressor:
+    """Writes names with RFC 1035 4.1.4 compression against everything written before in
+    the same message (starting with the question at offset 12): owner names and the names
+    in CNAME/PTR/NS/SOA data become pointers where a suffix was seen; SRV targets are
+    written in full (RFC 2782) but later names may point into them."""
+
+    def __init__(self, qname: str | None) -> None:
+        self.offsets: dict[str, int] = {}
+        self.pos = 12
+        if qname is not None:
+            self.name(qname)  # the question: the client's bytes will sit exactly there
+            self.pos += 4
+
+    def name(self, name: str, compress: bool = True) -> bytes:
+        labels = [label for label in name.lower().split(".") if label]
+        out = bytearray()
+        for i in range(len(labels)):
+            suffix = ".".join(labels[i:])
+            at = self.offsets.get(suffix) if compress else None
+            if at is not None:
+                out += bytes((0xC0 | at >> 8, at & 0xFF))
+                self.pos += 2
+                return bytes(out)
+            if 0 <= self.pos < 0x4000:
+                self.offsets.setdefault(suffix, self.pos)
+            raw = labels[i].encode("ascii")
+            if len(raw) > 63:
+                raise WireError(f"label {labels[i]!r} longer than 63 bytes")
+            out.append(len(raw))
+            out += raw
+            self.pos += 1 + len(raw)
+        out.append(0)
+        self.pos += 1
+        return bytes(out)
+
+    def record(self, rr: RR) -> bytes:
+        owner = self.name(rr.name)
+        self.pos += 10
+        if rr.rtype in (CNAME, PTR, NS):
+            rdata = self.name(rr.rdata)
+        elif rr.rtype == SOA:
+            mname, rname, *nums = rr.rdata.split()
+            rdata = self.name(mname) + self.name(rname) + struct.pack("!IIIII", *map(int, nums))
+            self.pos += 20
+        elif rr.rtype == SRV:
+            prio, weight, port, target = rr.rdata.split()
+            self.pos += 6
+            rdata = struct.pack("!HHH", int(prio), int(weight), int(port)) + \
+                self.name(target, compress=False)
+        else:
+            rdata = encode_rdata(rr.rtype, rr.rdata)
+            self.pos += len(rdata)
+        return owner + _RR_HEAD.pack(rr.rtype, CLASS_IN, rr.ttl, len(rdata)) + rdata
+
+
 def prepare(rcode: int, answer: list[RR], authority: list[RR], additional: list[RR],
             qname: str, *, qtype: int = 0, authoritative: bool = True) -> Prepared:
-    """Render sections once. Records owned by the question name point at the question."""
-    key = qname.lower().rstrip(".")
-    parts: list[bytes] = []
-    for rr in (*answer, *authority, *additional):
-        owner = POINTER_TO_QUESTION if rr.name.lower().rstrip(".") == key else None
-        parts.append(encode_rr(rr, owner))
+    """Render sections once, compressed against the question and each other (the body
+    follows the question, whose length is the same whatever the client's letter case).
+    A question name holding escaped bytes (``labels_to_text``) is not pointed into: its
+    text length is not its wire length."""
+    comp = Compressor(qname if "\\" not in qname else None)
+    if "\\" in qname:
+        comp.pos = -1 << 20  # offsets unknown: register nothing, point at nothing earlier
+    parts = [comp.record(rr) for rr in (*answer, *authority, *additional)]
     body = b"".join(parts)
     core_len = sum(len(p) for p in parts[: len(answer) + len(authority)])
     an, ns, ar = len(answer), len(authority), len(additional)
@@ -159,9 +220,6 @@ def prepare(rcode: int, answer: list[RR], authority: list[RR], additional: list[
     )
 
 
-COUNTS_QUESTION_ONLY = _COUNTS.pack(1, 0, 0, 0)
-COUNTS_QUESTION_OPT = _COUNTS.pack(1, 0, 0, 1)
-OPT_RECORD = opt_record()
 
 
 # --- reading queries -----------------------------------------------------------------------
@@ -228,10 +286,26 @@ def read_name(data: bytes, offset: int) -> tuple[list[bytes], int]:
     return labels, (end if end >= 0 else offset)
 
 
+_SPECIAL = re.compile(rb"[^\x21-\x7e]|[.\\]")
+
+
+def _escape(match: re.Match[bytes]) -> bytes:
+    return b"\\%03d" % match.group()[0]
+
+
 def labels_to_text(labels: list[bytes]) -> str:
+    """Lower-case dotted text. Bytes that are not printable ASCII, and a dot or backslash
+    inside a label, are written ``\\DDD`` (as zone files and CoreDNS do): a wire label
+    ``a.b`` stays one label, and any byte is text we can compare and log."""
     if not labels:
         return "."
-    return ".".join(label.decode("latin-1").lower() for label in labels) + "."
+    out = []
+    for label in labels:
+        label = label.lower()
+        if _SPECIAL.search(label) is not None:
+            label = _SPECIAL.sub(_escape, label)
+        out.append(label.decode("ascii"))
+    return ".".join(out) + "."
 
 
 def skip_rr(data: bytes, offset: int) -> tuple[int, int, int, int, int]:
@@ -301,24 +375,13 @@ def header_only(data: bytes, rcode: int) -> bytes | None:
     return data[:2] + _U16.pack(flags) + b"\x00" * 8
 
 
-def answer_from_prepared(data: bytes, question_end: int, prepared: Prepared, edns: bool,
-                         limit: int) -> bytes:
-    """Splice the client's header bits and question with a prepared answer."""
-    counts, body = (prepared.counts_edns, prepared.body + OPT_RECORD) if edns else (
-        prepared.counts, prepared.body)
-    flags1 = prepared.flags1 | (data[2] & 0x01)
-    if question_end + len(body) > limit:
-        core = prepared.body[:prepared.core_len] + (OPT_RECORD if edns else b"")
-        if question_end + len(core) <= limit:
-            # Drop the additional section first; that needs no TC bit (RFC 2181 9).
-            counts = counts[:6] + (b"\x00\x01" if edns else b"\x00\x00")
-            body = core
-        else:
-            counts = COUNTS_QUESTION_OPT if edns else COUNTS_QUESTION_ONLY
-            body = OPT_RECORD if edns else b""
-            flags1 |= 0x02
-    return b"".join((data[:2], bytes((flags1, prepared.flags2 | (data[3] & 0x10))), counts,
-                     data[12:question_end], body))
+def answer_from_prepared(data: bytes, query: Query, prepared: Prepared, limit: int) -> bytes:
+    """A prepared answer for a parsed query: ``policy.reply_tail``, as every path builds it
+    (the client's DO bit is echoed in our OPT, RFC 3225)."""
+    opt = (policy.OPT_DO if query.do else policy.OPT) if query.edns else b""
+    return data[:2] + reply_tail(data, query.question_end, prepared.flags1, prepared.flags2,
+                                 prepared.counts, prepared.counts_edns, prepared.body,
+                                 prepared.core_len, opt, limit)
 
 
 def ttl_offsets(data: bytes) -> list[int]:

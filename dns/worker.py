@@ -27,16 +27,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from svcnet.dns.policy import plain_query, reply_tail
 from svcnet.dns.table import RECORD, TableView, find
 
 # Duration buckets shared with metrics.py (CoreDNS: 0.25 ms doubling, 16 buckets).
 BUCKETS = tuple(0.00025 * 2**i for i in range(16))
 FLUSH_SECONDS = 1.0
-OPT = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"  # wire.OPT_RECORD: 1232 bytes, version 0
 SAMPLE = 16  # time one query in SAMPLE (a power of two); its histogram weight is SAMPLE
 CACHE_ENTRIES = 16384  # finished replies per worker (~200 bytes each); cleared when full
-COUNTS_NONE = b"\x00\x01\x00\x00\x00\x00\x00\x00"  # question only (truncated)
-COUNTS_OPT_ONLY = b"\x00\x01\x00\x00\x00\x00\x00\x01"
 TABLE, GEN = 0, 1  # the update thread's box: the mapped table, the count of changes seen
 
 
@@ -181,32 +179,21 @@ def relay_replies(channel: socket.socket, udp: socket.socket, stats: dict[Any, A
 def make_answer(box: list[Any], cache: dict[bytes, bytes], slow_only: bool
                 ) -> Callable[[bytes], bytes | None]:
     """The cache-miss path: the reply (after the ID) from the shared table, or None when the
-    main process must decide (not a plain query, unknown name, DO bit, EDNS version > 0,
-    an answer that fits only without its additional section, no table yet)."""
+    main process must decide (not a plain query or an unknown name, see
+    ``policy.plain_query``; no table yet). The reply follows ``policy.reply_tail``, the
+    rule every path shares."""
     unpack = RECORD.unpack_from
     rsize = RECORD.size
 
     def answer(data: bytes) -> bytes | None:
         gen = box[GEN]  # before the table: a switch after this point is seen at the check
         table = box[TABLE]
-        if table is None or slow_only or len(data) < 17 or data[2] & 0xF8 or \
-                data[4:10] != b"\x00\x01\x00\x00\x00\x00":
+        if table is None or slow_only:
             return None
-        qend = data.find(0, 12) + 5
-        size = len(data)
-        if qend < 17 or qend > size:
+        plain = plain_query(data)
+        if plain is None:
             return None
-        ar = data[10:12]
-        if ar == b"\x00\x00":
-            edns = False
-            limit = 512
-        elif ar == b"\x00\x01" and size >= qend + 11 and \
-                data[qend:qend + 3] == b"\x00\x00\x29" and not data[qend + 6] and \
-                not data[qend + 7] & 0x80:
-            edns = True
-            limit = max(512, (data[qend + 3] << 8) | data[qend + 4])
-        else:
-            return None
+        qend, limit, opt = plain
         mm, slots, mask = table
         key = data[12:qend].lower()
         off = find(mm, slots, mask, key)
@@ -215,19 +202,9 @@ def make_answer(box: list[Any], cache: dict[bytes, bytes], slow_only: bool
         at = off + 1 + len(key)
         flags1, flags2, counts, counts_edns, core_len, _, blen = unpack(mm, at)
         at += rsize
-        body = mm[at:at + blen]
-        opt = OPT if edns else b""
-        flags1 |= data[2] & 1
-        if edns:
-            counts = counts_edns
-        if qend + blen + len(opt) > limit:
-            if qend + core_len + len(opt) <= limit:
-                return None  # fits without the additional section: the main process decides
-            flags1 |= 2
-            counts = COUNTS_OPT_ONLY if edns else COUNTS_NONE
-            body = b""
-        tail = b"".join((bytes((flags1, flags2 | (data[3] & 0x10))), counts, data[12:qend],
-                         body, opt))
+        tail = reply_tail(data, qend, flags1, flags2, counts, counts_edns, mm[at:at + blen],
+                          core_len, opt, limit)
+        size = len(data)
         if size == qend or size == qend + 11:  # no EDNS options (cookies differ per client)
             if len(cache) >= CACHE_ENTRIES:
                 cache.clear()

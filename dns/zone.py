@@ -11,9 +11,11 @@ name that exists without the asked type, NXDOMAIN otherwise, with the zone's SOA
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import struct
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -66,8 +68,16 @@ Updates = dict[bytes, Prepared | None]
 VERSION_TTL = 28800  # CoreDNS answers dns-version with this TTL
 
 
+NO_KEY = b"\xff"
+"""What ``table_key`` gives a name no table entry can have (``names.py`` never builds one)."""
+
+
 def table_key(name: str, qtype: int) -> bytes:
-    """The fast path's key: the lower-case wire name, type and class IN, as in the query."""
+    """The fast path's key: the lower-case wire name, type and class IN, as in the query.
+
+    A query name with escaped bytes (``wire.labels_to_text``) names nothing we serve."""
+    if "\\" in name:
+        return NO_KEY
     return encode_name(name) + struct.pack("!HH", qtype, 1)
 
 
@@ -132,6 +142,13 @@ class ClusterZone:
         self._pod_namespaces: Counter[str] = Counter()
         self._pod_ips: dict[str, Counter[str]] = {}  # namespace -> pod IP -> pods with it
         self._subscribers: list[Callable[[], None]] = []
+        self._namespaces: set[str] = set()  # Namespace objects (empty: the store has none)
+        # ClusterIP Services' endpoints are not prepared (10 per Service would triple the
+        # table): the slow path asks the watch cache for a Service's (hostname, IP) pairs,
+        # None when it is not a ClusterIP Service, and keeps IP -> Service for PTRs.
+        self.endpoints_of: Callable[[str], list[tuple[str, str]] | None] = lambda key: None
+        self._endpoint_ips: dict[int, str] = {}
+        self.ns_addresses: list[str] = []  # what ns.dns.<zone> answers (``set_ns_addresses``)
         self.apply(self._static())
 
     # --- publishing ------------------------------------------------------------------------
@@ -288,6 +305,60 @@ class ClusterZone:
             if new.ips:
                 self._pod_ips.setdefault(new.metadata.namespace, Counter()).update(new.ips)
 
+    def set_namespace(self, name: str, exists: bool) -> None:
+        """Namespaces exist for CoreDNS's NODATA (``<ns>.svc.<zone>``) and for pod names."""
+        if exists:
+            self._namespaces.add(sys.intern(name))
+        else:
+            self._namespaces.discard(name)
+
+    def index_endpoints(self, key: str, old: Sequence[str], new: Sequence[str]) -> None:
+        """Keep IP -> Service key for the endpoint addresses of one EndpointSlice."""
+        key = sys.intern(key)
+        for ip in set(old) - set(new):
+            with contextlib.suppress(ValueError):
+                packed = int(ipaddress.ip_address(ip))
+                if self._endpoint_ips.get(packed) == key:
+                    del self._endpoint_ips[packed]
+        for ip in new:
+            with contextlib.suppress(ValueError):
+                self._endpoint_ips[int(ipaddress.ip_address(ip))] = key
+
+    def set_ns_addresses(self, ips: Sequence[str]) -> None:
+        """The addresses ``ns.dns.<zone>`` (the apex NS and SOA name it) answers with: the
+        DNS Service's ClusterIPs, else our own addresses, as CoreDNS."""
+        ips = list(ips)
+        if ips == self.ns_addresses:
+            return
+        self.ns_addresses = ips
+        name = f"ns.dns.{self.zone}"
+        ups: Updates = {}
+        for rtype in (A, AAAA):
+            rrs = [RR(name, rtype, self.ttl, ip) for ip in ips if (AAAA if ":" in ip else A)
+                   == rtype]
+            ups[table_key(name, rtype)] = prepare(NOERROR, rrs, [], [], name, qtype=rtype) \
+                if rrs else self._nodata(name, rtype)
+        self.apply(ups)
+
+    def dns_service_ips(self, local: Sequence[str]) -> list[str]:
+        """The addresses of the Service that stands for us: one whose ClusterIP is one of
+        our addresses (``svcnet node`` listening on it) or that has one of them as an
+        endpoint (a DNS pod), as CoreDNS's ``nsAddrs``. Empty if there is none."""
+        owners: list[str] = []
+        for ip in local:
+            for targets in self._ptr_owners.get(names.reverse_name(ip), {}).values():
+                owners += targets
+            with contextlib.suppress(ValueError):
+                key = self._endpoint_ips.get(int(ipaddress.ip_address(ip)))
+                if key is not None:
+                    namespace, _, service = key.partition("/")
+                    owners.append(names.service_name(service, namespace, self.zone))
+        out: list[str] = []
+        for owner in dict.fromkeys(owners):
+            for rtype in (A, AAAA):
+                out += [rr.rdata for rr in self.rrset(owner, rtype) if rr.rdata not in out]
+        return out
+
     # --- the slow path ---------------------------------------------------------------------
 
     def contains(self, qname: str) -> bool:
@@ -297,6 +368,8 @@ class ClusterZone:
         """Answer a name inside the zone that has no prepared answer for this type."""
         if not self.synced:
             return Lookup(rcode=SERVFAIL)
+        if "\\" in qname:  # an escaped byte: no object name has one
+            return Lookup(prepare(NXDOMAIN, [], [self.soa()], [], qname))
         prepared = self.table.get(table_key(qname, qtype))
         if prepared is not None:
             return Lookup(prepared)
@@ -308,6 +381,10 @@ class ClusterZone:
         where = names.split_zone(qname, self.zones)
         if where is not None and where.where == "pod":
             return self._pod(qname, qtype, where)
+        if where is not None and where.where == "svc" and len(where.labels) == 3:
+            found = self._endpoint(qname, qtype, where)
+            if found is not None:
+                return found
         if self._exists(qname, where):
             return Lookup(self._nodata(qname))
         return Lookup(prepare(NXDOMAIN, [], [self.soa()], [], qname))
@@ -333,6 +410,44 @@ class ClusterZone:
             return [RR(qname, TXT, VERSION_TTL, f'"{names.SCHEMA_VERSION}"')]
         return self.rrset(qname, qtype)
 
+    def _endpoint(self, qname: str, qtype: int, where: names.ZoneName) -> Lookup | None:
+        """``<endpoint>.<service>.<ns>.svc.<zone>`` of a ClusterIP Service (headless ones
+        are prepared): its A or AAAA, NODATA for other types, None if there is none."""
+        host, service, namespace = where.labels
+        pairs = self.endpoints_of(f"{namespace}/{service}")
+        ips = [ip for h, ip in pairs or () if h == host]
+        if not ips:
+            return None
+        rtype = qtype if qtype in (A, AAAA) else 0
+        rrs = [RR(qname, rtype, self.ttl, ip) for ip in ips if (AAAA if ":" in ip else A)
+               == rtype]
+        if not rrs:
+            return Lookup(self._nodata(qname))
+        return Lookup(prepare(NOERROR, rrs, [], [], qname))
+
+    def endpoint_ptr(self, qname: str) -> Lookup | None:
+        """PTR of an endpoint address of a ClusterIP Service (CoreDNS answers these too)."""
+        try:
+            ip = names.reverse_to_ip(qname)
+        except ValueError:
+            return None
+        if ip is None:
+            return None
+        key = self._endpoint_ips.get(int(ipaddress.ip_address(ip)))
+        if key is None:
+            return None
+        pairs = self.endpoints_of(key)
+        namespace, _, service = key.partition("/")
+        targets = sorted({names.fqdn(h, service, namespace, "svc", self.zone)
+                          for h, addr in pairs or () if addr == ip})
+        if not targets:
+            return None
+        return Lookup(prepare(NOERROR, [RR(qname, PTR, self.ttl, t) for t in targets], [], [],
+                              qname, qtype=PTR))
+
+    def namespace_exists(self, namespace: str) -> bool:
+        return namespace in self._namespaces or namespace in self._svc_namespaces
+
     def _exists(self, qname: str, where: names.ZoneName | None) -> bool:
         if self._names.get(qname, 0) > 0:
             return True
@@ -342,12 +457,19 @@ class ClusterZone:
             return True
         if where.where == "svc":
             return not where.labels or (
-                len(where.labels) == 1 and where.labels[0] in self._svc_namespaces)
+                len(where.labels) == 1 and self.namespace_exists(where.labels[0]))
         if where.where == "pod":
             return not where.labels or (
                 len(where.labels) == 1 and self.pods != "disabled" and (
-                    where.labels[0] in self._pod_namespaces or self.pods == "insecure"))
+                    self._pod_namespace(where.labels[0])))
         return False
+
+    def _pod_namespace(self, namespace: str) -> bool:
+        """A namespace pod names may be in: an existing one, as CoreDNS (a Namespace object
+        or one holding a Service or, verified, a Pod); with ``insecure`` and a store holding
+        no Namespace objects at all (the lab, tests), any."""
+        return self.namespace_exists(namespace) or namespace in self._pod_namespaces or (
+            self.pods == "insecure" and not self._namespaces)
 
     def _pod(self, qname: str, qtype: int, where: names.ZoneName) -> Lookup:
         nx = Lookup(prepare(NXDOMAIN, [], [self.soa()], [], qname))
@@ -355,7 +477,7 @@ class ClusterZone:
             return Lookup(self._nodata(qname)) if self._exists(qname, where) else nx
         ip = names.undashed(where.labels[0])
         namespace = where.labels[1]
-        if ip is None:
+        if ip is None or not self._pod_namespace(namespace):
             return nx
         if self.pods == "verified" and self._pod_ips.get(namespace, NO_PODS)[ip] <= 0:
             return nx

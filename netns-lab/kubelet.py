@@ -70,6 +70,18 @@ def resolv_conf(namespace: str, zone: str) -> str:
             "options ndots:5\n")
 
 
+def pod_resolv_conf(pod: dict[str, Any], zone: str, node_ns: str) -> str:
+    """``dnsPolicy: Default`` (the DNS server's own pods): the node's resolver, as kubelet's
+    ``--resolv-conf``; pointing them at kube-dns would make the DNS forward to itself.
+    Anything else: kube-dns with the search path (``ClusterFirst``)."""
+    if pod.get("spec", {}).get("dnsPolicy") == "Default":
+        for path in (Path("/etc/netns") / node_ns / "resolv.conf", Path("/etc/resolv.conf")):
+            with contextlib.suppress(OSError):
+                return path.read_text()
+        return ""
+    return resolv_conf(pod.get("metadata", {}).get("namespace", "default"), zone)
+
+
 def container(pod: dict[str, Any]) -> dict[str, Any]:
     containers = pod.get("spec", {}).get("containers") or [{}]
     first: dict[str, Any] = containers[0]
@@ -370,7 +382,8 @@ class Kubelet:
             ip = first_ipv4(result)
             etc = Path("/etc/netns") / netns
             etc.mkdir(parents=True, exist_ok=True)
-            (etc / "resolv.conf").write_text(resolv_conf(namespace, self.cfg.zone))
+            (etc / "resolv.conf").write_text(
+                pod_resolv_conf(pod, self.cfg.zone, self.cfg.node_ns(self.node)))
             (etc / "hostname").write_text(pod.get("spec", {}).get("hostname") or name)
             return self._start_process(pod, netns, ip, False, container_id, 0)
         except BaseException:

@@ -283,6 +283,7 @@ def system_objects(cfg: LabConfig) -> list[Obj]:
         {"apiVersion": "v1", "kind": "Pod",
          "metadata": {"name": name, "namespace": "kube-system", "labels": labels},
          "spec": {"nodeName": cfg.node_names[i % len(cfg.node_names)],
+                  "dnsPolicy": "Default",  # the node's resolver as upstream, not itself
                   "containers": [{"name": "dns", "image": "svcnet/dns",
                                   "ports": [{"containerPort": 53, "protocol": "UDP"},
                                             {"containerPort": 53, "protocol": "TCP"}],

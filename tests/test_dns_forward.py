@@ -10,7 +10,10 @@ import concurrent.futures
 import time
 
 import dns.flags
+import dns.message
 import dns.rcode
+import dns.rrset
+import pytest
 from dnskit import Upstream, query, serve, upstream_server, wait_for
 from svcnet.dns.daemon import DNSOptions
 from svcnet.dns.forward import drop_self
@@ -172,3 +175,279 @@ def test_loop_detected_between_two_servers() -> None:
 
 
 import dns.rdatatype  # noqa: E402
+
+# --- a hostile upstream (issue 13, defect 4) -----------------------------------------------
+
+
+class Hostile:
+    """A UDP + TCP upstream on loopback that answers every query with forged replies first
+    (wrong ID, QR clear, no question with a poisoned answer, another question), then, if
+    ``honest``, the right answer; over TCP it sends ``tcp_reply`` and closes. It records the
+    source port of every UDP query. Its behaviour is hostile by design: we test against it."""
+
+    def __init__(self, *, honest: bool, truncate: bool = False, tcp_reply: bytes = b"") -> None:
+        import socket
+        import threading
+
+        from conftest import free_port
+
+        self.honest, self.truncate, self.tcp_reply = honest, truncate, tcp_reply
+        self.ports: list[int] = []
+        for _ in range(20):
+            self.port = free_port()
+            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.tcp = socket.socket()
+            self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                self.udp.bind(("127.0.0.1", self.port))
+                self.tcp.bind(("127.0.0.1", self.port))
+                break
+            except OSError:
+                self.udp.close()
+                self.tcp.close()
+        self.tcp.listen(8)
+        self.stopped = threading.Event()
+        self.threads = [threading.Thread(target=self._serve_udp, daemon=True),
+                        threading.Thread(target=self._serve_tcp, daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _serve_udp(self) -> None:
+        import dns.message
+
+        self.udp.settimeout(0.1)
+        while not self.stopped.is_set():
+            try:
+                data, addr = self.udp.recvfrom(4096)
+            except OSError:
+                continue
+            self.ports.append(addr[1])
+            q = dns.message.from_wire(data)
+            name = q.question[0].name
+            good = dns.message.make_response(q)
+            good.answer.append(dns.rrset.from_text(name, 60, "IN", "A", "1.2.3.4"))
+            wire = good.to_wire()
+            poison = dns.message.make_response(q)
+            poison.question = []
+            poison.answer.append(dns.rrset.from_text("other.com.", 3600, "IN", "A", "6.6.6.6"))
+            other = dns.message.make_query("other.com.", "A")
+            other.id = q.id
+            other_reply = dns.message.make_response(other)
+            other_reply.answer.append(dns.rrset.from_text("other.com.", 3600, "IN", "A",
+                                                          "6.6.6.6"))
+            forged = [
+                bytes([wire[0] ^ 0xFF, wire[1]]) + wire[2:],  # wrong ID
+                wire[:2] + bytes([wire[2] & 0x7F]) + wire[3:],  # QR clear
+                poison.to_wire(),  # QDCOUNT 0, poisoned answer
+                other_reply.to_wire(),  # another question
+                wire[:6],  # short
+            ]
+            for packet in forged:
+                self.udp.sendto(packet, addr)
+            if self.truncate:
+                self.udp.sendto(wire[:2] + bytes([wire[2] | 0x02]) + wire[3:4] +
+                                b"\x00" * 8, addr)
+            elif self.honest:
+                self.udp.sendto(wire, addr)
+
+    def _serve_tcp(self) -> None:
+        self.tcp.settimeout(0.1)
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.tcp.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(1)
+                try:
+                    conn.recv(4096)
+                    conn.sendall(self.tcp_reply)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.stopped.set()
+        for t in self.threads:
+            t.join(2)
+        self.udp.close()
+        self.tcp.close()
+
+
+def test_forged_upstream_replies_are_ignored() -> None:
+    """Wrong ID, QR clear, no question (a poisoned answer for another name, which used to be
+    cached and served for an hour), another question, a short packet: all dropped; the
+    honest reply that follows is served; every query leaves from a new source port."""
+    up = Hostile(honest=True)
+    try:
+        with serve(options(up.port, cache_min_ttl=0)) as srv:
+            for i in range(6):
+                msg = query(srv.port, f"n{i}.example.org.", "A")
+                assert msg.rcode() == dns.rcode.NOERROR
+                assert [r.to_text() for r in msg.answer[0]] == ["1.2.3.4"], msg
+                assert msg.question[0].name.to_text() == f"n{i}.example.org."
+            for i in range(6):
+                assert query(srv.port, f"n{i}.example.org.", "A").answer[0][0].to_text() == \
+                    "1.2.3.4"
+            assert len(set(up.ports)) >= 5, up.ports
+    finally:
+        up.close()
+
+
+def test_only_forged_replies_give_servfail() -> None:
+    up = Hostile(honest=False)
+    try:
+        with serve(options(up.port, forward_timeout=0.3)) as srv:
+            for _ in range(2):
+                msg = query(srv.port, "victim.example.org.", "A")
+                assert msg.rcode() == dns.rcode.SERVFAIL and not msg.answer
+    finally:
+        up.close()
+
+
+@pytest.mark.parametrize("tcp_reply", [b"", b"\x00", b"\x00\x00", b"\x00\x05abc",
+                                       b"\x00\x02\x00\x00"])
+def test_short_tcp_reply_after_truncation(tcp_reply: bytes) -> None:
+    """A TC reply, then over TCP nothing, one byte, a zero length, a short body or a
+    2-byte message: the client gets SERVFAIL quickly (it used to get nothing)."""
+    up = Hostile(honest=False, truncate=True, tcp_reply=tcp_reply)
+    try:
+        with serve(options(up.port, forward_timeout=1.0)) as srv:
+            started = time.monotonic()
+            msg = query(srv.port, "big.example.org.", "A")
+            assert msg.rcode() == dns.rcode.SERVFAIL
+            assert time.monotonic() - started < 1.5
+    finally:
+        up.close()
+
+
+# --- forwarding loops built on purpose (issue 13, defect 1) --------------------------------
+
+
+class Relay:
+    """A UDP relay on loopback standing for a ClusterIP that leads back to the server: every
+    datagram from a client goes to ``target`` from a socket of its own, replies go back.
+    ``rewrite_id`` gives each relayed query a new ID, as a resolver in the loop would.
+    It counts datagrams in both directions and stops relaying after ``limit``."""
+
+    def __init__(self, target: int, *, rewrite_id: bool = False, limit: int = 20000) -> None:
+        import socket
+        import threading
+
+        self.target = target
+        self.rewrite_id = rewrite_id
+        self.limit = limit
+        self.packets = 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import os
+        import selectors
+        import socket
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ, None)
+        inner: dict[tuple[str, int], socket.socket] = {}
+        ids: dict[bytes, bytes] = {}
+        while not self.stopped.is_set():
+            for key, _ in sel.select(0.1):
+                sock: socket.socket = key.fileobj  # type: ignore[assignment]
+                try:
+                    data, addr = sock.recvfrom(65535)
+                except OSError:
+                    continue
+                self.packets += 1
+                if self.packets > self.limit:
+                    continue
+                if key.data is None:  # a query for the target
+                    out = inner.get(addr)
+                    if out is None:
+                        out = inner[addr] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                        out.connect(("127.0.0.1", self.target))
+                        sel.register(out, selectors.EVENT_READ, addr)
+                    if self.rewrite_id:
+                        new = os.urandom(2)
+                        ids[new] = data[:2]
+                        data = new + data[2:]
+                    out.send(data)
+                else:  # a reply from the target
+                    if self.rewrite_id:
+                        data = ids.pop(data[:2], data[:2]) + data[2:]
+                    self.sock.sendto(data, key.data)
+        for s in inner.values():
+            s.close()
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(2)
+        self.sock.close()
+
+
+def loop_metric(to: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("svcnet_dns_forward_loops_total", {"to": to}) or 0.0
+
+
+def test_loop_through_the_server_itself_is_cut_at_once() -> None:
+    """The server's upstream leads back to the server (as the lab's DNS pods' resolv.conf
+    did). The loop appears after start-up, so the start-up probe saw nothing: the first
+    query to a name outside the cluster comes back to us with our ID and letter case, is
+    recognised, and the client gets SERVFAIL at once after a handful of packets; the
+    upstream is not used again, the loop is logged and counted."""
+    from conftest import free_port
+
+    port = free_port()
+    relay = Relay(port, limit=0)  # drops everything until the server is up
+    try:
+        with serve(options(relay.port, listen=("127.0.0.1", port), forward_timeout=1.0)) \
+                as srv:
+            fwd = srv.component.server.handler.forwarder
+            name = f"127.0.0.1:{relay.port}"
+            before = loop_metric(name)
+            assert wait_for(lambda: relay.packets >= 1, 5), "the start-up probe was sent"
+            relay.limit, relay.packets = 20000, 0  # now the loop is closed
+            started = time.monotonic()
+            msg = query(srv.port, "www.example.org.", "A")
+            elapsed = time.monotonic() - started
+            assert msg.rcode() == dns.rcode.SERVFAIL
+            assert elapsed < 0.5, elapsed
+            assert fwd.upstreams[0].looped
+            assert relay.packets <= 6, relay.packets
+            assert loop_metric(name) > before
+            relay.packets = 0
+            for i in range(5):
+                assert query(srv.port, f"x{i}.example.org.", "A").rcode() == dns.rcode.SERVFAIL
+            assert relay.packets == 0, "a looped upstream gets no queries"
+    finally:
+        relay.close()
+
+
+def test_loop_through_a_resolver_that_changes_ids_is_found_by_probes() -> None:
+    """A hop that gives each query a new ID hides it from the ID check; the periodic probe
+    (a random name) still comes back, and from then on the loop is cut."""
+    from conftest import free_port
+
+    port = free_port()
+    relay = Relay(port, rewrite_id=True, limit=0)
+    try:
+        with serve(options(relay.port, listen=("127.0.0.1", port), forward_timeout=0.5,
+                           loop_probe_interval=0.3)) as srv:
+            fwd = srv.component.server.handler.forwarder
+            assert wait_for(lambda: relay.packets >= 1, 5), "the start-up probe was sent"
+            assert not fwd.upstreams[0].looped
+            relay.limit = 20000
+            assert wait_for(lambda: fwd.upstreams[0].looped, 5)
+            relay.packets = 0
+            started = time.monotonic()
+            assert query(srv.port, "www.example.org.", "A").rcode() == dns.rcode.SERVFAIL
+            assert time.monotonic() - started < 0.5
+            assert relay.packets == 0
+            relay.limit = 0  # the loop is broken: the next probe times out, no news
+            assert fwd.upstreams[0].looped
+    finally:
+        relay.close()

@@ -1,0 +1,270 @@
+"""RFC details and CoreDNS compatibility found missing in issue 13 (defects 5 and 6), and
+the one answer policy every path shares (issue 18, point 6).
+
+One server (a UDP worker + main) on a MemoryStore; the case names say which RFC or which
+CoreDNS behaviour each checks.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import dns.edns
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import pytest
+from dnskit import Running, query, serve, wait_for
+from svcnet.dns import daemon
+from svcnet.dns.daemon import NAMESPACE_NAMES, DNSOptions
+
+from svcnet.model import ENDPOINT_SLICE, SERVICE
+from svcnet.store.memory import MemoryStore
+
+Z = "cluster.local."
+LOCAL_IP = "10.244.9.9"  # "our" address: an endpoint of kube-dns
+
+
+def svc(ns: str, name: str, **spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
+def eps(ns: str, service: str, name: str, endpoints: list[dict[str, Any]],
+        ports: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": ns,
+                         "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4", "endpoints": endpoints, "ports": ports or []}
+
+
+async def populate(store: MemoryStore) -> None:
+    for obj in [
+        svc("shop", "web", clusterIP="10.0.0.10", ports=[{"name": "http", "port": 80}]),
+        svc("shop", "hl", clusterIP="None", ports=[{"name": "http", "port": 80}]),
+        svc("shop", "alias", type="ExternalName", externalName="web.shop.svc.cluster.local"),
+        svc("kube-system", "kube-dns", clusterIP="10.96.0.10",
+            ports=[{"name": "dns", "port": 53, "protocol": "UDP"}]),
+    ]:
+        await store.put(SERVICE, obj)
+    for obj in [
+        eps("shop", "web", "web-1", [{"addresses": ["10.1.0.5"]},
+                                     {"addresses": ["10.1.0.6"], "hostname": "db-0"},
+                                     {"addresses": ["10.1.0.7"],
+                                      "conditions": {"ready": False}}],
+            [{"name": "http", "port": 8080}]),
+        eps("shop", "hl", "hl-1", [{"addresses": [f"10.2.0.{i}"]} for i in range(1, 7)],
+            [{"name": "http", "port": 80}]),
+        eps("kube-system", "kube-dns", "kube-dns-1", [{"addresses": [LOCAL_IP]}],
+            [{"name": "dns", "port": 53, "protocol": "UDP"}]),
+    ]:
+        await store.put(ENDPOINT_SLICE, obj)
+    for name in ("shop", "kube-system", "kube-public", "default"):
+        await store.put(NAMESPACE_NAMES, {"metadata": {"name": name}})
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Running]:
+    mp = pytest.MonkeyPatch()
+    mp.setattr(daemon, "local_addresses", lambda host: [LOCAL_IP])
+    try:
+        with serve(DNSOptions(listen=("127.0.0.1", 0), workers=1, upstreams=[]),
+                   populate) as srv:
+            yield srv
+    finally:
+        mp.undo()
+
+
+def lines(section: list[Any]) -> list[str]:
+    return sorted(" ".join(line.split()) for rrset in section
+                  for line in rrset.to_text().splitlines())
+
+
+# --- defect 5: RFC details -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["web.shop.svc.cluster.local.", "nope.shop.svc.cluster.local.",
+                                  "hl.shop.svc.cluster.local."])
+@pytest.mark.parametrize("tcp", [False, True])
+def test_do_bit_is_copied(server: Running, name: str, tcp: bool) -> None:
+    """RFC 3225: the DO bit of the query is copied into the response's OPT, on every path
+    (a worker's table answer, TCP, the slow path's negative answer)."""
+    for _ in range(2):  # the second time from a worker's reply cache
+        msg = query(server.port, name, "A", tcp=tcp, use_edns=0, want_dnssec=True)
+        assert msg.ednsflags & dns.flags.DO, msg
+        plain = query(server.port, name, "A", tcp=tcp, use_edns=0)
+        assert not plain.ednsflags & dns.flags.DO
+
+
+def test_nodata_at_the_end_of_a_cname_chain_has_soa(server: Running) -> None:
+    """RFC 2308: a CNAME into our zone whose target lacks the type is NODATA with our SOA
+    (negatively cacheable)."""
+    msg = query(server.port, "alias.shop.svc.cluster.local.", "AAAA")
+    assert msg.rcode() == dns.rcode.NOERROR
+    assert lines(msg.answer) == ["alias.shop.svc.cluster.local. 5 IN CNAME "
+                                 "web.shop.svc.cluster.local."]
+    assert [rrset.rdtype for rrset in msg.authority] == [dns.rdatatype.SOA]
+    a = query(server.port, "alias.shop.svc.cluster.local.", "A")
+    assert "web.shop.svc.cluster.local. 5 IN A 10.0.0.10" in lines(a.answer)
+    assert not a.authority
+
+
+def test_ns_dns_name_answers_the_dns_service_ip(server: Running) -> None:
+    """``ns.dns.<zone>``, named by the apex NS and SOA, answers A with the ClusterIP of
+    the Service our address is an endpoint of (CoreDNS's nsAddrs)."""
+    msg = query(server.port, "ns.dns.cluster.local.", "A")
+    assert msg.rcode() == dns.rcode.NOERROR
+    assert lines(msg.answer) == ["ns.dns.cluster.local. 5 IN A 10.96.0.10"]
+    six = query(server.port, "ns.dns.cluster.local.", "AAAA")
+    assert six.rcode() == dns.rcode.NOERROR and not six.answer and six.authority
+
+
+@pytest.mark.parametrize("rdclass", [dns.rdataclass.CH, dns.rdataclass.HS])
+def test_other_classes_are_refused(server: Running, rdclass: int) -> None:
+    for name, rtype in (("web.shop.svc.cluster.local.", "A"), ("cluster.local.", "SOA"),
+                        ("nope.cluster.local.", "TXT")):
+        msg = query(server.port, name, rtype, rdclass=rdclass)
+        assert msg.rcode() == dns.rcode.REFUSED and not msg.answer, (name, rtype)
+
+
+def test_srv_with_glue_fits_512_bytes(server: Running) -> None:
+    """Names are compressed against each other (glue owners point into the SRV targets),
+    so six SRV records and their A glue fit a 512-byte reply without EDNS, as CoreDNS's."""
+    for name in ("hl.shop.svc.cluster.local.", "_http._tcp.hl.shop.svc.cluster.local."):
+        q = dns.message.make_query(name, "SRV")
+        msg = dns.query.udp(q, "127.0.0.1", port=server.port, timeout=3)
+        assert not msg.flags & dns.flags.TC
+        assert len(msg.answer[0]) == 6
+        assert sum(len(rrset) for rrset in msg.additional) == 6, msg
+        raw = _raw_udp(server.port, q.to_wire())
+        assert len(raw) <= 512 and struct.unpack_from("!H", raw, 10)[0] == 6
+
+
+def _raw_udp(port: int, packet: bytes) -> bytes:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(3)
+        s.sendto(packet, ("127.0.0.1", port))
+        return s.recv(4096)
+
+
+# --- defect 6: CoreDNS compatibility ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "rtype", "rcode", "answer"), [
+    ("10-1-0-5.web.shop.svc.cluster.local.", "A", "NOERROR",
+     ["10-1-0-5.web.shop.svc.cluster.local. 5 IN A 10.1.0.5"]),
+    ("db-0.web.shop.svc.cluster.local.", "A", "NOERROR",
+     ["db-0.web.shop.svc.cluster.local. 5 IN A 10.1.0.6"]),
+    ("10-1-0-5.web.shop.svc.cluster.local.", "AAAA", "NOERROR", []),
+    ("10-1-0-6.web.shop.svc.cluster.local.", "A", "NXDOMAIN", []),  # named db-0
+    ("10-1-0-7.web.shop.svc.cluster.local.", "A", "NXDOMAIN", []),  # not ready
+    ("5.0.1.10.in-addr.arpa.", "PTR", "NOERROR",
+     ["5.0.1.10.in-addr.arpa. 5 IN PTR 10-1-0-5.web.shop.svc.cluster.local."]),
+    ("6.0.1.10.in-addr.arpa.", "PTR", "NOERROR",
+     ["6.0.1.10.in-addr.arpa. 5 IN PTR db-0.web.shop.svc.cluster.local."]),
+    ("kube-public.svc.cluster.local.", "A", "NOERROR", []),
+    ("default.svc.cluster.local.", "TXT", "NOERROR", []),
+    ("nosuchns.svc.cluster.local.", "A", "NXDOMAIN", []),
+    ("10-0-0-1.kube-public.pod.cluster.local.", "A", "NOERROR",
+     ["10-0-0-1.kube-public.pod.cluster.local. 5 IN A 10.0.0.1"]),
+    ("10-0-0-1.nosuchns.pod.cluster.local.", "A", "NXDOMAIN", []),
+    ("kube-public.pod.cluster.local.", "A", "NOERROR", []),
+])
+def test_coredns_compatibility(server: Running, name: str, rtype: str, rcode: str,
+                               answer: list[str]) -> None:
+    msg = query(server.port, name, rtype)
+    assert dns.rcode.to_text(msg.rcode()) == rcode
+    assert lines(msg.answer) == answer
+    if not answer:
+        assert [r.rdtype for r in msg.authority] == [dns.rdatatype.SOA]
+
+
+def test_namespace_changes_are_followed(server: Running) -> None:
+    server.call(server.store.put(NAMESPACE_NAMES, {"metadata": {"name": "fresh"}}))
+    assert wait_for(lambda: query(server.port, "fresh.svc.cluster.local.", "A").rcode()
+                    == dns.rcode.NOERROR)
+    server.call(server.store.delete(NAMESPACE_NAMES, "", "fresh"))
+    assert wait_for(lambda: query(server.port, "fresh.svc.cluster.local.", "A").rcode()
+                    == dns.rcode.NXDOMAIN)
+
+
+def test_endpoint_changes_are_followed(server: Running) -> None:
+    server.call(server.store.put(ENDPOINT_SLICE, eps(
+        "shop", "web", "web-2", [{"addresses": ["10.1.1.1"]}])))
+    assert wait_for(lambda: lines(query(server.port, "1.1.1.10.in-addr.arpa.", "PTR").answer)
+                    == ["1.1.1.10.in-addr.arpa. 5 IN PTR 10-1-1-1.web.shop.svc.cluster.local."])
+    server.call(server.store.delete(ENDPOINT_SLICE, "shop", "web-2"))
+    assert wait_for(lambda: query(server.port, "10-1-1-1.web.shop.svc.cluster.local.",
+                                  "A").rcode() == dns.rcode.NXDOMAIN)
+
+
+import dns.rdatatype  # noqa: E402
+
+# --- one answer policy (issue 18, point 6) ---------------------------------------------------
+
+
+def test_every_path_gives_the_same_reply() -> None:
+    """A worker (``make_answer``), the main process's fast path (``fast_answer``) and the
+    slow path (``answer_from_prepared`` after a full parse) build the same bytes for every
+    prepared answer and every query shape: letter case, RD/CD bits, no EDNS or EDNS with
+    small/large buffers (forcing the additional section out, or TC), DO set or not."""
+    from svcnet.dns.server import fast_answer
+    from svcnet.dns.wire import answer_from_prepared, parse_query
+    from svcnet.dns.worker import GEN, TABLE, make_answer
+    from svcnet.dns.zone import ClusterZone
+
+    from svcnet.model import ENDPOINT_SLICE as SLICE_KIND
+    from svcnet.model import SERVICE as SERVICE_KIND
+
+    zone = ClusterZone("cluster.local")
+    services = [
+        svc("shop", "web", clusterIP="10.0.0.10", clusterIPs=["10.0.0.10", "fd00::10"],
+            ipFamilies=["IPv4", "IPv6"], ports=[{"name": "http", "port": 80}]),
+        svc("shop", "hl", clusterIP="None", ports=[{"name": "http", "port": 80}]),
+        svc("shop", "big", clusterIP="None", ports=[{"name": "http", "port": 80}]),
+    ]
+    slices = {
+        "shop/hl": [eps("shop", "hl", "hl-1", [{"addresses": [f"10.2.0.{i}"]}
+                                                for i in range(1, 9)],
+                        [{"name": "http", "port": 80}])],
+        "shop/big": [eps("shop", "big", "big-1", [{"addresses": [f"10.3.0.{i}"]}
+                                                  for i in range(1, 80)],
+                         [{"name": "http", "port": 80}])],
+    }
+    for obj in services:
+        key = f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
+        zone.set_service(key, SERVICE_KIND.convert(obj),
+                         [SLICE_KIND.convert(s) for s in slices.get(key, [])])
+    box: list[Any] = [(zone.table.mm, zone.table.slots, zone.table.mask), 0]
+    worker = make_answer(box, {}, False)
+    assert box[GEN] == 0 and box[TABLE] is not None
+    checked = 0
+    for key, prepared in list(zone.table.items()):
+        name = key[:-4]
+        qtype = struct.unpack("!H", key[-4:-2])[0]
+        for upper in (False, True):
+            wire_name = bytes(b ^ 0x20 if upper and 97 <= b <= 122 else b for b in name)
+            for flags in (0x0000, 0x0100, 0x0110):
+                for edns in (None, (512, False), (1232, False), (4096, True), (1232, True)):
+                    data = struct.pack("!HHHHHH", 0x1234, flags, 1, 0, 0,
+                                       0 if edns is None else 1) + wire_name + \
+                        struct.pack("!HH", qtype, 1)
+                    if edns is not None:
+                        data += b"\x00" + struct.pack("!HHIH", 41, edns[0],
+                                                      0x8000 if edns[1] else 0, 0)
+                    q = parse_query(data)
+                    limit = q.udp_size if q.edns else 512
+                    slow = answer_from_prepared(data, q, prepared, limit)
+                    assert fast_answer(zone.table, data, False) == slow
+                    assert data[:2] + (worker(data) or b"") == slow, (name, qtype, edns)
+                    reply = dns.message.from_wire(slow)
+                    assert len(slow) <= limit
+                    assert bool(reply.ednsflags & dns.flags.DO) == bool(edns and edns[1])
+                    checked += 1
+    assert checked > 500
+    zone.table.close()
