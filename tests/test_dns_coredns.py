@@ -1,0 +1,381 @@
+"""`svcnet dns` against the real CoreDNS 1.11.3, both reading the same objects from the same
+real kube-apiserver (the session ``control_plane``), on every query class of the Kubernetes
+DNS specification: same rcode, flags (AA, TC, RD, RA), answer, authority and additional
+sections (as sets; TTLs compared where both are cluster answers, SOA serials ignored), without
+and with EDNS.
+
+CoreDNS runs a kubeadm-style Corefile without ``cache`` (so its TTLs are the kubernetes
+plugin's own) with ``ttl 30``; svcnet runs with ``--ttl 30``. Both forward to one dnslib
+upstream on loopback (ExternalName targets outside the zone, reverse names of unknown IPs).
+Both use one identity with the ClusterRole kubeadm gives CoreDNS (``system:coredns``).
+
+Objects are written directly (Services without selectors and the EndpointSlices a
+controller would have made for them, e.g. the hostname a Pod with ``hostname``/``subdomain``
+gets), so the endpoints' IPs, readiness and hostnames are exact.
+
+Deliberate differences are in ``DIFFERENCES`` (case -> the sections that differ and why), also
+listed in docs/dns.md ("Differences from CoreDNS"); the test checks that exactly those
+sections differ, so the table cannot go stale silently.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import pytest
+from conftest import require
+from dnskit import Upstream, upstream_server
+
+ZONE = "cluster.local"
+NS = "dnscmp"
+TTL = 30
+
+# Fixed addresses (ClusterIPs high in the session control plane's 10.96.0.0/12, unlikely to
+# collide with ones the apiserver allocates for other tests of the session).
+WEB_IP, NP_IP = "10.109.213.10", "10.109.213.11"
+
+
+def _svc(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": NS},
+            "spec": spec}
+
+
+def _ep(ip: str, *, ready: bool = True, hostname: str | None = None,
+        pod: str | None = None) -> dict[str, Any]:
+    ep: dict[str, Any] = {"addresses": [ip], "conditions": {"ready": ready}}
+    if hostname:
+        ep["hostname"] = hostname
+    if pod:
+        ep["targetRef"] = {"kind": "Pod", "namespace": NS, "name": pod}
+    return ep
+
+
+def _slice(name: str, service: str, endpoints: list[dict[str, Any]],
+           ports: list[dict[str, Any]], family: str = "IPv4") -> dict[str, Any]:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": NS,
+                         "labels": {"kubernetes.io/service-name": service,
+                                    "endpointslice.kubernetes.io/managed-by": "svcnet-test"}},
+            "addressType": family, "endpoints": endpoints, "ports": ports}
+
+
+HTTP = {"name": "http", "port": 8080, "protocol": "TCP"}
+DNSP = {"name": "dns", "port": 5353, "protocol": "UDP"}
+
+
+def objects() -> list[dict[str, Any]]:
+    """Every Service type, named ports, headless with hostnames, IPv6, too big for 512."""
+    return [
+        _svc("web", {"clusterIP": WEB_IP, "ports": [
+            {"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080},
+            {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}]}),
+        _slice("web-a", "web", [_ep("10.244.213.1", pod="web-1"),
+                                _ep("10.244.213.2", hostname="web-two", pod="web-2"),
+                                _ep("10.244.213.3", ready=False, pod="web-3")], [HTTP, DNSP]),
+        _svc("np", {"type": "NodePort", "clusterIP": NP_IP, "ports": [
+            {"name": "http", "port": 80, "protocol": "TCP"}]}),
+        _slice("np-a", "np", [_ep("10.244.213.20")], [HTTP]),
+        # A headless Service whose Pods set hostname + subdomain=hl (the controller then names
+        # the endpoints), one without a hostname, one not ready, and an IPv6 slice.
+        _svc("hl", {"clusterIP": "None", "ports": [{"name": "http", "port": 80,
+                                                      "protocol": "TCP"}]}),
+        _slice("hl-a", "hl", [_ep("10.244.214.1", hostname="host-a", pod="p-a"),
+                              _ep("10.244.214.2", hostname="host-b", pod="p-b"),
+                              _ep("10.244.214.3", pod="p-c"),
+                              _ep("10.244.214.4", ready=False, hostname="host-d", pod="p-d")],
+               [HTTP]),
+        _slice("hl-6", "hl", [_ep("fd00:10:244::5", hostname="host-e", pod="p-e")], [HTTP],
+               family="IPv6"),
+        _svc("hl-noports", {"clusterIP": "None"}),
+        _slice("hl-noports-a", "hl-noports", [_ep("10.244.215.1")], []),
+        _svc("hl-empty", {"clusterIP": "None", "ports": [{"name": "http", "port": 80}]}),
+        _slice("hl-empty-a", "hl-empty", [_ep("10.244.215.9", ready=False)], [HTTP]),
+        _svc("big", {"clusterIP": "None", "ports": [{"name": "http", "port": 80}]}),
+        _slice("big-a", "big", [_ep(f"10.244.217.{i}") for i in range(1, 61)], [HTTP]),
+        _svc("ext", {"type": "ExternalName", "externalName": "www.example.org"}),
+        _svc("ext-in", {"type": "ExternalName", "externalName": f"web.{NS}.svc.{ZONE}"}),
+        _svc("ext-nx", {"type": "ExternalName", "externalName": f"nosuch.{NS}.svc.{ZONE}"}),
+    ]
+
+
+def _rev(ip: str) -> str:
+    import ipaddress
+
+    return ipaddress.ip_address(ip).reverse_pointer
+
+
+S = f"{NS}.svc.{ZONE}"
+# (case id, query name, type); ids are stable test names.
+CASES: list[tuple[str, str, str]] = [
+    # ClusterIP Service
+    ("svc-a", f"web.{S}", "A"),
+    ("svc-aaaa-nodata", f"web.{S}", "AAAA"),
+    ("svc-txt-nodata", f"web.{S}", "TXT"),
+    ("svc-srv", f"web.{S}", "SRV"),
+    ("svc-srv-http", f"_http._tcp.web.{S}", "SRV"),
+    ("svc-srv-dns-udp", f"_dns._udp.web.{S}", "SRV"),
+    ("svc-srv-a-query", f"_http._tcp.web.{S}", "A"),
+    ("svc-srv-wrong-proto", f"_http._udp.web.{S}", "SRV"),
+    ("svc-srv-unknown-port", f"_nope._tcp.web.{S}", "SRV"),
+    ("svc-endpoint-name", f"10-244-213-1.web.{S}", "A"),
+    ("svc-endpoint-hostname", f"web-two.web.{S}", "A"),
+    ("svc-endpoint-notready", f"10-244-213-3.web.{S}", "A"),
+    ("svc-below-nx", f"x.y.web.{S}", "A"),
+    ("svc-ptr", _rev(WEB_IP), "PTR"),
+    ("svc-endpoint-ptr", _rev("10.244.213.1"), "PTR"),
+    ("svc-endpoint-hostname-ptr", _rev("10.244.213.2"), "PTR"),
+    ("kubernetes-svc", f"kubernetes.default.svc.{ZONE}", "A"),
+    # NodePort
+    ("nodeport-a", f"np.{S}", "A"),
+    ("nodeport-srv", f"_http._tcp.np.{S}", "SRV"),
+    # headless
+    ("hl-a", f"hl.{S}", "A"),
+    ("hl-aaaa", f"hl.{S}", "AAAA"),
+    ("hl-srv", f"hl.{S}", "SRV"),
+    ("hl-srv-http", f"_http._tcp.hl.{S}", "SRV"),
+    ("hl-hostname-a", f"host-a.hl.{S}", "A"),
+    ("hl-hostname-aaaa-nodata", f"host-a.hl.{S}", "AAAA"),
+    ("hl-hostname-v6", f"host-e.hl.{S}", "AAAA"),
+    ("hl-hostname-notready", f"host-d.hl.{S}", "A"),
+    ("hl-ip-name", f"10-244-214-3.hl.{S}", "A"),
+    ("hl-unknown-endpoint", f"nosuch.hl.{S}", "A"),
+    ("hl-ptr-hostname", _rev("10.244.214.1"), "PTR"),
+    ("hl-ptr-ip", _rev("10.244.214.3"), "PTR"),
+    ("hl-ptr-v6", _rev("fd00:10:244::5"), "PTR"),
+    ("hl-noports-a", f"hl-noports.{S}", "A"),
+    ("hl-noports-srv", f"hl-noports.{S}", "SRV"),
+    ("hl-no-ready", f"hl-empty.{S}", "A"),
+    ("hl-big-a", f"big.{S}", "A"),
+    # ExternalName
+    ("ext-cname", f"ext.{S}", "CNAME"),
+    ("ext-a", f"ext.{S}", "A"),
+    ("ext-aaaa", f"ext.{S}", "AAAA"),
+    ("ext-in-a", f"ext-in.{S}", "A"),
+    ("ext-in-aaaa-nodata", f"ext-in.{S}", "AAAA"),
+    ("ext-in-nx", f"ext-nx.{S}", "A"),
+    ("ext-below-nx", f"x.ext.{S}", "A"),
+    # pods (insecure)
+    ("pod-a", f"10-244-1-2.{NS}.pod.{ZONE}", "A"),
+    ("pod-aaaa-nodata", f"10-244-1-2.{NS}.pod.{ZONE}", "AAAA"),
+    ("pod-v6", f"fd00-10-244--5.{NS}.pod.{ZONE}", "AAAA"),
+    ("pod-bad-name", f"1-2-3.{NS}.pod.{ZONE}", "A"),
+    ("pod-unknown-namespace", f"10-244-1-2.nosuchns.pod.{ZONE}", "A"),
+    ("pod-zone", f"pod.{ZONE}", "A"),
+    # namespaces, zone, negatives
+    ("namespace-nodata", f"{NS}.svc.{ZONE}", "A"),
+    ("kube-public-nodata", f"kube-public.svc.{ZONE}", "A"),
+    ("namespace-unknown-nx", f"nosuchns.svc.{ZONE}", "A"),
+    ("svc-zone-nodata", f"svc.{ZONE}", "A"),
+    ("svc-unknown-nx", f"nosuch.{S}", "A"),
+    ("search-miss-nx", f"web.{S}.{S}", "A"),
+    ("search-miss-aaaa-nx", f"web.{S}.{S}", "AAAA"),
+    ("zone-other-nx", f"foo.{ZONE}", "A"),
+    ("apex-soa", ZONE, "SOA"),
+    ("apex-ns", ZONE, "NS"),
+    ("apex-a-nodata", ZONE, "A"),
+    ("ns-dns-a", f"ns.dns.{ZONE}", "A"),
+    ("dns-version", f"dns-version.{ZONE}", "TXT"),
+    ("reverse-unknown", _rev("10.99.99.99"), "PTR"),
+]
+
+# case id (any mode) or "case id/mode" -> (sections that differ, reason). Also in docs/dns.md.
+DIFFERENCES: dict[str, tuple[frozenset[str], str]] = {
+    "hl-big-a/udp": (frozenset({"answer"}), (
+        "an answer over the 512-byte limit: CoreDNS keeps the records that fit and sets TC, "
+        "svcnet sends header + question with TC (RFC 2181 9 allows both; every resolver "
+        "retries over TCP and uses only that answer)")),
+}
+
+MODES = ("udp", "edns", "tcp")
+
+
+@dataclass
+class Pair:
+    coredns: int
+    svcnet: int
+
+
+@pytest.fixture(scope="module")
+def servers(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    from svcnet.lab.controlplane import MissingBinaries
+    from svcnet.lab.coredns import COREDNS_RULES, Config, CoreDNS, find_coredns
+
+    try:
+        binary = find_coredns()
+    except MissingBinaries as err:
+        require(False, str(err))
+        raise
+    work = tmp_path_factory.mktemp("coredns-cmp")
+    kubeconfig = control_plane.service_account_kubeconfig(
+        "dnscmp-coredns", namespace="kube-system", rules=COREDNS_RULES)
+    up = Upstream(records={("www.example.org.", "A"): ["192.0.2.10"],
+                           ("www.example.org.", "AAAA"): ["2001:db8::10"]})
+    with control_plane.namespace(NS), upstream_server(up):
+        control_plane.apply(objects())
+        upstream = f"127.0.0.1:{up.port}"
+        core = CoreDNS(Config.on_loopback(Path(kubeconfig), upstream, cache=None, ttl=TTL),
+                       work, binary=binary)
+        core.start()
+        try:
+            with _svcnet(kubeconfig, upstream, work) as port:
+                pair = Pair(core.port, port)
+                _wait_both(pair, f"big.{S}")
+                yield pair
+        finally:
+            core.stop()
+
+
+class _SvcnetDNS:
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.proc, self.log = proc, log
+
+
+def _svcnet(kubeconfig: str, upstream: str, work: Path) -> Any:
+    from contextlib import contextmanager
+
+    from svcnet.lab.coredns import free_udp_tcp_port
+    from svcnet.lab.controlplane import free_port
+
+    @contextmanager
+    def run() -> Iterator[int]:
+        port, health = free_udp_tcp_port(), free_port()
+        log = work / "svcnet-dns.log"
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "svcnet.cli", "dns", "--store", "kubernetes",
+                 "--kubeconfig", kubeconfig, "--listen", f"127.0.0.1:{port}",
+                 "--ttl", str(TTL), "--upstream", upstream, "--workers", "1",
+                 "--health-port", str(health)],
+                stdout=out, stderr=out, stdin=subprocess.DEVNULL, cwd="/",
+                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{health}/ready",
+                                                timeout=2) as resp:
+                        if resp.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, "svcnet dns not ready:\n" + \
+                    log.read_text()[-3000:]
+                time.sleep(0.1)
+            yield port
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+    return run()
+
+
+def _wait_both(pair: Pair, name: str) -> None:
+    """Both have seen the last object written (watch delivery is asynchronous)."""
+    deadline = time.monotonic() + 30
+    for port in (pair.coredns, pair.svcnet):
+        while True:
+            try:
+                msg = ask(port, name, "A", "edns")
+                if msg.rcode() == dns.rcode.NOERROR and len(msg.answer) == 1 and \
+                        len(msg.answer[0]) == 60:
+                    break
+            except (OSError, dns.exception.DNSException):
+                pass
+            assert time.monotonic() < deadline, f"port {port} never answered {name}"
+            time.sleep(0.1)
+
+
+def ask(port: int, name: str, rtype: str, mode: str) -> dns.message.Message:
+    q = dns.message.make_query(name, rtype, use_edns=0 if mode == "edns" else False,
+                               payload=1232)
+    if mode == "tcp":
+        return dns.query.tcp(q, "127.0.0.1", port=port, timeout=5)
+    return dns.query.udp(q, "127.0.0.1", port=port, timeout=5)
+
+
+def _in_cluster(name: str) -> bool:
+    n = name.lower().rstrip(".")
+    return n == ZONE or n.endswith(("." + ZONE, ".in-addr.arpa", ".ip6.arpa"))
+
+
+def _rrsets(section: list[Any]) -> frozenset[tuple[str, str, int | None, str]]:
+    out = set()
+    for rrset in section:
+        rtype = dns.rdatatype.to_text(rrset.rdtype)
+        if rtype == "OPT":
+            continue
+        name = rrset.name.to_text().lower()
+        ttl = rrset.ttl if _in_cluster(name) else None  # forwarded: aged by svcnet's cache
+        for rd in rrset:
+            text = rd.to_text().lower()
+            if rtype == "SOA":  # serial: time of each server's last change
+                parts = text.split()
+                parts[2] = "SERIAL"
+                text = " ".join(parts)
+            out.add((name, rtype, ttl, text))
+    return frozenset(out)
+
+
+def normalise(msg: dns.message.Message) -> dict[str, Any]:
+    flags = {f for f in ("QR", "AA", "TC", "RD", "RA")
+             if msg.flags & getattr(dns.flags, f)}
+    return {
+        "rcode": dns.rcode.to_text(msg.rcode()),
+        "flags": frozenset(flags),
+        "edns": (msg.edns, bool(msg.ednsflags & dns.flags.DO)) if msg.edns >= 0 else None,
+        "answer": _rrsets(msg.answer),
+        "authority": _rrsets(msg.authority),
+        "additional": _rrsets(msg.additional),
+    }
+
+
+def _show(n: dict[str, Any]) -> str:
+    return "\n".join(f"    {k}: {sorted(v) if isinstance(v, frozenset) else v}"
+                     for k, v in n.items())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("case", "name", "rtype"), CASES, ids=[c[0] for c in CASES])
+def test_coredns_same_answer(servers: Pair, case: str, name: str, rtype: str,
+                             mode: str) -> None:
+    core = normalise(ask(servers.coredns, name, rtype, mode))
+    ours = normalise(ask(servers.svcnet, name, rtype, mode))
+    differ = frozenset(k for k in core if core[k] != ours[k])
+    expected, reason = DIFFERENCES.get(f"{case}/{mode}", DIFFERENCES.get(case, (frozenset(), "")))
+    assert differ == expected, (
+        f"{name} {rtype} over {mode}: sections differing {sorted(differ)}, expected "
+        f"{sorted(expected)} ({reason or 'no deliberate difference'})\n"
+        f"  CoreDNS:\n{_show(core)}\n  svcnet:\n{_show(ours)}")
+
+
+def test_coredns_cases_cover_the_spec() -> None:
+    """Every record class of the specification appears among the cases, and every listed
+    difference names a real case."""
+    types = {(c[0].split("-")[0], c[2]) for c in CASES}
+    for need in (("svc", "A"), ("svc", "SRV"), ("svc", "PTR"), ("hl", "A"), ("hl", "SRV"),
+                 ("hl", "PTR"), ("ext", "CNAME"), ("pod", "A"), ("apex", "SOA"),
+                 ("apex", "NS"), ("dns", "TXT")):
+        assert need in types, need
+    ids = {c[0] for c in CASES}
+    for key in DIFFERENCES:
+        case, _, mode = key.partition("/")
+        assert case in ids and (not mode or mode in MODES), key
