@@ -170,10 +170,13 @@ class SliceAddresses(msgspec.Struct, frozen=True, gc=False, rename="camel"):
     address_type: str
     # JSON as received; after __post_init__ the packed form (see _pack_endpoints).
     raw_endpoints: msgspec.Raw = msgspec.field(default=msgspec.Raw(b"[]"), name="endpoints")
-    ports: tuple[_Port, ...] = ()
+    ports: tuple[_Port, ...] | None = ()
 
     def __post_init__(self) -> None:
-        endpoints = _ENDPOINTS.decode(self.raw_endpoints)  # rejects a malformed slice now
+        # A real apiserver sends an empty list as null (an emptied slice, a portless one).
+        if self.ports is None:
+            msgspec.structs.force_setattr(self, "ports", ())
+        endpoints = _ENDPOINTS.decode(self.raw_endpoints) or ()  # rejects a malformed slice now
         msgspec.structs.force_setattr(self, "raw_endpoints", _pack_endpoints(endpoints))
 
     @property
@@ -185,7 +188,7 @@ class SliceAddresses(msgspec.Struct, frozen=True, gc=False, rename="camel"):
         return self.metadata.labels.get(SERVICE_NAME_LABEL, "")
 
 
-_ENDPOINTS = msgspec.json.Decoder(tuple[_Endpoint, ...])
+_ENDPOINTS = msgspec.json.Decoder(tuple[_Endpoint, ...] | None)
 _Packed = tuple[tuple[str, ...], bool | None, str | None, tuple[str, str] | None]
 _PACKED = msgspec.msgpack.Decoder(tuple[_Packed, ...])
 _PACK = msgspec.msgpack.Encoder()

@@ -192,10 +192,9 @@ class CoreDNS:
             if self.proc is None or self.proc.poll() is not None:
                 raise ControlPlaneError(f"coredns exited; see {self.log_path}:\n"
                                         + tail(self.log_path))
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status == 200:
-                        return
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
             if time.monotonic() > deadline:
                 raise ControlPlaneError(f"coredns not ready after {timeout:.0f}s; see "
                                         f"{self.log_path}:\n" + tail(self.log_path))

@@ -25,7 +25,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,10 @@ def objects() -> list[dict[str, Any]]:
         _slice("hl-noports-a", "hl-noports", [_ep("10.244.215.1")], []),
         _svc("hl-empty", {"clusterIP": "None", "ports": [{"name": "http", "port": 80}]}),
         _slice("hl-empty-a", "hl-empty", [_ep("10.244.215.9", ready=False)], [HTTP]),
+        # Emptied after both servers saw its endpoint (``servers``): the apiserver then sends
+        # ``endpoints: null``.
+        _svc("hl-gone", {"clusterIP": "None", "ports": [{"name": "http", "port": 80}]}),
+        _slice("hl-gone-a", "hl-gone", [_ep("10.244.215.20")], [HTTP]),
         _svc("big", {"clusterIP": "None", "ports": [{"name": "http", "port": 80}]}),
         _slice("big-a", "big", [_ep(f"10.244.217.{i}") for i in range(1, 61)], [HTTP]),
         _svc("ext", {"type": "ExternalName", "externalName": "www.example.org"}),
@@ -159,6 +164,7 @@ CASES: list[tuple[str, str, str]] = [
     ("hl-noports-a", f"hl-noports.{S}", "A"),
     ("hl-noports-srv", f"hl-noports.{S}", "SRV"),
     ("hl-no-ready", f"hl-empty.{S}", "A"),
+    ("hl-emptied", f"hl-gone.{S}", "A"),
     ("hl-big-a", f"big.{S}", "A"),
     # ExternalName
     ("ext-cname", f"ext.{S}", "CNAME"),
@@ -193,7 +199,19 @@ CASES: list[tuple[str, str, str]] = [
 ]
 
 # case id (any mode) or "case id/mode" -> (sections that differ, reason). Also in docs/dns.md.
+_CNAME_KEPT = (
+    "an in-zone ExternalName whose target has no record of the type (or does not exist): "
+    "CoreDNS answers an empty NOERROR, svcnet keeps the CNAME in the answer beside the SOA "
+    "(RFC 1034 4.3.2, RFC 2308 2.2: the CNAME is part of a NODATA/NXDOMAIN chain answer and "
+    "can be cached); rcode and authority agree")
 DIFFERENCES: dict[str, tuple[frozenset[str], str]] = {
+    "ext-in-aaaa-nodata": (frozenset({"answer"}), _CNAME_KEPT),
+    "ext-in-nx": (frozenset({"answer"}), _CNAME_KEPT),
+    "apex-ns": (frozenset({"answer", "authority"}), (
+        "CoreDNS leaves loopback addresses out of its own addresses (nsAddrs), so bound to "
+        "127.0.0.1 with no kube-dns Service pointing at it, it has no NS to give and answers "
+        "the apex NS with NODATA; svcnet always answers NS ns.dns.<zone> (in a cluster both "
+        "answer NS ns.dns.<zone>)")),
     "hl-big-a/udp": (frozenset({"answer"}), (
         "an answer over the 512-byte limit: CoreDNS keeps the records that fit and sets TC, "
         "svcnet sends header + question with TC (RFC 2181 9 allows both; every resolver "
@@ -201,6 +219,30 @@ DIFFERENCES: dict[str, tuple[frozenset[str], str]] = {
 }
 
 MODES = ("udp", "edns", "tcp")
+
+# Cases where svcnet should match CoreDNS and does not yet: "case[/mode]" -> reason.
+# xfail(strict=True), so each one must be removed when fixed.
+NOT_YET: dict[str, str] = {
+    "svc-srv-a-query": (
+        "CoreDNS answers A/AAAA for _port._proto.<service> with the ClusterIP (the spec "
+        "defines only SRV there); svcnet answers NODATA"),
+    "ns-dns-a": (
+        "svcnet answers NXDOMAIN for ns.dns.<zone> when it has no non-loopback address and no "
+        "kube-dns Service points at it, though its SOA and NS name it; CoreDNS says NODATA"),
+    "reverse-unknown/edns": (
+        "a forwarded reply from an upstream that sent no OPT is relayed without one although "
+        "the client sent EDNS (RFC 6891 6.1.1: the response MUST carry an OPT); CoreDNS adds it"),
+}
+
+
+def _params() -> list[Any]:
+    out = []
+    for case, name, rtype in CASES:
+        for mode in MODES:
+            reason = NOT_YET.get(f"{case}/{mode}", NOT_YET.get(case))
+            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            out.append(pytest.param(case, name, rtype, mode, id=f"{case}-{mode}", marks=marks))
+    return out
 
 
 @dataclass
@@ -233,74 +275,77 @@ def servers(control_plane: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
         try:
             with _svcnet(kubeconfig, upstream, work) as port:
                 pair = Pair(core.port, port)
-                _wait_both(pair, f"big.{S}")
+                _wait_both(pair, f"big.{S}", lambda m: m.rcode() == dns.rcode.NOERROR
+                           and len(m.answer) == 1 and len(m.answer[0]) == 60)
+                _wait_both(pair, f"hl-gone.{S}", lambda m: bool(m.answer))
+                gone = _slice("hl-gone-a", "hl-gone", [], [HTTP])
+                control_plane.apply([gone])
+                _wait_both(pair, f"hl-gone.{S}", nx, only=pair.coredns)
+                # svcnet gets 10 s more to agree; test_coredns_same_answer[hl-emptied-*] judges
+                _wait_both(pair, f"hl-gone.{S}", nx, only=pair.svcnet, must=False, timeout=10)
                 yield pair
         finally:
             core.stop()
 
 
-class _SvcnetDNS:
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.proc, self.log = proc, log
-
-
-def _svcnet(kubeconfig: str, upstream: str, work: Path) -> Any:
-    from contextlib import contextmanager
-
-    from svcnet.lab.coredns import free_udp_tcp_port
+@contextmanager
+def _svcnet(kubeconfig: str, upstream: str, work: Path) -> Iterator[int]:
+    """``svcnet dns`` as a process (one worker: the fast path and the slow path both run)."""
     from svcnet.lab.controlplane import free_port
+    from svcnet.lab.coredns import free_udp_tcp_port
 
-    @contextmanager
-    def run() -> Iterator[int]:
-        port, health = free_udp_tcp_port(), free_port()
-        log = work / "svcnet-dns.log"
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "svcnet.cli", "dns", "--store", "kubernetes",
-                 "--kubeconfig", kubeconfig, "--listen", f"127.0.0.1:{port}",
-                 "--ttl", str(TTL), "--upstream", upstream, "--workers", "1",
-                 "--health-port", str(health)],
-                stdout=out, stderr=out, stdin=subprocess.DEVNULL, cwd="/",
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                assert proc.poll() is None, log.read_text()[-3000:]
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{health}/ready",
-                                                timeout=2) as resp:
-                        if resp.status == 200:
-                            break
-                except OSError:
-                    pass
-                assert time.monotonic() < deadline, "svcnet dns not ready:\n" + \
-                    log.read_text()[-3000:]
-                time.sleep(0.1)
-            yield port
-        finally:
-            proc.terminate()
+    port, health = free_udp_tcp_port(), free_port()
+    log = work / "svcnet-dns.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "svcnet.cli", "dns", "--store", "kubernetes",
+             "--kubeconfig", kubeconfig, "--listen", f"127.0.0.1:{port}",
+             "--ttl", str(TTL), "--upstream", upstream, "--workers", "1",
+             "--health-port", str(health)],
+            stdout=out, stderr=out, stdin=subprocess.DEVNULL, cwd="/",
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
             try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+                with urllib.request.urlopen(f"http://127.0.0.1:{health}/ready",
+                                            timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "svcnet dns not ready:\n" + \
+                log.read_text()[-3000:]
+            time.sleep(0.1)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
-    return run()
+
+def nx(m: dns.message.Message) -> bool:
+    return bool(m.rcode() == dns.rcode.NXDOMAIN)
 
 
-def _wait_both(pair: Pair, name: str) -> None:
-    """Both have seen the last object written (watch delivery is asynchronous)."""
-    deadline = time.monotonic() + 30
-    for port in (pair.coredns, pair.svcnet):
+def _wait_both(pair: Pair, name: str, ok: Callable[[dns.message.Message], bool],
+               only: int | None = None, must: bool = True, timeout: float = 30) -> None:
+    """Both (or ``only`` one) have seen the last object written (watches are asynchronous)."""
+    deadline = time.monotonic() + timeout
+    for port in (pair.coredns, pair.svcnet) if only is None else (only,):
         while True:
             try:
-                msg = ask(port, name, "A", "edns")
-                if msg.rcode() == dns.rcode.NOERROR and len(msg.answer) == 1 and \
-                        len(msg.answer[0]) == 60:
+                if ok(ask(port, name, "A", "edns")):
                     break
             except (OSError, dns.exception.DNSException):
                 pass
-            assert time.monotonic() < deadline, f"port {port} never answered {name}"
+            if time.monotonic() > deadline:
+                assert not must, f"port {port} never answered {name} as expected"
+                break
             time.sleep(0.1)
 
 
@@ -353,8 +398,7 @@ def _show(n: dict[str, Any]) -> str:
                      for k, v in n.items())
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize(("case", "name", "rtype"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("case", "name", "rtype", "mode"), _params())
 def test_coredns_same_answer(servers: Pair, case: str, name: str, rtype: str,
                              mode: str) -> None:
     core = normalise(ask(servers.coredns, name, rtype, mode))
