@@ -90,20 +90,26 @@ class Handler:
         return [f for f in (self.forwarder, *self.stubs.values()) if f is not None]
 
     async def handle(self, data: bytes, proto: str = "udp", client: str = "") -> bytes | None:
+        return (await self.handle_cacheable(data, proto, client))[0]
+
+    async def handle_cacheable(self, data: bytes, proto: str = "udp", client: str = ""
+                               ) -> tuple[bytes | None, bool]:
+        """The response, and whether it depends only on the zone (not on an upstream or a
+        clock), so a worker may keep it until the zone's next change."""
         started = time.perf_counter()
         try:
             query = parse_query(data)
         except WireError:
-            return header_only(data, FORMERR)
+            return header_only(data, FORMERR), False
         if query.flags & 0x8000:
-            return None
+            return None, False
         try:
-            response, plugin = await self._answer(data, query, proto)
+            response, plugin, cacheable = await self._answer(data, query, proto)
         except Exception as err:  # a bug: answer SERVFAIL, count, log rarely
             kind = type(err).__name__
             metrics.HANDLER_ERRORS.labels(kind).inc()
             self.errors.exception(kind, "answering %s %d failed", query.qname, query.qtype)
-            response, plugin = build_response(query, SERVFAIL), "handler"
+            response, plugin, cacheable = build_response(query, SERVFAIL), "handler", False
         rcode = response[3] & 0xF if response else SERVFAIL
         elapsed = time.perf_counter() - started
         if self.stats is not None:
@@ -113,35 +119,37 @@ class Handler:
                 "client": client, "proto": proto, "id": query.id, "name": query.qname,
                 "type": query.qtype, "rcode": rcode, "plugin": plugin,
                 "size": len(response or b""), "duration_ms": round(elapsed * 1000, 3)}))
-        return response
+        return response, cacheable and rcode != SERVFAIL and not self.log_queries
 
-    async def _answer(self, data: bytes, q: Query, proto: str) -> tuple[bytes, str]:
+    async def _answer(self, data: bytes, q: Query, proto: str) -> tuple[bytes, str, bool]:
         limit = 65535 if proto == "tcp" else (q.udp_size if q.edns else 512)
         if q.opcode != 0:
-            return build_response(q, NOTIMP), "handler"
+            return build_response(q, NOTIMP), "handler", True
         if q.edns and q.edns_version > 0:
-            return build_response(q, BADVERS), "handler"
+            return build_response(q, BADVERS), "handler", True
         if q.qtype in (AXFR, IXFR):
-            return build_response(q, REFUSED), "handler"
+            return build_response(q, REFUSED), "handler", True
         if any(f.seen(data, q.qname) for f in self.forwarders()):
-            return build_response(q, SERVFAIL), "loop"
+            return build_response(q, SERVFAIL), "loop", False
         if in_reverse_zone(q.qname) and q.qtype == PTR and self.zone.synced and \
                 table_key(q.qname, PTR) not in self.zone.table and q.qclass == CLASS_IN:
             found = self.zone.endpoint_ptr(q.qname)  # a ClusterIP Service's endpoint
             if found is not None and found.prepared is not None:
-                return answer_from_prepared(data, q, found.prepared, limit), "kubernetes"
+                return answer_from_prepared(data, q, found.prepared, limit), "kubernetes", True
         if self.zone.contains(q.qname) or (
                 in_reverse_zone(q.qname) and q.qtype == PTR
                 and table_key(q.qname, PTR) in self.zone.table):
             if q.qclass not in (CLASS_IN, CLASS_ANY):  # CHAOS, HESIOD: not our data
-                return build_response(q, REFUSED), "kubernetes"
+                return build_response(q, REFUSED), "kubernetes", True
             result = self.zone.answer(q.qname, q.qtype)
             if result.prepared is not None:
-                return answer_from_prepared(data, q, result.prepared, limit), "kubernetes"
+                return answer_from_prepared(data, q, result.prepared, limit), "kubernetes", True
             if result.cname is not None:
-                return await self._external(data, q, result.cname, limit), "kubernetes"
-            return build_response(q, result.rcode), "kubernetes"
-        return await self._forward(data, q, limit)
+                inside = self.zone.contains(result.cname.rdata)
+                return (await self._external(data, q, result.cname, limit), "kubernetes",
+                        inside)
+            return build_response(q, result.rcode), "kubernetes", True
+        return (*await self._forward(data, q, limit), False)
 
     async def _forward(self, data: bytes, q: Query, limit: int) -> tuple[bytes, str]:
         forwarder = self.forwarder

@@ -5,8 +5,9 @@ A worker process (``worker.make_answer``), the main process's fast path for TCP 
 all decide with ``plain_query`` whether a query may be answered from the table as it is,
 and build the reply with ``reply_tail``: the client's header bits and question, the
 prepared counts and body, the OPT record (with the client's DO bit, RFC 3225), and the
-truncation rule (over the limit: drop the additional section without TC, RFC 2181 9; if
-that is not enough, header + question (+ OPT) with TC). Imports nothing: workers load it.
+truncation rule (over the limit: keep the additional records that fit and drop the rest,
+without TC, RFC 2181 9; if even answer + authority do not fit, header + question (+ OPT)
+with TC). Imports nothing: workers load it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,19 @@ def plain_query(data: bytes) -> tuple[int, int, bytes] | None:
     return None
 
 
+def _record_end(body: bytes, pos: int) -> int:
+    """Offset after the resource record at ``pos`` (owner name, 10 bytes, rdata)."""
+    while True:
+        length = body[pos]
+        if length >= 0xC0:
+            pos += 2
+            break
+        pos += 1 + length
+        if not length:
+            break
+    return pos + 10 + int.from_bytes(body[pos + 8:pos + 10], "big")
+
+
 def reply_tail(data: bytes, qend: int, flags1: int, flags2: int, counts: bytes,
                counts_edns: bytes, body: bytes, core_len: int, opt: bytes,
                limit: int) -> bytes:
@@ -49,8 +63,16 @@ def reply_tail(data: bytes, qend: int, flags1: int, flags2: int, counts: bytes,
         counts = counts_edns
     if qend + len(body) + len(opt) > limit:
         if qend + core_len + len(opt) <= limit:
-            body = body[:core_len]  # drop the additional section: no TC (RFC 2181 9)
-            counts = counts[:6] + (b"\x00\x01" if opt else b"\x00\x00")
+            # Keep the additional records that fit, drop the rest: no TC (RFC 2181 9).
+            room = limit - qend - len(opt)
+            end, kept = core_len, 0
+            while end < len(body):
+                nxt = _record_end(body, end)
+                if nxt > room:
+                    break
+                end, kept = nxt, kept + 1
+            body = body[:end]
+            counts = counts[:6] + (kept + (1 if opt else 0)).to_bytes(2, "big")
         else:
             flags1 |= 0x02
             counts = COUNTS_OPT_ONLY if opt else COUNTS_NONE

@@ -91,6 +91,9 @@ def _cluster_ip(svc: Service, owner: str, ttl: int) -> ServiceRecords:
         srv_owner = names.srv_name(port.name, port.protocol, owner)
         rrsets[(srv_owner, SRV)] = (
             tuple(_srv_rrs(srv_owner, [(owner, port.port) for _ in ips], ttl)), extra)
+        # CoreDNS answers A/AAAA of a port name too: the Service's addresses.
+        for rtype, rrs in _address_rrs(srv_owner, ips, ttl).items():
+            rrsets[(srv_owner, rtype)] = (tuple(rrs), ())
         existing.add(srv_owner)
     ptrs: dict[str, tuple[str, ...]] = {names.reverse_name(ip): (owner,) for ip in ips}
     return ServiceRecords(rrsets, frozenset(existing), ptrs)
@@ -139,12 +142,18 @@ def _headless(svc: Service, slices: Sequence[Any], owner: str, ttl: int,
     if all_targets:
         rrsets[(owner, SRV)] = (tuple(_srv_rrs(owner, all_targets, ttl)), extra_for(all_targets))
     named: dict[str, list[tuple[str, int]]] = {}
-    for host, _, ports in members:
+    named_ips: dict[str, list[str]] = {}
+    for host, addr, ports in members:
         for pname, proto, port in ports:
             if pname:
-                named.setdefault(names.srv_name(pname, proto, owner), []).append((host, port))
+                srv_owner = names.srv_name(pname, proto, owner)
+                named.setdefault(srv_owner, []).append((host, port))
+                named_ips.setdefault(srv_owner, []).append(addr)
     for srv_owner, targets in named.items():
         rrsets[(srv_owner, SRV)] = (tuple(_srv_rrs(srv_owner, targets, ttl)), extra_for(targets))
+        # CoreDNS answers A/AAAA of a port name too: the addresses of its endpoints.
+        for rtype, rrs in _address_rrs(srv_owner, named_ips[srv_owner], ttl).items():
+            rrsets[(srv_owner, rtype)] = (tuple(rrs), ())
         existing.add(srv_owner)
     ptrs: dict[str, list[str]] = {}
     for host, addr, _ in members:

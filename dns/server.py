@@ -98,6 +98,7 @@ class DNSServer:
         self.tcp_read = min(tcp_idle, TCP_READ_SECONDS)
         self.tcp_write = tcp_write
         self.tcp_max = tcp_max
+        self.handoffs = 0  # queries workers passed to the main process
         self._tcp_clients: dict[asyncio.WriteTransport, None] = {}  # least recently active first
 
     async def start(self) -> None:
@@ -176,12 +177,13 @@ class DNSServer:
         descriptor) if it has not got this build yet. Notices are idempotent, so one that
         does not fit now is replaced by the next one or the supervisor's retry."""
         table = self.zone.table
+        gen = self.zone.generation.to_bytes(8, "big")
         try:
             if worker.table_build != table.builds:
-                socket.send_fds(worker.updates, [b"T"], [table.fd])
+                socket.send_fds(worker.updates, [b"T" + gen], [table.fd])
                 worker.table_build = table.builds
             else:
-                worker.updates.send(b"G")
+                worker.updates.send(b"G" + gen)
             worker.behind = False
         except (BlockingIOError, InterruptedError):
             worker.behind = True
@@ -206,6 +208,7 @@ class DNSServer:
                 return
             kind = msg[:1]
             if kind == b"Q":
+                self.handoffs += 1
                 addr, n, _ = decode_addr(msg[1:])
                 self._spawn_task(self._slow(worker, msg[1:1 + n], msg[1 + n:], addr))
             elif kind == b"M" and self.handler.stats is not None:
@@ -213,9 +216,18 @@ class DNSServer:
 
     async def _slow(self, worker: _Worker, raw_addr: bytes, data: bytes,
                     addr: tuple[str, int]) -> None:
-        response = await self.handler.handle(data, "udp", f"{addr[0]}:{addr[1]}")
-        if response is not None:
-            with contextlib.suppress(OSError):
+        gen = self.zone.generation
+        response, cacheable = await self.handler.handle_cacheable(
+            data, "udp", f"{addr[0]}:{addr[1]}")
+        if response is None:
+            return
+        with contextlib.suppress(OSError):
+            if cacheable and gen == self.zone.generation and len(data) < 600:
+                # The worker may keep it until the next change: the generation it was
+                # computed at, and the query after its ID (the worker's cache key).
+                worker.channel.send(b"C" + gen.to_bytes(8, "big") + raw_addr +
+                                    len(data).to_bytes(2, "big") + data[2:] + response)
+            else:
                 worker.channel.send(b"R" + raw_addr + response)
 
     def _spawn_task(self, coro: Any) -> None:

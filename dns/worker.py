@@ -111,10 +111,12 @@ def read_updates(updates: socket.socket, box: list[Any], cache: dict[bytes, byte
             for fd in fds:
                 os.close(fd)  # the mapping keeps the table alive
             box[TABLE] = (view.mm, view.slots, view.mask)
-        # Order matters: the table, then the count, then the cache. ``make_answer`` reads the
-        # count before the table and checks it again after caching a reply, so a reply built
-        # from a table older than this notice is either cleared here or dropped there.
-        box[GEN] += 1
+        # Order matters: the table, then the generation, then the cache. ``make_answer``
+        # reads the generation before the table and checks it again after caching a reply,
+        # so a reply built from a table older than this notice is either cleared here or
+        # dropped there; the main process's replies carry the generation they were
+        # computed at and are kept only if it is still the latest (``relay_replies``).
+        box[GEN] = int.from_bytes(msg[1:9], "big") if len(msg) >= 9 else box[GEN] + 1
         cache.clear()
 
 
@@ -134,8 +136,13 @@ def tail_qtype(tail: bytes) -> int:
 
 
 def relay_replies(channel: socket.socket, udp: socket.socket, stats: dict[Any, Any],
-                  hits: dict[bytes, int]) -> None:
-    """Send the main process's replies to clients; ship statistics every second."""
+                  hits: dict[bytes, int], box: list[Any] | None = None,
+                  cache: dict[bytes, bytes] | None = None) -> None:
+    """Send the main process's replies to clients; ship statistics every second.
+
+    ``C`` replies depend only on the zone (negative answers, pod names, endpoint names,
+    in-zone CNAMEs): they are cached like table answers if the zone has not changed since
+    they were computed, so a repeated query of any kind stays in the worker."""
     channel.settimeout(FLUSH_SECONDS)
     last = time.monotonic()
     while True:
@@ -143,13 +150,29 @@ def relay_replies(channel: socket.socket, udp: socket.socket, stats: dict[Any, A
             msg = channel.recv(70000)
             if not msg:
                 os._exit(0)
-            if msg[:1] == b"R":
-                addr, n, ctl = decode_addr(msg[1:])
+            kind = msg[:1]
+            if kind == b"R" or kind == b"C":
+                start = 9 if kind == b"C" else 1
+                addr, n, ctl = decode_addr(msg[start:])
+                body = start + n
+                key = b""
+                if kind == b"C":
+                    size = int.from_bytes(msg[body:body + 2], "big")
+                    key = msg[body + 2:body + size]
+                    body += size
+                reply = msg[body:]
                 with contextlib.suppress(OSError):
                     if ctl:
-                        udp.sendmsg([msg[1 + n:]], control(ctl), 0, addr)
+                        udp.sendmsg([reply], control(ctl), 0, addr)
                     else:
-                        udp.sendto(msg[1 + n:], addr)
+                        udp.sendto(reply, addr)
+                if key and box is not None and cache is not None and \
+                        int.from_bytes(msg[1:9], "big") == box[GEN] and _plain_key(key):
+                    if len(cache) >= CACHE_ENTRIES:
+                        cache.clear()
+                    cache[key] = reply[2:]
+                    if int.from_bytes(msg[1:9], "big") != box[GEN]:
+                        cache.clear()  # a notice came in meanwhile
         except TimeoutError:
             pass
         except OSError:
@@ -174,6 +197,12 @@ def relay_replies(channel: socket.socket, udp: socket.socket, stats: dict[Any, A
             if any(v for v in snapshot.values() if not isinstance(v, list)):
                 with contextlib.suppress(OSError):
                     channel.send(b"M" + pickle.dumps(snapshot))
+
+
+def _plain_key(key: bytes) -> bool:
+    """A query (after its ID) whose bytes every client repeats: no EDNS options."""
+    qend = key.find(0, 10) + 5  # the question ends 4 bytes after its name's root label
+    return qend >= 15 and (len(key) == qend or len(key) == qend + 11)
 
 
 def make_answer(box: list[Any], cache: dict[bytes, bytes], slow_only: bool
@@ -320,7 +349,8 @@ def main(argv: list[str]) -> int:
     # rescanned and the hot loop never pauses for it.
     gc.disable()
     threading.Thread(target=read_updates, args=(updates, box, cache), daemon=True).start()
-    threading.Thread(target=relay_replies, args=(relay, udp, stats, hits), daemon=True).start()
+    threading.Thread(target=relay_replies, args=(relay, udp, stats, hits, box, cache),
+                     daemon=True).start()
     serve(udp, channel, make_answer(box, cache, bool(slow_only)), cache, hits, stats,
           udp.getsockname()[0] in WILDCARDS)
     return 0

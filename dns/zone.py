@@ -131,6 +131,7 @@ class ClusterZone:
         self.pods: PodMode = pods
         self.endpoint_pod_names = endpoint_pod_names
         self.synced = False
+        self.generation = 0  # counts changes that may change any answer (see ``touch``)
         self.serial = int(time.time())
         self.table = SharedTable()
         self._services: dict[str, ServiceRecords] = {}
@@ -165,6 +166,13 @@ class ClusterZone:
         self.serial = int(time.time())
         for key, value in updates.items():
             self.table.set(key, value)
+        self.touch()
+
+    def touch(self) -> None:
+        """Something an answer may depend on changed (the table, namespaces, pods, endpoints
+        of ClusterIP Services): tell subscribers, so workers drop replies they cached,
+        including the slow path's."""
+        self.generation += 1
         if self.synced:
             for callback in self._subscribers:
                 callback()
@@ -172,6 +180,7 @@ class ClusterZone:
     def mark_synced(self) -> None:
         """The watch cache is complete: publish the table and start answering."""
         self.synced = True
+        self.generation += 1
         for callback in self._subscribers:
             callback()
 
@@ -304,6 +313,7 @@ class ClusterZone:
             self._pod_namespaces[new.metadata.namespace] += 1
             if new.ips:
                 self._pod_ips.setdefault(new.metadata.namespace, Counter()).update(new.ips)
+        self.touch()
 
     def set_namespace(self, name: str, exists: bool) -> None:
         """Namespaces exist for CoreDNS's NODATA (``<ns>.svc.<zone>``) and for pod names."""
@@ -311,6 +321,7 @@ class ClusterZone:
             self._namespaces.add(sys.intern(name))
         else:
             self._namespaces.discard(name)
+        self.touch()
 
     def index_endpoints(self, key: str, old: Sequence[str], new: Sequence[str]) -> None:
         """Keep IP -> Service key for the endpoint addresses of one EndpointSlice."""
@@ -323,6 +334,7 @@ class ClusterZone:
         for ip in new:
             with contextlib.suppress(ValueError):
                 self._endpoint_ips[int(ipaddress.ip_address(ip))] = key
+        self.touch()
 
     def set_ns_addresses(self, ips: Sequence[str]) -> None:
         """The addresses ``ns.dns.<zone>`` (the apex NS and SOA name it) answers with: the

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import dns.message
 import dns.rcode
 import pytest
-from dnskit import Running, query, serve
+from dnskit import Running, query, serve, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from svcnet.dns.daemon import DNSOptions
@@ -61,8 +61,32 @@ def header(qid: int, flags: int, qd: int, an: int, ns: int, ar: int) -> bytes:
     return struct.pack("!HHHHHH", qid, flags, qd, an, ns, ar)
 
 
+def query_bytes(qid: int, labels: list[bytes], qtype: int, qclass: int, opt: bytes) -> bytes:
+    name = b"".join(bytes((len(label),)) + label for label in labels) + b"\x00"
+    return header(qid, 0x0100, 1, 0, 0, 1 if opt else 0) + name + \
+        struct.pack("!HH", qtype, qclass) + opt
+
+
+ZONE_LABELS = [b"svc", b"cluster", b"local"]
+labels = st.lists(st.binary(min_size=1, max_size=63), min_size=0, max_size=4)
+opts = st.one_of(
+    st.just(b""),
+    st.builds(lambda size, ttl, rdata: b"\x00\x00\x29" + struct.pack("!HIH", size, ttl,
+                                                                       len(rdata)) + rdata,
+              st.integers(0, 65535), st.sampled_from([0, 0x8000, 0x01000000, 0x00008000]),
+              st.binary(max_size=24)))
+named_queries = st.builds(
+    query_bytes, st.integers(0, 65535),
+    st.one_of(labels.map(lambda ls: [*ls, b"shop", *ZONE_LABELS]),
+              labels.map(lambda ls: [*ls, b"pod", *ZONE_LABELS]),
+              labels.map(lambda ls: [*ls, b"in-addr", b"arpa"]),
+              st.just([b"web", b"shop", *ZONE_LABELS])),
+    st.sampled_from([1, 2, 5, 6, 12, 16, 28, 33, 255, 252, 65535]),
+    st.sampled_from([1, 3, 4, 254, 255]), opts)
+
 packets = st.one_of(
     st.binary(max_size=600),
+    named_queries,
     st.builds(mutate, st.just(VALID),
               st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6),
               st.one_of(st.none(), st.integers(0, 100)), st.binary(max_size=40)),
@@ -82,15 +106,39 @@ def check_valid(srv: Running) -> None:
     assert [rr.to_text() for rr in msg.answer[0]] == ["10.0.0.10"]
 
 
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+BASELINE: dict[str, int] = {}
+FUZZ_SECONDS = 90.0  # the hypothesis run stops drawing batches after this
+
+
+@pytest.fixture(scope="module", autouse=True)
+def baseline(server: Running) -> None:
+    for _ in range(10):  # warm the caches and code paths before measuring
+        check_valid(server)
+    BASELINE["workers"] = sum(rss_kb(w.proc.pid) for w in server.component.server._workers)
+    BASELINE["started"] = int(time.monotonic())
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(batch=st.lists(packets, min_size=1, max_size=8))
 def test_hostile_packets_never_stop_valid_answers(server: Running, batch: list[bytes]) -> None:
+    if time.monotonic() - BASELINE["started"] > FUZZ_SECONDS:
+        return  # bounded in time on a slow machine
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for packet in batch:
             s.sendto(packet, ("127.0.0.1", server.port))
     if random.random() < 0.1:
         with socket.create_connection(("127.0.0.1", server.port), timeout=2) as t:
             t.sendall(struct.pack("!H", len(batch[0])) + batch[0])
+            if random.random() < 0.5:
+                t.sendall(b"\x00")  # half a length prefix, then gone
     check_valid(server)
 
 
@@ -104,6 +152,20 @@ def test_workers_survived(server: Running) -> None:
     assert server.component.server.alive_workers() == 2
     big = query(server.port, "h.shop.svc.cluster.local.", "A", tcp=True)
     assert len(big.answer[0]) == 79
+
+
+def test_memory_and_state_are_flat_after_fuzzing(server: Running) -> None:
+    """After the fuzzing: no TCP connection or slow-path task left over, the forwarders
+    hold no marks, and the workers' memory is what it was (their reply caches are
+    bounded)."""
+    srv = server.component.server
+    assert wait_for(lambda: srv.tcp_connections == 0 and len(srv._tasks) <= 1, 15), \
+        (srv.tcp_connections, len(srv._tasks))
+    for fwd in srv.handler.forwarders():
+        assert not fwd.marks
+    workers = sum(rss_kb(w.proc.pid) for w in srv._workers)
+    assert workers - BASELINE["workers"] < 8 * 1024, (BASELINE["workers"], workers)
+    check_valid(server)
 
 
 def test_killed_worker_is_replaced(server: Running) -> None:

@@ -45,6 +45,7 @@ async def populate(store: MemoryStore) -> None:
     for obj in [
         svc("shop", "web", clusterIP="10.0.0.10", ports=[{"name": "http", "port": 80}]),
         svc("shop", "hl", clusterIP="None", ports=[{"name": "http", "port": 80}]),
+        svc("shop", "hl9", clusterIP="None", ports=[{"name": "http", "port": 80}]),
         svc("shop", "alias", type="ExternalName", externalName="web.shop.svc.cluster.local"),
         svc("kube-system", "kube-dns", clusterIP="10.96.0.10",
             ports=[{"name": "dns", "port": 53, "protocol": "UDP"}]),
@@ -57,6 +58,8 @@ async def populate(store: MemoryStore) -> None:
                                       "conditions": {"ready": False}}],
             [{"name": "http", "port": 8080}]),
         eps("shop", "hl", "hl-1", [{"addresses": [f"10.2.0.{i}"]} for i in range(1, 7)],
+            [{"name": "http", "port": 80}]),
+        eps("shop", "hl9", "hl9-1", [{"addresses": [f"10.2.1.{i}"]} for i in range(1, 9)],
             [{"name": "http", "port": 80}]),
         eps("kube-system", "kube-dns", "kube-dns-1", [{"addresses": [LOCAL_IP]}],
             [{"name": "dns", "port": 53, "protocol": "UDP"}]),
@@ -143,6 +146,19 @@ def test_srv_with_glue_fits_512_bytes(server: Running) -> None:
         assert len(raw) <= 512 and struct.unpack_from("!H", raw, 10)[0] == 6
 
 
+def test_glue_that_fits_is_kept_without_tc(server: Running) -> None:
+    """Eight SRV records leave room for only some of their glue in 512 bytes: the glue that
+    fits is kept, the rest dropped, and TC stays clear (RFC 2181 9); CoreDNS keeps the same
+    glue but sets TC."""
+    q = dns.message.make_query("hl9.shop.svc.cluster.local.", "SRV")
+    raw = _raw_udp(server.port, q.to_wire())
+    msg = dns.message.from_wire(raw)
+    assert len(raw) <= 512 and not msg.flags & dns.flags.TC
+    assert len(msg.answer[0]) == 8
+    glue = sum(len(rrset) for rrset in msg.additional)
+    assert 0 < glue < 8, glue
+
+
 def _raw_udp(port: int, packet: bytes) -> bytes:
     import socket
 
@@ -158,6 +174,10 @@ def _raw_udp(port: int, packet: bytes) -> bytes:
 @pytest.mark.parametrize(("name", "rtype", "rcode", "answer"), [
     ("10-1-0-5.web.shop.svc.cluster.local.", "A", "NOERROR",
      ["10-1-0-5.web.shop.svc.cluster.local. 5 IN A 10.1.0.5"]),
+    ("_http._tcp.web.shop.svc.cluster.local.", "A", "NOERROR",
+     ["_http._tcp.web.shop.svc.cluster.local. 5 IN A 10.0.0.10"]),
+    ("_http._tcp.hl.shop.svc.cluster.local.", "A", "NOERROR",
+     [f"_http._tcp.hl.shop.svc.cluster.local. 5 IN A 10.2.0.{i}" for i in range(1, 7)]),
     ("db-0.web.shop.svc.cluster.local.", "A", "NOERROR",
      ["db-0.web.shop.svc.cluster.local. 5 IN A 10.1.0.6"]),
     ("10-1-0-5.web.shop.svc.cluster.local.", "AAAA", "NOERROR", []),
@@ -268,3 +288,44 @@ def test_every_path_gives_the_same_reply() -> None:
                     checked += 1
     assert checked > 500
     zone.table.close()
+
+
+# --- defect 7: every query class stays in the workers ------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "rtype", "edns"), [
+    ("10-9-8-7.shop.pod.cluster.local.", "A", True),  # pod name
+    ("10-9-8-7.shop.pod.cluster.local.", "AAAA", False),  # pod name, NODATA
+    ("www.google.com.shop.svc.cluster.local.", "A", True),  # search-path miss
+    ("nope.cluster.local.", "AAAA", False),  # negative
+    ("kube-public.svc.cluster.local.", "A", True),  # namespace NODATA
+    ("10-1-0-5.web.shop.svc.cluster.local.", "A", False),  # ClusterIP endpoint name
+    ("alias.shop.svc.cluster.local.", "A", True),  # in-zone CNAME
+    ("5.0.1.10.in-addr.arpa.", "PTR", False),  # endpoint PTR
+])
+def test_repeated_queries_of_every_class_stay_in_the_worker(
+        server: Running, name: str, rtype: str, edns: bool) -> None:
+    """The first query of a kind the table does not hold is answered by the main process;
+    the worker keeps that reply (it depends only on the zone, and every zone change empties
+    the cache), so the next 50 never leave the worker."""
+    srv = server.component.server
+    first = query(server.port, name, rtype, use_edns=0 if edns else False)
+    before = srv.handoffs
+    for _ in range(50):
+        again = query(server.port, name, rtype, use_edns=0 if edns else False)
+        assert again.rcode() == first.rcode()
+        assert lines(again.answer) == lines(first.answer)
+        assert lines(again.authority) == lines(first.authority)
+    assert srv.handoffs - before <= 1, srv.handoffs - before
+
+
+def test_truncation_is_handled_in_the_worker(server: Running) -> None:
+    """Answers that need the additional section dropped, or TC, are built by the worker."""
+    srv = server.component.server
+    before = srv.handoffs
+    for _ in range(20):
+        msg = dns.query.udp(dns.message.make_query("hl.shop.svc.cluster.local.", "SRV",
+                                                   use_edns=0, payload=512),
+                            "127.0.0.1", port=server.port, timeout=3)
+        assert len(msg.answer[0]) == 6
+    assert srv.handoffs == before
