@@ -24,7 +24,10 @@ page among the processes that map it, so the sum is what the node actually spend
 
 Prints a table; the last line is JSON with ``svcnet_qps``, ``dnsmasq_qps``, ``unbound_qps``,
 ``ratio`` (svcnet / dnsmasq), ``svcnet_p99_ms``, ``lost`` (svcnet's, all rounds), ``rss_mb``
-and ``rss_limit_mb``.
+and ``rss_limit_mb``; then (``--mixes on``, the default; ``only`` runs just these) the query
+mixes of bench/dns_mixes.py against the real CoreDNS and dnsmasq on a real kube-apiserver:
+``mixes``, ``min_ratio_coredns``, ``min_ratio_dnsmasq`` and its memory figures.
+``--small``: 500 services, 5000 pods, one round, for a quick look.
 """
 
 from __future__ import annotations
@@ -289,7 +292,15 @@ def main() -> int:
     ap.add_argument("--outstanding", type=int, default=100)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--rounds", type=int, default=4, help="interleaved runs to average")
+    ap.add_argument("--mixes", choices=("on", "off", "only"), default="on",
+                    help="query mixes beside CoreDNS and dnsmasq (bench/dns_mixes.py)")
+    ap.add_argument("--small", action="store_true", help="500 services, 5000 pods, 1 round")
     args = ap.parse_args()
+    if args.small:
+        args.services, args.pods, args.seconds, args.rounds = 500, 5000, 4, 1
+    if args.mixes == "only":
+        print(json.dumps(run_mixes(args)))
+        return 0
     for tool in ("etcd", "dnsperf", "dnsmasq", "unbound"):
         if shutil.which(tool) is None:
             print(f"needs {tool}", file=sys.stderr)
@@ -377,7 +388,7 @@ def main() -> int:
         f"{'main' if i == 0 else 'worker'} {pss:.1f} / {rss:.1f}"
         for i, (_, pss, rss) in enumerate(per_process)))
     s, d = runs["svcnet"], runs["dnsmasq"]
-    print(json.dumps({
+    result = {
         "svcnet_qps": round(mean([r.qps for r in s])),
         "dnsmasq_qps": round(mean([r.qps for r in d])),
         "unbound_qps": round(mean([r.qps for r in runs["unbound"]])),
@@ -390,8 +401,21 @@ def main() -> int:
         "lost": sum(r.lost for r in s),
         "rss_mb": round(mem[0], 1), "rss_sum_mb": round(mem[1], 1),
         "rss_verified_mb": round(mem_verified[0], 1),
-        "rss_limit_mb": round(limit, 1)}))
+        "rss_limit_mb": round(limit, 1)}
+    if args.mixes == "on":
+        result.update(run_mixes(args))
+    print(json.dumps(result))
     return 0
+
+
+def run_mixes(args: argparse.Namespace) -> dict[str, Any]:
+    """bench/dns_mixes.py on a real control plane, with this run's sizes and settings."""
+    import dns_mixes
+
+    return dns_mixes.run(services=args.services, per=max(1, args.pods // args.services),
+                         headless=50 if args.small else 200, seconds=args.seconds,
+                         rounds=min(args.rounds, 2), workers=args.workers,
+                         clients=args.clients, outstanding=args.outstanding)
 
 
 if __name__ == "__main__":
