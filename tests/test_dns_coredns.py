@@ -460,3 +460,32 @@ def test_coredns_cases_cover_the_spec() -> None:
     for key in DIFFERENCES:
         case, _, mode = key.partition("/")
         assert case in ids and (not mode or mode in MODES), key
+
+
+def test_coredns_runner_checks_the_sum(tmp_path: Path) -> None:
+    """An archive that unpacks to anything but the published binary is refused, and nothing
+    is left behind for a later call to pick up."""
+    import lzma
+
+    from svcnet.lab.controlplane import MissingBinaries
+    from svcnet.lab.coredns import unpack_coredns
+
+    xz = tmp_path / "coredns.xz"
+    xz.write_bytes(lzma.compress(b"#!/bin/sh\necho not coredns\n"))
+    with pytest.raises(MissingBinaries, match="sha256"):
+        unpack_coredns(xz, tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [".lock"]
+
+
+def test_coredns_corefile_is_kubeadms(tmp_path: Path) -> None:
+    from svcnet.lab.coredns import Config, corefile
+
+    text = corefile(Config(tmp_path / "kc", "127.0.0.1:5300", 1053, 1, 2, 3))
+    for line in (".:1053 {", "bind 127.0.0.1", "kubernetes cluster.local in-addr.arpa ip6.arpa {",
+                 f"kubeconfig {tmp_path / 'kc'}", "pods insecure",
+                 "fallthrough in-addr.arpa ip6.arpa", "ttl 30", "forward . 127.0.0.1:5300",
+                 "cache 30", "health 127.0.0.1:1", "ready 127.0.0.1:2",
+                 "prometheus 127.0.0.1:3"):
+        assert line in text, line
+    assert "cache" not in corefile(Config(tmp_path / "kc", "127.0.0.1:5300", 1053, 1, 2, 3,
+                                          cache=None))
