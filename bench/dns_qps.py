@@ -24,7 +24,7 @@ page among the processes that map it, so the sum is what the node actually spend
 
 Prints a table; the last line is JSON with ``svcnet_qps``, ``dnsmasq_qps``, ``unbound_qps``,
 ``ratio`` (svcnet / dnsmasq), ``svcnet_p99_ms``, ``lost`` (svcnet's, all rounds), ``rss_mb``
-and ``rss_limit_mb``; then (``--mixes on``, the default; ``only`` runs just these) the query
+and ``rss_limit_mb``; then (``--mixes``; ``--mixes-only`` runs just these) the query
 mixes of bench/dns_mixes.py against the real CoreDNS and dnsmasq on a real kube-apiserver:
 ``mixes``, ``min_ratio_coredns``, ``min_ratio_dnsmasq`` and its memory figures.
 ``--small``: 500 services, 5000 pods, one round, for a quick look.
@@ -292,13 +292,14 @@ def main() -> int:
     ap.add_argument("--outstanding", type=int, default=100)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--rounds", type=int, default=4, help="interleaved runs to average")
-    ap.add_argument("--mixes", choices=("on", "off", "only"), default="on",
-                    help="query mixes beside CoreDNS and dnsmasq (bench/dns_mixes.py)")
+    ap.add_argument("--mixes", action="store_true",
+                    help="also the query mixes beside CoreDNS and dnsmasq (bench/dns_mixes.py)")
+    ap.add_argument("--mixes-only", action="store_true", help="only the query mixes")
     ap.add_argument("--small", action="store_true", help="500 services, 5000 pods, 1 round")
     args = ap.parse_args()
     if args.small:
         args.services, args.pods, args.seconds, args.rounds = 500, 5000, 4, 1
-    if args.mixes == "only":
+    if args.mixes_only:
         print(json.dumps(run_mixes(args)))
         return 0
     for tool in ("etcd", "dnsperf", "dnsmasq", "unbound"):
@@ -402,7 +403,7 @@ def main() -> int:
         "rss_mb": round(mem[0], 1), "rss_sum_mb": round(mem[1], 1),
         "rss_verified_mb": round(mem_verified[0], 1),
         "rss_limit_mb": round(limit, 1)}
-    if args.mixes == "on":
+    if args.mixes:
         result.update(run_mixes(args))
     print(json.dumps(result))
     return 0

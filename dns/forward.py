@@ -212,7 +212,8 @@ class Forwarder:
         self.marks: dict[bytes, Upstream] = {}  # ID + question of queries we have out
         self._health_task: asyncio.Task[None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
-        self._probes: dict[str, Upstream] = {}  # loop probe names out now
+        self._probes: dict[str, Upstream] = {}  # our recent loop probe names (bounded)
+        self._returned: set[str] = set()  # those that came back to us
         self.loop_probe_name = f"{random.getrandbits(32):x}.svcnet-loop-check."
 
     async def forward(self, query: bytes) -> bytes:
@@ -291,9 +292,11 @@ class Forwarder:
             with contextlib.suppress(WireError):
                 up = self.marks.get(data[:2] + data[12:question_end(data)])
         if up is None and qname.endswith(self.loop_probe_name):
-            up = self._probes.pop(qname, None)  # popped: ``probe_loops`` sees it came back
+            up = self._probes.get(qname)  # even after its exchange gave up: a slow loop
             if up is None:
-                return True  # an old probe of ours, still going round
+                return True  # a probe of ours too old to remember, still going round
+            if len(self._returned) < 1024:
+                self._returned.add(qname)
         if up is None:
             return False
         metrics.FORWARD_LOOPS.labels(up.name).inc()
@@ -307,6 +310,8 @@ class Forwarder:
     def probe_query(self, up: Upstream) -> tuple[str, bytes]:
         """A HINFO query for a fresh random name; seeing it arrive here means a loop."""
         name = f"{random.getrandbits(32):x}.{random.getrandbits(32):x}.{self.loop_probe_name}"
+        while len(self._probes) >= 256:
+            self._probes.pop(next(iter(self._probes)))
         self._probes[name] = up
         wire = b"".join(bytes((len(p),)) + p.encode() for p in name.rstrip(".").split("."))
         return name, struct.pack("!HHHHHH", random.getrandbits(16), 0x0100, 1, 0, 0, 0) + \
@@ -321,9 +326,9 @@ class Forwarder:
                 await up.exchange(query, self.timeout)
             except (OSError, TimeoutError, ForwardError, WireError,
                     asyncio.IncompleteReadError):
-                continue  # no answer: no news
-            finally:
-                came_back = self._probes.pop(name, None) is None
+                continue  # no answer: no news (if it comes back later, ``seen`` marks it)
+            came_back = name in self._returned
+            self._returned.discard(name)
             if up.looped and not came_back:
                 up.looped = False
                 log.warning("upstream %s no longer leads back to us; forwarding to it again",

@@ -35,8 +35,9 @@ def dashed(ip: str) -> str:
 
 
 def undashed(label: str) -> str | None:
-    """Inverse of ``dashed`` for pod names: the IP, or None when the label is not one."""
-    if label.count("-") == 3 and ":" not in label:
+    """Inverse of ``dashed`` for pod names: the IP, or None when the label is not one.
+    As CoreDNS: three dashes and no ``--`` is IPv4, anything else is tried as IPv6."""
+    if label.count("-") == 3 and "--" not in label and ":" not in label:
         candidate = label.replace("-", ".")
         try:
             return str(ipaddress.IPv4Address(candidate))

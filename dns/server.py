@@ -24,6 +24,7 @@ from svcnet.dns import metrics
 from svcnet.dns.handler import Handler
 from svcnet.dns.policy import plain_query, reply_tail
 from svcnet.dns.table import SharedTable
+from svcnet.dns.wire import encode_name
 from svcnet.dns.worker import (
     CMSG_ROOM,
     WILDCARDS,
@@ -160,7 +161,8 @@ class DNSServer:
         fds = (udp.fileno(), theirs_u.fileno(), theirs_c.fileno())
         proc = subprocess.Popen(
             [sys.executable, "-I", "-m", "svcnet.dns.worker", *map(str, fds),
-             "1" if self.slow_only else "0"], pass_fds=fds, cwd="/")
+             "1" if self.slow_only else "0", encode_name(self.zone.zone).hex(),
+             self.zone.pods], pass_fds=fds, cwd="/")
         theirs_u.close()
         theirs_c.close()
         udp.close()

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from svcnet.dns.names import undashed
 from svcnet.dns.policy import plain_query, reply_tail
 from svcnet.dns.table import RECORD, TableView, find
 
@@ -205,7 +206,53 @@ def _plain_key(key: bytes) -> bool:
     return qend >= 15 and (len(key) == qend or len(key) == qend + 11)
 
 
-def make_answer(box: list[Any], cache: dict[bytes, bytes], slow_only: bool
+A_IN = b"\x00\x01\x00\x01"
+AAAA_IN = b"\x00\x1c\x00\x01"
+
+
+def pod_answer(mm: Any, slots: Any, mask: int, key: bytes, zone: bytes) -> tuple[
+        int, bytes, bytes, bytes] | None:
+    """``a-b-c-d.<ns>.pod.<zone>`` A/AAAA with ``pods insecure``, computed from the name as
+    the main process would: (qtype's flags2, counts, counts with OPT, body), or None (the
+    main process decides). The namespace must exist, which the main process says by
+    preparing ``<ns>.pod.<zone>`` (its NODATA holds the SOA we answer NODATA with)."""
+    tail = b"\x03pod" + zone
+    qtype = key[-4:]
+    name = key[:-4]
+    if qtype not in (A_IN, AAAA_IN) or not name.endswith(tail) or len(name) > 255:
+        return None
+    first = name[0]
+    if not 0 < first < 64:
+        return None
+    ns_at = 1 + first
+    ns_len = name[ns_at] if ns_at < len(name) else 0
+    if not 0 < ns_len < 64 or ns_at + 1 + ns_len + len(tail) != len(name):
+        return None
+    marker = find(mm, slots, mask, name[ns_at:] + A_IN)
+    if not marker:
+        return None
+    ip = undashed(name[1:ns_at].decode("ascii", "replace"))
+    if ip is None:
+        return None
+    at = marker + 1 + len(name) - ns_at + 4
+    blen = RECORD.unpack_from(mm, at)[6]
+    soa = mm[at + RECORD.size:at + RECORD.size + blen]  # one SOA record, owner a pointer
+    nums = soa[-20:]
+    zone_off = 12 + len(name) - len(zone)  # the zone's labels in the client's question
+    if zone_off >= 0x4000 or soa[:1] < b"\xc0":
+        return None
+    ptr = bytes((0xC0 | zone_off >> 8, zone_off & 0xFF))
+    packed = socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+    if (len(packed) == 4) == (qtype == A_IN):
+        body = b"\xc0\x0c" + qtype + nums[-4:] + len(packed).to_bytes(2, "big") + packed
+        return 0, b"\x00\x01\x00\x01\x00\x00\x00\x00", b"\x00\x01\x00\x01\x00\x00\x00\x01", body
+    rdata = b"\x02ns\x03dns" + ptr + b"\x0ahostmaster" + ptr + nums
+    body = ptr + b"\x00\x06\x00\x01" + soa[6:10] + len(rdata).to_bytes(2, "big") + rdata
+    return 0, b"\x00\x01\x00\x00\x00\x01\x00\x00", b"\x00\x01\x00\x00\x00\x01\x00\x01", body
+
+
+def make_answer(box: list[Any], cache: dict[bytes, bytes], slow_only: bool,
+                zone: bytes = b"", insecure_pods: bool = False
                 ) -> Callable[[bytes], bytes | None]:
     """The cache-miss path: the reply (after the ID) from the shared table, or None when the
     main process must decide (not a plain query or an unknown name, see
@@ -226,13 +273,21 @@ def make_answer(box: list[Any], cache: dict[bytes, bytes], slow_only: bool
         mm, slots, mask = table
         key = data[12:qend].lower()
         off = find(mm, slots, mask, key)
-        if not off:
+        if off:
+            at = off + 1 + len(key)
+            flags1, flags2, counts, counts_edns, core_len, _, blen = unpack(mm, at)
+            at += rsize
+            tail = reply_tail(data, qend, flags1, flags2, counts, counts_edns,
+                              mm[at:at + blen], core_len, opt, limit)
+        elif insecure_pods:
+            pod = pod_answer(mm, slots, mask, key, zone)
+            if pod is None:
+                return None
+            flags2, counts, counts_edns, body = pod
+            tail = reply_tail(data, qend, 0x84, flags2, counts, counts_edns, body, len(body),
+                              opt, limit)
+        else:
             return None
-        at = off + 1 + len(key)
-        flags1, flags2, counts, counts_edns, core_len, _, blen = unpack(mm, at)
-        at += rsize
-        tail = reply_tail(data, qend, flags1, flags2, counts, counts_edns, mm[at:at + blen],
-                          core_len, opt, limit)
         size = len(data)
         if size == qend or size == qend + 11:  # no EDNS options (cookies differ per client)
             if len(cache) >= CACHE_ENTRIES:
@@ -336,6 +391,8 @@ def serve(udp: socket.socket, channel: socket.socket, answer: Callable[[bytes], 
 
 def main(argv: list[str]) -> int:
     udp_fd, updates_fd, channel_fd, slow_only = (int(a) for a in argv[:4])
+    zone = bytes.fromhex(argv[4]) if len(argv) > 4 else b""
+    insecure_pods = len(argv) > 5 and argv[5] == "insecure"
     udp = socket.socket(fileno=udp_fd)
     updates = socket.socket(fileno=updates_fd)
     channel = socket.socket(fileno=channel_fd)
@@ -351,7 +408,8 @@ def main(argv: list[str]) -> int:
     threading.Thread(target=read_updates, args=(updates, box, cache), daemon=True).start()
     threading.Thread(target=relay_replies, args=(relay, udp, stats, hits, box, cache),
                      daemon=True).start()
-    serve(udp, channel, make_answer(box, cache, bool(slow_only)), cache, hits, stats,
+    serve(udp, channel, make_answer(box, cache, bool(slow_only), zone, insecure_pods), cache,
+          hits, stats,
           udp.getsockname()[0] in WILDCARDS)
     return 0
 

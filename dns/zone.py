@@ -271,6 +271,7 @@ class ClusterZone:
         for k in old_keys - new_keys:
             updates[k] = None
         updates.update(self._update_ptrs(key, old, new))
+        updates.update(self._pod_marker(namespace))
         self.apply(updates)
 
     def _update_ptrs(self, key: str, old: ServiceRecords | None,
@@ -313,6 +314,8 @@ class ClusterZone:
             self._pod_namespaces[new.metadata.namespace] += 1
             if new.ips:
                 self._pod_ips.setdefault(new.metadata.namespace, Counter()).update(new.ips)
+        for namespace in {p.metadata.namespace for p in (old, new) if p is not None}:
+            self.apply(self._pod_marker(namespace))
         self.touch()
 
     def set_namespace(self, name: str, exists: bool) -> None:
@@ -321,7 +324,21 @@ class ClusterZone:
             self._namespaces.add(sys.intern(name))
         else:
             self._namespaces.discard(name)
+        self.apply(self._pod_marker(name))
         self.touch()
+
+    def _pod_marker(self, namespace: str) -> Updates:
+        """``<ns>.pod.<zone>`` A/AAAA (NODATA) is prepared while the namespace exists for pod
+        names: it answers that name, and tells a worker it may answer pod names in that
+        namespace itself (``worker.pod_answer``)."""
+        name = names.fqdn(namespace, "pod", self.zone)
+        keys = [table_key(name, A), table_key(name, AAAA)]
+        exists = self.pods != "disabled" and (
+            self.namespace_exists(namespace) or namespace in self._pod_namespaces)
+        if not exists:
+            return {k: None for k in keys if k in self.table}
+        return {k: self._nodata(name, qtype) for k, qtype in zip(keys, (A, AAAA), strict=True)
+                if k not in self.table}
 
     def index_endpoints(self, key: str, old: Sequence[str], new: Sequence[str]) -> None:
         """Keep IP -> Service key for the endpoint addresses of one EndpointSlice."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import socket
 import struct
 import sys
@@ -22,7 +23,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 
-def serve(name: str, tcp_ports: list[int], udp_ports: list[int]) -> None:
+def serve(name: str, tcp_ports: list[int], udp_ports: list[int], lameduck: float = 0.0
+          ) -> None:
+    """Serve until killed; with ``lameduck``, SIGTERM means "keep serving that long, then
+    exit" (as an application drains), so requests routed here before every proxy dropped
+    this endpoint still succeed."""
+    if lameduck > 0:
+        def drain(_sig: int, _frame: object) -> None:
+            threading.Timer(lameduck, os._exit, (0,)).start()
+
+        signal.signal(signal.SIGTERM, drain)
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"
 
@@ -198,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--name", default=os.environ.get("POD_NAME", socket.gethostname()))
     s.add_argument("--tcp", type=int, action="append", default=[])
     s.add_argument("--udp", type=int, action="append", default=[])
+    s.add_argument("--lameduck", type=float, default=0.0,
+                   help="seconds to keep serving after SIGTERM")
     c = sub.add_parser("call")
     c.add_argument("target", help="http://HOST[:PORT]/PATH, or HOST:PORT with --udp")
     c.add_argument("--count", type=int, default=1)
@@ -219,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("name")
     args = parser.parse_args(argv)
     if args.cmd == "serve":
-        serve(args.name, args.tcp or ([] if args.udp else [8080]), args.udp)
+        serve(args.name, args.tcp or ([] if args.udp else [8080]), args.udp, args.lameduck)
         return 0
     if args.cmd == "call":
         return call(args.target, args.count, args.timeout, args.interval, args.udp)

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 STRATEGIC_MERGE = "application/strategic-merge-patch+json"
 MERGE = "application/merge-patch+json"
 HEARTBEAT_S = 10.0
+ECHO_LAMEDUCK_S = 2.0
 ECHO_IMAGE = "svcnet/echo"
 DNS_IMAGE = "svcnet/dns"
 DNS_HEALTH_PORT = 8181
@@ -119,6 +120,9 @@ def pod_command(cfg: LabConfig, pod: dict[str, Any]) -> list[str]:
             "--name", pod["metadata"]["name"]]
     for port, proto in ports:
         argv += ["--udp" if proto == "UDP" else "--tcp", str(port)]
+    if cfg.real_control_plane:
+        # Real pods get terminationGracePeriodSeconds 30: drain like an application does.
+        argv += ["--lameduck", str(ECHO_LAMEDUCK_S)]
     return argv
 
 

@@ -329,11 +329,12 @@ class Relay:
     ``rewrite_id`` gives each relayed query a new ID, as a resolver in the loop would.
     It counts datagrams in both directions and stops relaying after ``limit``."""
 
-    def __init__(self, target: int, *, rewrite_id: bool = False, limit: int = 20000) -> None:
+    def __init__(self, target: int | list[int], *, rewrite_id: bool = False,
+                 limit: int = 20000) -> None:
         import socket
         import threading
 
-        self.target = target
+        self.targets = target if isinstance(target, list) else [target]
         self.rewrite_id = rewrite_id
         self.limit = limit
         self.packets = 0
@@ -346,6 +347,7 @@ class Relay:
 
     def _run(self) -> None:
         import os
+        import random
         import selectors
         import socket
 
@@ -365,9 +367,9 @@ class Relay:
                     continue
                 if key.data is None:  # a query for the target
                     out = inner.get(addr)
-                    if out is None:
+                    if out is None:  # each client stays with one target (conntrack)
                         out = inner[addr] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                        out.connect(("127.0.0.1", self.target))
+                        out.connect(("127.0.0.1", random.choice(self.targets)))
                         sel.register(out, selectors.EVENT_READ, addr)
                     if self.rewrite_id:
                         new = os.urandom(2)
@@ -447,7 +449,41 @@ def test_loop_through_a_resolver_that_changes_ids_is_found_by_probes() -> None:
             assert query(srv.port, "www.example.org.", "A").rcode() == dns.rcode.SERVFAIL
             assert time.monotonic() - started < 0.5
             assert relay.packets == 0
-            relay.limit = 0  # the loop is broken: the next probe times out, no news
+            relay.limit = 0  # the path is cut: the next probe times out, no news
+            time.sleep(0.5)
             assert fwd.upstreams[0].looped
+            with upstream_server(Upstream(dict(RECORDS))) as good:
+                relay.targets, relay.limit = [good.port], 20000  # the path is fixed
+                assert wait_for(lambda: not fwd.upstreams[0].looped, 5)
+                msg = query(srv.port, "www.example.org.", "A")
+                assert msg.answer[0][0].to_text() == "192.0.2.1"
+    finally:
+        relay.close()
+
+
+def test_loop_through_a_service_with_two_replicas_is_bounded() -> None:
+    """The lab's case: two DNS replicas behind one ClusterIP that both forward to that
+    ClusterIP. Each replica forwards with its own ID and case, so a query hops between
+    them until one meets its own query; that one stops using the upstream. Every client
+    query gets SERVFAIL quickly and the packets stay few."""
+    from conftest import free_port
+
+    port_a, port_b = free_port(), free_port()
+    relay = Relay([port_a, port_b], limit=0)
+    try:
+        with serve(options(relay.port, listen=("127.0.0.1", port_a), forward_timeout=1.0)) \
+                as a, serve(options(relay.port, listen=("127.0.0.1", port_b),
+                                    forward_timeout=1.0)) as b:
+            assert wait_for(lambda: relay.packets >= 2, 5), "both start-up probes were sent"
+            relay.limit, relay.packets = 20000, 0
+            for i in range(10):
+                started = time.monotonic()
+                msg = query(a.port if i % 2 else b.port, f"q{i}.example.org.", "A")
+                assert msg.rcode() == dns.rcode.SERVFAIL
+                assert time.monotonic() - started < 1.0
+            assert relay.packets <= 200, relay.packets
+            looped = [srv.component.server.handler.forwarder.upstreams[0].looped
+                      for srv in (a, b)]
+            assert any(looped), looped
     finally:
         relay.close()

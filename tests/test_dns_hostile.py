@@ -141,6 +141,17 @@ def server_side_connections(port: int) -> int:
     return count
 
 
+def socket_states(port: int) -> dict[str, int]:
+    with open("/proc/net/tcp") as f:
+        lines = f.read().splitlines()[1:]
+    out: dict[str, int] = {}
+    for line in lines:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port:
+            out[fields[3]] = out.get(fields[3], 0) + 1
+    return out
+
+
 def rss_kb() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -175,8 +186,10 @@ def test_tcp_clients_that_never_read(server: Running) -> None:
             msg = query(server.port, "web.shop.svc.cluster.local.", "A", tcp=tcp)
             assert msg.answer[0][0].to_text() == "10.0.0.10"
         peak = rss_kb()
-        assert wait_for(lambda: server_side_connections(server.port) == 0, 10), \
-            f"{server_side_connections(server.port)} connections still open"
+        assert wait_for(lambda: server_side_connections(server.port) == 0, 30), \
+            f"{server_side_connections(server.port)} connections still open " \
+            f"({server.component.server.tcp_connections} in the server; states " \
+            f"{socket_states(server.port)})"
         assert server.component.server.tcp_connections == 0
     finally:
         for s in hogs:

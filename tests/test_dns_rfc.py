@@ -329,3 +329,64 @@ def test_truncation_is_handled_in_the_worker(server: Running) -> None:
                             "127.0.0.1", port=server.port, timeout=3)
         assert len(msg.answer[0]) == 6
     assert srv.handoffs == before
+
+
+def test_worker_pod_answers_equal_the_main_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``pods insecure`` a worker answers pod names itself (from the name, once the
+    namespace's marker ``<ns>.pod.<zone>`` is prepared); its bytes are the main process's
+    for A, AAAA, NODATA, IPv6 names, letter case and EDNS; names it cannot decide (no
+    marker, not an address, other types) go to the main process."""
+    from svcnet.dns import zone as zone_module
+    from svcnet.dns.wire import answer_from_prepared, encode_name, parse_query
+    from svcnet.dns.worker import make_answer
+    from svcnet.dns.zone import ClusterZone
+
+    from svcnet.model import SERVICE as SERVICE_KIND
+
+    monkeypatch.setattr(zone_module.time, "time", lambda: 1_700_000_000.0)
+    zone = ClusterZone("cluster.local", pods="insecure")
+    zone.set_service("shop/web", SERVICE_KIND.convert(svc("shop", "web", clusterIP="10.0.0.1")),
+                     [])
+    zone.set_namespace("empty", True)
+    zone.mark_synced()
+    worker = make_answer([(zone.table.mm, zone.table.slots, zone.table.mask), 1], {}, False,
+                         encode_name(zone.zone), True)
+    answered = 0
+    for name in ("10-1-2-3.shop.pod.cluster.local.", "10-1-2-3.EMPTY.pod.Cluster.Local.",
+                 "fd00--1.shop.pod.cluster.local.", "1--2-3.shop.pod.cluster.local.",
+                 "10-1-2-3.nons.pod.cluster.local.", "bad.shop.pod.cluster.local.",
+                 "x.10-1-2-3.shop.pod.cluster.local.", "10-1-2-3.shop.pod.other.local."):
+        for qtype in (1, 28, 16):
+            for edns in (False, True):
+                data = struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, int(edns)) + \
+                    b"".join(bytes((len(p),)) + p.encode() for p in name.split(".") if p) + \
+                    b"\x00" + struct.pack("!HH", qtype, 1)
+                if edns:
+                    data += b"\x00" + struct.pack("!HHIH", 41, 1232, 0, 0)
+                tail = worker(data)
+                q = parse_query(data)
+                decidable = qtype in (1, 28) and ".pod.cluster.local." in name.lower() and \
+                    "nons" not in name and "bad" not in name and not name.startswith("x.")
+                if not decidable:
+                    assert tail is None, name
+                    continue
+                assert tail is not None, (name, qtype)
+                result = zone.answer(q.qname, q.qtype)
+                assert result.prepared is not None
+                assert data[:2] + tail == answer_from_prepared(data, q, result.prepared,
+                                                               q.udp_size), (name, qtype, edns)
+                answered += 1
+    assert answered == 4 * 2 * 2
+    zone.table.close()
+
+
+def test_first_time_pod_names_stay_in_the_worker(server: Running) -> None:
+    """Pod names are computable from the name: even never-seen ones do not reach the main
+    process once their namespace exists."""
+    srv = server.component.server
+    before = srv.handoffs
+    for i in range(30):
+        msg = query(server.port, f"10-77-0-{i + 1}.shop.pod.cluster.local.", "A")
+        assert lines(msg.answer) == [f"10-77-0-{i + 1}.shop.pod.cluster.local. 5 IN A "
+                                     f"10.77.0.{i + 1}"]
+    assert srv.handoffs == before
