@@ -21,8 +21,9 @@ Mixes (one dnsperf query file each, same file for every server):
   A + NODATA at once; plus a few pod and SRV queries. Mostly search-path misses, then
   service names. Names outside the zone are left out (no upstream would be measured fairly).
 
-Every server runs every mix in ``--rounds`` interleaved rounds (the machine is shared and
-noisy); figures are means. Memory is measured after the servers have listed everything:
+Each server first gets one pass over each file (caches warm: the steady state, not first
+sight), then every server runs every mix in ``--rounds`` interleaved rounds (the machine is
+shared and noisy); figures are means. Memory is measured after the servers have listed everything:
 svcnet's PSS summed over its processes (RSS summed beside it) against CoreDNS's RSS and its
 formula (pods + services)/1000 + 54 MB.
 
@@ -55,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dns_qps import (
     PerfResult,
+    cpu_seconds,
     dnsperf,
     mean,
     memory_by_process,
@@ -319,13 +321,22 @@ def run(*, services: int, per: int, headless: int, seconds: float, rounds: int, 
         time.sleep(1)
         mem_svcnet = pss_mb(svcnet.pid)
         mem_core = core.rss_bytes() / 2**20
+        for mix in MIXES:  # one pass over each file first: steady state, not first sight
+            for port in ports.values():
+                subprocess.run(["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d",
+                                str(files[mix]), "-n", "1", "-c", str(clients), "-q",
+                                str(outstanding), "-t", "2"], capture_output=True,
+                               timeout=300, check=False)
         results: dict[str, dict[str, list[PerfResult]]] = {
             m: {s: [] for s in ports} for m in MIXES}
         for _ in range(rounds):
             for mix in MIXES:
                 for server, port in ports.items():
-                    results[mix][server].append(
-                        dnsperf(port, files[mix], seconds, clients, outstanding))
+                    before = cpu_seconds(pids[server])
+                    r = dnsperf(port, files[mix], seconds, clients, outstanding)
+                    r.cpu_us = (cpu_seconds(pids[server]) - before) / max(
+                        1.0, r.qps * seconds) * 1e6
+                    results[mix][server].append(r)
         mem_svcnet = tuple(max(a, b) for a, b in zip(mem_svcnet, pss_mb(svcnet.pid),
                                                      strict=True))
         per_process = memory_by_process(svcnet.pid)
@@ -341,6 +352,8 @@ def run(*, services: int, per: int, headless: int, seconds: float, rounds: int, 
             "svcnet_p99_ms": round(mean([x.p99_ms for x in r["svcnet"]]), 2),
             "coredns_p99_ms": round(mean([x.p99_ms for x in r["coredns"]]), 2),
             "dnsmasq_p99_ms": round(mean([x.p99_ms for x in r["dnsmasq"]]), 2),
+            "svcnet_cpu_us": round(mean([x.cpu_us for x in r["svcnet"]]), 2),
+            "coredns_cpu_us": round(mean([x.cpu_us for x in r["coredns"]]), 2),
             "lost": sum(x.lost for x in r["svcnet"]),
             "coredns_lost": sum(x.lost for x in r["coredns"]),
         })
@@ -349,12 +362,14 @@ def run(*, services: int, per: int, headless: int, seconds: float, rounds: int, 
           f"GOMAXPROCS={os.cpu_count()}, dnsmasq single-threaded; {services} services x {per} "
           f"endpoints + {headless} headless")
     print(f"{'mix':9} {'svcnet':>8} {'CoreDNS':>8} {'dnsmasq':>8} {'x CoreDNS':>9} "
-          f"{'x dnsmasq':>9} {'p99 svcnet':>10} {'p99 CoreDNS':>11} {'lost':>5}")
+          f"{'x dnsmasq':>9} {'p99 svcnet':>10} {'p99 CoreDNS':>11} {'CPU us/q':>13} "
+          f"{'lost':>5}")
     for row in rows:
         print(f"{row['mix']:9} {row['svcnet_qps']:8d} {row['coredns_qps']:8d} "
               f"{row['dnsmasq_qps']:8d} {row['svcnet_qps'] / max(row['coredns_qps'], 1):9.2f} "
               f"{row['svcnet_qps'] / max(row['dnsmasq_qps'], 1):9.2f} "
-              f"{row['svcnet_p99_ms']:10.2f} {row['coredns_p99_ms']:11.2f} {row['lost']:5d}")
+              f"{row['svcnet_p99_ms']:10.2f} {row['coredns_p99_ms']:11.2f} "
+              f"{row['svcnet_cpu_us']:6.1f}/{row['coredns_cpu_us']:<6.1f} {row['lost']:5d}")
     formula = (services * per + headless * HOSTS_PER_HEADLESS + services + headless) / 1000 + 54
     print(f"memory at {services + headless} services + "
           f"{services * per + headless * HOSTS_PER_HEADLESS} endpoints: svcnet PSS summed "
