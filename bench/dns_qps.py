@@ -22,20 +22,12 @@ main process; plain RSS would count those pages once per process, PSS divides ea
 page among the processes that map it, so the sum is what the node actually spends.
 ``rss_sum_mb`` (plain RSS summed) is reported alongside.
 
-Query mixes (``--mixes``, or ``--mixes-only`` for just those): a real control plane
-(svcnet.lab.controlplane, Kubernetes 1.28.7) holds ``--mix-services`` ClusterIP Services with
-endpoints and a headless Service per namespace; svcnet dns (``--store kubernetes``), the real
-CoreDNS 1.11.3 from ../shared/coredns (kubeadm-style Corefile with ``cache 30``, unpacked
-once into the cache outside the checkout) and dnsmasq (the same data as host/SRV records)
-serve them, and dnsperf runs each mix against each: service names, pod names, headless SRV,
-negative answers, and a mixed file weighted like a cluster's (every lookup's search-path
-misses for A and AAAA first, then the service, some pods and SRV).
-
-Prints tables; the last line is JSON with ``svcnet_qps``, ``dnsmasq_qps``, ``unbound_qps``,
+Prints a table; the last line is JSON with ``svcnet_qps``, ``dnsmasq_qps``, ``unbound_qps``,
 ``ratio`` (svcnet / dnsmasq), ``svcnet_p99_ms``, ``lost`` (svcnet's, all rounds), ``rss_mb``
-and ``rss_limit_mb``; with the mixes also ``mixes`` (a list of ``mix``, ``svcnet_qps``,
-``coredns_qps``, ``dnsmasq_qps``, ``svcnet_p99_ms``, ``coredns_p99_ms``, CPU per query,
-``lost``), ``min_ratio_coredns`` and ``min_ratio_dnsmasq``.
+and ``rss_limit_mb``; then (``--mixes``; ``--mixes-only`` runs just these) the query
+mixes of bench/dns_mixes.py against the real CoreDNS and dnsmasq on a real kube-apiserver:
+``mixes``, ``min_ratio_coredns``, ``min_ratio_dnsmasq`` and its memory figures.
+``--small``: 500 services, 5000 pods, one round, for a quick look.
 """
 
 from __future__ import annotations
@@ -291,204 +283,6 @@ def pss_mb(pid: int) -> tuple[float, float]:
     return sum(p[1] for p in procs), sum(p[2] for p in procs)
 
 
-# --- query mixes beside the real CoreDNS, on a real kube-apiserver (issue 13) ---------------
-
-MIX_ZONE = "cluster.local"
-
-
-def mix_objects(services: int) -> list[dict[str, Any]]:
-    """ClusterIP Services (one named port) in 10 namespaces, each with a 3-endpoint slice
-    (no selector: the slices are ours), and one 6-endpoint headless Service per namespace."""
-    docs: list[dict[str, Any]] = [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": f"mix-{n}"}}
-        for n in range(10)]
-    for i in range(services):
-        ns = f"mix-{i % 10}"
-        docs.append({"apiVersion": "v1", "kind": "Service",
-                     "metadata": {"name": f"s{i}", "namespace": ns},
-                     "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}})
-        docs.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                     "metadata": {"name": f"s{i}-a", "namespace": ns,
-                                  "labels": {"kubernetes.io/service-name": f"s{i}"}},
-                     "addressType": "IPv4",
-                     "endpoints": [{"addresses": [f"10.{200 + i // 60000}.{i // 250 % 240}."
-                                                  f"{i % 250 + 1}"]}],
-                     "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]})
-    for n in range(10):
-        ns = f"mix-{n}"
-        docs.append({"apiVersion": "v1", "kind": "Service",
-                     "metadata": {"name": "hl", "namespace": ns},
-                     "spec": {"clusterIP": "None",
-                              "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}})
-        docs.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                     "metadata": {"name": "hl-a", "namespace": ns,
-                                  "labels": {"kubernetes.io/service-name": "hl"}},
-                     "addressType": "IPv4",
-                     "endpoints": [{"addresses": [f"10.250.{n}.{k}"]} for k in range(1, 7)],
-                     "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]})
-    return docs
-
-
-def mix_files(work: Path, services: int, ips: dict[str, str]) -> tuple[dict[str, Path], Path]:
-    """One dnsperf file per mix, and a dnsmasq config serving the same data."""
-    z = MIX_ZONE
-    svc = [(f"s{i}.mix-{i % 10}.svc.{z}", ips[f"mix-{i % 10}/s{i}"]) for i in range(services)]
-    pods = [f"10-244-{k // 250}-{k % 250 + 1}.mix-{k % 10}.pod.{z}" for k in range(100)]
-    srv = [f"_http._tcp.hl.mix-{n}.svc.{z}" for n in range(10)] + \
-        [f"hl.mix-{n}.svc.{z}" for n in range(10)]
-    negative = [f"nope{k}.mix-{k % 10}.svc.{z}" for k in range(100)] + \
-        [f"www.example{k}.com.mix-{k % 10}.svc.{z}" for k in range(100)]
-    lines = {
-        "services": [f"{n} A" for n, _ in svc],
-        "pods": [f"{p} A" for p in pods],
-        "headless_srv": [f"{n} SRV" for n in srv],
-        "negative": [f"{n} A" for n in negative],
-    }
-    # A real cluster's mix: glibc asks A and AAAA for every search-path candidate, so most
-    # queries are misses; then service names, some pods and SRV.
-    mixed: list[str] = []
-    for k in range(400):
-        n, _ = svc[k % len(svc)]
-        short = n.split(".svc.")[0]
-        host = f"api{k}.example.com"
-        mixed += [f"{host}.{short.split('.')[1]}.svc.{z} A", f"{host}.{short.split('.')[1]}"
-                  f".svc.{z} AAAA", f"{host}.svc.{z} A", f"{host}.{z} A", f"{n} A", f"{n} AAAA"]
-        if k % 4 == 0:
-            mixed.append(lines["pods"][k % len(pods)])
-        if k % 8 == 0:
-            mixed.append(lines["headless_srv"][k % len(srv)])
-    lines["mixed"] = mixed
-    files = {}
-    for mix, entries in lines.items():
-        files[mix] = work / f"mix-{mix}"
-        files[mix].write_text("\n".join(entries) + "\n")
-    conf = work / "dnsmasq-mix.conf"
-    out = [f"local=/{z}/"]
-    out += [f"host-record={n},{ip}" for n, ip in svc]
-    for k, p in enumerate(pods):
-        out.append(f"host-record={p},10.244.{k // 250}.{k % 250 + 1}")
-    for n in range(10):
-        for k in range(1, 7):
-            host = f"10-250-{n}-{k}.hl.mix-{n}.svc.{z}"
-            out.append(f"host-record={host},10.250.{n}.{k}")
-            out.append(f"srv-host=_http._tcp.hl.mix-{n}.svc.{z},{host},80,0,16")
-            out.append(f"srv-host=hl.mix-{n}.svc.{z},{host},80,0,16")
-    conf.write_text("\n".join(out) + "\n")
-    return files, conf
-
-
-def coredns_binary() -> Path:
-    """../shared/coredns's binary, unpacked once into the cache outside the checkout."""
-    import hashlib
-    import lzma
-
-    from svcnet.lab.controlplane import cache_root
-
-    digest = "2fabce23de3d9cdf3b03708354753c70d05955c2f7a92680ac3cbb507ee070cb"
-    dest = cache_root() / "coredns-1.11.3" / "coredns"
-    if dest.is_file() and hashlib.sha256(dest.read_bytes()).hexdigest() == digest:
-        return dest
-    for parent in Path(__file__).resolve().parents:
-        xz = parent / "shared" / "coredns" / "coredns-1.11.3-linux-amd64.xz"
-        if xz.is_file():
-            data = lzma.decompress(xz.read_bytes())
-            if hashlib.sha256(data).hexdigest() != digest:
-                raise RuntimeError(f"{xz}: unexpected sha256")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_suffix(f".{os.getpid()}")
-            tmp.write_bytes(data)
-            tmp.chmod(0o755)
-            tmp.rename(dest)
-            return dest
-    raise RuntimeError("needs ../shared/coredns/coredns-1.11.3-linux-amd64.xz")
-
-
-def run_mixes(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """svcnet, CoreDNS (kubeadm Corefile, cache 30) and dnsmasq on each query mix."""
-    import yaml
-    from svcnet.lab.controlplane import ControlPlane
-
-    coredns = coredns_binary()
-    with ControlPlane.on_loopback(work / "k8s") as cp, ExitStack() as stack:
-        t0 = time.monotonic()
-        docs = mix_objects(args.mix_services)
-        for start in range(0, len(docs), 250):
-            cp.kubectl("create", "-f", "-", input=yaml.safe_dump_all(docs[start:start + 250]),
-                       timeout=900)
-        out = cp.kubectl("get", "services", "-A", "-o", "json").stdout
-        ips = {f"{o['metadata']['namespace']}/{o['metadata']['name']}": o["spec"]["clusterIP"]
-               for o in json.loads(out)["items"]}
-        print(f"control plane + {len(docs)} objects in {time.monotonic() - t0:.1f}s",
-              file=sys.stderr)
-        files, dnsmasq_conf = mix_files(work, args.mix_services, ips)
-        ports = {name: free_udp_tcp_port() for name in ("svcnet", "coredns", "dnsmasq")}
-        corefile = work / "Corefile"
-        corefile.write_text(
-            f".:{ports['coredns']} {{\n  bind 127.0.0.1\n  errors\n"
-            f"  kubernetes {MIX_ZONE} in-addr.arpa ip6.arpa {{\n"
-            f"    kubeconfig {cp.admin_kubeconfig}\n    pods insecure\n"
-            "    fallthrough in-addr.arpa ip6.arpa\n    ttl 30\n  }\n"
-            "  cache 30\n  forward . 127.0.0.1:9\n}\n")
-        procs = {
-            "coredns": stack.enter_context(process([str(coredns), "-conf", str(corefile)],
-                                                   stdout=subprocess.DEVNULL,
-                                                   stderr=subprocess.DEVNULL)),
-            "svcnet": stack.enter_context(process(
-                [sys.executable, "-m", "svcnet.cli", "dns", "--store", "kubernetes",
-                 "--kubeconfig", str(cp.admin_kubeconfig),
-                 "--listen", f"127.0.0.1:{ports['svcnet']}", "--workers", str(args.workers),
-                 "--ttl", "30", "--upstream", "127.0.0.1:9"], cwd="/")),
-            "dnsmasq": stack.enter_context(process(
-                ["dnsmasq", "-k", "-C", str(dnsmasq_conf), "--no-resolv", "--no-hosts",
-                 "-p", str(ports["dnsmasq"]), "--listen-address=127.0.0.1",
-                 "--bind-interfaces", "--cache-size=10000", "--user=root", "--local-ttl=30"],
-                stderr=subprocess.DEVNULL)),
-        }
-        probe = f"s{args.mix_services - 1}.mix-{(args.mix_services - 1) % 10}.svc.{MIX_ZONE}"
-        for port in ports.values():
-            wait_udp(port, probe)
-        time.sleep(1)
-        mixes = []
-        for mix, path in files.items():
-            got: dict[str, list[PerfResult]] = {name: [] for name in ports}
-            for _ in range(args.rounds):
-                for name, port in ports.items():
-                    before = cpu_seconds(procs[name].pid)
-                    r = dnsperf(port, path, args.mix_seconds, args.clients, args.outstanding)
-                    r.cpu_us = (cpu_seconds(procs[name].pid) - before) / max(
-                        1.0, r.qps * args.mix_seconds) * 1e6
-                    got[name].append(r)
-            mixes.append({
-                "mix": mix,
-                "svcnet_qps": round(mean([r.qps for r in got["svcnet"]])),
-                "coredns_qps": round(mean([r.qps for r in got["coredns"]])),
-                "dnsmasq_qps": round(mean([r.qps for r in got["dnsmasq"]])),
-                "svcnet_p99_ms": round(mean([r.p99_ms for r in got["svcnet"]]), 3),
-                "coredns_p99_ms": round(mean([r.p99_ms for r in got["coredns"]]), 3),
-                "svcnet_cpu_us": round(mean([r.cpu_us for r in got["svcnet"]]), 2),
-                "coredns_cpu_us": round(mean([r.cpu_us for r in got["coredns"]]), 2),
-                "lost": sum(r.lost for r in got["svcnet"])})
-        mem = {"svcnet_mix_pss_mb": round(pss_mb(procs["svcnet"].pid)[0], 1),
-               "coredns_mix_pss_mb": round(pss_mb(procs["coredns"].pid)[0], 1)}
-    print(f"\nquery mixes, {args.mix_services} Services in a real kube-apiserver, "
-          f"{args.rounds} x {args.mix_seconds:.0f}-second dnsperf runs each")
-    print(f"{'mix':13} {'svcnet':>8} {'CoreDNS':>8} {'dnsmasq':>8} {'x CoreDNS':>9} "
-          f"{'x dnsmasq':>9} {'p99 ms svcnet/CoreDNS':>22} {'CPU us/q':>13} {'lost':>5}")
-    for m in mixes:
-        print(f"{m['mix']:13} {m['svcnet_qps']:8d} {m['coredns_qps']:8d} {m['dnsmasq_qps']:8d} "
-              f"{m['svcnet_qps'] / max(1, m['coredns_qps']):9.2f} "
-              f"{m['svcnet_qps'] / max(1, m['dnsmasq_qps']):9.2f} "
-              f"{m['svcnet_p99_ms']:10.2f}/{m['coredns_p99_ms']:<10.2f} "
-              f"{m['svcnet_cpu_us']:6.1f}/{m['coredns_cpu_us']:<6.1f} {m['lost']:5d}")
-    return {
-        "mixes": mixes,
-        "min_ratio_coredns": round(min(m["svcnet_qps"] / max(1, m["coredns_qps"])
-                                       for m in mixes), 3),
-        "min_ratio_dnsmasq": round(min(m["svcnet_qps"] / max(1, m["dnsmasq_qps"])
-                                       for m in mixes), 3),
-        **mem}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--services", type=int, default=10_000)
@@ -499,14 +293,14 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--rounds", type=int, default=4, help="interleaved runs to average")
     ap.add_argument("--mixes", action="store_true",
-                    help="also run the query mixes beside CoreDNS on a real kube-apiserver")
+                    help="also the query mixes beside CoreDNS and dnsmasq (bench/dns_mixes.py)")
     ap.add_argument("--mixes-only", action="store_true", help="only the query mixes")
-    ap.add_argument("--mix-services", type=int, default=1000)
-    ap.add_argument("--mix-seconds", type=float, default=5)
+    ap.add_argument("--small", action="store_true", help="500 services, 5000 pods, 1 round")
     args = ap.parse_args()
+    if args.small:
+        args.services, args.pods, args.seconds, args.rounds = 500, 5000, 4, 1
     if args.mixes_only:
-        with tempfile.TemporaryDirectory(prefix="svcnet-dnsmix-") as tmp:
-            print(json.dumps(run_mixes(args, Path(tmp))))
+        print(json.dumps(run_mixes(args)))
         return 0
     for tool in ("etcd", "dnsperf", "dnsmasq", "unbound"):
         if shutil.which(tool) is None:
@@ -595,11 +389,7 @@ def main() -> int:
         f"{'main' if i == 0 else 'worker'} {pss:.1f} / {rss:.1f}"
         for i, (_, pss, rss) in enumerate(per_process)))
     s, d = runs["svcnet"], runs["dnsmasq"]
-    extra: dict[str, Any] = {}
-    if args.mixes:
-        with tempfile.TemporaryDirectory(prefix="svcnet-dnsmix-") as tmp:
-            extra = run_mixes(args, Path(tmp))
-    print(json.dumps({
+    result = {
         "svcnet_qps": round(mean([r.qps for r in s])),
         "dnsmasq_qps": round(mean([r.qps for r in d])),
         "unbound_qps": round(mean([r.qps for r in runs["unbound"]])),
@@ -612,8 +402,21 @@ def main() -> int:
         "lost": sum(r.lost for r in s),
         "rss_mb": round(mem[0], 1), "rss_sum_mb": round(mem[1], 1),
         "rss_verified_mb": round(mem_verified[0], 1),
-        "rss_limit_mb": round(limit, 1), **extra}))
+        "rss_limit_mb": round(limit, 1)}
+    if args.mixes:
+        result.update(run_mixes(args))
+    print(json.dumps(result))
     return 0
+
+
+def run_mixes(args: argparse.Namespace) -> dict[str, Any]:
+    """bench/dns_mixes.py on a real control plane, with this run's sizes and settings."""
+    import dns_mixes
+
+    return dns_mixes.run(services=args.services, per=max(1, args.pods // args.services),
+                         headless=50 if args.small else 200, seconds=args.seconds,
+                         rounds=min(args.rounds, 2), workers=args.workers,
+                         clients=args.clients, outstanding=args.outstanding)
 
 
 if __name__ == "__main__":
