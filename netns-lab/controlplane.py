@@ -485,6 +485,10 @@ class ControlPlane:
                 self.start_component(component)
                 if component == "etcd":
                     self._wait_etcd(timeout)
+                elif component == "kube-apiserver":
+                    # The controller-manager exits if its first health check is forbidden,
+                    # which it is until the apiserver's RBAC bootstrap (part of /readyz) ran.
+                    self.wait_apiserver(timeout)
             self.wait_ready(timeout)
         except BaseException:
             self.stop()
