@@ -90,16 +90,26 @@ def cache_root() -> Path:
     return Path.home() / ".cache" / "svcnet"
 
 
+def find_shared(relative: str) -> Path | None:
+    """A file handed to us in ``shared/`` (``../shared`` beside the checkout): looked for in
+    ``$SVCNET_SHARED_DIR``, beside every parent of this checkout (worktrees sit deeper) and
+    of the working directory, then in /work/shared, where our machines keep it (a fresh
+    clone made elsewhere, e.g. in /tmp, still finds it)."""
+    roots = [Path(env)] if (env := os.environ.get("SVCNET_SHARED_DIR")) else []
+    roots += [p / "shared" for p in Path(__file__).resolve().parents]
+    roots += [p / "shared" for p in Path.cwd().resolve().parents]
+    roots.append(Path("/work/shared"))
+    for root in roots:
+        if (root / relative).is_file():
+            return root / relative
+    return None
+
+
 def find_tarball() -> Path | None:
-    """``$SVCNET_K8S_TARBALL``, else ``shared/k8s/`` beside any parent of this checkout (the
-    project keeps its shared artefacts in ``../shared``; worktrees sit one level deeper)."""
+    """``$SVCNET_K8S_TARBALL``, else ``k8s/`` in the shared directory (``find_shared``)."""
     if env := os.environ.get("SVCNET_K8S_TARBALL"):
         return Path(env) if Path(env).is_file() else None
-    for parent in Path(__file__).resolve().parents:
-        candidate = parent / "shared" / "k8s" / K8S_TARBALL
-        if candidate.is_file():
-            return candidate
-    return None
+    return find_shared(f"k8s/{K8S_TARBALL}")
 
 
 def _sha256(path: Path) -> str:

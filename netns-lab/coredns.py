@@ -27,6 +27,7 @@ from svcnet.lab.controlplane import (
     _die_with_parent,
     _sha256,
     cache_root,
+    find_shared,
     free_port,
     tail,
 )
@@ -37,12 +38,8 @@ COREDNS_SHA256 = "2fabce23de3d9cdf3b03708354753c70d05955c2f7a92680ac3cbb507ee070
 
 
 def find_xz() -> Path | None:
-    """``shared/coredns/`` beside any parent of this checkout (worktrees sit deeper)."""
-    for parent in Path(__file__).resolve().parents:
-        candidate = parent / "shared" / "coredns" / COREDNS_XZ
-        if candidate.is_file():
-            return candidate
-    return None
+    """``coredns/`` in the shared directory (``find_shared``)."""
+    return find_shared(f"coredns/{COREDNS_XZ}")
 
 
 def unpack_coredns(xz: Path, dest: Path) -> Path:

@@ -281,7 +281,18 @@ class FakeKubeAPI:
             k.plural: Resource(k.name, k.api_version, k.plural, k.namespaced)
             for k in KINDS.values()
         }
+        # Namespaces, which DNS watches (existing ones answer NODATA), with the four a new
+        # cluster has. Unlike the real server, objects may be created in a namespace that
+        # does not exist (no NamespaceLifecycle admission).
+        self.resources["namespaces"] = Resource("Namespace", "v1", "namespaces", False)
         self._current: dict[str, dict[str, dict[str, Any]]] = {p: {} for p in self.resources}
+        for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
+            self._current["namespaces"][ns] = {
+                "kind": "Namespace", "apiVersion": "v1",
+                "metadata": {"name": ns, "uid": str(uuid.uuid4()),
+                             "resourceVersion": str(first_rv),
+                             "creationTimestamp": "2026-01-01T00:00:00Z"},
+                "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
         self._history: list[_Change] = []
         self._applied: dict[tuple[str, str, str], dict[str, Any]] = {}
         """(plural, key, field manager) -> what that manager applied last."""
