@@ -32,8 +32,11 @@ from svcnet.proxy.state import Backend, Changes, Family, ServicePortState
 log = logging.getLogger(__name__)
 
 CANARY = "KUBE-PROXY-CANARY"
+# Marks for masquerade unless the source is local, when that takes several matches
+# (detect-local with more than one CIDR per family; see LocalDetector).
+NOT_LOCAL = "KUBE-MASQ-NOT-LOCAL"
 NAT_TOP = ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ",
-           "KUBE-MARK-DROP", CANARY)
+           "KUBE-MARK-DROP", NOT_LOCAL, CANARY)
 FILTER_TOP = ("KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-PROXY-FIREWALL", "KUBE-FORWARD",
               "KUBE-FIREWALL", CANARY)
 # (table, builtin chain, rule spec) that hook our chains in; kube-proxy's set.
@@ -261,6 +264,8 @@ class IptablesBackend:
                "requiring SNAT\" -j MASQUERADE --random-fully\n"
                f"-A KUBE-MARK-MASQ -j MARK --or-mark {mark}\n"
                f"-A KUBE-MARK-DROP -j MARK --or-mark {DROP_MARK:#x}\n")
+        yield "".join(ln + "\n" for ln in self.config.detect_local.iptables_not_local_chain(
+            family, "KUBE-MARK-MASQ", NOT_LOCAL))
         ours: set[str] = set()
         filter_lines: list[str] = []
         render = self.render
@@ -361,8 +366,9 @@ class IptablesBackend:
                     if self.config.masquerade_all:
                         rules.append(f"-A {chain} {comment} cluster IP\" {d} -j KUBE-MARK-MASQ")
                     elif detect.active(family):
-                        rules.append(f"-A {chain} {comment} cluster IP\" {d} "
-                                     f"{self._not_local(family)} -j KUBE-MARK-MASQ")
+                        rules.append(detect.iptables_masquerade(
+                            f"-A {chain} {comment} cluster IP\" {d}", family,
+                            "KUBE-MARK-MASQ", NOT_LOCAL))
             seps = [self._endpoint_chain(r, sp, b, m) for b in endpoints]
             if sp.affinity_timeout:
                 for sep in seps:
@@ -391,8 +397,8 @@ class IptablesBackend:
             else:
                 if sp.cluster_endpoints:
                     if detect.active(family):
-                        ext.append(f"-A {ext_chain} {comment} pod traffic\" "
-                                   f"{self._local(family)} -j {svc_chain}")
+                        ext += [f"-A {ext_chain} {comment} pod traffic\" {match} -j {svc_chain}"
+                                for match in detect.iptables_local(family)]
                     ext.append(f"-A {ext_chain} -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ")
                     ext.append(f"-A {ext_chain} -m addrtype --src-type LOCAL -j {svc_chain}")
                 ext.append(f"-A {ext_chain} -j {svl_chain}")
@@ -437,15 +443,6 @@ class IptablesBackend:
             rules.append(f"-A {sep} {m}{affinity} -j DNAT --to-destination {dest}")
             r.nat_chains[sep] = rules
         return sep
-
-    def _local(self, family: Family) -> str:
-        d = self.config.detect_local
-        if d.mode in ("ClusterCIDR", "NodeCIDR"):
-            return f"-s {d.cidrs_for(family)[0]}"
-        return f"-i {d.interface}{'+' if d.mode == 'InterfaceNamePrefix' else ''}"
-
-    def _not_local(self, family: Family) -> str:
-        return "! " + self._local(family)
 
 
 def _chain(prefix: str, *parts: str) -> str:

@@ -47,6 +47,7 @@ LINK = "svcnet-ipvs0"
 CHAIN_SERVICES = "SVCNET-IPVS-SERVICES"
 CHAIN_MARK = "SVCNET-IPVS-MARK-MASQ"
 CHAIN_POSTROUTING = "SVCNET-IPVS-POSTROUTING"
+CHAIN_NOT_LOCAL = "SVCNET-IPVS-NOT-LOCAL"  # marks unless local (several detect-local matches)
 CHAIN_FILTER = "SVCNET-IPVS-FILTER"
 SET_CLUSTER_IP = "SVCNET-CLUSTER-IP"
 SET_EXTERNAL = "SVCNET-EXTERNAL"
@@ -326,19 +327,15 @@ class IpvsBackend:
         cluster, external = set_name(SET_CLUSTER_IP, family), set_name(SET_EXTERNAL, family)
         detect = self.config.detect_local
         lines = ["*nat"] + [f":{c} - [0:0]" for c in (CHAIN_SERVICES, CHAIN_MARK,
-                                                      CHAIN_POSTROUTING)]
+                                                      CHAIN_NOT_LOCAL, CHAIN_POSTROUTING)]
         lines.append(f"-A {CHAIN_MARK} -j MARK --or-mark {mark}")
         match_cluster = f"-A {CHAIN_SERVICES} -m set --match-set {cluster} dst,dst"
         if self.config.masquerade_all:
             lines.append(f"{match_cluster} -j {CHAIN_MARK}")
         elif detect.active(family):
-            if detect.mode in ("ClusterCIDR", "NodeCIDR"):
-                for cidr in detect.cidrs_for(family):
-                    lines.append(f"{match_cluster} ! -s {cidr} -j {CHAIN_MARK}")
-            else:
-                iface = f"{detect.interface}+" if detect.mode == "InterfaceNamePrefix" \
-                    else detect.interface
-                lines.append(f"{match_cluster} ! -i {iface} -j {CHAIN_MARK}")
+            lines.append(detect.iptables_masquerade(match_cluster, family, CHAIN_MARK,
+                                                    CHAIN_NOT_LOCAL))
+            lines += detect.iptables_not_local_chain(family, CHAIN_MARK, CHAIN_NOT_LOCAL)
         lines += [
             f"-A {CHAIN_SERVICES} -m set --match-set {external} dst,dst -j {CHAIN_MARK}",
             f"-A {CHAIN_POSTROUTING} -m set --match-set {set_name(SET_LOOP_BACK, family)} "
@@ -360,7 +357,7 @@ class IpvsBackend:
     @staticmethod
     def _removal_script(saved: str) -> str:
         """An ``iptables-restore --noflush`` script deleting our jumps and chains."""
-        ours = {CHAIN_SERVICES, CHAIN_MARK, CHAIN_POSTROUTING, CHAIN_FILTER}
+        ours = {CHAIN_SERVICES, CHAIN_MARK, CHAIN_NOT_LOCAL, CHAIN_POSTROUTING, CHAIN_FILTER}
         tables: dict[str, list[str]] = {}
         current = ""
         for line in saved.splitlines():

@@ -364,11 +364,11 @@ class NftablesBackend:
         if self.config.masquerade_all:
             lines.append(f"{svc} {key} @cluster-ips jump mark-for-masquerade")
         elif detect.active(family):
-            lines.append(f"{svc} {key} @cluster-ips {self._not_local(family)} "
+            lines.append(f"{svc} {key} @cluster-ips {detect.nft_not_local(family)} "
                          "jump mark-for-masquerade")
         lines.append(f"{svc} {key} @external-masq jump mark-for-masquerade")
         if detect.active(family):
-            lines.append(f"{svc} {self._local(family)} {key} vmap @local-shortcut")
+            lines.append(f"{svc} {detect.nft_local(family)} {key} vmap @local-shortcut")
         lines += [
             f"{svc} fib saddr type local {key} @local-policy jump mark-for-masquerade",
             f"{svc} fib saddr type local {key} vmap @local-shortcut",
@@ -393,20 +393,6 @@ class NftablesBackend:
             f"add rule {t} nat-postrouting jump masquerading",
         ]
         return lines
-
-    def _local(self, family: Family) -> str:
-        d, ip = self.config.detect_local, nft_family(family)
-        if d.mode in ("ClusterCIDR", "NodeCIDR"):
-            return f"{ip} saddr {{ {', '.join(d.cidrs_for(family))} }}"
-        iface = f"{d.interface}*" if d.mode == "InterfaceNamePrefix" else d.interface
-        return f'iifname "{iface}"'
-
-    def _not_local(self, family: Family) -> str:
-        d, ip = self.config.detect_local, nft_family(family)
-        if d.mode in ("ClusterCIDR", "NodeCIDR"):
-            return f"{ip} saddr != {{ {', '.join(d.cidrs_for(family))} }}"
-        iface = f"{d.interface}*" if d.mode == "InterfaceNamePrefix" else d.interface
-        return f'iifname != "{iface}"'
 
     # --- one service port -----------------------------------------------------------------------
 

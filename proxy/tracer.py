@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import shlex
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -104,6 +104,9 @@ class _IptRule:
 class IptablesTracer:
     save: str
     local_addresses: Sequence[str] = ()
+    # ipset members as ``ipset save`` spells them ("10.96.0.1,tcp:80"), for ``-m set``
+    # matches (the IPVS backend's rules); a set not given here is Unsupported.
+    ipsets: Mapping[str, frozenset[str]] = field(default_factory=dict)
     tables: dict[str, dict[str, list[_IptRule]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -180,6 +183,10 @@ class IptablesTracer:
             yield st, t
         elif t == "RETURN":
             yield st, "RETURN"
+        elif t == "MARK" and "--or-mark" in args:
+            yield replace(st, mark=st.mark | int(_opt(args, "--or-mark"), 0)), "CONTINUE"
+        elif t == "MARK" and "--xor-mark" in args:
+            yield replace(st, mark=st.mark ^ int(_opt(args, "--xor-mark"), 0)), "CONTINUE"
         elif t == "MARK":
             value, _, mask = _opt(args, "--set-xmark").partition("/")
             v, m = int(value, 0), int(mask or "0xffffffff", 0)
@@ -235,9 +242,27 @@ class IptablesTracer:
             return "NEW" in args[0].split(",")
         if kind == "--rcheck":
             return False  # a fresh client has no affinity yet
+        if kind == "--match-set":
+            return self._in_ipset(args[0], args[1], st)
         if kind in ("comment", "--set", "module"):
             return True
         raise Unsupported(f"match {kind} {args}")
+
+
+    def _in_ipset(self, name: str, flags: str, st: _State) -> bool:
+        """``dst,dst`` (ip,port) and ``dst,dst,src`` (ip,port,ip) as the IPVS sets use."""
+        if name not in self.ipsets:
+            raise Unsupported(f"ipset {name}")
+        fields = {"dst": st.dst, "src": st.src}
+        parts: list[str] = []
+        for i, which in enumerate(flags.split(",")):
+            if i == 1:
+                if which != "dst":
+                    raise Unsupported(f"ipset port {which}")
+                parts.append(f"{st.protocol}:{st.port}")
+            else:
+                parts.append(fields[which])
+        return ",".join(parts) in self.ipsets[name]
 
 
 def _iface(iif: str, pattern: str) -> bool:
@@ -272,7 +297,10 @@ def _parse_ipt(tokens: list[str]) -> _IptRule:
                 matches.append((False, "statistic", []))
             i += 2
             continue
-        if tok in _VALUE_OPTS:
+        if tok == "--match-set":
+            matches.append((neg, tok, [tokens[i + 1], tokens[i + 2]]))
+            i += 3
+        elif tok in _VALUE_OPTS:
             if tok not in ("--comment", "--mode", "--probability", "--name", "--seconds",
                            "--mask", "-o"):
                 matches.append((neg, tok, [tokens[i + 1]]))
