@@ -25,6 +25,7 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from svcnet.proxy import metrics
 from svcnet.proxy.commands import CommandFailed, Commands
 from svcnet.proxy.config import BackendConfig, short_hash
 from svcnet.proxy.state import Backend, Changes, Family, ServicePortState
@@ -143,7 +144,7 @@ class IptablesBackend:
         self.legacy = detect_legacy(run) if legacy is None else legacy
         self._synced_once = False
         self._node_addresses = dict(node_addresses or {})
-        self.rules_total: dict[str, int] = {"nat": 0, "filter": 0}
+        self._totals: dict[str, int] = {"nat": 0, "filter": 0}
 
     # --- public ---------------------------------------------------------------------------
 
@@ -156,11 +157,11 @@ class IptablesBackend:
         if full or not self._synced_once:
             self.sync_full(changes.state.values())
             return
-        totals = dict(self.rules_total)
+        totals = dict(self._totals)
         for family in self.config.families:
             self._restore(variant(family, self.legacy),
                           [self.partial_input(changes, family, totals)])
-        self.rules_total = totals
+        self._totals = totals
 
     def sync_full(self, ports: Iterable[ServicePortState]) -> None:
         """Rewrite every chain we own: one ``iptables-restore --noflush`` per family, fed
@@ -183,7 +184,7 @@ class IptablesBackend:
             source = ports if i == 0 else list(rest)
             lines = self._full_lines(family, of(family, source, i == 0), current, totals)
             self._restore(v, _chunked(lines))
-        self.rules_total = totals
+        self._totals = totals
         self._synced_once = True
 
     def healthy(self) -> bool:
@@ -217,6 +218,18 @@ class IptablesBackend:
             stream(argv, chunks, quiet=True)
         else:
             self.run.run(argv, input="".join(chunks))
+
+    def rules_total(self) -> Mapping[str, int]:
+        return self._totals
+
+    def kernel_items(self) -> frozenset[str]:
+        return frozenset(i for f in self.config.families
+                         for i in iptables_items(self.dump(f), f))
+
+    def record_failure(self, *, full: bool) -> None:
+        metrics.IPTABLES_RESTORE_FAILURES.inc()
+        if not full:
+            metrics.IPTABLES_PARTIAL_RESTORE_FAILURES.inc()
 
     def dump(self, family: Family = 4) -> str:
         return self.run.run([variant(family, self.legacy).save])
@@ -530,3 +543,29 @@ def _flush_ours(save: str, *, whole_table: bool) -> str:
         out += [f"-X {c}" for c in chains]
         out.append("COMMIT")
     return "\n".join(out) + "\n"
+
+
+# --- the dump, normalised (drift check, ``proxy check``) ----------------------------------
+
+def _ours(chain: str) -> bool:
+    return (chain == CANARY or chain in NAT_TOP or chain in FILTER_TOP
+            or chain.startswith(SERVICE_CHAIN_PREFIXES))
+
+
+def iptables_items(save: str, family: int) -> set[str]:
+    """Our chains and rules (and jumps into them) from ``iptables-save`` output."""
+    items: set[str] = set()
+    table = ""
+    for line in save.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith(":"):
+            chain = line[1:].split()[0]
+            if _ours(chain):
+                items.add(f"ip{family} {table} chain {chain}")
+        elif line.startswith("-A "):
+            words = line.split()
+            jump = words[words.index("-j") + 1] if "-j" in words[:-1] else ""
+            if _ours(words[1]) or _ours(jump):
+                items.add(f"ip{family} {table} {line}")
+    return items

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from svcnet.proxy import metrics
 from svcnet.proxy.commands import Commands
 from svcnet.proxy.config import BackendConfig
 from svcnet.proxy.ipvs_kernel import (
@@ -124,13 +125,13 @@ class IpvsBackend:
         self._graceful: dict[tuple[VirtualServer, RealServer], float] = {}
         self._synced_once = False
         self._node_ips: set[str] = set()
-        self.rules_total: dict[str, int] = {}
+        self._totals: dict[str, int] = {}
 
-    def set_node_addresses(self, addresses: Mapping[int, tuple[str, ...]]) -> None:
+    def set_node_addresses(self, addresses: Mapping[Family, tuple[str, ...]]) -> None:
         """NodePort addresses (the daemon calls this): stale virtual servers there are ours."""
         self._node_ips = {a for addrs in addresses.values() for a in addrs}
 
-    # --- RuleBackend ----------------------------------------------------------------------
+    # --- ProxyBackend ----------------------------------------------------------------------
 
     def sync(self, changes: Changes, *, full: bool) -> None:
         if full or not self._synced_once:
@@ -139,8 +140,22 @@ class IpvsBackend:
             self._partial_sync(changes)
         self._synced_once = True
         self.finish_graceful()
-        self.rules_total = {"ipvs_virtual_servers": sum(
+        self._totals = {"ipvs_virtual_servers": sum(
             len(r.servers) for r in self._rendered.values())}
+
+    def sync_full(self, ports: Iterable[ServicePortState]) -> None:
+        """Virtual servers are written one netlink call at a time, nothing to stream."""
+        self.sync(Changes({}, {p.key: p for p in ports}), full=True)
+
+    def rules_total(self) -> Mapping[str, int]:
+        return self._totals
+
+    def kernel_items(self) -> None:
+        """Not covered by the drift check (``supported: false``)."""
+        return None
+
+    def record_failure(self, *, full: bool) -> None:
+        metrics.NFTABLES_SYNC_FAILURES.inc()  # as before the protocol; no IPVS metric yet
 
     def healthy(self) -> bool:
         """The link and our nat chain still exist; also finishes graceful removals."""

@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
 
 from svcnet.proxy import drift, metrics
+from svcnet.proxy.backend import ProxyBackend
 from svcnet.proxy.conntrack import ConntrackTable, stale_flows
 from svcnet.proxy.health import HealthCheck, NodePortHealthServers, SyncHealth
 from svcnet.proxy.state import (
@@ -37,19 +37,6 @@ from svcnet.watch import Callbacks, InformerFactory
 log = logging.getLogger(__name__)
 
 TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
-
-
-class RuleBackend(Protocol):
-    """A backend may also have ``sync_full(ports)``: a full sync from an iterable of every
-    service port, consumed while the model is still being computed (see ``_streamed``)."""
-
-    name: str
-
-    def sync(self, changes: Changes, *, full: bool) -> None: ...
-
-    def healthy(self) -> bool: ...
-
-    def cleanup(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +93,7 @@ class SyncStats:
 
 class Proxier:
     def __init__(
-        self, backend: RuleBackend, node: NodeConfig, *,
+        self, backend: ProxyBackend, node: NodeConfig, *,
         settings: SyncSettings = SyncSettings(),
         conntrack: ConntrackTable | None = None,
         health_check_servers: NodePortHealthServers | None = None,
@@ -226,7 +213,7 @@ class Proxier:
         metrics.SERVICE_CHANGES_PENDING.set(0)
         metrics.ENDPOINT_CHANGES_PENDING.set(0)
         stream: Callable[[Iterable[ServicePortState]], None] | None = (
-            getattr(self.backend, "sync_full", None) if full else None)
+            self.backend.sync_full if full else None)
         started = time.monotonic()
         self._applying = True
         self._generation += 1
@@ -257,12 +244,7 @@ class Proxier:
             log.exception("%s sync failed (full=%s)", self.backend.name, full)
             self.stats.failures += 1
             self._need_full = True
-            if self.backend.name == "iptables":
-                metrics.IPTABLES_RESTORE_FAILURES.inc()
-                if not full:
-                    metrics.IPTABLES_PARTIAL_RESTORE_FAILURES.inc()
-            else:
-                metrics.NFTABLES_SYNC_FAILURES.inc()
+            self.backend.record_failure(full=full)
             return False
         elapsed = time.monotonic() - started
         changes = drain.finish()
@@ -326,10 +308,8 @@ class Proxier:
         for stamp in self._trigger_times:
             metrics.NETWORK_PROGRAMMING.observe(max(0.0, wall - stamp))
         self._trigger_times.clear()
-        totals = getattr(self.backend, "rules_total", None)
-        if isinstance(totals, dict):
-            for table, count in totals.items():
-                metrics.IPTABLES_TOTAL.labels(table).set(count)
+        for table, count in self.backend.rules_total().items():
+            metrics.IPTABLES_TOTAL.labels(table).set(count)
         internal = sum(1 for p in changes.state.values()
                        if p.internal_local and p.has_endpoints and not p.local_endpoints)
         external = sum(1 for p in changes.state.values()

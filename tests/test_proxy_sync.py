@@ -9,7 +9,7 @@ import selectors
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import pytest
@@ -22,7 +22,14 @@ from svcnet.proxy.conntrack import FakeConntrack, StaleFlow, stale_flows
 from svcnet.proxy.health import HealthCheck, NodePortHealthServers, SyncHealth
 from svcnet.proxy.iptables import IptablesBackend
 from svcnet.proxy.proxier import Proxier, SyncSettings
-from svcnet.proxy.state import Changes, ChangeTracker, NodeConfig
+from svcnet.proxy.state import (
+    Change,
+    Changes,
+    ChangeTracker,
+    Family,
+    NodeConfig,
+    ServicePortState,
+)
 
 from svcnet.model import ENDPOINT_SLICE, SERVICE
 from svcnet.store.memory import MemoryStore
@@ -43,11 +50,27 @@ class FakeBackend:
             raise RuntimeError("restore failed")
         self.syncs.append((time.monotonic(), full, changes))
 
+    def sync_full(self, ports: Iterable[ServicePortState]) -> None:
+        state = {p.key: p for p in ports}
+        self.sync(Changes({k: Change(None, p) for k, p in state.items()}, state), full=True)
+
     def healthy(self) -> bool:
         return self.rules_present
 
     def cleanup(self) -> None:
         self.syncs.clear()
+
+    def set_node_addresses(self, addresses: Mapping[Family, tuple[str, ...]]) -> None:
+        pass
+
+    def rules_total(self) -> Mapping[str, int]:
+        return {}
+
+    def kernel_items(self) -> frozenset[str] | None:
+        return None
+
+    def record_failure(self, *, full: bool) -> None:
+        pass
 
 
 async def eventually(cond: Callable[[], bool], timeout: float = 5.0) -> None:
