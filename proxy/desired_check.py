@@ -23,7 +23,7 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # ``svcnet proxy`` registers ``check`` at start-up: stay chea
     import concurrent.futures
 
     from svcnet.proxy.backend import ProxyBackend
+    from svcnet.proxy.sealed_input import Seal
     from svcnet.proxy.state import Changes, NodeConfig
 
     from svcnet.model import EndpointSlice, Service
@@ -100,6 +101,12 @@ class ScratchCommands:
         if check and proc.returncode != 0:
             raise CommandFailed(argv, proc.returncode, proc.stderr)
         return proc.stdout
+
+    def stream(self, argv: Sequence[str], chunks: Iterable[str], *,
+               seal: Seal | None = None, quiet: bool = False) -> str:
+        """Joined, not streamed: this checks the rules, it is not timed."""
+        out = self.run(argv, input="".join(chunks))
+        return "" if quiet else out
 
 
 @contextmanager

@@ -213,11 +213,7 @@ class IptablesBackend:
         """One ``iptables-restore --noflush`` transaction, fed as ``chunks`` are produced;
         its output (the nft variant's listing, ``WHOLE_TABLE_CACHE``) is discarded."""
         argv = [v.restore, "-w", "5", "--noflush"]
-        stream = getattr(self.run, "stream", None)
-        if stream is not None:
-            stream(argv, chunks, quiet=True)
-        else:
-            self.run.run(argv, input="".join(chunks))
+        self.run.stream(argv, chunks, quiet=True)
 
     def rules_total(self) -> Mapping[str, int]:
         return self._totals

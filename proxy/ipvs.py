@@ -29,12 +29,13 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from svcnet.proxy import metrics
 from svcnet.proxy.commands import Commands
 from svcnet.proxy.config import BackendConfig
 from svcnet.proxy.ipvs_kernel import (
+    DestState,
     IpvsTable,
     RealServer,
     ServiceOptions,
@@ -293,7 +294,7 @@ class IpvsBackend:
         self._apply_members(add=add_mem - del_mem, remove=del_mem - add_mem)
 
     def _reconcile_dests(self, vs: VirtualServer, reals: frozenset[RealServer],
-                         current: Mapping[RealServer, Any]) -> None:
+                         current: Mapping[RealServer, DestState | None]) -> None:
         for rs in sorted(reals):
             if rs not in current:
                 self.table.add_dest(vs, rs, WEIGHT)
@@ -482,8 +483,8 @@ def _prefix(ip: str) -> str:
     return f"{ip}/128" if ":" in ip else f"{ip}/32"
 
 
-def _weight(state: Any) -> int | None:
-    return getattr(state, "weight", None)
+def _weight(state: DestState | None) -> int | None:
+    return state.weight if state is not None else None
 
 
 def _count(counter: Counter[Any], old: Iterable[Any], new: Iterable[Any],
@@ -501,14 +502,23 @@ def _count(counter: Counter[Any], old: Iterable[Any], new: Iterable[Any],
             added.add(item)
 
 
-def build_backend(opts: Any, commands: Commands, config: BackendConfig) -> IpvsBackend:
+class IpvsOptions(Protocol):
+    """What ``build_backend`` reads of the daemon's ``ProxyOptions``."""
+
+    @property
+    def ipvs_scheduler(self) -> str: ...
+
+    @property
+    def netns(self) -> str | None: ...
+
+
+def build_backend(opts: IpvsOptions, commands: Commands, config: BackendConfig) -> IpvsBackend:
     """Called by svcnet.proxy.daemon for ``--proxy-mode ipvs``."""
     from svcnet.proxy.ipvs_kernel import NetlinkIpvs
 
     commands.run(["modprobe", "-a", "ip_vs", "ip_vs_rr", "dummy"], check=False)
-    scheduler = getattr(opts, "ipvs_scheduler", None) or "rr"
-    return IpvsBackend(NetlinkIpvs(getattr(opts, "netns", None)), commands, config,
-                       scheduler=scheduler)
+    return IpvsBackend(NetlinkIpvs(opts.netns), commands, config,
+                       scheduler=opts.ipvs_scheduler or "rr")
 
 
 def cleanup_all(commands: Commands, netns: str | None = None) -> None:

@@ -114,11 +114,7 @@ class NftablesBackend:
     def _apply(self, chunks: Iterable[str]) -> None:
         """One nft transaction, sealed: if we die while writing it, nft applies nothing
         rather than the part it got (a table missing every service not yet written)."""
-        stream = getattr(self.nft, "stream", None)
-        if stream is not None:
-            stream(["nft", "-f", STREAMED_INPUT], chunks, seal=NFT_SEAL)
-        else:
-            self.nft.run(["nft", "-f", "-"], input="".join(chunks))
+        self.nft.stream(["nft", "-f", STREAMED_INPUT], chunks, seal=NFT_SEAL)
 
     def healthy(self) -> bool:
         """The table still exists (somebody may have flushed the ruleset)."""

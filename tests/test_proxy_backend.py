@@ -75,7 +75,8 @@ def test_the_proxier_calls_only_the_protocol() -> None:
             and node.value.attr == "backend"}
     assert used and used <= PROTOCOL, used - PROTOCOL
     assert imports_of("proxier") & BACKEND_MODULES == set()
-    for module in ("proxier", "drift", "desired_check", "daemon"):
+    for module in ("proxier", "drift", "desired_check", "daemon", "nftables", "iptables",
+                   "ipvs"):
         for node in ast.walk(ast.parse((PROXY / f"{module}.py").read_text())):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
                     and node.func.id in ("getattr", "hasattr")):
