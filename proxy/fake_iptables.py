@@ -1,5 +1,7 @@
 """A stateful fake of the iptables tools (knftables' Fake, for iptables): ``*-restore``
-transactions applied to in-memory tables, ``*-save`` dumping them, ``iptables -S/-D``.
+transactions applied to in-memory tables, ``*-save`` dumping them, ``iptables -S/-D``; and
+of ``ipset restore``/``list -n`` (``FakeIpset``), which the IPVS backend's rules match.
+``FakeNodeTools`` routes a backend's commands to both (and ignores ``ip``/``sysctl``).
 
 It answers as the real tools do where our backends depend on it: a transaction applies
 only at ``COMMIT`` and not at all if any command in it fails (``-A`` to a missing chain or
@@ -191,3 +193,67 @@ def _target(rule: str) -> str:
         if flag in words[:-1]:
             return words[words.index(flag) + 1]
     return ""
+
+
+@dataclass(slots=True)
+class FakeIpset:
+    """``ipset restore`` (create, add, del, swap, destroy, flush) and ``ipset list -n``."""
+
+    sets: dict[str, set[str]] = field(default_factory=dict)
+
+    def run(self, argv: Sequence[str], *, input: str | None = None, check: bool = True) -> str:
+        if list(argv[1:3]) == ["list", "-n"]:
+            return "".join(f"{name}\n" for name in sorted(self.sets))
+        if argv[1] != "restore":
+            raise CommandFailed(argv, 127, "ipset: not faked")
+        exist = "-exist" in argv
+        work = {name: set(members) for name, members in self.sets.items()}
+        for line in (input or "").splitlines():
+            words = [w for w in line.split() if w != "-exist"]
+            if not words:
+                continue
+            op, name = words[0], words[1]
+            if op != "create" and name not in work:
+                raise CommandFailed(argv, 1, f"{line}: set {name} does not exist")
+            if op == "create":
+                if name in work and not exist:
+                    raise CommandFailed(argv, 1, f"{line}: set exists")
+                work.setdefault(name, set())
+            elif op == "add":
+                work[name].add(words[2])
+            elif op == "del":
+                work[name].discard(words[2])
+            elif op == "flush":
+                work[name].clear()
+            elif op == "destroy":
+                del work[name]
+            elif op == "swap":
+                work[name], work[words[2]] = work[words[2]], work[name]
+            else:
+                raise CommandFailed(argv, 1, f"{line}: unknown command")
+        self.sets = work
+        return ""
+
+    def members(self) -> dict[str, frozenset[str]]:
+        return {name: frozenset(m) for name, m in self.sets.items()}
+
+
+@dataclass(slots=True)
+class FakeNodeTools:
+    """The node's tools for a backend under test: iptables and ipset faked statefully;
+    ``ip``, ``sysctl`` and ``modprobe`` answer nothing."""
+
+    iptables: FakeIptables = field(default_factory=FakeIptables)
+    ipset: FakeIpset = field(default_factory=FakeIpset)
+
+    def run(self, argv: Sequence[str], *, input: str | None = None, check: bool = True) -> str:
+        if argv[0] == "ipset":
+            return self.ipset.run(argv, input=input, check=check)
+        if argv[0] in ("ip", "sysctl", "modprobe"):
+            return ""
+        return self.iptables.run(argv, input=input, check=check)
+
+    def stream(self, argv: Sequence[str], chunks: Iterable[str], *,
+               seal: Seal | None = None, quiet: bool = False) -> str:
+        out = self.run(argv, input="".join(chunks))
+        return "" if quiet else out

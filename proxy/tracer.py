@@ -149,6 +149,21 @@ class IptablesTracer:
             else:
                 yield from self._stages(state, rest, local)
 
+    def states(self, st: _State, stages: list[tuple[str, str]], local: bool
+               ) -> Iterator[tuple[_State, str]]:
+        """Like ``_stages``, yielding each branch's final state: ACCEPT, DROP or REJECT."""
+        if not stages:
+            yield st, "ACCEPT"
+            return
+        (table, chain), rest = stages[0], stages[1:]
+        if not chain:
+            chain = "INPUT" if st.dst in self.local_addresses else "FORWARD"
+        for state, verdict in self._chain(table, chain, st, local, builtin=True):
+            if verdict in ("DROP", "REJECT"):
+                yield state, verdict
+            else:
+                yield from self.states(state, rest, local)
+
     def _chain(self, table: str, chain: str, st: _State, local: bool, builtin: bool = False,
                depth: int = 0) -> Iterator[tuple[_State, str]]:
         """Yields (state, verdict) per branch; verdict RETURN means fell through."""
@@ -313,6 +328,44 @@ def _parse_ipt(tokens: list[str]) -> _IptRule:
             raise Unsupported(f"iptables option {tok}")
         neg = False
     return _IptRule(matches, target, target_args, goto)
+
+
+@dataclass(slots=True)
+class IpvsTracer:
+    """IPVS mode: our iptables rules mark and filter (PREROUTING/OUTPUT, then INPUT, as the
+    virtual addresses are local), the virtual server DNATs to each real server of non-zero
+    weight, then POSTROUTING decides masquerading on the translated packet (hairpin)."""
+
+    iptables: IptablesTracer
+    # (ip, protocol in lower case, port) -> its real servers "ip:port" (weight > 0)
+    virtual: Mapping[tuple[str, str, int], Sequence[str]]
+
+    def trace(self, pkt: Packet) -> Trace:
+        st = _State(pkt.src, pkt.dst, pkt.port, pkt.protocol.lower(), pkt.iif)
+        first = ([("nat", "OUTPUT"), ("filter", "OUTPUT")] if pkt.from_node
+                 else [("nat", "PREROUTING"), ("filter", "")])
+        outcomes: set[Outcome] = set()
+        for state, verdict in self.iptables.states(st, first, pkt.from_node):
+            if verdict != "ACCEPT":
+                outcomes.add(Outcome(verdict, state.dnat, state.masquerade))
+                continue
+            reals = self.virtual.get((state.dst, state.protocol, state.port))
+            if reals is None:
+                translated = [state]
+            elif not reals:
+                outcomes.add(Outcome("DROP"))  # a virtual server without real servers
+                continue
+            else:
+                translated = []
+                for real in reals:
+                    host, _, port = real.rpartition(":")
+                    translated.append(replace(state, dst=host.strip("[]"), port=int(port),
+                                              dnat=real))
+            for moved in translated:
+                for final, v in self.iptables.states(moved, [("nat", "POSTROUTING")],
+                                                      pkt.from_node):
+                    outcomes.add(Outcome(v, final.dnat, final.masquerade))
+        return Trace(frozenset(outcomes))
 
 
 # --- nftables -------------------------------------------------------------------------------------

@@ -7,11 +7,16 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from svcnet.proxy.builders import endpoint, endpoint_slice, port, service, to_service, to_slice
 from svcnet.proxy.commands import CommandFailed
 from svcnet.proxy.config import BackendConfig, LocalDetector
 from svcnet.proxy.drift import iptables_items
-from svcnet.proxy.fake_iptables import FakeIptables
+from svcnet.proxy.fake_iptables import FakeIptables, FakeNodeTools
 from svcnet.proxy.iptables import IptablesBackend
+from svcnet.proxy.ipvs import IpvsBackend
+from svcnet.proxy.ipvs_kernel import FakeIpvs
+from svcnet.proxy.state import ChangeTracker, NodeConfig
+from svcnet.proxy.tracer import IptablesTracer, IpvsTracer, Packet
 from test_proxy_flows import (
     DETECT_FLOWS,
     FLOWS,
@@ -92,3 +97,77 @@ def test_drift_items_and_canary_read_the_fake() -> None:
     backend.cleanup()
     assert not backend.healthy()
     assert "KUBE-" not in fake.save(4)
+
+
+# --- IPVS: FakeIpvs + the iptables/ipset fakes, traced ----------------------------------------
+
+IPVS_NODE = "10.0.1.1"
+CLIENT, POD_A, POD_B = "10.0.1.2", "10.1.1.2", "10.1.2.2"  # pods a (this node), b (n2)
+NET1_POD, NET2_POD = "10.1.1.9", "10.1.2.9"  # clients in each cluster CIDR
+BY_IP = {POD_A: "a", POD_B: "b"}
+TWO_POD_CIDRS = LocalDetector("ClusterCIDR", ("10.1.1.0/24", "10.1.2.0/24"))
+
+IPVS_OBJECTS: list[tuple[dict[str, Any], list[dict[str, Any]], list[tuple[str, int, str]]]] = [
+    (service("web", "10.96.0.10", port(80, node_port=30080), type="NodePort",
+             externalIPs=["10.99.0.1"]), [endpoint(POD_A, node="n1"), endpoint(POD_B)],
+     [("", 8080, "TCP")]),
+    (service("empty", "10.96.0.11", port(80)), [], [("", 8080, "TCP")]),
+    (service("local-none", "10.96.0.12", port(80, node_port=30081), type="NodePort",
+             externalTrafficPolicy="Local"), [endpoint(POD_B, node="n2")], [("", 8080, "TCP")]),
+    (service("local", "10.96.0.13", port(80, node_port=30082), type="NodePort",
+             externalTrafficPolicy="Local"), [endpoint(POD_A, node="n1"),
+                                              endpoint(POD_B, node="n2")], [("", 8080, "TCP")]),
+    (service("dns", "10.96.0.15", port(53, protocol="UDP")),
+     [endpoint(POD_A, node="n1"), endpoint(POD_B, node="n2")], [("", 8080, "UDP")]),
+    (service("self", "10.96.0.20", port(80)), [endpoint(POD_A, node="n1")],
+     [("", 8080, "TCP")]),
+]
+
+# (source, protocol, destination, port) -> ({pods}, masqueraded) | "REJECT" | "DROP";
+# test_proxy_ipvs.py's VM table (client rows) plus pod sources of both cluster CIDRs
+IPVS_FLOWS: FlowRows = [
+    (CLIENT, "TCP", "10.96.0.10", 80, ({"a", "b"}, True)),      # not a pod: masqueraded
+    (NET1_POD, "TCP", "10.96.0.10", 80, ({"a", "b"}, False)),   # first cluster CIDR
+    (NET2_POD, "TCP", "10.96.0.10", 80, ({"a", "b"}, False)),   # second (the old bug)
+    (CLIENT, "TCP", IPVS_NODE, 30080, ({"a", "b"}, True)),      # NodePort, Cluster policy
+    (CLIENT, "TCP", "10.99.0.1", 80, ({"a", "b"}, True)),       # externalIP
+    (CLIENT, "TCP", "10.96.0.11", 80, "REJECT"),                # no endpoints
+    (CLIENT, "TCP", IPVS_NODE, 30081, "DROP"),                  # Local, none here
+    (CLIENT, "TCP", IPVS_NODE, 30082, ({"a"}, False)),          # Local: local only, no SNAT
+    (NET1_POD, "TCP", "10.96.0.13", 80, ({"a", "b"}, False)),   # its ClusterIP uses all
+    (NET2_POD, "UDP", "10.96.0.15", 53, ({"a", "b"}, False)),   # UDP
+    (POD_A, "TCP", "10.96.0.20", 80, ({"a"}, True)),            # hairpin
+]
+
+
+def ipvs_flow_table(detect: LocalDetector) -> dict[Any, Any]:
+    tools, table = FakeNodeTools(), FakeIpvs()
+    backend = IpvsBackend(table, tools, BackendConfig(detect_local=detect), grace_period=0)
+    tracker = ChangeTracker(NodeConfig("n1", "", (IPVS_NODE,)))
+    services = {f"default/{svc['metadata']['name']}": to_service(svc)
+                for svc, _, _ in IPVS_OBJECTS}
+    slices = {f"default/{svc['metadata']['name']}": [to_slice(endpoint_slice(
+        svc["metadata"]["name"], *eps, ports=ports))] if eps else []
+        for svc, eps, ports in IPVS_OBJECTS}
+    for i, svc in enumerate(services.values()):  # a full sync, then a partial one
+        tracker.service_changed(None, svc)
+        if i in (2, len(services) - 1):
+            backend.sync(tracker.drain(services.get, lambda k: slices.get(k, []),
+                                       lambda: list(services)), full=i == 2)
+    virtual = {(vs.ip, vs.protocol.lower(), vs.port): [
+        str(rs) for rs, state in table.real[vs].items() if state.weight > 0]
+        for vs in table.table}
+    local = [IPVS_NODE, *{vs.ip for vs in table.table}]
+    tr = IpvsTracer(IptablesTracer(tools.iptables.save(4), local, tools.ipset.members()),
+                    virtual)
+    got: dict[Any, Any] = {}
+    for src, proto, dst, dport, _ in IPVS_FLOWS:
+        summary = tr.trace(Packet(src, dst, dport, proto, iif="eth0")).summary()
+        got[(src, proto, dst, dport)] = summary[0] if len(summary) == 1 else (
+            {BY_IP[e.split(":")[0]] for e in summary[0]}, summary[1])
+    return got
+
+
+def test_ipvs_flow_table_on_the_fakes() -> None:
+    want = {(s, p, d, port): e for s, p, d, port, e in IPVS_FLOWS}
+    assert ipvs_flow_table(TWO_POD_CIDRS) == want
