@@ -1,4 +1,4 @@
-"""Backend settings shared by the iptables and nftables renderers."""
+"""Backend settings shared by the renderers (nftables, iptables, IPVS): detect-local, masquerade."""
 
 from __future__ import annotations
 
