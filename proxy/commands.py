@@ -34,6 +34,13 @@ class Commands(Protocol):
         """Run a tool, return its stdout; raise ``CommandFailed`` on a non-zero exit."""
         ...
 
+    def stream(self, argv: Sequence[str], chunks: Iterable[str], *,
+               seal: Seal | None = None, quiet: bool = False) -> str:
+        """``run`` with stdin fed while ``chunks`` are produced (see SubprocessCommands);
+        a runner that cannot stream may join them (unsealed: the seal only guards a
+        writer dying mid-stream)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class SubprocessCommands:
@@ -110,3 +117,8 @@ class FakeCommands:
     def run(self, argv: Sequence[str], *, input: str | None = None, check: bool = True) -> str:
         self.calls.append((list(argv), input))
         return self.responder(argv, input) if self.responder else ""
+
+    def stream(self, argv: Sequence[str], chunks: Iterable[str], *,
+               seal: Seal | None = None, quiet: bool = False) -> str:
+        out = self.run(argv, input="".join(chunks))
+        return "" if quiet else out

@@ -22,6 +22,8 @@ from svcnet.store.base import Store
 from svcnet.watch import InformerFactory
 
 if TYPE_CHECKING:
+    from svcnet.proxy.backend import ProxyBackend
+    from svcnet.proxy.commands import Commands
     from svcnet.proxy.state import NodeConfig
 
 log = logging.getLogger(__name__)
@@ -153,7 +155,7 @@ def node_addresses(commands: Any, cidrs: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(found))
 
 
-def build_backend(opts: ProxyOptions, commands: Any) -> Any:
+def build_backend(opts: ProxyOptions, commands: Commands) -> ProxyBackend:
     from svcnet.proxy.config import BackendConfig, LocalDetector
 
     config = BackendConfig(
@@ -172,7 +174,8 @@ def build_backend(opts: ProxyOptions, commands: Any) -> Any:
         legacy = None if opts.iptables_variant == "auto" else opts.iptables_variant == "legacy"
         return IptablesBackend(commands, config, legacy=legacy)
     ipvs = importlib.import_module("svcnet.proxy.ipvs")
-    return ipvs.build_backend(opts, commands, config)
+    backend: ProxyBackend = ipvs.build_backend(opts, commands, config)
+    return backend
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -205,9 +208,8 @@ class ProxyComponent:
 
         def node() -> NodeConfig:
             addrs = node_addresses(commands, opts.nodeport_cidrs)
-            if hasattr(backend, "set_node_addresses"):
-                backend.set_node_addresses({
-                    f: tuple(a for a in addrs if (":" in a) == (f == 6)) for f in (4, 6)})
+            backend.set_node_addresses({
+                f: tuple(a for a in addrs if (":" in a) == (f == 6)) for f in (4, 6)})
             return opts.node_config(addrs)
 
         proxier = Proxier(

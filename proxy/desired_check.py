@@ -23,13 +23,15 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # ``svcnet proxy`` registers ``check`` at start-up: stay cheap to import
     import concurrent.futures
 
+    from svcnet.proxy.backend import ProxyBackend
+    from svcnet.proxy.sealed_input import Seal
     from svcnet.proxy.state import Changes, NodeConfig
 
     from svcnet.model import EndpointSlice, Service
@@ -100,6 +102,12 @@ class ScratchCommands:
             raise CommandFailed(argv, proc.returncode, proc.stderr)
         return proc.stdout
 
+    def stream(self, argv: Sequence[str], chunks: Iterable[str], *,
+               seal: Seal | None = None, quiet: bool = False) -> str:
+        """Joined, not streamed: this checks the rules, it is not timed."""
+        out = self.run(argv, input="".join(chunks))
+        return "" if quiet else out
+
 
 @contextmanager
 def scratch_netns() -> Iterator[ScratchCommands]:
@@ -116,17 +124,10 @@ def scratch_netns() -> Iterator[ScratchCommands]:
 # --- comparing -------------------------------------------------------------------------------
 
 
-def items(backend: Any) -> frozenset[str] | None:
-    """The backend's kernel objects as ``drift`` normalises them; None if not covered."""
-    from svcnet.proxy import drift
-
-    families = backend.config.families
-    if backend.name == "nftables":
-        return frozenset(i for f in families
-                         for i in drift.nft_items(backend.dump(f)))
-    if backend.name == "iptables":
-        return frozenset(i for f in families for i in drift.iptables_items(backend.dump(f), f))
-    return None
+def items(backend: ProxyBackend) -> frozenset[str] | None:
+    """The backend's kernel objects as the drift check normalises them; None if not
+    covered."""
+    return backend.kernel_items()
 
 
 def compare(desired: frozenset[str], actual: frozenset[str]) -> dict[str, Any]:
@@ -151,31 +152,32 @@ async def check(opts: Any, store: Store) -> dict[str, Any]:
     from svcnet.proxy.daemon import build_backend, node_addresses
 
     commands = SubprocessCommands(opts.netns)
+    if opts.mode == "iptables" and opts.iptables_variant == "auto":
+        # Decide here: the scratch namespace has no rules, so detection there picks nft.
+        from svcnet.proxy.iptables import detect_legacy
+
+        legacy = await asyncio.to_thread(detect_legacy, commands)
+        opts = dataclasses.replace(opts, iptables_variant="legacy" if legacy else "nft")
     kernel = await asyncio.to_thread(build_backend, opts, commands)
-    if kernel.name not in ("nftables", "iptables"):
+    actual = await asyncio.to_thread(items, kernel)
+    if actual is None:
         return {"supported": False, "in_sync": None, "missing": [], "extra": []}
     addrs = await asyncio.to_thread(node_addresses, commands, opts.nodeport_cidrs)
     changes = await desired_changes(store, opts.node_config(addrs))
-    return await asyncio.to_thread(_compare_kernel, opts, kernel, addrs, changes)
+    return await asyncio.to_thread(_compare_kernel, opts, kernel, actual, addrs, changes)
 
 
-def _compare_kernel(opts: Any, kernel: Any, addrs: tuple[str, ...], changes: Changes
-                    ) -> dict[str, Any]:
+def _compare_kernel(opts: Any, kernel: ProxyBackend, actual: frozenset[str],
+                    addrs: tuple[str, ...], changes: Changes) -> dict[str, Any]:
     from svcnet.proxy.daemon import build_backend
 
-    if kernel.name == "iptables":
-        opts = dataclasses.replace(
-            opts, iptables_variant="legacy" if kernel.legacy else "nft")
     with scratch_netns() as scratch:
         rendered = build_backend(opts, scratch)
-        for backend in (kernel, rendered):
-            if hasattr(backend, "set_node_addresses"):
-                backend.set_node_addresses({
-                    f: tuple(a for a in addrs if (":" in a) == (f == 6)) for f in (4, 6)})
+        rendered.set_node_addresses({
+            f: tuple(a for a in addrs if (":" in a) == (f == 6)) for f in (4, 6)})
         rendered.sync(changes, full=True)
         desired = items(rendered)
-    actual = items(kernel)
-    assert desired is not None and actual is not None
+    assert desired is not None
     return {**compare(desired, actual), "mode": kernel.name,
             "service_ports": len(changes.state)}
 

@@ -25,6 +25,7 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from svcnet.proxy import metrics
 from svcnet.proxy.commands import CommandFailed, Commands
 from svcnet.proxy.config import BackendConfig, short_hash
 from svcnet.proxy.state import Backend, Changes, Family, ServicePortState
@@ -32,8 +33,11 @@ from svcnet.proxy.state import Backend, Changes, Family, ServicePortState
 log = logging.getLogger(__name__)
 
 CANARY = "KUBE-PROXY-CANARY"
+# Marks for masquerade unless the source is local, when that takes several matches
+# (detect-local with more than one CIDR per family; see LocalDetector).
+NOT_LOCAL = "KUBE-MASQ-NOT-LOCAL"
 NAT_TOP = ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ",
-           "KUBE-MARK-DROP", CANARY)
+           "KUBE-MARK-DROP", NOT_LOCAL, CANARY)
 FILTER_TOP = ("KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-PROXY-FIREWALL", "KUBE-FORWARD",
               "KUBE-FIREWALL", CANARY)
 # (table, builtin chain, rule spec) that hook our chains in; kube-proxy's set.
@@ -140,7 +144,7 @@ class IptablesBackend:
         self.legacy = detect_legacy(run) if legacy is None else legacy
         self._synced_once = False
         self._node_addresses = dict(node_addresses or {})
-        self.rules_total: dict[str, int] = {"nat": 0, "filter": 0}
+        self._totals: dict[str, int] = {"nat": 0, "filter": 0}
 
     # --- public ---------------------------------------------------------------------------
 
@@ -153,11 +157,11 @@ class IptablesBackend:
         if full or not self._synced_once:
             self.sync_full(changes.state.values())
             return
-        totals = dict(self.rules_total)
+        totals = dict(self._totals)
         for family in self.config.families:
             self._restore(variant(family, self.legacy),
                           [self.partial_input(changes, family, totals)])
-        self.rules_total = totals
+        self._totals = totals
 
     def sync_full(self, ports: Iterable[ServicePortState]) -> None:
         """Rewrite every chain we own: one ``iptables-restore --noflush`` per family, fed
@@ -180,7 +184,7 @@ class IptablesBackend:
             source = ports if i == 0 else list(rest)
             lines = self._full_lines(family, of(family, source, i == 0), current, totals)
             self._restore(v, _chunked(lines))
-        self.rules_total = totals
+        self._totals = totals
         self._synced_once = True
 
     def healthy(self) -> bool:
@@ -209,11 +213,19 @@ class IptablesBackend:
         """One ``iptables-restore --noflush`` transaction, fed as ``chunks`` are produced;
         its output (the nft variant's listing, ``WHOLE_TABLE_CACHE``) is discarded."""
         argv = [v.restore, "-w", "5", "--noflush"]
-        stream = getattr(self.run, "stream", None)
-        if stream is not None:
-            stream(argv, chunks, quiet=True)
-        else:
-            self.run.run(argv, input="".join(chunks))
+        self.run.stream(argv, chunks, quiet=True)
+
+    def rules_total(self) -> Mapping[str, int]:
+        return self._totals
+
+    def kernel_items(self) -> frozenset[str]:
+        return frozenset(i for f in self.config.families
+                         for i in iptables_items(self.dump(f), f))
+
+    def record_failure(self, *, full: bool) -> None:
+        metrics.IPTABLES_RESTORE_FAILURES.inc()
+        if not full:
+            metrics.IPTABLES_PARTIAL_RESTORE_FAILURES.inc()
 
     def dump(self, family: Family = 4) -> str:
         return self.run.run([variant(family, self.legacy).save])
@@ -261,6 +273,8 @@ class IptablesBackend:
                "requiring SNAT\" -j MASQUERADE --random-fully\n"
                f"-A KUBE-MARK-MASQ -j MARK --or-mark {mark}\n"
                f"-A KUBE-MARK-DROP -j MARK --or-mark {DROP_MARK:#x}\n")
+        yield "".join(ln + "\n" for ln in self.config.detect_local.iptables_not_local_chain(
+            family, "KUBE-MARK-MASQ", NOT_LOCAL))
         ours: set[str] = set()
         filter_lines: list[str] = []
         render = self.render
@@ -361,8 +375,9 @@ class IptablesBackend:
                     if self.config.masquerade_all:
                         rules.append(f"-A {chain} {comment} cluster IP\" {d} -j KUBE-MARK-MASQ")
                     elif detect.active(family):
-                        rules.append(f"-A {chain} {comment} cluster IP\" {d} "
-                                     f"{self._not_local(family)} -j KUBE-MARK-MASQ")
+                        rules.append(detect.iptables_masquerade(
+                            f"-A {chain} {comment} cluster IP\" {d}", family,
+                            "KUBE-MARK-MASQ", NOT_LOCAL))
             seps = [self._endpoint_chain(r, sp, b, m) for b in endpoints]
             if sp.affinity_timeout:
                 for sep in seps:
@@ -391,8 +406,8 @@ class IptablesBackend:
             else:
                 if sp.cluster_endpoints:
                     if detect.active(family):
-                        ext.append(f"-A {ext_chain} {comment} pod traffic\" "
-                                   f"{self._local(family)} -j {svc_chain}")
+                        ext += [f"-A {ext_chain} {comment} pod traffic\" {match} -j {svc_chain}"
+                                for match in detect.iptables_local(family)]
                     ext.append(f"-A {ext_chain} -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ")
                     ext.append(f"-A {ext_chain} -m addrtype --src-type LOCAL -j {svc_chain}")
                 ext.append(f"-A {ext_chain} -j {svl_chain}")
@@ -437,15 +452,6 @@ class IptablesBackend:
             rules.append(f"-A {sep} {m}{affinity} -j DNAT --to-destination {dest}")
             r.nat_chains[sep] = rules
         return sep
-
-    def _local(self, family: Family) -> str:
-        d = self.config.detect_local
-        if d.mode in ("ClusterCIDR", "NodeCIDR"):
-            return f"-s {d.cidrs_for(family)[0]}"
-        return f"-i {d.interface}{'+' if d.mode == 'InterfaceNamePrefix' else ''}"
-
-    def _not_local(self, family: Family) -> str:
-        return "! " + self._local(family)
 
 
 def _chain(prefix: str, *parts: str) -> str:
@@ -533,3 +539,29 @@ def _flush_ours(save: str, *, whole_table: bool) -> str:
         out += [f"-X {c}" for c in chains]
         out.append("COMMIT")
     return "\n".join(out) + "\n"
+
+
+# --- the dump, normalised (drift check, ``proxy check``) ----------------------------------
+
+def _ours(chain: str) -> bool:
+    return (chain == CANARY or chain in NAT_TOP or chain in FILTER_TOP
+            or chain.startswith(SERVICE_CHAIN_PREFIXES))
+
+
+def iptables_items(save: str, family: int) -> set[str]:
+    """Our chains and rules (and jumps into them) from ``iptables-save`` output."""
+    items: set[str] = set()
+    table = ""
+    for line in save.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith(":"):
+            chain = line[1:].split()[0]
+            if _ours(chain):
+                items.add(f"ip{family} {table} chain {chain}")
+        elif line.startswith("-A "):
+            words = line.split()
+            jump = words[words.index("-j") + 1] if "-j" in words[:-1] else ""
+            if _ours(words[1]) or _ours(jump):
+                items.add(f"ip{family} {table} {line}")
+    return items

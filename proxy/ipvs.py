@@ -29,11 +29,13 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from svcnet.proxy import metrics
 from svcnet.proxy.commands import Commands
 from svcnet.proxy.config import BackendConfig
 from svcnet.proxy.ipvs_kernel import (
+    DestState,
     IpvsTable,
     RealServer,
     ServiceOptions,
@@ -47,6 +49,7 @@ LINK = "svcnet-ipvs0"
 CHAIN_SERVICES = "SVCNET-IPVS-SERVICES"
 CHAIN_MARK = "SVCNET-IPVS-MARK-MASQ"
 CHAIN_POSTROUTING = "SVCNET-IPVS-POSTROUTING"
+CHAIN_NOT_LOCAL = "SVCNET-IPVS-NOT-LOCAL"  # marks unless local (several detect-local matches)
 CHAIN_FILTER = "SVCNET-IPVS-FILTER"
 SET_CLUSTER_IP = "SVCNET-CLUSTER-IP"
 SET_EXTERNAL = "SVCNET-EXTERNAL"
@@ -123,13 +126,13 @@ class IpvsBackend:
         self._graceful: dict[tuple[VirtualServer, RealServer], float] = {}
         self._synced_once = False
         self._node_ips: set[str] = set()
-        self.rules_total: dict[str, int] = {}
+        self._totals: dict[str, int] = {}
 
-    def set_node_addresses(self, addresses: Mapping[int, tuple[str, ...]]) -> None:
+    def set_node_addresses(self, addresses: Mapping[Family, tuple[str, ...]]) -> None:
         """NodePort addresses (the daemon calls this): stale virtual servers there are ours."""
         self._node_ips = {a for addrs in addresses.values() for a in addrs}
 
-    # --- RuleBackend ----------------------------------------------------------------------
+    # --- ProxyBackend ----------------------------------------------------------------------
 
     def sync(self, changes: Changes, *, full: bool) -> None:
         if full or not self._synced_once:
@@ -138,8 +141,22 @@ class IpvsBackend:
             self._partial_sync(changes)
         self._synced_once = True
         self.finish_graceful()
-        self.rules_total = {"ipvs_virtual_servers": sum(
+        self._totals = {"ipvs_virtual_servers": sum(
             len(r.servers) for r in self._rendered.values())}
+
+    def sync_full(self, ports: Iterable[ServicePortState]) -> None:
+        """Virtual servers are written one netlink call at a time, nothing to stream."""
+        self.sync(Changes({}, {p.key: p for p in ports}), full=True)
+
+    def rules_total(self) -> Mapping[str, int]:
+        return self._totals
+
+    def kernel_items(self) -> None:
+        """Not covered by the drift check (``supported: false``)."""
+        return None
+
+    def record_failure(self, *, full: bool) -> None:
+        metrics.NFTABLES_SYNC_FAILURES.inc()  # as before the protocol; no IPVS metric yet
 
     def healthy(self) -> bool:
         """The link and our nat chain still exist; also finishes graceful removals."""
@@ -277,7 +294,7 @@ class IpvsBackend:
         self._apply_members(add=add_mem - del_mem, remove=del_mem - add_mem)
 
     def _reconcile_dests(self, vs: VirtualServer, reals: frozenset[RealServer],
-                         current: Mapping[RealServer, Any]) -> None:
+                         current: Mapping[RealServer, DestState | None]) -> None:
         for rs in sorted(reals):
             if rs not in current:
                 self.table.add_dest(vs, rs, WEIGHT)
@@ -326,19 +343,15 @@ class IpvsBackend:
         cluster, external = set_name(SET_CLUSTER_IP, family), set_name(SET_EXTERNAL, family)
         detect = self.config.detect_local
         lines = ["*nat"] + [f":{c} - [0:0]" for c in (CHAIN_SERVICES, CHAIN_MARK,
-                                                      CHAIN_POSTROUTING)]
+                                                      CHAIN_NOT_LOCAL, CHAIN_POSTROUTING)]
         lines.append(f"-A {CHAIN_MARK} -j MARK --or-mark {mark}")
         match_cluster = f"-A {CHAIN_SERVICES} -m set --match-set {cluster} dst,dst"
         if self.config.masquerade_all:
             lines.append(f"{match_cluster} -j {CHAIN_MARK}")
         elif detect.active(family):
-            if detect.mode in ("ClusterCIDR", "NodeCIDR"):
-                for cidr in detect.cidrs_for(family):
-                    lines.append(f"{match_cluster} ! -s {cidr} -j {CHAIN_MARK}")
-            else:
-                iface = f"{detect.interface}+" if detect.mode == "InterfaceNamePrefix" \
-                    else detect.interface
-                lines.append(f"{match_cluster} ! -i {iface} -j {CHAIN_MARK}")
+            lines.append(detect.iptables_masquerade(match_cluster, family, CHAIN_MARK,
+                                                    CHAIN_NOT_LOCAL))
+            lines += detect.iptables_not_local_chain(family, CHAIN_MARK, CHAIN_NOT_LOCAL)
         lines += [
             f"-A {CHAIN_SERVICES} -m set --match-set {external} dst,dst -j {CHAIN_MARK}",
             f"-A {CHAIN_POSTROUTING} -m set --match-set {set_name(SET_LOOP_BACK, family)} "
@@ -360,7 +373,7 @@ class IpvsBackend:
     @staticmethod
     def _removal_script(saved: str) -> str:
         """An ``iptables-restore --noflush`` script deleting our jumps and chains."""
-        ours = {CHAIN_SERVICES, CHAIN_MARK, CHAIN_POSTROUTING, CHAIN_FILTER}
+        ours = {CHAIN_SERVICES, CHAIN_MARK, CHAIN_NOT_LOCAL, CHAIN_POSTROUTING, CHAIN_FILTER}
         tables: dict[str, list[str]] = {}
         current = ""
         for line in saved.splitlines():
@@ -470,8 +483,8 @@ def _prefix(ip: str) -> str:
     return f"{ip}/128" if ":" in ip else f"{ip}/32"
 
 
-def _weight(state: Any) -> int | None:
-    return getattr(state, "weight", None)
+def _weight(state: DestState | None) -> int | None:
+    return state.weight if state is not None else None
 
 
 def _count(counter: Counter[Any], old: Iterable[Any], new: Iterable[Any],
@@ -489,14 +502,23 @@ def _count(counter: Counter[Any], old: Iterable[Any], new: Iterable[Any],
             added.add(item)
 
 
-def build_backend(opts: Any, commands: Commands, config: BackendConfig) -> IpvsBackend:
+class IpvsOptions(Protocol):
+    """What ``build_backend`` reads of the daemon's ``ProxyOptions``."""
+
+    @property
+    def ipvs_scheduler(self) -> str: ...
+
+    @property
+    def netns(self) -> str | None: ...
+
+
+def build_backend(opts: IpvsOptions, commands: Commands, config: BackendConfig) -> IpvsBackend:
     """Called by svcnet.proxy.daemon for ``--proxy-mode ipvs``."""
     from svcnet.proxy.ipvs_kernel import NetlinkIpvs
 
     commands.run(["modprobe", "-a", "ip_vs", "ip_vs_rr", "dummy"], check=False)
-    scheduler = getattr(opts, "ipvs_scheduler", None) or "rr"
-    return IpvsBackend(NetlinkIpvs(getattr(opts, "netns", None)), commands, config,
-                       scheduler=scheduler)
+    return IpvsBackend(NetlinkIpvs(opts.netns), commands, config,
+                       scheduler=opts.ipvs_scheduler or "rr")
 
 
 def cleanup_all(commands: Commands, netns: str | None = None) -> None:

@@ -27,7 +27,9 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from svcnet.proxy import metrics
 from svcnet.proxy.commands import Commands
 from svcnet.proxy.config import BackendConfig, short_hash
 from svcnet.proxy.sealed_input import NFT_SEAL
@@ -112,11 +114,7 @@ class NftablesBackend:
     def _apply(self, chunks: Iterable[str]) -> None:
         """One nft transaction, sealed: if we die while writing it, nft applies nothing
         rather than the part it got (a table missing every service not yet written)."""
-        stream = getattr(self.nft, "stream", None)
-        if stream is not None:
-            stream(["nft", "-f", STREAMED_INPUT], chunks, seal=NFT_SEAL)
-        else:
-            self.nft.run(["nft", "-f", "-"], input="".join(chunks))
+        self.nft.stream(["nft", "-f", STREAMED_INPUT], chunks, seal=NFT_SEAL)
 
     def healthy(self) -> bool:
         """The table still exists (somebody may have flushed the ruleset)."""
@@ -130,6 +128,18 @@ class NftablesBackend:
             self.nft.run(["nft", "-f", "-"],
                          input=f"add table {fam} {TABLE}\ndelete table {fam} {TABLE}\n")
         self._synced_once = False
+
+    def set_node_addresses(self, addresses: Mapping[Family, tuple[str, ...]]) -> None:
+        """NodePort addresses come with each port's frontends (``NodeConfig``)."""
+
+    def rules_total(self) -> Mapping[str, int]:
+        return {}
+
+    def kernel_items(self) -> frozenset[str]:
+        return frozenset(i for f in self.config.families for i in nft_items(self.dump(f)))
+
+    def record_failure(self, *, full: bool) -> None:
+        metrics.NFTABLES_SYNC_FAILURES.inc()
 
     def dump(self, family: Family = 4) -> dict[str, object]:
         """The table as ``nft -j`` JSON, for the tracer and for tests."""
@@ -364,11 +374,11 @@ class NftablesBackend:
         if self.config.masquerade_all:
             lines.append(f"{svc} {key} @cluster-ips jump mark-for-masquerade")
         elif detect.active(family):
-            lines.append(f"{svc} {key} @cluster-ips {self._not_local(family)} "
+            lines.append(f"{svc} {key} @cluster-ips {detect.nft_not_local(family)} "
                          "jump mark-for-masquerade")
         lines.append(f"{svc} {key} @external-masq jump mark-for-masquerade")
         if detect.active(family):
-            lines.append(f"{svc} {self._local(family)} {key} vmap @local-shortcut")
+            lines.append(f"{svc} {detect.nft_local(family)} {key} vmap @local-shortcut")
         lines += [
             f"{svc} fib saddr type local {key} @local-policy jump mark-for-masquerade",
             f"{svc} fib saddr type local {key} vmap @local-shortcut",
@@ -393,20 +403,6 @@ class NftablesBackend:
             f"add rule {t} nat-postrouting jump masquerading",
         ]
         return lines
-
-    def _local(self, family: Family) -> str:
-        d, ip = self.config.detect_local, nft_family(family)
-        if d.mode in ("ClusterCIDR", "NodeCIDR"):
-            return f"{ip} saddr {{ {', '.join(d.cidrs_for(family))} }}"
-        iface = f"{d.interface}*" if d.mode == "InterfaceNamePrefix" else d.interface
-        return f'iifname "{iface}"'
-
-    def _not_local(self, family: Family) -> str:
-        d, ip = self.config.detect_local, nft_family(family)
-        if d.mode in ("ClusterCIDR", "NodeCIDR"):
-            return f"{ip} saddr != {{ {', '.join(d.cidrs_for(family))} }}"
-        iface = f"{d.interface}*" if d.mode == "InterfaceNamePrefix" else d.interface
-        return f'iifname != "{iface}"'
 
     # --- one service port -----------------------------------------------------------------------
 
@@ -516,3 +512,41 @@ def _element_lines(op: str, fam: str, name: str, elems: Mapping[str, str],
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+# --- the dump, normalised (drift check, ``proxy check``) ----------------------------------
+
+_VOLATILE = frozenset({"handle", "packets", "bytes", "counter"})
+# sets the datapath fills; none we program holds configured elements
+_DYNAMIC = frozenset({"dynamic", "timeout"})
+
+
+def _strip(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in _VOLATILE}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value
+
+
+def nft_items(dump: dict[str, Any]) -> set[str]:
+    """One line per chain, set/map, element and rule of an ``nft -j list table`` dump."""
+    items: set[str] = set()
+    for obj in dump.get("nftables", []):
+        if "chain" in obj:
+            c = obj["chain"]
+            items.add(f"{c['family']} chain {c['name']}")
+        elif "rule" in obj:
+            r = obj["rule"]
+            expr = json.dumps(_strip(r.get("expr", [])), sort_keys=True)
+            items.add(f"{r['family']} rule {r['chain']} {expr}")
+        elif "set" in obj or "map" in obj:
+            kind = "set" if "set" in obj else "map"
+            s = obj[kind]
+            items.add(f"{s['family']} {kind} {s['name']}")
+            if _DYNAMIC & set(s.get("flags") or ()):
+                continue  # ClientIP affinity entries that traffic adds (``update @set``)
+            for elem in s.get("elem", []):
+                items.add(f"{s['family']} element {s['name']} "
+                          f"{json.dumps(_strip(elem), sort_keys=True)}")
+    return items

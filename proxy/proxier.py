@@ -1,10 +1,11 @@
 """The sync loop: watch events -> change tracker -> one backend transaction per sync.
 
-kube-proxy's timing: the first change after a quiet period applies at once; further changes
-within ``min_sync_period`` of the last sync coalesce into one sync when it elapses; every
-``sync_period`` the loop checks that the rules are still in place (canary chain / table)
-and a full sync runs at start, after any failure, when the rules went missing, and every
-``full_sync_period``.
+kube-proxy's timing (its BoundedFrequencyRunner): a change syncs at once while the sync
+budget allows (``burst_syncs`` back to back, refilled at one per ``min_sync_period``);
+beyond it changes coalesce into one sync when a token is back. Only syncs that reach the
+backend spend the budget. Every ``sync_period`` the loop checks that the rules are still in
+place (canary chain / table) and a full sync runs at start, after any failure, when the
+rules went missing, and every ``full_sync_period``.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
 
 from svcnet.proxy import drift, metrics
+from svcnet.proxy.backend import ProxyBackend
 from svcnet.proxy.conntrack import ConntrackTable, stale_flows
 from svcnet.proxy.health import HealthCheck, NodePortHealthServers, SyncHealth
 from svcnet.proxy.state import (
@@ -38,29 +39,47 @@ log = logging.getLogger(__name__)
 TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 
 
-class RuleBackend(Protocol):
-    """A backend may also have ``sync_full(ports)``: a full sync from an iterable of every
-    service port, consumed while the model is still being computed (see ``_streamed``)."""
-
-    name: str
-
-    def sync(self, changes: Changes, *, full: bool) -> None: ...
-
-    def healthy(self) -> bool: ...
-
-    def cleanup(self) -> None: ...
-
-
 @dataclass(frozen=True, slots=True)
 class SyncSettings:
     min_sync_period: float = 1.0
     sync_period: float = 30.0
     full_sync_period: float = 3600.0
     retry_delay: float = 1.0
+    burst_syncs: int = 2  # kube-proxy's burstSyncs
 
     @property
     def health_timeout(self) -> float:
         return 2 * self.sync_period
+
+
+class SyncBudget:
+    """A token bucket holding ``burst`` syncs, refilled at one per ``min_interval``
+    (kube-proxy's BoundedFrequencyRunner). The caller passes the clock's time, so the
+    bucket is plain arithmetic; ``take`` only for a sync that reached the backend -- a
+    periodic check that found nothing to do must not delay the next change."""
+
+    def __init__(self, min_interval: float, burst: int) -> None:
+        self.min_interval = min_interval
+        self.burst = max(1, burst)
+        self._tokens = float(self.burst)
+        self._stamp: float | None = None
+
+    def delay(self, now: float) -> float:
+        """Seconds until a sync may run (0: now)."""
+        self._refill(now)
+        return 0.0 if self._tokens >= 1 else (1 - self._tokens) * self.min_interval
+
+    def take(self, now: float) -> None:
+        self._refill(now)
+        self._tokens = max(0.0, self._tokens - 1)
+
+    def _refill(self, now: float) -> None:
+        if self.min_interval <= 0:
+            self._tokens = float(self.burst)
+        elif self._stamp is not None:
+            self._tokens = min(float(self.burst),
+                               self._tokens + (now - self._stamp) / self.min_interval)
+        self._stamp = now
 
 
 @dataclass(slots=True)
@@ -74,7 +93,7 @@ class SyncStats:
 
 class Proxier:
     def __init__(
-        self, backend: RuleBackend, node: NodeConfig, *,
+        self, backend: ProxyBackend, node: NodeConfig, *,
         settings: SyncSettings = SyncSettings(),
         conntrack: ConntrackTable | None = None,
         health_check_servers: NodePortHealthServers | None = None,
@@ -96,7 +115,7 @@ class Proxier:
         self._applying = False  # a sync is changing the kernel (read by the /status thread)
         self._generation = 0  # syncs that started changing the kernel
         self._need_full = True
-        self._last_sync_start = -1e9
+        self._budget = SyncBudget(settings.min_sync_period, settings.burst_syncs)
         self._last_full = -1e9
         self._trigger_times: list[float] = []
         self._services: Callable[[str], Service | None] = lambda key: None
@@ -167,7 +186,7 @@ class Proxier:
             periodic = loop.time() >= next_periodic
             if periodic:
                 next_periodic = loop.time() + self.settings.sync_period
-            wait = self._last_sync_start + self.settings.min_sync_period - loop.time()
+            wait = self._budget.delay(loop.time())
             if wait > 0:
                 await asyncio.sleep(wait)
             self._wake.clear()
@@ -190,12 +209,11 @@ class Proxier:
                 and await asyncio.to_thread(self._drifted)):
             log.warning("proxy rules differ from the last applied ones; doing a full sync")
             full = True
-        self._last_sync_start = now
         drain = self.tracker.start_drain(self._services, self._slices, self._service_keys)
         metrics.SERVICE_CHANGES_PENDING.set(0)
         metrics.ENDPOINT_CHANGES_PENDING.set(0)
         stream: Callable[[Iterable[ServicePortState]], None] | None = (
-            getattr(self.backend, "sync_full", None) if full else None)
+            self.backend.sync_full if full else None)
         started = time.monotonic()
         self._applying = True
         self._generation += 1
@@ -214,6 +232,7 @@ class Proxier:
             if not changes and not full:
                 self.health.updated()
                 return True
+        self._budget.take(asyncio.get_running_loop().time())
         try:
             if stream is not None:
                 # The backend renders and loads ports while the model is being computed.
@@ -225,12 +244,7 @@ class Proxier:
             log.exception("%s sync failed (full=%s)", self.backend.name, full)
             self.stats.failures += 1
             self._need_full = True
-            if self.backend.name == "iptables":
-                metrics.IPTABLES_RESTORE_FAILURES.inc()
-                if not full:
-                    metrics.IPTABLES_PARTIAL_RESTORE_FAILURES.inc()
-            else:
-                metrics.NFTABLES_SYNC_FAILURES.inc()
+            self.backend.record_failure(full=full)
             return False
         elapsed = time.monotonic() - started
         changes = drain.finish()
@@ -294,10 +308,8 @@ class Proxier:
         for stamp in self._trigger_times:
             metrics.NETWORK_PROGRAMMING.observe(max(0.0, wall - stamp))
         self._trigger_times.clear()
-        totals = getattr(self.backend, "rules_total", None)
-        if isinstance(totals, dict):
-            for table, count in totals.items():
-                metrics.IPTABLES_TOTAL.labels(table).set(count)
+        for table, count in self.backend.rules_total().items():
+            metrics.IPTABLES_TOTAL.labels(table).set(count)
         internal = sum(1 for p in changes.state.values()
                        if p.internal_local and p.has_endpoints and not p.local_endpoints)
         external = sum(1 for p in changes.state.values()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import shlex
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -104,6 +104,9 @@ class _IptRule:
 class IptablesTracer:
     save: str
     local_addresses: Sequence[str] = ()
+    # ipset members as ``ipset save`` spells them ("10.96.0.1,tcp:80"), for ``-m set``
+    # matches (the IPVS backend's rules); a set not given here is Unsupported.
+    ipsets: Mapping[str, frozenset[str]] = field(default_factory=dict)
     tables: dict[str, dict[str, list[_IptRule]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -146,6 +149,21 @@ class IptablesTracer:
             else:
                 yield from self._stages(state, rest, local)
 
+    def states(self, st: _State, stages: list[tuple[str, str]], local: bool
+               ) -> Iterator[tuple[_State, str]]:
+        """Like ``_stages``, yielding each branch's final state: ACCEPT, DROP or REJECT."""
+        if not stages:
+            yield st, "ACCEPT"
+            return
+        (table, chain), rest = stages[0], stages[1:]
+        if not chain:
+            chain = "INPUT" if st.dst in self.local_addresses else "FORWARD"
+        for state, verdict in self._chain(table, chain, st, local, builtin=True):
+            if verdict in ("DROP", "REJECT"):
+                yield state, verdict
+            else:
+                yield from self.states(state, rest, local)
+
     def _chain(self, table: str, chain: str, st: _State, local: bool, builtin: bool = False,
                depth: int = 0) -> Iterator[tuple[_State, str]]:
         """Yields (state, verdict) per branch; verdict RETURN means fell through."""
@@ -180,6 +198,10 @@ class IptablesTracer:
             yield st, t
         elif t == "RETURN":
             yield st, "RETURN"
+        elif t == "MARK" and "--or-mark" in args:
+            yield replace(st, mark=st.mark | int(_opt(args, "--or-mark"), 0)), "CONTINUE"
+        elif t == "MARK" and "--xor-mark" in args:
+            yield replace(st, mark=st.mark ^ int(_opt(args, "--xor-mark"), 0)), "CONTINUE"
         elif t == "MARK":
             value, _, mask = _opt(args, "--set-xmark").partition("/")
             v, m = int(value, 0), int(mask or "0xffffffff", 0)
@@ -235,9 +257,27 @@ class IptablesTracer:
             return "NEW" in args[0].split(",")
         if kind == "--rcheck":
             return False  # a fresh client has no affinity yet
+        if kind == "--match-set":
+            return self._in_ipset(args[0], args[1], st)
         if kind in ("comment", "--set", "module"):
             return True
         raise Unsupported(f"match {kind} {args}")
+
+
+    def _in_ipset(self, name: str, flags: str, st: _State) -> bool:
+        """``dst,dst`` (ip,port) and ``dst,dst,src`` (ip,port,ip) as the IPVS sets use."""
+        if name not in self.ipsets:
+            raise Unsupported(f"ipset {name}")
+        fields = {"dst": st.dst, "src": st.src}
+        parts: list[str] = []
+        for i, which in enumerate(flags.split(",")):
+            if i == 1:
+                if which != "dst":
+                    raise Unsupported(f"ipset port {which}")
+                parts.append(f"{st.protocol}:{st.port}")
+            else:
+                parts.append(fields[which])
+        return ",".join(parts) in self.ipsets[name]
 
 
 def _iface(iif: str, pattern: str) -> bool:
@@ -272,7 +312,10 @@ def _parse_ipt(tokens: list[str]) -> _IptRule:
                 matches.append((False, "statistic", []))
             i += 2
             continue
-        if tok in _VALUE_OPTS:
+        if tok == "--match-set":
+            matches.append((neg, tok, [tokens[i + 1], tokens[i + 2]]))
+            i += 3
+        elif tok in _VALUE_OPTS:
             if tok not in ("--comment", "--mode", "--probability", "--name", "--seconds",
                            "--mask", "-o"):
                 matches.append((neg, tok, [tokens[i + 1]]))
@@ -285,6 +328,44 @@ def _parse_ipt(tokens: list[str]) -> _IptRule:
             raise Unsupported(f"iptables option {tok}")
         neg = False
     return _IptRule(matches, target, target_args, goto)
+
+
+@dataclass(slots=True)
+class IpvsTracer:
+    """IPVS mode: our iptables rules mark and filter (PREROUTING/OUTPUT, then INPUT, as the
+    virtual addresses are local), the virtual server DNATs to each real server of non-zero
+    weight, then POSTROUTING decides masquerading on the translated packet (hairpin)."""
+
+    iptables: IptablesTracer
+    # (ip, protocol in lower case, port) -> its real servers "ip:port" (weight > 0)
+    virtual: Mapping[tuple[str, str, int], Sequence[str]]
+
+    def trace(self, pkt: Packet) -> Trace:
+        st = _State(pkt.src, pkt.dst, pkt.port, pkt.protocol.lower(), pkt.iif)
+        first = ([("nat", "OUTPUT"), ("filter", "OUTPUT")] if pkt.from_node
+                 else [("nat", "PREROUTING"), ("filter", "")])
+        outcomes: set[Outcome] = set()
+        for state, verdict in self.iptables.states(st, first, pkt.from_node):
+            if verdict != "ACCEPT":
+                outcomes.add(Outcome(verdict, state.dnat, state.masquerade))
+                continue
+            reals = self.virtual.get((state.dst, state.protocol, state.port))
+            if reals is None:
+                translated = [state]
+            elif not reals:
+                outcomes.add(Outcome("DROP"))  # a virtual server without real servers
+                continue
+            else:
+                translated = []
+                for real in reals:
+                    host, _, port = real.rpartition(":")
+                    translated.append(replace(state, dst=host.strip("[]"), port=int(port),
+                                              dnat=real))
+            for moved in translated:
+                for final, v in self.iptables.states(moved, [("nat", "POSTROUTING")],
+                                                      pkt.from_node):
+                    outcomes.add(Outcome(v, final.dnat, final.masquerade))
+        return Trace(frozenset(outcomes))
 
 
 # --- nftables -------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ NODE_IP = "192.168.1.1"
 BRIDGE_IP = "10.1.0.1"
 EXT_IP = "192.168.1.2"
 PODS = {"pod1": "10.1.0.11", "pod2": "10.1.0.12", "pod3": "10.1.0.13", "cpod": "10.1.0.20"}
-SOURCES = {**PODS, "ext": EXT_IP, "node": NODE_IP}
+POD_NET2 = "10.2.0.20"  # a pod of a second cluster CIDR (test_detect_local_two_cluster_cidrs)
+SOURCES = {**PODS, "ext": EXT_IP, "node": NODE_IP, "pod-net2": POD_NET2}
 ALL = {"pod1", "pod2", "pod3"}
 
 ECHO = r'''
@@ -412,6 +413,45 @@ def test_detect_local_by_interface(kind: str, mode: str, iface: str, lab: Lab) -
     if mode == "BridgeInterface":  # the prefix form renders the same match, with a *
         assert {(s, p, d, port): real(lab, s, p, d, port, e)
                 for s, p, d, port, e in DETECT_FLOWS} == want
+
+
+TWO_CIDR_FLOWS: list[tuple[str, str, str, int, Any]] = [
+    ("cpod", "TCP", "10.96.0.10", 80, (ALL, False)),              # first cluster CIDR
+    ("pod-net2", "TCP", "10.96.0.10", 80, (ALL, False)),          # second cluster CIDR
+    ("ext", "TCP", "10.96.0.10", 80, (ALL, True)),                # not a pod
+    ("node", "TCP", "10.96.0.10", 80, (ALL, True)),
+    ("pod-net2", "TCP", NODE_IP, 30081, ({"pod1", "pod2"}, False)),  # pods short-circuit
+    ("ext", "TCP", NODE_IP, 30081, ({"pod1"}, False)),
+]
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_detect_local_two_cluster_cidrs(kind: str, lab: Lab,
+                                        netns: Callable[[str], str]) -> None:
+    """Pods of either cluster CIDR are local: not masqueraded to a ClusterIP, and short-
+    circuited on a Local-policy NodePort. iptables used to match only the first CIDR."""
+    pod = netns("podnet2")
+    ns_sh(lab.node, "ip", "addr", "add", "10.2.0.1/24", "dev", "br0")
+    ns_sh(lab.node, "ip", "link", "add", "vp9", "type", "veth", "peer", "name", "eth0",
+          "netns", pod)
+    ns_sh(lab.node, "ip", "link", "set", "vp9", "master", "br0", "up")
+    ns_sh(pod, "ip", "addr", "add", f"{POD_NET2}/24", "dev", "eth0")
+    ns_sh(pod, "ip", "link", "set", "eth0", "up")
+    ns_sh(pod, "ip", "route", "add", "default", "via", "10.2.0.1")
+    lab.ns["pod-net2"] = pod
+    config = BackendConfig(families=(4,), detect_local=LocalDetector(
+        "ClusterCIDR", ("10.1.0.0/16", "10.2.0.0/16")))
+    commands = SubprocessCommands(lab.node)
+    backend: Any = (NftablesBackend(commands, config) if kind == "nftables" else
+                    IptablesBackend(commands, config, legacy=False,
+                                    node_addresses={4: (NODE_IP,)}))
+    program(backend, OBJECTS[:2])
+    want = {(s, p, d, port): e for s, p, d, port, e in TWO_CIDR_FLOWS}
+    tr = tracer(kind, backend)
+    assert {(s, p, d, port): traced(tr, s, p, d, port) for s, p, d, port, _ in TWO_CIDR_FLOWS
+            } == want
+    assert {(s, p, d, port): real(lab, s, p, d, port, e)
+            for s, p, d, port, e in TWO_CIDR_FLOWS} == want
 
 
 @pytest.mark.parametrize("kind", BACKENDS)

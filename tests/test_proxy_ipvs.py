@@ -14,7 +14,7 @@ import pytest
 from conftest import ns_sh, require, require_binary, sh
 from svcnet.proxy.builders import endpoint, endpoint_slice, port, service, to_service, to_slice
 from svcnet.proxy.commands import SubprocessCommands
-from svcnet.proxy.config import BackendConfig
+from svcnet.proxy.config import BackendConfig, LocalDetector
 from svcnet.proxy.ipvs import IpvsBackend
 from svcnet.proxy.ipvs_kernel import NetlinkIpvs, RealServer, VirtualServer
 from svcnet.proxy.state import ChangeTracker, NodeConfig
@@ -292,3 +292,24 @@ def test_full_resync_and_cleanup(lab: Lab) -> None:
     assert "SVCNET" not in ns_sh(lab.node, "iptables-save").stdout
     assert "svcnet-ipvs0" not in ns_sh(lab.node, "ip", "link").stdout
     assert ns_sh(lab.node, "ipset", "list", "-n").stdout.strip() == ""
+
+
+def test_detect_local_with_two_cluster_cidrs(lab: Lab) -> None:
+    """Pods of either cluster CIDR reach a ClusterIP unmasqueraded, other sources are
+    masqueraded (the IPVS rules used to masquerade every pod with two CIDRs)."""
+    table = NetlinkIpvs(lab.node)
+    try:
+        lab.backend = IpvsBackend(table, SubprocessCommands(lab.node), BackendConfig(
+            detect_local=LocalDetector("ClusterCIDR", ("10.1.1.0/24", "10.1.2.0/24"))))
+        lab.put(service("to-b", "10.96.0.50", port(80)), "b")
+        lab.put(service("to-a", "10.96.0.51", port(80)), "a")
+        lab.sync(full=True)
+        seen = {src: lab.request(lab.pods.get(src, lab.client), ip, 80)
+                for src, ip in (("a", "10.96.0.50"), ("b", "10.96.0.51"),
+                                ("client", "10.96.0.50"))}
+        peers = {src: reply.split()[1].split(":")[0] if len(reply.split()) > 1 else reply
+                 for src, reply in seen.items()}
+        assert peers["a"] == PODS["a"][0] and peers["b"] == PODS["b"][0], seen
+        assert peers["client"] not in (CLIENT_IP, DROP, REJECT), seen
+    finally:
+        table.close()

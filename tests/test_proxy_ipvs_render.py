@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import pytest
 from svcnet.proxy.builders import endpoint, endpoint_slice, port, service, to_service, to_slice
 from svcnet.proxy.commands import FakeCommands
-from svcnet.proxy.config import BackendConfig
+from svcnet.proxy.config import BackendConfig, LocalDetector
 from svcnet.proxy.ipvs import (
     SET_CLUSTER_IP,
     SET_EXTERNAL,
     SET_NO_ENDPOINTS,
     SET_NO_LOCAL,
+    SET_TYPES,
     IpvsBackend,
+    set_name,
 )
 from svcnet.proxy.ipvs_kernel import FakeIpvs, RealServer, ServiceOptions, VirtualServer
 from svcnet.proxy.state import Changes, ChangeTracker, NodeConfig
+from svcnet.proxy.tracer import IptablesTracer, Packet
 
 from svcnet.model import EndpointSlice, Service
 
@@ -206,3 +211,25 @@ async def test_daemon_builds_the_ipvs_backend_on_its_event_loop() -> None:
     assert isinstance(backend, IpvsBackend) and backend.scheduler == "rr"
     assert isinstance(backend.table, NetlinkIpvs) and backend.table._socket is None
     assert commands.calls[0][0][:2] == ["modprobe", "-a"]
+
+
+TWO_CIDRS = LocalDetector("ClusterCIDR", ("10.1.0.0/16", "10.2.0.0/16"))
+
+
+@pytest.mark.parametrize(("source", "masquerade"), [
+    ("10.1.0.5", False),      # a pod of the first cluster CIDR
+    ("10.2.0.5", False),      # ... and of the second
+    ("192.168.9.7", True),    # not a pod
+])
+def test_detect_local_with_two_cluster_cidrs(source: str, masquerade: bool) -> None:
+    """Each pod CIDR is local. Before the shared LocalDetector the IPVS rules had one
+    ``! -s CIDR -j MARK`` per CIDR, so every pod matched the other one's and was
+    masqueraded."""
+    backend = IpvsBackend(FakeIpvs(), FakeCommands(), BackendConfig(detect_local=TWO_CIDRS))
+    rules = re.sub(r"^-I (\S+) 1 ", r"-A \1 ", backend._rules(4, ""), flags=re.M)
+    sets = {set_name(base, 4): frozenset[str]() for base in SET_TYPES}
+    sets[set_name(SET_CLUSTER_IP, 4)] = frozenset({"10.96.0.10,tcp:80"})
+    tracer = IptablesTracer(rules, local_addresses=("192.168.9.1",), ipsets=sets)
+    trace = tracer.trace(Packet(source, "10.96.0.10", 80, iif="eth0"))
+    assert trace.verdicts == {"ACCEPT"}
+    assert trace.masquerade == {masquerade}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import selectors
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import pytest
@@ -20,7 +22,14 @@ from svcnet.proxy.conntrack import FakeConntrack, StaleFlow, stale_flows
 from svcnet.proxy.health import HealthCheck, NodePortHealthServers, SyncHealth
 from svcnet.proxy.iptables import IptablesBackend
 from svcnet.proxy.proxier import Proxier, SyncSettings
-from svcnet.proxy.state import Changes, ChangeTracker, NodeConfig
+from svcnet.proxy.state import (
+    Change,
+    Changes,
+    ChangeTracker,
+    Family,
+    NodeConfig,
+    ServicePortState,
+)
 
 from svcnet.model import ENDPOINT_SLICE, SERVICE
 from svcnet.store.memory import MemoryStore
@@ -41,11 +50,27 @@ class FakeBackend:
             raise RuntimeError("restore failed")
         self.syncs.append((time.monotonic(), full, changes))
 
+    def sync_full(self, ports: Iterable[ServicePortState]) -> None:
+        state = {p.key: p for p in ports}
+        self.sync(Changes({k: Change(None, p) for k, p in state.items()}, state), full=True)
+
     def healthy(self) -> bool:
         return self.rules_present
 
     def cleanup(self) -> None:
         self.syncs.clear()
+
+    def set_node_addresses(self, addresses: Mapping[Family, tuple[str, ...]]) -> None:
+        pass
+
+    def rules_total(self) -> Mapping[str, int]:
+        return {}
+
+    def kernel_items(self) -> frozenset[str] | None:
+        return None
+
+    def record_failure(self, *, full: bool) -> None:
+        pass
 
 
 async def eventually(cond: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -99,8 +124,10 @@ def test_first_sync_full_then_single_change_immediately() -> None:
 
 
 def test_bursts_coalesce_within_min_sync_period() -> None:
+    """With no burst budget (burst_syncs=1) every sync waits min_sync_period."""
     async def go() -> None:
-        store, backend, _, task, factory = await started(SyncSettings(min_sync_period=0.5))
+        store, backend, _, task, factory = await started(
+            SyncSettings(min_sync_period=0.5, burst_syncs=1))
         try:
             first = backend.syncs[0][0]
             for i in range(5):
@@ -426,3 +453,137 @@ def test_nftables_full_script_makes_long_lb_chains_before_their_verdicts() -> No
     assert script.index("add chain ip svcnet lb-70\n") < script.index(
         "10.96.0.9 . tcp . 80 : goto lb-70")
     assert script.count("10.1.0.1 . 10.1.0.1") == 1
+
+
+# --- sync scheduling on a virtual clock -----------------------------------------------------
+
+
+class _InlineExecutor(concurrent.futures.ThreadPoolExecutor):
+    """Runs ``asyncio.to_thread`` work at once on the loop thread: no real time passes."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+               ) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # handed to the awaiting coroutine
+            future.set_exception(e)
+        return future
+
+
+class _VirtualSelector:
+    """Polls the real selector without blocking; a wait for a timer jumps the clock."""
+
+    def __init__(self, real: selectors.BaseSelector, loop: VirtualClockLoop) -> None:
+        self._real = real
+        self._loop = loop
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        events = self._real.select(0)
+        if events or not timeout or timeout <= 0:
+            return events
+        self._loop.now += timeout
+        return []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock only moves when everything waits for a timer, so the sync
+    loop's timing is checked exactly, whatever the machine's load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1000.0
+        self._selector = _VirtualSelector(self._selector, self)  # type: ignore[has-type]
+        self.set_default_executor(_InlineExecutor(max_workers=1))
+
+    def time(self) -> float:
+        return self.now
+
+
+class ClockedBackend(FakeBackend):
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def sync(self, changes: Changes, *, full: bool) -> None:
+        self.syncs.append((self.clock(), full, changes))
+
+
+def run_virtual(scenario: Callable[[VirtualClockLoop], Awaitable[None]]) -> None:
+    loop = VirtualClockLoop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(scenario(loop), 3600))
+    finally:
+        loop.close()
+
+
+async def virtual_proxier(loop: VirtualClockLoop, settings: SyncSettings
+                          ) -> tuple[MemoryStore, ClockedBackend, asyncio.Task[None],
+                                     InformerFactory]:
+    store = MemoryStore()
+    await store.put(SERVICE, service("a", "10.96.0.1"))
+    backend = ClockedBackend(loop.time)
+    factory = InformerFactory(store)
+    task = asyncio.create_task(Proxier(backend, NodeConfig("n1"), settings=settings)
+                               .run(factory))
+    for _ in range(1000):
+        if backend.syncs:
+            break
+        await asyncio.sleep(0.001)
+    assert len(backend.syncs) == 1
+    return store, backend, task, factory
+
+
+async def synced_after(loop: VirtualClockLoop, backend: ClockedBackend, count: int) -> float:
+    """Virtual time at which sync number ``count`` ran (waits up to 10 virtual seconds)."""
+    for _ in range(10_000):
+        if len(backend.syncs) >= count:
+            return backend.syncs[count - 1][0]
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"sync {count} did not happen")
+
+
+def test_a_periodic_check_that_finds_nothing_does_not_delay_the_next_change() -> None:
+    """Only real syncs start the minimum gap: a change just after the periodic rules check
+    syncs at once (it used to wait ~min_sync_period after the check)."""
+    async def go(loop: VirtualClockLoop) -> None:
+        start = loop.time()
+        store, backend, task, factory = await virtual_proxier(
+            loop, SyncSettings(min_sync_period=1.0, sync_period=30.0))
+        try:
+            await asyncio.sleep(start + 30.05 - loop.time())  # the check ran at ~30.0
+            assert len(backend.syncs) == 1
+            wrote = loop.time()
+            await store.put(SERVICE, service("b", "10.96.0.2"))
+            assert await synced_after(loop, backend, 2) - wrote < 0.05
+        finally:
+            await stop(task, factory)
+
+    run_virtual(go)
+
+
+def test_burst_budget_allows_two_back_to_back_then_bounds_the_rate() -> None:
+    """kube-proxy's BoundedFrequencyRunner (burstSyncs=2): right after a sync one more
+    change still syncs at once; the next waits for the budget to refill."""
+    async def go(loop: VirtualClockLoop) -> None:
+        store, backend, task, factory = await virtual_proxier(
+            loop, SyncSettings(min_sync_period=1.0, sync_period=3600.0))
+        try:
+            await asyncio.sleep(5.0)  # quiet: the budget is full again
+            await store.put(SERVICE, service("b", "10.96.0.2"))
+            first = await synced_after(loop, backend, 2)
+            await asyncio.sleep(0.01)
+            wrote = loop.time()
+            await store.put(SERVICE, service("c", "10.96.0.3"))
+            assert await synced_after(loop, backend, 3) - wrote < 0.05  # the burst budget
+            await asyncio.sleep(0.01)
+            await store.put(SERVICE, service("d", "10.96.0.4"))
+            third = await synced_after(loop, backend, 4)
+            assert 0.95 < third - first < 1.1  # 2 syncs per min_sync_period, then 1 each
+        finally:
+            await stop(task, factory)
+
+    run_virtual(go)

@@ -1,0 +1,173 @@
+"""The packet-flow tables without root: the iptables backend programs the stateful fake
+(``proxy/fake_iptables.py``) and the tracer answers every row from the fake's dump. The
+same tables run against the real kernel in ``test_proxy_flows.py``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from svcnet.proxy.builders import endpoint, endpoint_slice, port, service, to_service, to_slice
+from svcnet.proxy.commands import CommandFailed
+from svcnet.proxy.config import BackendConfig, LocalDetector
+from svcnet.proxy.drift import iptables_items
+from svcnet.proxy.fake_iptables import FakeIptables, FakeNodeTools
+from svcnet.proxy.iptables import IptablesBackend
+from svcnet.proxy.ipvs import IpvsBackend
+from svcnet.proxy.ipvs_kernel import FakeIpvs
+from svcnet.proxy.state import ChangeTracker, NodeConfig
+from svcnet.proxy.tracer import IptablesTracer, IpvsTracer, Packet
+from test_proxy_flows import (
+    DETECT_FLOWS,
+    FLOWS,
+    NODE_IP,
+    OBJECTS,
+    TWO_CIDR_FLOWS,
+    program,
+    traced,
+    tracer,
+)
+
+FlowRows = list[tuple[str, str, str, int, Any]]
+
+
+def backend_on_fake(detect: LocalDetector, fake: FakeIptables | None = None
+                    ) -> IptablesBackend:
+    return IptablesBackend(fake or FakeIptables(), BackendConfig(families=(4,),
+                                                                 detect_local=detect),
+                           legacy=False, node_addresses={4: (NODE_IP,)})
+
+
+def flow_table(backend: IptablesBackend, flows: FlowRows) -> tuple[dict[Any, Any], dict[Any, Any]]:
+    tr = tracer("iptables", backend)
+    got = {(s, p, d, port): traced(tr, s, p, d, port) for s, p, d, port, _ in flows}
+    return got, {(s, p, d, port): e for s, p, d, port, e in flows}
+
+
+@pytest.mark.parametrize(("detect", "objects", "flows"), [
+    (LocalDetector("ClusterCIDR", ("10.1.0.0/16",)), OBJECTS, FLOWS),
+    (LocalDetector("ClusterCIDR", ("10.1.0.0/16", "10.2.0.0/16")), OBJECTS[:2],
+     TWO_CIDR_FLOWS),
+    (LocalDetector("BridgeInterface", (), "br0"), OBJECTS[:2], DETECT_FLOWS),
+    (LocalDetector("InterfaceNamePrefix", (), "br"), OBJECTS[:2], DETECT_FLOWS),
+], ids=["every-feature", "two-cluster-cidrs", "bridge", "interface-prefix"])
+def test_flow_tables_on_the_fake(detect: LocalDetector, objects: Any, flows: FlowRows
+                                 ) -> None:
+    """Loaded as a full sync then a partial one, as the kernel tests do."""
+    backend = backend_on_fake(detect)
+    program(backend, objects)
+    got, want = flow_table(backend, flows)
+    assert got == want
+
+
+def test_the_fake_sees_the_old_two_cidr_bug() -> None:
+    """A fake that could not show the detect-local bug would prove nothing: rendering only
+    the first CIDR (the old code) masquerades the second CIDR's pods here too."""
+    backend = backend_on_fake(LocalDetector("ClusterCIDR", ("10.1.0.0/16",)))
+    program(backend, OBJECTS[:2])
+    got, want = flow_table(backend, TWO_CIDR_FLOWS)
+    assert got[("pod-net2", "TCP", "10.96.0.10", 80)] != want[
+        ("pod-net2", "TCP", "10.96.0.10", 80)]
+
+
+def test_restore_is_all_or_nothing_like_the_real_tool() -> None:
+    fake = FakeIptables()
+    fake.run(["iptables-nft-restore", "--noflush"], input="*nat\n:KUBE-A - [0:0]\n"
+             "-A KUBE-A -j RETURN\nCOMMIT\n")
+    before = fake.save(4)
+    for bad in ("*nat\n-A KUBE-A -j RETURN\n-D KUBE-A -j DROP\nCOMMIT\n",  # no such rule
+                "*nat\n-A KUBE-B -j RETURN\nCOMMIT\n",                    # no such chain
+                "*nat\n-A KUBE-A -j KUBE-NOPE\nCOMMIT\n",                 # no such target
+                "*nat\n-N KUBE-A\nCOMMIT\n",                              # exists
+                "*nat\n:KUBE-C - [0:0]\n-A PREROUTING -j KUBE-C\n-X KUBE-C\nCOMMIT\n"):
+        with pytest.raises(CommandFailed):
+            fake.run(["iptables-nft-restore", "--noflush"], input=bad)
+        assert fake.save(4) == before, bad
+    fake.run(["iptables-nft-restore", "--noflush"], input="*nat\n-A KUBE-A -j DROP\n")
+    assert fake.save(4) == before  # no COMMIT: nothing applied
+
+
+def test_drift_items_and_canary_read_the_fake() -> None:
+    fake = FakeIptables()
+    backend = backend_on_fake(LocalDetector("ClusterCIDR", ("10.1.0.0/16",)), fake)
+    program(backend, OBJECTS[:2])
+    assert backend.healthy()
+    items = backend.kernel_items()
+    assert items == iptables_items(fake.save(4), 4) and any("KUBE-SVC-" in i for i in items)
+    backend.cleanup()
+    assert not backend.healthy()
+    assert "KUBE-" not in fake.save(4)
+
+
+# --- IPVS: FakeIpvs + the iptables/ipset fakes, traced ----------------------------------------
+
+IPVS_NODE = "10.0.1.1"
+CLIENT, POD_A, POD_B = "10.0.1.2", "10.1.1.2", "10.1.2.2"  # pods a (this node), b (n2)
+NET1_POD, NET2_POD = "10.1.1.9", "10.1.2.9"  # clients in each cluster CIDR
+BY_IP = {POD_A: "a", POD_B: "b"}
+TWO_POD_CIDRS = LocalDetector("ClusterCIDR", ("10.1.1.0/24", "10.1.2.0/24"))
+
+IPVS_OBJECTS: list[tuple[dict[str, Any], list[dict[str, Any]], list[tuple[str, int, str]]]] = [
+    (service("web", "10.96.0.10", port(80, node_port=30080), type="NodePort",
+             externalIPs=["10.99.0.1"]), [endpoint(POD_A, node="n1"), endpoint(POD_B)],
+     [("", 8080, "TCP")]),
+    (service("empty", "10.96.0.11", port(80)), [], [("", 8080, "TCP")]),
+    (service("local-none", "10.96.0.12", port(80, node_port=30081), type="NodePort",
+             externalTrafficPolicy="Local"), [endpoint(POD_B, node="n2")], [("", 8080, "TCP")]),
+    (service("local", "10.96.0.13", port(80, node_port=30082), type="NodePort",
+             externalTrafficPolicy="Local"), [endpoint(POD_A, node="n1"),
+                                              endpoint(POD_B, node="n2")], [("", 8080, "TCP")]),
+    (service("dns", "10.96.0.15", port(53, protocol="UDP")),
+     [endpoint(POD_A, node="n1"), endpoint(POD_B, node="n2")], [("", 8080, "UDP")]),
+    (service("self", "10.96.0.20", port(80)), [endpoint(POD_A, node="n1")],
+     [("", 8080, "TCP")]),
+]
+
+# (source, protocol, destination, port) -> ({pods}, masqueraded) | "REJECT" | "DROP";
+# test_proxy_ipvs.py's VM table (client rows) plus pod sources of both cluster CIDRs
+IPVS_FLOWS: FlowRows = [
+    (CLIENT, "TCP", "10.96.0.10", 80, ({"a", "b"}, True)),      # not a pod: masqueraded
+    (NET1_POD, "TCP", "10.96.0.10", 80, ({"a", "b"}, False)),   # first cluster CIDR
+    (NET2_POD, "TCP", "10.96.0.10", 80, ({"a", "b"}, False)),   # second (the old bug)
+    (CLIENT, "TCP", IPVS_NODE, 30080, ({"a", "b"}, True)),      # NodePort, Cluster policy
+    (CLIENT, "TCP", "10.99.0.1", 80, ({"a", "b"}, True)),       # externalIP
+    (CLIENT, "TCP", "10.96.0.11", 80, "REJECT"),                # no endpoints
+    (CLIENT, "TCP", IPVS_NODE, 30081, "DROP"),                  # Local, none here
+    (CLIENT, "TCP", IPVS_NODE, 30082, ({"a"}, False)),          # Local: local only, no SNAT
+    (NET1_POD, "TCP", "10.96.0.13", 80, ({"a", "b"}, False)),   # its ClusterIP uses all
+    (NET2_POD, "UDP", "10.96.0.15", 53, ({"a", "b"}, False)),   # UDP
+    (POD_A, "TCP", "10.96.0.20", 80, ({"a"}, True)),            # hairpin
+]
+
+
+def ipvs_flow_table(detect: LocalDetector) -> dict[Any, Any]:
+    tools, table = FakeNodeTools(), FakeIpvs()
+    backend = IpvsBackend(table, tools, BackendConfig(detect_local=detect), grace_period=0)
+    tracker = ChangeTracker(NodeConfig("n1", "", (IPVS_NODE,)))
+    services = {f"default/{svc['metadata']['name']}": to_service(svc)
+                for svc, _, _ in IPVS_OBJECTS}
+    slices = {f"default/{svc['metadata']['name']}": [to_slice(endpoint_slice(
+        svc["metadata"]["name"], *eps, ports=ports))] if eps else []
+        for svc, eps, ports in IPVS_OBJECTS}
+    for i, svc in enumerate(services.values()):  # a full sync, then a partial one
+        tracker.service_changed(None, svc)
+        if i in (2, len(services) - 1):
+            backend.sync(tracker.drain(services.get, lambda k: slices.get(k, []),
+                                       lambda: list(services)), full=i == 2)
+    virtual = {(vs.ip, vs.protocol.lower(), vs.port): [
+        str(rs) for rs, state in table.real[vs].items() if state.weight > 0]
+        for vs in table.table}
+    local = [IPVS_NODE, *{vs.ip for vs in table.table}]
+    tr = IpvsTracer(IptablesTracer(tools.iptables.save(4), local, tools.ipset.members()),
+                    virtual)
+    got: dict[Any, Any] = {}
+    for src, proto, dst, dport, _ in IPVS_FLOWS:
+        summary = tr.trace(Packet(src, dst, dport, proto, iif="eth0")).summary()
+        got[(src, proto, dst, dport)] = summary[0] if len(summary) == 1 else (
+            {BY_IP[e.split(":")[0]] for e in summary[0]}, summary[1])
+    return got
+
+
+def test_ipvs_flow_table_on_the_fakes() -> None:
+    want = {(s, p, d, port): e for s, p, d, port, e in IPVS_FLOWS}
+    assert ipvs_flow_table(TWO_POD_CIDRS) == want
