@@ -18,7 +18,8 @@ from svcnet.proxy.nftables import NftablesBackend
 from svcnet.proxy.state import Backend, ChangeTracker, NodeConfig, ServicePortState
 
 NODE = NodeConfig(name="n1", zone="z1", nodeport_addresses=("192.168.1.1",))
-PORTS = [("", 8080, "TCP"), ("other", 80, "TCP"), ("", 8080, "UDP"), ("d", 5353, "UDP")]
+PORTS = [("", 8080, "TCP"), ("other", 80, "TCP"), ("u", 8080, "UDP"), ("d", 5353, "UDP")]
+# Port names are unique within a slice (kube-apiserver refuses duplicates, "" included).
 POLICIES: list[dict[str, str]] = [{}, {"internalTrafficPolicy": "Local"},
                                   {"externalTrafficPolicy": "Local"}]
 
