@@ -568,7 +568,11 @@ class FakeKubeAPI:
                 raise _Respond(fault.status, status_object(fault.status, message), extra)
         if not req.user:
             raise _Respond(401, status_object(401, "Unauthorized"))
-        res, namespace, name = self._route(req.path)
+        path, status_patch = req.path, False
+        if req.method == "PATCH" and req.path.endswith("/status"):
+            # The status subresource with a JSON merge patch, as Flannel and kubelets send it.
+            path, status_patch = req.path.removesuffix("/status"), True
+        res, namespace, name = self._route(path)
         verb = self._verb(req, name)
         if req.user in self.forbidden_users:
             scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
@@ -611,6 +615,8 @@ class FakeKubeAPI:
                     400, f"the name of the object ({meta.get('name')}) does not match the name "
                     f"on the URL ({name})"))
             await _write_json(writer, 200, self._replace(res, namespace, name, obj))
+        elif verb == "patch" and status_patch:
+            await _write_json(writer, 200, self._merge_patch(req, res, namespace, name))
         elif verb == "patch":
             await _write_json(writer, *self._server_side_apply(req, res, namespace, name))
         elif verb == "delete":
@@ -666,6 +672,38 @@ class FakeKubeAPI:
                 400, f"the API version in the data ({obj.get('apiVersion')}) does not match "
                 f"the expected API version ({res.api_version})"))
         return dict(obj)
+
+    def _merge_patch(self, req: Recorded, res: Resource, namespace: str, name: str
+                     ) -> dict[str, Any]:
+        """RFC 7386 merge patch of an existing object (the fake keeps no separate status)."""
+        ctype = req.headers.get("content-type", "").split(";")[0]
+        if ctype != "application/merge-patch+json":
+            raise _Respond(415, status_object(
+                415, f"the body of the request was in an unknown format (this fake: merge "
+                f"patch only, got {ctype})", "UnsupportedMediaType"))
+        current = self._current[res.plural].get(self._key(namespace, name))
+        if current is None:
+            raise _Respond(404, status_object(404, f'{res.qualified} "{name}" not found',
+                                              details=_details(res, name)))
+        try:
+            patch = json.loads(req.body)
+        except ValueError as err:
+            raise _Respond(400, status_object(400, f"invalid JSON: {err}")) from None
+
+        def merge(target: Any, change: Any) -> Any:
+            if not isinstance(change, dict):
+                return change
+            out = dict(target) if isinstance(target, dict) else {}
+            for k, v in change.items():
+                if v is None:
+                    out.pop(k, None)
+                else:
+                    out[k] = merge(out.get(k), v)
+            return out
+
+        merged = merge(json.loads(json.dumps(current)), patch)
+        merged["metadata"].pop("resourceVersion", None)
+        return self._replace(res, namespace, name, merged)
 
     def _server_side_apply(self, req: Recorded, res: Resource, namespace: str, name: str
                            ) -> tuple[int, dict[str, Any]]:
