@@ -74,11 +74,14 @@ def resolv_conf(namespace: str, zone: str) -> str:
 def pod_resolv_conf(pod: dict[str, Any], zone: str, node_ns: str) -> str:
     """``dnsPolicy: Default`` (the DNS server's own pods): the node's resolver, as kubelet's
     ``--resolv-conf``; pointing them at kube-dns would make the DNS forward to itself.
+    A lab node's resolver is ``/etc/netns/<node>/resolv.conf`` when an operator gives one;
+    never the host's: it is outside the lab, so forwarding there would send traffic out of
+    the lab's namespaces (or, unreachable, make every miss wait out the forward timeout).
+    Without one the DNS pods have no upstream and refuse names outside the cluster at once.
     Anything else: kube-dns with the search path (``ClusterFirst``)."""
     if pod.get("spec", {}).get("dnsPolicy") == "Default":
-        for path in (Path("/etc/netns") / node_ns / "resolv.conf", Path("/etc/resolv.conf")):
-            with contextlib.suppress(OSError):
-                return path.read_text()
+        with contextlib.suppress(OSError):
+            return (Path("/etc/netns") / node_ns / "resolv.conf").read_text()
         return ""
     return resolv_conf(pod.get("metadata", {}).get("namespace", "default"), zone)
 
