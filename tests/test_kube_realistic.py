@@ -14,7 +14,7 @@ import asyncio
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from dnskit import query
 from kubeapi import Certs, FakeKubeAPI, make_certs, serve_in_thread
 from svcnet.dns.daemon import DNSComponent, DNSOptions
 from svcnet.proxy.proxier import Proxier, SyncSettings
-from svcnet.proxy.state import Changes, NodeConfig
+from svcnet.proxy.state import Change, Changes, Family, NodeConfig, ServicePortState
 
 from svcnet.model import ENDPOINT_SLICE, SERVICE
 from svcnet.store.base import Invalid, Store
@@ -111,10 +111,26 @@ class RecordingBackend:
     def sync(self, changes: Changes, *, full: bool) -> None:
         self.last = changes
 
+    def sync_full(self, ports: Iterable[ServicePortState]) -> None:
+        state = {p.key: p for p in ports}
+        self.sync(Changes({k: Change(None, p) for k, p in state.items()}, state), full=True)
+
     def healthy(self) -> bool:
         return True
 
     def cleanup(self) -> None:
+        pass
+
+    def set_node_addresses(self, addresses: Mapping[Family, tuple[str, ...]]) -> None:
+        pass
+
+    def rules_total(self) -> Mapping[str, int]:
+        return {}
+
+    def kernel_items(self) -> frozenset[str] | None:
+        return None
+
+    def record_failure(self, *, full: bool) -> None:
         pass
 
     def endpoints(self, service: str) -> list[str]:
