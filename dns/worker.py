@@ -165,11 +165,12 @@ def read_updates(updates: socket.socket, box: list[Any], cache: ReplyCache) -> N
         cache.clear()
 
 
-def reply_stats(hits: dict[bytes, int]) -> dict[int, int]:
-    """Per-reply counts (keyed by the reply after its ID) as per-(qtype << 4 | rcode) counts."""
+def reply_stats(hits: dict[Any, int]) -> dict[int, int]:
+    """Per-reply counts (keyed by the reply after its ID, or already by its
+    ``qtype << 4 | rcode``) as per-(qtype << 4 | rcode) counts."""
     out: dict[int, int] = {}
     for tail, count in hits.items():
-        stat = (tail_qtype(tail) << 4) | (tail[1] & 0xF)
+        stat = tail if isinstance(tail, int) else (tail_qtype(tail) << 4) | (tail[1] & 0xF)
         out[stat] = out.get(stat, 0) + count
     return out
 
@@ -181,7 +182,7 @@ def tail_qtype(tail: bytes) -> int:
 
 
 def relay_replies(channel: socket.socket, udp: socket.socket, stats: dict[Any, Any],
-                  hits: dict[bytes, int], box: list[Any] | None = None,
+                  hits: dict[Any, int], box: list[Any] | None = None,
                   cache: ReplyCache | None = None) -> None:
     """Send the main process's replies to clients; ship statistics every second.
 
@@ -435,12 +436,13 @@ def make_answer(box: list[Any], cache: ReplyCache, slow_only: bool,
 
 
 def serve(udp: socket.socket, channel: socket.socket, answer: Callable[[bytes], bytes | None],
-          cache: dict[bytes, bytes], hits: dict[bytes, int], stats: dict[Any, Any],
+          cache: dict[bytes, bytes], hits: dict[Any, int], stats: dict[Any, Any],
           pktinfo: bool = False) -> None:
     """The hot loop: recvfrom, one dict lookup of everything after the ID, one concatenation,
     sendto, one count.
 
-    ``hits`` counts replies (keyed by the cached reply itself; the relay thread turns them
+    ``hits`` counts replies (keyed by the cached reply itself, a computed one by its type and
+    rcode; the relay thread turns them
     into per-type/rcode counts once a second), ``stats`` keeps ("d", qtype) duration
     histograms of every ``SAMPLE``-th query (timing each would cost more than the lookup)
     and ``dropped``.
@@ -505,11 +507,20 @@ def serve(udp: socket.socket, channel: socket.socket, answer: Callable[[bytes], 
                 except OSError:
                     stats["dropped"] = stats.get("dropped", 0) + 1
                 continue
-        try:
-            send(data[:2] + tail, addr)
-        except OSError:
-            continue
-        hits[tail] = counted(tail, 0) + 1
+            try:
+                send(data[:2] + tail, addr)
+            except OSError:
+                continue
+            # Counted by (qtype << 4 | rcode), not by the reply: a mix of many distinct
+            # names would keep a second's worth of replies alive in ``hits``.
+            stat = (tail_qtype(tail) << 4) | (tail[1] & 0xF)
+            hits[stat] = counted(stat, 0) + 1
+        else:
+            try:
+                send(data[:2] + tail, addr)
+            except OSError:
+                continue
+            hits[tail] = counted(tail, 0) + 1
         if not n & mask:
             elapsed = clock() - t0
             i = 0
@@ -534,7 +545,7 @@ def main(argv: list[str]) -> int:
     relay = socket.socket(fileno=os.dup(channel_fd))
     box: list[Any] = [None, 0]  # [TABLE]: (mmap, slots, mask) once synced; [GEN]: changes
     cache = ReplyCache()
-    hits: dict[bytes, int] = {}
+    hits: dict[Any, int] = {}
     stats: dict[Any, Any] = {}
     # Nothing here makes reference cycles; without the collector the cache is never
     # rescanned and the hot loop never pauses for it.

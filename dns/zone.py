@@ -220,7 +220,9 @@ class ClusterZone:
                 NOERROR, [RR(version, TXT, VERSION_TTL, f'"{names.SCHEMA_VERSION}"')], [], [],
                 version, qtype=TXT),
         }
-        for name in (z, names.fqdn("svc", z), names.fqdn("pod", z)):
+        # ns.dns.<zone>, which the SOA and NS name, exists even without an address to give
+        # (``set_ns_addresses`` fills it in): NODATA, as CoreDNS, not NXDOMAIN.
+        for name in (z, names.fqdn("svc", z), names.fqdn("pod", z), f"ns.dns.{z}"):
             for qtype in (A, AAAA):
                 ups[table_key(name, qtype)] = self._nodata(name, qtype)
         return ups
@@ -493,7 +495,7 @@ class ClusterZone:
             return True
         if where is None:
             return False
-        if where.where in ("apex", "version"):
+        if where.where in ("apex", "version") or qname == f"ns.dns.{self.zone}":
             return True
         if where.where == "svc":
             return not where.labels or (

@@ -556,3 +556,27 @@ def test_reply_cache_evicts_instead_of_emptying() -> None:
             assert cache.young.get(hot[2:]) is not None or worker(hot) is not None
             assert hot[2:] in cache.young
     zone.table.close()
+
+
+def test_ns_dns_name_is_nodata_without_addresses() -> None:
+    """``ns.dns.<zone>``, named by the SOA and NS, exists even when there is no address to
+    give it (only loopback, no kube-dns Service): NODATA with the SOA, as CoreDNS, for every
+    type, not NXDOMAIN; addresses once known, NODATA again when they go."""
+    from svcnet.dns.wire import NOERROR, TXT, A
+    from svcnet.dns.zone import ClusterZone
+
+    zone = ClusterZone("cluster.local")
+    zone.set_ns_addresses([])
+    zone.mark_synced()
+    name = "ns.dns.cluster.local."
+    for qtype in (A, 28, TXT):
+        found = zone.answer(name, qtype).prepared
+        assert found is not None and found.flags2 == NOERROR
+        assert found.counts == b"\x00\x01\x00\x00\x00\x01\x00\x00", qtype  # SOA only
+    zone.set_ns_addresses(["10.96.0.10"])
+    found = zone.answer(name, A).prepared
+    assert found is not None and found.counts[2:4] == b"\x00\x01"
+    zone.set_ns_addresses([])
+    found = zone.answer(name, A).prepared
+    assert found is not None and found.flags2 == NOERROR and found.counts[2:4] == b"\x00\x00"
+    zone.table.close()
