@@ -41,6 +41,7 @@ from svcnet.dns.wire import (
     header_only,
     parse_query,
     prepare,
+    with_opt,
 )
 from svcnet.dns.zone import ClusterZone, table_key
 
@@ -160,7 +161,7 @@ class Handler:
         key = q.qname_wire.lower() + struct.pack("!HHB", q.qtype, q.qclass, q.do)
         cached = self.cache.get(key, data[:2])
         if cached is not None:
-            return _fit(cached, q, limit), "cache"
+            return _fit(with_opt(cached, q), q, limit), "cache"
         if forwarder is None:
             return build_response(q, SERVFAIL), "forward"
         try:
@@ -171,7 +172,7 @@ class Handler:
             log.debug("forwarding %s failed: %s", q.qname, err)
             return build_response(q, SERVFAIL), "forward"
         reply = self.cache.put(key, reply)
-        return _fit(reply, q, limit), "forward"
+        return _fit(with_opt(reply, q), q, limit), "forward"
 
     async def _external(self, data: bytes, q: Query, cname: RR, limit: int) -> bytes:
         """ExternalName: the CNAME, then the target's A/AAAA records when we can get them;

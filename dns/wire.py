@@ -384,6 +384,29 @@ def answer_from_prepared(data: bytes, query: Query, prepared: Prepared, limit: i
                                  prepared.core_len, opt, limit)
 
 
+def with_opt(reply: bytes, query: Query) -> bytes:
+    """``reply`` (from an upstream) with our OPT record if the client sent EDNS and the
+    reply carries none: RFC 6891 6.1.1 says a response to an EDNS query has one (CoreDNS
+    adds it too). A reply we cannot walk is left as it is."""
+    if not query.edns or len(reply) < 12:
+        return reply
+    try:
+        _, _, qd, an, ns, ar = struct.unpack_from("!HHHHHH", reply)
+        pos = 12
+        for _ in range(qd):
+            pos = read_name(reply, pos)[1] + 4
+        for i in range(an + ns + ar):
+            rtype, _, _, _, pos = skip_rr(reply, pos)
+            if rtype == OPT and i >= an + ns:
+                return reply
+    except (WireError, IndexError, struct.error):
+        return reply
+    if ar == 0xFFFF or pos > len(reply):
+        return reply
+    return reply[:10] + _U16.pack(ar + 1) + reply[12:pos] + opt_record(do=query.do) + \
+        reply[pos:]
+
+
 def ttl_offsets(data: bytes) -> list[int]:
     """Offsets of every TTL field outside OPT records (for the cache to age answers)."""
     _, _, qd, an, ns, ar = struct.unpack_from("!HHHHHH", data)

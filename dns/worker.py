@@ -9,7 +9,9 @@ The worker holds no copy of the table (``table.py`` is one memfd mapped by every
 only a bounded cache of finished replies keyed by the query minus its ID: a repeated query
 shape (same name, case, flags and EDNS buffer size, which is what stub resolvers send) costs
 one dict lookup and one concatenation between recvfrom and sendto. A miss probes the shared
-table (``make_answer``); every table notice empties the cache. This module imports nothing
+table (``make_answer``), and a name the table lacks is answered here too when its answer
+follows from the table (pod names, ``negative_answer``: NXDOMAIN below a missing Service or
+outside ``svc``/``pod``); every table notice empties the cache. This module imports nothing
 heavy so a worker starts in tens of milliseconds.
 """
 
@@ -35,8 +37,50 @@ from svcnet.dns.table import RECORD, TableView, find
 BUCKETS = tuple(0.00025 * 2**i for i in range(16))
 FLUSH_SECONDS = 1.0
 SAMPLE = 16  # time one query in SAMPLE (a power of two); its histogram weight is SAMPLE
-CACHE_ENTRIES = 16384  # finished replies per worker (~200 bytes each); cleared when full
+CACHE_ENTRIES = 16384  # finished replies per worker (~200 bytes each), both generations
 TABLE, GEN = 0, 1  # the update thread's box: the mapped table, the count of changes seen
+
+
+class ReplyCache:
+    """Finished replies in two generations, so a full cache evicts instead of emptying.
+
+    ``young`` takes new replies and is what the hot loop looks up (a plain dict, nothing
+    done on a hit); when it holds half of ``entries`` it becomes ``old`` and the previous
+    old generation is dropped. A miss in ``young`` takes the reply from ``old`` and moves
+    it back (``take``): a reply used since the last rotation survives the next one, an
+    unused one is gone after two, and memory stays bounded by ``entries`` replies. An
+    approximation of LRU without any bookkeeping on the hit path.
+    """
+
+    __slots__ = ("half", "old", "young")
+
+    def __init__(self, entries: int = CACHE_ENTRIES) -> None:
+        self.young: dict[bytes, bytes] = {}
+        self.old: dict[bytes, bytes] = {}
+        self.half = max(1, entries // 2)
+
+    def put(self, key: bytes, tail: bytes) -> None:
+        young = self.young
+        if len(young) >= self.half:
+            old = self.old
+            old.clear()
+            old.update(young)
+            young.clear()
+        young[key] = tail
+
+    def take(self, key: bytes) -> bytes | None:
+        """The reply from the old generation, moved back to the young one; or None."""
+        tail = self.old.pop(key, None)
+        if tail is not None:
+            self.put(key, tail)
+        return tail
+
+    def clear(self) -> None:
+        self.young.clear()
+        self.old.clear()
+
+    def __len__(self) -> int:
+        return len(self.young) + len(self.old)
 
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; Python lacks the name on some builds
@@ -97,7 +141,7 @@ def control(ctl: bytes) -> list[tuple[int, int, bytes]]:
     return []
 
 
-def read_updates(updates: socket.socket, box: list[Any], cache: dict[bytes, bytes]) -> None:
+def read_updates(updates: socket.socket, box: list[Any], cache: ReplyCache) -> None:
     """Follow the main process's table: ``T`` + a file descriptor is a new table to map,
     ``G`` says the current one changed. Either way cached replies are dropped."""
     while True:
@@ -121,11 +165,12 @@ def read_updates(updates: socket.socket, box: list[Any], cache: dict[bytes, byte
         cache.clear()
 
 
-def reply_stats(hits: dict[bytes, int]) -> dict[int, int]:
-    """Per-reply counts (keyed by the reply after its ID) as per-(qtype << 4 | rcode) counts."""
+def reply_stats(hits: dict[Any, int]) -> dict[int, int]:
+    """Per-reply counts (keyed by the reply after its ID, or already by its
+    ``qtype << 4 | rcode``) as per-(qtype << 4 | rcode) counts."""
     out: dict[int, int] = {}
     for tail, count in hits.items():
-        stat = (tail_qtype(tail) << 4) | (tail[1] & 0xF)
+        stat = tail if isinstance(tail, int) else (tail_qtype(tail) << 4) | (tail[1] & 0xF)
         out[stat] = out.get(stat, 0) + count
     return out
 
@@ -137,8 +182,8 @@ def tail_qtype(tail: bytes) -> int:
 
 
 def relay_replies(channel: socket.socket, udp: socket.socket, stats: dict[Any, Any],
-                  hits: dict[bytes, int], box: list[Any] | None = None,
-                  cache: dict[bytes, bytes] | None = None) -> None:
+                  hits: dict[Any, int], box: list[Any] | None = None,
+                  cache: ReplyCache | None = None) -> None:
     """Send the main process's replies to clients; ship statistics every second.
 
     ``C`` replies depend only on the zone (negative answers, pod names, endpoint names,
@@ -169,9 +214,7 @@ def relay_replies(channel: socket.socket, udp: socket.socket, stats: dict[Any, A
                         udp.sendto(reply, addr)
                 if key and box is not None and cache is not None and \
                         int.from_bytes(msg[1:9], "big") == box[GEN] and _plain_key(key):
-                    if len(cache) >= CACHE_ENTRIES:
-                        cache.clear()
-                    cache[key] = reply[2:]
+                    cache.put(key, reply[2:])
                     if int.from_bytes(msg[1:9], "big") != box[GEN]:
                         cache.clear()  # a notice came in meanwhile
         except TimeoutError:
@@ -208,14 +251,50 @@ def _plain_key(key: bytes) -> bool:
 
 A_IN = b"\x00\x01\x00\x01"
 AAAA_IN = b"\x00\x1c\x00\x01"
+CNAME_IN = b"\x00\x05\x00\x01"
+SOA_IN = b"\x00\x06\x00\x01"
+ZONE_TRANSFERS = (b"\x00\xfb", b"\x00\xfc")  # IXFR, AXFR: REFUSED by the main process
+# Bytes of the labels a worker parses itself: anything else (a dot inside a label, escapes,
+# upper case after ``lower``) is written ``\DDD`` by the main process, so it decides.
+NAME_BYTES = b"abcdefghijklmnopqrstuvwxyz0123456789-_"
+COUNTS_NODATA = (b"\x00\x01\x00\x00\x00\x01\x00\x00", b"\x00\x01\x00\x00\x00\x01\x00\x01")
+Answer = tuple[int, bytes, bytes, bytes]  # (flags2, counts, counts with OPT, body)
 
 
-def pod_answer(mm: Any, slots: Any, mask: int, key: bytes, zone: bytes) -> tuple[
-        int, bytes, bytes, bytes] | None:
+def soa_authority(mm: Any, slots: Any, mask: int, zone: bytes, name: bytes,
+                  starts: list[int]) -> bytes | None:
+    """The zone's SOA as an authority record for a reply to ``name`` (lower-case wire,
+    ending in the zone; ``starts``: where its labels before the zone start, or [] if none
+    of them is ``ns``/``dns``/``hostmaster``), compressed as the main process does, from the
+    apex SOA answer it keeps current (its serial is the last change)."""
+    off = find(mm, slots, mask, zone + SOA_IN)
+    rel = len(name) - len(zone)
+    if not off or 12 + rel >= 0x4000:
+        return None
+    at = off + 1 + len(zone) + 4
+    blen = RECORD.unpack_from(mm, at)[6]
+    soa: bytes = mm[at + RECORD.size:at + RECORD.size + blen]  # one SOA, owner a pointer
+    if soa[:1] < b"\xc0" or len(soa) < 32:
+        return None
+    ptr = bytes((0xC0 | (12 + rel) >> 8, (12 + rel) & 0xFF))
+    mname = b"\x02ns\x03dns" + ptr
+    rname = b"\x0ahostmaster" + ptr
+    if starts:  # the question's own suffixes come first (``wire.Compressor``)
+        last = name[starts[-1]:rel]
+        if len(starts) > 1 and name[starts[-2]:rel] == b"\x02ns\x03dns":
+            mname = (0xC00C + starts[-2]).to_bytes(2, "big")
+        elif last == b"\x03dns":
+            mname = b"\x02ns" + (0xC00C + starts[-1]).to_bytes(2, "big")
+        elif last == b"\x0ahostmaster":
+            rname = (0xC00C + starts[-1]).to_bytes(2, "big")
+    rdata = mname + rname + soa[-20:]
+    return ptr + SOA_IN + soa[6:10] + len(rdata).to_bytes(2, "big") + rdata
+
+
+def pod_answer(mm: Any, slots: Any, mask: int, key: bytes, zone: bytes) -> Answer | None:
     """``a-b-c-d.<ns>.pod.<zone>`` A/AAAA with ``pods insecure``, computed from the name as
-    the main process would: (qtype's flags2, counts, counts with OPT, body), or None (the
-    main process decides). The namespace must exist, which the main process says by
-    preparing ``<ns>.pod.<zone>`` (its NODATA holds the SOA we answer NODATA with)."""
+    the main process would, or None (the main process decides). The namespace must exist,
+    which the main process says by preparing ``<ns>.pod.<zone>``."""
     tail = b"\x03pod" + zone
     qtype = key[-4:]
     name = key[:-4]
@@ -228,44 +307,100 @@ def pod_answer(mm: Any, slots: Any, mask: int, key: bytes, zone: bytes) -> tuple
     ns_len = name[ns_at] if ns_at < len(name) else 0
     if not 0 < ns_len < 64 or ns_at + 1 + ns_len + len(tail) != len(name):
         return None
-    marker = find(mm, slots, mask, name[ns_at:] + A_IN)
-    if not marker:
+    if not find(mm, slots, mask, name[ns_at:] + A_IN):
         return None
     ip = undashed(name[1:ns_at].decode("ascii", "replace"))
     if ip is None:
         return None
-    at = marker + 1 + len(name) - ns_at + 4
-    blen = RECORD.unpack_from(mm, at)[6]
-    soa = mm[at + RECORD.size:at + RECORD.size + blen]  # one SOA record, owner a pointer
-    nums = soa[-20:]
-    zone_off = 12 + len(name) - len(zone)  # the zone's labels in the client's question
-    if zone_off >= 0x4000 or soa[:1] < b"\xc0":
-        return None
-    ptr = bytes((0xC0 | zone_off >> 8, zone_off & 0xFF))
     packed = socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
     if (len(packed) == 4) == (qtype == A_IN):
-        body = b"\xc0\x0c" + qtype + nums[-4:] + len(packed).to_bytes(2, "big") + packed
+        soa = soa_authority(mm, slots, mask, zone, zone, [])  # for the TTL (SOA minimum)
+        if soa is None:
+            return None
+        body = b"\xc0\x0c" + qtype + soa[-4:] + len(packed).to_bytes(2, "big") + packed
         return 0, b"\x00\x01\x00\x01\x00\x00\x00\x00", b"\x00\x01\x00\x01\x00\x00\x00\x01", body
-    rdata = b"\x02ns\x03dns" + ptr + b"\x0ahostmaster" + ptr + nums
-    body = ptr + b"\x00\x06\x00\x01" + soa[6:10] + len(rdata).to_bytes(2, "big") + rdata
-    return 0, b"\x00\x01\x00\x00\x00\x01\x00\x00", b"\x00\x01\x00\x00\x00\x01\x00\x01", body
+    soa = soa_authority(mm, slots, mask, zone, name, [])  # "pod" precedes the zone
+    return None if soa is None else (0, *COUNTS_NODATA, soa)
 
 
-def make_answer(box: list[Any], cache: dict[bytes, bytes], slow_only: bool,
-                zone: bytes = b"", insecure_pods: bool = False
+def negative_answer(mm: Any, slots: Any, mask: int, key: bytes, zone: bytes,
+                    pods: str) -> Answer | None:
+    """NXDOMAIN (with the SOA) for a name in the zone the table lacks, when the table alone
+    proves nothing is there, as ``ClusterZone.answer`` decides; None: the main process
+    decides. Decided here:
+
+    - ``<labels>.<zone>`` not under ``svc``/``pod`` (search-path misses such as
+      ``web.ns.svc.<zone>.<zone>``) with no A/AAAA prepared for the name;
+    - ``<labels>.<service>.<ns>.svc.<zone>`` (two or more labels under ``svc``) when the
+      Service ``<service>.<ns>`` has no name prepared (every name of a Service is at or
+      below it, and ``<service>.<ns>`` is prepared for A/AAAA or CNAME while it exists);
+    - ``<a>.<b>.<c...>.pod.<zone>``, and ``<x>.<ns>.pod.<zone>`` when ``x`` is not an
+      address or pod names are disabled.
+
+    ``<ns>.svc.<zone>`` (NODATA while the namespace exists), the apex, ``svc``/``pod``
+    themselves and anything at or below an existing Service go to the main process, whose
+    reply the worker then caches."""
+    if key[-2:] != b"\x00\x01" or key[-4:-2] in ZONE_TRANSFERS:
+        return None
+    name = key[:-4]
+    rel = len(name) - len(zone)
+    if rel <= 0 or len(zone) < 2 or not name.endswith(zone):
+        return None
+    starts = []
+    pos = 0
+    while pos < rel:
+        n = name[pos]
+        if not 0 < n < 64 or name[pos + 1:pos + 1 + n].translate(None, NAME_BYTES):
+            return None
+        starts.append(pos)
+        pos += 1 + n
+    if pos != rel:
+        return None  # the zone's bytes do not start at a label
+    last = name[starts[-1]:rel]
+    count = len(starts) - 1  # labels before svc/pod
+    if last == b"\x03svc":
+        if count < 2:
+            return None
+        owner = name[starts[-3]:]
+        if find(mm, slots, mask, owner + A_IN) or find(mm, slots, mask, owner + AAAA_IN) or \
+                find(mm, slots, mask, owner + CNAME_IN):
+            return None
+    elif last == b"\x03pod":
+        if count < 2:
+            return None
+        if count == 2 and pods != "disabled" and \
+                undashed(name[1:starts[1]].decode("ascii")) is not None:
+            return None
+    elif (count == 0 and last == b"\x0bdns-version") or \
+            find(mm, slots, mask, name + A_IN) or find(mm, slots, mask, name + AAAA_IN):
+        return None
+    soa = soa_authority(mm, slots, mask, zone, name, starts)
+    return None if soa is None else (3, *COUNTS_NODATA, soa)
+
+
+def make_answer(box: list[Any], cache: ReplyCache, slow_only: bool,
+                zone: bytes = b"", pods: str = "disabled"
                 ) -> Callable[[bytes], bytes | None]:
-    """The cache-miss path: the reply (after the ID) from the shared table, or None when the
-    main process must decide (not a plain query or an unknown name, see
-    ``policy.plain_query``; no table yet). The reply follows ``policy.reply_tail``, the
-    rule every path shares."""
+    """The cache-miss path: the reply (after the ID) from the old cache generation, the
+    shared table, a pod name or a negative answer, or None when the main process must
+    decide (not a plain query, see ``policy.plain_query``; a name only the main process
+    can answer; no table yet). The reply follows ``policy.reply_tail``, the rule every
+    path shares. ``zone`` (wire) empty: no pod names and no negative answers here."""
     unpack = RECORD.unpack_from
     rsize = RECORD.size
+    take = cache.take
+    insecure_pods = pods == "insecure"
+    if zone.endswith(b"\x04arpa\x00"):
+        zone = b""  # a reverse zone: PTRs of endpoints are the main process's
 
     def answer(data: bytes) -> bytes | None:
         gen = box[GEN]  # before the table: a switch after this point is seen at the check
         table = box[TABLE]
         if table is None or slow_only:
             return None
+        old = take(data[2:])
+        if old is not None:
+            return old
         plain = plain_query(data)
         if plain is None:
             return None
@@ -279,20 +414,20 @@ def make_answer(box: list[Any], cache: dict[bytes, bytes], slow_only: bool,
             at += rsize
             tail = reply_tail(data, qend, flags1, flags2, counts, counts_edns,
                               mm[at:at + blen], core_len, opt, limit)
-        elif insecure_pods:
-            pod = pod_answer(mm, slots, mask, key, zone)
-            if pod is None:
-                return None
-            flags2, counts, counts_edns, body = pod
+        elif zone:
+            computed = pod_answer(mm, slots, mask, key, zone) if insecure_pods else None
+            if computed is None:
+                computed = negative_answer(mm, slots, mask, key, zone, pods)
+                if computed is None:
+                    return None
+            flags2, counts, counts_edns, body = computed
             tail = reply_tail(data, qend, 0x84, flags2, counts, counts_edns, body, len(body),
                               opt, limit)
         else:
             return None
         size = len(data)
         if size == qend or size == qend + 11:  # no EDNS options (cookies differ per client)
-            if len(cache) >= CACHE_ENTRIES:
-                cache.clear()
-            cache[data[2:]] = tail
+            cache.put(data[2:], tail)
             if box[GEN] != gen:  # the table changed meanwhile: this reply may be stale
                 cache.clear()
         return tail
@@ -301,12 +436,13 @@ def make_answer(box: list[Any], cache: dict[bytes, bytes], slow_only: bool,
 
 
 def serve(udp: socket.socket, channel: socket.socket, answer: Callable[[bytes], bytes | None],
-          cache: dict[bytes, bytes], hits: dict[bytes, int], stats: dict[Any, Any],
+          cache: dict[bytes, bytes], hits: dict[Any, int], stats: dict[Any, Any],
           pktinfo: bool = False) -> None:
     """The hot loop: recvfrom, one dict lookup of everything after the ID, one concatenation,
     sendto, one count.
 
-    ``hits`` counts replies (keyed by the cached reply itself; the relay thread turns them
+    ``hits`` counts replies (keyed by the cached reply itself, a computed one by its type and
+    rcode; the relay thread turns them
     into per-type/rcode counts once a second), ``stats`` keeps ("d", qtype) duration
     histograms of every ``SAMPLE``-th query (timing each would cost more than the lookup)
     and ``dropped``.
@@ -371,11 +507,20 @@ def serve(udp: socket.socket, channel: socket.socket, answer: Callable[[bytes], 
                 except OSError:
                     stats["dropped"] = stats.get("dropped", 0) + 1
                 continue
-        try:
-            send(data[:2] + tail, addr)
-        except OSError:
-            continue
-        hits[tail] = counted(tail, 0) + 1
+            try:
+                send(data[:2] + tail, addr)
+            except OSError:
+                continue
+            # Counted by (qtype << 4 | rcode), not by the reply: a mix of many distinct
+            # names would keep a second's worth of replies alive in ``hits``.
+            stat = (tail_qtype(tail) << 4) | (tail[1] & 0xF)
+            hits[stat] = counted(stat, 0) + 1
+        else:
+            try:
+                send(data[:2] + tail, addr)
+            except OSError:
+                continue
+            hits[tail] = counted(tail, 0) + 1
         if not n & mask:
             elapsed = clock() - t0
             i = 0
@@ -392,15 +537,15 @@ def serve(udp: socket.socket, channel: socket.socket, answer: Callable[[bytes], 
 def main(argv: list[str]) -> int:
     udp_fd, updates_fd, channel_fd, slow_only = (int(a) for a in argv[:4])
     zone = bytes.fromhex(argv[4]) if len(argv) > 4 else b""
-    insecure_pods = len(argv) > 5 and argv[5] == "insecure"
+    pods = argv[5] if len(argv) > 5 else "disabled"
     udp = socket.socket(fileno=udp_fd)
     updates = socket.socket(fileno=updates_fd)
     channel = socket.socket(fileno=channel_fd)
     channel.setblocking(False)
     relay = socket.socket(fileno=os.dup(channel_fd))
     box: list[Any] = [None, 0]  # [TABLE]: (mmap, slots, mask) once synced; [GEN]: changes
-    cache: dict[bytes, bytes] = {}
-    hits: dict[bytes, int] = {}
+    cache = ReplyCache()
+    hits: dict[Any, int] = {}
     stats: dict[Any, Any] = {}
     # Nothing here makes reference cycles; without the collector the cache is never
     # rescanned and the hot loop never pauses for it.
@@ -408,7 +553,7 @@ def main(argv: list[str]) -> int:
     threading.Thread(target=read_updates, args=(updates, box, cache), daemon=True).start()
     threading.Thread(target=relay_replies, args=(relay, udp, stats, hits, box, cache),
                      daemon=True).start()
-    serve(udp, channel, make_answer(box, cache, bool(slow_only), zone, insecure_pods), cache,
+    serve(udp, channel, make_answer(box, cache, bool(slow_only), zone, pods), cache.young,
           hits, stats,
           udp.getsockname()[0] in WILDCARDS)
     return 0

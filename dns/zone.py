@@ -163,7 +163,13 @@ class ClusterZone:
         runs (workers are not given the table before that)."""
         if not updates:
             return
-        self.serial = int(time.time())
+        serial = int(time.time())
+        if serial != self.serial:
+            # The apex SOA answer carries the serial too: workers build their negative
+            # answers' authority from it (``worker.soa_authority``), so keep it current.
+            self.serial = serial
+            updates = {**updates, table_key(self.zone, SOA): prepare(
+                NOERROR, [self.soa()], [], [], self.zone, qtype=SOA)}
         for key, value in updates.items():
             self.table.set(key, value)
         self.touch()
@@ -214,7 +220,9 @@ class ClusterZone:
                 NOERROR, [RR(version, TXT, VERSION_TTL, f'"{names.SCHEMA_VERSION}"')], [], [],
                 version, qtype=TXT),
         }
-        for name in (z, names.fqdn("svc", z), names.fqdn("pod", z)):
+        # ns.dns.<zone>, which the SOA and NS name, exists even without an address to give
+        # (``set_ns_addresses`` fills it in): NODATA, as CoreDNS, not NXDOMAIN.
+        for name in (z, names.fqdn("svc", z), names.fqdn("pod", z), f"ns.dns.{z}"):
             for qtype in (A, AAAA):
                 ups[table_key(name, qtype)] = self._nodata(name, qtype)
         return ups
@@ -443,6 +451,11 @@ class ClusterZone:
         """``<endpoint>.<service>.<ns>.svc.<zone>`` of a ClusterIP Service (headless ones
         are prepared): its A or AAAA, NODATA for other types, None if there is none."""
         host, service, namespace = where.labels
+        owner = names.service_name(service, namespace, self.zone)
+        # A Service without an address has no name, so nothing below it has one either
+        # (workers answer NXDOMAIN below a Service name the table lacks).
+        if table_key(owner, A) not in self.table and table_key(owner, AAAA) not in self.table:
+            return None
         pairs = self.endpoints_of(f"{namespace}/{service}")
         ips = [ip for h, ip in pairs or () if h == host]
         if not ips:
@@ -482,7 +495,7 @@ class ClusterZone:
             return True
         if where is None:
             return False
-        if where.where in ("apex", "version"):
+        if where.where in ("apex", "version") or qname == f"ns.dns.{self.zone}":
             return True
         if where.where == "svc":
             return not where.labels or (

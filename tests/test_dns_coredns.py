@@ -261,12 +261,6 @@ ADDITIONAL_BY_COUNT = {"hl8-srv/udp", "hl8-srv-http/udp"}
 # Cases where svcnet should match CoreDNS and does not yet: "case[/mode]" -> reason.
 # xfail(strict=True), so each one must be removed when fixed.
 NOT_YET: dict[str, str] = {
-    "ns-dns-a": (
-        "svcnet answers NXDOMAIN for ns.dns.<zone> when it has no non-loopback address and no "
-        "kube-dns Service points at it, though its SOA and NS name it; CoreDNS says NODATA"),
-    "reverse-unknown/edns": (
-        "a forwarded reply from an upstream that sent no OPT is relayed without one although "
-        "the client sent EDNS (RFC 6891 6.1.1: the response MUST carry an OPT); CoreDNS adds it"),
 }
 
 

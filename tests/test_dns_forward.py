@@ -52,6 +52,22 @@ def test_forward_cache_and_expiry() -> None:
         assert len([q for q in up.queries if q[0] == "www.example.org."]) == 2, "expired"
 
 
+def test_forwarded_reply_gets_opt_for_an_edns_client() -> None:
+    """RFC 6891 6.1.1: the reply to an EDNS query carries an OPT record even when the
+    upstream's reply has none (dnslib's has none), with the client's DO bit; from the
+    upstream and from the cache; a client without EDNS gets none."""
+    with upstream_server(Upstream(dict(RECORDS))) as up, serve(options(up.port)) as srv:
+        for do in (False, True, False):  # the third from the cache
+            msg = query(srv.port, "www.example.org.", "A", use_edns=0, want_dnssec=do)
+            assert msg.rcode() == dns.rcode.NOERROR and msg.answer
+            assert msg.edns == 0, msg
+            assert bool(msg.ednsflags & dns.flags.DO) == do
+            nx = query(srv.port, "nosuch.example.org.", "A", use_edns=0, want_dnssec=do)
+            assert nx.rcode() == dns.rcode.NXDOMAIN and nx.edns == 0 and nx.authority
+        plain = query(srv.port, "www.example.org.", "A")
+        assert plain.edns < 0 and plain.answer
+
+
 def test_ttl_capped_and_aged() -> None:
     with upstream_server(Upstream(dict(RECORDS), ttl=86400)) as up, \
             serve(options(up.port)) as srv:

@@ -235,7 +235,7 @@ def test_every_path_gives_the_same_reply() -> None:
     small/large buffers (forcing the additional section out, or TC), DO set or not."""
     from svcnet.dns.server import fast_answer
     from svcnet.dns.wire import answer_from_prepared, parse_query
-    from svcnet.dns.worker import GEN, TABLE, make_answer
+    from svcnet.dns.worker import GEN, TABLE, ReplyCache, make_answer
     from svcnet.dns.zone import ClusterZone
 
     from svcnet.model import ENDPOINT_SLICE as SLICE_KIND
@@ -261,7 +261,7 @@ def test_every_path_gives_the_same_reply() -> None:
         zone.set_service(key, SERVICE_KIND.convert(obj),
                          [SLICE_KIND.convert(s) for s in slices.get(key, [])])
     box: list[Any] = [(zone.table.mm, zone.table.slots, zone.table.mask), 0]
-    worker = make_answer(box, {}, False)
+    worker = make_answer(box, ReplyCache(), False)
     assert box[GEN] == 0 and box[TABLE] is not None
     checked = 0
     for key, prepared in list(zone.table.items()):
@@ -335,10 +335,11 @@ def test_worker_pod_answers_equal_the_main_process(monkeypatch: pytest.MonkeyPat
     """With ``pods insecure`` a worker answers pod names itself (from the name, once the
     namespace's marker ``<ns>.pod.<zone>`` is prepared); its bytes are the main process's
     for A, AAAA, NODATA, IPv6 names, letter case and EDNS; names it cannot decide (no
-    marker, not an address, other types) go to the main process."""
+    marker, other types) go to the main process, and names that are not pod names (not an
+    address, extra labels) are NXDOMAIN from the worker too."""
     from svcnet.dns import zone as zone_module
     from svcnet.dns.wire import answer_from_prepared, encode_name, parse_query
-    from svcnet.dns.worker import make_answer
+    from svcnet.dns.worker import ReplyCache, make_answer
     from svcnet.dns.zone import ClusterZone
 
     from svcnet.model import SERVICE as SERVICE_KIND
@@ -349,8 +350,8 @@ def test_worker_pod_answers_equal_the_main_process(monkeypatch: pytest.MonkeyPat
                      [])
     zone.set_namespace("empty", True)
     zone.mark_synced()
-    worker = make_answer([(zone.table.mm, zone.table.slots, zone.table.mask), 1], {}, False,
-                         encode_name(zone.zone), True)
+    worker = make_answer([(zone.table.mm, zone.table.slots, zone.table.mask), 1], ReplyCache(),
+                         False, encode_name(zone.zone), "insecure")
     answered = 0
     for name in ("10-1-2-3.shop.pod.cluster.local.", "10-1-2-3.EMPTY.pod.Cluster.Local.",
                  "fd00--1.shop.pod.cluster.local.", "1--2-3.shop.pod.cluster.local.",
@@ -365,8 +366,10 @@ def test_worker_pod_answers_equal_the_main_process(monkeypatch: pytest.MonkeyPat
                     data += b"\x00" + struct.pack("!HHIH", 41, 1232, 0, 0)
                 tail = worker(data)
                 q = parse_query(data)
-                decidable = qtype in (1, 28) and ".pod.cluster.local." in name.lower() and \
-                    "nons" not in name and "bad" not in name and not name.startswith("x.")
+                negative = "bad" in name or name.startswith("x.")
+                decidable = negative or (
+                    qtype in (1, 28) and ".pod.cluster.local." in name.lower() and
+                    "nons" not in name)
                 if not decidable:
                     assert tail is None, name
                     continue
@@ -375,8 +378,9 @@ def test_worker_pod_answers_equal_the_main_process(monkeypatch: pytest.MonkeyPat
                 assert result.prepared is not None
                 assert data[:2] + tail == answer_from_prepared(data, q, result.prepared,
                                                                q.udp_size), (name, qtype, edns)
+                assert (tail[1] & 0xF == 3) == negative, name
                 answered += 1
-    assert answered == 4 * 2 * 2
+    assert answered == 4 * 2 * 2 + 2 * 3 * 2
     zone.table.close()
 
 
@@ -390,3 +394,189 @@ def test_first_time_pod_names_stay_in_the_worker(server: Running) -> None:
         assert lines(msg.answer) == [f"10-77-0-{i + 1}.shop.pod.cluster.local. 5 IN A "
                                      f"10.77.0.{i + 1}"]
     assert srv.handoffs == before
+
+
+# --- workers answer negatives themselves (issue 13: the "mixed" query mix) ----------------------
+
+NEGATIVE_NAMES = [
+    # (name, decided by the worker for A)
+    ("nosuch.shop.svc.cluster.local.", True),  # no such Service in an existing namespace
+    ("web.shop.svc.cluster.local.shop.svc.cluster.local.", True),  # search-path misses
+    ("web.shop.svc.cluster.local.svc.cluster.local.", True),
+    ("web.shop.svc.cluster.local.cluster.local.", True),  # extra labels, not under svc/pod
+    ("web.shop.default.svc.cluster.local.", True),  # "web.shop" searched in default
+    ("a.b.c.d.nons.svc.cluster.local.", True),
+    ("nope.cluster.local.", True),
+    ("dns.cluster.local.", True),
+    ("x.dns-version.cluster.local.", True),
+    ("empty.shop.svc.cluster.local.", True),  # headless without endpoints: no name
+    ("10-1-0-5.noip.shop.svc.cluster.local.", True),  # below a Service without an address
+    ("bad.shop.pod.cluster.local.", True),
+    ("x.10-1-2-3.shop.pod.cluster.local.", True),
+    ("web.shop.svc.cluster.local.Cluster.LOCAL.", True),  # letter case
+    # the main process decides (and the worker caches its reply)
+    ("shop.svc.cluster.local.", False),  # an existing namespace: NODATA
+    ("nons.svc.cluster.local.", False),
+    ("svc.cluster.local.", False),  # prepared for A
+    ("pod.cluster.local.", False),
+    ("cluster.local.", False),
+    ("dns-version.cluster.local.", False),
+    ("ns.dns.cluster.local.", False),
+    ("web.shop.svc.cluster.local.", False),  # prepared
+    ("x.web.shop.svc.cluster.local.", False),  # below an existing Service (spec: NXDOMAIN)
+    ("10-1-0-5.web.shop.svc.cluster.local.", False),  # an endpoint of a ClusterIP Service
+    ("_tcp.web.shop.svc.cluster.local.", False),
+    ("x.db-0.hl.shop.svc.cluster.local.", False),
+    ("alias.shop.svc.cluster.local.", False),  # ExternalName: CNAME
+    ("x.alias.shop.svc.cluster.local.", False),
+    ("10-1-2-3.shop.pod.cluster.local.", False),  # pods verified: the main process
+    ("www.example.com.", False),  # outside the zone
+    ("5.0.1.10.in-addr.arpa.", False),
+]
+
+
+def _wire(name: str) -> bytes:
+    return b"".join(bytes((len(p),)) + p.encode() for p in name.split(".") if p) + b"\x00"
+
+
+@pytest.mark.parametrize("pods", ["verified", "insecure", "disabled"])
+def test_worker_negative_answers_equal_the_main_process(pods: str) -> None:
+    """Every name a worker answers without the table holding it (NXDOMAIN below a missing
+    Service, search-path misses, names outside ``svc``/``pod``, non-address pod names) gets
+    the bytes the main process's handler gives, for every query type (and class CH,
+    zone transfers), letter case, RD/CD and EDNS with or without DO; the names that need
+    the main process (an existing namespace's NODATA, names below an existing Service,
+    ClusterIP endpoint names, ExternalNames) are left to it."""
+    import asyncio
+
+    from svcnet.dns.handler import Handler
+    from svcnet.dns.worker import ReplyCache, make_answer
+    from svcnet.dns.zone import ClusterZone
+
+    from svcnet.model import ENDPOINT_SLICE as SLICE_KIND
+    from svcnet.model import SERVICE as SERVICE_KIND
+
+    zone = ClusterZone("cluster.local", pods=pods)  # type: ignore[arg-type]
+    services = [
+        svc("shop", "web", clusterIP="10.0.0.10", ports=[{"name": "http", "port": 80}]),
+        svc("shop", "noip", clusterIP="", ports=[{"name": "http", "port": 80}]),
+        svc("shop", "hl", clusterIP="None", ports=[{"name": "http", "port": 80}]),
+        svc("shop", "empty", clusterIP="None", ports=[{"name": "http", "port": 80}]),
+        svc("shop", "alias", type="ExternalName", externalName="web.shop.svc.cluster.local"),
+    ]
+    slices = {"shop/hl": [eps("shop", "hl", "hl-1", [{"addresses": ["10.2.0.1"],
+                                                       "hostname": "db-0"}],
+                              [{"name": "http", "port": 80}])]}
+    for obj in services:
+        key = f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
+        zone.set_service(key, SERVICE_KIND.convert(obj),
+                         [SLICE_KIND.convert(s) for s in slices.get(key, [])])
+    zone.endpoints_of = lambda key: [("10-1-0-5", "10.1.0.5")] if key in (
+        "shop/web", "shop/noip") else None
+    zone.set_namespace("default", True)
+    zone.set_ns_addresses(["10.96.0.10"])
+    zone.mark_synced()
+    handler = Handler(zone)
+    worker = make_answer([(zone.table.mm, zone.table.slots, zone.table.mask), 1], ReplyCache(),
+                         False, _wire(zone.zone), pods)
+    decided: dict[str, bool] = {}
+
+    async def check() -> int:
+        checked = 0
+        for name, _ in NEGATIVE_NAMES:
+            for qtype, qclass in ((1, 1), (28, 1), (33, 1), (16, 1), (12, 1), (5, 1), (15, 1),
+                                  (255, 1), (6, 1), (2, 1), (252, 1), (251, 1), (1, 3)):
+                for flags, edns in ((0x0100, None), (0x0000, (1232, False)),
+                                    (0x0110, (4096, True)), (0x0100, (512, True))):
+                    data = struct.pack("!HHHHHH", 0x4242, flags, 1, 0, 0,
+                                       0 if edns is None else 1) + _wire(name) + \
+                        struct.pack("!HH", qtype, qclass)
+                    if edns is not None:
+                        data += b"\x00" + struct.pack("!HHIH", 41, edns[0],
+                                                      0x8000 if edns[1] else 0, 0)
+                    tail = worker(data)
+                    if qtype == 1 and qclass == 1 and edns is None:
+                        decided[name] = tail is not None and tail[1] & 0xF == 3
+                    if tail is None:
+                        continue
+                    main, cacheable = await handler.handle_cacheable(data)
+                    assert data[:2] + tail == main, (name, qtype, qclass, edns)
+                    assert cacheable
+                    checked += 1
+        return checked
+
+    assert asyncio.run(check()) > 500
+    expected = {name: worker_decides for name, worker_decides in NEGATIVE_NAMES}
+    if pods == "disabled":
+        expected["10-1-2-3.shop.pod.cluster.local."] = True  # no pod names at all
+    assert decided == expected
+    zone.table.close()
+
+
+def test_first_time_negative_answers_stay_in_the_worker(server: Running) -> None:
+    """Search-path misses never asked before are answered by the worker (NXDOMAIN with the
+    zone's SOA, as the main process would), not handed to the main process: a realistic
+    mix has more distinct ones than any reply cache holds."""
+    srv = server.component.server
+    before = srv.handoffs
+    for i in range(30):
+        for name in (f"svc-{i}.shop.svc.cluster.local.default.svc.cluster.local.",
+                     f"svc-{i}.shop.default.svc.cluster.local.", f"nosuch-{i}.cluster.local."):
+            msg = query(server.port, name, "AAAA" if i % 2 else "A", use_edns=0 if i % 3 else False)
+            assert msg.rcode() == dns.rcode.NXDOMAIN, name
+            assert not msg.answer
+            assert [(r.name.to_text(), r.rdtype) for r in msg.authority] == [
+                ("cluster.local.", dns.rdatatype.SOA)]
+    assert srv.handoffs == before
+
+
+def test_reply_cache_evicts_instead_of_emptying() -> None:
+    """A full reply cache keeps its recently used replies and at least half its entries,
+    and never holds more than its bound, however many distinct queries pass."""
+    from svcnet.dns.worker import ReplyCache, make_answer
+    from svcnet.dns.zone import ClusterZone
+
+    zone = ClusterZone("cluster.local")
+    zone.mark_synced()
+    cache = ReplyCache(64)
+    worker = make_answer([(zone.table.mm, zone.table.slots, zone.table.mask), 1], cache, False,
+                         _wire(zone.zone), "insecure")
+
+    def q(name: str) -> bytes:
+        return struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 0, 0) + _wire(name) + \
+            struct.pack("!HH", 1, 1)
+
+    hot = q("hot.nowhere.svc.cluster.local.")
+    assert worker(hot) is not None
+    for i in range(1000):
+        data = q(f"n{i}.nowhere.svc.cluster.local.")
+        assert worker(data) is not None
+        assert min(i, 32) <= len(cache) <= 64, (i, len(cache))
+        if i % 10 == 0:  # what serve does: the young generation, then ``answer``
+            assert cache.young.get(hot[2:]) is not None or worker(hot) is not None
+            assert hot[2:] in cache.young
+    zone.table.close()
+
+
+def test_ns_dns_name_is_nodata_without_addresses() -> None:
+    """``ns.dns.<zone>``, named by the SOA and NS, exists even when there is no address to
+    give it (only loopback, no kube-dns Service): NODATA with the SOA, as CoreDNS, for every
+    type, not NXDOMAIN; addresses once known, NODATA again when they go."""
+    from svcnet.dns.wire import NOERROR, TXT, A
+    from svcnet.dns.zone import ClusterZone
+
+    zone = ClusterZone("cluster.local")
+    zone.set_ns_addresses([])
+    zone.mark_synced()
+    name = "ns.dns.cluster.local."
+    for qtype in (A, 28, TXT):
+        found = zone.answer(name, qtype).prepared
+        assert found is not None and found.flags2 == NOERROR
+        assert found.counts == b"\x00\x01\x00\x00\x00\x01\x00\x00", qtype  # SOA only
+    zone.set_ns_addresses(["10.96.0.10"])
+    found = zone.answer(name, A).prepared
+    assert found is not None and found.counts[2:4] == b"\x00\x01"
+    zone.set_ns_addresses([])
+    found = zone.answer(name, A).prepared
+    assert found is not None and found.flags2 == NOERROR and found.counts[2:4] == b"\x00\x00"
+    zone.table.close()
