@@ -14,6 +14,7 @@ import struct
 import time
 from collections.abc import Iterator
 
+import dns.exception
 import dns.message
 import dns.rcode
 import pytest
@@ -101,7 +102,15 @@ packets = st.one_of(
 
 
 def check_valid(srv: Running) -> None:
-    msg = query(srv.port, NAME, "A", timeout=2)
+    """A valid query is answered right. Like any stub resolver it tries again on a timeout:
+    under load the burst just sent may still fill the socket's queue (UDP drops, not a bug)."""
+    for attempt in range(3):
+        try:
+            msg = query(srv.port, NAME, "A", timeout=2)
+            break
+        except dns.exception.Timeout:
+            if attempt == 2:
+                raise
     assert msg.rcode() == dns.rcode.NOERROR
     assert [rr.to_text() for rr in msg.answer[0]] == ["10.0.0.10"]
 
