@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from typing import Any
 
 from prometheus_client import REGISTRY
 from watchkit import Recorder, eventually, service
 
 from svcnet.model import ENDPOINT_SLICE, SERVICE
-from svcnet.store.base import Selector
+from svcnet.store.base import NO_SELECTOR, Event, Selector, Unavailable
 from svcnet.store.memory import MemoryStore
-from svcnet.watch import Informer, InformerFactory
+from svcnet.watch import Informer, InformerFactory, Listed, changes
+from svcnet.watch.informer import Backoff
 
 
 def metric(name: str, **labels: str) -> float:
@@ -167,3 +170,50 @@ async def test_handler_failure_does_not_stop_the_informer() -> None:
     await store.put(SERVICE, service("a", "10.0.0.9"))
     await eventually(lambda: calls == ["add", "update"])
     await inf.stop()
+
+
+class _RecordingBackoff(Backoff):
+    """Real backoff with a tiny base, remembering the attempt number behind each delay."""
+
+    def __init__(self) -> None:
+        super().__init__(base=0.0001, cap=0.001)
+        self.attempts: list[int] = []
+
+    def next(self) -> float:
+        self.attempts.append(self._attempt)
+        return super().next()
+
+
+class _FlakyStore(MemoryStore):
+    """Watches fail while ``failing`` is set; a resumed watch then delivers again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing = 0
+
+    async def watch(self, kind: Any, *, revision: str, selector: Selector = NO_SELECTOR
+                    ) -> AsyncIterator[Event]:
+        if self.failing:
+            self.failing -= 1
+            raise Unavailable("connection refused")
+        async for event in super().watch(kind, revision=revision, selector=selector):
+            yield event
+
+
+async def test_backoff_restarts_after_a_watch_delivers_again() -> None:
+    """An outage long ago must not make the next failure wait the capped delay: the watch
+    resumes by revision (no relist), so delivering events is what proves it healthy."""
+    store = _FlakyStore()
+    backoff = _RecordingBackoff()
+    stream = changes(store, SERVICE, backoff=backoff)
+    assert isinstance(await anext(stream), Listed)
+    store.failing = 6
+    await store.put(SERVICE, service("a"))
+    assert isinstance(await anext(stream), Event)  # after six failed attempts
+    assert backoff.attempts == [0, 1, 2, 3, 4, 5]
+    store.failing = 1
+    await store.restart()  # the watch drops and the next attempt fails ...
+    await store.put(SERVICE, service("b"))
+    assert isinstance(await anext(stream), Event)
+    assert backoff.attempts[6:] == [0, 1]  # ... starting again from the base delay
+    await stream.aclose()

@@ -94,11 +94,17 @@ async def changes(
             async for event in store.watch(kind, revision=revision, selector=selector):
                 if event.revision:
                     revision = event.revision
+                if not seen:
+                    # A watch that delivers is healthy again: the next failure starts from
+                    # the base delay, not from where a past outage left the backoff.
+                    backoff.reset()
                 seen += 1
                 yield event
             metrics.RESTARTS.labels(kind.name, "closed").inc()
             if not seen and time.monotonic() - started < 1.0:
                 await asyncio.sleep(backoff.next())
+            else:
+                backoff.reset()
         except Expired as err:
             log.info("watch %s expired (%s); relisting", kind.name, err)
             revision, reason = None, "expired"
