@@ -27,78 +27,46 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import suppress
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
 
-from svcnet.model import ENDPOINT_SLICE, Kind
+from svcnet.lab.etcdfault import (
+    Burst,
+    EtcdCluster,
+    history,
+    kill_during_burst,
+    retry,
+)
+
+from svcnet.model import ENDPOINT_SLICE
 from svcnet.store.base import (
-    NO_SELECTOR,
-    Event,
     EventType,
-    Listing,
-    NotFound,
-    RawObject,
-    Selector,
     Unavailable,
 )
 from svcnet.store.etcd import EtcdClient, EtcdStore
-from svcnet.watch import Backoff, Informer
-
-T = TypeVar("T")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Cluster:
-    def __init__(self, members: int = 3) -> None:
-        self.dir = tempfile.mkdtemp(prefix="svcnet-bench-etcd3-")
-        self.names = [f"m{i}" for i in range(members)]
-        self.client = {n: _free_port() for n in self.names}
-        self.peer = {n: _free_port() for n in self.names}
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def endpoint(self, name: str) -> str:
-        return f"127.0.0.1:{self.client[name]}"
-
-    def start(self, only: str | None = None) -> None:
-        initial = ",".join(f"{n}=http://127.0.0.1:{self.peer[n]}" for n in self.names)
-        for n in [only] if only else self.names:
-            self.procs[n] = subprocess.Popen(
-                ["etcd", "--name", n, "--data-dir", f"{self.dir}/{n}",
-                 "--listen-client-urls", f"http://127.0.0.1:{self.client[n]}",
-                 "--advertise-client-urls", f"http://127.0.0.1:{self.client[n]}",
-                 "--listen-peer-urls", f"http://127.0.0.1:{self.peer[n]}",
-                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer[n]}",
-                 "--initial-cluster", initial, "--initial-cluster-state", "new",
-                 "--heartbeat-interval", "50", "--election-timeout", "500"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                env={**os.environ, "ETCD_UNSUPPORTED_ARCH": "amd64"})
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            with suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGCONT)
-            proc.kill()
-            proc.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
+@contextmanager
+def _cluster() -> Iterator[EtcdCluster]:
+    base = Path(tempfile.mkdtemp(prefix="svcnet-bench-etcd3-"))
+    cluster = EtcdCluster(base, 3)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 async def one_round(fault: str) -> tuple[float, int]:
-    cluster = Cluster()
-    cluster.start()
-    try:
+    with _cluster() as cluster:
         watcher = EtcdClient([cluster.endpoint(n) for n in cluster.names], timeout=2.0)
         for _ in range(100):
             try:
@@ -135,8 +103,10 @@ async def one_round(fault: str) -> tuple[float, int]:
         task = asyncio.create_task(watch())
         written = await write(0, 25)
         faulted = time.monotonic()
-        proc = cluster.procs[victim]
-        proc.send_signal(signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+        if fault == "kill":
+            cluster.kill(victim)
+        else:
+            cluster.freeze(victim)
         written += await write(25, 25)
         deadline = time.monotonic() + 30
         while len(seen) < len(written) and time.monotonic() < deadline:
@@ -152,8 +122,6 @@ async def one_round(fault: str) -> tuple[float, int]:
         await watcher.close()
         await writer.close()
         return gap, lost
-    finally:
-        cluster.stop()
 
 
 async def run(rounds: int) -> dict[str, float | int]:
@@ -173,61 +141,6 @@ async def run(rounds: int) -> dict[str, float | int]:
 
 
 # ---- the lab's case: an informer whose member is killed during a write burst ----------
-
-
-class _Recording:
-    """The etcd store, remembering every raw watch event and counting lists."""
-
-    def __init__(self, inner: EtcdStore) -> None:
-        self.inner = inner
-        self.lists = 0
-        self.events: list[Event] = []
-
-    async def list(self, kind: Kind[Any], *, selector: Selector = NO_SELECTOR) -> Listing:
-        listing = await self.inner.list(kind, selector=selector)
-        self.lists += 1  # lists that succeeded: a failed one loses no place
-        return listing
-
-    async def watch(self, kind: Kind[Any], *, revision: str,
-                    selector: Selector = NO_SELECTOR) -> AsyncIterator[Event]:
-        async for event in self.inner.watch(kind, revision=revision, selector=selector):
-            self.events.append(event)
-            yield event
-
-    async def put(self, kind: Kind[Any], obj: Mapping[str, Any]) -> RawObject:
-        return await self.inner.put(kind, obj)
-
-    async def delete(self, kind: Kind[Any], namespace: str, name: str) -> None:
-        await self.inner.delete(kind, namespace, name)
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-
-def _slice(name: str, hosts: list[int]) -> dict[str, Any]:
-    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": name, "namespace": "default",
-                         "labels": {"kubernetes.io/service-name": name}},
-            "addressType": "IPv4",
-            "endpoints": [{"addresses": [f"10.244.{h // 250}.{h % 250 + 2}"],
-                           "conditions": {"ready": True}} for h in hosts],
-            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}
-
-
-async def _retry(op: Callable[[], Awaitable[T]], seconds: float = 30) -> T:
-    """Repeat an operation the cluster could not take (election, member just killed)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            return await op()
-        except Unavailable:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
-
-
-def _history_key(e: Event) -> tuple[str, str, str]:
-    return (e.type.value, e.revision, e.obj.key if e.obj else "")
 
 
 class _Slow:
@@ -285,163 +198,65 @@ class _ChildInformer:
         await self._reader
 
 
-async def informer_round(seed: int, writes: int = 200, objects: int = 8, writers: int = 4,
+async def informer_round(seed: int, writes: int = 200, objects: int = 8,
                          restart: bool = False, lag: float = 0.0, separate: bool = False
                          ) -> dict[str, Any]:
     """One kill during a burst; the informer's view is compared with etcd's history."""
     rng = random.Random(seed)
-    cluster = Cluster()
-    cluster.start()
-    try:
-        order = cluster.names[:]
-        rng.shuffle(order)
-        endpoints = [cluster.endpoint(n) for n in order]
-        watched = _Recording(EtcdStore(endpoints, timeout=2))
-        first = rng.randrange(len(endpoints))
-        writer = EtcdStore(endpoints[first:] + endpoints[:first], timeout=2)
-        hosts: dict[str, list[int]] = {f"s{i}": [i] for i in range(objects)}
-        for name, h in hosts.items():
-            await _retry(lambda n=name, h=h: writer.put(ENDPOINT_SLICE, _slice(n, h)))
+    with _cluster() as cluster:
+        victim = rng.choice(cluster.names)
         if separate:
-            return await _separate_round(rng, cluster, order, writer, hosts, writes, writers,
-                                         restart, seed)
-        inf = Informer(watched, ENDPOINT_SLICE, backoff=Backoff(base=0.05, cap=1.0))
-        if lag:
-            inf.add_handler(_Slow(lag))
-        inf.start()
-        await inf.wait_synced(30)
-        listed = inf.revision
-        victim = next(n for n in cluster.names
-                      if cluster.endpoint(n) == watched.inner.client.endpoint)
-        kill_at = rng.randrange(writes)
-        restart_at = rng.randrange(kill_at, writes) if restart else -1
-        counter = iter(range(objects, 10**9))
-        done = latest = behind = 0
-
-        async def burst(names: list[str], share: int) -> None:
-            """One of several concurrent writers, each on its own objects (as controllers)."""
-            nonlocal done, latest, behind
-            for _ in range(share):
-                if done == kill_at:
-                    cluster.procs.pop(victim).kill()
-                    behind = latest - int(inf.revision or 0)
-                if done == restart_at:
-                    cluster.start(victim)
-                done += 1
-                name = rng.choice(names)
-                if rng.random() < 0.1:
-                    with suppress(NotFound):
-                        await _retry(lambda n=name: writer.delete(ENDPOINT_SLICE, "default", n))
-                    hosts[name] = []
-                    continue
-                if hosts[name] and rng.random() < 0.4:
-                    hosts[name] = hosts[name][1:]
-                else:
-                    hosts[name] = [*hosts[name], next(counter)]
-                raw = await _retry(lambda n=name: writer.put(ENDPOINT_SLICE, _slice(n, hosts[n])))
-                latest = max(latest, int(raw.revision))
-
-        names = sorted(hosts)
-        await asyncio.gather(*(burst(names[w::writers], writes // writers)
-                               for w in range(writers)))
-        wrote = time.monotonic()
-        truth = await _retry(lambda: writer.list(ENDPOINT_SLICE))
-        deadline = time.monotonic() + 30
-        while int(inf.revision or 0) < int(truth.revision) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        caught_up = time.monotonic() - wrote
-        want = {o.key: o.revision for o in truth.items}
-        cached = {k: o.metadata.resource_version for k in inf.cache.keys_snapshot()
-                  if (o := inf.cache.get(k)) is not None}
-        count = int(truth.revision) - int(listed)
-        history: list[Event] = []
-        if count > 0:
-            async def read_history() -> None:
-                async for e in writer.watch(ENDPOINT_SLICE, revision=listed):
-                    if e.type is not EventType.BOOKMARK:
-                        history.append(e)
-                        if int(e.revision) >= int(truth.revision):
-                            return
-            await asyncio.wait_for(read_history(), 30)
-        got = [_history_key(e) for e in watched.events if e.type is not EventType.BOOKMARK]
-        want_events = [_history_key(e) for e in history]
-        await inf.stop()
-        await watched.close()
-        await writer.close()
-        return {"seed": seed, "victim": victim, "kill_at": kill_at, "restart_at": restart_at,
-                "events": len(want_events), "missed": len(set(want_events) - set(got)),
-                "extra": len(got) - len(set(got)) + len(set(got) - set(want_events)),
-                "cache_ok": cached == want, "relists": watched.lists - 1, "behind": behind,
-                "catch_up_s": round(caught_up, 3)}
-    finally:
-        cluster.stop()
+            return await _separate_round(rng, cluster, victim, writes, objects, restart, seed)
+        r = await kill_during_burst(cluster, victim, rng, restart=restart, writes=writes,
+                                    objects=objects, handler=_Slow(lag) if lag else None)
+        return {"seed": seed, "victim": victim, "kill_at": r.kill_at,
+                "restart_at": r.restart_at, "events": len(r.want), "missed": r.missed,
+                "extra": r.extra, "cache_ok": r.cache_ok, "relists": r.lists - 1,
+                "behind": r.behind, "catch_up_s": r.catch_up_s}
 
 
-async def _separate_round(rng: random.Random, cluster: Cluster, order: list[str],
-                          writer: EtcdStore, hosts: dict[str, list[int]], writes: int,
-                          writers: int, restart: bool, seed: int) -> dict[str, Any]:
+async def _separate_round(rng: random.Random, cluster: EtcdCluster, victim: str, writes: int,
+                          objects: int, restart: bool, seed: int) -> dict[str, Any]:
     """``informer_round`` with the informer in a child process (see ``_ChildInformer``)."""
+    others = [n for n in cluster.names if n != victim]
+    order = [victim, *others]
+    writer = EtcdStore([cluster.endpoint(n) for n in reversed(order)], timeout=2)
+    burst = Burst(writer, rng, {f"s{i}": [i] for i in range(objects)}, writes)
+    await burst.seed()
     child = _ChildInformer([cluster.endpoint(n) for n in order])
-    victim = order[0]
     try:
         deadline = time.monotonic() + 60
-        while len(child.state()) < len(hosts) and time.monotonic() < deadline:
+        while len(child.state()) < objects and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        listed = str(await _retry(writer.client.revision))
+        listed = str(await retry(writer.client.revision))
         kill_at = rng.randrange(writes)
         restart_at = rng.randrange(kill_at, writes) if restart else -1
-        counter = iter(range(len(hosts), 10**9))
-        done = behind = 0
+        behind = 0
 
-        async def burst(names: list[str], share: int) -> None:
-            nonlocal done, behind
-            for _ in range(share):
-                step, done = done, done + 1
-                if step == kill_at:
-                    cluster.procs.pop(victim).kill()
-                    behind = int(await _retry(writer.client.revision)) - child.seen
-                if step == restart_at:
-                    cluster.start(victim)
-                name = rng.choice(names)
-                if rng.random() < 0.1:
-                    with suppress(NotFound):
-                        await _retry(lambda n=name: writer.delete(ENDPOINT_SLICE, "default", n))
-                    hosts[name] = []
-                    continue
-                if hosts[name] and rng.random() < 0.4:
-                    hosts[name] = hosts[name][1:]
-                else:
-                    hosts[name] = [*hosts[name], next(counter)]
-                await _retry(lambda n=name: writer.put(ENDPOINT_SLICE, _slice(n, hosts[n])))
+        async def step(at: int) -> None:
+            nonlocal behind
+            if at == kill_at:
+                cluster.kill(victim)
+                behind = int(await retry(writer.client.revision)) - child.seen
+            if at == restart_at:
+                await asyncio.to_thread(cluster.start, victim)
 
-        names = sorted(hosts)
-        await asyncio.gather(*(burst(names[w::writers], writes // writers)
-                               for w in range(writers)))
+        await burst.run(step)
         wrote = time.monotonic()
-        truth = await _retry(lambda: writer.list(ENDPOINT_SLICE))
+        truth = await retry(lambda: writer.list(ENDPOINT_SLICE))
         want = {o.key: o.revision for o in truth.items}
         deadline = time.monotonic() + 30
         while child.state() != want and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         caught_up = time.monotonic() - wrote
-        history: list[Event] = []
-
-        async def read_history() -> None:
-            async for e in writer.watch(ENDPOINT_SLICE, revision=listed):
-                if e.type is not EventType.BOOKMARK:
-                    history.append(e)
-                    if int(e.revision) >= int(truth.revision):
-                        return
-
-        if int(truth.revision) > int(listed):
-            await asyncio.wait_for(read_history(), 30)
-        puts = {int(e.revision) for e in history if e.type is not EventType.DELETED}
+        events = await history(writer, listed, truth.revision)
+        puts = {int(e.revision) for e in events if e.type is not EventType.DELETED}
         got_puts = {rv for verb, _k, rv in child.lines if verb != "DELETED"
                     and rv > int(listed)}
-        deletes = sorted(e.obj.key for e in history if e.type is EventType.DELETED and e.obj)
+        deletes = sorted(e.obj.key for e in events if e.type is EventType.DELETED and e.obj)
         got_deletes = sorted(k for verb, k, rv in child.lines if verb == "DELETED")
         return {"seed": seed, "victim": victim, "kill_at": kill_at, "restart_at": restart_at,
-                "events": len(history),
+                "events": len(events),
                 "missed": len(puts - got_puts) + len(set(deletes) ^ set(got_deletes)),
                 "extra": len(got_puts - puts) + abs(len(deletes) - len(got_deletes)),
                 "cache_ok": child.state() == want, "relists": 0, "behind": behind,

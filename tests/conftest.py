@@ -6,14 +6,13 @@ import contextlib
 import itertools
 import os
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from svcnet.lab import etcdfault
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 _ns_counter = itertools.count()
@@ -90,73 +89,12 @@ def _kill_ns_processes(name: str) -> None:
             os.kill(int(pid), 9)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class EtcdCluster:
-    """Real etcd members on loopback, each in its own data dir; members can be killed."""
+class EtcdCluster(etcdfault.EtcdCluster):
+    """Real etcd members on loopback (svcnet.lab.etcdfault), failing the test without etcd."""
 
     def __init__(self, base: Path, members: int) -> None:
         require_binary("etcd")
-        self.base = base
-        self.names = [f"m{i}" for i in range(members)]
-        self.client_ports = {n: free_port() for n in self.names}
-        self.peer_ports = {n: free_port() for n in self.names}
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        # TLS tests set these: "https" and the --client-cert-auth/--cert-file/... flags.
-        self.client_scheme = "http"
-        self.client_args: list[str] = []
-
-    @property
-    def endpoints(self) -> list[str]:
-        return [f"127.0.0.1:{self.client_ports[n]}" for n in self.names]
-
-    def endpoint(self, name: str) -> str:
-        return f"127.0.0.1:{self.client_ports[name]}"
-
-    def start(self, name: str | None = None) -> None:
-        initial = ",".join(f"{n}=http://127.0.0.1:{self.peer_ports[n]}" for n in self.names)
-        for n in [name] if name else self.names:
-            cport, pport = self.client_ports[n], self.peer_ports[n]
-            log = open(self.base / f"{n}.log", "ab")  # noqa: SIM115 - lives as long as etcd
-            self.procs[n] = subprocess.Popen(
-                ["etcd", "--name", n, "--data-dir", str(self.base / n),
-                 "--listen-client-urls", f"{self.client_scheme}://127.0.0.1:{cport}",
-                 "--advertise-client-urls", f"{self.client_scheme}://127.0.0.1:{cport}",
-                 "--listen-peer-urls", f"http://127.0.0.1:{pport}",
-                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{pport}",
-                 "--initial-cluster", initial, "--initial-cluster-state", "new",
-                 "--initial-cluster-token", f"t{os.getpid()}",
-                 "--heartbeat-interval", "50", "--election-timeout", "500",
-                 *self.client_args],
-                stdout=log, stderr=log, env={**os.environ, "ETCD_UNSUPPORTED_ARCH": "amd64"},
-            )
-        self.wait_ready([name] if name else self.names)
-
-    def wait_ready(self, names: list[str], timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        for n in names:
-            while True:
-                try:
-                    with socket.create_connection(("127.0.0.1", self.client_ports[n]), 0.2):
-                        break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"etcd {n} did not start; see {self.base}/{n}.log"
-                                           ) from None
-                    time.sleep(0.05)
-
-    def kill(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        proc.kill()
-        proc.wait(10)
-
-    def stop(self) -> None:
-        for n in list(self.procs):
-            self.kill(n)
+        super().__init__(base, members)
 
 
 @pytest.fixture
