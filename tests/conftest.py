@@ -7,6 +7,7 @@ import itertools
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,16 @@ from svcnet.lab import etcdfault
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 _ns_counter = itertools.count()
+
+
+def until(check: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
+    """Poll ``check`` until truthy or ``timeout``; return its last value (for the assert)."""
+    deadline = time.monotonic() + timeout
+    value = check()
+    while not value and time.monotonic() < deadline:
+        time.sleep(interval)
+        value = check()
+    return value
 
 
 def require(condition: bool, reason: str) -> None:

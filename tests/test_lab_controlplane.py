@@ -15,12 +15,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require, require_binary, require_root
+from conftest import require, require_binary, require_root, until
 from svcnet.lab.cluster import down, lab_command, up
 from svcnet.lab.controlplane import MissingBinaries, find_binaries
 from svcnet.lab.demo import _show, echo_call, pod_exec, resolve
@@ -46,14 +46,6 @@ spec:
   ports: [{name: http, port: 8080}]
 """
 
-
-def until(check: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    value = check()
-    while not value and time.monotonic() < deadline:
-        time.sleep(interval)
-        value = check()
-    return value
 
 
 @pytest.fixture(scope="module")

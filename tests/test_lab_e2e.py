@@ -16,12 +16,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require, require_binary, require_root
+from conftest import require, require_binary, require_root, until
 from svcnet.lab.cluster import component_available, down, lab_command, up
 from svcnet.lab.demo import echo_call, pod_exec, resolve
 from svcnet.lab.netns import RealKernel, kill_pids
@@ -110,15 +110,6 @@ spec:
     "containers: [{name: c, image: svcnet/echo}]}\n"
     for pod, node in (("client1", "n1"), ("client2", "n2"), ("client3", "n3")))
 
-
-def until(check: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
-    """Poll ``check`` until truthy or ``timeout``; return its last value."""
-    deadline = time.monotonic() + timeout
-    value = check()
-    while not value and time.monotonic() < deadline:
-        time.sleep(interval)
-        value = check()
-    return value
 
 
 @pytest.fixture(scope="module")
