@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 
 from svcnet.proxy.commands import CommandFailed, Commands
 
-from svcnet.leftovers import BUILTIN, SavedTable, reachable, removal_script
+from svcnet.leftovers import (
+    BUILTIN,
+    SavedTable,
+    reachable,
+    removal_script,
+    rule_chain,
+    rule_target,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +95,20 @@ class Report:
 def iptables_script(save: str, own_jumps: Collection[str] = ()) -> tuple[str, list[str]]:
     """Restore input removing kube-proxy's chains from one dump, except those our own
     iptables mode reaches from ``own_jumps`` (its exact built-in chain rules): that mode
-    shares kube-proxy's chain names and has just rewritten them."""
+    shares kube-proxy's chain names and has just rewritten them. Jumps from built-in chains
+    into kube-proxy's chains that are not ours go too (kube-proxy comments its filter
+    jumps, we do not: left, they would run our chains twice)."""
 
     def keep(table: SavedTable) -> set[str]:
-        roots = [r for r in table.rules if r.split()[1] in BUILTIN and r in own_jumps]
+        roots = [r for r in table.rules if rule_chain(r) in BUILTIN and r in own_jumps]
         return reachable(table, roots) if roots else set()
 
-    return removal_script(save, is_kube_proxy_chain, keep)
+    def foreign_jump(table: str, rule: str) -> bool:
+        """kube-proxy's spelling of a jump our iptables mode writes its own way."""
+        return (rule_chain(rule) in BUILTIN and rule not in own_jumps
+                and is_kube_proxy_chain(table, rule_target(rule)))
+
+    return removal_script(save, is_kube_proxy_chain, keep, foreign_jump)
 
 
 def own_iptables_jumps() -> frozenset[str]:

@@ -71,21 +71,23 @@ def reachable(table: SavedTable, roots: Collection[str]) -> set[str]:
 
 
 def removal_script(save: str, doomed: Callable[[str, str], bool],
-                   keep: Callable[[SavedTable], set[str]] | None = None
+                   keep: Callable[[SavedTable], set[str]] | None = None,
+                   doomed_rule: Callable[[str, str], bool] | None = None
                    ) -> tuple[str, list[str]]:
     """Restore input removing the chains ``doomed(table, chain)`` selects (minus those
-    ``keep(table)`` names) and every jump into them; and what it removes, as text."""
+    ``keep(table)`` names), every jump into them and the rules ``doomed_rule(table, rule)``
+    selects; and what it removes, as text."""
     out: list[str] = []
     removed: list[str] = []
     for table in parse_save(save):
         kept = keep(table) if keep else set()
         gone = [c for c in table.chains if c not in BUILTIN and doomed(table.name, c)
                 and c not in kept]
-        if not gone:
-            continue
         doomed_set = set(gone)
-        jumps = [r for r in table.rules
-                 if rule_chain(r) not in doomed_set and rule_target(r) in doomed_set]
+        jumps = [r for r in table.rules if rule_chain(r) not in doomed_set and (
+            rule_target(r) in doomed_set or (doomed_rule and doomed_rule(table.name, r)))]
+        if not gone and not jumps:
+            continue
         out.append(f"*{table.name}")
         out += ["-D" + r[2:] for r in jumps]
         out += [f":{c} - [0:0]" for c in gone]
