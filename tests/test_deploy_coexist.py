@@ -22,10 +22,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_binary
+from conftest import require, require_binary
 from svcnet.cni.overlay.testbed import SimNode, Testbed, in_ns
 from svcnet.proxy.commands import SubprocessCommands
 from svcnet.proxy.migrate import iptables_script, remove_kube_proxy_leftovers
+from test_cni_helpers import REFERENCE_DIR
 
 pytestmark = [pytest.mark.kernel, pytest.mark.etcd]
 
@@ -238,6 +239,52 @@ def test_iptables_mode_keeps_the_chains_it_reaches() -> None:
     assert "nat chain KUBE-MARK-MASQ" not in removed  # reached via KUBE-SVC -> KUBE-SEP
     assert "nat chain KUBE-LOAD-BALANCER" in removed  # unreachable ipvs leftover
     assert "filter chain KUBE-SERVICES" in removed  # no own jump reaches filter's
+
+
+# --- Flannel's pod addresses ----------------------------------------------------------------
+
+
+def _ipam(binary: Path, command: str, conf: dict[str, object], cid: str) -> str:
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_IFNAME": "eth0",
+           "CNI_NETNS": "/proc/self/ns/net", "CNI_PATH": str(binary.parent),
+           "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    got = subprocess.run([str(binary)], input=json.dumps(conf), env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert got.returncode == 0, got.stdout + got.stderr
+    return str(json.loads(got.stdout)["ips"][0]["address"]) if got.stdout.strip() else ""
+
+
+def test_install_adopts_flannels_address_reservations(tmp_path: Path) -> None:
+    """Pods Flannel's conflist (network cbr0, host-local IPAM) addressed keep their addresses
+    to themselves once our conflist (network svcnet) takes over; a DEL through ours frees."""
+    host_local = Path(REFERENCE_DIR, "host-local")
+    require(host_local.exists(), "needs containernetworking-plugins (host-local)")
+    data = tmp_path / "networks"
+    subnet = "10.244.1.0/24"
+    flannel = {"cniVersion": "0.3.1", "name": "cbr0",
+               "ipam": {"type": "host-local", "dataDir": str(data),
+                        "ranges": [[{"subnet": subnet}]]}}
+    running = [_ipam(host_local, "ADD", flannel, f"flannel-pod-{i}") for i in range(2)]
+    assert running == ["10.244.1.2/24", "10.244.1.3/24"]
+    env_file = tmp_path / "subnet.env"
+    env_file.write_text("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\n"
+                        "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n")
+    bin_dir = tmp_path / "bin"
+    got = subprocess.run([SVCNET, "cni", "install", "--bin-dir", str(bin_dir), "--conf-dir",
+                          str(tmp_path / "net.d"), "--subnet-file", str(env_file),
+                          "--no-fast-path", "--python", sys.executable,
+                          "--ipam-data-dir", str(data)],
+                         capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0, got.stderr
+    assert "adopted 2 address reservations of network cbr0" in got.stdout
+    ours = {"cniVersion": "1.0.0", "name": "svcnet",
+            "ipam": {"type": "svcnet-ipam", "subnetFile": str(env_file),
+                     "dataDir": str(data)}}
+    fresh = _ipam(bin_dir / "svcnet-ipam", "ADD", ours, "svcnet-pod-0")
+    assert fresh not in running, "a running Flannel pod's address handed out again"
+    _ipam(bin_dir / "svcnet-ipam", "DEL", ours, "flannel-pod-0")  # the runtime, via our conflist
+    assert not (data / "svcnet" / "10.244.1.2").exists()
+    assert (data / "cbr0" / "10.244.1.2").exists(), "Flannel's own record is left alone"
 
 
 # --- the migration under traffic ------------------------------------------------------------
