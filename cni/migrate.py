@@ -8,6 +8,11 @@ first address). Before our conflist goes in, each of Flannel's reservations is c
 directory (same layout: container ID and interface name), under both directories' locks; the
 originals stay, so a return to Flannel finds them. A DEL of such a pod, which the runtime now
 sends through our conflist, releases our copy.
+
+Flannel's ``10-flannel.conflist`` sorts before ``10-svcnet.conflist`` and runtimes use the
+first: once ours is written it is renamed out of the way (``.disabled-by-svcnet``, which no
+runtime loads; renaming it back undoes the switch). The reservations are adopted again after
+the rename, for a pod Flannel's conflist added between the two steps.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import os
 
 from svcnet.cni.ipam import LAST_RESERVED, LOCK_FILE, Store
 
-DEFAULT_FROM = "cbr0"
+DISABLED_SUFFIX = ".disabled-by-svcnet"
 
 
 def adopt_host_local(data_dir: str, source: str, target: str) -> list[str]:
@@ -39,3 +44,14 @@ def adopt_host_local(data_dir: str, source: str, target: str) -> list[str]:
             if ours.reserve(ip, container_id, ifname):
                 copied.append(ip)
     return copied
+
+
+def disable_conflists(conf_dir: str, names: list[str]) -> list[str]:
+    """Rename the conflists ``names`` in ``conf_dir`` that exist; the names renamed."""
+    renamed = []
+    for name in names:
+        path = os.path.join(conf_dir, os.path.basename(name))
+        if os.path.isfile(path):
+            os.replace(path, path + DISABLED_SUFFIX)
+            renamed.append(os.path.basename(name))
+    return renamed

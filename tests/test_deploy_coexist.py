@@ -270,13 +270,22 @@ def test_install_adopts_flannels_address_reservations(tmp_path: Path) -> None:
     env_file.write_text("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\n"
                         "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n")
     bin_dir = tmp_path / "bin"
+    conf_dir = tmp_path / "net.d"
+    conf_dir.mkdir()
+    (conf_dir / "10-flannel.conflist").write_text(json.dumps({
+        "name": "cbr0", "cniVersion": "0.3.1", "plugins": [
+            {"type": "flannel", "delegate": {"hairpinMode": True, "isDefaultGateway": True}},
+            {"type": "portmap", "capabilities": {"portMappings": True}}]}))
     got = subprocess.run([SVCNET, "cni", "install", "--bin-dir", str(bin_dir), "--conf-dir",
-                          str(tmp_path / "net.d"), "--subnet-file", str(env_file),
+                          str(conf_dir), "--subnet-file", str(env_file),
                           "--no-fast-path", "--python", sys.executable,
                           "--ipam-data-dir", str(data)],
                          capture_output=True, text=True, timeout=120)
     assert got.returncode == 0, got.stderr
     assert "adopted 2 address reservations of network cbr0" in got.stdout
+    # the runtime now finds ours only (it takes the first conflist in lexical order)
+    assert sorted(p.name for p in conf_dir.iterdir()) == [
+        "10-flannel.conflist.disabled-by-svcnet", "10-svcnet.conflist"]
     ours = {"cniVersion": "1.0.0", "name": "svcnet",
             "ipam": {"type": "svcnet-ipam", "subnetFile": str(env_file),
                      "dataDir": str(data)}}
