@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from svcnet.proxy.commands import CommandFailed, Commands
@@ -92,16 +92,20 @@ class Report:
     errors: list[str] = field(default_factory=list)
 
 
-def iptables_script(save: str, own_jumps: Collection[str] = ()) -> tuple[str, list[str]]:
+def iptables_script(save: str, own_jumps: Collection[str] = (),
+                    own_chains: Mapping[str, Collection[str]] | None = None
+                    ) -> tuple[str, list[str]]:
     """Restore input removing kube-proxy's chains from one dump, except those our own
     iptables mode reaches from ``own_jumps`` (its exact built-in chain rules): that mode
     shares kube-proxy's chain names and has just rewritten them. Jumps from built-in chains
     into kube-proxy's chains that are not ours go too (kube-proxy comments its filter
-    jumps, we do not: left, they would run our chains twice)."""
+    jumps, we do not: left, they would run our chains twice). ``own_chains``: per table,
+    chains that mode declares whether or not anything jumps to them (its canary)."""
 
     def keep(table: SavedTable) -> set[str]:
         roots = [r for r in table.rules if rule_chain(r) in BUILTIN and r in own_jumps]
-        return reachable(table, roots) if roots else set()
+        declared = set((own_chains or {}).get(table.name, ()))
+        return (reachable(table, roots) if roots else set()) | declared
 
     def foreign_jump(table: str, rule: str) -> bool:
         """kube-proxy's spelling of a jump our iptables mode writes its own way."""
@@ -109,6 +113,13 @@ def iptables_script(save: str, own_jumps: Collection[str] = ()) -> tuple[str, li
                 and is_kube_proxy_chain(table, rule_target(rule)))
 
     return removal_script(save, is_kube_proxy_chain, keep, foreign_jump)
+
+
+def own_iptables_chains() -> dict[str, tuple[str, ...]]:
+    """The chains our iptables mode declares in each table."""
+    from svcnet.proxy.iptables import FILTER_TOP, NAT_TOP
+
+    return {"nat": NAT_TOP, "filter": FILTER_TOP}
 
 
 def own_iptables_jumps() -> frozenset[str]:
@@ -127,12 +138,14 @@ def remove_kube_proxy_leftovers(commands: Commands, *, own_legacy: bool | None =
     mode on that variant (False: nft, True: legacy), whose shared chains it keeps."""
     report = Report()
     jumps = own_iptables_jumps() if own_legacy is not None else frozenset()
+    chains = own_iptables_chains() if own_legacy is not None else {}
     for v in VARIANTS:
         try:
             save = commands.run([v.save])
         except (OSError, CommandFailed):
             continue  # this variant is not installed: nothing of it to remove
-        script, removed = iptables_script(save, jumps if v.legacy == own_legacy else ())
+        ours = v.legacy == own_legacy
+        script, removed = iptables_script(save, jumps if ours else (), chains if ours else {})
         if not script:
             continue
         try:

@@ -234,7 +234,9 @@ def test_iptables_mode_keeps_the_chains_it_reaches() -> None:
     jumps reach are its; kube-proxy's unreachable ones and differently spelled jumps go."""
     save = kube_proxy_rules(["10.244.1.2"])
     own = {'-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES'}
-    script, removed = iptables_script(save, own)
+    script, removed = iptables_script(save, own, {"nat": ("KUBE-PROXY-CANARY",)})
+    assert "nat chain KUBE-PROXY-CANARY" not in removed  # declared by that mode
+    assert "mangle chain KUBE-PROXY-CANARY" in removed  # never by it
     assert ":KUBE-SERVICES - [0:0]" not in script.split("*nat")[1].split("COMMIT")[0]
     assert "nat chain KUBE-MARK-MASQ" not in removed  # reached via KUBE-SVC -> KUBE-SEP
     assert "nat chain KUBE-LOAD-BALANCER" in removed  # unreachable ipvs leftover
@@ -487,6 +489,8 @@ def test_migration_from_kube_proxy_and_flannel_under_traffic(bed: Testbed, mode:
                 for text in GONE_IPTABLES:
                     assert text not in dump, f"{text} left on {node.name}"
             else:  # ours now, rewritten: kube-proxy's commented filter jumps are gone
+                nat = in_ns(node.ns, "iptables-save", "-t", "nat").stdout
+                assert ":KUBE-PROXY-CANARY" in nat, "our own canary removed"
                 assert "kubernetes load balancer firewall" not in dump
                 assert "KUBE-LOAD-BALANCER" not in dump and "FLANNEL-" not in dump
             tables = in_ns(node.ns, "nft", "list", "tables").stdout
