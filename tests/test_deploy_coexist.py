@@ -18,7 +18,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -511,3 +511,28 @@ def test_migration_from_kube_proxy_and_flannel_under_traffic(bed: Testbed, mode:
         for proc in procs:
             proc.kill()
             proc.wait(10)
+
+
+def test_kube_ipvs0_is_deleted_when_present() -> None:
+    """kube-ipvs0 cannot exist here (no dummy module): the commands against a fake that
+    answers ``ip -j link show`` as iproute2 does for a dummy device, and fails the rest as
+    absent tools do."""
+    from svcnet.proxy.commands import CommandFailed, FakeCommands
+
+    link = [{"ifindex": 7, "ifname": "kube-ipvs0", "flags": ["BROADCAST", "NOARP"],
+             "mtu": 1500, "qdisc": "noop", "operstate": "DOWN", "linkmode": "DEFAULT",
+             "group": "default", "txqlen": 1000, "link_type": "ether",
+             "address": "5e:2b:6f:0c:0d:4e", "broadcast": "ff:ff:ff:ff:ff:ff"}]
+
+    def answer(argv: Sequence[str], _input: str | None) -> str:
+        args = list(argv)
+        if args[:3] == ["ip", "-j", "link"]:
+            return json.dumps(link)
+        if args[:2] == ["ip", "link"]:
+            return ""
+        raise CommandFailed(args, 127, f"{args[0]}: not found")
+
+    fake = FakeCommands(answer)
+    report = remove_kube_proxy_leftovers(fake)
+    assert report.removed == ["link kube-ipvs0"] and report.errors == []
+    assert ["ip", "link", "del", "kube-ipvs0"] in [call for call, _ in fake.calls]
