@@ -480,6 +480,9 @@ def test_migration_from_kube_proxy_and_flannel_under_traffic(bed: Testbed, mode:
             assert in_ns(node.ns, "ip", "neigh", "show", "dev", "flannel.1"
                          ).stdout == neighbours_before[node.name]
             assert (bed.workdir / f"{node.name}-flannel" / "subnet.env").exists()
+            peer = 3 - node.index  # Flannel's route to the peer, now ours: replaced in place
+            route = in_ns(node.ns, "ip", "route", "show", f"10.244.{peer}.0/24").stdout
+            assert route.count("\n") == 1 and "proto 205" in route, route
             dump = iptables_dump(node.ns)
             for text in KEPT_IPTABLES:
                 if mode == "iptables" and "localnet" in text:
