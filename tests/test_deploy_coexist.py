@@ -539,3 +539,53 @@ def test_kube_ipvs0_is_deleted_when_present() -> None:
     report = remove_kube_proxy_leftovers(fake)
     assert report.removed == ["link kube-ipvs0"] and report.errors == []
     assert ["ip", "link", "del", "kube-ipvs0"] in [call for call, _ in fake.calls]
+
+
+@pytest.mark.parametrize("vni", [1, 2])
+def test_overlay_adopts_flannels_device_and_lease(tmp_path: Path, vni: int) -> None:
+    """In memory (any subnet manager): Flannel's subnet.env is the subnet asked for, and its
+    flannel.1 of the same VNI keeps its MAC, published in our lease; another VNI's device is
+    replaced by ours."""
+    import asyncio
+
+    from svcnet.cni.overlay.config import parse_network_config
+    from svcnet.cni.overlay.daemon import OverlayDaemon, OverlayOptions
+    from svcnet.cni.overlay.desired import KernelObjects, Underlay, VxlanLink
+    from svcnet.cni.overlay.firewall import FakeFirewall
+    from svcnet.cni.overlay.lease import MemoryLeaseRegistry, MemorySubnetManager
+    from svcnet.cni.overlay.netlink import FakeNetlink
+
+    conf = json.dumps({**NET_CONF, "Backend": {"Type": "vxlan", "VNI": vni}})
+    (tmp_path / "net-conf.json").write_text(conf)
+    (tmp_path / "flannel.env").write_text("FLANNEL_NETWORK=10.244.0.0/16\n"
+                                          "FLANNEL_SUBNET=10.244.77.1/24\nFLANNEL_MTU=1450\n")
+    flannel = VxlanLink(name=f"flannel.{vni}", vni=1, port=8472, local="192.168.0.1",
+                        underlay="eth0", mtu=1450, mac=FLANNEL_MACS["n1"])
+    netlink = FakeNetlink(iface=Underlay("eth0", 1500, "192.168.0.1", "", ("192.168.0.0/24",)),
+                          state=KernelObjects(links=frozenset({flannel})))
+    manager = MemorySubnetManager(MemoryLeaseRegistry(parse_network_config(conf.encode())))
+    daemon = OverlayDaemon(
+        OverlayOptions(node_name="n1", config_file=str(tmp_path / "net-conf.json"),
+                       subnet_file=str(tmp_path / "ours.env"), listen="", watch_links=False,
+                       flannel_subnet_file=str(tmp_path / "flannel.env")),
+        netlink=netlink, firewall=FakeFirewall(), manager=manager)
+
+    async def main() -> None:
+        task = asyncio.create_task(daemon.run(None, None))
+        try:
+            await asyncio.wait_for(daemon.ready.wait(), 10)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+    assert "FLANNEL_SUBNET=10.244.77.1/24" in (tmp_path / "ours.env").read_text()
+    (link,) = netlink.state.links
+    assert daemon._lease is not None
+    if vni == 1:  # adopted: nothing about the device changed
+        assert link.mac == FLANNEL_MACS["n1"] == daemon._lease.attrs.vtep_mac
+        assert not any(op.verb in ("add", "del") and isinstance(op.obj, VxlanLink)
+                       for op in netlink.applied)
+    else:  # flannel.2 with VNI 1 (not ours): re-created with the MAC derived from the name
+        assert link.vni == 2 and link.mac != FLANNEL_MACS["n1"]
+        assert link.mac == daemon._lease.attrs.vtep_mac
