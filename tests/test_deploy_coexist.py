@@ -328,7 +328,7 @@ with open(out, "w") as f:
                 got = c.recv(64).decode()
         except OSError as err:
             got = "ERR " + type(err).__name__
-        f.write(json.dumps({"t": t, "got": got}) + "\\n"); f.flush()
+        f.write(json.dumps({"t": t, "dt": time.time() - t, "got": got}) + "\\n"); f.flush()
         time.sleep(0.05)
 """
 
@@ -464,7 +464,9 @@ def test_migration_from_kube_proxy_and_flannel_under_traffic(bed: Testbed, mode:
             loop.wait(30)
         done = [json.loads(line) for line in results.read_text().splitlines()]
         failed = [r for r in done if r["got"] not in ("n1", "n2")]
-        print(f"migration under load ({mode}): {len(done)} requests, {len(failed)} failed")
+        slowest = max(r["dt"] for r in done)
+        print(f"migration under load ({mode}): {len(done)} requests, {len(failed)} failed, "
+              f"slowest {slowest * 1000:.0f} ms")
         # the claim: not one request fails across the switch of both nodes
         assert len(done) >= 40 and failed == [], (len(done), failed[:5])
         assert {r["got"] for r in done} == {"n1", "n2"}
