@@ -13,8 +13,10 @@ nftables mode of 1.29+), never "every KUBE-* chain": other tools (kube-router, t
 use that prefix too. Left alone on purpose:
 - ``KUBE-KUBELET-CANARY`` (mangle, nat, filter) and ``KUBE-IPTABLES-HINT`` (mangle): the
   running kubelet's; it watches its canary and would re-create its rules.
-- filter ``KUBE-FIREWALL`` and its jumps: the localnet guard (drops packets to 127/8 from
-  outside) that the kubelet also writes up to 1.28; a security rule, not Service plumbing.
+- filter ``KUBE-FIREWALL`` and its jumps, where the kubelet's canary exists: the localnet
+  guard (drops packets to 127/8 from outside) that the kubelet also writes up to 1.28; a
+  security rule, not Service plumbing. Without a kubelet's canary it is kube-proxy's (or
+  ours) and goes.
 - IPVS virtual services and the ``kube-ipvs0`` dummy device: kube-ipvs0 is deleted when
   present (its addresses made the VIPs local); the services then catch nothing (our nat
   rules DNAT before IPVS sees a packet) and ``ipvsadm --clear`` removes them.
@@ -50,9 +52,14 @@ CHAINS = frozenset({
     "KUBE-NODE-PORT", "KUBE-LOAD-BALANCER", "KUBE-SOURCE-RANGES-FIREWALL",
     "KUBE-IPVS-FILTER", "KUBE-IPVS-OUT-FILTER", "KUBE-LOAD-BALANCER-LOCAL",
 })
+OURS = frozenset({"KUBE-MASQ-NOT-LOCAL"})
+"""Our iptables mode's one chain kube-proxy does not have: ``svcnet proxy cleanup`` removes
+it with the rest."""
 CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-SEP-", "KUBE-EXT-", "KUBE-FW-", "KUBE-XLB-")
-NAT_ONLY = frozenset({"KUBE-FIREWALL"})
-"""The ipvs mode's load-balancer firewall is nat ``KUBE-FIREWALL``; filter's is the guard."""
+SHARED = "KUBE-FIREWALL"
+"""nat: the ipvs mode's load-balancer firewall. filter: the localnet guard, which the kubelet
+writes too (up to 1.28): left wherever the kubelet's canary says a kubelet runs."""
+KUBELET_CANARY = "KUBE-KUBELET-CANARY"
 IPSETS = frozenset({
     "KUBE-LOOP-BACK", "KUBE-CLUSTER-IP", "KUBE-EXTERNAL-IP", "KUBE-EXTERNAL-IP-LOCAL",
     "KUBE-LOAD-BALANCER", "KUBE-LOAD-BALANCER-LOCAL", "KUBE-LOAD-BALANCER-FW",
@@ -66,8 +73,8 @@ IPVS_LINK = "kube-ipvs0"
 
 
 def is_kube_proxy_chain(table: str, chain: str) -> bool:
-    return (chain in CHAINS or chain.startswith(CHAIN_PREFIXES)
-            or (table == "nat" and chain in NAT_ONLY))
+    return (chain in CHAINS or chain in OURS or chain.startswith(CHAIN_PREFIXES)
+            or chain == SHARED)
 
 
 def is_kube_proxy_ipset(name: str) -> bool:
@@ -93,8 +100,8 @@ class Report:
 
 
 def iptables_script(save: str, own_jumps: Collection[str] = (),
-                    own_chains: Mapping[str, Collection[str]] | None = None
-                    ) -> tuple[str, list[str]]:
+                    own_chains: Mapping[str, Collection[str]] | None = None,
+                    *, legacy: bool = False) -> tuple[str, list[str]]:
     """Restore input removing kube-proxy's chains from one dump, except those our own
     iptables mode reaches from ``own_jumps`` (its exact built-in chain rules): that mode
     shares kube-proxy's chain names and has just rewritten them. Jumps from built-in chains
@@ -105,14 +112,18 @@ def iptables_script(save: str, own_jumps: Collection[str] = (),
     def keep(table: SavedTable) -> set[str]:
         roots = [r for r in table.rules if rule_chain(r) in BUILTIN and r in own_jumps]
         declared = set((own_chains or {}).get(table.name, ()))
+        if table.name == "filter" and KUBELET_CANARY in table.chains:
+            declared.add(SHARED)
         return (reachable(table, roots) if roots else set()) | declared
 
     def foreign_jump(table: str, rule: str) -> bool:
         """kube-proxy's spelling of a jump our iptables mode writes its own way."""
-        return (rule_chain(rule) in BUILTIN and rule not in own_jumps
-                and is_kube_proxy_chain(table, rule_target(rule)))
+        target = rule_target(rule)
+        return (bool(own_jumps) and rule_chain(rule) in BUILTIN and rule not in own_jumps
+                and target != SHARED and is_kube_proxy_chain(table, target))
 
-    return removal_script(save, is_kube_proxy_chain, keep, foreign_jump)
+    return removal_script(save, is_kube_proxy_chain, keep, foreign_jump,
+                          list_first=not legacy)
 
 
 def own_iptables_chains() -> dict[str, tuple[str, ...]]:
@@ -145,7 +156,8 @@ def remove_kube_proxy_leftovers(commands: Commands, *, own_legacy: bool | None =
         except (OSError, CommandFailed):
             continue  # this variant is not installed: nothing of it to remove
         ours = v.legacy == own_legacy
-        script, removed = iptables_script(save, jumps if ours else (), chains if ours else {})
+        script, removed = iptables_script(save, jumps if ours else (), chains if ours else {},
+                                          legacy=v.legacy)
         if not script:
             continue
         try:

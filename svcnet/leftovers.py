@@ -72,11 +72,13 @@ def reachable(table: SavedTable, roots: Collection[str]) -> set[str]:
 
 def removal_script(save: str, doomed: Callable[[str, str], bool],
                    keep: Callable[[SavedTable], set[str]] | None = None,
-                   doomed_rule: Callable[[str, str], bool] | None = None
-                   ) -> tuple[str, list[str]]:
+                   doomed_rule: Callable[[str, str], bool] | None = None,
+                   *, list_first: bool = False) -> tuple[str, list[str]]:
     """Restore input removing the chains ``doomed(table, chain)`` selects (minus those
     ``keep(table)`` names), every jump into them and the rules ``doomed_rule(table, rule)``
-    selects; and what it removes, as text."""
+    selects; and what it removes, as text. ``list_first``: for iptables-nft, which otherwise
+    looks up each named chain in a sorted list -- quadratic at kube-proxy's 100k chains --
+    a leading ``-S`` makes it read the table once (see ``svcnet.proxy.iptables``)."""
     out: list[str] = []
     removed: list[str] = []
     for table in parse_save(save):
@@ -89,6 +91,8 @@ def removal_script(save: str, doomed: Callable[[str, str], bool],
         if not gone and not jumps:
             continue
         out.append(f"*{table.name}")
+        if list_first:
+            out.append("-S")
         out += ["-D" + r[2:] for r in jumps]
         out += [f":{c} - [0:0]" for c in gone]
         out += [f"-X {c}" for c in gone]

@@ -212,8 +212,9 @@ def test_kube_proxy_leftovers_removed_and_only_those(netns: Callable[[str], str]
     require_binary("iptables-restore", "ip6tables-restore", "nft", "ipset")
     ns = netns("kpleft")
     kube_proxy_state(ns, ["10.244.1.2", "10.244.2.2"])
-    report = remove_kube_proxy_leftovers(SubprocessCommands(ns))
-    assert not report.errors
+    got = subprocess.run([SVCNET, "proxy", "cleanup", "--netns", ns], capture_output=True,
+                         text=True, timeout=120)  # as `kube-proxy --cleanup`
+    assert got.returncode == 0, got.stderr
     dump = iptables_dump(ns)
     for text in GONE_IPTABLES[:-2]:
         assert text not in dump, f"{text} left:\n{dump}"
@@ -223,7 +224,6 @@ def test_kube_proxy_leftovers_removed_and_only_those(netns: Callable[[str], str]
     tables = in_ns(ns, "nft", "list", "tables").stdout
     assert "kube-proxy" not in tables and "table inet operator" in tables
     assert in_ns(ns, "ipset", "list", "-n").stdout.split() == ["operator-allow"]
-    assert any("KUBE-SEP-" in r for r in report.removed)
     # run twice: nothing left to do, nothing fails
     again = remove_kube_proxy_leftovers(SubprocessCommands(ns))
     assert again.removed == [] and again.errors == []
@@ -241,6 +241,12 @@ def test_iptables_mode_keeps_the_chains_it_reaches() -> None:
     assert "nat chain KUBE-MARK-MASQ" not in removed  # reached via KUBE-SVC -> KUBE-SEP
     assert "nat chain KUBE-LOAD-BALANCER" in removed  # unreachable ipvs leftover
     assert "filter chain KUBE-SERVICES" in removed  # no own jump reaches filter's
+    # filter KUBE-FIREWALL is the kubelet's where its canary is, else kube-proxy's
+    script, removed = iptables_script(save)
+    assert "filter chain KUBE-FIREWALL" not in removed and "-X KUBE-SEP-" in script
+    assert "*nat\n-S\n" in script  # iptables-nft reads the table once (100k chains)
+    _, removed = iptables_script(save.replace(":KUBE-KUBELET-CANARY - [0:0]\n", ""))
+    assert "filter chain KUBE-FIREWALL" in removed
 
 
 # --- Flannel's pod addresses ----------------------------------------------------------------
