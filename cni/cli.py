@@ -193,6 +193,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                               "installs only the in-process plugin")
     install.add_argument("--socket", default=DEFAULT_SOCKET,
                          help="the node daemon's CNI socket (svcnet node --cni-server-socket)")
+    install.add_argument("--adopt-ipam-from", default="cbr0", metavar="NETWORK",
+                         help="copy this network's host-local reservations (Flannel's: cbr0) "
+                              "into ours before the conflist goes in, so running pods keep "
+                              "their addresses to themselves ('' = off)")
+    install.add_argument("--disable-conflist", action="append", default=None, metavar="FILE",
+                         help="after ours is written, rename this conflist in --conf-dir to "
+                              "FILE.disabled-by-svcnet (default: Flannel's 10-flannel.conflist, "
+                              "which sorts first and would stay in use; repeat; '' = none)")
+    install.add_argument("--ipam-data-dir", default="/var/lib/cni/networks",
+                         help="host-local's and our IPAM directory, for --adopt-ipam-from")
     install.set_defaults(func=cmd_install)
     serve = cni_sub.add_parser("serve", help="serve the svcnet-cni socket standalone "
                                              "(svcnet node does it by default)")
@@ -339,12 +349,40 @@ def cmd_install(args: argparse.Namespace) -> int:
     ipam_link = os.path.join(args.bin_dir, "svcnet-ipam")
     if not os.path.lexists(ipam_link):
         os.symlink("svcnet-cni", ipam_link)
+    if not _adopt(args):
+        return 1
     if args.conf_dir:
         os.makedirs(args.conf_dir, exist_ok=True)
         path = os.path.join(args.conf_dir, CONFLIST_NAME)
         _write(path, json.dumps(conflist(args), indent=2) + "\n", 0o644)
         print(f"wrote {path}")
+        from svcnet.cni.migrate import DISABLED_SUFFIX, disable_conflists
+
+        names = ["10-flannel.conflist"] if args.disable_conflist is None else \
+            [n for n in args.disable_conflist if n]
+        for name in disable_conflists(args.conf_dir, names):
+            print(f"renamed {name} to {name}{DISABLED_SUFFIX}")
+        # a pod the old conflist added meanwhile (before the rename) is adopted too
+        if names and not _adopt(args):
+            return 1
     return 0
+
+
+def _adopt(args: argparse.Namespace) -> bool:
+    if not args.adopt_ipam_from:
+        return True
+    from svcnet.cni.migrate import adopt_host_local
+    from svcnet.cni.spec import CniError
+
+    try:
+        adopted = adopt_host_local(args.ipam_data_dir, args.adopt_ipam_from, args.name)
+    except CniError as err:
+        print(f"cannot adopt {args.adopt_ipam_from}'s addresses: {err}", file=sys.stderr)
+        return False
+    if adopted:
+        print(f"adopted {len(adopted)} address reservations of network "
+              f"{args.adopt_ipam_from}: {', '.join(adopted)}")
+    return True
 
 
 def _perl_string(text: str) -> str:

@@ -54,10 +54,13 @@ def _cleanup(args: argparse.Namespace) -> int:
 
 
 def cleanup_rules(netns: str | None) -> list[str]:
-    """Remove every rule the proxy owns, in all modes; the errors, if any, as text."""
+    """Remove every rule the proxy owns, in all modes, and kube-proxy's (``kube-proxy
+    --cleanup``); the errors, if any, as text. The iptables chains are removed by name as
+    ``migrate`` knows them, which leaves the kubelet's and other tools' ``KUBE-*`` chains
+    and deletes jumps however they are spelled (kube-proxy comments its own)."""
     from svcnet.proxy.commands import SubprocessCommands
     from svcnet.proxy.config import BackendConfig
-    from svcnet.proxy.iptables import IptablesBackend
+    from svcnet.proxy.migrate import remove_kube_proxy_leftovers
     from svcnet.proxy.nftables import NftablesBackend
 
     commands = SubprocessCommands(netns)
@@ -67,13 +70,10 @@ def cleanup_rules(netns: str | None) -> list[str]:
         NftablesBackend(commands, config).cleanup()
     except Exception as err:  # every mode is tried whatever one of them raises
         errors.append(f"nftables: {err}")
-    for legacy in (False, True):
-        try:
-            IptablesBackend(commands, config, legacy=legacy).cleanup()
-        except OSError:
-            continue
-        except Exception as err:
-            errors.append(f"iptables{'-legacy' if legacy else ''}: {err}")
+    try:
+        errors += [f"iptables: {e}" for e in remove_kube_proxy_leftovers(commands).errors]
+    except Exception as err:
+        errors.append(f"iptables: {err}")
     from svcnet.proxy.ipvs import cleanup_all
 
     try:

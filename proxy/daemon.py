@@ -69,6 +69,11 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: any, as kube-proxy; see docs/proxy.md)")
     g.add_argument("--proxy-netns", default=None,
                    help="program this named network namespace instead of our own")
+    g.add_argument("--proxy-cleanup-kube-proxy", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="after our first sync, remove the rules a stopped kube-proxy left "
+                        "(its iptables chains and jumps of every mode, its nftables tables, "
+                        "ipsets, kube-ipvs0); stop kube-proxy first (docs/deploy.md)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +98,7 @@ class ProxyOptions:
     drift_check: bool = False
     service_cidrs: tuple[str, ...] = ()
     external_ip_cidrs: tuple[str, ...] = ()
+    cleanup_kube_proxy: bool = True
 
     def node_config(self, nodeport_addresses: tuple[str, ...]) -> NodeConfig:
         from svcnet.proxy.state import AddressFilter, NodeConfig
@@ -136,6 +142,7 @@ class ProxyOptions:
             full_sync_period=a.proxy_full_sync_period, healthz=a.proxy_healthz_bind_address,
             metrics=a.proxy_metrics_bind_address, netns=a.proxy_netns,
             service_cidrs=service_cidrs, external_ip_cidrs=external_cidrs,
+            cleanup_kube_proxy=getattr(a, "proxy_cleanup_kube_proxy", True),
         )
 
 
@@ -229,9 +236,18 @@ class ProxyComponent:
         for s in servers:
             await s.start()
         log.info("proxy %s running for node %s", backend.name, opts.node_name)
+        migration = None
+        if opts.cleanup_kube_proxy:
+            from svcnet.proxy.migrate import after_first_sync
+
+            migration = asyncio.create_task(after_first_sync(
+                proxier.synced, commands, getattr(backend, "legacy", None)
+                if opts.mode == "iptables" else None))
         try:
             await proxier.run(factory)
         finally:
+            if migration is not None:
+                migration.cancel()
             for s in servers:
                 await s.stop()
 

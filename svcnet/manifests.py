@@ -240,7 +240,8 @@ def node_daemonset(o: Options) -> dict[str, Any]:
         "command": cni_install_command(),
         "securityContext": {"allowPrivilegeEscalation": False,
                             "capabilities": {"drop": ["ALL"]}},
-        "volumeMounts": cni_mounts,
+        # /var/lib/cni: Flannel's address reservations are adopted (svcnet.cni.migrate)
+        "volumeMounts": [*cni_mounts, {"name": "cni-data", "mountPath": "/var/lib/cni"}],
     }
     return {
         "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": _meta(o, NODE, NODE_LABELS),

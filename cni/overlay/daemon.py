@@ -64,6 +64,8 @@ class OverlayOptions:
     listen: str = DEFAULT_LISTEN
     netns: str = ""
     watch_links: bool = True
+    flannel_subnet_file: str = "/run/flannel/subnet.env"
+    cleanup_flannel: bool = True
 
 
 def add_node_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +104,11 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--overlay-listen", default=DEFAULT_LISTEN,
                    help="host:port for /healthz, /metrics and /status ('' = off)")
     g.add_argument("--overlay-netns", default="", help=argparse.SUPPRESS)
+    g.add_argument("--overlay-flannel-subnet-file", default="/run/flannel/subnet.env",
+                   help="Flannel's lease, our previous subnet when we have no subnet file yet")
+    g.add_argument("--overlay-cleanup-flannel", action=argparse.BooleanOptionalAction,
+                   default=True, help="after our first reconcile, remove Flannel's "
+                   "FLANNEL-POSTRTG/FLANNEL-FWD chains and flannel-ipv4/6 nftables tables")
 
 
 def options_from_args(args: argparse.Namespace) -> OverlayOptions:
@@ -131,6 +138,8 @@ def options_from_args(args: argparse.Namespace) -> OverlayOptions:
         vxlan_notrack=args.overlay_vxlan_notrack, resync=args.overlay_resync,
         listen=args.overlay_listen,
         netns=args.overlay_netns,
+        flannel_subnet_file=getattr(args, "overlay_flannel_subnet_file", ""),
+        cleanup_flannel=getattr(args, "overlay_cleanup_flannel", True),
     )
 
 
@@ -234,6 +243,7 @@ class OverlayDaemon:
         self._last_desired: Desired | None = None
         self._env_written = ""
         self._lease: Lease | None = None
+        self._adopted_macs: dict[int, str] = {}
 
     # -- wiring --
 
@@ -289,6 +299,14 @@ class OverlayDaemon:
         server = await self._serve()
         try:
             underlay = await netlink.underlay(opts.iface or None)
+            if config.backend.type == "vxlan":
+                from svcnet.cni.overlay.migrate import adoptable_macs
+
+                self._adopted_macs = await adoptable_macs(
+                    netlink, config.backend.vni, config.backend.port,
+                    tuple(f for f, net in ((4, config.ipv4), (6, config.ipv6)) if net))
+                for family, mac in self._adopted_macs.items():
+                    log.info("adopting the existing IPv%d VXLAN device, MAC %s", family, mac)
             lease = await self._acquire(manager, config, underlay)
             self._lease = lease
             log.info("node %s leased %s", opts.node_name,
@@ -314,6 +332,10 @@ class OverlayDaemon:
                     tg.create_task(self._renew(manager, config, underlay))
                 if opts.watch_links and self._netlink is None:
                     tg.create_task(self._watch_links(netns))
+                if opts.cleanup_flannel and self._firewall is None:
+                    from svcnet.cni.overlay.migrate import after_first_sync
+
+                    tg.create_task(after_first_sync(self.ready, netns))
                 while True:
                     await self._wake.wait()
                     self._wake.clear()
@@ -392,7 +414,9 @@ class OverlayDaemon:
         while True:
             try:
                 return await manager.acquire(config, self._attrs(config, underlay),
-                                             previous_subnets(self.options.subnet_file))
+                                             previous_subnets(self.options.subnet_file)
+                                             or previous_subnets(
+                                                 self.options.flannel_subnet_file))
             except (Unavailable, OSError, TimeoutError) as err:
                 delay = backoff.next()
                 log.warning("cannot lease a subnet yet (%s); retrying in %.1fs", err, delay)
@@ -407,10 +431,10 @@ class OverlayDaemon:
             public_ip=self.options.public_ip or (underlay.ipv4 if config.ipv4 else ""),
             public_ip6=self.options.public_ip6 or (underlay.ipv6 if config.ipv6 else ""),
             backend_type=config.backend.type, vni=vni,
-            vtep_mac=vtep_mac(self.options.node_name, device_name(4, vni)) if config.ipv4
-            else "",
-            vtep_mac6=vtep_mac(self.options.node_name, device_name(6, vni)) if config.ipv6
-            else "",
+            vtep_mac=self._adopted_macs.get(4)
+            or vtep_mac(self.options.node_name, device_name(4, vni)) if config.ipv4 else "",
+            vtep_mac6=self._adopted_macs.get(6)
+            or vtep_mac(self.options.node_name, device_name(6, vni)) if config.ipv6 else "",
             node_name=self.options.node_name,
         )
 

@@ -259,7 +259,8 @@ def compute_desired(config: NetworkConfig, own: Lease, snapshot: Snapshot, under
         skipped.extend(skip)
         if backend == "vxlan":
             part = vxlan.render(config.backend, family, subnet, peers, underlay, node_name,
-                                offloads=VXLAN_OFFLOADS if notrack else ())
+                                offloads=VXLAN_OFFLOADS if notrack else (),
+                                mac=own.attrs.vtep_mac if family == 4 else own.attrs.vtep_mac6)
         else:
             part, skip = hostgw.render(family, peers, underlay)
             skipped.extend(skip)

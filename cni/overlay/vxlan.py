@@ -26,13 +26,14 @@ from svcnet.cni.overlay.desired import (
 
 
 def render(backend: BackendConfig, family: int, subnet: IPNetwork, peers: tuple[Peer, ...],
-           underlay: Underlay, node_name: str, *, offloads: tuple[str, ...] = ()
-           ) -> KernelObjects:
+           underlay: Underlay, node_name: str, *, offloads: tuple[str, ...] = (),
+           mac: str = "") -> KernelObjects:
+    """``mac``: the VTEP MAC we publish (an adopted device's); default derived from the name."""
     dev = device_name(family, backend.vni)
     local = underlay.ipv4 if family == 4 else underlay.ipv6
     link = VxlanLink(name=dev, vni=backend.vni, port=backend.port, local=local,
                      underlay=underlay.name, mtu=vxlan_mtu(underlay, family, backend.mtu),
-                     mac=vtep_mac(node_name, dev), offloads=offloads)
+                     mac=mac or vtep_mac(node_name, dev), offloads=offloads)
     host_len = 32 if family == 4 else 128
     neighbours: set[Neighbour] = set()
     fdb: set[FdbEntry] = set()
