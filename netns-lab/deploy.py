@@ -20,7 +20,7 @@ from svcnet.lab.state import DNS_SERVICE_IP, POD_NETWORK, SERVICE_NETWORK, LabCo
 
 from svcnet.manifests import Options, render, to_yaml
 
-ROLLOUT_TIMEOUT_S = 240
+ROLLOUT_TIMEOUT_S = 150
 
 
 def options(cfg: LabConfig) -> Options:

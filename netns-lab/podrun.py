@@ -41,7 +41,8 @@ from svcnet.store.base import Store
 
 log = logging.getLogger(__name__)
 
-# What a lab node shares with the machine (one kernel): used as they are.
+# What a lab node shares with the machine (one kernel): used as they are (when the machine
+# has them: a CI container may have no /lib/modules, then the node gets an empty one).
 SHARED_HOST_PATHS = ("/run/netns", "/lib/modules")
 # The node's own directories every CNI plugin call sees (what a runtime's host has).
 NODE_CNI_PATHS = ("/etc/cni/net.d", "/opt/cni/bin", "/run/svcnet", "/var/lib/cni")
@@ -96,7 +97,8 @@ def runs_from_manifests(cfg: LabConfig, pod: dict[str, Any]) -> bool:
 def host_path(cfg: LabConfig, node: str, path: str) -> Path:
     """Where a hostPath is on a lab node: its own directory, except what it shares."""
     norm = "/" + path.strip("/")
-    if any(norm == p or norm.startswith(p + "/") for p in SHARED_HOST_PATHS):
+    if any(norm == p or norm.startswith(p + "/") for p in SHARED_HOST_PATHS) and Path(
+            norm).exists():
         return Path(norm)
     return cfg.node_dir(node) / norm.lstrip("/")
 
@@ -114,7 +116,7 @@ def prepare_node(cfg: LabConfig, node: str) -> None:
     the reference plugins in ``/opt/cni/bin`` (Debian's containernetworking-plugins), and
     the spec every CNI plugin call runs with."""
     d = cfg.node_dir(node)
-    for path in NODE_CNI_PATHS:
+    for path in (*NODE_CNI_PATHS, *SHARED_HOST_PATHS):
         host_path(cfg, node, path).mkdir(parents=True, exist_ok=True)
     bin_dir = host_path(cfg, node, "/opt/cni/bin")
     if REFERENCE_CNI_DIR.is_dir():

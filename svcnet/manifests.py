@@ -48,10 +48,11 @@ NODE_RULES: tuple[dict[str, Any], ...] = (
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
     {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get"]},
 )
-# svcnet dns reads Services and EndpointSlices (CoreDNS's system:coredns also lists Endpoints,
-# Namespaces and Pods: we use neither Endpoints nor Namespaces, Pods only for --pods verified).
+# svcnet dns reads Services, EndpointSlices and Namespaces (existing namespaces answer NODATA,
+# as in CoreDNS, whose system:coredns also lists Endpoints and Pods: we do not use Endpoints,
+# Pods only for --pods verified).
 DNS_RULES: tuple[dict[str, Any], ...] = (
-    {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch"]},
+    {"apiGroups": [""], "resources": ["services", "namespaces"], "verbs": ["list", "watch"]},
     {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
      "verbs": ["list", "watch"]},
 )

@@ -216,7 +216,10 @@ NODE_DENIED = [("list", "secrets"), ("get", "secrets"), ("update", "nodes"),
                ("list", "daemonsets.apps"), ("delete", "daemonsets.apps"),
                ("update", "daemonsets.apps"), ("delete", "pods")]
 DNS_ALLOWED = [("list", "services"), ("watch", "services"),
-               ("list", "endpointslices.discovery.k8s.io")]
+               ("list", "endpointslices.discovery.k8s.io"),
+               # svcnet dns watches Namespaces (NODATA for existing ones); found by the lab
+               # running the Deployment (tests/test_deploy_lab.py)
+               ("list", "namespaces"), ("watch", "namespaces")]
 DNS_DENIED = [("list", "secrets"), ("list", "pods"), ("list", "nodes"),
               ("create", "services"), ("list", "configmaps")]
 
