@@ -196,7 +196,7 @@ def cleanup(args: argparse.Namespace) -> list[str]:
              *(os.path.join(args.cni_bin_dir, n) for n in ("svcnet-cni", IN_PROCESS_NAME,
                                                             "svcnet-ipam")),
              args.overlay_subnet_file, args.cni_server_socket,
-             f"{args.cni_server_socket}.fallback"]
+             f"{args.cni_server_socket}.fallback", f"{args.cni_server_socket}.lock"]
     for path in files:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
