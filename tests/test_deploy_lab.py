@@ -323,3 +323,54 @@ def test_deleting_the_manifests_removes_everything(lab: LabConfig) -> None:
     assert not left, left
     # the node agents keep running the other pods
     assert (NETNS_DIR / lab.pod_ns("default", "client")).exists()
+
+
+# --- the node agent's pieces, without a lab ---------------------------------------------------
+
+
+def test_field_refs_and_var_expansion() -> None:
+    from svcnet.lab.podrun import PodError, expand, field_value
+
+    pod = {"metadata": {"name": "p", "namespace": "ns", "uid": "u1", "labels": {"a": "b"}},
+           "spec": {"nodeName": "n2", "serviceAccountName": "sa"}}
+    got = {path: field_value(pod, path, "n2", "10.244.2.5", "10.250.1.2") for path in (
+        "metadata.name", "metadata.namespace", "spec.nodeName", "status.podIP",
+        "status.hostIP", "spec.serviceAccountName", "metadata.labels['a']")}
+    assert got == {"metadata.name": "p", "metadata.namespace": "ns", "spec.nodeName": "n2",
+                   "status.podIP": "10.244.2.5", "status.hostIP": "10.250.1.2",
+                   "spec.serviceAccountName": "sa", "metadata.labels['a']": "b"}
+    with pytest.raises(PodError, match="not supported"):
+        field_value(pod, "spec.containers", "n2", "", "")
+    env = {"A": "1", "B": "x"}
+    assert expand("$(A)-$(B)-$(C)-$$(A)", env) == "1-x-$(C)-$(A)"
+
+
+def test_liveness_counts_failures_in_a_row() -> None:
+    from svcnet.lab.podrun import Liveness
+
+    probe = {"initialDelaySeconds": 5, "periodSeconds": 2, "failureThreshold": 3}
+    state = Liveness(started=100.0)
+    assert not state.due(probe, 104.0) and state.due(probe, 105.0)
+    assert not state.record(probe, False, 105.0) and not state.due(probe, 106.0)
+    assert not state.record(probe, False, 107.0)
+    assert not state.record(probe, True, 109.0)  # a success resets the count
+    assert not state.record(probe, False, 111.0) and not state.record(probe, False, 113.0)
+    assert state.record(probe, False, 115.0)
+
+
+def test_host_paths_map_to_the_node_and_atomic_writes(tmp_path: Path) -> None:
+    from svcnet.lab.podrun import host_path, write_atomic
+
+    cfg = LabConfig(name="x", nodes=2, lab_dir=str(tmp_path))
+    assert host_path(cfg, "n2", "/etc/cni/net.d/") == tmp_path / "nodes/n2/etc/cni/net.d"
+    assert host_path(cfg, "n1", "/run/xtables.lock") == tmp_path / "nodes/n1/run/xtables.lock"
+    assert host_path(cfg, "n1", "/run/netns") == (
+        Path("/run/netns") if Path("/run/netns").exists() else tmp_path / "nodes/n1/run/netns")
+    d = tmp_path / "sa"
+    write_atomic(d, {"token": b"one", "ca.crt": b"ca"})
+    first = (d / "..data").resolve()
+    write_atomic(d, {"token": b"two", "ca.crt": b"ca"})
+    assert (d / "token").read_text() == "two" and (d / "token").is_symlink()
+    assert not first.exists()  # the old generation is removed after the swap
+    assert sorted(p.name for p in d.iterdir() if not p.name.startswith("..")) == [
+        "ca.crt", "token"]
