@@ -374,3 +374,52 @@ def test_host_paths_map_to_the_node_and_atomic_writes(tmp_path: Path) -> None:
     assert not first.exists()  # the old generation is removed after the swap
     assert sorted(p.name for p in d.iterdir() if not p.name.startswith("..")) == [
         "ca.crt", "token"]
+
+
+def test_projected_token_from_token_request_and_its_rotation(control_plane: Any,
+                                                              tmp_path: Path) -> None:
+    """The projected volume the API server's admission adds to a pod, written as the node
+    agent writes it: a TokenRequest token bound to the pod, the cluster CA, the namespace;
+    rewritten (a new token, atomically) once 80% of its lifetime has passed."""
+    import asyncio
+
+    from svcnet.lab.podrun import TOKEN_SECONDS, PodRunner
+
+    from svcnet.store.open import open_store
+
+    cp = control_plane
+    with cp.namespace(f"podrun-{os.getpid()}") as ns:
+        cp.kubectl("create", "serviceaccount", "agent", "-n", ns)
+        cp.apply([{"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": "p", "namespace": ns},
+                   "spec": {"serviceAccountName": "agent",
+                            "containers": [{"name": "c", "image": "localhost/svcnet:t"}]}}])
+        pod = json.loads(cp.kubectl("get", "pod", "p", "-n", ns, "-o", "json").stdout)
+        volume = next(v for v in pod["spec"]["volumes"] if "projected" in v)
+        cfg = LabConfig(name="t", nodes=1, lab_dir=str(tmp_path))
+
+        async def run() -> tuple[dict[str, Any], dict[str, Any], float, bool]:
+            store = open_store("kubernetes", kubeconfig=str(cp.admin_kubeconfig))
+            try:
+                runner = PodRunner(cfg, "n1", store)
+                start = time.time()
+                await runner.write_volumes(pod, "10.244.1.9")
+                d = runner.volume_path(pod, volume)
+                first = jwt_claims((d / "token").read_text())
+                assert (d / "ca.crt").read_text() == cp.layout.ca_crt.read_text()
+                assert (d / "namespace").read_text() == ns
+                due = runner.refresh_at[pod["metadata"]["uid"]] - start
+                not_yet = await runner.refresh(pod, "10.244.1.9")
+                await asyncio.sleep(1.1)  # a new iat
+                runner.refresh_at[pod["metadata"]["uid"]] = 0.0  # as if 80% had passed
+                assert await runner.refresh(pod, "10.244.1.9")
+                return first, jwt_claims((d / "token").read_text()), due, not_yet
+            finally:
+                await store.close()
+
+        first, second, due, not_yet = asyncio.run(run())
+    assert first["kubernetes.io"]["pod"]["uid"] == pod["metadata"]["uid"]
+    assert first["sub"] == f"system:serviceaccount:{ns}:agent"
+    assert 0.75 * TOKEN_SECONDS < due <= 0.8 * TOKEN_SECONDS + 5 and not not_yet
+    assert second["iat"] > first["iat"]
+    assert second["kubernetes.io"]["pod"] == first["kubernetes.io"]["pod"]
