@@ -434,6 +434,36 @@ class PodRunner:
                      meta.get("namespace"), meta["name"])
 
 
+def running_argv(cfg: LabConfig, node: str, pod_prefix: str) -> list[str] | None:
+    """The command of the running pod ``pod_prefix*`` (e.g. ``kube-system/svcnet-node-``) on
+    ``node``, its paths translated to where they are outside the container (through the
+    container's bind mounts), so a check run from the node agent's view (``lab verify``)
+    reads the same files the daemon does."""
+    for rec in sorted(cfg.node_dir(node).glob("pods/*.json")):
+        try:
+            sandbox = json.loads(rec.read_text())
+        except (OSError, ValueError):
+            continue
+        if not str(sandbox.get("key", "")).startswith(pod_prefix):
+            continue
+        for spec_file in (cfg.node_dir(node) / "containers" / sandbox["uid"] / "specs").glob(
+                "*.json"):
+            spec = json.loads(spec_file.read_text())
+            if spec_file.stem.startswith("install"):
+                continue
+            binds = sorted(spec.get("binds", []), key=lambda b: -len(b["target"]))
+            return [_outside(arg, binds) for arg in spec["argv"]]
+    return None
+
+
+def _outside(arg: str, binds: list[dict[str, Any]]) -> str:
+    for b in binds:
+        target = b["target"].rstrip("/")
+        if arg == target or arg.startswith(target + "/"):
+            return str(b["source"]) + arg[len(target):]
+    return arg
+
+
 def _items(data: dict[str, str], items: list[dict[str, Any]] | None) -> dict[str, bytes]:
     if not items:
         return {k: v.encode() for k, v in data.items()}

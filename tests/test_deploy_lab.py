@@ -28,6 +28,7 @@ from svcnet.lab.k8s import kubectl_argv
 from svcnet.lab.netns import NETNS_DIR, RealKernel
 from svcnet.lab.procs import Procs
 from svcnet.lab.state import LabConfig
+from svcnet.lab.verify import format_report, verify_nodes
 
 pytestmark = [pytest.mark.kernel]
 
@@ -228,6 +229,21 @@ def test_demo_checks_pass(lab: LabConfig) -> None:
             if seen == set(lab.node_names):
                 break
         assert seen == set(lab.node_names), (target, seen)
+    assert_kernels_match_the_api(lab)
+
+
+def assert_kernels_match_the_api(lab: LabConfig) -> None:
+    """Every node's kernel against the desired state recomputed from the API server, with the
+    flags the DaemonSet's pod on that node runs with (``lab verify``)."""
+    reports: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        reports = verify_nodes(lab, lab.node_names)
+        if all(r["in_sync"] for r in reports):
+            break
+        time.sleep(0.5)
+    assert all(r["in_sync"] for r in reports), [format_report(r) for r in reports]
+    assert all(r["overlay"]["peers"] == len(lab.node_names) - 1 for r in reports), reports
 
 
 def test_liveness_failure_restarts_and_env_is_resolved(lab: LabConfig) -> None:
@@ -285,6 +301,7 @@ def test_rollout_restart_of_the_daemonset_fails_no_request(lab: LabConfig,
     assert stamps and stamps[0] < began and stamps[-1] > rolled, (err, lines[:3])
     assert len(lines) >= 50, (err, lines)
     assert not failed, failed[:10]
+    assert_kernels_match_the_api(lab)  # the new agents adopted and kept the node's state
 
 
 def test_deleting_the_manifests_removes_everything(lab: LabConfig) -> None:
