@@ -640,6 +640,13 @@ class Kubelet:
                 "containerID": f"svcnet-lab://{sb.container_id}",
                 "state": {"running": {"startedAt": started}}}],
         }
+        inits = pod.get("spec", {}).get("initContainers") or []
+        if inits:  # the container runs only after every init container completed
+            status["initContainerStatuses"] = [{
+                "name": i.get("name", "init"), "ready": True, "restartCount": 0,
+                "image": i.get("image", ""), "imageID": "",
+                "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}
+                for i in inits]
         ns = meta.get("namespace", "default")
         code, body = await self.store.call(
             "PATCH", f"/api/v1/namespaces/{ns}/pods/{meta['name']}/status",

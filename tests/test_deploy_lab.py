@@ -175,6 +175,8 @@ def test_controllers_pods_run_with_their_volumes_env_and_token(lab: LabConfig) -
         node, name = pod["spec"]["nodeName"], pod["metadata"]["name"]
         assert pod["status"]["podIP"] == lab.node_ip(node)  # hostNetwork
         assert pod["metadata"]["ownerReferences"][0]["kind"] == "DaemonSet"
+        assert [(i["name"], i["state"]["terminated"]["reason"])
+                for i in pod["status"]["initContainerStatuses"]] == [("install-cni", "Completed")]
         # the init container ran first and installed the CNI files into this node's dirs
         assert (lab.node_dir(node) / "etc/cni/net.d/10-svcnet.conflist").is_file()
         assert (lab.node_dir(node) / "opt/cni/bin/svcnet-cni").is_file()
