@@ -121,6 +121,10 @@ def _add_up_arguments(p: argparse.ArgumentParser, nodes: int = 3) -> None:
                    help="kube-dns server pods, one per node from n1 (default 2, as CoreDNS)")
     p.add_argument("--node-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for every `svcnet node` (repeatable)")
+    p.add_argument("--deploy", choices=["manifests"], default=None,
+                   help="with --control-plane kubernetes: start no svcnet daemons; apply "
+                        "`svcnet manifests` with kubectl and let the node agents run its "
+                        "DaemonSet and Deployment pods (docs/deploy.md)")
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -210,8 +214,18 @@ def _make_config(args: argparse.Namespace, name: str | None = None) -> Any:
         dns_replicas=args.dns_replicas,
         python=default_python(),
         extra_node_args=tuple(args.node_arg), apiserver_argv=tuple(shlex.split(args.apiserver_cmd)),
-        control_plane=args.control_plane,
+        control_plane=args.control_plane, deploy=_deploy_choice(args),
     )
+
+
+def _deploy_choice(args: argparse.Namespace) -> str:
+    from svcnet.cli import UsageError
+
+    deploy = getattr(args, "deploy", None) or ""
+    if deploy and args.control_plane != "kubernetes":
+        raise UsageError("--deploy manifests needs --control-plane kubernetes (the DaemonSet "
+                         "and Deployment controllers create its pods)")
+    return str(deploy)
 
 
 def _up(args: argparse.Namespace) -> int:

@@ -101,6 +101,11 @@ def up(cfg: LabConfig, kernel: Kernel, progress: Progress, *, wait: bool = True)
     cfg = resolve_choices(cfg)
     if cfg.real_control_plane:
         cfg = with_real_control_plane(cfg)
+    if cfg.deploy:
+        from svcnet.lab import deploy
+
+        if problem := deploy.check(cfg):
+            raise LabError(problem)
     elapsed = _timer()
     cfg.dir.mkdir(parents=True, exist_ok=True)
     cfg.save()
@@ -110,6 +115,8 @@ def up(cfg: LabConfig, kernel: Kernel, progress: Progress, *, wait: bool = True)
                  f"overlay={cfg.overlay}, proxy={'on' if cfg.proxy else 'off'}, "
                  f"dns={'on' if cfg.dns else 'off'}")
         _build_network(cfg, kernel, ledger)
+        if cfg.deploy:
+            deploy.prepare(cfg, kernel)
         progress(f"[{elapsed():5.1f}s] underlay bridge + {cfg.nodes} node namespaces")
         procs = Procs(cfg.dir)
         if cfg.apiserver_argv:
@@ -132,11 +139,12 @@ def up(cfg: LabConfig, kernel: Kernel, progress: Progress, *, wait: bool = True)
             progress(f"[{elapsed():5.1f}s] etcd ready at {','.join(cfg.etcd_endpoints)}")
         (cfg.dir / "net-conf.json").write_text(json.dumps(net_conf(cfg)))
         for node in cfg.node_names:
-            write_node_files(cfg, node)
+            if not cfg.deploy:  # else svcnet's init container installs the CNI files
+                write_node_files(cfg, node)
         if cfg.real_control_plane:
             from svcnet.lab.manifests import system_objects
 
-            if cfg.dns:
+            if cfg.dns and not cfg.deploy:
                 control_plane.apply(system_objects(cfg))
             progress(f"[{elapsed():5.1f}s] kube-dns applied; RBAC and kubeconfigs for the node "
                      f"agents, node daemons and DNS in {cfg.dir}")
@@ -145,7 +153,7 @@ def up(cfg: LabConfig, kernel: Kernel, progress: Progress, *, wait: bool = True)
             progress(f"[{elapsed():5.1f}s] Nodes, network config and kube-dns written to the "
                      "store")
         for node in cfg.node_names:
-            if cfg.overlay != "static" or cfg.proxy:
+            if (cfg.overlay != "static" or cfg.proxy) and not cfg.deploy:
                 procs.start(kernel, f"node-{node}", cfg.node_ns(node), node_daemon_argv(cfg, node))
             procs.start(kernel, f"kubelet-{node}", cfg.node_ns(node), kubelet_argv(cfg, node),
                         mount_ns=False)
@@ -156,6 +164,8 @@ def up(cfg: LabConfig, kernel: Kernel, progress: Progress, *, wait: bool = True)
                         [*cfg.svcnet_argv, "lab", "controller", "--lab-dir", str(cfg.dir)])
             progress(f"[{elapsed():5.1f}s] node daemons, kubelets and the endpointslice "
                      "controller started")
+        if cfg.deploy:
+            deploy.apply_manifests(cfg, control_plane, progress, elapsed)
         if wait:
             wait_ready(cfg, progress, elapsed)
         progress(f"[{elapsed():5.1f}s] lab {cfg.name} is up; try: svcnet lab status "

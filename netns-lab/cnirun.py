@@ -31,10 +31,17 @@ class Attachment:
 
 
 class CNIRunner:
-    def __init__(self, conf_dir: Path, cni_path: list[str], cache_dir: Path) -> None:
+    def __init__(self, conf_dir: Path, cni_path: list[str], cache_dir: Path, *,
+                 launcher: list[str] | None = None, exec_path: list[str] | None = None
+                 ) -> None:
+        """``launcher`` + ``exec_path``: plugins are found in ``cni_path`` but run as
+        ``launcher + [exec_path/plugin]`` with ``CNI_PATH=exec_path``, for a node whose
+        filesystem the lab maps into a mount namespace (svcnet.lab.podrun)."""
         self.conf_dir = conf_dir
         self.cni_path = cni_path
         self.cache_dir = cache_dir
+        self.launcher = launcher or []
+        self.exec_path = exec_path
 
     def conflist(self) -> dict[str, Any]:
         """The first ``*.conflist`` in lexical order, as containerd picks it."""
@@ -57,10 +64,13 @@ class CNIRunner:
             "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
             "CNI_COMMAND": command, "CNI_CONTAINERID": att.container_id,
             "CNI_NETNS": att.netns, "CNI_IFNAME": att.ifname, "CNI_ARGS": att.args,
-            "CNI_PATH": ":".join(self.cni_path),
+            "CNI_PATH": ":".join(self.exec_path or self.cni_path),
         }
+        found = self._find(plugin)
+        argv = ([*self.launcher, str(Path(self.exec_path[0]) / plugin)]
+                if self.launcher and self.exec_path else [found])
         proc = await asyncio.create_subprocess_exec(
-            self._find(plugin), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=env,
         )
         out, err = await asyncio.wait_for(proc.communicate(json.dumps(conf).encode()), 30)

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from svcnet.lab.cnirun import Attachment, CNIRunner, first_ipv4
-from svcnet.lab.netns import NETNS_DIR, Kernel, alive, kill_pids
+from svcnet.lab.netns import NETNS_DIR, Kernel, alive, in_netns_thread, kill_pids
+from svcnet.lab.podrun import Liveness, PodRunner, cni_runner, mountexec_argv, runs_from_manifests
 from svcnet.lab.procs import start_time_of
 from svcnet.lab.state import DNS_SERVICE_IP, LabConfig, Ledger
 
@@ -146,6 +147,13 @@ class Kubelet:
         self.workers: dict[str, asyncio.Task[None]] = {}
         self.wake = asyncio.Event()
         self.synced = False
+        # ``--deploy manifests``: svcnet's own pods run from the local install with their
+        # volumes, and CNI plugins run in the node's mapped filesystem (svcnet.lab.podrun).
+        self.podrun: PodRunner | None = None
+        self.liveness: dict[str, tuple[int, Liveness]] = {}
+        if cfg.deploy:
+            self.podrun = PodRunner(cfg, node, store)
+            self.cni = cni_runner(cfg, node)
 
     # --- lifecycle ---------------------------------------------------------------------
     @property
@@ -363,6 +371,9 @@ class Kubelet:
                 sb = self._start_process(pod, sb.netns, sb.ip, sb.host_network,
                                          sb.container_id, sb.restarts + 1)
             await self._probe_and_report(pod, sb)
+            if self.podrun is not None and runs_from_manifests(self.cfg, pod):
+                await self.podrun.refresh(pod, sb.ip)
+                await self._check_liveness(pod, sb)
         except Exception:
             log.exception("syncing pod %s", key)
             await asyncio.sleep(0.5)
@@ -374,8 +385,9 @@ class Kubelet:
         host_network = bool(pod.get("spec", {}).get("hostNetwork"))
         container_id = (uid or f"{namespace}-{name}").replace("-", "")[:32]
         if host_network:
-            return self._start_process(pod, self.cfg.node_ns(self.node), self.cfg.node_ip(
-                self.node), True, container_id, 0)
+            node_ns, node_ip = self.cfg.node_ns(self.node), self.cfg.node_ip(self.node)
+            await self._prepare_manifest_pod(pod, node_ns, node_ip)
+            return self._start_process(pod, node_ns, node_ip, True, container_id, 0)
         netns = self.cfg.pod_ns(namespace, name)
         self.ledger.record("netns", netns)
         self.ledger.record("etc", netns)
@@ -392,11 +404,48 @@ class Kubelet:
             (etc / "resolv.conf").write_text(
                 pod_resolv_conf(pod, self.cfg.zone, self.cfg.node_ns(self.node)))
             (etc / "hostname").write_text(pod.get("spec", {}).get("hostname") or name)
+            await asyncio.to_thread(_pod_sysctls, netns, pod)
+            await self._prepare_manifest_pod(pod, netns, ip)
             return self._start_process(pod, netns, ip, False, container_id, 0)
         except BaseException:
             await self._cni_del(netns, container_id, namespace, name)
             self.kernel.delete_netns(netns)
             raise
+
+    async def _prepare_manifest_pod(self, pod: dict[str, Any], netns: str, ip: str) -> None:
+        """Volumes, init containers to completion, then the container's spec."""
+        if self.podrun is None or not runs_from_manifests(self.cfg, pod):
+            return
+        resolv = pod_resolv_conf(pod, self.cfg.zone, self.cfg.node_ns(self.node))
+        await self.podrun.write_volumes(pod, ip)
+        await self.podrun.run_init_containers(pod, netns, ip, resolv)
+        await self.podrun.container_argv(pod, container(pod), ip, resolv)
+
+    async def _check_liveness(self, pod: dict[str, Any], sb: Sandbox) -> None:
+        """An httpGet liveness probe; after ``failureThreshold`` failures in a row the
+        container is stopped (grace period) and the dead-process path restarts it."""
+        probe = container(pod).get("livenessProbe") or {}
+        if "httpGet" not in probe or not (alive(sb.pid)
+                                          and start_time_of(sb.pid) == sb.start_time):
+            return
+        pid, state = self.liveness.get(sb.key, (0, None))
+        if state is None or pid != sb.pid:
+            state = Liveness(started=time.monotonic())
+            self.liveness[sb.key] = (sb.pid, state)
+        now = time.monotonic()
+        if not state.due(probe, now):
+            return
+        http = probe["httpGet"]
+        host = "127.0.0.1" if sb.host_network else sb.ip
+        ok = await http_ok(host, int(http.get("port", 80)), http.get("path", "/"),
+                           float(probe.get("timeoutSeconds", 1)))
+        if state.record(probe, ok, time.monotonic()):
+            log.warning("pod %s failed its liveness probe %d times; restarting it", sb.key,
+                        state.failures)
+            grace = float(pod.get("spec", {}).get("terminationGracePeriodSeconds",
+                                                  DEFAULT_GRACE_S))
+            await asyncio.to_thread(kill_pids, [sb.pid], grace=max(grace, 0.01))
+            self.wake.set()
 
     def _cni_args(self, namespace: str, name: str) -> str:
         return (f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};"
@@ -415,7 +464,11 @@ class Kubelet:
         env = {"POD_NAME": meta["name"], "POD_NAMESPACE": meta.get("namespace", "default"),
                "POD_IP": ip, "NODE_NAME": self.node}
         key = f"{env['POD_NAMESPACE']}/{env['POD_NAME']}"
-        pid = self.kernel.spawn(netns, pod_command(self.cfg, pod),
+        argv = pod_command(self.cfg, pod)
+        if self.podrun is not None and runs_from_manifests(self.cfg, pod):
+            # The spec (command, its env, mounts) that _prepare_manifest_pod wrote.
+            argv = mountexec_argv(self.cfg, self.podrun.spec_path(pod, container(pod)))
+        pid = self.kernel.spawn(netns, argv,
                                 self.cfg.log(f"pod-{env['POD_NAMESPACE']}.{env['POD_NAME']}"),
                                 env=env, mount_ns=True)
         sb = Sandbox(key, meta.get("uid", ""), netns, container_id, ip, pid,
@@ -449,6 +502,9 @@ class Kubelet:
             self.ledger.forget("etc", sb.netns)
             self.ledger.forget("netns", sb.netns)
         (self.sandbox_dir / f"{sb.uid}.json").unlink(missing_ok=True)
+        if self.podrun is not None:
+            self.podrun.forget(sb.uid)
+        self.liveness.pop(sb.key, None)
         self.sandboxes.pop(sb.key, None)
         self.ready.pop(sb.key, None)
         log.info("pod %s torn down", sb.key)
@@ -584,6 +640,13 @@ class Kubelet:
                 "containerID": f"svcnet-lab://{sb.container_id}",
                 "state": {"running": {"startedAt": started}}}],
         }
+        inits = pod.get("spec", {}).get("initContainers") or []
+        if inits:  # the container runs only after every init container completed
+            status["initContainerStatuses"] = [{
+                "name": i.get("name", "init"), "ready": True, "restartCount": 0,
+                "image": i.get("image", ""), "imageID": "",
+                "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}
+                for i in inits]
         ns = meta.get("namespace", "default")
         code, body = await self.store.call(
             "PATCH", f"/api/v1/namespaces/{ns}/pods/{meta['name']}/status",
@@ -593,6 +656,36 @@ class Kubelet:
             return
         if code != 200:
             raise StoreError(f"status of pod {ns}/{meta['name']}: {code} {body}")
+
+
+async def http_ok(host: str, port: int, path: str, timeout: float) -> bool:
+    """An httpGet probe: connected and a 2xx/3xx status line within ``timeout``."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
+        return False
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        parts = line.split()
+        return len(parts) >= 2 and parts[1].isdigit() and 200 <= int(parts[1]) < 400
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+
+
+def _pod_sysctls(netns: str, pod: dict[str, Any]) -> None:
+    """The pod's namespaced sysctls (``securityContext.sysctls``), in its namespace."""
+    sysctls = pod.get("spec", {}).get("securityContext", {}).get("sysctls") or []
+    if not sysctls:
+        return
+
+    def write() -> None:
+        for item in sysctls:
+            Path("/proc/sys", *str(item["name"]).split(".")).write_text(str(item["value"]))
+
+    in_netns_thread(netns, write)
 
 
 async def run_kubelet(cfg: LabConfig, node: str) -> None:

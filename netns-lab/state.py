@@ -57,6 +57,9 @@ class LabConfig:
     (svcnet.lab.k8s) in the control namespace, with ``store="kubernetes"``."""
     k8s_bin: str = ""
     """With the real control plane: where its binaries are (found by ``up``)."""
+    deploy: str = ""
+    """``manifests``: no svcnet daemon started by the lab; ``svcnet manifests`` applied with
+    kubectl instead, its pods run by the node agents (svcnet.lab.podrun, deploy.py)."""
 
     @property
     def real_control_plane(self) -> bool:

@@ -35,6 +35,17 @@ def daemon_args(cfg: LabConfig, node: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="svcnet")
     register(parser.add_subparsers(dest="command"))
     argv = node_daemon_argv(cfg, node)
+    if cfg.deploy:  # the command of the DaemonSet's pod on this node
+        from svcnet.lab.podrun import running_argv
+
+        deployed = running_argv(cfg, node, "kube-system/svcnet-node-")
+        if deployed is None:
+            raise RuntimeError(f"no svcnet-node pod runs on {node}")
+        args = parser.parse_args(deployed[deployed.index("node"):])
+        # $NODE_NAME (the downward API's spec.nodeName) is this node in the pod
+        args.overlay_node_name = args.overlay_node_name or node
+        args.proxy_node_name = node
+        return args
     return parser.parse_args(argv[argv.index("node"):])
 
 

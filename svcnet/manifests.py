@@ -43,11 +43,16 @@ NODE_RULES: tuple[dict[str, Any], ...] = (
     {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch"]},
     {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
      "verbs": ["list", "watch"]},
+    # On SIGTERM: is our pod's DaemonSet gone or being deleted (uninstall: clean the node)
+    # or still there (rollout restart: keep the rules)? Flannel's role also gets pods.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+    {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get"]},
 )
-# svcnet dns reads Services and EndpointSlices (CoreDNS's system:coredns also lists Endpoints,
-# Namespaces and Pods: we use neither Endpoints nor Namespaces, Pods only for --pods verified).
+# svcnet dns reads Services, EndpointSlices and Namespaces (existing namespaces answer NODATA,
+# as in CoreDNS, whose system:coredns also lists Endpoints and Pods: we do not use Endpoints,
+# Pods only for --pods verified).
 DNS_RULES: tuple[dict[str, Any], ...] = (
-    {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch"]},
+    {"apiGroups": [""], "resources": ["services", "namespaces"], "verbs": ["list", "watch"]},
     {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
      "verbs": ["list", "watch"]},
 )
@@ -193,6 +198,7 @@ def node_command(o: Options) -> list[str]:
         "--proxy-cluster-cidr", o.cluster_cidr,
         "--proxy-healthz-bind-address", f"0.0.0.0:{PROXY_HEALTHZ_PORT}",
         "--proxy-metrics-bind-address", "127.0.0.1:10249",
+        "--cleanup-on-uninstall",
     ]
 
 
@@ -204,7 +210,10 @@ def cni_install_command() -> list[str]:
 
 def node_daemonset(o: Options) -> dict[str, Any]:
     env: list[dict[str, Any]] = [
-        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
+        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE",
+         "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}]
     if o.apiserver:
         host, port = o.apiserver_host_port
         env += [{"name": "KUBERNETES_SERVICE_HOST", "value": host},

@@ -13,14 +13,17 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os
 import signal
+from collections.abc import Mapping
 from typing import Any, Protocol
 
-from svcnet.store.base import Store
+from svcnet.store.base import Store, StoreError
 from svcnet.store.open import add_store_arguments, store_from_args
 from svcnet.watch import InformerFactory
 
 log = logging.getLogger(__name__)
+UNINSTALL_CHECK_S = 5.0
 
 COMPONENTS = {
     "overlay": "svcnet.cni.overlay.daemon",
@@ -49,6 +52,11 @@ def register(sub: Any) -> None:
                         "(proxy rules of every mode, overlay rules, flannel.* devices and "
                         "routes, CNI binaries and conflist, subnet file, socket), then exit; "
                         "in the namespace --proxy-netns names, else our own")
+    c.add_argument("--cleanup-on-uninstall", action="store_true",
+                   help="on SIGTERM, run --cleanup before exiting if svcnet is being "
+                        "uninstalled: this pod's DaemonSet ($POD_NAMESPACE/$POD_NAME's owner) "
+                        "is gone or being deleted, or our ServiceAccount is (401/403). A "
+                        "rollout restart or a drain leaves every rule in the kernel")
     c.add_argument("--cni-bin-dir", default="/opt/cni/bin", help="for --cleanup")
     c.add_argument("--cni-conf-dir", default="/etc/cni/net.d", help="for --cleanup")
     p.set_defaults(func=_run)
@@ -83,11 +91,15 @@ def _run(args: argparse.Namespace) -> int:
             "svcnet node: choose at least one of --overlay, --proxy, --dns, --cni-server")
     wanted += [name for name, path in COMPONENTS.items() if name not in wanted
                and getattr(importlib.import_module(path), "on_by_default", _never)(args)]
-    asyncio.run(run_node(args, wanted))
+    if asyncio.run(run_node(args, wanted)):
+        log.warning("svcnet is being uninstalled: removing what it put on this node")
+        for line in cleanup(args):
+            log.warning("cleanup: %s", line)
     return 0
 
 
-async def run_node(args: argparse.Namespace, wanted: list[str]) -> None:
+async def run_node(args: argparse.Namespace, wanted: list[str]) -> bool:
+    """Run until SIGTERM/SIGINT; True when the caller must clean up (see ``uninstalling``)."""
     store = store_from_args(args)
     factory = InformerFactory(store)
     components: list[Component] = [
@@ -110,6 +122,9 @@ async def run_node(args: argparse.Namespace, wanted: list[str]) -> None:
         task.cancel()
     await asyncio.gather(*tasks, stopper, dead, return_exceptions=True)
     await factory.stop()
+    remove = False
+    if stop.is_set() and getattr(args, "cleanup_on_uninstall", False):
+        remove = await uninstalling(store)
     await store.close()
     if dead in done:
         informer = dead.result()
@@ -117,6 +132,49 @@ async def run_node(args: argparse.Namespace, wanted: list[str]) -> None:
     failed = [t for t in done if t is not stopper and not t.cancelled() and t.exception()]
     if failed:
         raise RuntimeError(f"component {failed[0].get_name()} failed") from failed[0].exception()
+    return remove
+
+
+async def uninstalling(store: Store, env: Mapping[str, str] | None = None) -> bool:
+    """Whether a SIGTERM means "svcnet is being removed from this node", asked of the API:
+    our pod's owning DaemonSet is gone (404), being deleted, or our identity is (401/403:
+    ``kubectl delete -f`` removes the ServiceAccount and RBAC too, and a bound token dies
+    with its account). Anything else -- the DaemonSet still there (a rollout restart, a
+    drain), no answer, no pod identity -- keeps the rules: never flush on doubt."""
+    env = os.environ if env is None else env
+    pod, namespace = env.get("POD_NAME", ""), env.get("POD_NAMESPACE", "")
+    call = getattr(store, "call", None)
+    if not pod or not namespace or call is None:
+        log.info("no POD_NAME/POD_NAMESPACE or no Kubernetes store: rules stay")
+        return False
+    try:
+        status, body = await asyncio.wait_for(
+            call("GET", f"/api/v1/namespaces/{namespace}/pods/{pod}"), UNINSTALL_CHECK_S)
+        if status in (401, 403):
+            log.warning("our identity is gone (%d): svcnet is being uninstalled", status)
+            return True
+        if status != 200:
+            log.info("pod %s/%s: %d; rules stay", namespace, pod, status)
+            return False
+        owners = [o for o in body.get("metadata", {}).get("ownerReferences", [])
+                  if o.get("kind") == "DaemonSet"]
+        if not owners:
+            return False
+        status, ds = await asyncio.wait_for(call(
+            "GET", f"/apis/apps/v1/namespaces/{namespace}/daemonsets/{owners[0]['name']}"),
+            UNINSTALL_CHECK_S)
+    except (StoreError, OSError, TimeoutError) as err:
+        log.warning("cannot tell whether svcnet is being uninstalled (%s): rules stay", err)
+        return False
+    if status in (401, 403, 404):
+        log.warning("DaemonSet %s: %d: svcnet is being uninstalled", owners[0]["name"], status)
+        return True
+    meta = (ds or {}).get("metadata", {}) if status == 200 else {}
+    if meta.get("deletionTimestamp") and meta.get("uid") == owners[0].get("uid"):
+        log.warning("DaemonSet %s is being deleted: svcnet is being uninstalled",
+                    owners[0]["name"])
+        return True
+    return False
 
 
 def cleanup(args: argparse.Namespace) -> list[str]:
@@ -138,7 +196,7 @@ def cleanup(args: argparse.Namespace) -> list[str]:
              *(os.path.join(args.cni_bin_dir, n) for n in ("svcnet-cni", IN_PROCESS_NAME,
                                                             "svcnet-ipam")),
              args.overlay_subnet_file, args.cni_server_socket,
-             f"{args.cni_server_socket}.fallback"]
+             f"{args.cni_server_socket}.fallback", f"{args.cni_server_socket}.lock"]
     for path in files:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

@@ -206,13 +206,20 @@ def _can_i(cp: Any, account: str, verb: str, resource: str) -> bool:
 NODE_ALLOWED = [("list", "nodes"), ("watch", "nodes"), ("get", "nodes"),
                 ("patch", "nodes/status"), ("list", "services"), ("watch", "services"),
                 ("list", "endpointslices.discovery.k8s.io"),
-                ("watch", "endpointslices.discovery.k8s.io")]
+                ("watch", "endpointslices.discovery.k8s.io"),
+                # the uninstall check on SIGTERM: our pod, then its DaemonSet
+                ("get", "pods"), ("get", "daemonsets.apps")]
 NODE_DENIED = [("list", "secrets"), ("get", "secrets"), ("update", "nodes"),
                ("create", "nodes"), ("patch", "nodes"), ("delete", "nodes"),
                ("list", "pods"), ("list", "configmaps"), ("create", "services"),
-               ("update", "endpointslices.discovery.k8s.io"), ("update", "nodes/status")]
+               ("update", "endpointslices.discovery.k8s.io"), ("update", "nodes/status"),
+               ("list", "daemonsets.apps"), ("delete", "daemonsets.apps"),
+               ("update", "daemonsets.apps"), ("delete", "pods")]
 DNS_ALLOWED = [("list", "services"), ("watch", "services"),
-               ("list", "endpointslices.discovery.k8s.io")]
+               ("list", "endpointslices.discovery.k8s.io"),
+               # svcnet dns watches Namespaces (NODATA for existing ones); found by the lab
+               # running the Deployment (tests/test_deploy_lab.py)
+               ("list", "namespaces"), ("watch", "namespaces")]
 DNS_DENIED = [("list", "secrets"), ("list", "pods"), ("list", "nodes"),
               ("create", "services"), ("list", "configmaps")]
 
