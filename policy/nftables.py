@@ -134,6 +134,9 @@ def group_elements(group: Group, family: Family) -> Iterator[tuple[str, str]]:
     boxes: dict[tuple[int, int], list[tuple[int, int, int, int, int]]] = defaultdict(list)
     ranked = sorted({g.policy for g in group.grants})
     rank = {p: i for i, p in enumerate(ranked)}
+    # Only port-less grants (the common "allow from these pods"): one protocol range.
+    any_only = all(p.protocol == ANY for g in group.grants for p in g.ports)
+    any_classes = ((0, 255),) if any_only else _PROTO_CLASSES
     for grant in group.grants:
         peers = [r for r in grant.peers if r.family == family]
         if not peers:
@@ -141,7 +144,7 @@ def group_elements(group: Group, family: Family) -> Iterator[tuple[str, str]]:
         r_ = rank[grant.policy]
         for port in grant.ports:
             if port.protocol == ANY:
-                classes = [(c, 0, 65535) for c in _PROTO_CLASSES]
+                classes = [(c, 0, 65535) for c in any_classes]
             else:
                 n = _PROTO_NUMBERS[port.protocol]
                 classes = [((n, n), port.first, port.last)]
