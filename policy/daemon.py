@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -235,7 +234,8 @@ def cleanup(netns: str | None) -> list[str]:
     from svcnet.policy.nftables import delete_script
     from svcnet.proxy.commands import SubprocessCommands
 
-    with contextlib.suppress(Exception):
+    try:
         SubprocessCommands(netns).run(["nft", "-f", "-"], input=delete_script())
-        return []
-    return ["cannot remove table inet svcnet-policy"]
+    except Exception as err:  # the other components' cleanup goes on
+        return [f"cannot remove table inet svcnet-policy: {err}"]
+    return []
