@@ -395,3 +395,46 @@ def test_null_lists_decode_as_empty() -> None:
     pod = POD.decode(json.dumps({"metadata": {"name": "p", "namespace": "x"},
                                  "spec": {"containers": [{"name": "c", "ports": None}]}}))
     assert pod.spec.containers[0].ports == ()
+
+
+# --- the renderer's disjoint boxes agree with the grants, whatever overlaps -----------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from svcnet.policy.state import ANY, AddressRange, Grant, Group, PolicyState, PortRange  # noqa: E402
+
+_addresses = st.tuples(st.integers(0, 40), st.integers(0, 12)).map(
+    lambda t: AddressRange(4, (10 << 24) + t[0], (10 << 24) + t[0] + t[1]))
+_ports = st.one_of(
+    st.just(PortRange(ANY)),
+    st.tuples(st.sampled_from(["TCP", "UDP", "SCTP"]), st.integers(1, 30), st.integers(0, 6))
+    .map(lambda t: PortRange(t[0], t[1], t[1] + t[2])))
+_grants = st.lists(st.tuples(st.sampled_from(["ns/p1", "ns/p2", "ns/p3"]),
+                             st.lists(_addresses, min_size=1, max_size=4),
+                             st.lists(_ports, min_size=1, max_size=3)), max_size=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_grants, st.lists(st.tuples(st.integers(0, 60), st.sampled_from(
+    ["TCP", "UDP", "SCTP", "ICMP"]), st.integers(0, 40)), min_size=1, max_size=30))
+def test_rendered_elements_agree_with_the_grants(
+        raw: list[tuple[str, list[AddressRange], list[PortRange]]],
+        packets: list[tuple[int, str, int]]) -> None:
+    import ipaddress
+
+    grants = tuple(Grant(p, i, tuple(sorted(set(a))), tuple(sorted(set(ports))))
+                   for i, (p, a, ports) in enumerate(raw))
+    group = Group("in-g", "ingress", tuple(sorted({g.policy for g in grants})) or ("ns/p1",),
+                  grants)
+    state = PolicyState(groups={"in-g": group}, ingress={"10.200.0.1": "in-g"},
+                        pods={"10.200.0.1": "ns/target"}, policies=group.policies)
+    tracer = RulesetTracer(render_full(state))  # fails on overlapping elements
+    for offset, proto, port in packets:
+        src = str(ipaddress.IPv4Address((10 << 24) + offset))
+        allowing = sorted(g.policy for g in grants
+                          if g.allows(ipaddress.ip_address(src), proto, port))
+        ok, passed = tracer.verdict(src, "10.200.0.1", proto, port)
+        assert ok == bool(allowing)
+        assert ok == trace(state, src, "10.200.0.1", proto, port).allowed
+        if ok:
+            assert passed == [f"allow-in-{_pid(allowing[0])}"]
