@@ -438,3 +438,42 @@ def test_rendered_elements_agree_with_the_grants(
         assert ok == trace(state, src, "10.200.0.1", proto, port).allowed
         if ok:
             assert passed == [f"allow-in-{_pid(allowing[0])}"]
+
+
+def test_memo_gives_what_a_fresh_computation_gives_after_every_change() -> None:
+    """A sequence of pod, namespace and policy changes: the state computed with the
+    previous call's memo is the state computed from scratch, every time."""
+    import random
+
+    from svcnet.policy.state import Memo
+
+    rng = random.Random(7)
+    pods = {p.metadata.namespace + "/" + p.metadata.name: p for p in model_pods()}
+    spaces = {n.metadata.name: n for n in NAMESPACE_OBJECTS}
+    policies = {f"x/{name}": p for name, (ps, _) in list(CASES.items())[:1] for p in ps}
+    all_policies = [p for ps, _ in CASES.values() for p in ps]
+    memo = Memo()
+    for step in range(120):
+        what = rng.randrange(5)
+        if what == 0:
+            ref = rng.choice(ALL)
+            pods[ref] = make_pod(ref, node=rng.choice(["n1", "n2"]),
+                                 pod=rng.choice(PODS), tier=rng.choice(["web", "db"]))
+        elif what == 1 and pods:
+            ref = rng.choice(sorted(pods))
+            del pods[ref]
+        elif what == 2:
+            name = rng.choice(NAMESPACES)
+            spaces[name] = NAMESPACE.convert({"metadata": {"name": name, "labels": {
+                "ns": rng.choice(NAMESPACES)}}})
+        elif what == 3:
+            p = rng.choice(all_policies)
+            policies[f"{p.metadata.namespace}/{p.metadata.name}"] = p
+        elif policies:
+            del policies[rng.choice(sorted(policies))]
+        for ref in ALL:
+            if ref not in pods and rng.random() < 0.3:
+                pods[ref] = make_pod(ref)
+        node = "n1" if step % 2 else None
+        args = (list(policies.values()), list(pods.values()), list(spaces.values()))
+        assert compute(*args, node_name=node, memo=memo) == compute(*args, node_name=node), step
