@@ -331,6 +331,14 @@ def test_deleting_the_policies_opens_everything(lab: Lab, etcd: EtcdCluster,
              ("x/a", "y/c", 80, "TCP"): False, ("y/c", "x/b", 80, "TCP"): False,
              ("node", "x/b", 80, "TCP"): True}
     lab.expect(table)
+    trace = subprocess.run(
+        [sys.executable, "-m", "svcnet.cli", "policy", "trace", "--store",
+         f"etcd://{etcd.endpoints[0]}", "--from", "x/b", "--to", "x/a", "--port", "80"],
+        capture_output=True, text=True, timeout=60)
+    assert trace.returncode == 1, trace.stdout + trace.stderr
+    assert trace.stdout.splitlines()[1:] == [
+        "egress: x/b isolated by x/deny; no rule allows: DENIED",
+        "ingress: x/a isolated by x/deny; no rule allows: DENIED", "verdict: DENY"]
 
     async def delete() -> None:
         store = EtcdStore(etcd.endpoints)
