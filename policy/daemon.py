@@ -131,13 +131,16 @@ class PolicyEnforcer:
                 await asyncio.sleep(self.opts.retry_delay)
                 self._wake.set()
 
-    def desired(self) -> PolicyState:
-        from svcnet.policy.state import compute
-
+    def snapshot(self) -> tuple[list[Any], list[Any], list[Any]]:
+        """The informers' objects, taken on the event loop (which alone changes them)."""
         assert self._sources is not None
         policies, pods, namespaces = (inf.cache.values() for inf in self._sources)
-        return compute(policies, pods, namespaces, node_name=self.opts.node_name,
-                       memo=self._memo)
+        return policies, pods, namespaces
+
+    def desired(self, objects: tuple[list[Any], list[Any], list[Any]]) -> PolicyState:
+        from svcnet.policy.state import compute
+
+        return compute(*objects, node_name=self.opts.node_name, memo=self._memo)
 
     async def sync_once(self) -> bool:
         from svcnet.policy import metrics
@@ -145,7 +148,7 @@ class PolicyEnforcer:
         now = time.monotonic()
         full = self._need_full or now - self._last_full >= self.opts.full_sync_period
         try:
-            await asyncio.to_thread(self._sync, full)
+            await asyncio.to_thread(self._sync, full, self.snapshot())
         except Exception:
             log.exception("policy sync failed (full=%s); the next one is full", full)
             metrics.SYNC_FAILURES.inc()
@@ -162,7 +165,7 @@ class PolicyEnforcer:
         self.synced.set()
         return True
 
-    def _sync(self, full: bool) -> None:
+    def _sync(self, full: bool, objects: tuple[list[Any], list[Any], list[Any]]) -> None:
         from svcnet.policy import metrics
         from svcnet.policy.nftables import full_script, render, update_script
         from svcnet.policy.state import Memo
@@ -170,7 +173,7 @@ class PolicyEnforcer:
         if full:  # nothing carried over from before a failure or across a full sync
             self._memo = Memo()
             self._elements.clear()
-        state = self.desired()
+        state = self.desired(objects)
         new = render(state, log=self.opts.log_denied, cache=self._elements,
                      log_group=self.opts.log_group)
         if full or self.applied is None:
