@@ -31,9 +31,11 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import itertools
+import socket
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from svcnet.policy.state import ANY, AddressRange, Family, Group, PolicyState
 
@@ -105,6 +107,7 @@ def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None 
     groups: dict[str, tuple[str, ...]] = {}
     old_cache: ElementCache = dict(cache) if cache is not None else {}
     swept: Swept = {}
+    addresses: dict[tuple[int, int, int], str] = {}
     new_cache: ElementCache = {}
     for group in state.groups.values():
         d = "in" if group.direction == "ingress" else "out"
@@ -122,7 +125,8 @@ def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None 
             found = hit[1] if hit is not None and (hit[0] is group or hit[0] == group) else None
             if found is None:
                 found = {key: f"goto allow-{d}-{pid}"
-                         for key, pid in group_elements(group, family, swept)}  # type: ignore[arg-type]
+                         for key, pid in group_elements(  # type: ignore[arg-type]
+                             group, family, swept, addresses)}
             elements[f"{name}-{family}"] = found
             new_cache[name, family] = (group, found)
         if log:
@@ -153,59 +157,85 @@ def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None 
                     counters=frozenset(counters), policies=policies, groups=groups)
 
 
-def group_elements(group: Group, family: Family, swept: Swept | None = None
+Swept = dict[Any, list[tuple[int, int, tuple[tuple[int, int, int], ...]]]]
+"""One render's sweeps by signature: groups of different policies with rules of the same
+shape (one policy per namespace, say) share peer tuples and port ranges, so their boxes
+and sweeps are the same up to policy names."""
+
+
+def group_elements(group: Group, family: Family, swept: Swept | None = None,
+                   addresses: dict[tuple[int, int, int], str] | None = None,
                    ) -> Iterator[tuple[str, str]]:
     """(element key, policy id) of a group's map for one family: disjoint boxes of
     peer address range . protocol range . port range."""
-    # per protocol class: [(addr first, addr last, port first, port last, rank)]
-    # Several policies often allow the same peers on the same ports: one box each, credited
-    # to the first policy.
-    boxes: dict[tuple[int, int], dict[tuple[int, int, int, int], int]] = defaultdict(dict)
     ranked = sorted({g.policy for g in group.grants})
     rank = {p: i for i, p in enumerate(ranked)}
     # Only port-less grants (the common "allow from these pods"): one protocol range.
     any_only = all(p.protocol == ANY for g in group.grants for p in g.ports)
     any_classes = ((0, 255),) if any_only else _PROTO_CLASSES
+    # (protocol class, port first, port last, rank, peers): peer tuples are shared between
+    # policies (state's cache), so their identity stands for their content in one render.
+    parts: set[tuple[tuple[int, int], int, int, int, int]] = set()
+    peers_of: dict[int, tuple[AddressRange, ...]] = {}
     for grant in group.grants:
-        peers = [r for r in grant.peers if r.family == family]
-        if not peers:
-            continue
         r_ = rank[grant.policy]
+        peers_of[id(grant.peers)] = grant.peers
         for port in grant.ports:
             if port.protocol == ANY:
-                classes = [(c, 0, 65535) for c in any_classes]
+                parts.update((c, 0, 65535, r_, id(grant.peers)) for c in any_classes)
             else:
                 n = _PROTO_NUMBERS[port.protocol]
-                classes = [((n, n), port.first, port.last)]
-            for cls, lo, hi in classes:
-                found = boxes[cls]
-                for a in peers:
-                    key = (a.first, a.last, lo, hi)
-                    if found.setdefault(key, r_) > r_:
-                        found[key] = r_
+                parts.add(((n, n), port.first, port.last, r_, id(grant.peers)))
+    swept = {} if swept is None else swept
+    by_class: dict[tuple[int, int], list[tuple[int, int, int, int]]] = defaultdict(list)
+    for cls, lo, hi, r_, peers_id in parts:
+        by_class[cls].append((lo, hi, r_, peers_id))
+    classes = []
+    for cls in sorted(by_class):
+        signature = (family, cls, tuple(sorted(by_class[cls])))
+        ranges = swept.get(signature)
+        if ranges is None:
+            ranges = swept[signature] = _sweep_class(by_class[cls], peers_of, family)
+        classes.append((cls, ranges))
     ids = [policy_id(p) for p in ranked]
-    for cls in sorted(boxes):
+    addresses = {} if addresses is None else addresses
+    for cls, ranges in classes:
         proto = str(cls[0]) if cls[0] == cls[1] else f"{cls[0]}-{cls[1]}"
-        for a_lo, a_hi, ports in _disjoint_cached(boxes[cls], {} if swept is None else swept):
-            addr = str(AddressRange(family, a_lo, a_hi))
+        for a_lo, a_hi, ports in ranges:
+            addr = addresses.get((family, a_lo, a_hi))
+            if addr is None:
+                addr = addresses[family, a_lo, a_hi] = _address_text(family, a_lo, a_hi)
             for p_lo, p_hi, r_ in ports:
                 ports_text = str(p_lo) if p_lo == p_hi else f"{p_lo}-{p_hi}"
                 yield f"{addr} . {proto} . {ports_text}", ids[r_]
 
 
-Swept = dict[frozenset[tuple[tuple[int, int, int, int], int]],
-             list[tuple[int, int, tuple[tuple[int, int, int], ...]]]]
+def _sweep_class(parts: list[tuple[int, int, int, int]],
+                 peers_of: dict[int, tuple[AddressRange, ...]], family: Family,
+                 ) -> list[tuple[int, int, tuple[tuple[int, int, int], ...]]]:
+    """The disjoint boxes of one protocol class. Several policies often allow the same
+    peers on the same ports: one box each, credited to the first policy."""
+    boxes: dict[tuple[int, int, int, int], int] = {}
+    for lo, hi, r_, peers_id in parts:
+        for a in peers_of[peers_id]:
+            if a.family != family:
+                continue
+            key = (a.first, a.last, lo, hi)
+            if boxes.setdefault(key, r_) > r_:
+                boxes[key] = r_
+    return list(_disjoint(boxes.items()))
 
 
-def _disjoint_cached(boxes: dict[tuple[int, int, int, int], int], swept: Swept
-                     ) -> list[tuple[int, int, tuple[tuple[int, int, int], ...]]]:
-    """``_disjoint``, remembered for one render: groups of different policies with rules of
-    the same shape (one per namespace, say) have the same boxes up to policy names."""
-    key = frozenset(boxes.items())
-    found = swept.get(key)
-    if found is None:
-        found = swept[key] = list(_disjoint(boxes.items()))
-    return found
+def _address_text(family: Family, first: int, last: int) -> str:
+    """An address, a CIDR when the range is one, else ``first-last``."""
+    af, bits = (socket.AF_INET, 32) if family == 4 else (socket.AF_INET6, 128)
+    text = socket.inet_ntop(af, first.to_bytes(bits // 8, "big"))
+    if first == last:
+        return text
+    size = last - first + 1
+    if size & (size - 1) == 0 and first % size == 0:
+        return f"{text}/{bits - size.bit_length() + 1}"
+    return f"{text}-{socket.inet_ntop(af, last.to_bytes(bits // 8, 'big'))}"
 
 
 def _disjoint(boxes: Iterable[tuple[tuple[int, int, int, int], int]]

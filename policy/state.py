@@ -335,7 +335,8 @@ class _Computation:
 
     def peer_ranges(self, policy_ns: str, peer: NetworkPolicyPeer) -> tuple[AddressRange, ...]:
         """Sorted and without duplicates (a rule with one peer uses the tuple as it is)."""
-        key = ("" if peer.namespace_selector else policy_ns, msgspec.json.encode(peer))
+        shared = peer.namespace_selector is not None or peer.ip_block is not None
+        key = ("" if shared else policy_ns, msgspec.json.encode(peer))
         cached = self._peer_ranges.get(key)
         if cached is None:
             if peer.ip_block is not None:
