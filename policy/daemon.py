@@ -167,18 +167,23 @@ class PolicyEnforcer:
 
     def _sync(self, full: bool, objects: tuple[list[Any], list[Any], list[Any]]) -> None:
         from svcnet.policy import metrics
-        from svcnet.policy.nftables import full_script, render, update_script
+        from svcnet.policy.nftables import render, stream_full, update_script
         from svcnet.policy.state import Memo
 
         if full:  # nothing carried over from before a failure or across a full sync
             self._memo = Memo()
             self._elements.clear()
         state = self.desired(objects)
-        new = render(state, log=self.opts.log_denied, cache=self._elements,
-                     log_group=self.opts.log_group)
         if full or self.applied is None:
-            apply_script(self.commands, full_script(new))
+            # nft parses the skeleton while the groups' elements are still being cut
+            out: list[Rendered] = []
+            apply_script(self.commands, stream_full(
+                state, out, log=self.opts.log_denied, cache=self._elements,
+                log_group=self.opts.log_group))
+            new = out[0]
         else:
+            new = render(state, log=self.opts.log_denied, cache=self._elements,
+                         log_group=self.opts.log_group)
             script = update_script(self.applied, new)
             if script:
                 apply_script(self.commands, [script])

@@ -86,6 +86,22 @@ def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None 
     """The table for ``state``. ``cache`` (kept by the daemon between syncs) maps
     (group, family) to its elements: an unchanged group is not cut into boxes again; on
     return it holds exactly the groups of this state."""
+    out: list[Rendered] = []
+    for _ in _render(state, log, cache, log_group, out, stream=False):
+        pass
+    return out[0]
+
+
+def stream_full(state: PolicyState, out: list[Rendered], *, log: bool = False,
+                cache: ElementCache | None = None, log_group: int | None = None
+                ) -> Iterator[str]:
+    """``full_script(render(...))`` produced while ``nft`` parses it: the table's skeleton
+    first, then each group's elements as they are cut; ``out`` gets the ``Rendered``."""
+    return _render(state, log, cache, log_group, out, stream=True)
+
+
+def _render(state: PolicyState, log: bool, cache: ElementCache | None,
+            log_group: int | None, out: list[Rendered], *, stream: bool) -> Iterator[str]:
     maps: dict[str, str] = {
         "ingress-pods4": "{ type ipv4_addr : verdict ; }",
         "ingress-pods6": "{ type ipv6_addr : verdict ; }",
@@ -101,14 +117,9 @@ def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None 
     }
     hooks = {"forward": "type filter hook forward priority filter ; policy accept ;",
              "input": "type filter hook input priority filter ; policy accept ;"}
-    elements: dict[str, dict[str, str]] = {name: {} for name in _POD_MAPS}
     counters: set[str] = set()
     policies: dict[str, str] = {}
     groups: dict[str, tuple[str, ...]] = {}
-    old_cache: ElementCache = dict(cache) if cache is not None else {}
-    swept: Swept = {}
-    addresses: dict[tuple[int, int, int], str] = {}
-    new_cache: ElementCache = {}
     for group in state.groups.values():
         d = "in" if group.direction == "ingress" else "out"
         peer = "saddr" if d == "in" else "daddr"
@@ -121,14 +132,6 @@ def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None 
             maps[f"{name}-{family}"] = (f"{{ type {addr} . inet_proto . inet_service : "
                                         "verdict ; flags interval ; }")
             rules.append(f"{ip} {peer} . meta l4proto . th dport vmap @{name}-{family}")
-            hit = old_cache.get((name, family))
-            found = hit[1] if hit is not None and (hit[0] is group or hit[0] == group) else None
-            if found is None:
-                found = {key: f"goto allow-{d}-{pid}"
-                         for key, pid in group_elements(  # type: ignore[arg-type]
-                             group, family, swept, addresses)}
-            elements[f"{name}-{family}"] = found
-            new_cache[name, family] = (group, found)
         if log:
             # The group names the isolating policies; the daemon reading the NFLOG group
             # names the pods from the packet's addresses.
@@ -146,15 +149,38 @@ def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None 
                 verdict = " accept" if d == "in" else ""
                 chains[allow] = (f'counter name "{allow}"{verdict}',)
                 counters.add(allow)
+    frame = Rendered(maps=maps, chains=chains, hooks=hooks, counters=frozenset(counters))
+    if stream:
+        yield from _skeleton(frame)
+    elements: dict[str, dict[str, str]] = {name: {} for name in _POD_MAPS}
+    old_cache: ElementCache = dict(cache) if cache is not None else {}
+    swept: Swept = {}
+    addresses: dict[tuple[int, int, int], str] = {}
+    new_cache: ElementCache = {}
+    for group in state.groups.values():
+        d = "in" if group.direction == "ingress" else "out"
+        for family in (4, 6):
+            hit = old_cache.get((group.name, family))
+            found = hit[1] if hit is not None and (hit[0] is group or hit[0] == group) else None
+            if found is None:
+                found = {key: f"goto allow-{d}-{pid}" for key, pid in group_elements(
+                    group, family, swept, addresses)}  # type: ignore[arg-type]
+            elements[f"{group.name}-{family}"] = found
+            new_cache[group.name, family] = (group, found)
+            if stream:
+                yield "".join(element_lines("add", f"{group.name}-{family}", found))
     for direction, pods in (("ingress", state.ingress), ("egress", state.egress)):
         jump = "goto" if direction == "ingress" else "jump"
         for ip, name in pods.items():
             elements[f"{direction}-pods{6 if ':' in ip else 4}"][ip] = f"{jump} {name}"
+    if stream:
+        for name in _POD_MAPS:
+            yield "".join(element_lines("add", name, elements[name]))
     if cache is not None:
         cache.clear()
         cache.update(new_cache)
-    return Rendered(maps=maps, chains=chains, hooks=hooks, elements=elements,
-                    counters=frozenset(counters), policies=policies, groups=groups)
+    out.append(Rendered(maps=maps, chains=chains, hooks=hooks, elements=elements,
+                        counters=frozenset(counters), policies=policies, groups=groups))
 
 
 Swept = dict[Any, list[tuple[int, int, tuple[tuple[int, int, int], ...]]]]
@@ -305,6 +331,13 @@ def render_full(state: PolicyState, *, log: bool = False, log_group: int | None 
 
 
 def full_script(r: Rendered) -> Iterator[str]:
+    yield from _skeleton(r)
+    for name, elems in r.elements.items():
+        yield from element_lines("add", name, elems)
+
+
+def _skeleton(r: Rendered) -> Iterator[str]:
+    """Replace the table with ``r``'s counters, maps and chains (no elements)."""
     yield f"add table {T}\ndelete table {T}\nadd table {T}\n"
     lines: list[str] = [f"add counter {T} {name}" for name in sorted(r.counters)]
     lines += [f"add map {T} {name} {decl}" for name, decl in r.maps.items()]
@@ -312,8 +345,6 @@ def full_script(r: Rendered) -> Iterator[str]:
     yield "\n".join(lines) + "\n"
     for name, rules in r.chains.items():
         yield "".join(f"add rule {T} {name} {rule}\n" for rule in rules)
-    for name, elems in r.elements.items():
-        yield from element_lines("add", name, elems)
 
 
 def update_script(old: Rendered, new: Rendered) -> str:

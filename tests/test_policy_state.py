@@ -477,3 +477,15 @@ def test_memo_gives_what_a_fresh_computation_gives_after_every_change() -> None:
         node = "n1" if step % 2 else None
         args = (list(policies.values()), list(pods.values()), list(spaces.values()))
         assert compute(*args, node_name=node, memo=memo) == compute(*args, node_name=node), step
+
+
+def test_streamed_full_sync_is_the_full_script() -> None:
+    from svcnet.policy.nftables import Rendered, full_script, stream_full
+
+    for policies, _ in list(CASES.values())[::5]:
+        state = compute(policies, model_pods(), NAMESPACE_OBJECTS, node_name=None)
+        out: list[Rendered] = []
+        streamed = "".join(stream_full(state, out, log=True, log_group=5))
+        rendered = render(state, log=True, log_group=5)
+        assert out == [rendered]
+        assert sorted(streamed.splitlines()) == sorted("".join(full_script(rendered)).splitlines())
