@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import socket
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -177,8 +178,13 @@ def _usable(pod: Pod) -> bool:
 
 
 def _range_of(ip: str) -> AddressRange:
-    addr = ipaddress.ip_address(ip)
-    return AddressRange(addr.version, int(addr), int(addr))  # type: ignore[arg-type]
+    """One address (already validated by the Pod record) as a range; without ipaddress,
+    which costs several times more per pod."""
+    if ":" in ip:
+        value = int.from_bytes(socket.inet_pton(socket.AF_INET6, ip), "big")
+        return AddressRange(6, value, value)
+    value = int.from_bytes(socket.inet_aton(ip), "big")
+    return AddressRange(4, value, value)
 
 
 def ip_block_ranges(cidr: str, excepts: Iterable[str]) -> tuple[AddressRange, ...]:
