@@ -108,8 +108,14 @@ class PolicyEnforcer:
         self._sources = informers
 
     def _changed(self, old: Any, new: Any) -> None:
-        if old is not None and new is not None and old == new:
-            return
+        from svcnet.policy.state import policy_view
+
+        from svcnet.model import Pod
+
+        if old is not None and new is not None and (old == new or (
+                isinstance(old, Pod) and isinstance(new, Pod)
+                and policy_view(old) == policy_view(new))):
+            return  # e.g. a pod's readiness changed: nothing to enforce differently
         self._wake.set()
 
     async def run(self, factory: InformerFactory) -> None:

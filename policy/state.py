@@ -168,6 +168,12 @@ def compute(policies: Iterable[NetworkPolicy], pods: Iterable[Pod],
     return _Computation(policies, pods, namespaces, memo or Memo()).run(node_name)
 
 
+def policy_view(pod: Pod) -> tuple[object, ...]:
+    """What NetworkPolicy reads of a pod: two versions equal here enforce the same."""
+    return (pod.metadata.labels, pod.ips, pod.spec.node_name, _usable(pod),
+            tuple(sorted(named_ports(pod).items())))
+
+
 def _same(a: list[Pod], b: list[Pod]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
@@ -264,6 +270,13 @@ class _Computation:
         self._memo = memo
         self._names = memo.names
 
+    def _ranges_of(self, pod: Pod) -> tuple[AddressRange, ...]:
+        """A pod's addresses; a cached selection may hold an earlier version of the pod
+        that differed only where policy does not look (``policy_view``)."""
+        ips = self.ips.get(id(pod)) or pod.ips
+        found = self.ranges.get(ips)
+        return found if found is not None else tuple(_range_of(ip) for ip in ips)
+
     def _forget(self, memo: Memo) -> None:
         """Drop what the changes since the last computation made stale."""
         policies = {object_key(p): p for p in self.policies}
@@ -280,9 +293,14 @@ class _Computation:
             now, before = self.pods_by_ns.get(ns, []), memo.pods_by_ns.get(ns, [])
             if _same(now, before):
                 continue
-            now_ids, before_ids = {id(p) for p in now}, {id(p) for p in before}
-            changed_pods[ns] = [*(p for p in before if id(p) not in now_ids),
-                                *(p for p in now if id(p) not in before_ids)]
+            # A new version that policy sees the same way (a status update) changes nothing.
+            now_by, before_by = ({p.metadata.name: p for p in pods} for pods in (now, before))
+            moved = [(before_by.get(name), now_by.get(name))
+                     for name in now_by.keys() | before_by.keys()
+                     if now_by.get(name) is not before_by.get(name)]
+            changed_pods[ns] = [p for old, new in moved for p in (old, new) if p is not None
+                                if old is None or new is None
+                                or policy_view(old) != policy_view(new)]
         # A selection is stale only if a changed pod (either version) is in its namespaces
         # and matches its selector; what was computed from it goes with it.
         stale_selections: set[Any] = {_ALL_NAMESPACES} if changed_pods else set()
@@ -349,9 +367,8 @@ class _Computation:
                 found = ip_block_ranges(peer.ip_block.cidr, peer.ip_block.except_)
                 dep = None
             else:
-                ranges = self.ranges
                 found = tuple(sorted({r for p in self.peer_pods(policy_ns, peer)
-                                      for r in ranges[self.ips[id(p)]]}))
+                                      for r in self._ranges_of(p)}))
                 dep = self._selection_key(policy_ns, peer)
             cached = self._peer_ranges[key] = (found, dep)
         return cached[0]
@@ -465,7 +482,7 @@ class _Computation:
                     r for p in rule.ports if isinstance(p.port, str)
                     if (r := _port_range(p, named.get((p.port, p.proto)))) is not None)
                 if ports:
-                    by_ports[tuple(sorted(set(ports)))].update(self.ranges[self.ips[id(pod)]])
+                    by_ports[tuple(sorted(set(ports)))].update(self._ranges_of(pod))
             for port_set, addresses in sorted(by_ports.items()):
                 if addresses:
                     out.append(Grant(key, i, tuple(sorted(addresses)), port_set))
@@ -505,7 +522,7 @@ class _Computation:
                                      for pp in r.ports if isinstance(pp.port, str)}))
                 shape = shapes[tuple(keys)] = (in_keys, out_keys, used)
             in_keys, out_keys, used = shape
-            ips = self.ips[id(pod)]
+            ips = self.ips.get(id(pod)) or pod.ips
             if in_keys:
                 named = named_ports(pod) if used else {}
                 resolution = tuple((n, proto, named.get((n, proto))) for n, proto in used)

@@ -453,9 +453,17 @@ def test_memo_gives_what_a_fresh_computation_gives_after_every_change() -> None:
     policies = {f"x/{name}": p for name, (ps, _) in list(CASES.items())[:1] for p in ps}
     all_policies = [p for ps, _ in CASES.values() for p in ps]
     memo = Memo()
-    for step in range(120):
-        what = rng.randrange(5)
-        if what == 0:
+    for step in range(200):
+        what = rng.randrange(6)
+        if what == 5 and pods:  # a status update: a new object policy sees the same way
+            import msgspec
+
+            ref = rng.choice(sorted(pods))
+            raw = msgspec.to_builtins(pods[ref])
+            raw["status"]["conditions"] = [{"type": "Ready", "status": rng.choice(
+                ["True", "False"])}]
+            pods[ref] = POD.convert(raw)
+        elif what == 0:
             ref = rng.choice(ALL)
             pods[ref] = make_pod(ref, node=rng.choice(["n1", "n2"]),
                                  pod=rng.choice(PODS), tier=rng.choice(["web", "db"]))
