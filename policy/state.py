@@ -158,6 +158,8 @@ class Memo:
 
 
 _ALL_NAMESPACES = "*"
+INDEX_MIN_PODS = 16
+"""Namespaces with at least this many pods get a label index for matchLabels selectors."""
 
 
 def compute(policies: Iterable[NetworkPolicy], pods: Iterable[Pod],
@@ -269,6 +271,7 @@ class _Computation:
         self._deps = memo.deps
         self._memo = memo
         self._names = memo.names
+        self._label_index: dict[str, dict[tuple[str, str], list[Pod]]] = {}
 
     def _ranges_of(self, pod: Pod) -> tuple[AddressRange, ...]:
         """A pod's addresses; a cached selection may hold an earlier version of the pod
@@ -351,11 +354,28 @@ class _Computation:
         if cached is None:
             found: list[Pod] = []
             for ns in spaces:
-                pods = self.pods_by_ns.get(ns, ())
-                found.extend(pods if sel is None else (
-                    p for p in pods if sel.matches(p.metadata.labels)))
+                if sel is None:
+                    found.extend(self.pods_by_ns.get(ns, ()))
+                    continue
+                pods = self._candidates(ns, sel)
+                found.extend(p for p in pods if sel.matches(p.metadata.labels))
             cached = self._selected[key] = (found, sel)
         return cached[0]
+
+    def _candidates(self, ns: str, sel: LabelSelector) -> list[Pod]:
+        """The pods of ``ns`` that may match: those carrying the rarest of the selector's
+        matchLabels (a per-namespace label index), else all of them."""
+        pods = self.pods_by_ns.get(ns, [])
+        labels = sel.labels
+        if not labels or len(pods) < INDEX_MIN_PODS:
+            return pods
+        index = self._label_index.get(ns)
+        if index is None:
+            index = self._label_index[ns] = defaultdict(list)
+            for p in pods:
+                for item in p.metadata.labels.items():
+                    index[item].append(p)
+        return min((index.get(item, []) for item in labels.items()), key=len)
 
     def peer_ranges(self, policy_ns: str, peer: NetworkPolicyPeer) -> tuple[AddressRange, ...]:
         """Sorted and without duplicates (a rule with one peer uses the tuple as it is)."""

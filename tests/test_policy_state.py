@@ -497,3 +497,28 @@ def test_streamed_full_sync_is_the_full_script() -> None:
         rendered = render(state, log=True, log_group=5)
         assert out == [rendered]
         assert sorted(streamed.splitlines()) == sorted("".join(full_script(rendered)).splitlines())
+
+
+def test_label_index_selects_what_matching_every_pod_selects(monkeypatch: Any) -> None:
+    import random
+
+    from svcnet.policy import state as state_module
+
+    rng = random.Random(3)
+    pods = [make_pod(f"x/p{i}", ips=(f"10.7.{i // 250}.{i % 250 + 1}",),
+                     app=rng.choice(["a", "b", "c"]), tier=rng.choice(["web", "db"]))
+            for i in range(60)]
+    policies = [
+        policy("web", podSelector={"matchLabels": {"app": "a", "tier": "web"}},
+               ingress=[{"from": [{"podSelector": {"matchLabels": {"tier": "db"},
+                                                   "matchExpressions": [
+                   {"key": "app", "operator": "NotIn", "values": ["c"]}]}}]}]),
+        policy("none", podSelector={"matchLabels": {"app": "zzz"}}),
+        policy("eg", podSelector={"matchLabels": {"app": "b"}}, policyTypes=["Egress"],
+               egress=[{"to": [{"namespaceSelector": {}, "podSelector": {
+                   "matchLabels": {"app": "c"}}}]}]),
+    ]
+    indexed = compute(policies, pods, NAMESPACE_OBJECTS, node_name=None)
+    monkeypatch.setattr(state_module, "INDEX_MIN_PODS", 10**9)
+    assert indexed == compute(policies, pods, NAMESPACE_OBJECTS, node_name=None)
+    assert indexed.ingress and indexed.egress
