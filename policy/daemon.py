@@ -173,21 +173,23 @@ class PolicyEnforcer:
 
     def _sync(self, full: bool, objects: tuple[list[Any], list[Any], list[Any]]) -> None:
         from svcnet.policy import metrics
-        from svcnet.policy.nftables import render, stream_full, update_script
-        from svcnet.policy.state import Memo
+        from svcnet.policy.nftables import render, stream_full_computing, update_script
+        from svcnet.policy.state import compute_stream
 
-        if full:  # nothing carried over from before a failure or across a full sync
-            self._memo = Memo()
-            self._elements.clear()
-        state = self.desired(objects)
+        # A full sync is for the kernel's sake (after a failure, or periodically): the
+        # computation's caches stay valid (they depend on the objects only), so it costs
+        # little more than nft itself once the daemon is warm.
         if full or self.applied is None:
-            # nft parses the skeleton while the groups' elements are still being cut
+            states: list[PolicyState] = []
             out: list[Rendered] = []
-            apply_script(self.commands, stream_full(
-                state, out, log=self.opts.log_denied, cache=self._elements,
+            groups = compute_stream(*objects, node_name=self.opts.node_name,
+                                    memo=self._memo, out=states)
+            apply_script(self.commands, stream_full_computing(
+                groups, states, out, log=self.opts.log_denied, cache=self._elements,
                 log_group=self.opts.log_group))
-            new = out[0]
+            new, state = out[0], states[0]
         else:
+            state = self.desired(objects)
             new = render(state, log=self.opts.log_denied, cache=self._elements,
                          log_group=self.opts.log_group)
             script = update_script(self.applied, new)

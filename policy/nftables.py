@@ -87,7 +87,8 @@ def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None 
     (group, family) to its elements: an unchanged group is not cut into boxes again; on
     return it holds exactly the groups of this state."""
     out: list[Rendered] = []
-    for _ in _render(state, log, cache, log_group, out, stream=False):
+    for _ in _render(iter(state.groups.values()), [state], log, cache, log_group, out,
+                     stream=False):
         pass
     return out[0]
 
@@ -95,13 +96,25 @@ def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None 
 def stream_full(state: PolicyState, out: list[Rendered], *, log: bool = False,
                 cache: ElementCache | None = None, log_group: int | None = None
                 ) -> Iterator[str]:
-    """``full_script(render(...))`` produced while ``nft`` parses it: the table's skeleton
-    first, then each group's elements as they are cut; ``out`` gets the ``Rendered``."""
-    return _render(state, log, cache, log_group, out, stream=True)
+    """``full_script(render(...))`` as chunks for ``nft``; ``out`` gets the ``Rendered``."""
+    return _render(iter(state.groups.values()), [state], log, cache, log_group, out,
+                   stream=True)
 
 
-def _render(state: PolicyState, log: bool, cache: ElementCache | None,
-            log_group: int | None, out: list[Rendered], *, stream: bool) -> Iterator[str]:
+def stream_full_computing(groups: Iterator[Group], states: list[PolicyState],
+                          out: list[Rendered], *, log: bool = False,
+                          cache: ElementCache | None = None, log_group: int | None = None
+                          ) -> Iterator[str]:
+    """A full sync written while the state is being computed: ``groups`` is
+    ``compute_stream``'s iterator, which leaves the state in ``states`` once exhausted. The
+    table's frame goes first, then each group (its counters, maps, chains, elements) as
+    soon as it is complete, last the pod maps."""
+    return _render(groups, states, log, cache, log_group, out, stream=True)
+
+
+def _render(groups: Iterator[Group], states: list[PolicyState], log: bool,
+            cache: ElementCache | None, log_group: int | None, out: list[Rendered], *,
+            stream: bool) -> Iterator[str]:
     maps: dict[str, str] = {
         "ingress-pods4": "{ type ipv4_addr : verdict ; }",
         "ingress-pods6": "{ type ipv6_addr : verdict ; }",
@@ -117,20 +130,38 @@ def _render(state: PolicyState, log: bool, cache: ElementCache | None,
     }
     hooks = {"forward": "type filter hook forward priority filter ; policy accept ;",
              "input": "type filter hook input priority filter ; policy accept ;"}
+    if stream:
+        yield from _skeleton(Rendered(maps=maps, chains=chains, hooks=hooks))
     counters: set[str] = set()
     policies: dict[str, str] = {}
-    groups: dict[str, tuple[str, ...]] = {}
-    for group in state.groups.values():
+    group_policies: dict[str, tuple[str, ...]] = {}
+    elements: dict[str, dict[str, str]] = {name: {} for name in _POD_MAPS}
+    old_cache: ElementCache = dict(cache) if cache is not None else {}
+    new_cache: ElementCache = {}
+    swept: Swept = {}
+    addresses: dict[tuple[int, int, int], str] = {}
+    for group in groups:
         d = "in" if group.direction == "ingress" else "out"
         peer = "saddr" if d == "in" else "daddr"
         name = group.name
-        groups[name] = group.policies
+        group_policies[name] = group.policies
+        new_maps: dict[str, str] = {}
+        new_chains: dict[str, tuple[str, ...]] = {}
+        new_counters = [f"deny-{name}"]
+        for policy in group.policies:
+            pid = policy_id(policy)
+            policies[pid] = policy
+            allow = f"allow-{d}-{pid}"
+            if allow not in chains:
+                verdict = " accept" if d == "in" else ""
+                new_chains[allow] = (f'counter name "{allow}"{verdict}',)
+                new_counters.append(allow)
         rules: list[str] = []
         for family in (4, 6):
             ip = "ip" if family == 4 else "ip6"
             addr = "ipv4_addr" if family == 4 else "ipv6_addr"
-            maps[f"{name}-{family}"] = (f"{{ type {addr} . inet_proto . inet_service : "
-                                        "verdict ; flags interval ; }")
+            new_maps[f"{name}-{family}"] = (f"{{ type {addr} . inet_proto . inet_service : "
+                                            "verdict ; flags interval ; }")
             rules.append(f"{ip} {peer} . meta l4proto . th dport vmap @{name}-{family}")
         if log:
             # The group names the isolating policies; the daemon reading the NFLOG group
@@ -139,36 +170,29 @@ def _render(state: PolicyState, log: bool, cache: ElementCache | None,
             target = f" group {log_group}" if log_group is not None else ""
             rules.append(f'limit rate {LOG_RATE} log prefix "{prefix}: "{target}')
         rules.append(f'counter name "deny-{name}" drop')
-        counters.add(f"deny-{name}")
-        chains[name] = tuple(rules)
-        for policy in group.policies:
-            pid = policy_id(policy)
-            policies[pid] = policy
-            allow = f"allow-{d}-{pid}"
-            if allow not in chains:
-                verdict = " accept" if d == "in" else ""
-                chains[allow] = (f'counter name "{allow}"{verdict}',)
-                counters.add(allow)
-    frame = Rendered(maps=maps, chains=chains, hooks=hooks, counters=frozenset(counters))
-    if stream:
-        yield from _skeleton(frame)
-    elements: dict[str, dict[str, str]] = {name: {} for name in _POD_MAPS}
-    old_cache: ElementCache = dict(cache) if cache is not None else {}
-    swept: Swept = {}
-    addresses: dict[tuple[int, int, int], str] = {}
-    new_cache: ElementCache = {}
-    for group in state.groups.values():
-        d = "in" if group.direction == "ingress" else "out"
+        new_chains[name] = tuple(rules)
+        maps.update(new_maps)
+        chains.update(new_chains)
+        counters.update(new_counters)
+        lines: list[str] = []
+        if stream:
+            lines += [f"add counter {T} {c}\n" for c in new_counters]
+            lines += [f"add map {T} {m} {decl}\n" for m, decl in new_maps.items()]
+            lines += [f"add chain {T} {c}\n" for c in new_chains]
+            lines += [f"add rule {T} {c} {rule}\n" for c, rs in new_chains.items() for rule in rs]
         for family in (4, 6):
-            hit = old_cache.get((group.name, family))
+            hit = old_cache.get((name, family))
             found = hit[1] if hit is not None and (hit[0] is group or hit[0] == group) else None
             if found is None:
                 found = {key: f"goto allow-{d}-{pid}" for key, pid in group_elements(
                     group, family, swept, addresses)}  # type: ignore[arg-type]
-            elements[f"{group.name}-{family}"] = found
-            new_cache[group.name, family] = (group, found)
+            elements[f"{name}-{family}"] = found
+            new_cache[name, family] = (group, found)
             if stream:
-                yield "".join(element_lines("add", f"{group.name}-{family}", found))
+                lines += element_lines("add", f"{name}-{family}", found)
+        if stream:
+            yield "".join(lines)
+    state = states[0]
     for direction, pods in (("ingress", state.ingress), ("egress", state.egress)):
         jump = "goto" if direction == "ingress" else "jump"
         for ip, name in pods.items():
@@ -180,7 +204,8 @@ def _render(state: PolicyState, log: bool, cache: ElementCache | None,
         cache.clear()
         cache.update(new_cache)
     out.append(Rendered(maps=maps, chains=chains, hooks=hooks, elements=elements,
-                        counters=frozenset(counters), policies=policies, groups=groups))
+                        counters=frozenset(counters), policies=policies,
+                        groups=group_policies))
 
 
 Swept = dict[Any, list[tuple[int, int, tuple[tuple[int, int, int], ...]]]]

@@ -27,7 +27,7 @@ import hashlib
 import ipaddress
 import socket
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -167,7 +167,19 @@ def compute(policies: Iterable[NetworkPolicy], pods: Iterable[Pod],
             memo: Memo | None = None) -> PolicyState:
     """The desired state for the pods on ``node_name`` (every pod when None); ``memo``
     carries caches from the previous call (see ``Memo``)."""
-    return _Computation(policies, pods, namespaces, memo or Memo()).run(node_name)
+    out: list[PolicyState] = []
+    for _ in compute_stream(policies, pods, namespaces, node_name=node_name, memo=memo,
+                            out=out):
+        pass
+    return out[0]
+
+
+def compute_stream(policies: Iterable[NetworkPolicy], pods: Iterable[Pod],
+                   namespaces: Iterable[Namespace], *, node_name: str | None,
+                   out: list[PolicyState], memo: Memo | None = None) -> Iterator[Group]:
+    """``compute``, yielding each group as soon as it is complete (a full sync writes it
+    to ``nft`` while the rest is computed); the state is appended to ``out`` at the end."""
+    return _Computation(policies, pods, namespaces, memo or Memo()).run(node_name, out)
 
 
 def policy_view(pod: Pod) -> tuple[object, ...]:
@@ -510,7 +522,7 @@ class _Computation:
 
     # --- the state ----------------------------------------------------------------------
 
-    def run(self, node_name: str | None) -> PolicyState:
+    def run(self, node_name: str | None, out: list[PolicyState]) -> Iterator[Group]:
         selecting: dict[tuple[str, str], list[str]] = defaultdict(list)
         local: dict[tuple[str, str], Pod] = {}
         by_key = {object_key(p): p for p in self.policies}
@@ -554,6 +566,7 @@ class _Computation:
                     grants = [g for key in in_keys
                               for g in self._ingress_of(by_key[key], named)]
                     groups[name] = self._group(name, "ingress", in_keys, grants)
+                    yield groups[name]
                 for ip in ips:
                     ingress[ip] = name
             if out_keys:
@@ -563,6 +576,7 @@ class _Computation:
                 if name not in groups:
                     grants = [g for key in out_keys for g in self._egress_of(by_key[key])]
                     groups[name] = self._group(name, "egress", out_keys, grants)
+                    yield groups[name]
                 for ip in ips:
                     egress[ip] = name
         self._memo.groups = groups
@@ -571,5 +585,5 @@ class _Computation:
         all_ips = self.ips
         pods = {ip: f"{ns}/{p.metadata.name}" for ns, ps in self.pods_by_ns.items() for p in ps
                 for ip in all_ips[id(p)]}
-        return PolicyState(groups=groups, ingress=ingress, egress=egress, pods=pods,
-                           policies=tuple(object_key(p) for p in self.policies))
+        out.append(PolicyState(groups=groups, ingress=ingress, egress=egress, pods=pods,
+                               policies=tuple(object_key(p) for p in self.policies)))

@@ -488,7 +488,8 @@ def test_memo_gives_what_a_fresh_computation_gives_after_every_change() -> None:
 
 
 def test_streamed_full_sync_is_the_full_script() -> None:
-    from svcnet.policy.nftables import Rendered, full_script, stream_full
+    from svcnet.policy.nftables import Rendered, full_script, stream_full, stream_full_computing
+    from svcnet.policy.state import compute_stream
 
     for policies, _ in list(CASES.values())[::5]:
         state = compute(policies, model_pods(), NAMESPACE_OBJECTS, node_name=None)
@@ -497,6 +498,13 @@ def test_streamed_full_sync_is_the_full_script() -> None:
         rendered = render(state, log=True, log_group=5)
         assert out == [rendered]
         assert sorted(streamed.splitlines()) == sorted("".join(full_script(rendered)).splitlines())
+        states: list[PolicyState] = []
+        out = []
+        computing = "".join(stream_full_computing(
+            compute_stream(policies, model_pods(), NAMESPACE_OBJECTS, node_name=None,
+                           out=states), states, out, log=True, log_group=5))
+        assert states == [state] and out == [rendered]
+        assert sorted(computing.splitlines()) == sorted(streamed.splitlines())
 
 
 def test_label_index_selects_what_matching_every_pod_selects(monkeypatch: Any) -> None:
