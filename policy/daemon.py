@@ -150,6 +150,7 @@ class PolicyEnforcer:
 
     async def sync_once(self) -> bool:
         from svcnet.policy import metrics
+        from svcnet.policy.state import Memo
 
         now = time.monotonic()
         full = self._need_full or now - self._last_full >= self.opts.full_sync_period
@@ -159,6 +160,8 @@ class PolicyEnforcer:
             log.exception("policy sync failed (full=%s); the next one is full", full)
             metrics.SYNC_FAILURES.inc()
             self._need_full = True
+            self._memo = Memo()  # whatever failed, the next sync starts from nothing
+            self._elements.clear()
             return False
         elapsed = time.monotonic() - now
         metrics.SYNC_DURATION.labels(str(full).lower()).observe(elapsed)
@@ -176,9 +179,8 @@ class PolicyEnforcer:
         from svcnet.policy.nftables import render, stream_full_computing, update_script
         from svcnet.policy.state import compute_stream
 
-        # A full sync is for the kernel's sake (after a failure, or periodically): the
-        # computation's caches stay valid (they depend on the objects only), so it costs
-        # little more than nft itself once the daemon is warm.
+        # A periodic full sync is for the kernel's sake: the computation's caches stay valid
+        # (they depend on the objects only), so it costs little more than nft itself.
         if full or self.applied is None:
             states: list[PolicyState] = []
             out: list[Rendered] = []
