@@ -1,0 +1,427 @@
+"""NetworkPolicy rendered into the nftables table ``inet svcnet-policy``.
+
+Layout (docs/policy.md has the why)::
+
+    chain forward  (hook forward, priority filter)     chain input (hook input)
+      ct state established,related accept               ct state established,related accept
+      icmpv6 type { nd-... } accept (neighbour discovery) (same)
+      ip saddr vmap @egress-pods4   -> jump out-G        ip saddr vmap @egress-pods4
+      ip6 saddr vmap @egress-pods6  -> jump out-G        ip6 saddr vmap @egress-pods6
+      ip daddr vmap @ingress-pods4  -> goto in-G
+      ip6 daddr vmap @ingress-pods6 -> goto in-G
+    chain in-G     ip saddr . meta l4proto . th dport vmap @in-G-4 -> goto allow-in-P
+                   (same for ip6)  [limit + log]  counter name deny-in-G  drop
+    chain out-G    ip daddr . meta l4proto . th dport vmap @out-G-4 -> goto allow-out-P
+                   ...             [limit + log]  counter name deny-out-G drop
+    chain allow-in-P    counter name allow-in-P accept
+    chain allow-out-P   counter name allow-out-P       (returns: ingress is checked next)
+
+A packet costs at most two pod-address lookups and two concatenated-interval lookups
+whatever the number of policies or pods. The node's own traffic never passes the forward
+hook (it leaves through output), so node-to-pod traffic is not judged; prerouting DNAT runs
+before forward, so Service traffic is judged on the endpoint.
+
+Concatenated interval maps refuse overlapping elements, so each group's grants are cut into
+disjoint (address range, protocol, port range) boxes here; where rules overlap the box is
+credited to the first policy by name (``Grant`` order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import itertools
+import socket
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from svcnet.policy.state import ANY, AddressRange, Family, Group, PolicyState
+
+TABLE = "svcnet-policy"
+T = f"inet {TABLE}"
+ELEMENT_BATCH = 2000
+LOG_RATE = "10/second"
+LOG_PREFIX = "svcnet-policy deny"
+_PROTO_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
+# "every protocol" as disjoint protocol ranges, so a port-less grant never overlaps a TCP one
+_PROTO_CLASSES = ((0, 5), (6, 6), (7, 16), (17, 17), (18, 131), (132, 132), (133, 255))
+# IPv6 needs these to resolve any neighbour (the node's too): never judged by policy, as
+# ARP is not for IPv4.
+NEIGHBOUR_DISCOVERY = ("icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, "
+                       "nd-neighbor-advert, nd-redirect } accept")
+_POD_MAPS = ("ingress-pods4", "ingress-pods6", "egress-pods4", "egress-pods6")
+
+
+def policy_id(policy: str) -> str:
+    """A short, stable object-name-safe id for a ``namespace/name`` policy key."""
+    return hashlib.sha256(policy.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """The table as plain data: the unit of full and incremental syncs.
+
+    ``maps``: name -> declaration; ``chains``: name -> rules (base chains carry their hook in
+    ``hooks``); ``elements``: map name -> {key: verdict}; ``counters``: counter names;
+    ``policies``: policy id -> ``namespace/name`` (metrics labels)."""
+
+    maps: Mapping[str, str] = field(default_factory=dict)
+    chains: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    hooks: Mapping[str, str] = field(default_factory=dict)
+    elements: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    counters: frozenset[str] = frozenset()
+    policies: Mapping[str, str] = field(default_factory=dict)
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+ElementCache = dict[tuple[str, int], tuple[Group, dict[str, str]]]
+"""(group name, family) -> (the group rendered, its elements): reused while the group is
+the same (identical grants objects make that check cheap; no hashing of large tuples)."""
+
+
+def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None = None,
+           log_group: int | None = None) -> Rendered:
+    """The table for ``state``. ``cache`` (kept by the daemon between syncs) maps
+    (group, family) to its elements: an unchanged group is not cut into boxes again; on
+    return it holds exactly the groups of this state."""
+    out: list[Rendered] = []
+    for _ in _render(iter(state.groups.values()), [state], log, cache, log_group, out,
+                     stream=False):
+        pass
+    return out[0]
+
+
+def stream_full(state: PolicyState, out: list[Rendered], *, log: bool = False,
+                cache: ElementCache | None = None, log_group: int | None = None
+                ) -> Iterator[str]:
+    """``full_script(render(...))`` as chunks for ``nft``; ``out`` gets the ``Rendered``."""
+    return _render(iter(state.groups.values()), [state], log, cache, log_group, out,
+                   stream=True)
+
+
+def stream_full_computing(groups: Iterator[Group], states: list[PolicyState],
+                          out: list[Rendered], *, log: bool = False,
+                          cache: ElementCache | None = None, log_group: int | None = None
+                          ) -> Iterator[str]:
+    """A full sync written while the state is being computed: ``groups`` is
+    ``compute_stream``'s iterator, which leaves the state in ``states`` once exhausted. The
+    table's frame goes first, then each group (its counters, maps, chains, elements) as
+    soon as it is complete, last the pod maps."""
+    return _render(groups, states, log, cache, log_group, out, stream=True)
+
+
+def _render(groups: Iterator[Group], states: list[PolicyState], log: bool,
+            cache: ElementCache | None, log_group: int | None, out: list[Rendered], *,
+            stream: bool) -> Iterator[str]:
+    maps: dict[str, str] = {
+        "ingress-pods4": "{ type ipv4_addr : verdict ; }",
+        "ingress-pods6": "{ type ipv6_addr : verdict ; }",
+        "egress-pods4": "{ type ipv4_addr : verdict ; }",
+        "egress-pods6": "{ type ipv6_addr : verdict ; }",
+    }
+    egress_check = ("ip saddr vmap @egress-pods4", "ip6 saddr vmap @egress-pods6")
+    first = ("ct state established,related accept", NEIGHBOUR_DISCOVERY)
+    chains: dict[str, tuple[str, ...]] = {
+        "forward": (*first, *egress_check,
+                    "ip daddr vmap @ingress-pods4", "ip6 daddr vmap @ingress-pods6"),
+        "input": (*first, *egress_check),
+    }
+    hooks = {"forward": "type filter hook forward priority filter ; policy accept ;",
+             "input": "type filter hook input priority filter ; policy accept ;"}
+    if stream:
+        yield from _skeleton(Rendered(maps=maps, chains=chains, hooks=hooks))
+    counters: set[str] = set()
+    policies: dict[str, str] = {}
+    group_policies: dict[str, tuple[str, ...]] = {}
+    elements: dict[str, dict[str, str]] = {name: {} for name in _POD_MAPS}
+    old_cache: ElementCache = dict(cache) if cache is not None else {}
+    new_cache: ElementCache = {}
+    swept: Swept = {}
+    addresses: dict[tuple[int, int, int], str] = {}
+    for group in groups:
+        d = "in" if group.direction == "ingress" else "out"
+        peer = "saddr" if d == "in" else "daddr"
+        name = group.name
+        group_policies[name] = group.policies
+        new_maps: dict[str, str] = {}
+        new_chains: dict[str, tuple[str, ...]] = {}
+        new_counters = [f"deny-{name}"]
+        for policy in group.policies:
+            pid = policy_id(policy)
+            policies[pid] = policy
+            allow = f"allow-{d}-{pid}"
+            if allow not in chains:
+                verdict = " accept" if d == "in" else ""
+                new_chains[allow] = (f'counter name "{allow}"{verdict}',)
+                new_counters.append(allow)
+        rules: list[str] = []
+        for family in (4, 6):
+            ip = "ip" if family == 4 else "ip6"
+            addr = "ipv4_addr" if family == 4 else "ipv6_addr"
+            new_maps[f"{name}-{family}"] = (f"{{ type {addr} . inet_proto . inet_service : "
+                                            "verdict ; flags interval ; }")
+            rules.append(f"{ip} {peer} . meta l4proto . th dport vmap @{name}-{family}")
+        if log:
+            # The group names the isolating policies; the daemon reading the NFLOG group
+            # names the pods from the packet's addresses.
+            prefix = f"{LOG_PREFIX} {group.direction} {name}"
+            target = f" group {log_group}" if log_group is not None else ""
+            rules.append(f'limit rate {LOG_RATE} log prefix "{prefix}: "{target}')
+        rules.append(f'counter name "deny-{name}" drop')
+        new_chains[name] = tuple(rules)
+        maps.update(new_maps)
+        chains.update(new_chains)
+        counters.update(new_counters)
+        lines: list[str] = []
+        if stream:
+            lines += [f"add counter {T} {c}\n" for c in new_counters]
+            lines += [f"add map {T} {m} {decl}\n" for m, decl in new_maps.items()]
+            lines += [f"add chain {T} {c}\n" for c in new_chains]
+            lines += [f"add rule {T} {c} {rule}\n" for c, rs in new_chains.items() for rule in rs]
+        for family in (4, 6):
+            hit = old_cache.get((name, family))
+            found = hit[1] if hit is not None and (hit[0] is group or hit[0] == group) else None
+            if found is None:
+                found = {key: f"goto allow-{d}-{pid}" for key, pid in group_elements(
+                    group, family, swept, addresses)}  # type: ignore[arg-type]
+            elements[f"{name}-{family}"] = found
+            new_cache[name, family] = (group, found)
+            if stream:
+                lines += element_lines("add", f"{name}-{family}", found)
+        if stream:
+            yield "".join(lines)
+    state = states[0]
+    for direction, pods in (("ingress", state.ingress), ("egress", state.egress)):
+        jump = "goto" if direction == "ingress" else "jump"
+        for ip, name in pods.items():
+            elements[f"{direction}-pods{6 if ':' in ip else 4}"][ip] = f"{jump} {name}"
+    if stream:
+        for name in _POD_MAPS:
+            yield "".join(element_lines("add", name, elements[name]))
+    if cache is not None:
+        cache.clear()
+        cache.update(new_cache)
+    out.append(Rendered(maps=maps, chains=chains, hooks=hooks, elements=elements,
+                        counters=frozenset(counters), policies=policies,
+                        groups=group_policies))
+
+
+Swept = dict[Any, list[tuple[int, int, tuple[tuple[int, int, int], ...]]]]
+"""One render's sweeps by signature: groups of different policies with rules of the same
+shape (one policy per namespace, say) share peer tuples and port ranges, so their boxes
+and sweeps are the same up to policy names."""
+
+
+def group_elements(group: Group, family: Family, swept: Swept | None = None,
+                   addresses: dict[tuple[int, int, int], str] | None = None,
+                   ) -> Iterator[tuple[str, str]]:
+    """(element key, policy id) of a group's map for one family: disjoint boxes of
+    peer address range . protocol range . port range."""
+    ranked = sorted({g.policy for g in group.grants})
+    rank = {p: i for i, p in enumerate(ranked)}
+    # Only port-less grants (the common "allow from these pods"): one protocol range.
+    any_only = all(p.protocol == ANY for g in group.grants for p in g.ports)
+    any_classes = ((0, 255),) if any_only else _PROTO_CLASSES
+    # (protocol class, port first, port last, rank, peers): peer tuples are shared between
+    # policies (state's cache), so their identity stands for their content in one render.
+    parts: set[tuple[tuple[int, int], int, int, int, int]] = set()
+    peers_of: dict[int, tuple[AddressRange, ...]] = {}
+    for grant in group.grants:
+        r_ = rank[grant.policy]
+        peers_of[id(grant.peers)] = grant.peers
+        for port in grant.ports:
+            if port.protocol == ANY:
+                parts.update((c, 0, 65535, r_, id(grant.peers)) for c in any_classes)
+            else:
+                n = _PROTO_NUMBERS[port.protocol]
+                parts.add(((n, n), port.first, port.last, r_, id(grant.peers)))
+    swept = {} if swept is None else swept
+    by_class: dict[tuple[int, int], list[tuple[int, int, int, int]]] = defaultdict(list)
+    for cls, lo, hi, r_, peers_id in parts:
+        by_class[cls].append((lo, hi, r_, peers_id))
+    classes = []
+    for cls in sorted(by_class):
+        signature = (family, cls, tuple(sorted(by_class[cls])))
+        ranges = swept.get(signature)
+        if ranges is None:
+            ranges = swept[signature] = _sweep_class(by_class[cls], peers_of, family)
+        classes.append((cls, ranges))
+    ids = [policy_id(p) for p in ranked]
+    addresses = {} if addresses is None else addresses
+    for cls, ranges in classes:
+        proto = str(cls[0]) if cls[0] == cls[1] else f"{cls[0]}-{cls[1]}"
+        for a_lo, a_hi, ports in ranges:
+            addr = addresses.get((family, a_lo, a_hi))
+            if addr is None:
+                addr = addresses[family, a_lo, a_hi] = _address_text(family, a_lo, a_hi)
+            for p_lo, p_hi, r_ in ports:
+                ports_text = str(p_lo) if p_lo == p_hi else f"{p_lo}-{p_hi}"
+                yield f"{addr} . {proto} . {ports_text}", ids[r_]
+
+
+def _sweep_class(parts: list[tuple[int, int, int, int]],
+                 peers_of: dict[int, tuple[AddressRange, ...]], family: Family,
+                 ) -> list[tuple[int, int, tuple[tuple[int, int, int], ...]]]:
+    """The disjoint boxes of one protocol class. Several policies often allow the same
+    peers on the same ports: one box each, credited to the first policy."""
+    boxes: dict[tuple[int, int, int, int], int] = {}
+    for lo, hi, r_, peers_id in parts:
+        for a in peers_of[peers_id]:
+            if a.family != family:
+                continue
+            key = (a.first, a.last, lo, hi)
+            if boxes.setdefault(key, r_) > r_:
+                boxes[key] = r_
+    return list(_disjoint(boxes.items()))
+
+
+def _address_text(family: Family, first: int, last: int) -> str:
+    """An address, a CIDR when the range is one, else ``first-last``."""
+    af, bits = (socket.AF_INET, 32) if family == 4 else (socket.AF_INET6, 128)
+    text = socket.inet_ntop(af, first.to_bytes(bits // 8, "big"))
+    if first == last:
+        return text
+    size = last - first + 1
+    if size & (size - 1) == 0 and first % size == 0:
+        return f"{text}/{bits - size.bit_length() + 1}"
+    return f"{text}-{socket.inet_ntop(af, last.to_bytes(bits // 8, 'big'))}"
+
+
+def _disjoint(boxes: Iterable[tuple[tuple[int, int, int, int], int]]
+              ) -> Iterator[tuple[int, int, tuple[tuple[int, int, int], ...]]]:
+    """Sweep the address axis: yield (first, last, port segments) for maximal address
+    ranges over which the covering boxes do not change, each port segment credited to the
+    lowest-ranked box covering it.
+
+    Only the (port range, rank) spans matter, so the sweep counts those: consecutive pod
+    addresses allowed on the same ports (the common case) never change the span set and
+    cost one dictionary update each."""
+    events: dict[int, list[tuple[tuple[int, int, int], int]]] = defaultdict(list)
+    for (a_lo, a_hi, p_lo, p_hi), rank in boxes:
+        span = (p_lo, p_hi, rank)
+        events[a_lo].append((span, 1))
+        events[a_hi + 1].append((span, -1))
+    active: dict[tuple[int, int, int], int] = {}
+    computed_for: frozenset[tuple[int, int, int]] = frozenset()
+    segments: tuple[tuple[int, int, int], ...] = ()
+    start = 0
+    for point in sorted(events):
+        changed = False
+        for span, delta in events[point]:
+            count = active.get(span, 0) + delta
+            if count:
+                changed = changed or span not in active
+                active[span] = count
+            else:
+                del active[span]
+                changed = True
+        if not changed or active.keys() == computed_for:
+            continue
+        computed_for = frozenset(active)
+        now = _port_segments(computed_for) if active else ()
+        if now == segments:
+            continue
+        if segments:
+            yield start, point - 1, segments
+        segments, start = now, point
+
+
+def _port_segments(active: Iterable[tuple[int, int, int]]) -> tuple[tuple[int, int, int], ...]:
+    spans = sorted(active)
+    if len(spans) == 1:
+        return (spans[0],)
+    cuts = sorted({lo for lo, _, _ in spans} | {hi + 1 for _, hi, _ in spans})
+    out: list[tuple[int, int, int]] = []
+    for lo, nxt in itertools.pairwise(cuts):
+        owners = [r for s_lo, s_hi, r in spans if s_lo <= lo and nxt - 1 <= s_hi]
+        if not owners:
+            continue
+        r = min(owners)
+        if out and out[-1][2] == r and out[-1][1] + 1 == lo:
+            out[-1] = (out[-1][0], nxt - 1, r)
+        else:
+            out.append((lo, nxt - 1, r))
+    return tuple(out)
+
+
+# --- scripts ----------------------------------------------------------------------------
+
+
+def render_full(state: PolicyState, *, log: bool = False, log_group: int | None = None
+                ) -> str:
+    """One ``nft -f`` transaction that replaces the table with the desired state."""
+    return "".join(full_script(render(state, log=log, log_group=log_group)))
+
+
+def full_script(r: Rendered) -> Iterator[str]:
+    yield from _skeleton(r)
+    for name, elems in r.elements.items():
+        yield from element_lines("add", name, elems)
+
+
+def _skeleton(r: Rendered) -> Iterator[str]:
+    """Replace the table with ``r``'s counters, maps and chains (no elements)."""
+    yield f"add table {T}\ndelete table {T}\nadd table {T}\n"
+    lines: list[str] = [f"add counter {T} {name}" for name in sorted(r.counters)]
+    lines += [f"add map {T} {name} {decl}" for name, decl in r.maps.items()]
+    lines += [_add_chain(r, name) for name in r.chains]
+    yield "\n".join(lines) + "\n"
+    for name, rules in r.chains.items():
+        yield "".join(f"add rule {T} {name} {rule}\n" for rule in rules)
+
+
+def update_script(old: Rendered, new: Rendered) -> str:
+    """The incremental transaction from ``old`` (what the kernel has) to ``new``: only
+    changed chains are rewritten and only changed elements added or deleted."""
+    head: list[str] = [f"add counter {T} {n}" for n in sorted(new.counters - old.counters)]
+    head += [f"add map {T} {n} {d}" for n, d in new.maps.items() if n not in old.maps]
+    head += [_add_chain(new, n) for n in new.chains if n not in old.chains]
+    body: list[str] = []
+    for name, rules in new.chains.items():
+        before = old.chains.get(name)
+        if before == rules:
+            continue
+        if before is not None:
+            body.append(f"flush chain {T} {name}")
+        body += [f"add rule {T} {name} {rule}" for rule in rules]
+    deletes: list[str] = []
+    adds: list[str] = []
+    for name, after in new.elements.items():
+        had = old.elements.get(name, {})
+        gone = {k: v for k, v in had.items() if after.get(k) != v}
+        if name in old.maps:
+            deletes += element_lines("delete", name, gone)
+        adds += element_lines("add", name, {k: v for k, v in after.items() if had.get(k) != v})
+    tail = [f"flush chain {T} {n}" for n in old.chains if n not in new.chains]
+    tail += [f"delete map {T} {n}" for n in old.maps if n not in new.maps]
+    tail += [f"delete chain {T} {n}" for n in old.chains if n not in new.chains]
+    tail += [f"delete counter {T} {n}" for n in sorted(old.counters - new.counters)]
+    lines = [*head, *body, *(x.rstrip("\n") for x in deletes), *(x.rstrip("\n") for x in adds),
+             *tail]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def element_lines(op: str, name: str, elems: Mapping[str, str]) -> list[str]:
+    items = [f"{k} : {v}" if v and op == "add" else k for k, v in elems.items()]
+    return [f"{op} element {T} {name} {{ {', '.join(items[i:i + ELEMENT_BATCH])} }}\n"
+            for i in range(0, len(items), ELEMENT_BATCH)]
+
+
+def _add_chain(r: Rendered, name: str) -> str:
+    hook = r.hooks.get(name)
+    return f"add chain {T} {name}" + (f" {{ {hook} }}" if hook else "")
+
+
+def delete_script() -> str:
+    return f"add table {T}\ndelete table {T}\n"
+
+
+def parse_address(text: str) -> tuple[int, int, int]:
+    """(family, first, last) of an element's address field: address, CIDR or range."""
+    if "-" in text and "/" not in text:
+        lo, hi = (ipaddress.ip_address(x) for x in text.split("-", 1))
+        return lo.version, int(lo), int(hi)
+    net = ipaddress.ip_network(text, strict=False)
+    return net.version, int(net.network_address), int(net.broadcast_address)
