@@ -50,7 +50,7 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--policy-min-sync-period", type=float, default=0.05,
                    help="seconds to gather changes before a sync")
     g.add_argument("--policy-full-sync-period", type=float, default=3600.0)
-    g.add_argument("--policy-metrics-bind-address", default="127.0.0.1:10259",
+    g.add_argument("--policy-metrics-bind-address", default="127.0.0.1:10263",
                    help="host:port serving /metrics, /healthz ('' = off)")
 
 
