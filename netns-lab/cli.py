@@ -119,6 +119,8 @@ def _add_up_arguments(p: argparse.ArgumentParser, nodes: int = 3) -> None:
     p.add_argument("--no-dns", action="store_true")
     p.add_argument("--dns-replicas", type=int, default=2,
                    help="kube-dns server pods, one per node from n1 (default 2, as CoreDNS)")
+    p.add_argument("--policy", action="store_true",
+                   help="enforce NetworkPolicy: `svcnet node --policy` on every node")
     p.add_argument("--node-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for every `svcnet node` (repeatable)")
 
@@ -210,7 +212,7 @@ def _make_config(args: argparse.Namespace, name: str | None = None) -> Any:
         dns_replicas=args.dns_replicas,
         python=default_python(),
         extra_node_args=tuple(args.node_arg), apiserver_argv=tuple(shlex.split(args.apiserver_cmd)),
-        control_plane=args.control_plane,
+        control_plane=args.control_plane, policy=args.policy,
     )
 
 

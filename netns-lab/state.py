@@ -57,6 +57,8 @@ class LabConfig:
     (svcnet.lab.k8s) in the control namespace, with ``store="kubernetes"``."""
     k8s_bin: str = ""
     """With the real control plane: where its binaries are (found by ``up``)."""
+    policy: bool = False
+    """NetworkPolicy enforcement: ``--policy`` on every node daemon (issue 17)."""
 
     @property
     def real_control_plane(self) -> bool:

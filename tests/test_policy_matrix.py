@@ -1,0 +1,455 @@
+"""The upstream NetworkPolicy reachability matrix, with real traffic in the lab (issue 17).
+
+Kubernetes' e2e suite (test/e2e/network/netpol) builds namespaces x, y, z with pods a, b, c
+serving 80 and 81 on TCP, UDP and SCTP, applies a policy and probes every pod pair against a
+truth table. This is that model on a 2-node lab on the real control plane (kube-apiserver
+validates and defaults every policy, and labels each Namespace with
+``kubernetes.io/metadata.name``), with ``svcnet node --policy`` on both nodes: one lab for the
+module, policies removed after each case (and the all-allowed matrix back within 2 s).
+
+Every change must show in the matrix within ``DEADLINE`` seconds of kubectl returning: probe
+rounds (~0.5 s each: every pair, port and protocol at once) repeat until the observed tables
+equal the expected ones, and no round may start after the deadline. See svcnet.lab.netpol.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import require, require_binary, require_root
+from svcnet.lab import netpol, sctpraw
+from svcnet.lab.cluster import down, up
+from svcnet.lab.controlplane import MissingBinaries, find_binaries
+from svcnet.lab.netns import RealKernel
+from svcnet.lab.netpol import (
+    ALL_PODS,
+    Model,
+    PodRef,
+    Probe,
+    Prober,
+    Reachability,
+    kubectl,
+    policy,
+)
+from svcnet.lab.state import LabConfig
+
+DEADLINE = 2.0
+"""Seconds from a policy change (kubectl returned) to the matrix showing it (issue 17)."""
+FIRST_DEADLINE = 60.0
+"""The first matrix of a fresh lab: pods just became Ready, Services just got endpoints."""
+ALL_PROBES: tuple[Probe, ...] = tuple((port, proto) for proto in netpol.PROTOCOLS
+                                      for port in netpol.PORTS)
+TCP80: tuple[Probe, ...] = ((80, "TCP"),)
+
+
+def P(ref: str) -> PodRef:
+    ns, _, name = ref.partition("/")
+    return PodRef(ns, name)
+
+
+# --- no root: the truth table and the SCTP packets ---------------------------------------------
+
+
+def test_reachability_reports_wrong_cells_as_upstream_prints_them() -> None:
+    table = Reachability.where(lambda _s, d: d.namespace != "x")
+    for s in ALL_PODS:
+        for d in ALL_PODS:
+            table.observed[(s, d)] = d.namespace != "x"
+    assert table.wrong() == []
+    table.observed[(P("y/a"), P("x/b"))] = True
+    table.reasons[(P("y/a"), P("x/b"))] = "connected"
+    table.observed[(P("x/a"), P("x/a"))] = True  # self: not judged
+    assert table.wrong() == [(P("y/a"), P("x/b"))]
+    report = table.report("80/TCP")
+    assert "1 of 72 cells wrong" in report
+    comparison = report.split("comparison:\n")[1].splitlines()
+    assert comparison[0].split("\t") == ["-", *map(str, ALL_PODS)]
+    row = comparison[4].split("\t")  # y/a
+    assert row[0] == "y/a" and row[1:] == [".", "X", ".", "-", ".", ".", ".", ".", "."]
+    assert "y/a -> x/b: expected blocked, observed connected" in report
+
+
+def test_model_manifests_have_named_ports_labels_and_spread() -> None:
+    docs = netpol.manifests(["n1", "n2"])
+    namespaces = [d for d in docs if d["kind"] == "Namespace"]
+    assert [n["metadata"]["labels"] for n in namespaces] == [{"ns": "x"}, {"ns": "y"},
+                                                              {"ns": "z"}]
+    pods = [d for d in docs if d["kind"] == "Pod"]
+    assert len(pods) == 9 and {p["spec"]["nodeName"] for p in pods} == {"n1", "n2"}
+    ports = pods[0]["spec"]["containers"][0]["ports"]
+    assert {(p["name"], p["containerPort"], p["protocol"]) for p in ports} == {
+        (f"serve-{port}-{proto.lower()}", port, proto)
+        for port in (80, 81) for proto in ("TCP", "UDP", "SCTP")}
+    services = [d for d in docs if d["kind"] == "Service"]
+    assert [s["metadata"]["name"] for s in services[:3]] == ["s-a", "s-b", "s-c"]
+
+
+def test_sctp_packets_carry_a_valid_crc32c_and_parse_back() -> None:
+    assert sctpraw.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    ip = bytes([0x45, 0, 0, 0, 0, 0, 0, 0, 64, 132, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2])
+    init = sctpraw.init(20001, 80, 0x1234)
+    assert sctpraw.parse(ip + init) == ("10.0.0.1", 20001, 80, 0, sctpraw.INIT, 0x1234)
+    ack = sctpraw.init_ack(80, 20001, 0x1234, 0x5678)
+    assert sctpraw.parse(ip + ack) == ("10.0.0.1", 80, 20001, 0x1234, sctpraw.INIT_ACK, 0x5678)
+    corrupt = ip + init[:-1] + bytes([init[-1] ^ 1])
+    assert sctpraw.parse(corrupt) is None
+
+
+# --- the lab ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabConfig]:
+    require_root()
+    require_binary("ip", "nsenter", "openssl", "nft")
+    try:
+        find_binaries()
+    except MissingBinaries as err:
+        require(False, str(err))
+    root = tmp_path_factory.mktemp("lab")
+    name = f"m{os.getpid() % 10_000_000}"
+    cfg = LabConfig(name=name, nodes=2, lab_dir=str(root / name), python=sys.executable,
+                    control_plane="kubernetes", cni="auto", overlay="auto", dns=False,
+                    policy=True)
+    cfg = up(cfg, RealKernel(), lambda msg: print(msg, file=sys.stderr))
+    try:
+        require(cfg.overlay == "vxlan" and cfg.proxy, "needs the overlay and the proxy")
+        yield cfg
+    finally:
+        down(Path(cfg.lab_dir), RealKernel(), lambda msg: None)
+
+
+@pytest.fixture(scope="module")
+def model(lab: LabConfig) -> Model:
+    m = netpol.deploy(lab, timeout=180)
+    assert len(set(m.nodes.values())) == 2, m.nodes
+    return m
+
+
+@pytest.fixture(scope="module")
+def prober(model: Model) -> Prober:
+    return Prober(model.netns)
+
+
+@pytest.fixture
+def enforcing(lab: LabConfig, model: Model, prober: Prober) -> Iterator[LabConfig]:
+    """A case that needs enforcement; afterwards its policies are deleted and the whole
+    matrix must be connected again within the deadline (that is the delete test of every
+    case)."""
+    require(lab.policy, "needs svcnet.policy (svcnet node --policy)")
+    yield lab
+    netpol.remove_policies(lab)
+    expect(prober, model.pod_targets(), {p: Reachability.all() for p in ALL_PROBES},
+           "after removing the case's policies")
+
+
+def expect(prober: Prober, targets: Mapping[PodRef, netpol.Target],
+           tables: Mapping[Probe, Reachability], title: str,
+           deadline: float = DEADLINE) -> netpol.Outcome:
+    outcome = netpol.check(prober, targets, tables, deadline=deadline)
+    print(f"{title}: {outcome.rounds} rounds, {outcome.seconds:.2f} s", file=sys.stderr)
+    assert outcome.matched, outcome.report(title)
+    return outcome
+
+
+def apply(lab: LabConfig, *docs: dict[str, Any]) -> None:
+    netpol.apply(lab, docs)
+
+
+def case(lab: LabConfig, model: Model, prober: Prober, docs: list[dict[str, Any]],
+         allowed: Callable[[PodRef, PodRef, Probe], bool],
+         probes: tuple[Probe, ...] = ALL_PROBES, title: str = "") -> None:
+    """Apply ``docs``; within the deadline every probe must be connected iff ``allowed``."""
+    apply(lab, *docs)
+    tables = {p: Reachability.where(lambda s, d, p=p: allowed(s, d, p)) for p in probes}
+    expect(prober, model.pod_targets(), tables, title or docs[0]["metadata"]["name"])
+
+
+def test_every_pair_connects_on_every_port_and_protocol_without_policies(
+        model: Model, prober: Prober) -> None:
+    start = time.monotonic()
+    expect(prober, model.pod_targets(), {p: Reachability.all() for p in ALL_PROBES},
+           "no policies", deadline=FIRST_DEADLINE)
+    # Once warm, a whole matrix (9x9 pairs x 6 port/protocols) is one bounded round.
+    outcome = expect(prober, model.pod_targets(), {p: Reachability.all() for p in ALL_PROBES},
+                     "no policies, again")
+    assert outcome.rounds == 1, outcome.report("warm")
+    print(f"first matrix after {time.monotonic() - start:.1f} s", file=sys.stderr)
+
+
+def test_services_reach_their_pod_without_policies(model: Model, prober: Prober) -> None:
+    tables = {p: Reachability.all() for p in ((80, "TCP"), (81, "UDP"))}
+    expect(prober, model.service_targets(), tables, "services, no policies",
+           deadline=FIRST_DEADLINE)
+
+
+# --- the suite's cases -----------------------------------------------------------------------
+
+
+def test_default_deny_ingress(enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    case(enforcing, model, prober,
+         [policy("x", "deny-ingress", {"podSelector": {}, "policyTypes": ["Ingress"]})],
+         lambda _s, d, _p: d.namespace != "x")
+
+
+def test_default_deny_egress(enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    """Probed by IP, so DNS needs no exception (upstream allows port 53 for its names)."""
+    case(enforcing, model, prober,
+         [policy("x", "deny-egress", {"podSelector": {}, "policyTypes": ["Egress"]})],
+         lambda s, _d, _p: s.namespace != "x")
+
+
+def test_policy_types_default_to_ingress_plus_egress_when_egress_rules_exist(
+        enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    """No policyTypes + egress rules = [Ingress, Egress]: x/a is isolated for ingress too."""
+    case(enforcing, model, prober,
+         [policy("x", "egress-to-x", {"podSelector": {"matchLabels": {"pod": "a"}},
+                                      "egress": [{"to": [{"podSelector": {}}]}]})],
+         lambda s, d, _p: (d != P("x/a")) and (s != P("x/a") or d.namespace == "x"),
+         probes=((80, "TCP"), (81, "UDP")))
+
+
+def test_allow_from_namespace_by_its_metadata_name_label(
+        enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    selector = {"matchLabels": {"kubernetes.io/metadata.name": "y"}}
+    case(enforcing, model, prober,
+         [policy("x", "from-y", {"podSelector": {"matchLabels": {"pod": "a"}},
+                                 "ingress": [{"from": [{"namespaceSelector": selector}]}]})],
+         lambda s, d, _p: d != P("x/a") or s.namespace == "y")
+
+
+def test_allow_from_namespace_with_match_expressions(
+        enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    selector = {"matchExpressions": [{"key": "ns", "operator": "NotIn", "values": ["y"]}]}
+    case(enforcing, model, prober,
+         [policy("x", "not-from-y", {"podSelector": {"matchLabels": {"pod": "a"}},
+                                     "ingress": [{"from": [{"namespaceSelector": selector}]}]})],
+         lambda s, d, _p: d != P("x/a") or s.namespace != "y", probes=TCP80)
+
+
+def test_allow_from_pod_in_the_same_namespace(
+        enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    case(enforcing, model, prober,
+         [policy("x", "from-b", {"podSelector": {"matchLabels": {"pod": "a"}},
+                                 "ingress": [{"from": [{"podSelector": {
+                                     "matchLabels": {"pod": "b"}}}]}]})],
+         lambda s, d, _p: d != P("x/a") or s == P("x/b"))
+
+
+def test_allow_from_namespace_and_pod_together(
+        enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    peer = {"namespaceSelector": {"matchLabels": {"ns": "y"}},
+            "podSelector": {"matchLabels": {"pod": "b"}}}
+    case(enforcing, model, prober,
+         [policy("x", "from-y-b", {"podSelector": {"matchLabels": {"pod": "a"}},
+                                   "ingress": [{"from": [peer]}]})],
+         lambda s, d, _p: d != P("x/a") or s == P("y/b"))
+
+
+def test_allow_from_namespace_or_pod(enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    peers = [{"namespaceSelector": {"matchLabels": {"ns": "y"}}},
+             {"podSelector": {"matchLabels": {"pod": "b"}}}]
+    case(enforcing, model, prober,
+         [policy("x", "from-y-or-b", {"podSelector": {"matchLabels": {"pod": "a"}},
+                                      "ingress": [{"from": peers}]})],
+         lambda s, d, _p: d != P("x/a") or s.namespace == "y" or s == P("x/b"))
+
+
+def test_ingress_ip_block_with_except(enforcing: LabConfig, model: Model, prober: Prober
+                                      ) -> None:
+    yb = model.pod_ips[P("y/b")]
+    block = {"cidr": "10.244.0.0/16", "except": [f"{yb}/32"]}
+    case(enforcing, model, prober,
+         [policy("x", "ipblock", {"podSelector": {"matchLabels": {"pod": "a"}},
+                                  "ingress": [{"from": [{"ipBlock": block}]}]})],
+         lambda s, d, _p: d != P("x/a") or s != P("y/b"))
+
+
+def test_egress_ip_block_with_except(enforcing: LabConfig, model: Model, prober: Prober
+                                     ) -> None:
+    xa = model.pod_ips[P("x/a")]
+    block = {"cidr": "10.244.0.0/16", "except": [f"{xa}/32"]}
+    case(enforcing, model, prober,
+         [policy("y", "egress-ipblock", {"podSelector": {}, "policyTypes": ["Egress"],
+                                         "egress": [{"to": [{"ipBlock": block}]}]})],
+         lambda s, d, _p: s.namespace != "y" or d != P("x/a"), probes=((80, "TCP"),
+                                                                         (80, "UDP")))
+
+
+def test_named_ports_resolve_per_protocol(enforcing: LabConfig, model: Model, prober: Prober
+                                          ) -> None:
+    ports = [{"port": "serve-81-tcp"}, {"port": "serve-80-udp", "protocol": "UDP"},
+             {"port": "serve-81-sctp", "protocol": "SCTP"}]
+    opened = {(81, "TCP"), (80, "UDP"), (81, "SCTP")}
+    case(enforcing, model, prober,
+         [policy("x", "named", {"podSelector": {"matchLabels": {"pod": "a"}},
+                                "ingress": [{"ports": ports}]})],
+         lambda _s, d, p: d != P("x/a") or p in opened)
+
+
+def test_end_port_range(enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    ports = [{"port": 81, "endPort": 90, "protocol": "TCP"},
+             {"port": 70, "endPort": 80, "protocol": "UDP"}]
+    opened = {(81, "TCP"), (80, "UDP")}
+    case(enforcing, model, prober,
+         [policy("x", "endport", {"podSelector": {"matchLabels": {"pod": "a"}},
+                                  "ingress": [{"ports": ports}]})],
+         lambda _s, d, p: d != P("x/a") or p in opened,
+         probes=((80, "TCP"), (81, "TCP"), (80, "UDP"), (81, "UDP")))
+
+
+def test_multiple_policies_are_a_union(enforcing: LabConfig, model: Model, prober: Prober
+                                       ) -> None:
+    """One policy opens 80/TCP to x/a from x/b, another 81/TCP from namespace z."""
+    on_a = {"matchLabels": {"pod": "a"}}
+    docs = [policy("x", "from-b-80", {"podSelector": on_a, "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}],
+                 "ports": [{"port": 80}]}]}),
+            policy("x", "from-z-81", {"podSelector": on_a, "ingress": [
+                {"from": [{"namespaceSelector": {"matchLabels": {"ns": "z"}}}],
+                 "ports": [{"port": 81}]}]})]
+
+    def allowed(s: PodRef, d: PodRef, p: Probe) -> bool:
+        return d != P("x/a") or (p == (80, "TCP") and s == P("x/b")) or (
+            p == (81, "TCP") and s.namespace == "z")
+
+    case(enforcing, model, prober, docs, allowed, probes=((80, "TCP"), (81, "TCP")))
+
+
+def test_allow_all_ingress_overrides_default_deny(
+        enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    case(enforcing, model, prober,
+         [policy("x", "deny-ingress", {"podSelector": {}, "policyTypes": ["Ingress"]})],
+         lambda _s, d, _p: d.namespace != "x", probes=((80, "TCP"), (81, "UDP")))
+    case(enforcing, model, prober,
+         [policy("x", "allow-all", {"podSelector": {}, "ingress": [{}]})],
+         lambda _s, _d, _p: True, probes=((80, "TCP"), (81, "UDP")), title="+ allow-all")
+
+
+def test_deny_egress_and_ingress_together_and_both_ends_must_allow(
+        enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    """x/a's ingress allows y/b, but y denies all egress except to namespace z: blocked."""
+    docs = [policy("x", "from-y-b", {"podSelector": {"matchLabels": {"pod": "a"}},
+                                     "ingress": [{"from": [{
+                                         "namespaceSelector": {"matchLabels": {"ns": "y"}},
+                                         "podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+            policy("y", "egress-to-z", {"podSelector": {}, "egress": [{"to": [{
+                "namespaceSelector": {"matchLabels": {"ns": "z"}}}]}],
+                "policyTypes": ["Egress"]})]
+    case(enforcing, model, prober, docs,
+         lambda s, d, _p: d != P("x/a") and (s.namespace != "y" or d.namespace == "z"),
+         probes=((80, "TCP"), (80, "UDP")))
+
+
+def test_policy_update_changes_the_matrix_within_the_deadline(
+        enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    on_a = {"matchLabels": {"pod": "a"}}
+
+    def from_ns(ns: str) -> dict[str, Any]:
+        return policy("x", "allow-ns", {"podSelector": on_a, "ingress": [{"from": [{
+            "namespaceSelector": {"matchLabels": {"ns": ns}}}]}]})
+
+    probes = ((80, "TCP"), (81, "UDP"))
+    case(enforcing, model, prober, [from_ns("y")],
+         lambda s, d, _p: d != P("x/a") or s.namespace == "y", probes)
+    case(enforcing, model, prober, [from_ns("z")],
+         lambda s, d, _p: d != P("x/a") or s.namespace == "z", probes, title="updated to z")
+    kubectl(enforcing, "delete", "networkpolicy", "-n", "x", "allow-ns")
+    expect(prober, model.pod_targets(), {p: Reachability.all() for p in probes}, "deleted")
+
+
+def test_namespace_label_change_changes_the_matrix_within_the_deadline(
+        enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    probes = ((80, "TCP"),)
+    case(enforcing, model, prober,
+         [policy("x", "from-red", {"podSelector": {"matchLabels": {"pod": "a"}},
+                                   "ingress": [{"from": [{"namespaceSelector": {
+                                       "matchLabels": {"team": "red"}}}]}]})],
+         lambda _s, d, _p: d != P("x/a"), probes)
+    try:
+        kubectl(enforcing, "label", "ns", "z", "team=red")
+        expect(prober, model.pod_targets(),
+               {p: Reachability.where(lambda s, d: d != P("x/a") or s.namespace == "z")
+                for p in probes}, "z labelled team=red")
+    finally:
+        kubectl(enforcing, "label", "ns", "z", "team-")
+
+
+def test_pod_label_change_changes_the_matrix_within_the_deadline(
+        enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    probes = ((80, "TCP"),)
+    case(enforcing, model, prober,
+         [policy("x", "from-clients", {"podSelector": {"matchLabels": {"pod": "a"}},
+                                       "ingress": [{"from": [{
+                                           "namespaceSelector": {},
+                                           "podSelector": {"matchLabels": {"role": "client"}}
+                                       }]}]})],
+         lambda _s, d, _p: d != P("x/a"), probes)
+    try:
+        kubectl(enforcing, "label", "pod", "-n", "y", "c", "role=client")
+        expect(prober, model.pod_targets(),
+               {p: Reachability.where(lambda s, d: d != P("x/a") or s == P("y/c"))
+                for p in probes}, "y/c labelled role=client")
+    finally:
+        kubectl(enforcing, "label", "pod", "-n", "y", "c", "role-")
+
+
+def test_egress_to_a_service_is_judged_on_its_endpoint(
+        enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    """y may only talk to x/a; through the Services' ClusterIPs that is s-a in x only:
+    the proxy's DNAT happens first and the policy sees the endpoint."""
+    to_xa = {"namespaceSelector": {"matchLabels": {"ns": "x"}},
+             "podSelector": {"matchLabels": {"pod": "a"}}}
+    apply(enforcing, policy("y", "egress-to-x-a", {
+        "podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": [to_xa]}]}))
+    probes = ((80, "TCP"), (81, "UDP"))
+    tables = {p: Reachability.where(lambda s, d: s.namespace != "y" or d == P("x/a"))
+              for p in probes}
+    expect(prober, model.service_targets(), tables, "egress through ClusterIPs")
+    expect(prober, model.pod_targets(), tables, "egress to pod IPs")
+
+
+def test_ingress_through_a_service_is_judged_on_the_client(
+        enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    """x/b admits only namespace z: a client in y is refused through s-b's ClusterIP too
+    (the proxy does not masquerade pod-to-service traffic)."""
+    case(enforcing, model, prober,
+         [policy("x", "b-from-z", {"podSelector": {"matchLabels": {"pod": "b"}},
+                                   "ingress": [{"from": [{"namespaceSelector": {
+                                       "matchLabels": {"ns": "z"}}}]}]})],
+         lambda s, d, _p: d != P("x/b") or s.namespace == "z", ((80, "TCP"),))
+    expect(prober, model.service_targets(),
+           {(80, "TCP"): Reachability.where(lambda s, d: d != P("x/b") or s.namespace == "z")},
+           "ingress through ClusterIPs")
+
+
+def test_prober_sees_cells_a_filter_blocks(lab: LabConfig, model: Model, prober: Prober
+                                           ) -> None:
+    """The harness can fail: a drop rule for port 81 inside x/a's own namespace blocks
+    exactly the 81 cells into x/a on every protocol, and nothing else."""
+    ns = model.netns[P("x/a")]
+    rules = ("table inet mtx {\n chain in {\n  type filter hook input priority 0;\n"
+             "  meta l4proto { tcp, udp, sctp } th dport 81 drop\n }\n}\n")
+    subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules, text=True,
+                   check=True, timeout=30)
+    try:
+        tables = {p: Reachability.where(lambda _s, d, p=p: d != P("x/a") or p[0] != 81)
+                  for p in ALL_PROBES}
+        outcome = netpol.check(prober, model.pod_targets(), tables, deadline=DEADLINE)
+        assert outcome.matched, outcome.report("drop 81 into x/a")
+        wrong = {p: Reachability.all() for p in ALL_PROBES}
+        outcome = netpol.check(prober, model.pod_targets(), wrong, deadline=0)
+        assert not outcome.matched
+        report = outcome.report("all expected")
+        assert "81/TCP: 8 of 72 cells wrong" in report, report
+        assert "z/c -> x/a: expected connected, observed timeout" in report, report
+    finally:
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "mtx"],
+                       check=True, timeout=30)
