@@ -326,10 +326,10 @@ def check(prober: Prober, targets: Mapping[PodRef, Target],
         rounds += 1
         jobs = [Job(s, d, targets[d].ip, port, proto, targets[d].answer)
                 for (port, proto), table in tables.items()
-                for s in table.pods for d in table.pods if s != d]
+                for s in table.pods for d in table.pods]
         results = prober.probe(jobs, timeout)
-        retry = [j for j, (ok, _) in results.items()
-                 if not ok and tables[(j.port, j.protocol)].expected.get((j.src, j.dst))]
+        retry = [j for j, (ok, _) in results.items() if not ok and j.src != j.dst
+                 and tables[(j.port, j.protocol)].expected.get((j.src, j.dst))]
         if retry:
             results.update(prober.probe(retry, retry_timeout))
         for job, (ok, why) in results.items():
@@ -396,13 +396,18 @@ def deploy(cfg: Any, *, timeout: float = 120, protocols: Sequence[str] = PROTOCO
         left = max(1.0, deadline - time.monotonic())
         kubectl(cfg, "wait", "-n", ns, "--for=condition=Ready", "pod", "--all",
                 f"--timeout={int(left)}s", timeout=left + 15)
+    return discover(cfg)
+
+
+def discover(cfg: Any) -> Model:
+    """The deployed model's pods (IPs, nodes, network namespaces) and Service IPs."""
     pods = json.loads(kubectl(cfg, "get", "pods", "-A", "-o", "json").stdout)["items"]
     svcs = json.loads(kubectl(cfg, "get", "services", "-A", "-o", "json").stdout)["items"]
     wanted = set(ALL_PODS)
     ips, nodes = {}, {}
     for pod in pods:
         ref = PodRef(pod["metadata"]["namespace"], pod["metadata"]["name"])
-        if ref in wanted:
+        if ref in wanted and pod.get("status", {}).get("podIP"):
             ips[ref] = pod["status"]["podIP"]
             nodes[ref] = pod["spec"]["nodeName"]
     service_ips = {}
@@ -413,15 +418,41 @@ def deploy(cfg: Any, *, timeout: float = 120, protocols: Sequence[str] = PROTOCO
                 service_ips[ref] = svc["spec"]["clusterIP"]
     from svcnet.lab.cli import target_namespace
 
+    missing = sorted(str(p) for p in wanted if p not in ips or p not in service_ips)
+    if missing:
+        raise RuntimeError(f"the model is not (fully) deployed: no IP for {missing}; "
+                           "run with --deploy")
     netns = {ref: target_namespace(cfg, str(ref)) for ref in ALL_PODS}
     return Model(netns, ips, service_ips, nodes)
 
 
 def remove_policies(cfg: Any) -> None:
-    for ns in NAMESPACES:
-        kubectl(cfg, "delete", "networkpolicies", "--all", "-n", ns, "--wait=false")
+    kubectl(cfg, "delete", "networkpolicies", "--all", "--all-namespaces", "--wait=false")
 
 
 def policy(namespace: str, name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": name, "namespace": namespace}, "spec": dict(spec)}
+
+
+def parse_probe(text: str) -> Probe:
+    port, _, proto = text.partition("/")
+    proto = (proto or "TCP").upper()
+    if not port.isdigit() or proto not in PROTOCOLS:
+        raise ValueError(f"{text!r}: expected PORT/PROTOCOL, e.g. 80/TCP, 81/UDP, 80/SCTP")
+    return int(port), proto
+
+
+def show(cfg: Any, *, deploy_model: bool, probes: Sequence[Probe], services: bool,
+         timeout: float) -> str:
+    """``svcnet lab matrix``: the observed matrix of the model, per port and protocol."""
+    model = deploy(cfg) if deploy_model else discover(cfg)
+    targets = model.service_targets() if services else model.pod_targets()
+    tables = {p: Reachability.all() for p in probes}
+    outcome = check(Prober(model.netns), targets, tables, deadline=0, timeout=timeout)
+    lines = [f"{len(ALL_PODS)}x{len(ALL_PODS)} pairs x {len(probes)} probes in "
+             f"{outcome.seconds:.2f} s ({'Service ClusterIPs' if services else 'pod IPs'}; "
+             "rows: from, columns: to; . connected, X blocked)"]
+    for (port, proto), table in outcome.tables.items():
+        lines += [f"{port}/{proto}:", table.grid("observed")]
+    return "\n".join(lines)
