@@ -150,11 +150,26 @@ def enforcing(lab: LabConfig, model: Model, prober: Prober) -> Iterator[LabConfi
            "after removing the case's policies")
 
 
+TIMES: list[float] = []
+"""Seconds from each change to the matching matrix (printed at the end of the module)."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def summary() -> Iterator[None]:
+    yield
+    if TIMES:
+        ordered = sorted(TIMES)
+        print(f"\n{len(ordered)} changes seen in the matrix: median "
+              f"{ordered[len(ordered) // 2]:.2f} s, max {ordered[-1]:.2f} s", file=sys.stderr)
+
+
 def expect(prober: Prober, targets: Mapping[PodRef, netpol.Target],
            tables: Mapping[Probe, Reachability], title: str,
            deadline: float = DEADLINE) -> netpol.Outcome:
     outcome = netpol.check(prober, targets, tables, deadline=deadline)
     print(f"{title}: {outcome.rounds} rounds, {outcome.seconds:.2f} s", file=sys.stderr)
+    if deadline == DEADLINE and outcome.matched:
+        TIMES.append(outcome.seconds)
     assert outcome.matched, outcome.report(title)
     return outcome
 
@@ -204,6 +219,12 @@ def test_default_deny_egress(enforcing: LabConfig, model: Model, prober: Prober)
     case(enforcing, model, prober,
          [policy("x", "deny-egress", {"podSelector": {}, "policyTypes": ["Egress"]})],
          lambda s, _d, _p: s.namespace != "x")
+
+
+def test_default_deny_all(enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    case(enforcing, model, prober,
+         [policy("x", "deny-all", {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]})],
+         lambda s, d, _p: s.namespace != "x" and d.namespace != "x")
 
 
 def test_policy_types_default_to_ingress_plus_egress_when_egress_rules_exist(
@@ -283,6 +304,24 @@ def test_egress_ip_block_with_except(enforcing: LabConfig, model: Model, prober:
                                                                          (80, "UDP")))
 
 
+def test_ip_in_an_except_is_allowed_by_another_policy(
+        enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    """Upstream: 'should ensure an IP overlapping both IPBlock.CIDR and IPBlock.Except is
+    allowed' -- the union of the policies decides."""
+    yb = model.pod_ips[P("y/b")]
+    on_a = {"matchLabels": {"pod": "a"}}
+    docs = [policy("x", "ipblock", {"podSelector": on_a, "ingress": [{"from": [{"ipBlock": {
+                "cidr": "10.244.0.0/16", "except": [f"{yb}/32"]}}]}]}),
+            policy("x", "ipblock-yb", {"podSelector": on_a, "ingress": [{"from": [{
+                "ipBlock": {"cidr": f"{yb}/32"}}]}]})]
+    case(enforcing, model, prober, docs, lambda _s, _d, _p: True,
+         probes=((80, "TCP"), (80, "UDP")))
+    kubectl(enforcing, "delete", "networkpolicy", "-n", "x", "ipblock-yb")
+    expect(prober, model.pod_targets(),
+           {p: Reachability.where(lambda s, d: d != P("x/a") or s != P("y/b"))
+            for p in ((80, "TCP"), (80, "UDP"))}, "only the except left")
+
+
 def test_named_ports_resolve_per_protocol(enforcing: LabConfig, model: Model, prober: Prober
                                           ) -> None:
     ports = [{"port": "serve-81-tcp"}, {"port": "serve-80-udp", "protocol": "UDP"},
@@ -292,6 +331,36 @@ def test_named_ports_resolve_per_protocol(enforcing: LabConfig, model: Model, pr
          [policy("x", "named", {"podSelector": {"matchLabels": {"pod": "a"}},
                                 "ingress": [{"ports": ports}]})],
          lambda _s, d, p: d != P("x/a") or p in opened)
+
+
+def test_egress_named_port_resolves_on_the_destination_pods(
+        enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    """An egress rule's named port is the peer's container port of that name."""
+    case(enforcing, model, prober,
+         [policy("x", "egress-named", {"podSelector": {}, "policyTypes": ["Egress"],
+                                       "egress": [{"ports": [{"port": "serve-80-udp",
+                                                              "protocol": "UDP"}]}]})],
+         lambda s, _d, p: s.namespace != "x" or p == (80, "UDP"),
+         probes=((80, "TCP"), (80, "UDP"), (81, "UDP")))
+
+
+def test_protocol_without_port_opens_every_port_of_that_protocol(
+        enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    case(enforcing, model, prober,
+         [policy("x", "any-udp", {"podSelector": {"matchLabels": {"pod": "a"}},
+                                  "ingress": [{"ports": [{"protocol": "UDP"}]}]})],
+         lambda _s, d, p: d != P("x/a") or p[1] == "UDP")
+
+
+def test_sctp_and_udp_ports_are_not_tcp(enforcing: LabConfig, model: Model, prober: Prober
+                                        ) -> None:
+    """Upstream: 'should not mistakenly treat protocol: SCTP as protocol: TCP' (and UDP)."""
+    case(enforcing, model, prober,
+         [policy("x", "sctp-udp-81", {"podSelector": {"matchLabels": {"pod": "a"}},
+                                      "ingress": [{"ports": [
+                                          {"port": 81, "protocol": "SCTP"},
+                                          {"port": 81, "protocol": "UDP"}]}]})],
+         lambda _s, d, p: d != P("x/a") or p in ((81, "SCTP"), (81, "UDP")))
 
 
 def test_end_port_range(enforcing: LabConfig, model: Model, prober: Prober) -> None:
@@ -331,6 +400,17 @@ def test_allow_all_ingress_overrides_default_deny(
     case(enforcing, model, prober,
          [policy("x", "allow-all", {"podSelector": {}, "ingress": [{}]})],
          lambda _s, _d, _p: True, probes=((80, "TCP"), (81, "UDP")), title="+ allow-all")
+
+
+def test_allow_all_egress_overrides_default_deny(
+        enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    case(enforcing, model, prober,
+         [policy("y", "deny-egress", {"podSelector": {}, "policyTypes": ["Egress"]})],
+         lambda s, _d, _p: s.namespace != "y", probes=((80, "TCP"), (81, "SCTP")))
+    case(enforcing, model, prober,
+         [policy("y", "allow-all", {"podSelector": {}, "policyTypes": ["Egress"],
+                                    "egress": [{}]})],
+         lambda _s, _d, _p: True, probes=((80, "TCP"), (81, "SCTP")), title="+ allow-all")
 
 
 def test_deny_egress_and_ingress_together_and_both_ends_must_allow(
@@ -399,6 +479,23 @@ def test_pod_label_change_changes_the_matrix_within_the_deadline(
                 for p in probes}, "y/c labelled role=client")
     finally:
         kubectl(enforcing, "label", "pod", "-n", "y", "c", "role-")
+
+
+def test_pod_newly_selected_by_a_policy_is_isolated_within_the_deadline(
+        enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    """Upstream: 'should deny ingress access to updated pod'."""
+    probes = ((80, "TCP"), (80, "UDP"))
+    case(enforcing, model, prober,
+         [policy("x", "deny-targets", {"podSelector": {"matchLabels": {"target": "yes"}},
+                                       "policyTypes": ["Ingress"]})],
+         lambda _s, _d, _p: True, probes)
+    try:
+        kubectl(enforcing, "label", "pod", "-n", "x", "c", "target=yes")
+        expect(prober, model.pod_targets(),
+               {p: Reachability.where(lambda _s, d: d != P("x/c")) for p in probes},
+               "x/c labelled target=yes")
+    finally:
+        kubectl(enforcing, "label", "pod", "-n", "x", "c", "target-")
 
 
 def test_egress_to_a_service_is_judged_on_its_endpoint(
