@@ -4,6 +4,7 @@ Layout (docs/policy.md has the why)::
 
     chain forward  (hook forward, priority filter)     chain input (hook input)
       ct state established,related accept               ct state established,related accept
+      icmpv6 type { nd-... } accept (neighbour discovery) (same)
       ip saddr vmap @egress-pods4   -> jump out-G        ip saddr vmap @egress-pods4
       ip6 saddr vmap @egress-pods6  -> jump out-G        ip6 saddr vmap @egress-pods6
       ip daddr vmap @ingress-pods4  -> goto in-G
@@ -43,6 +44,10 @@ LOG_RATE = "10/second"
 _PROTO_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
 # "every protocol" as disjoint protocol ranges, so a port-less grant never overlaps a TCP one
 _PROTO_CLASSES = ((0, 5), (6, 6), (7, 16), (17, 17), (18, 131), (132, 132), (133, 255))
+# IPv6 needs these to resolve any neighbour (the node's too): never judged by policy, as
+# ARP is not for IPv4.
+NEIGHBOUR_DISCOVERY = ("icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, "
+                       "nd-neighbor-advert, nd-redirect } accept")
 _POD_MAPS = ("ingress-pods4", "ingress-pods6", "egress-pods4", "egress-pods6")
 
 
@@ -76,10 +81,11 @@ def render(state: PolicyState, *, log: bool = False) -> Rendered:
         "egress-pods6": "{ type ipv6_addr : verdict ; }",
     }
     egress_check = ("ip saddr vmap @egress-pods4", "ip6 saddr vmap @egress-pods6")
+    first = ("ct state established,related accept", NEIGHBOUR_DISCOVERY)
     chains: dict[str, tuple[str, ...]] = {
-        "forward": ("ct state established,related accept", *egress_check,
+        "forward": (*first, *egress_check,
                     "ip daddr vmap @ingress-pods4", "ip6 daddr vmap @ingress-pods6"),
-        "input": ("ct state established,related accept", *egress_check),
+        "input": (*first, *egress_check),
     }
     hooks = {"forward": "type filter hook forward priority filter ; policy accept ;",
              "input": "type filter hook input priority filter ; policy accept ;"}
@@ -104,9 +110,9 @@ def render(state: PolicyState, *, log: bool = False) -> Rendered:
                 for key, pid in group_elements(group, family)  # type: ignore[arg-type]
             }
         if log:
-            first = group.policies[0] + (f"+{len(group.policies) - 1}"
-                                         if len(group.policies) > 1 else "")
-            prefix = f"svcnet-policy deny {group.direction} by {first}: "[:120]
+            by = group.policies[0] + (f"+{len(group.policies) - 1}"
+                                      if len(group.policies) > 1 else "")
+            prefix = f"svcnet-policy deny {group.direction} by {by}: "[:120]
             rules.append(f'limit rate {LOG_RATE} log prefix "{prefix}"')
         rules.append(f'counter name "deny-{name}" drop')
         counters.add(f"deny-{name}")
@@ -134,6 +140,9 @@ def group_elements(group: Group, family: Family) -> Iterator[tuple[str, str]]:
     boxes: dict[tuple[int, int], list[tuple[int, int, int, int, int]]] = defaultdict(list)
     ranked = sorted({g.policy for g in group.grants})
     rank = {p: i for i, p in enumerate(ranked)}
+    # Only port-less grants (the common "allow from these pods"): one protocol range.
+    any_only = all(p.protocol == ANY for g in group.grants for p in g.ports)
+    any_classes = ((0, 255),) if any_only else _PROTO_CLASSES
     for grant in group.grants:
         peers = [r for r in grant.peers if r.family == family]
         if not peers:
@@ -141,7 +150,7 @@ def group_elements(group: Group, family: Family) -> Iterator[tuple[str, str]]:
         r_ = rank[grant.policy]
         for port in grant.ports:
             if port.protocol == ANY:
-                classes = [(c, 0, 65535) for c in _PROTO_CLASSES]
+                classes = [(c, 0, 65535) for c in any_classes]
             else:
                 n = _PROTO_NUMBERS[port.protocol]
                 classes = [((n, n), port.first, port.last)]
