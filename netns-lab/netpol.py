@@ -297,7 +297,11 @@ class Outcome:
     tables: dict[Probe, Reachability]
     rounds: int
     seconds: float
+    """From the start until the last round ended."""
     matched: bool
+    last_round_start: float = 0.0
+    """When the last round (the matching one, if any) began: the change was in force by
+    then, so this bounds the time from the change to enforcement from above."""
 
     def report(self, title: str) -> str:
         parts = [f"{title}: {'matched' if self.matched else 'NOT matched'} after "
@@ -324,6 +328,7 @@ def check(prober: Prober, targets: Mapping[PodRef, Target],
     tables = {p: Reachability(r.pods, dict(r.expected)) for p, r in expected.items()}
     while True:
         rounds += 1
+        round_start = time.monotonic() - start
         jobs = [Job(s, d, targets[d].ip, port, proto, targets[d].answer)
                 for (port, proto), table in tables.items()
                 for s in table.pods for d in table.pods]
@@ -339,7 +344,7 @@ def check(prober: Prober, targets: Mapping[PodRef, Target],
         matched = not any(t.wrong() for t in tables.values())
         elapsed = time.monotonic() - start
         if matched or elapsed >= deadline or rounds >= max_rounds:
-            return Outcome(tables, rounds, elapsed, matched)
+            return Outcome(tables, rounds, elapsed, matched, round_start)
 
 
 def same(table: Callable[[], Reachability], probes: Iterable[Probe]) -> dict[Probe, Reachability]:
