@@ -91,6 +91,19 @@ def test_model_manifests_have_named_ports_labels_and_spread() -> None:
     assert [s["metadata"]["name"] for s in services[:3]] == ["s-a", "s-b", "s-c"]
 
 
+def test_echo_pods_serve_each_container_port_on_its_own_protocol() -> None:
+    """SCTP container ports are answered by the raw INIT responder, not served as TCP (a
+    second TCP listener on 80 would make the pod crash-loop)."""
+    from svcnet.lab.kubelet import pod_command
+
+    cfg = LabConfig(name="u", nodes=2, lab_dir="/nonexistent", python="python3")
+    pod = next(d for d in netpol.manifests(["n1"]) if d["kind"] == "Pod")
+    argv = pod_command(cfg, pod)
+    pairs = sorted(zip(argv[6::2], argv[7::2], strict=True))
+    assert pairs == sorted((f"--{proto}", str(port)) for proto in ("tcp", "udp", "sctp")
+                           for port in (80, 81)), argv
+
+
 def test_sctp_packets_carry_a_valid_crc32c_and_parse_back() -> None:
     assert sctpraw.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     ip = bytes([0x45, 0, 0, 0, 0, 0, 0, 0, 64, 132, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2])
