@@ -24,12 +24,11 @@ from typing import Any
 
 import pytest
 from conftest import require, require_binary, require_root
-from svcnet.lab import netpol, sctpraw
+from svcnet.lab import netpol
 from svcnet.lab.cluster import down, up
 from svcnet.lab.controlplane import MissingBinaries, find_binaries
 from svcnet.lab.netns import RealKernel
 from svcnet.lab.netpol import (
-    ALL_PODS,
     Model,
     PodRef,
     Probe,
@@ -48,71 +47,12 @@ ALL_PROBES: tuple[Probe, ...] = tuple((port, proto) for proto in netpol.PROTOCOL
                                       for port in netpol.PORTS)
 TCP80: tuple[Probe, ...] = ((80, "TCP"),)
 
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
+
 
 def P(ref: str) -> PodRef:
     ns, _, name = ref.partition("/")
     return PodRef(ns, name)
-
-
-# --- no root: the truth table and the SCTP packets ---------------------------------------------
-
-
-def test_reachability_reports_wrong_cells_as_upstream_prints_them() -> None:
-    table = Reachability.where(lambda _s, d: d.namespace != "x")
-    for s in ALL_PODS:
-        for d in ALL_PODS:
-            table.observed[(s, d)] = d.namespace != "x"
-    assert table.wrong() == []
-    table.observed[(P("y/a"), P("x/b"))] = True
-    table.reasons[(P("y/a"), P("x/b"))] = "connected"
-    table.observed[(P("x/a"), P("x/a"))] = True  # self: not judged
-    assert table.wrong() == [(P("y/a"), P("x/b"))]
-    report = table.report("80/TCP")
-    assert "1 of 72 cells wrong" in report
-    comparison = report.split("comparison:\n")[1].splitlines()
-    assert comparison[0].split("\t") == ["-", *map(str, ALL_PODS)]
-    row = comparison[4].split("\t")  # y/a
-    assert row[0] == "y/a" and row[1:] == [".", "X", ".", "-", ".", ".", ".", ".", "."]
-    assert "y/a -> x/b: expected blocked, observed connected" in report
-
-
-def test_model_manifests_have_named_ports_labels_and_spread() -> None:
-    docs = netpol.manifests(["n1", "n2"])
-    namespaces = [d for d in docs if d["kind"] == "Namespace"]
-    assert [n["metadata"]["labels"] for n in namespaces] == [{"ns": "x"}, {"ns": "y"},
-                                                              {"ns": "z"}]
-    pods = [d for d in docs if d["kind"] == "Pod"]
-    assert len(pods) == 9 and {p["spec"]["nodeName"] for p in pods} == {"n1", "n2"}
-    ports = pods[0]["spec"]["containers"][0]["ports"]
-    assert {(p["name"], p["containerPort"], p["protocol"]) for p in ports} == {
-        (f"serve-{port}-{proto.lower()}", port, proto)
-        for port in (80, 81) for proto in ("TCP", "UDP", "SCTP")}
-    services = [d for d in docs if d["kind"] == "Service"]
-    assert [s["metadata"]["name"] for s in services[:3]] == ["s-a", "s-b", "s-c"]
-
-
-def test_echo_pods_serve_each_container_port_on_its_own_protocol() -> None:
-    """SCTP container ports are answered by the raw INIT responder, not served as TCP (a
-    second TCP listener on 80 would make the pod crash-loop)."""
-    from svcnet.lab.kubelet import pod_command
-
-    cfg = LabConfig(name="u", nodes=2, lab_dir="/nonexistent", python="python3")
-    pod = next(d for d in netpol.manifests(["n1"]) if d["kind"] == "Pod")
-    argv = pod_command(cfg, pod)
-    pairs = sorted(zip(argv[6::2], argv[7::2], strict=True))
-    assert pairs == sorted((f"--{proto}", str(port)) for proto in ("tcp", "udp", "sctp")
-                           for port in (80, 81)), argv
-
-
-def test_sctp_packets_carry_a_valid_crc32c_and_parse_back() -> None:
-    assert sctpraw.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-    ip = bytes([0x45, 0, 0, 0, 0, 0, 0, 0, 64, 132, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2])
-    init = sctpraw.init(20001, 80, 0x1234)
-    assert sctpraw.parse(ip + init) == ("10.0.0.1", 20001, 80, 0, sctpraw.INIT, 0x1234)
-    ack = sctpraw.init_ack(80, 20001, 0x1234, 0x5678)
-    assert sctpraw.parse(ip + ack) == ("10.0.0.1", 80, 20001, 0x1234, sctpraw.INIT_ACK, 0x5678)
-    corrupt = ip + init[:-1] + bytes([init[-1] ^ 1])
-    assert sctpraw.parse(corrupt) is None
 
 
 # --- the lab ---------------------------------------------------------------------------------
