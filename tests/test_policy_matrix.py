@@ -29,6 +29,7 @@ from svcnet.lab.cluster import down, up
 from svcnet.lab.controlplane import MissingBinaries, find_binaries
 from svcnet.lab.netns import RealKernel
 from svcnet.lab.netpol import (
+    ALL_PODS,
     Model,
     PodRef,
     Probe,
@@ -197,10 +198,25 @@ def test_default_deny_egress(enforcing: LabConfig, model: Model, prober: Prober)
          lambda s, _d, _p: s.namespace != "x")
 
 
-def test_default_deny_all(enforcing: LabConfig, model: Model, prober: Prober) -> None:
+def test_default_deny_all_and_the_node_still_reaches_its_own_pods(
+        enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    """x is isolated both ways, yet each node still reaches its own pods of x (kubelet
+    probes, as every implementation allows), so they stay Ready."""
     case(enforcing, model, prober,
          [policy("x", "deny-all", {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]})],
          lambda s, d, _p: s.namespace != "x" and d.namespace != "x")
+    nodes = {PodRef("node", n): enforcing.node_ns(n) for n in enforcing.node_names}
+    from_nodes = Prober(nodes)
+    jobs = [netpol.Job(PodRef("node", model.nodes[pod]), pod, model.pod_ips[pod], port,
+                       proto, pod.name)
+            for pod in ALL_PODS if pod.namespace == "x" for port, proto in ALL_PROBES]
+    results = from_nodes.probe(jobs, 1.5)
+    assert all(ok for ok, _ in results.values()), {
+        f"{j.src.name} -> {j.dst} {j.port}/{j.protocol}": why for j, (ok, why) in
+        results.items() if not ok}
+    ready = kubectl(enforcing, "get", "pods", "-n", "x", "-o",
+                    "jsonpath={.items[*].status.conditions[?(@.type=='Ready')].status}")
+    assert ready.stdout.split() == ["True"] * 3, ready.stdout
 
 
 def test_policy_types_default_to_ingress_plus_egress_when_egress_rules_exist(
