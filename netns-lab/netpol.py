@@ -461,3 +461,33 @@ def show(cfg: Any, *, deploy_model: bool, probes: Sequence[Probe], services: boo
     for (port, proto), table in outcome.tables.items():
         lines += [f"{port}/{proto}:", table.grid("observed")]
     return "\n".join(lines)
+
+
+def traced(cfg: Any, model: Model, probes: Iterable[Probe]) -> dict[Probe, Reachability]:
+    """The verdicts ``svcnet policy trace`` gives for every cell, from the same objects the
+    node daemons enforce (listed now), as tables whose ``observed`` is the tracer's answer:
+    a test can hold the tracer to what the datapath did."""
+    from svcnet.policy.state import compute
+    from svcnet.policy.trace import trace
+
+    from svcnet.model import NAMESPACE, NETWORK_POLICY, POD
+
+    listed = json.loads(kubectl(cfg, "get", "networkpolicies,pods,namespaces", "-A", "-o",
+                                "json").stdout)["items"]
+    kinds: dict[str, tuple[Any, list[Any]]] = {
+        "NetworkPolicy": (NETWORK_POLICY, []), "Pod": (POD, []), "Namespace": (NAMESPACE, [])}
+    for item in listed:
+        kind, out = kinds[item["kind"]]
+        out.append(kind.convert(item))
+    state = compute(kinds["NetworkPolicy"][1], kinds["Pod"][1], kinds["Namespace"][1],
+                    node_name=None)
+    tables = {}
+    for port, proto in probes:
+        table = Reachability()
+        for s in ALL_PODS:
+            for d in ALL_PODS:
+                verdict = trace(state, model.pod_ips[s], model.pod_ips[d], proto, port)
+                table.observed[(s, d)] = verdict.allowed
+                table.reasons[(s, d)] = " / ".join(verdict.explain().splitlines())
+        tables[(port, proto)] = table
+    return tables

@@ -10,6 +10,8 @@ module, policies removed after each case (and the all-allowed matrix back within
 Every change must show in the matrix within ``DEADLINE`` seconds of kubectl returning: probe
 rounds (~0.5 s each: every pair, port and protocol at once) repeat until the observed tables
 equal the expected ones, and no round may start after the deadline. See svcnet.lab.netpol.
+Then ``svcnet policy trace``'s verdicts, computed from the objects listed afresh, must equal
+the same tables: the tracer explains what the datapath does.
 """
 
 from __future__ import annotations
@@ -140,7 +142,17 @@ def case(lab: LabConfig, model: Model, prober: Prober, docs: list[dict[str, Any]
     """Apply ``docs``; within the deadline every probe must be connected iff ``allowed``."""
     apply(lab, *docs)
     tables = {p: Reachability.where(lambda s, d, p=p: allowed(s, d, p)) for p in probes}
-    expect(prober, model.pod_targets(), tables, title or docs[0]["metadata"]["name"])
+    title = title or docs[0]["metadata"]["name"]
+    expect(prober, model.pod_targets(), tables, title)
+    agree_with_tracer(lab, model, tables, title)
+
+
+def agree_with_tracer(lab: LabConfig, model: Model, tables: Mapping[Probe, Reachability],
+                      title: str) -> None:
+    """``svcnet policy trace`` (the desired state) says what the datapath just did."""
+    for probe, table in netpol.traced(lab, model, tables).items():
+        table.expected = dict(tables[probe].expected)
+        assert not table.wrong(), table.report(f"{title}: the tracer, {probe}")
 
 
 def test_every_node_daemon_enforces_policy(lab: LabConfig, model: Model) -> None:
@@ -447,9 +459,10 @@ def test_namespace_label_change_changes_the_matrix_within_the_deadline(
          lambda _s, d, _p: d != P("x/a"), probes)
     try:
         kubectl(enforcing, "label", "ns", "z", "team=red")
-        expect(prober, model.pod_targets(),
-               {p: Reachability.where(lambda s, d: d != P("x/a") or s.namespace == "z")
-                for p in probes}, "z labelled team=red")
+        tables = {p: Reachability.where(lambda s, d: d != P("x/a") or s.namespace == "z")
+                  for p in probes}
+        expect(prober, model.pod_targets(), tables, "z labelled team=red")
+        agree_with_tracer(enforcing, model, tables, "z labelled team=red")
     finally:
         kubectl(enforcing, "label", "ns", "z", "team-")
 
@@ -466,9 +479,10 @@ def test_pod_label_change_changes_the_matrix_within_the_deadline(
          lambda _s, d, _p: d != P("x/a"), probes)
     try:
         kubectl(enforcing, "label", "pod", "-n", "y", "c", "role=client")
-        expect(prober, model.pod_targets(),
-               {p: Reachability.where(lambda s, d: d != P("x/a") or s == P("y/c"))
-                for p in probes}, "y/c labelled role=client")
+        tables = {p: Reachability.where(lambda s, d: d != P("x/a") or s == P("y/c"))
+                  for p in probes}
+        expect(prober, model.pod_targets(), tables, "y/c labelled role=client")
+        agree_with_tracer(enforcing, model, tables, "y/c labelled role=client")
     finally:
         kubectl(enforcing, "label", "pod", "-n", "y", "c", "role-")
 
@@ -483,9 +497,9 @@ def test_pod_newly_selected_by_a_policy_is_isolated_within_the_deadline(
          lambda _s, _d, _p: True, probes)
     try:
         kubectl(enforcing, "label", "pod", "-n", "x", "c", "target=yes")
-        expect(prober, model.pod_targets(),
-               {p: Reachability.where(lambda _s, d: d != P("x/c")) for p in probes},
-               "x/c labelled target=yes")
+        tables = {p: Reachability.where(lambda _s, d: d != P("x/c")) for p in probes}
+        expect(prober, model.pod_targets(), tables, "x/c labelled target=yes")
+        agree_with_tracer(enforcing, model, tables, "x/c labelled target=yes")
     finally:
         kubectl(enforcing, "label", "pod", "-n", "x", "c", "target-")
 
@@ -503,6 +517,7 @@ def test_egress_to_a_service_is_judged_on_its_endpoint(
               for p in probes}
     expect(prober, model.service_targets(), tables, "egress through ClusterIPs")
     expect(prober, model.pod_targets(), tables, "egress to pod IPs")
+    agree_with_tracer(enforcing, model, tables, "egress")
 
 
 def test_ingress_through_a_service_is_judged_on_the_client(
