@@ -25,7 +25,7 @@ from svcnet.store.base import Store
 from svcnet.watch import InformerFactory
 
 if TYPE_CHECKING:
-    from svcnet.policy.nftables import Rendered
+    from svcnet.policy.nftables import ElementCache, Rendered
     from svcnet.policy.state import PolicyState
     from svcnet.proxy.commands import Commands
 
@@ -85,6 +85,7 @@ class PolicyEnforcer:
         self._last_full = -1e9
         self._sources: tuple[Any, Any, Any] | None = None
         self._empty = Rendered()
+        self._elements: ElementCache = {}
 
     def attach(self, factory: InformerFactory) -> None:
         from svcnet.model import NAMESPACE, NETWORK_POLICY, POD
@@ -155,7 +156,7 @@ class PolicyEnforcer:
         from svcnet.policy.nftables import full_script, render, update_script
 
         state = self.desired()
-        new = render(state, log=self.opts.log_denied)
+        new = render(state, log=self.opts.log_denied, cache=self._elements)
         if full or self.applied is None:
             apply_script(self.commands, full_script(new))
         else:
