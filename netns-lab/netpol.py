@@ -3,7 +3,7 @@
 The model: namespaces x, y, z (label ``ns: <name>``; the apiserver adds
 ``kubernetes.io/metadata.name``), pods a, b, c in each (label ``pod: <name>``), spread over the
 lab's nodes, each serving ports 80 and 81 on TCP, UDP and SCTP through named container ports
-(``serve-80-tcp``, ``serve-81-udp``, ...), and a Service ``s-<pod>`` per pod (TCP and UDP).
+(``serve-80-tcp``, ``serve-81-udp``, ...), and a Service ``s-<pod>`` per pod (the same ports).
 
 A test applies policies, states the expected truth table per port and protocol
 (``Reachability``) and asks the ``Prober`` to probe every ordered pod pair. The prober opens
@@ -93,7 +93,7 @@ def manifests(nodes: Sequence[str], protocols: Sequence[str] = PROTOCOLS) -> lis
             "spec": {"selector": {POD_LABEL: pod.name},
                      "ports": [{"name": port_name(port, proto), "port": port,
                                 "targetPort": port, "protocol": proto}
-                               for proto in ("TCP", "UDP") for port in PORTS]}})
+                               for proto in protocols for port in PORTS]}})
     return docs
 
 

@@ -189,7 +189,7 @@ def test_every_pair_connects_on_every_port_and_protocol_without_policies(
 
 
 def test_services_reach_their_pod_without_policies(model: Model, prober: Prober) -> None:
-    tables = {p: Reachability.all() for p in ((80, "TCP"), (81, "UDP"))}
+    tables = {p: Reachability.all() for p in ((80, "TCP"), (81, "UDP"), (80, "SCTP"))}
     expect(prober, model.service_targets(), tables, "services, no policies",
            deadline=FIRST_DEADLINE)
 
@@ -512,7 +512,7 @@ def test_egress_to_a_service_is_judged_on_its_endpoint(
              "podSelector": {"matchLabels": {"pod": "a"}}}
     apply(enforcing, policy("y", "egress-to-x-a", {
         "podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": [to_xa]}]}))
-    probes = ((80, "TCP"), (81, "UDP"))
+    probes = ((80, "TCP"), (81, "UDP"), (81, "SCTP"))
     tables = {p: Reachability.where(lambda s, d: s.namespace != "y" or d == P("x/a"))
               for p in probes}
     expect(prober, model.service_targets(), tables, "egress through ClusterIPs")
