@@ -504,6 +504,38 @@ def test_pod_newly_selected_by_a_policy_is_isolated_within_the_deadline(
         kubectl(enforcing, "label", "pod", "-n", "x", "c", "target-")
 
 
+def test_enforcement_outlives_a_killed_node_daemon_and_converges_after_restart(
+        enforcing: LabConfig, model: Model, prober: Prober) -> None:
+    """SIGKILL n1's daemon: its rules stay in force; a policy added meanwhile is enforced on
+    n2 only (n1's kernel is untouched); restarted, n1 converges (a full sync)."""
+    from svcnet.lab.procs import Procs
+
+    probes = ((80, "TCP"), (81, "UDP"))
+    case(enforcing, model, prober,
+         [policy("x", "deny-ingress", {"podSelector": {}, "policyTypes": ["Ingress"]})],
+         lambda _s, d, _p: d.namespace != "x", probes)
+    procs = Procs(Path(enforcing.lab_dir))
+    procs.stop("node-n1", signal_kill=True)
+    try:
+        deny = {p: Reachability.where(lambda _s, d: d.namespace != "x") for p in probes}
+        expect(prober, model.pod_targets(), deny, "n1's daemon dead", deadline=0)
+        apply(enforcing, policy("x", "from-y", {"podSelector": {}, "ingress": [{"from": [
+            {"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]}))
+
+        def split(s: PodRef, d: PodRef) -> bool:
+            if d.namespace != "x":
+                return True
+            return s.namespace == "y" and model.nodes[d] != "n1"
+
+        expect(prober, model.pod_targets(), {p: Reachability.where(split) for p in probes},
+               "from-y added while n1's daemon is dead: n2 only")
+    finally:
+        procs.restart(RealKernel(), "node-n1")
+    expect(prober, model.pod_targets(),
+           {p: Reachability.where(lambda s, d: d.namespace != "x" or s.namespace == "y")
+            for p in probes}, "n1's daemon restarted", deadline=FIRST_DEADLINE)
+
+
 def test_egress_to_a_service_is_judged_on_its_endpoint(
         enforcing: LabConfig, model: Model, prober: Prober) -> None:
     """y may only talk to x/a; through the Services' ClusterIPs that is s-a in x only:
