@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -72,6 +71,7 @@ class PolicyEnforcer:
 
     def __init__(self, opts: PolicyOptions, commands: Commands) -> None:
         from svcnet.policy.nftables import Rendered
+        from svcnet.policy.state import Memo
 
         self.opts = opts
         self.commands = commands
@@ -86,6 +86,7 @@ class PolicyEnforcer:
         self._sources: tuple[Any, Any, Any] | None = None
         self._empty = Rendered()
         self._elements: ElementCache = {}
+        self._memo = Memo()
 
     def attach(self, factory: InformerFactory) -> None:
         from svcnet.model import NAMESPACE, NETWORK_POLICY, POD
@@ -126,7 +127,8 @@ class PolicyEnforcer:
 
         assert self._sources is not None
         policies, pods, namespaces = (inf.cache.values() for inf in self._sources)
-        return compute(policies, pods, namespaces, node_name=self.opts.node_name)
+        return compute(policies, pods, namespaces, node_name=self.opts.node_name,
+                       memo=self._memo)
 
     async def sync_once(self) -> bool:
         from svcnet.policy import metrics
@@ -154,7 +156,11 @@ class PolicyEnforcer:
     def _sync(self, full: bool) -> None:
         from svcnet.policy import metrics
         from svcnet.policy.nftables import full_script, render, update_script
+        from svcnet.policy.state import Memo
 
+        if full:  # nothing carried over from before a failure or across a full sync
+            self._memo = Memo()
+            self._elements.clear()
         state = self.desired()
         new = render(state, log=self.opts.log_denied, cache=self._elements)
         if full or self.applied is None:
@@ -235,7 +241,8 @@ def cleanup(netns: str | None) -> list[str]:
     from svcnet.policy.nftables import delete_script
     from svcnet.proxy.commands import SubprocessCommands
 
-    with contextlib.suppress(Exception):
+    try:
         SubprocessCommands(netns).run(["nft", "-f", "-"], input=delete_script())
-        return []
-    return ["cannot remove table inet svcnet-policy"]
+    except Exception as err:  # the other components' cleanup goes on
+        return [f"cannot remove table inet svcnet-policy: {err}"]
+    return []
