@@ -82,8 +82,25 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabConfig]:
         down(Path(cfg.lab_dir), RealKernel(), lambda msg: None)
 
 
+def bridge_netfilter(ns: str) -> str:
+    from svcnet.lab.netns import in_netns_thread
+
+    def read() -> str:
+        try:
+            return Path("/proc/sys/net/bridge/bridge-nf-call-iptables").read_text().strip()
+        except OSError:
+            return "missing"
+
+    return str(in_netns_thread(ns, read))
+
+
 @pytest.fixture(scope="module")
 def model(lab: LabConfig) -> Model:
+    # Same-node pairs are bridged: only br_netfilter shows them to the policy's hooks.
+    for node in lab.node_names:
+        state = bridge_netfilter(lab.node_ns(node))
+        require(state == "1", f"bridge-nf-call-iptables is {state} in {node}: needs "
+                "br_netfilter (same-node pod pairs are not judged without it)")
     m = netpol.deploy(lab, timeout=180)
     assert len(set(m.nodes.values())) == 2, m.nodes
     return m
