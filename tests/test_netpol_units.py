@@ -3,6 +3,8 @@ echo pods' protocols and the raw SCTP packets (tests/test_policy_matrix.py runs 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from svcnet.lab import netpol, sctpraw
 from svcnet.lab.netpol import ALL_PODS, PodRef, Reachability
 from svcnet.lab.state import LabConfig
@@ -69,3 +71,46 @@ def test_sctp_packets_carry_a_valid_crc32c_and_parse_back() -> None:
     assert sctpraw.parse(ip + ack) == ("10.0.0.1", 80, 20001, 0x1234, sctpraw.INIT_ACK, 0x5678)
     corrupt = ip + init[:-1] + bytes([init[-1] ^ 1])
     assert sctpraw.parse(corrupt) is None
+
+
+class ScriptedProber(netpol.Prober):
+    """Answers as a datapath that blocks x/a's ingress until ``flip_after`` rounds have run,
+    and drops the first probe of y/b -> z/c (a lost packet)."""
+
+    def __init__(self, flip_after: int) -> None:
+        super().__init__({}, enter=lambda _ns, fn: fn())
+        self.calls: list[tuple[int, float]] = []
+        self.rounds = 0
+        self.flip_after = flip_after
+        self.lost = False
+
+    def probe(self, jobs: Sequence[netpol.Job], timeout: float
+              ) -> dict[netpol.Job, tuple[bool, str]]:
+        self.calls.append((len(jobs), timeout))
+        if timeout == 0.5:
+            self.rounds += 1
+        out = {}
+        for job in jobs:
+            ok = job.dst != P("x/a") or self.rounds > self.flip_after
+            if (job.src, job.dst) == (P("y/b"), P("z/c")) and not self.lost:
+                self.lost, ok = True, False
+            out[job] = (ok, "connected" if ok else "timeout")
+        return out
+
+
+def test_check_polls_until_the_tables_match_and_retries_a_lost_probe_once() -> None:
+    prober = ScriptedProber(flip_after=2)
+    targets = {p: netpol.Target(f"10.0.0.{i}", p.name) for i, p in enumerate(ALL_PODS)}
+    outcome = netpol.check(prober, targets, {(80, "TCP"): Reachability.all()}, deadline=5)
+    assert outcome.matched and outcome.rounds == 3, outcome.report("t")
+    # Round 1: 81 probes, then with the longer timeout the 8 failed cells into x/a (not
+    # x/a -> x/a: self cells are probed, never retried) and the lost one.
+    assert prober.calls[:2] == [(81, 0.5), (8 + 1, 1.5)]
+
+
+def test_check_gives_up_once_the_deadline_passed_and_reports_the_cells() -> None:
+    prober = ScriptedProber(flip_after=1000)
+    targets = {p: netpol.Target(f"10.0.0.{i}", p.name) for i, p in enumerate(ALL_PODS)}
+    outcome = netpol.check(prober, targets, {(80, "TCP"): Reachability.all()}, deadline=0)
+    assert not outcome.matched and outcome.rounds == 1
+    assert "80/TCP: 8 of 72 cells wrong" in outcome.report("t")
