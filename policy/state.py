@@ -152,6 +152,8 @@ class Memo:
         field(default_factory=dict)
     egress: dict[str, list[Grant]] = field(default_factory=dict)
     deps: dict[str, frozenset[Any]] = field(default_factory=dict)
+    groups: dict[str, Group] = field(default_factory=dict)
+    names: dict[tuple[str, tuple[str, ...], tuple[Any, ...]], str] = field(default_factory=dict)
 
 
 _ALL_NAMESPACES = "*"
@@ -237,9 +239,10 @@ class _Computation:
         self.ns_labels = {ns.metadata.name: ns.labels for ns in namespaces}
         old_ranges = memo.ranges
         self.ranges = {}
+        self.ips: dict[int, tuple[str, ...]] = {}
         for ps in self.pods_by_ns.values():
             for p in ps:
-                ips = p.ips
+                ips = self.ips[id(p)] = p.ips
                 found = old_ranges.get(ips)
                 self.ranges[ips] = found or tuple(_range_of(ip) for ip in ips)
         memo.ranges = self.ranges
@@ -252,6 +255,8 @@ class _Computation:
         self._ingress = memo.ingress
         self._egress = memo.egress
         self._deps = memo.deps
+        self._memo = memo
+        self._names = memo.names
 
     def _forget(self, memo: Memo) -> None:
         """Drop what the changes since the last computation made stale."""
@@ -339,7 +344,7 @@ class _Computation:
             else:
                 ranges = self.ranges
                 found = tuple(sorted({r for p in self.peer_pods(policy_ns, peer)
-                                      for r in ranges[p.ips]}))
+                                      for r in ranges[self.ips[id(p)]]}))
                 dep = self._selection_key(policy_ns, peer)
             cached = self._peer_ranges[key] = (found, dep)
         return cached[0]
@@ -396,6 +401,16 @@ class _Computation:
             self._deps[pk] = self.depends_on(policy)
         return found
 
+    def _group(self, name: str, direction: Direction, keys: tuple[str, ...],
+               grants: list[Grant]) -> Group:
+        """The previous computation's group object when nothing in it changed, so the
+        renderer recognises it by identity."""
+        old = self._memo.groups.get(name)
+        if (old is not None and old.policies == keys and len(old.grants) == len(grants)
+                and all(a is b for a, b in zip(old.grants, grants, strict=True))):
+            return old
+        return Group(name, direction, keys, tuple(grants))
+
     def _egress_of(self, policy: NetworkPolicy) -> list[Grant]:
         pk = object_key(policy)
         found = self._egress.get(pk)
@@ -443,7 +458,7 @@ class _Computation:
                     r for p in rule.ports if isinstance(p.port, str)
                     if (r := _port_range(p, named.get((p.port, p.proto)))) is not None)
                 if ports:
-                    by_ports[tuple(sorted(set(ports)))].update(self.ranges[pod.ips])
+                    by_ports[tuple(sorted(set(ports)))].update(self.ranges[self.ips[id(pod)]])
             for port_set, addresses in sorted(by_ports.items()):
                 if addresses:
                     out.append(Grant(key, i, tuple(sorted(addresses)), port_set))
@@ -452,45 +467,65 @@ class _Computation:
     # --- the state ----------------------------------------------------------------------
 
     def run(self, node_name: str | None) -> PolicyState:
-        selecting: dict[tuple[str, str], list[NetworkPolicy]] = defaultdict(list)
+        selecting: dict[tuple[str, str], list[str]] = defaultdict(list)
         local: dict[tuple[str, str], Pod] = {}
-        for policy in self.policies:
+        by_key = {object_key(p): p for p in self.policies}
+        for key, policy in by_key.items():
             ns = policy.metadata.namespace
             for pod in self.selected((ns,), policy.spec.pod_selector):
                 if node_name is not None and pod.spec.node_name != node_name:
                     continue
                 k = (ns, pod.metadata.name)
-                selecting[k].append(policy)
+                selecting[k].append(key)
                 local[k] = pod
         groups: dict[str, Group] = {}
         ingress: dict[str, str] = {}
         egress: dict[str, str] = {}
-        for k, pols in selecting.items():
+        # Per distinct set of selecting policies: (ingress keys, egress keys, named ports
+        # the ingress rules use), so the per-pod work is a few lookups.
+        shapes: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[str, ...],
+                                            tuple[tuple[str, str], ...]]] = {}
+        names = self._names
+        for k, keys in selecting.items():
             pod = local[k]
-            in_pols = [p for p in pols if p.isolates_ingress]
-            out_pols = [p for p in pols if p.isolates_egress]
-            if in_pols:
-                named = named_ports(pod)
-                used = sorted({(str(pp.port), pp.proto) for p in in_pols
-                               for r in p.spec.ingress for pp in r.ports
-                               if isinstance(pp.port, str)})
+            shape = shapes.get(tuple(keys))
+            if shape is None:
+                pols = [by_key[key] for key in keys]
+                in_keys = tuple(object_key(p) for p in pols if p.isolates_ingress)
+                out_keys = tuple(object_key(p) for p in pols if p.isolates_egress)
+                used = tuple(sorted({(str(pp.port), pp.proto) for p in pols
+                                     if p.isolates_ingress for r in p.spec.ingress
+                                     for pp in r.ports if isinstance(pp.port, str)}))
+                shape = shapes[tuple(keys)] = (in_keys, out_keys, used)
+            in_keys, out_keys, used = shape
+            ips = self.ips[id(pod)]
+            if in_keys:
+                named = named_ports(pod) if used else {}
                 resolution = tuple((n, proto, named.get((n, proto))) for n, proto in used)
-                keys = tuple(object_key(p) for p in in_pols)
-                name = "in-" + _short_hash(repr((keys, resolution)))
+                name = names.get(("in", in_keys, resolution))
+                if name is None:
+                    name = names[("in", in_keys, resolution)] = "in-" + _short_hash(
+                        repr((in_keys, resolution)))
                 if name not in groups:
-                    grants = [g for p in in_pols for g in self._ingress_of(p, named)]
-                    groups[name] = Group(name, "ingress", keys, tuple(grants))
-                for ip in pod.ips:
+                    grants = [g for key in in_keys
+                              for g in self._ingress_of(by_key[key], named)]
+                    groups[name] = self._group(name, "ingress", in_keys, grants)
+                for ip in ips:
                     ingress[ip] = name
-            if out_pols:
-                keys = tuple(object_key(p) for p in out_pols)
-                name = "out-" + _short_hash(repr(keys))
+            if out_keys:
+                name = names.get(("out", out_keys, ()))
+                if name is None:
+                    name = names[("out", out_keys, ())] = "out-" + _short_hash(repr(out_keys))
                 if name not in groups:
-                    grants = [g for p in out_pols for g in self._egress_of(p)]
-                    groups[name] = Group(name, "egress", keys, tuple(grants))
-                for ip in pod.ips:
+                    grants = [g for key in out_keys for g in self._egress_of(by_key[key])]
+                    groups[name] = self._group(name, "egress", out_keys, grants)
+                for ip in ips:
                     egress[ip] = name
+        self._memo.groups = groups
+        if len(names) > 4 * len(groups) + 1000:  # names of groups long gone
+            names.clear()
+        all_ips = self.ips
         pods = {ip: f"{ns}/{p.metadata.name}" for ns, ps in self.pods_by_ns.items() for p in ps
-                for ip in p.ips}
+                for ip in all_ips[id(p)]}
         return PolicyState(groups=groups, ingress=ingress, egress=egress, pods=pods,
                            policies=tuple(object_key(p) for p in self.policies))
