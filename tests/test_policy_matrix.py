@@ -123,7 +123,7 @@ def enforcing(lab: LabConfig, model: Model, prober: Prober) -> Iterator[LabConfi
            "after removing the case's policies")
 
 
-TIMES: list[float] = []
+TIMES: list[tuple[float, str]] = []
 """Seconds from each change to the start of the probe round that saw it all (printed at the
 end of the module)."""
 
@@ -133,8 +133,10 @@ def summary() -> Iterator[None]:
     yield
     if TIMES:
         ordered = sorted(TIMES)
+        slowest = ", ".join(f"{title} {t:.2f} s" for t, title in ordered[-3:])
         print(f"\n{len(ordered)} changes: the first matching round started after: median "
-              f"{ordered[len(ordered) // 2]:.2f} s, max {ordered[-1]:.2f} s", file=sys.stderr)
+              f"{ordered[len(ordered) // 2][0]:.2f} s, max {ordered[-1][0]:.2f} s "
+              f"(slowest: {slowest})", file=sys.stderr)
 
 
 def expect(prober: Prober, targets: Mapping[PodRef, netpol.Target],
@@ -144,7 +146,7 @@ def expect(prober: Prober, targets: Mapping[PodRef, netpol.Target],
     print(f"{title}: {outcome.rounds} rounds, matching round started after "
           f"{outcome.last_round_start:.2f} s, ended after {outcome.seconds:.2f} s", file=sys.stderr)
     if deadline == DEADLINE and outcome.matched:
-        TIMES.append(outcome.last_round_start)
+        TIMES.append((outcome.last_round_start, title))
     assert outcome.matched, outcome.report(title)
     return outcome
 
