@@ -76,6 +76,15 @@ def register(sub: Any) -> None:
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="kubectl arguments (after --)")
     p.set_defaults(func=_kubectl)
 
+    p = named("matrix", "probe the NetworkPolicy reachability matrix (x/y/z x a/b/c on "
+              "80/81 TCP/UDP/SCTP) and print it; --deploy applies the model first")
+    p.add_argument("--deploy", action="store_true", help="apply the model and wait for it")
+    p.add_argument("--probe", action="append", default=[], metavar="PORT/PROTO",
+                   help="e.g. 80/TCP (repeatable; default: 80 and 81 on every protocol)")
+    p.add_argument("--services", action="store_true", help="through each pod's Service")
+    p.add_argument("--timeout", type=float, default=0.5, help="seconds per probe")
+    p.set_defaults(func=_matrix)
+
     p = named("demo", "3 nodes, a 3-replica web service and a client: DNS, ClusterIP, "
               "NodePort, load balancing; torn down unless --keep")
     _add_up_arguments(p, nodes=3)
@@ -119,6 +128,8 @@ def _add_up_arguments(p: argparse.ArgumentParser, nodes: int = 3) -> None:
     p.add_argument("--no-dns", action="store_true")
     p.add_argument("--dns-replicas", type=int, default=2,
                    help="kube-dns server pods, one per node from n1 (default 2, as CoreDNS)")
+    p.add_argument("--policy", action="store_true",
+                   help="enforce NetworkPolicy: `svcnet node --policy` on every node")
     p.add_argument("--node-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for every `svcnet node` (repeatable)")
     p.add_argument("--deploy", choices=["manifests"], default=None,
@@ -214,7 +225,7 @@ def _make_config(args: argparse.Namespace, name: str | None = None) -> Any:
         dns_replicas=args.dns_replicas,
         python=default_python(),
         extra_node_args=tuple(args.node_arg), apiserver_argv=tuple(shlex.split(args.apiserver_cmd)),
-        control_plane=args.control_plane, deploy=_deploy_choice(args),
+        control_plane=args.control_plane, deploy=_deploy_choice(args), policy=args.policy,
     )
 
 
@@ -420,6 +431,24 @@ def _demo(args: argparse.Namespace) -> int:
     name = args.name if args.name != "lab" else "demo"
     return run_demo(_make_config(args, name), keep=args.keep, calls=args.calls,
                     progress=_progress)
+
+
+def _matrix(args: argparse.Namespace) -> int:
+    from svcnet.lab import netpol
+
+    from svcnet.cli import UsageError
+
+    cfg = _config(args)
+    if os.geteuid() != 0 or not cfg.real_control_plane:
+        raise UsageError("svcnet lab matrix needs root and a lab on --control-plane kubernetes")
+    try:
+        probes = [netpol.parse_probe(p) for p in args.probe] or [
+            (port, proto) for proto in netpol.PROTOCOLS for port in netpol.PORTS]
+        print(netpol.show(cfg, deploy_model=args.deploy, probes=probes,
+                          services=args.services, timeout=args.timeout))
+    except (ValueError, RuntimeError) as err:
+        raise UsageError(str(err)) from None
+    return 0
 
 
 # --- internal commands (run by the lab inside its namespaces) ----------------------------

@@ -66,7 +66,8 @@ def resolve_choices(cfg: LabConfig) -> LabConfig:
         overlay = "vxlan" if component_available("svcnet.cni.overlay.daemon") else "static"
     proxy = cfg.proxy and component_available("svcnet.proxy.daemon")
     dns = cfg.dns and component_available("svcnet.dns.cli")
-    return replace(cfg, cni=cni, overlay=overlay, proxy=proxy, dns=dns)
+    policy = cfg.policy and component_available("svcnet.policy.daemon")
+    return replace(cfg, cni=cni, overlay=overlay, proxy=proxy, dns=dns, policy=policy)
 
 
 def with_real_control_plane(cfg: LabConfig) -> LabConfig:
@@ -113,7 +114,8 @@ def up(cfg: LabConfig, kernel: Kernel, progress: Progress, *, wait: bool = True)
     try:
         progress(f"lab {cfg.name}: {cfg.nodes} nodes, etcd x{cfg.etcd_members}, cni={cfg.cni}, "
                  f"overlay={cfg.overlay}, proxy={'on' if cfg.proxy else 'off'}, "
-                 f"dns={'on' if cfg.dns else 'off'}")
+                 f"dns={'on' if cfg.dns else 'off'}"
+                 + (", policy=on" if cfg.policy else ""))
         _build_network(cfg, kernel, ledger)
         if cfg.deploy:
             deploy.prepare(cfg, kernel)
@@ -153,7 +155,7 @@ def up(cfg: LabConfig, kernel: Kernel, progress: Progress, *, wait: bool = True)
             progress(f"[{elapsed():5.1f}s] Nodes, network config and kube-dns written to the "
                      "store")
         for node in cfg.node_names:
-            if (cfg.overlay != "static" or cfg.proxy) and not cfg.deploy:
+            if (cfg.overlay != "static" or cfg.proxy or cfg.policy) and not cfg.deploy:
                 procs.start(kernel, f"node-{node}", cfg.node_ns(node), node_daemon_argv(cfg, node))
             procs.start(kernel, f"kubelet-{node}", cfg.node_ns(node), kubelet_argv(cfg, node),
                         mount_ns=False)
@@ -314,7 +316,14 @@ def node_daemon_argv(cfg: LabConfig, node: str) -> list[str]:
                  "--proxy-external-ip-cidrs", str(EXTERNAL_IP_RANGE)]
         if cfg.proxy_mode:
             argv += ["--proxy-mode", cfg.proxy_mode]
+    if cfg.policy:
+        argv += policy_argv(cfg, node)
     return [*argv, *cfg.extra_node_args]
+
+
+def policy_argv(cfg: LabConfig, node: str) -> list[str]:
+    """NetworkPolicy enforcement for the pods of ``node`` (svcnet.policy.daemon)."""
+    return ["--policy", "--policy-node-name", node]
 
 
 def kubelet_argv(cfg: LabConfig, node: str) -> list[str]:

@@ -23,8 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 
-def serve(name: str, tcp_ports: list[int], udp_ports: list[int], lameduck: float = 0.0
-          ) -> None:
+def serve(name: str, tcp_ports: list[int], udp_ports: list[int], lameduck: float = 0.0,
+          sctp_ports: list[int] | None = None) -> None:
     """Serve until killed; with ``lameduck``, SIGTERM means "keep serving that long, then
     exit" (as an application drains), so requests routed here before every proxy dropped
     this endpoint still succeed."""
@@ -57,6 +57,10 @@ def serve(name: str, tcp_ports: list[int], udp_ports: list[int], lameduck: float
         threads.append(threading.Thread(target=server.serve_forever, daemon=True))
     for port in udp_ports:
         threads.append(threading.Thread(target=_udp_echo, args=(name, port), daemon=True))
+    if sctp_ports:
+        from svcnet.lab import sctpraw  # raw INIT/INIT-ACK: the host has no SCTP sockets
+
+        threads.append(threading.Thread(target=sctpraw.serve, args=(sctp_ports,), daemon=True))
     for t in threads:
         t.start()
     for t in threads:
@@ -209,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--name", default=os.environ.get("POD_NAME", socket.gethostname()))
     s.add_argument("--tcp", type=int, action="append", default=[])
     s.add_argument("--udp", type=int, action="append", default=[])
+    s.add_argument("--sctp", type=int, action="append", default=[],
+                   help="answer SCTP INITs on this port (raw sockets, see sctpraw)")
     s.add_argument("--lameduck", type=float, default=0.0,
                    help="seconds to keep serving after SIGTERM")
     c = sub.add_parser("call")
@@ -232,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("name")
     args = parser.parse_args(argv)
     if args.cmd == "serve":
-        serve(args.name, args.tcp or ([] if args.udp else [8080]), args.udp, args.lameduck)
+        serve(args.name, args.tcp or ([] if args.udp or args.sctp else [8080]), args.udp,
+              args.lameduck, args.sctp)
         return 0
     if args.cmd == "call":
         return call(args.target, args.count, args.timeout, args.interval, args.udp)

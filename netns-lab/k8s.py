@@ -49,6 +49,10 @@ NODE_DAEMON_RULES: list[dict[str, Any]] = [
      "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
      "verbs": ["get", "list", "watch"]},
+    # NetworkPolicy enforcement (--policy), what kube-router's and Calico's agents read.
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+     "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"],
      "verbs": ["create", "patch", "update"]},
 ]

@@ -123,7 +123,7 @@ def pod_command(cfg: LabConfig, pod: dict[str, Any]) -> list[str]:
     argv = [cfg.python, "-m", "svcnet.lab.echo", "serve",
             "--name", pod["metadata"]["name"]]
     for port, proto in ports:
-        argv += ["--udp" if proto == "UDP" else "--tcp", str(port)]
+        argv += [{"UDP": "--udp", "SCTP": "--sctp"}.get(proto, "--tcp"), str(port)]
     if cfg.real_control_plane:
         # Real pods get terminationGracePeriodSeconds 30: drain like an application does.
         argv += ["--lameduck", str(ECHO_LAMEDUCK_S)]

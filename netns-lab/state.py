@@ -60,6 +60,8 @@ class LabConfig:
     deploy: str = ""
     """``manifests``: no svcnet daemon started by the lab; ``svcnet manifests`` applied with
     kubectl instead, its pods run by the node agents (svcnet.lab.podrun, deploy.py)."""
+    policy: bool = False
+    """NetworkPolicy enforcement: ``--policy`` on every node daemon (issue 17)."""
 
     @property
     def real_control_plane(self) -> bool:

@@ -18,6 +18,8 @@ from svcnet.store.open import open_store
 
 OVERLAY_HEALTH_PORT = 9475
 PROXY_HEALTH_PORT = 10256
+POLICY_HEALTH_PORT = 10263
+"""svcnet node --policy's default --policy-metrics-bind-address port."""
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -67,6 +69,8 @@ def node_health(cfg: LabConfig, node: str) -> str:
         parts.append(f"overlay={_healthz(ns, OVERLAY_HEALTH_PORT, '/healthz')}")
     if cfg.proxy:
         parts.append(f"proxy={_healthz(ns, PROXY_HEALTH_PORT, '/healthz')}")
+    if cfg.policy:
+        parts.append(f"policy={_healthz(ns, POLICY_HEALTH_PORT, '/healthz')}")
     return " ".join(parts) or "-"
 
 
@@ -80,6 +84,7 @@ async def render_status(cfg: LabConfig) -> str:
     health = {r.name: ("up" if procs.running(r) else "DOWN") for r in procs.all()}
     out = [f"lab {cfg.name} ({cfg.dir}): cni={cfg.cni} overlay={cfg.overlay} "
            f"proxy={'on' if cfg.proxy else 'off'} dns={'on' if cfg.dns else 'off'} "
+           + ("policy=on " if cfg.policy else "") +
            f"store={cfg.store_url}"]
     store = open_store(cfg.store_url, kubeconfig=cfg.kubeconfig)
     try:
