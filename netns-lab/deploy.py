@@ -31,7 +31,7 @@ def options(cfg: LabConfig) -> Options:
         dns_ip=DNS_SERVICE_IP, cluster_domain=cfg.zone,
         backend=cfg.overlay if cfg.overlay in ("vxlan", "host-gw") else "vxlan",
         proxy_mode=cfg.proxy_mode or "nftables", apiserver=f"{cfg.etcd_ip(1)}:6443",
-        dns_replicas=cfg.dns_replicas)
+        dns_replicas=cfg.dns_replicas, network_policy=cfg.policy)
 
 
 def check(cfg: LabConfig) -> str:
