@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from svcnet.lab import etcdfault
+from svcnet.lab.etcdfault import free_port as free_port  # re-exported for the tests
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 _ns_counter = itertools.count()
