@@ -27,11 +27,11 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from svcnet.proxy import metrics
 from svcnet.proxy.commands import Commands
 from svcnet.proxy.config import BackendConfig, short_hash
+from svcnet.proxy.nft_model import nft_items
 from svcnet.proxy.sealed_input import NFT_SEAL
 from svcnet.proxy.state import (
     Backend,
@@ -512,41 +512,3 @@ def _element_lines(op: str, fam: str, name: str, elems: Mapping[str, str],
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
-
-
-# --- the dump, normalised (drift check, ``proxy check``) ----------------------------------
-
-_VOLATILE = frozenset({"handle", "packets", "bytes", "counter"})
-# sets the datapath fills; none we program holds configured elements
-_DYNAMIC = frozenset({"dynamic", "timeout"})
-
-
-def _strip(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items() if k not in _VOLATILE}
-    if isinstance(value, list):
-        return [_strip(v) for v in value]
-    return value
-
-
-def nft_items(dump: dict[str, Any]) -> set[str]:
-    """One line per chain, set/map, element and rule of an ``nft -j list table`` dump."""
-    items: set[str] = set()
-    for obj in dump.get("nftables", []):
-        if "chain" in obj:
-            c = obj["chain"]
-            items.add(f"{c['family']} chain {c['name']}")
-        elif "rule" in obj:
-            r = obj["rule"]
-            expr = json.dumps(_strip(r.get("expr", [])), sort_keys=True)
-            items.add(f"{r['family']} rule {r['chain']} {expr}")
-        elif "set" in obj or "map" in obj:
-            kind = "set" if "set" in obj else "map"
-            s = obj[kind]
-            items.add(f"{s['family']} {kind} {s['name']}")
-            if _DYNAMIC & set(s.get("flags") or ()):
-                continue  # ClientIP affinity entries that traffic adds (``update @set``)
-            for elem in s.get("elem", []):
-                items.add(f"{s['family']} element {s['name']} "
-                          f"{json.dumps(_strip(elem), sort_keys=True)}")
-    return items
