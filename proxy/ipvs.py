@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from svcnet.proxy import metrics
 from svcnet.proxy.commands import Commands
 from svcnet.proxy.config import BackendConfig
+from svcnet.proxy.iptables_save import is_declaration, rule_target, save_lines, spec_of
 from svcnet.proxy.ipvs_kernel import (
     DestState,
     IpvsTable,
@@ -375,16 +376,12 @@ class IpvsBackend:
         """An ``iptables-restore --noflush`` script deleting our jumps and chains."""
         ours = {CHAIN_SERVICES, CHAIN_MARK, CHAIN_NOT_LOCAL, CHAIN_POSTROUTING, CHAIN_FILTER}
         tables: dict[str, list[str]] = {}
-        current = ""
-        for line in saved.splitlines():
-            if line.startswith("*"):
-                current = line[1:]
-            elif line.startswith(":") and line[1:].split()[0] in ours:
-                chain = line[1:].split()[0]
-                tables.setdefault(current, []).extend([f"-F {chain}", f"-X {chain}"])
-            elif line.startswith("-A ") and line.split()[1] not in ours and any(
-                    line.endswith(f"-j {c}") for c in ours):
-                tables.setdefault(current, []).insert(0, "-D" + line[2:])
+        for table, chain, line in save_lines(saved):
+            if is_declaration(line):
+                if chain in ours:
+                    tables.setdefault(table, []).extend([f"-F {chain}", f"-X {chain}"])
+            elif chain not in ours and rule_target(spec_of(chain, line)) in ours:
+                tables.setdefault(table, []).insert(0, "-D" + line[2:])
         out: list[str] = []
         for table, lines in tables.items():
             flushes = [x for x in lines if x.startswith("-F")]
@@ -395,13 +392,7 @@ class IpvsBackend:
 
     @staticmethod
     def _missing_jumps(table: str, saved: str) -> list[str]:
-        present: set[str] = set()
-        current = ""
-        for line in saved.splitlines():
-            if line.startswith("*"):
-                current = line[1:]
-            elif current == table and line.startswith("-A "):
-                present.add(line)
+        present = {line for t, _, line in save_lines(saved) if t == table}
         return [f"-I {chain} 1 -j {target}" for t, chain, target in JUMPS
                 if t == table and f"-A {chain} -j {target}" not in present]
 

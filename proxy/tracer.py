@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from svcnet.proxy.iptables_save import tables_of
 from svcnet.proxy.nft_model import NftChain, NftSet, NftTable, parse_nft_json
 
 
@@ -112,19 +113,9 @@ class IptablesTracer:
     tables: dict[str, dict[str, list[_IptRule]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        table = ""
-        for line in self.save.splitlines():
-            line = line.strip()
-            if not line or line.startswith("#") or line == "COMMIT":
-                continue
-            if line.startswith("*"):
-                table = line[1:]
-                self.tables.setdefault(table, {})
-            elif line.startswith(":"):
-                self.tables[table].setdefault(line[1:].split()[0], [])
-            elif line.startswith("-A "):
-                tokens = shlex.split(line)
-                self.tables[table].setdefault(tokens[1], []).append(_parse_ipt(tokens[2:]))
+        for table, chains in tables_of(self.save).items():
+            self.tables[table] = {chain: [_parse_ipt(shlex.split(spec)) for spec in specs]
+                                  for chain, specs in chains.items()}
 
     def trace(self, pkt: Packet) -> Trace:
         st = _State(pkt.src, pkt.dst, pkt.port, pkt.protocol.lower(), pkt.iif)
