@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from svcnet.proxy.iptables_save import tables_of
+from svcnet.proxy.ipvs_kernel import IpvsTable
 from svcnet.proxy.nft_model import NftChain, NftSet, NftTable, parse_nft_json
 
 
@@ -332,6 +333,15 @@ class IpvsTracer:
     iptables: IptablesTracer
     # (ip, protocol in lower case, port) -> its real servers "ip:port" (weight > 0)
     virtual: Mapping[tuple[str, str, int], Sequence[str]]
+
+    @classmethod
+    def over(cls, iptables: IptablesTracer, table: IpvsTable) -> IpvsTracer:
+        """The virtual servers read through ``IpvsTable``: netlink (the VM) or ``FakeIpvs``
+        alike -- the one reader of IPVS state."""
+        return cls(iptables, {
+            (vs.ip, vs.protocol.lower(), vs.port): [
+                str(rs) for rs, state in sorted(table.dests(vs).items()) if state.weight > 0]
+            for vs in table.services()})
 
     def trace(self, pkt: Packet) -> Trace:
         st = _State(pkt.src, pkt.dst, pkt.port, pkt.protocol.lower(), pkt.iif)

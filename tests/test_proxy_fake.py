@@ -173,12 +173,9 @@ def ipvs_flow_table(detect: LocalDetector) -> dict[Any, Any]:
         if i in (2, len(services) - 1):
             backend.sync(tracker.drain(services.get, lambda k: slices.get(k, []),
                                        lambda: list(services)), full=i == 2)
-    virtual = {(vs.ip, vs.protocol.lower(), vs.port): [
-        str(rs) for rs, state in table.real[vs].items() if state.weight > 0]
-        for vs in table.table}
-    local = [IPVS_NODE, *{vs.ip for vs in table.table}]
-    tr = IpvsTracer(IptablesTracer(tools.iptables.save(4), local, tools.ipset.members()),
-                    virtual)
+    local = [IPVS_NODE, *{vs.ip for vs in table.services()}]
+    tr = IpvsTracer.over(IptablesTracer(tools.iptables.save(4), local, tools.ipset.members()),
+                         table)
     got: dict[Any, Any] = {}
     for src, proto, dst, dport, _ in IPVS_FLOWS:
         summary = tr.trace(Packet(src, dst, dport, proto, iif="eth0")).summary()
