@@ -29,6 +29,7 @@ from svcnet.proxy import metrics
 from svcnet.proxy.commands import CommandFailed, Commands
 from svcnet.proxy.config import BackendConfig, short_hash
 from svcnet.proxy.iptables_save import is_declaration, rule_target, save_lines, spec_of
+from svcnet.proxy.rules import diff, diff_lines
 from svcnet.proxy.state import Backend, Changes, Family, ServicePortState
 
 log = logging.getLogger(__name__)
@@ -323,17 +324,18 @@ class IptablesBackend:
                 continue
             old = self.render(change.previous) if change.previous else Rendered()
             new = self.render(change.current) if change.current else Rendered()
-            changed.update({c: rules for c, rules in new.nat_chains.items()
-                            if old.nat_chains.get(c) != rules})
-            deleted |= old.nat_chains.keys() - new.nat_chains.keys()
+            chains = diff(old.nat_chains, new.nat_chains)
+            changed.update(chains.added)
+            deleted |= chains.removed.keys() - new.nat_chains.keys()
             for table, before, after in (
                 ("filter", old.filter_lines, new.filter_lines),
                 ("nat", old.nat_services + old.nat_nodeports,
                  new.nat_services + new.nat_nodeports),
             ):
                 gone, added = top[table]
-                gone += ["-D" + ln[2:] for ln in before if ln not in after]
-                added += [ln for ln in after if ln not in before]
+                lost, got = diff_lines(before, after)
+                gone += ["-D" + ln[2:] for ln in lost]
+                added += got
             (old_nat, old_filter), (new_nat, new_filter) = old.rule_count, new.rule_count
             totals["nat"] += new_nat - old_nat
             totals["filter"] += new_filter - old_filter
