@@ -42,7 +42,7 @@ from svcnet.proxy.ipvs_kernel import (
     ServiceOptions,
     VirtualServer,
 )
-from svcnet.proxy.rules import Shared
+from svcnet.proxy.rules import Shared, diff
 from svcnet.proxy.state import Changes, Family, FrontendKind, PortKey, ServicePortState
 
 log = logging.getLogger(__name__)
@@ -275,10 +275,11 @@ class IpvsBackend:
             old = self.render(change.previous) if change.previous else Rendered()
             new = self.render(change.current) if change.current else Rendered()
             self._servers.change(old.servers, new.servers)
-            for vs in old.servers.keys() - new.servers.keys():
+            servers = diff(old.servers, new.servers)
+            for vs in servers.removed.keys() - new.servers.keys():
                 self.table.delete_service(vs)
                 self._forget_graceful(vs)
-            for vs, (options, reals) in new.servers.items():
+            for vs, (options, reals) in servers.added.items():
                 before = old.servers.get(vs)
                 if before is None:
                     self.table.add_service(vs, options)
