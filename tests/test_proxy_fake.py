@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from conftest import require_binary
 from svcnet.proxy.builders import endpoint, endpoint_slice, port, service, to_service, to_slice
 from svcnet.proxy.commands import CommandFailed, SubprocessCommands
 from svcnet.proxy.config import BackendConfig, LocalDetector
@@ -245,6 +246,7 @@ def test_nft_fake_dumps_what_the_kernel_dumps(detect: LocalDetector,
     """The same three syncs into the kernel and into the fake: equal ``nft -j`` items (every
     chain, rule expression, set and element), both families. A fake that answered
     otherwise would make the flow tables above prove nothing."""
+    require_binary("nft")
     real = NftablesBackend(SubprocessCommands(netns("nftfake")),
                            BackendConfig(families=(4, 6), detect_local=detect))
     fake = nft_on_fake(detect, families=(4, 6))
