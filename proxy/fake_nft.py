@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from svcnet.proxy.commands import CommandFailed
-from svcnet.proxy.nft_model import Expr, NftChain, NftSet, NftTable, elem_key, to_dump
+from svcnet.proxy.nft_model import Expr, NftChain, NftSet, NftTable, to_dump
 from svcnet.proxy.sealed_input import Seal
 
 _TOKEN = re.compile(r'"[^"]*"|[{},;]|[^\s{},;]+')
@@ -180,7 +180,7 @@ class _Transaction:
                 elem: Any = [key, value]
             else:
                 elem = key
-            k = json.dumps(key, sort_keys=True)
+            k = json.dumps(key, sort_keys=True)  # as nft_model.elem_key
             if op == "add":
                 old = s.elems.get(k)
                 if old is not None and old != elem:
@@ -191,7 +191,6 @@ class _Transaction:
                     raise NftError(f"No such file or directory (element {k} in {name})")
             else:
                 raise NftError(f"{op} element")
-        assert all(elem_key(e, s.kind) == k for k, e in s.elems.items())
 
 
 def _references(table: NftTable) -> set[str]:
