@@ -16,7 +16,7 @@ from typing import Any
 
 from svcnet.proxy.backend import ProxyBackend
 from svcnet.proxy.iptables import iptables_items
-from svcnet.proxy.nftables import nft_items
+from svcnet.proxy.nft_model import nft_items
 
 __all__ = ["iptables_items", "nft_items", "snapshot", "status"]
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from svcnet.proxy import metrics
 from svcnet.proxy.commands import CommandFailed, Commands
 from svcnet.proxy.config import BackendConfig, short_hash
+from svcnet.proxy.iptables_save import is_declaration, rule_target, save_lines, spec_of
+from svcnet.proxy.rules import diff, diff_lines
 from svcnet.proxy.state import Backend, Changes, Family, ServicePortState
 
 log = logging.getLogger(__name__)
@@ -106,7 +108,7 @@ def detect_legacy(run: Commands) -> bool:
             out = run.run([cmd], check=False)
         except (OSError, CommandFailed):
             return -1
-        return sum(1 for line in out.splitlines() if line.startswith("-A "))
+        return sum(1 for _, _, line in save_lines(out) if not is_declaration(line))
 
     return count("iptables-legacy-save") > max(count("iptables-nft-save"), 0)
 
@@ -322,17 +324,18 @@ class IptablesBackend:
                 continue
             old = self.render(change.previous) if change.previous else Rendered()
             new = self.render(change.current) if change.current else Rendered()
-            changed.update({c: rules for c, rules in new.nat_chains.items()
-                            if old.nat_chains.get(c) != rules})
-            deleted |= old.nat_chains.keys() - new.nat_chains.keys()
+            chains = diff(old.nat_chains, new.nat_chains)
+            changed.update(chains.added)
+            deleted |= chains.removed.keys() - new.nat_chains.keys()
             for table, before, after in (
                 ("filter", old.filter_lines, new.filter_lines),
                 ("nat", old.nat_services + old.nat_nodeports,
                  new.nat_services + new.nat_nodeports),
             ):
                 gone, added = top[table]
-                gone += ["-D" + ln[2:] for ln in before if ln not in after]
-                added += [ln for ln in after if ln not in before]
+                lost, got = diff_lines(before, after)
+                gone += ["-D" + ln[2:] for ln in lost]
+                added += got
             (old_nat, old_filter), (new_nat, new_filter) = old.rule_count, new.rule_count
             totals["nat"] += new_nat - old_nat
             totals["filter"] += new_filter - old_filter
@@ -475,30 +478,12 @@ class _Current:
     @classmethod
     def parse(cls, save: str) -> _Current:
         cur = cls()
-        table = ""
-        for line in _lines(save):
-            if line.startswith("*"):
-                table = line[1:]
-                cur.chains.setdefault(table, set())
-                cur.rules.setdefault(table, set())
-            elif line.startswith(":"):
-                cur.chains[table].add(line[1:].split()[0])
-            elif line.startswith("-A ") and not line.startswith(("-A KUBE-", )):
-                cur.rules[table].add(line)
+        for table, chain, line in save_lines(save):
+            if line[0] == ":":
+                cur.chains.setdefault(table, set()).add(chain)
+            elif not chain.startswith("KUBE-"):
+                cur.rules.setdefault(table, set()).add(line)
         return cur
-
-
-def _lines(text: str) -> Iterator[str]:
-    """The lines of ``text`` one at a time: at 10k services an ``iptables-save`` dump has
-    430k lines, which ``splitlines()`` (a list) or ``io.StringIO`` (4 bytes per character)
-    would hold all at once."""
-    start, size = 0, len(text)
-    while start < size:
-        end = text.find("\n", start)
-        if end < 0:
-            end = size
-        yield text[start:end]
-        start = end + 1
 
 
 def _chunked(lines: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
@@ -522,21 +507,17 @@ def _quoted(spec: tuple[str, ...]) -> str:
 def _flush_ours(save: str, *, whole_table: bool) -> str:
     """Restore input that flushes and deletes every KUBE-* chain found in a save dump
     (``whole_table``: with the listing iptables-nft needs to name 110k chains at once)."""
+    chains: dict[str, list[str]] = {}
+    for table, chain, line in save_lines(save):
+        if line[0] == ":" and chain.startswith("KUBE-"):
+            chains.setdefault(table, []).append(chain)
     out: list[str] = []
-    for block in save.split("COMMIT"):
-        lines = [ln for ln in block.splitlines() if ln and not ln.startswith("#")]
-        table = next((ln for ln in lines if ln.startswith("*")), None)
-        if table is None:
-            continue
-        chains = [ln[1:].split()[0] for ln in lines
-                  if ln.startswith(":") and ln[1:].startswith("KUBE-")]
-        if not chains:
-            continue
-        out.append(table)
+    for table, names in chains.items():
+        out.append(f"*{table}")
         if whole_table:
             out.append(WHOLE_TABLE_CACHE.strip())
-        out += [f":{c} - [0:0]" for c in chains]
-        out += [f"-X {c}" for c in chains]
+        out += [f":{c} - [0:0]" for c in names]
+        out += [f"-X {c}" for c in names]
         out.append("COMMIT")
     return "\n".join(out) + "\n"
 
@@ -551,17 +532,10 @@ def _ours(chain: str) -> bool:
 def iptables_items(save: str, family: int) -> set[str]:
     """Our chains and rules (and jumps into them) from ``iptables-save`` output."""
     items: set[str] = set()
-    table = ""
-    for line in save.splitlines():
-        if line.startswith("*"):
-            table = line[1:]
-        elif line.startswith(":"):
-            chain = line[1:].split()[0]
+    for table, chain, line in save_lines(save):
+        if is_declaration(line):
             if _ours(chain):
                 items.add(f"ip{family} {table} chain {chain}")
-        elif line.startswith("-A "):
-            words = line.split()
-            jump = words[words.index("-j") + 1] if "-j" in words[:-1] else ""
-            if _ours(words[1]) or _ours(jump):
-                items.add(f"ip{family} {table} {line}")
+        elif _ours(chain) or _ours(rule_target(spec_of(chain, line))):
+            items.add(f"ip{family} {table} {line}")
     return items

@@ -29,11 +29,12 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from svcnet.proxy import metrics
 from svcnet.proxy.commands import Commands
 from svcnet.proxy.config import BackendConfig
+from svcnet.proxy.iptables_save import is_declaration, rule_target, save_lines, spec_of
 from svcnet.proxy.ipvs_kernel import (
     DestState,
     IpvsTable,
@@ -41,6 +42,7 @@ from svcnet.proxy.ipvs_kernel import (
     ServiceOptions,
     VirtualServer,
 )
+from svcnet.proxy.rules import Shared, diff
 from svcnet.proxy.state import Changes, Family, FrontendKind, PortKey, ServicePortState
 
 log = logging.getLogger(__name__)
@@ -118,9 +120,10 @@ class IpvsBackend:
         self.config = config
         self.scheduler = scheduler
         self.grace_period = grace_period
-        self._rendered: dict[PortKey, Rendered] = {}
-        self._addresses: Counter[str] = Counter()
-        self._members: Counter[tuple[str, str]] = Counter()
+        # Held by service ports (the diff engine's counts): what the kernel has of ours.
+        self._servers: Shared[VirtualServer] = Shared()
+        self._addresses: Shared[str] = Shared()
+        self._members: Shared[tuple[str, str]] = Shared()
         self._set_lengths: Counter[str] = Counter()  # members per set, as in the kernel
         self._set_capacity: dict[str, int] = {}  # maxelem of each set as we created it
         self._graceful: dict[tuple[VirtualServer, RealServer], float] = {}
@@ -141,8 +144,7 @@ class IpvsBackend:
             self._partial_sync(changes)
         self._synced_once = True
         self.finish_graceful()
-        self._totals = {"ipvs_virtual_servers": sum(
-            len(r.servers) for r in self._rendered.values())}
+        self._totals = {"ipvs_virtual_servers": len(self._servers)}
 
     def sync_full(self, ports: Iterable[ServicePortState]) -> None:
         """Virtual servers are written one netlink call at a time, nothing to stream."""
@@ -167,9 +169,9 @@ class IpvsBackend:
 
     def cleanup(self) -> None:
         """Remove every virtual server on our addresses, the link, the rules and the sets."""
-        ours = self._link_state()[1] | self._addresses.keys() | self._node_ips
+        ours = self._link_state()[1] | set(self._addresses) | self._node_ips
         for vs in self.table.services():
-            if vs.ip in ours or any(vs in r.servers for r in self._rendered.values()):
+            if vs.ip in ours or vs in self._servers:
                 self.table.delete_service(vs)
         self.commands.run(["ip", "link", "del", LINK], check=False)
         for family in self.config.families:
@@ -183,9 +185,9 @@ class IpvsBackend:
         lines = [f"destroy {name}" for name in doomed if name in existing]
         if lines:
             self.commands.run(["ipset", "restore"], input="\n".join(lines) + "\n")
-        self._rendered.clear()
-        self._addresses.clear()
-        self._members.clear()
+        self._servers.reset()
+        self._addresses.reset()
+        self._members.reset()
         self._set_lengths.clear()
         self._set_capacity.clear()
         self._graceful.clear()
@@ -224,9 +226,9 @@ class IpvsBackend:
     def _full_sync(self, state: Mapping[PortKey, ServicePortState]) -> None:
         rendered = {k: self.render(sp) for k, sp in state.items()
                     if sp.family in self.config.families}
-        self._rendered = rendered
-        self._addresses = Counter(a for r in rendered.values() for a in r.addresses)
-        self._members = Counter(m for r in rendered.values() for m in r.members)
+        self._servers.reset(vs for r in rendered.values() for vs in r.servers)
+        self._addresses.reset(a for r in rendered.values() for a in r.addresses)
+        self._members.reset(m for r in rendered.values() for m in r.members)
         self._set_lengths = Counter(s for s, _ in self._members)
         # Sets first (the rules match them), then rules, link and addresses, then IPVS.
         self.commands.run(["sysctl", "-q", "-w", *(s for f in self.config.families
@@ -268,14 +270,16 @@ class IpvsBackend:
         for key, change in sorted(changes.changed.items()):
             if key.family not in self.config.families:
                 continue
-            old = self._rendered.pop(key, None) or Rendered()
+            # What the kernel holds for this port is what its previous state renders to
+            # (a failed sync makes the next one full): no rendered copy is kept.
+            old = self.render(change.previous) if change.previous else Rendered()
             new = self.render(change.current) if change.current else Rendered()
-            if change.current is not None:
-                self._rendered[key] = new
-            for vs in old.servers.keys() - new.servers.keys():
+            self._servers.change(old.servers, new.servers)
+            servers = diff(old.servers, new.servers)
+            for vs in servers.removed.keys() - new.servers.keys():
                 self.table.delete_service(vs)
                 self._forget_graceful(vs)
-            for vs, (options, reals) in new.servers.items():
+            for vs, (options, reals) in servers.added.items():
                 before = old.servers.get(vs)
                 if before is None:
                     self.table.add_service(vs, options)
@@ -288,8 +292,12 @@ class IpvsBackend:
                     self._reconcile_dests(vs, reals, {
                         **{rs: None for rs in before[1]},
                         **{rs: None for (v, rs) in self._graceful if v == vs}})
-            _count(self._addresses, old.addresses, new.addresses, add_addr, del_addr)
-            _count(self._members, old.members, new.members, add_mem, del_mem)
+            gone, taken = self._addresses.change(old.addresses, new.addresses)
+            del_addr |= gone
+            add_addr |= taken
+            lost, got = self._members.change(old.members, new.members)
+            del_mem |= lost
+            add_mem |= got
         self._apply_addresses(add=add_addr - del_addr, remove=del_addr - add_addr)
         self._apply_members(add=add_mem - del_mem, remove=del_mem - add_mem)
 
@@ -375,16 +383,12 @@ class IpvsBackend:
         """An ``iptables-restore --noflush`` script deleting our jumps and chains."""
         ours = {CHAIN_SERVICES, CHAIN_MARK, CHAIN_NOT_LOCAL, CHAIN_POSTROUTING, CHAIN_FILTER}
         tables: dict[str, list[str]] = {}
-        current = ""
-        for line in saved.splitlines():
-            if line.startswith("*"):
-                current = line[1:]
-            elif line.startswith(":") and line[1:].split()[0] in ours:
-                chain = line[1:].split()[0]
-                tables.setdefault(current, []).extend([f"-F {chain}", f"-X {chain}"])
-            elif line.startswith("-A ") and line.split()[1] not in ours and any(
-                    line.endswith(f"-j {c}") for c in ours):
-                tables.setdefault(current, []).insert(0, "-D" + line[2:])
+        for table, chain, line in save_lines(saved):
+            if is_declaration(line):
+                if chain in ours:
+                    tables.setdefault(table, []).extend([f"-F {chain}", f"-X {chain}"])
+            elif chain not in ours and rule_target(spec_of(chain, line)) in ours:
+                tables.setdefault(table, []).insert(0, "-D" + line[2:])
         out: list[str] = []
         for table, lines in tables.items():
             flushes = [x for x in lines if x.startswith("-F")]
@@ -395,13 +399,7 @@ class IpvsBackend:
 
     @staticmethod
     def _missing_jumps(table: str, saved: str) -> list[str]:
-        present: set[str] = set()
-        current = ""
-        for line in saved.splitlines():
-            if line.startswith("*"):
-                current = line[1:]
-            elif current == table and line.startswith("-A "):
-                present.add(line)
+        present = {line for t, _, line in save_lines(saved) if t == table}
         return [f"-I {chain} 1 -j {target}" for t, chain, target in JUMPS
                 if t == table and f"-A {chain} -j {target}" not in present]
 
@@ -485,21 +483,6 @@ def _prefix(ip: str) -> str:
 
 def _weight(state: DestState | None) -> int | None:
     return state.weight if state is not None else None
-
-
-def _count(counter: Counter[Any], old: Iterable[Any], new: Iterable[Any],
-           added: set[Any], removed: set[Any]) -> None:
-    """Reference-count shared items; report those that appear or disappear."""
-    old_set, new_set = set(old), set(new)
-    for item in old_set - new_set:
-        counter[item] -= 1
-        if counter[item] <= 0:
-            del counter[item]
-            removed.add(item)
-    for item in new_set - old_set:
-        counter[item] += 1
-        if counter[item] == 1:
-            added.add(item)
 
 
 class IpvsOptions(Protocol):

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from svcnet.proxy import metrics
 from svcnet.proxy.commands import Commands
 from svcnet.proxy.config import BackendConfig, short_hash
+from svcnet.proxy.nft_model import nft_items
+from svcnet.proxy.rules import Shared, diff
 from svcnet.proxy.sealed_input import NFT_SEAL
 from svcnet.proxy.state import (
     Backend,
@@ -86,7 +86,8 @@ class NftablesBackend:
         self.config = config
         self._lb_chains: dict[Family, set[str]] = {f: set() for f in config.families}
         self._lb_max: dict[Family, int] = {f: 0 for f in config.families}
-        self._hairpin: dict[Family, Counter[str]] = {f: Counter() for f in config.families}
+        # endpoint IPs whose hairpin pair is in the table, with how many ports hold each
+        self._hairpin: dict[Family, Shared[str]] = {f: Shared() for f in config.families}
         self._synced_once = False
 
     # --- public ---------------------------------------------------------------------------
@@ -167,7 +168,7 @@ class NftablesBackend:
             head += [f"add table {fam} {TABLE}", f"delete table {fam} {TABLE}"]
             head += self._skeleton(family)
             self._lb_chains[family] = set()
-            self._hairpin[family] = Counter()
+            self._hairpin[family].reset()
         yield "\n".join(head) + "\n"
         most = dict.fromkeys(families, LB_CHAINS_MIN)
         # Element texts ("key" or "key : value") per (family, set), emitted in batches.
@@ -206,7 +207,7 @@ class NftablesBackend:
                 # checks they agree), without the intermediate dicts.
                 ips = {b.ip for b in eps}
                 ips.update(b.ip for b in sp.local_endpoints)
-                self._hairpin[family].update(ips)
+                self._hairpin[family].hold(ips)
                 backends = items(pending, family, "backends")
                 verdict = f" : goto lb-{len(eps)}"
                 for key in keys:
@@ -216,7 +217,7 @@ class NftablesBackend:
             else:
                 fam = nft_family(family)
                 r = render(sp)
-                self._hairpin[family].update(r.hairpin)
+                self._hairpin[family].hold(r.hairpin)
                 for name, decl in r.sets.items():
                     out.append(f"add set {fam} {TABLE} {name} {decl}\n")
                 for name in r.chains:
@@ -244,7 +245,7 @@ class NftablesBackend:
             out += _add_elements(family, name, texts)
         del deferred
         for family in families:
-            hairpin = [f"{ip} . {ip}" for ip in self._hairpin[family]]
+            hairpin = [f"{ip} . {ip}" for ip in self._hairpin[family].counts]
             out += _add_elements(family, "hairpin", hairpin)
         yield "".join(out)
 
@@ -273,39 +274,31 @@ class NftablesBackend:
             old = self.render(change.previous) if change.previous else Rendered()
             new = self.render(change.current) if change.current else Rendered()
             head += self._ensure_lb_chains(family, set(new.lb_chains))
-            for name, decl in new.sets.items():
-                if name not in old.sets:
-                    head.append(f"add set {fam} {TABLE} {name} {decl}")
-            for name, rules in new.chains.items():
-                if old.chains.get(name) == rules:
-                    continue
+            sets = diff(old.sets, new.sets)
+            head += [f"add set {fam} {TABLE} {name} {decl}" for name, decl in sets.added.items()
+                     if name not in old.sets]
+            chains = diff(old.chains, new.chains)
+            for name, rules in chains.added.items():
                 head.append(f"add chain {fam} {TABLE} {name}")
                 if name in old.chains:
                     body.append(f"flush chain {fam} {TABLE} {name}")
                 body += [f"add rule {fam} {TABLE} {name} {rule}" for rule in rules]
-            for name in old.chains.keys() - new.chains.keys():
+            for name in chains.removed.keys() - new.chains.keys():
                 body.append(f"flush chain {fam} {TABLE} {name}")
                 tail.append(f"delete chain {fam} {TABLE} {name}")
-            for name in old.sets.keys() - new.sets.keys():
-                tail.append(f"delete set {fam} {TABLE} {name}")
+            tail += [f"delete set {fam} {TABLE} {name}" for name in sets.removed
+                     if name not in new.sets]
             for name in old.elements.keys() | new.elements.keys():
-                before, after = old.elements.get(name, {}), new.elements.get(name, {})
-                for k, v in before.items():
-                    if after.get(k) != v:
-                        dels.setdefault((family, name), {})[k] = v
-                for k, v in after.items():
-                    if before.get(k) != v:
-                        adds.setdefault((family, name), {})[k] = v
-            counts = self._hairpin[family]
-            for ip in old.hairpin - new.hairpin:
-                counts[ip] -= 1
-                if counts[ip] <= 0:
-                    del counts[ip]
-                    dels.setdefault((family, "hairpin"), {})[_hairpin_key(ip)] = ""
-            for ip in new.hairpin - old.hairpin:
-                counts[ip] += 1
-                if counts[ip] == 1:
-                    adds.setdefault((family, "hairpin"), {})[_hairpin_key(ip)] = ""
+                delta = diff(old.elements.get(name, {}), new.elements.get(name, {}))
+                if delta.removed:
+                    dels.setdefault((family, name), {}).update(delta.removed)
+                if delta.added:
+                    adds.setdefault((family, name), {}).update(delta.added)
+            gone, taken = self._hairpin[family].change(old.hairpin, new.hairpin)
+            for ip in gone:
+                dels.setdefault((family, "hairpin"), {})[_hairpin_key(ip)] = ""
+            for ip in taken:
+                adds.setdefault((family, "hairpin"), {})[_hairpin_key(ip)] = ""
         elements: list[str] = []
         for (family, name), elems in dels.items():
             elements += _element_lines("delete", nft_family(family), name, elems)
@@ -512,41 +505,3 @@ def _element_lines(op: str, fam: str, name: str, elems: Mapping[str, str],
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
-
-
-# --- the dump, normalised (drift check, ``proxy check``) ----------------------------------
-
-_VOLATILE = frozenset({"handle", "packets", "bytes", "counter"})
-# sets the datapath fills; none we program holds configured elements
-_DYNAMIC = frozenset({"dynamic", "timeout"})
-
-
-def _strip(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items() if k not in _VOLATILE}
-    if isinstance(value, list):
-        return [_strip(v) for v in value]
-    return value
-
-
-def nft_items(dump: dict[str, Any]) -> set[str]:
-    """One line per chain, set/map, element and rule of an ``nft -j list table`` dump."""
-    items: set[str] = set()
-    for obj in dump.get("nftables", []):
-        if "chain" in obj:
-            c = obj["chain"]
-            items.add(f"{c['family']} chain {c['name']}")
-        elif "rule" in obj:
-            r = obj["rule"]
-            expr = json.dumps(_strip(r.get("expr", [])), sort_keys=True)
-            items.add(f"{r['family']} rule {r['chain']} {expr}")
-        elif "set" in obj or "map" in obj:
-            kind = "set" if "set" in obj else "map"
-            s = obj[kind]
-            items.add(f"{s['family']} {kind} {s['name']}")
-            if _DYNAMIC & set(s.get("flags") or ()):
-                continue  # ClientIP affinity entries that traffic adds (``update @set``)
-            for elem in s.get("elem", []):
-                items.add(f"{s['family']} element {s['name']} "
-                          f"{json.dumps(_strip(elem), sort_keys=True)}")
-    return items

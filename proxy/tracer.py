@@ -20,6 +20,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from svcnet.proxy.iptables_save import tables_of
+from svcnet.proxy.ipvs_kernel import IpvsTable
+from svcnet.proxy.nft_model import NftChain, NftSet, NftTable, parse_nft_json
+
 
 class Unsupported(Exception):
     """A rule construct the tracer does not model."""
@@ -110,19 +114,9 @@ class IptablesTracer:
     tables: dict[str, dict[str, list[_IptRule]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        table = ""
-        for line in self.save.splitlines():
-            line = line.strip()
-            if not line or line.startswith("#") or line == "COMMIT":
-                continue
-            if line.startswith("*"):
-                table = line[1:]
-                self.tables.setdefault(table, {})
-            elif line.startswith(":"):
-                self.tables[table].setdefault(line[1:].split()[0], [])
-            elif line.startswith("-A "):
-                tokens = shlex.split(line)
-                self.tables[table].setdefault(tokens[1], []).append(_parse_ipt(tokens[2:]))
+        for table, chains in tables_of(self.save).items():
+            self.tables[table] = {chain: [_parse_ipt(shlex.split(spec)) for spec in specs]
+                                  for chain, specs in chains.items()}
 
     def trace(self, pkt: Packet) -> Trace:
         st = _State(pkt.src, pkt.dst, pkt.port, pkt.protocol.lower(), pkt.iif)
@@ -340,6 +334,15 @@ class IpvsTracer:
     # (ip, protocol in lower case, port) -> its real servers "ip:port" (weight > 0)
     virtual: Mapping[tuple[str, str, int], Sequence[str]]
 
+    @classmethod
+    def over(cls, iptables: IptablesTracer, table: IpvsTable) -> IpvsTracer:
+        """The virtual servers read through ``IpvsTable``: netlink (the VM) or ``FakeIpvs``
+        alike -- the one reader of IPVS state."""
+        return cls(iptables, {
+            (vs.ip, vs.protocol.lower(), vs.port): [
+                str(rs) for rs, state in sorted(table.dests(vs).items()) if state.weight > 0]
+            for vs in table.services()})
+
     def trace(self, pkt: Packet) -> Trace:
         st = _State(pkt.src, pkt.dst, pkt.port, pkt.protocol.lower(), pkt.iif)
         first = ([("nat", "OUTPUT"), ("filter", "OUTPUT")] if pkt.from_node
@@ -376,28 +379,23 @@ _HOOK_ORDER = {"prerouting": 0, "input": 1, "forward": 1, "output": 0, "postrout
 
 @dataclass(slots=True)
 class NftTracer:
-    """Traces over ``nft -j list table ...`` (or ``list ruleset``) output."""
+    """Traces over an ``nft -j list table ...`` (or ``list ruleset``) dump, read by the one
+    nft parser (``nft_model``), or over tables the fake holds (``tables=``)."""
 
-    dump: dict[str, Any]
+    dump: dict[str, Any] = field(default_factory=dict)
     local_addresses: Sequence[str] = ()
-    sets: dict[str, dict[str, Any]] = field(default_factory=dict)
-    chains: dict[str, dict[str, Any]] = field(default_factory=dict)
-    rules: dict[str, list[list[dict[str, Any]]]] = field(default_factory=dict)
+    tables: Sequence[NftTable] = ()
+    sets: dict[str, NftSet] = field(default_factory=dict)
+    chains: dict[str, NftChain] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for item in self.dump.get("nftables", []):
-            if "set" in item or "map" in item:
-                s = item.get("set") or item["map"]
-                self.sets[s["name"]] = s
-            elif "chain" in item:
-                self.chains[item["chain"]["name"]] = item["chain"]
-                self.rules.setdefault(item["chain"]["name"], [])
-            elif "rule" in item:
-                self.rules.setdefault(item["rule"]["chain"], []).append(item["rule"]["expr"])
+        for table in [*parse_nft_json(self.dump), *self.tables]:
+            self.sets.update(table.sets)
+            self.chains.update(table.chains)
 
     def _hooked(self, hook: str) -> list[str]:
-        chains = [c for c in self.chains.values() if c.get("hook") == hook]
-        return [c["name"] for c in sorted(chains, key=lambda c: c.get("prio", 0))]
+        chains = [c for c in self.chains.values() if c.base.get("hook") == hook]
+        return [c.name for c in sorted(chains, key=lambda c: c.base.get("prio", 0))]
 
     def trace(self, pkt: Packet) -> Trace:
         st = _State(pkt.src, pkt.dst, pkt.port, pkt.protocol.lower(), pkt.iif)
@@ -420,8 +418,8 @@ class NftTracer:
             yield from self._hooks(st, rest, local)
             return
         name, others = names[0], names[1:]
-        nat = self.chains[name].get("type") == "nat"
-        if nat and st.dnat and self.chains[name].get("hook") in ("prerouting", "output"):
+        base = self.chains[name].base
+        if base.get("type") == "nat" and st.dnat and base.get("hook") in ("prerouting", "output"):
             yield from self._base_chains(st, others, rest, local)
             return
         for state, verdict in self._chain(name, st, local, 0):
@@ -434,7 +432,8 @@ class NftTracer:
                ) -> Iterator[tuple[_State, str]]:
         if depth > 50:
             raise Unsupported("chain recursion too deep")
-        yield from self._rules(self.rules.get(name, []), 0, st, local, depth)
+        chain = self.chains.get(name)
+        yield from self._rules(chain.rules if chain else [], 0, st, local, depth)
 
     def _rules(self, rules: list[list[dict[str, Any]]], i: int, st: _State, local: bool,
                depth: int) -> Iterator[tuple[_State, str]]:
@@ -587,7 +586,7 @@ class NftTracer:
         s = self.sets.get(name)
         if s is None:
             raise Unsupported(f"unknown set {name}")
-        for elem in s.get("elem", []):
+        for elem in s.elems.values():
             if isinstance(elem, dict) and "elem" in elem:
                 elem = elem["elem"]["val"]
             if self._elem_matches(elem, key):
@@ -601,7 +600,8 @@ class NftTracer:
         return all(self._equal((k,), p) for k, p in zip(key, parts, strict=True))
 
     def _lookup_map(self, data: Any, key: tuple[Any, ...]) -> Any:
-        elems = self.sets[data[1:]].get("elem", []) if isinstance(data, str) else data["set"]
+        elems = (list(self.sets[data[1:]].elems.values()) if isinstance(data, str)
+                 else data["set"])
         for k, v in elems:
             if self._elem_matches(k, key):
                 return v

@@ -1,28 +1,40 @@
-"""The packet-flow tables without root: the iptables backend programs the stateful fake
-(``proxy/fake_iptables.py``) and the tracer answers every row from the fake's dump. The
-same tables run against the real kernel in ``test_proxy_flows.py``."""
+"""The packet-flow tables without root: the nftables and iptables backends program stateful
+fakes (``proxy/fake_nft.py``, ``proxy/fake_iptables.py``), IPVS ``FakeIpvs`` with them, and
+the tracer answers every row from the fake's dump. The same tables run against the real
+kernel in ``test_proxy_flows.py``; here the nft fake's dump is also compared with the
+kernel's for the same syncs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from conftest import require_binary
 from svcnet.proxy.builders import endpoint, endpoint_slice, port, service, to_service, to_slice
-from svcnet.proxy.commands import CommandFailed
+from svcnet.proxy.commands import CommandFailed, SubprocessCommands
 from svcnet.proxy.config import BackendConfig, LocalDetector
 from svcnet.proxy.drift import iptables_items
 from svcnet.proxy.fake_iptables import FakeIptables, FakeNodeTools
+from svcnet.proxy.fake_nft import FakeNft
 from svcnet.proxy.iptables import IptablesBackend
 from svcnet.proxy.ipvs import IpvsBackend
 from svcnet.proxy.ipvs_kernel import FakeIpvs
-from svcnet.proxy.state import ChangeTracker, NodeConfig
-from svcnet.proxy.tracer import IptablesTracer, IpvsTracer, Packet
+from svcnet.proxy.nft_model import nft_items
+from svcnet.proxy.nftables import NftablesBackend
+from svcnet.proxy.state import ChangeTracker, Family, NodeConfig
+from svcnet.proxy.tracer import IptablesTracer, IpvsTracer, NftTracer, Packet
 from test_proxy_flows import (
     DETECT_FLOWS,
     FLOWS,
     NODE_IP,
     OBJECTS,
+    P1,
+    P2,
+    P3,
     TWO_CIDR_FLOWS,
+    elsewhere,
+    here,
     program,
     traced,
     tracer,
@@ -38,8 +50,15 @@ def backend_on_fake(detect: LocalDetector, fake: FakeIptables | None = None
                            legacy=False, node_addresses={4: (NODE_IP,)})
 
 
-def flow_table(backend: IptablesBackend, flows: FlowRows) -> tuple[dict[Any, Any], dict[Any, Any]]:
-    tr = tracer("iptables", backend)
+def nft_on_fake(detect: LocalDetector, fake: FakeNft | None = None,
+                families: tuple[Family, ...] = (4,)) -> NftablesBackend:
+    return NftablesBackend(fake or FakeNft(), BackendConfig(families=families,
+                                                            detect_local=detect))
+
+
+def flow_table(backend: IptablesBackend | NftablesBackend, flows: FlowRows
+               ) -> tuple[dict[Any, Any], dict[Any, Any]]:
+    tr = tracer(backend.name, backend)
     got = {(s, p, d, port): traced(tr, s, p, d, port) for s, p, d, port, _ in flows}
     return got, {(s, p, d, port): e for s, p, d, port, e in flows}
 
@@ -51,10 +70,11 @@ def flow_table(backend: IptablesBackend, flows: FlowRows) -> tuple[dict[Any, Any
     (LocalDetector("BridgeInterface", (), "br0"), OBJECTS[:2], DETECT_FLOWS),
     (LocalDetector("InterfaceNamePrefix", (), "br"), OBJECTS[:2], DETECT_FLOWS),
 ], ids=["every-feature", "two-cluster-cidrs", "bridge", "interface-prefix"])
-def test_flow_tables_on_the_fake(detect: LocalDetector, objects: Any, flows: FlowRows
-                                 ) -> None:
+@pytest.mark.parametrize("kind", ["nftables", "iptables"])
+def test_flow_tables_on_the_fake(kind: str, detect: LocalDetector, objects: Any,
+                                 flows: FlowRows) -> None:
     """Loaded as a full sync then a partial one, as the kernel tests do."""
-    backend = backend_on_fake(detect)
+    backend = nft_on_fake(detect) if kind == "nftables" else backend_on_fake(detect)
     program(backend, objects)
     got, want = flow_table(backend, flows)
     assert got == want
@@ -154,12 +174,9 @@ def ipvs_flow_table(detect: LocalDetector) -> dict[Any, Any]:
         if i in (2, len(services) - 1):
             backend.sync(tracker.drain(services.get, lambda k: slices.get(k, []),
                                        lambda: list(services)), full=i == 2)
-    virtual = {(vs.ip, vs.protocol.lower(), vs.port): [
-        str(rs) for rs, state in table.real[vs].items() if state.weight > 0]
-        for vs in table.table}
-    local = [IPVS_NODE, *{vs.ip for vs in table.table}]
-    tr = IpvsTracer(IptablesTracer(tools.iptables.save(4), local, tools.ipset.members()),
-                    virtual)
+    local = [IPVS_NODE, *{vs.ip for vs in table.services()}]
+    tr = IpvsTracer.over(IptablesTracer(tools.iptables.save(4), local, tools.ipset.members()),
+                         table)
     got: dict[Any, Any] = {}
     for src, proto, dst, dport, _ in IPVS_FLOWS:
         summary = tr.trace(Packet(src, dst, dport, proto, iif="eth0")).summary()
@@ -171,3 +188,152 @@ def ipvs_flow_table(detect: LocalDetector) -> dict[Any, Any]:
 def test_ipvs_flow_table_on_the_fakes() -> None:
     want = {(s, p, d, port): e for s, p, d, port, e in IPVS_FLOWS}
     assert ipvs_flow_table(TWO_POD_CIDRS) == want
+
+
+# --- nftables: the fake against the kernel, and its transactions -------------------------------
+
+EVOLVED = [  # a third sync after program(): endpoints move, a service goes, one gets endpoints
+    (OBJECTS[0][0], endpoint_slice("web", here(P1), elsewhere(P3))),
+    (OBJECTS[3][0], endpoint_slice("empty", here(P2), ports=[("", 8080, "TCP"),
+                                                            ("u", 8080, "UDP")])),
+    (OBJECTS[5][0], endpoint_slice("aff", here(P2), here(P3))),
+    (OBJECTS[6][0], None),  # fw: deleted
+]
+
+
+def program_and_evolve(backend: NftablesBackend) -> None:
+    """program()'s full and partial sync, then a partial sync of ``EVOLVED``."""
+    tracker = program(backend, OBJECTS)
+    services = {f"default/{s['metadata']['name']}": to_service(s) for s, _ in OBJECTS}
+    slices = {k: [to_slice(sl)] if sl else [] for k, (_, sl) in zip(services, OBJECTS,
+                                                                     strict=True)}
+    for svc, sl in EVOLVED:
+        key = f"default/{svc['metadata']['name']}"
+        old = services[key]
+        if sl is None:
+            del services[key]
+            slices.pop(key)
+            tracker.service_changed(old, None)
+        else:
+            slices[key] = [to_slice(sl)]
+            tracker.service_changed(old, old)
+    backend.sync(tracker.drain(services.get, lambda k: slices.get(k, []),
+                               lambda: list(services)), full=False)
+
+
+def test_nft_flow_tables_after_changes_on_the_fake() -> None:
+    backend = nft_on_fake(LocalDetector("ClusterCIDR", ("10.1.0.0/16",)))
+    program_and_evolve(backend)
+    tr = NftTracer(backend.dump(4), [NODE_IP])
+    assert traced(tr, "cpod", "TCP", "10.96.0.10", 80) == ({"pod1", "pod3"}, False)
+    assert traced(tr, "ext", "TCP", NODE_IP, 30080) == ({"pod1", "pod3"}, True)
+    assert traced(tr, "cpod", "TCP", "10.96.0.13", 80) == ({"pod2"}, False)
+    assert traced(tr, "cpod", "UDP", "10.96.0.13", 81) == ({"pod2"}, False)
+    assert traced(tr, "cpod", "TCP", "10.96.0.15", 80) == ({"pod2", "pod3"}, False)
+    assert traced(tr, "cpod", "TCP", "203.0.113.30", 80) == "PASS"  # fw is gone
+    assert traced(tr, "ext", "TCP", "203.0.113.30", 80) == "PASS"
+
+
+@pytest.mark.parametrize("detect", [
+    LocalDetector("ClusterCIDR", ("10.1.0.0/16", "10.2.0.0/16", "fd00:1::/64")),
+    LocalDetector("ClusterCIDR", ("10.1.0.0/16", "10.3.0.0/16", "fd00:1::/64",
+                                  "fd00:2::/64")),
+    LocalDetector("BridgeInterface", (), "br0"),
+    LocalDetector("InterfaceNamePrefix", (), "veth"),
+], ids=["adjacent-cidrs", "apart-cidrs", "bridge", "interface-prefix"])
+def test_nft_fake_dumps_what_the_kernel_dumps(detect: LocalDetector,
+                                              netns: Callable[[str], str]) -> None:
+    """The same three syncs into the kernel and into the fake: equal ``nft -j`` items (every
+    chain, rule expression, set and element), both families. A fake that answered
+    otherwise would make the flow tables above prove nothing."""
+    require_binary("nft")
+    real = NftablesBackend(SubprocessCommands(netns("nftfake")),
+                           BackendConfig(families=(4, 6), detect_local=detect))
+    fake = nft_on_fake(detect, families=(4, 6))
+    for backend in (real, fake):
+        program_and_evolve(backend)
+    for family in (4, 6):
+        want, got = nft_items(real.dump(family)), nft_items(fake.dump(family))
+        assert (sorted(want - got), sorted(got - want)) == ([], [])
+    assert real.kernel_items() == fake.kernel_items()
+
+
+def test_nft_drift_items_and_health_read_the_fake() -> None:
+    fake = FakeNft()
+    backend = nft_on_fake(LocalDetector("ClusterCIDR", ("10.1.0.0/16",)), fake)
+    assert not backend.healthy()
+    program(backend, OBJECTS[:2])
+    assert backend.healthy()
+    assert any("element service-ips" in i for i in backend.kernel_items())
+    backend.cleanup()
+    assert not backend.healthy()
+    assert fake.tables == {}
+
+
+NFT_BASE = ("add table ip t\nadd chain ip t a\nadd chain ip t b\n"
+            "add map ip t m { type ipv4_addr . inet_proto . inet_service : verdict ; }\n"
+            "add map ip t be { typeof ip daddr . meta l4proto . th dport . numgen random mod 1"
+            " : ip daddr . th dport ; }\n"
+            "add element ip t m { 10.0.0.1 . tcp . 80 : goto a }\n"
+            "add rule ip t b jump a\n")
+
+
+@pytest.mark.parametrize("bad", [
+    "add rule ip t a jump nope",                               # no such chain
+    "add rule ip t nope accept",                               # rule in a missing chain
+    "add element ip t m { 10.0.0.2 . tcp . 80 : goto nope }",  # element to a missing chain
+    "add element ip t m { 10.0.0.1 . tcp . 80 : goto b }",     # exists with another value
+    "delete element ip t m { 10.0.0.9 . tcp . 80 }",           # absent element
+    "delete chain ip t a",                                     # referenced
+    "delete chain ip t b",                                     # holds a rule
+    "add rule ip t a ip saddr @nope accept",                   # no such set
+    "delete table ip nope",
+    # nft 1.0.6 cannot add a rule using a typeof map made by an earlier transaction
+    "add rule ip t a dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 2 "
+    "map @be",
+])
+def test_nft_fake_fails_where_nft_fails_and_applies_nothing(bad: str) -> None:
+    fake = FakeNft()
+    fake.run(["nft", "-f", "-"], input=NFT_BASE)
+    before = fake.run(["nft", "-j", "list", "ruleset"])
+    with pytest.raises(CommandFailed):
+        fake.run(["nft", "-f", "-"], input=f"add chain ip t c\nadd rule ip t c accept\n{bad}\n")
+    assert fake.run(["nft", "-j", "list", "ruleset"]) == before
+
+
+def test_nft_fake_applies_what_nft_applies() -> None:
+    fake = FakeNft()
+    fake.run(["nft", "-f", "-"], input=NFT_BASE + (
+        "add rule ip t a dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 2 "
+        "map @be\n"))  # the typeof map made in this same transaction: fine
+    fake.run(["nft", "-f", "-"], input=(
+        "delete element ip t m { 10.0.0.1 . tcp . 80 }\n"
+        "add element ip t m { 10.0.0.1 . tcp . 80 : goto b }\n"
+        "add element ip t m { 10.0.0.1 . tcp . 80 : goto b }\n"  # same value again: no error
+        "flush chain ip t b\n"))
+    (table,) = fake.tables.values()
+    assert list(table.sets["m"].elems.values()) == [
+        [{"concat": ["10.0.0.1", "tcp", 80]}, {"goto": {"target": "b"}}]]
+    assert table.chains["b"].rules == []
+    fake.run(["nft", "-f", "-"], input="delete element ip t m { 10.0.0.1 . tcp . 80 }\n"
+                                        "delete chain ip t b\n")
+    assert "b" not in fake.tables["ip", "t"].chains
+
+
+def test_nft_dual_stack_on_the_fake() -> None:
+    backend = nft_on_fake(LocalDetector("ClusterCIDR", ("10.1.0.0/16", "fd00:1::/64")),
+                          families=(4, 6))
+    tracker = ChangeTracker(NodeConfig("n1", nodeport_addresses=(NODE_IP, "fd00:9::1")))
+    svc = to_service(service("web", ["10.96.0.10", "fd00:96::10"], port(80, node_port=30080),
+                             type="NodePort"))
+    slices = [to_slice(endpoint_slice("web", here(P1), name="v4")),
+              to_slice(endpoint_slice("web", here("fd00:1::11"), here("fd00:1::12"),
+                                      name="v6"))]
+    tracker.service_changed(None, svc)
+    backend.sync(tracker.drain(lambda k: svc, lambda k: slices, lambda: ["default/web"]),
+                 full=True)
+    v6 = NftTracer(backend.dump(6), ["fd00:9::1"])
+    eps6 = ["[fd00:1::11]:8080", "[fd00:1::12]:8080"]
+    assert v6.trace(Packet("fd00:1::20", "fd00:96::10", 80)).summary() == (eps6, False)
+    assert v6.trace(Packet("fd00:2::5", "fd00:9::1", 30080)).summary() == (eps6, True)
+    assert v6.trace(Packet("fd00:1::20", "10.96.0.10", 80)).summary() == ("ACCEPT",)

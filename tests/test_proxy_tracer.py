@@ -122,6 +122,11 @@ NFT = {"nftables": [
     _rule("post", {"masquerade": None}),
 ]}
 
+for _item in NFT["nftables"]:  # what nft -j puts in every object
+    for _body in _item.values():
+        _body.setdefault("family", "ip")
+        _body.setdefault("table", "t")
+
 NFT_EPS = ["10.1.0.1:8080", "10.1.0.2:8080"]
 
 
@@ -144,7 +149,7 @@ def test_nft_tracer_map_miss_drops() -> None:
 
 def test_nft_tracer_forward_filter_sees_translated_destination() -> None:
     fwd = {**NFT, "nftables": [*NFT["nftables"], {"map": {
-        "name": "backends", "type": [], "map": "x",
+        "family": "ip", "table": "t", "name": "backends", "type": [], "map": "x",
         "elem": [[{"concat": ["10.96.0.1", "udp", 80, 0]}, {"concat": ["10.1.0.1", 53]}],
                  [{"concat": ["10.96.0.1", "udp", 80, 1]}, {"concat": ["10.1.0.2", 53]}]]}}]}
     trace = NftTracer(fwd).trace(Packet("10.1.0.9", "10.96.0.1", 80, "UDP"))
