@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from svcnet.proxy import metrics
 from svcnet.proxy.commands import CommandFailed, Commands
 from svcnet.proxy.config import BackendConfig, short_hash
-from svcnet.proxy.iptables_save import is_declaration, rule_target, save_lines, spec_of
 from svcnet.proxy.rules import diff, diff_lines
 from svcnet.proxy.state import Backend, Changes, Family, ServicePortState
+
+from svcnet.iptables_save import is_declaration, rule_target, save_lines, spec_of
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,6 @@ from typing import Protocol
 from svcnet.proxy import metrics
 from svcnet.proxy.commands import Commands
 from svcnet.proxy.config import BackendConfig
-from svcnet.proxy.iptables_save import is_declaration, rule_target, save_lines, spec_of
 from svcnet.proxy.ipvs_kernel import (
     DestState,
     IpvsTable,
@@ -44,6 +43,8 @@ from svcnet.proxy.ipvs_kernel import (
 )
 from svcnet.proxy.rules import Shared, diff
 from svcnet.proxy.state import Changes, Family, FrontendKind, PortKey, ServicePortState
+
+from svcnet.iptables_save import is_declaration, rule_target, save_lines, spec_of
 
 log = logging.getLogger(__name__)
 

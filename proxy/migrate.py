@@ -32,14 +32,8 @@ from dataclasses import dataclass, field
 
 from svcnet.proxy.commands import CommandFailed, Commands
 
-from svcnet.leftovers import (
-    BUILTIN,
-    SavedTable,
-    reachable,
-    removal_script,
-    rule_chain,
-    rule_target,
-)
+from svcnet.iptables_save import rule_target
+from svcnet.leftovers import BUILTIN, SavedTable, reachable, removal_script, rule_chain
 
 log = logging.getLogger(__name__)
 

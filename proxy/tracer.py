@@ -20,9 +20,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from svcnet.proxy.iptables_save import tables_of
 from svcnet.proxy.ipvs_kernel import IpvsTable
 from svcnet.proxy.nft_model import NftChain, NftSet, NftTable, parse_nft_json
+
+from svcnet.iptables_save import tables_of
 
 
 class Unsupported(Exception):

@@ -2,15 +2,18 @@
 
 Shared by the proxy (kube-proxy's chains) and the overlay (Flannel's): both take over a node
 from a predecessor that was stopped without cleaning up. Pure text in, text out: an
-``iptables-save`` dump becomes one ``iptables-restore --noflush`` script that deletes every rule
-jumping into a doomed chain (wherever it sits, by its exact saved text), then flushes and
-deletes the doomed chains, one table per transaction. Rules of other chains stay as they are.
+``iptables-save`` dump (read by ``svcnet.iptables_save``, as the proxy reads it) becomes one
+``iptables-restore --noflush`` script that deletes every rule jumping into a doomed chain
+(wherever it sits, by its exact saved text), then flushes and deletes the doomed chains, one
+table per transaction. Rules of other chains stay as they are.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+
+from svcnet.iptables_save import is_declaration, rule_target, save_lines
 
 BUILTIN = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 
@@ -24,34 +27,18 @@ class SavedTable:
 
 
 def parse_save(save: str) -> list[SavedTable]:
-    tables: list[SavedTable] = []
-    name = ""
-    chains: list[str] = []
-    rules: list[str] = []
-    for line in save.splitlines():
-        if line.startswith("*"):
-            name, chains, rules = line[1:].strip(), [], []
-        elif line.startswith(":") and name:
-            chains.append(line[1:].split()[0])
-        elif line.startswith("-A ") and name:
-            rules.append(line)
-        elif line.strip() == "COMMIT" and name:
-            tables.append(SavedTable(name, tuple(chains), tuple(rules)))
-            name = ""
-    return tables
+    chains: dict[str, list[str]] = {}
+    rules: dict[str, list[str]] = {}
+    for table, chain, line in save_lines(save):
+        if is_declaration(line):
+            chains.setdefault(table, []).append(chain)
+        else:
+            rules.setdefault(table, []).append(line)
+    return [SavedTable(t, tuple(c), tuple(rules.get(t, ()))) for t, c in chains.items()]
 
 
 def rule_chain(rule: str) -> str:
-    return rule.split()[1]
-
-
-def rule_target(rule: str) -> str:
-    """The chain or target a rule jumps (``-j``) or goes (``-g``) to, "" if none."""
-    words = rule.split()
-    for flag in ("-j", "-g"):
-        if flag in words[:-1]:
-            return words[words.index(flag) + 1]
-    return ""
+    return rule.split(None, 2)[1]
 
 
 def reachable(table: SavedTable, roots: Collection[str]) -> set[str]:

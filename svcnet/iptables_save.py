@@ -1,4 +1,5 @@
-"""The one reader of ``iptables-save`` output (and of the fake's, which prints the same).
+"""The one reader of ``iptables-save`` output (and of the proxy fake's, which prints the same),
+shared by the proxy and by ``svcnet.leftovers`` (removing kube-proxy's and Flannel's chains).
 
 A dump is read as a stream of (table, chain, line) for every chain declaration
 (``:CHAIN POLICY [counters]``) and rule (``-A CHAIN spec``) -- without a list of its lines:
