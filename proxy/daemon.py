@@ -238,11 +238,13 @@ class ProxyComponent:
         log.info("proxy %s running for node %s", backend.name, opts.node_name)
         migration = None
         if opts.cleanup_kube_proxy:
+            from svcnet.proxy.iptables import IptablesBackend
             from svcnet.proxy.migrate import after_first_sync
 
-            migration = asyncio.create_task(after_first_sync(
-                proxier.synced, commands, getattr(backend, "legacy", None)
-                if opts.mode == "iptables" else None))
+            # In iptables mode the chains kube-proxy and we both name stay on our variant.
+            own_legacy = backend.legacy if isinstance(backend, IptablesBackend) else None
+            migration = asyncio.create_task(after_first_sync(proxier.synced, commands,
+                                                             own_legacy))
         try:
             await proxier.run(factory)
         finally:
