@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "svcnet.cni.cli",
     "svcnet.cni.overlay.cli",
     "svcnet.proxy.cli",
+    "svcnet.policy.cli",
     "svcnet.dns.cli",
     "svcnet.lab.cli",
     "svcnet.manifests",

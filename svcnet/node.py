@@ -27,6 +27,7 @@ COMPONENTS = {
     "proxy": "svcnet.proxy.daemon",
     "dns": "svcnet.dns.daemon",
     "cni-server": "svcnet.cni.server",
+    "policy": "svcnet.policy.daemon",
 }
 
 
@@ -80,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         from svcnet.cli import UsageError
 
         raise UsageError(
-            "svcnet node: choose at least one of --overlay, --proxy, --dns, --cni-server")
+            "svcnet node: choose at least one of --overlay, --proxy, --dns, --cni-server, --policy")
     wanted += [name for name, path in COMPONENTS.items() if name not in wanted
                and getattr(importlib.import_module(path), "on_by_default", _never)(args)]
     asyncio.run(run_node(args, wanted))
@@ -134,6 +135,11 @@ def cleanup(args: argparse.Namespace) -> list[str]:
     out = [f"error: proxy: {err}" for err in cleanup_rules(netns)]
     out.append("proxy: rules of every mode removed" if not out else "proxy: partly removed")
     out += asyncio.run(overlay_cleanup(netns, datapath=True))
+    from svcnet.policy.daemon import cleanup as policy_cleanup
+
+    policy_netns = getattr(args, "policy_netns", None) or netns
+    out += [f"error: policy: {err}" for err in policy_cleanup(policy_netns)] or [
+        "policy: table inet svcnet-policy removed"]
     files = [os.path.join(args.cni_conf_dir, CONFLIST_NAME),
              *(os.path.join(args.cni_bin_dir, n) for n in ("svcnet-cni", IN_PROCESS_NAME,
                                                             "svcnet-ipam")),

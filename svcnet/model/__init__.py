@@ -1,8 +1,11 @@
-"""Typed, immutable records of Services, EndpointSlices, Nodes and Pods, and their kinds."""
+"""Typed, immutable records of the watched objects (Services, EndpointSlices, Nodes, Pods,
+Namespaces, NetworkPolicies), and their kinds."""
 
 from svcnet.model.kinds import (
     ENDPOINT_SLICE,
     KINDS,
+    NAMESPACE,
+    NETWORK_POLICY,
     NODE,
     POD,
     SERVICE,
@@ -17,6 +20,8 @@ from svcnet.model.records import __all__ as _records_all
 __all__ = [
     "ENDPOINT_SLICE",
     "KINDS",
+    "NAMESPACE",
+    "NETWORK_POLICY",
     "NODE",
     "POD",
     "SERVICE",

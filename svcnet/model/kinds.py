@@ -8,9 +8,17 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from svcnet.model.records import EndpointSlice, Node, Pod, Record, Service
+from svcnet.model.records import (
+    EndpointSlice,
+    Namespace,
+    NetworkPolicy,
+    Node,
+    Pod,
+    Record,
+    Service,
+)
 
-R = TypeVar("R", Service, EndpointSlice, Node, Pod)
+R = TypeVar("R", Service, EndpointSlice, Node, Pod, Namespace, NetworkPolicy)
 
 
 class InvalidObject(ValueError):
@@ -73,12 +81,19 @@ ENDPOINT_SLICE: Kind[EndpointSlice] = Kind(
 )
 NODE: Kind[Node] = Kind("Node", "v1", "nodes", False, Node)
 POD: Kind[Pod] = Kind("Pod", "v1", "pods", True, Pod)
+NAMESPACE: Kind[Namespace] = Kind("Namespace", "v1", "namespaces", False, Namespace)
+NETWORK_POLICY: Kind[NetworkPolicy] = Kind(
+    "NetworkPolicy", "networking.k8s.io/v1", "networkpolicies", True, NetworkPolicy
+)
 
-KINDS: dict[str, Kind[Any]] = {k.name: k for k in (SERVICE, ENDPOINT_SLICE, NODE, POD)}
+KINDS: dict[str, Kind[Any]] = {
+    k.name: k for k in (SERVICE, ENDPOINT_SLICE, NODE, POD, NAMESPACE, NETWORK_POLICY)
+}
 _ALIASES = {
     **{k.name.lower(): k.name for k in KINDS.values()},
     **{k.plural: k.name for k in KINDS.values()},
     "svc": "Service", "ep": "EndpointSlice", "eps": "EndpointSlice", "no": "Node", "po": "Pod",
+    "ns": "Namespace", "netpol": "NetworkPolicy",
 }
 
 

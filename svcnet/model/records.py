@@ -11,6 +11,7 @@ cycle, and untracked objects spare the cyclic collector a pass over every decode
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import typing
 from collections.abc import Sequence
@@ -334,11 +335,35 @@ class PodCondition(Struct, frozen=True, gc=False):
     status: str
 
 
+class ContainerPort(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
+    """A named container port is what a NetworkPolicy's named port resolves to."""
+
+    container_port: Port
+    name: str = ""
+    protocol: Protocol = "TCP"
+
+
+class Container(Struct, frozen=True, gc=False, omit_defaults=True):
+    name: str = ""
+    ports: ListOf[ContainerPort] = ()
+
+    def __post_init__(self) -> None:
+        _empty_nulls(self, "ports")
+
+
 class PodSpec(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
     node_name: str = ""
     hostname: str = ""
     subdomain: str = ""
     host_network: bool = False
+    containers: ListOf[Container] = ()
+
+    def __post_init__(self) -> None:
+        _empty_nulls(self, "containers")
+        for i, c in enumerate(self.containers):
+            for j, p in enumerate(c.ports):
+                if p.name:
+                    _check(validation.iana_svc_name(p.name), f"containers[{i}].ports[{j}].name")
 
 
 class PodStatus(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
@@ -373,7 +398,216 @@ class Pod(Struct, frozen=True, gc=False, omit_defaults=True):
         return any(c.type == "Ready" and c.status == "True" for c in self.status.conditions)
 
 
-Record = Service | EndpointSlice | Node | Pod
+# --- Namespace ---------------------------------------------------------------------------
+
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+
+
+class Namespace(Struct, frozen=True, gc=False, omit_defaults=True):
+    """Only its labels matter (NetworkPolicy namespaceSelectors)."""
+
+    metadata: ObjectMeta
+
+    def __post_init__(self) -> None:
+        _check(validation.dns1123_label(self.metadata.name), "metadata.name")
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """The labels, with the name label kube-apiserver (1.21+) always sets, so a selector
+        on it works for namespaces written by other stores too."""
+        labels = self.metadata.labels
+        if labels.get(NAMESPACE_NAME_LABEL) == self.metadata.name:
+            return labels
+        return {**labels, NAMESPACE_NAME_LABEL: self.metadata.name}
+
+
+# --- NetworkPolicy (networking.k8s.io/v1) ----------------------------------------------------
+
+SelectorOperator = Literal["In", "NotIn", "Exists", "DoesNotExist"]
+
+
+class LabelSelectorRequirement(Struct, frozen=True, gc=False, omit_defaults=True):
+    key: str
+    operator: str
+    values: ListOf[str] = ()
+
+    def __post_init__(self) -> None:
+        _empty_nulls(self, "values")
+
+
+class LabelSelector(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
+    """A label selector; empty selects everything. ``matchLabels`` may arrive as ``null``."""
+
+    match_labels: dict[str, str] | None = None
+    match_expressions: ListOf[LabelSelectorRequirement] = ()
+
+    def __post_init__(self) -> None:
+        _empty_nulls(self, "match_expressions")
+        check_label_selector(self)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.match_labels or {}
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        for key, value in self.labels.items():
+            if labels.get(key) != value:
+                return False
+        for req in self.match_expressions:
+            op = req.operator
+            if op == "In":
+                if labels.get(req.key) not in req.values:
+                    return False
+            elif op == "NotIn":
+                if req.key in labels and labels[req.key] in req.values:
+                    return False
+            elif op == "Exists":
+                if req.key not in labels:
+                    return False
+            elif req.key in labels:  # DoesNotExist
+                return False
+        return True
+
+
+def check_label_selector(sel: LabelSelector) -> None:
+    """apimachinery's ValidateLabelSelector: keys, values, operators and their values."""
+    for key, value in sel.labels.items():
+        _check(validation.label_key(key), "matchLabels")
+        _check(validation.label_value(value), f"matchLabels.{key}")
+    for i, req in enumerate(sel.match_expressions):
+        path = f"matchExpressions[{i}]"
+        _check(validation.label_key(req.key), f"{path}.key")
+        if req.operator in ("In", "NotIn"):
+            if not req.values:
+                raise ValueError(f"{path}.values: must be non-empty for operator {req.operator}")
+            for j, v in enumerate(req.values):
+                _check(validation.label_value(v), f"{path}.values[{j}]")
+        elif req.operator in ("Exists", "DoesNotExist"):
+            if req.values:
+                raise ValueError(f"{path}.values: must be empty for operator {req.operator}")
+        else:
+            raise ValueError(f"{path}.operator: {req.operator!r} is not a valid selector "
+                             "operator (In, NotIn, Exists, DoesNotExist)")
+
+
+class IPBlock(Struct, frozen=True, gc=False, omit_defaults=True):
+    cidr: str
+    except_: ListOf[str] = field(default=(), name="except")
+
+    def __post_init__(self) -> None:
+        _empty_nulls(self, "except_")
+        _check_cidr(self.cidr, "cidr")
+        outer = ipaddress.ip_network(self.cidr, strict=False)
+        for i, text in enumerate(self.except_):
+            _check_cidr(text, f"except[{i}]")
+            inner = ipaddress.ip_network(text, strict=False)
+            if (inner.version != outer.version or not inner.subnet_of(outer)  # type: ignore[arg-type]
+                    or inner.prefixlen <= outer.prefixlen):
+                raise ValueError(f"except[{i}]: {text!r} is not a strict subset of cidr "
+                                 f"{self.cidr!r}")
+
+
+class NetworkPolicyPeer(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
+    pod_selector: LabelSelector | None = None
+    namespace_selector: LabelSelector | None = None
+    ip_block: IPBlock | None = None
+
+    def __post_init__(self) -> None:
+        if self.ip_block is not None:
+            if self.pod_selector is not None or self.namespace_selector is not None:
+                raise ValueError("ipBlock: may not be combined with podSelector or "
+                                 "namespaceSelector in one peer")
+        elif self.pod_selector is None and self.namespace_selector is None:
+            raise ValueError("must specify a peer (podSelector, namespaceSelector or ipBlock)")
+
+
+class NetworkPolicyPort(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
+    """``port`` unset: every port of the protocol; a string is a named container port."""
+
+    protocol: Protocol | None = None
+    port: int | str | None = None
+    end_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.port, str):
+            _check(validation.iana_svc_name(self.port), "port")
+        elif self.port is not None and not 1 <= self.port <= 65535:
+            raise ValueError(f"port: {self.port} is not a port number (1-65535)")
+        if self.end_port is None:
+            return
+        if self.port is None:
+            raise ValueError("endPort: may not be specified when port is not specified")
+        if isinstance(self.port, str):
+            raise ValueError("endPort: may not be specified when port is a named port")
+        if not 1 <= self.end_port <= 65535:
+            raise ValueError(f"endPort: {self.end_port} is not a port number (1-65535)")
+        if self.end_port < self.port:
+            raise ValueError(f"endPort: {self.end_port} is less than port {self.port}")
+
+    @property
+    def proto(self) -> str:
+        return self.protocol or "TCP"
+
+
+class NetworkPolicyIngressRule(Struct, frozen=True, gc=False, omit_defaults=True):
+    """``from`` empty or unset: every source; ``ports`` empty or unset: every port."""
+
+    ports: ListOf[NetworkPolicyPort] = ()
+    from_: ListOf[NetworkPolicyPeer] = field(default=(), name="from")
+
+    def __post_init__(self) -> None:
+        _empty_nulls(self, "ports", "from_")
+
+
+class NetworkPolicyEgressRule(Struct, frozen=True, gc=False, omit_defaults=True):
+    """``to`` empty or unset: every destination; ``ports`` empty or unset: every port."""
+
+    ports: ListOf[NetworkPolicyPort] = ()
+    to: ListOf[NetworkPolicyPeer] = ()
+
+    def __post_init__(self) -> None:
+        _empty_nulls(self, "ports", "to")
+
+
+PolicyType = Literal["Ingress", "Egress"]
+
+
+class NetworkPolicySpec(Struct, frozen=True, gc=False, rename="camel", omit_defaults=True):
+    pod_selector: LabelSelector = LabelSelector()
+    ingress: ListOf[NetworkPolicyIngressRule] = ()
+    egress: ListOf[NetworkPolicyEgressRule] = ()
+    policy_types: ListOf[PolicyType] = ()
+
+    def __post_init__(self) -> None:
+        _empty_nulls(self, "ingress", "egress", "policy_types")
+        if len(set(self.policy_types)) != len(self.policy_types):
+            raise ValueError(f"policyTypes: duplicate entries in {list(self.policy_types)}")
+
+
+class NetworkPolicy(Struct, frozen=True, gc=False, omit_defaults=True):
+    metadata: ObjectMeta
+    spec: NetworkPolicySpec = NetworkPolicySpec()
+
+    def __post_init__(self) -> None:
+        _check(validation.dns1123_subdomain(self.metadata.name), "metadata.name")
+
+    @property
+    def policy_types(self) -> tuple[PolicyType, ...]:
+        """As kube-apiserver defaults them: Ingress always, Egress when egress rules exist."""
+        if self.spec.policy_types:
+            return self.spec.policy_types
+        return ("Ingress", "Egress") if self.spec.egress else ("Ingress",)
+
+    @property
+    def isolates_ingress(self) -> bool:
+        return "Ingress" in self.policy_types
+
+    @property
+    def isolates_egress(self) -> bool:
+        return "Egress" in self.policy_types
+
+
+Record = Service | EndpointSlice | Node | Pod | Namespace | NetworkPolicy
 
 
 def _service_ips(spec: ServiceSpec) -> list[tuple[str, str]]:
@@ -449,8 +683,11 @@ def _check_cidr(cidr: str, path: str) -> None:
 
 
 __all__ = [
+    "NAMESPACE_NAME_LABEL",
     "SERVICE_NAME_LABEL",
     "ClientIPConfig",
+    "Container",
+    "ContainerPort",
     "Endpoint",
     "EndpointConditions",
     "EndpointHints",
@@ -458,7 +695,17 @@ __all__ = [
     "EndpointSlice",
     "ForNode",
     "ForZone",
+    "IPBlock",
+    "LabelSelector",
+    "LabelSelectorRequirement",
     "LoadBalancerIngress",
+    "Namespace",
+    "NetworkPolicy",
+    "NetworkPolicyEgressRule",
+    "NetworkPolicyIngressRule",
+    "NetworkPolicyPeer",
+    "NetworkPolicyPort",
+    "NetworkPolicySpec",
     "Node",
     "NodeAddress",
     "ObjectMeta",
@@ -466,6 +713,7 @@ __all__ = [
     "Pod",
     "PodCondition",
     "PodIP",
+    "PolicyType",
     "Record",
     "Service",
     "ServicePort",

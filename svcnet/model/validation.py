@@ -62,3 +62,39 @@ def iana_svc_name(value: str) -> str | None:
     if value.startswith("-") or value.endswith("-") or "--" in value:
         return f"{value!r} must not begin or end with '-' or contain '--'"
     return None
+
+
+_QUALIFIED_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+_QUALIFIED_NAME_MAX = 63
+
+
+def label_key(value: str) -> str | None:
+    """A label key (a qualified name): an optional DNS-1123 subdomain prefix and '/', then a
+    name of at most 63 letters, digits, '-', '_' and '.', starting and ending alphanumeric."""
+    prefix, slash, name = value.rpartition("/")
+    if slash:
+        if not prefix:
+            return f"{value!r} has an empty prefix before '/'"
+        problem = dns1123_subdomain(prefix)
+        if problem is not None:
+            return f"prefix of {value!r}: {problem}"
+    if not name:
+        return f"{value!r} has an empty name"
+    if len(name) > _QUALIFIED_NAME_MAX:
+        return f"{value[:80]!r}: name part longer than {_QUALIFIED_NAME_MAX} characters"
+    if not _QUALIFIED_NAME.fullmatch(name):
+        return (f"{value!r} is not a label key (letters, digits, '-', '_' and '.', starting "
+                "and ending with a letter or digit, with an optional DNS subdomain prefix and '/')")
+    return None
+
+
+def label_value(value: str) -> str | None:
+    """A label value: empty, or like the name part of a label key."""
+    if not value:
+        return None
+    if len(value) > _QUALIFIED_NAME_MAX:
+        return f"{value[:80]!r} is longer than {_QUALIFIED_NAME_MAX} characters"
+    if not _QUALIFIED_NAME.fullmatch(value):
+        return (f"{value!r} is not a label value (letters, digits, '-', '_' and '.', starting "
+                "and ending with a letter or digit)")
+    return None

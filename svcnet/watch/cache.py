@@ -10,14 +10,15 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from svcnet.model import EndpointSlice, Node, Pod, Service
+from svcnet.model import EndpointSlice, Namespace, NetworkPolicy, Node, Pod, Service
 
-R = TypeVar("R", Service, EndpointSlice, Node, Pod)
+R = TypeVar("R", Service, EndpointSlice, Node, Pod, Namespace, NetworkPolicy)
 
 IndexFunc = Callable[[R], list[str]]
 
 
-def by_namespace(obj: Service | EndpointSlice | Node | Pod) -> list[str]:
+def by_namespace(obj: Service | EndpointSlice | Node | Pod | Namespace | NetworkPolicy
+                 ) -> list[str]:
     return [obj.metadata.namespace]
 
 

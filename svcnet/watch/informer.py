@@ -26,7 +26,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from svcnet.model import EndpointSlice, InvalidObject, Kind, Node, Pod, Service
+from svcnet.model import (
+    EndpointSlice,
+    InvalidObject,
+    Kind,
+    Namespace,
+    NetworkPolicy,
+    Node,
+    Pod,
+    Service,
+)
 from svcnet.store.base import (
     NO_SELECTOR,
     Event,
@@ -42,8 +51,9 @@ from svcnet.watch.cache import Cache, by_service_name
 
 log = logging.getLogger(__name__)
 
-R = TypeVar("R", Service, EndpointSlice, Node, Pod)
-R_contra = TypeVar("R_contra", Service, EndpointSlice, Node, Pod, contravariant=True)
+R = TypeVar("R", Service, EndpointSlice, Node, Pod, Namespace, NetworkPolicy)
+R_contra = TypeVar("R_contra", Service, EndpointSlice, Node, Pod, Namespace, NetworkPolicy,
+                   contravariant=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,240 @@
+"""NetworkPolicy enforcement as a node component (``svcnet node --policy``).
+
+Watches Pods, Namespaces and NetworkPolicies through the node's shared informers, computes
+the desired state for this node's pods and programs table ``inet svcnet-policy``: one
+``nft`` transaction per sync, incremental (only changed chains and elements) after a full
+first sync, after any failure and every ``--policy-full-sync-period``. A policy the API
+would have refused never reaches us: the informer rejects it at decode (logged, counted in
+``svcnet_watch_rejected_objects_total``) and keeps its last good version, so nothing already
+enforced is torn down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from svcnet.store.base import Store
+from svcnet.watch import InformerFactory
+
+if TYPE_CHECKING:
+    from svcnet.policy.nftables import Rendered
+    from svcnet.policy.state import PolicyState
+    from svcnet.proxy.commands import Commands
+
+log = logging.getLogger(__name__)
+
+
+def add_node_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("policy (NetworkPolicy enforcement)")
+    g.add_argument("--policy-node-name",
+                   default=os.environ.get("NODE_NAME", socket.gethostname()),
+                   help="enforce for the pods scheduled on this node")
+    g.add_argument("--policy-netns", default=None,
+                   help="program this named network namespace instead of our own")
+    g.add_argument("--policy-log", action="store_true",
+                   help="log denied connections (kernel log, rate-limited, prefix "
+                        "'svcnet-policy deny')")
+    g.add_argument("--policy-min-sync-period", type=float, default=0.05,
+                   help="seconds to gather changes before a sync")
+    g.add_argument("--policy-full-sync-period", type=float, default=3600.0)
+    g.add_argument("--policy-metrics-bind-address", default="127.0.0.1:10259",
+                   help="host:port serving /metrics, /healthz ('' = off)")
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyOptions:
+    node_name: str
+    netns: str | None = None
+    log_denied: bool = False
+    min_sync_period: float = 0.05
+    full_sync_period: float = 3600.0
+    retry_delay: float = 1.0
+    metrics: str = ""
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> PolicyOptions:
+        return cls(node_name=a.policy_node_name, netns=a.policy_netns, log_denied=a.policy_log,
+                   min_sync_period=a.policy_min_sync_period,
+                   full_sync_period=a.policy_full_sync_period,
+                   metrics=a.policy_metrics_bind_address)
+
+
+class PolicyEnforcer:
+    """The sync loop: informer events wake it, it computes, renders and applies."""
+
+    def __init__(self, opts: PolicyOptions, commands: Commands) -> None:
+        from svcnet.policy.nftables import Rendered
+
+        self.opts = opts
+        self.commands = commands
+        self.applied: Rendered | None = None
+        self.state: PolicyState | None = None
+        self.syncs = 0
+        self.full_syncs = 0
+        self.synced = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._need_full = True
+        self._last_full = -1e9
+        self._sources: tuple[Any, Any, Any] | None = None
+        self._empty = Rendered()
+
+    def attach(self, factory: InformerFactory) -> None:
+        from svcnet.model import NAMESPACE, NETWORK_POLICY, POD
+        from svcnet.watch import Callbacks
+
+        informers = (factory.informer(NETWORK_POLICY), factory.informer(POD),
+                     factory.informer(NAMESPACE))
+        for inf in informers:
+            inf.add_handler(Callbacks(self._changed))
+        self._sources = informers
+
+    def _changed(self, old: Any, new: Any) -> None:
+        if old is not None and new is not None and old == new:
+            return
+        self._wake.set()
+
+    async def run(self, factory: InformerFactory) -> None:
+        self.attach(factory)
+        assert self._sources is not None
+        for inf in self._sources:
+            inf.start()
+        for inf in self._sources:
+            await inf.synced.wait()
+        await self.loop()
+
+    async def loop(self) -> None:
+        self._wake.set()
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(self.opts.min_sync_period)
+            self._wake.clear()
+            if not await self.sync_once():
+                await asyncio.sleep(self.opts.retry_delay)
+                self._wake.set()
+
+    def desired(self) -> PolicyState:
+        from svcnet.policy.state import compute
+
+        assert self._sources is not None
+        policies, pods, namespaces = (inf.cache.values() for inf in self._sources)
+        return compute(policies, pods, namespaces, node_name=self.opts.node_name)
+
+    async def sync_once(self) -> bool:
+        from svcnet.policy import metrics
+
+        now = time.monotonic()
+        full = self._need_full or now - self._last_full >= self.opts.full_sync_period
+        try:
+            await asyncio.to_thread(self._sync, full)
+        except Exception:
+            log.exception("policy sync failed (full=%s); the next one is full", full)
+            metrics.SYNC_FAILURES.inc()
+            self._need_full = True
+            return False
+        elapsed = time.monotonic() - now
+        metrics.SYNC_DURATION.labels(str(full).lower()).observe(elapsed)
+        metrics.LAST_SYNC.set(time.time())
+        self._need_full = False
+        if full:
+            self._last_full = now
+            self.full_syncs += 1
+        self.syncs += 1
+        self.synced.set()
+        return True
+
+    def _sync(self, full: bool) -> None:
+        from svcnet.policy import metrics
+        from svcnet.policy.nftables import full_script, render, update_script
+
+        state = self.desired()
+        new = render(state, log=self.opts.log_denied)
+        if full or self.applied is None:
+            apply_script(self.commands, full_script(new))
+        else:
+            script = update_script(self.applied, new)
+            if script:
+                apply_script(self.commands, [script])
+        self.applied, self.state = new, state
+        metrics.ISOLATED.labels("ingress").set(len(state.ingress))
+        metrics.ISOLATED.labels("egress").set(len(state.egress))
+        metrics.POLICIES.set(len(state.policies))
+
+    def layout(self) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+        r = self.applied or self._empty
+        return dict(r.policies), dict(r.groups)
+
+    def read_counters(self) -> str:
+        from svcnet.policy.nftables import T
+
+        return self.commands.run(["nft", "-j", "list", "counters", "table", *T.split()])
+
+
+def apply_script(commands: Commands, chunks: Any) -> None:
+    """One sealed ``nft -f`` transaction (see svcnet.proxy.sealed_input)."""
+    from svcnet.proxy.sealed_input import NFT_SEAL
+
+    commands.stream(["nft", "-f", "/proc/self/fd/0"], chunks, seal=NFT_SEAL)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class PolicyComponent:
+    name = "policy"
+
+    def __init__(self, opts: PolicyOptions) -> None:
+        self.opts = opts
+
+    async def run(self, factory: InformerFactory, store: Store) -> None:
+        from prometheus_client import REGISTRY
+        from svcnet.policy.metrics import PacketCounters
+        from svcnet.proxy.commands import SubprocessCommands
+
+        from svcnet.httpserve import HTTPServer, Response, metrics_route
+
+        enforcer = PolicyEnforcer(self.opts, SubprocessCommands(self.opts.netns))
+        collector = PacketCounters(enforcer.read_counters, enforcer.layout)
+        REGISTRY.register(collector)
+        server = None
+        if self.opts.metrics:
+            async def page() -> Response:
+                return await asyncio.to_thread(metrics_route)
+
+            def healthz() -> Response:
+                return Response(200 if enforcer.synced.is_set() else 503, b"ok\n")
+
+            server = HTTPServer({"/metrics": page, "/healthz": healthz},
+                                *_host_port(self.opts.metrics))
+            await server.start()
+        log.info("policy enforcement running for node %s", self.opts.node_name)
+        try:
+            await enforcer.run(factory)
+        finally:
+            REGISTRY.unregister(collector)
+            if server is not None:
+                await server.stop()
+
+
+def node_component(args: argparse.Namespace) -> PolicyComponent:
+    return PolicyComponent(PolicyOptions.from_args(args))
+
+
+def cleanup(netns: str | None) -> list[str]:
+    """Remove the policy table; the errors, if any, as text."""
+    from svcnet.policy.nftables import delete_script
+    from svcnet.proxy.commands import SubprocessCommands
+
+    with contextlib.suppress(Exception):
+        SubprocessCommands(netns).run(["nft", "-f", "-"], input=delete_script())
+        return []
+    return ["cannot remove table inet svcnet-policy"]

@@ -1,0 +1,290 @@
+"""NetworkPolicy rendered into the nftables table ``inet svcnet-policy``.
+
+Layout (docs/policy.md has the why)::
+
+    chain forward  (hook forward, priority filter)     chain input (hook input)
+      ct state established,related accept               ct state established,related accept
+      ip saddr vmap @egress-pods4   -> jump out-G        ip saddr vmap @egress-pods4
+      ip6 saddr vmap @egress-pods6  -> jump out-G        ip6 saddr vmap @egress-pods6
+      ip daddr vmap @ingress-pods4  -> goto in-G
+      ip6 daddr vmap @ingress-pods6 -> goto in-G
+    chain in-G     ip saddr . meta l4proto . th dport vmap @in-G-4 -> goto allow-in-P
+                   (same for ip6)  [limit + log]  counter name deny-in-G  drop
+    chain out-G    ip daddr . meta l4proto . th dport vmap @out-G-4 -> goto allow-out-P
+                   ...             [limit + log]  counter name deny-out-G drop
+    chain allow-in-P    counter name allow-in-P accept
+    chain allow-out-P   counter name allow-out-P       (returns: ingress is checked next)
+
+A packet costs at most two pod-address lookups and two concatenated-interval lookups
+whatever the number of policies or pods. The node's own traffic never passes the forward
+hook (it leaves through output), so node-to-pod traffic is not judged; prerouting DNAT runs
+before forward, so Service traffic is judged on the endpoint.
+
+Concatenated interval maps refuse overlapping elements, so each group's grants are cut into
+disjoint (address range, protocol, port range) boxes here; where rules overlap the box is
+credited to the first policy by name (``Grant`` order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import itertools
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from svcnet.policy.state import ANY, AddressRange, Family, Group, PolicyState
+
+TABLE = "svcnet-policy"
+T = f"inet {TABLE}"
+ELEMENT_BATCH = 2000
+LOG_RATE = "10/second"
+_PROTO_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
+# "every protocol" as disjoint protocol ranges, so a port-less grant never overlaps a TCP one
+_PROTO_CLASSES = ((0, 5), (6, 6), (7, 16), (17, 17), (18, 131), (132, 132), (133, 255))
+_POD_MAPS = ("ingress-pods4", "ingress-pods6", "egress-pods4", "egress-pods6")
+
+
+def policy_id(policy: str) -> str:
+    """A short, stable object-name-safe id for a ``namespace/name`` policy key."""
+    return hashlib.sha256(policy.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """The table as plain data: the unit of full and incremental syncs.
+
+    ``maps``: name -> declaration; ``chains``: name -> rules (base chains carry their hook in
+    ``hooks``); ``elements``: map name -> {key: verdict}; ``counters``: counter names;
+    ``policies``: policy id -> ``namespace/name`` (metrics labels)."""
+
+    maps: Mapping[str, str] = field(default_factory=dict)
+    chains: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    hooks: Mapping[str, str] = field(default_factory=dict)
+    elements: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    counters: frozenset[str] = frozenset()
+    policies: Mapping[str, str] = field(default_factory=dict)
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def render(state: PolicyState, *, log: bool = False) -> Rendered:
+    maps: dict[str, str] = {
+        "ingress-pods4": "{ type ipv4_addr : verdict ; }",
+        "ingress-pods6": "{ type ipv6_addr : verdict ; }",
+        "egress-pods4": "{ type ipv4_addr : verdict ; }",
+        "egress-pods6": "{ type ipv6_addr : verdict ; }",
+    }
+    egress_check = ("ip saddr vmap @egress-pods4", "ip6 saddr vmap @egress-pods6")
+    chains: dict[str, tuple[str, ...]] = {
+        "forward": ("ct state established,related accept", *egress_check,
+                    "ip daddr vmap @ingress-pods4", "ip6 daddr vmap @ingress-pods6"),
+        "input": ("ct state established,related accept", *egress_check),
+    }
+    hooks = {"forward": "type filter hook forward priority filter ; policy accept ;",
+             "input": "type filter hook input priority filter ; policy accept ;"}
+    elements: dict[str, dict[str, str]] = {name: {} for name in _POD_MAPS}
+    counters: set[str] = set()
+    policies: dict[str, str] = {}
+    groups: dict[str, tuple[str, ...]] = {}
+    for group in state.groups.values():
+        d = "in" if group.direction == "ingress" else "out"
+        peer = "saddr" if d == "in" else "daddr"
+        name = group.name
+        groups[name] = group.policies
+        rules: list[str] = []
+        for family in (4, 6):
+            ip = "ip" if family == 4 else "ip6"
+            addr = "ipv4_addr" if family == 4 else "ipv6_addr"
+            maps[f"{name}-{family}"] = (f"{{ type {addr} . inet_proto . inet_service : "
+                                        "verdict ; flags interval ; }")
+            rules.append(f"{ip} {peer} . meta l4proto . th dport vmap @{name}-{family}")
+            elements[f"{name}-{family}"] = {
+                key: f"goto allow-{d}-{pid}"
+                for key, pid in group_elements(group, family)  # type: ignore[arg-type]
+            }
+        if log:
+            first = group.policies[0] + (f"+{len(group.policies) - 1}"
+                                         if len(group.policies) > 1 else "")
+            prefix = f"svcnet-policy deny {group.direction} by {first}: "[:120]
+            rules.append(f'limit rate {LOG_RATE} log prefix "{prefix}"')
+        rules.append(f'counter name "deny-{name}" drop')
+        counters.add(f"deny-{name}")
+        chains[name] = tuple(rules)
+        for policy in group.policies:
+            pid = policy_id(policy)
+            policies[pid] = policy
+            allow = f"allow-{d}-{pid}"
+            if allow not in chains:
+                verdict = " accept" if d == "in" else ""
+                chains[allow] = (f'counter name "{allow}"{verdict}',)
+                counters.add(allow)
+    for direction, pods in (("ingress", state.ingress), ("egress", state.egress)):
+        jump = "goto" if direction == "ingress" else "jump"
+        for ip, name in pods.items():
+            elements[f"{direction}-pods{6 if ':' in ip else 4}"][ip] = f"{jump} {name}"
+    return Rendered(maps=maps, chains=chains, hooks=hooks, elements=elements,
+                    counters=frozenset(counters), policies=policies, groups=groups)
+
+
+def group_elements(group: Group, family: Family) -> Iterator[tuple[str, str]]:
+    """(element key, policy id) of a group's map for one family: disjoint boxes of
+    peer address range . protocol range . port range."""
+    # per protocol class: [(addr first, addr last, port first, port last, rank)]
+    boxes: dict[tuple[int, int], list[tuple[int, int, int, int, int]]] = defaultdict(list)
+    ranked = sorted({g.policy for g in group.grants})
+    rank = {p: i for i, p in enumerate(ranked)}
+    for grant in group.grants:
+        peers = [r for r in grant.peers if r.family == family]
+        if not peers:
+            continue
+        r_ = rank[grant.policy]
+        for port in grant.ports:
+            if port.protocol == ANY:
+                classes = [(c, 0, 65535) for c in _PROTO_CLASSES]
+            else:
+                n = _PROTO_NUMBERS[port.protocol]
+                classes = [((n, n), port.first, port.last)]
+            for cls, lo, hi in classes:
+                boxes[cls].extend((a.first, a.last, lo, hi, r_) for a in peers)
+    ids = [policy_id(p) for p in ranked]
+    for cls in sorted(boxes):
+        proto = str(cls[0]) if cls[0] == cls[1] else f"{cls[0]}-{cls[1]}"
+        for a_lo, a_hi, ports in _disjoint(boxes[cls]):
+            addr = str(AddressRange(family, a_lo, a_hi))
+            for p_lo, p_hi, r_ in ports:
+                ports_text = str(p_lo) if p_lo == p_hi else f"{p_lo}-{p_hi}"
+                yield f"{addr} . {proto} . {ports_text}", ids[r_]
+
+
+def _disjoint(boxes: list[tuple[int, int, int, int, int]]
+              ) -> Iterator[tuple[int, int, tuple[tuple[int, int, int], ...]]]:
+    """Sweep the address axis: yield (first, last, port segments) for maximal address
+    ranges over which the covering boxes do not change, each port segment credited to the
+    lowest-ranked box covering it."""
+    events: dict[int, list[tuple[int, int, int, int, int]]] = defaultdict(list)
+    for box in boxes:
+        events[box[0]].append(box)
+        events[box[1] + 1].append(box)
+    active: dict[tuple[int, int, int, int, int], int] = {}
+    points = sorted(events)
+    pending: tuple[int, int, tuple[tuple[int, int, int], ...]] | None = None
+    for i, point in enumerate(points[:-1]):
+        for box in events[point]:
+            if box[0] == point:
+                active[box] = active.get(box, 0) + 1
+            if box[1] + 1 == point:
+                left = active[box] - 1
+                if left:
+                    active[box] = left
+                else:
+                    del active[box]
+        if not active:
+            if pending:
+                yield pending
+                pending = None
+            continue
+        segments = _port_segments(active)
+        end = points[i + 1] - 1
+        if pending and pending[2] == segments and pending[1] + 1 == point:
+            pending = (pending[0], end, segments)
+            continue
+        if pending:
+            yield pending
+        pending = (point, end, segments)
+    if pending:
+        yield pending
+
+
+def _port_segments(active: Iterable[tuple[int, int, int, int, int]]
+                   ) -> tuple[tuple[int, int, int], ...]:
+    spans = sorted({(b[2], b[3], b[4]) for b in active})
+    if len(spans) == 1:
+        return (spans[0],)
+    cuts = sorted({lo for lo, _, _ in spans} | {hi + 1 for _, hi, _ in spans})
+    out: list[tuple[int, int, int]] = []
+    for lo, nxt in itertools.pairwise(cuts):
+        owners = [r for s_lo, s_hi, r in spans if s_lo <= lo and nxt - 1 <= s_hi]
+        if not owners:
+            continue
+        r = min(owners)
+        if out and out[-1][2] == r and out[-1][1] + 1 == lo:
+            out[-1] = (out[-1][0], nxt - 1, r)
+        else:
+            out.append((lo, nxt - 1, r))
+    return tuple(out)
+
+
+# --- scripts ----------------------------------------------------------------------------
+
+
+def render_full(state: PolicyState, *, log: bool = False) -> str:
+    """One ``nft -f`` transaction that replaces the table with the desired state."""
+    return "".join(full_script(render(state, log=log)))
+
+
+def full_script(r: Rendered) -> Iterator[str]:
+    yield f"add table {T}\ndelete table {T}\nadd table {T}\n"
+    lines: list[str] = [f"add counter {T} {name}" for name in sorted(r.counters)]
+    lines += [f"add map {T} {name} {decl}" for name, decl in r.maps.items()]
+    lines += [_add_chain(r, name) for name in r.chains]
+    yield "\n".join(lines) + "\n"
+    for name, rules in r.chains.items():
+        yield "".join(f"add rule {T} {name} {rule}\n" for rule in rules)
+    for name, elems in r.elements.items():
+        yield from element_lines("add", name, elems)
+
+
+def update_script(old: Rendered, new: Rendered) -> str:
+    """The incremental transaction from ``old`` (what the kernel has) to ``new``: only
+    changed chains are rewritten and only changed elements added or deleted."""
+    head: list[str] = [f"add counter {T} {n}" for n in sorted(new.counters - old.counters)]
+    head += [f"add map {T} {n} {d}" for n, d in new.maps.items() if n not in old.maps]
+    head += [_add_chain(new, n) for n in new.chains if n not in old.chains]
+    body: list[str] = []
+    for name, rules in new.chains.items():
+        before = old.chains.get(name)
+        if before == rules:
+            continue
+        if before is not None:
+            body.append(f"flush chain {T} {name}")
+        body += [f"add rule {T} {name} {rule}" for rule in rules]
+    deletes: list[str] = []
+    adds: list[str] = []
+    for name, after in new.elements.items():
+        had = old.elements.get(name, {})
+        gone = {k: v for k, v in had.items() if after.get(k) != v}
+        if name in old.maps:
+            deletes += element_lines("delete", name, gone)
+        adds += element_lines("add", name, {k: v for k, v in after.items() if had.get(k) != v})
+    tail = [f"flush chain {T} {n}" for n in old.chains if n not in new.chains]
+    tail += [f"delete map {T} {n}" for n in old.maps if n not in new.maps]
+    tail += [f"delete chain {T} {n}" for n in old.chains if n not in new.chains]
+    tail += [f"delete counter {T} {n}" for n in sorted(old.counters - new.counters)]
+    lines = [*head, *body, *(x.rstrip("\n") for x in deletes), *(x.rstrip("\n") for x in adds),
+             *tail]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def element_lines(op: str, name: str, elems: Mapping[str, str]) -> list[str]:
+    items = [f"{k} : {v}" if v and op == "add" else k for k, v in elems.items()]
+    return [f"{op} element {T} {name} {{ {', '.join(items[i:i + ELEMENT_BATCH])} }}\n"
+            for i in range(0, len(items), ELEMENT_BATCH)]
+
+
+def _add_chain(r: Rendered, name: str) -> str:
+    hook = r.hooks.get(name)
+    return f"add chain {T} {name}" + (f" {{ {hook} }}" if hook else "")
+
+
+def delete_script() -> str:
+    return f"add table {T}\ndelete table {T}\n"
+
+
+def parse_address(text: str) -> tuple[int, int, int]:
+    """(family, first, last) of an element's address field: address, CIDR or range."""
+    if "-" in text and "/" not in text:
+        lo, hi = (ipaddress.ip_address(x) for x in text.split("-", 1))
+        return lo.version, int(lo), int(hi)
+    net = ipaddress.ip_network(text, strict=False)
+    return net.version, int(net.network_address), int(net.broadcast_address)
