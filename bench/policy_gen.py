@@ -343,11 +343,16 @@ def with_pair(cluster: Cluster, client: tuple[str, str], server: tuple[str, str]
 
 
 def relabel(cluster: Cluster, n: int) -> tuple[Obj, Obj]:
-    """The ``n``-th label change: a pod of an app namespace moves to another app of its
-    namespace (as a redeploy with a new selector does). Returns (old, new) pod objects;
-    ``cluster`` is updated. Deterministic in ``n``; the pod's addresses stay."""
+    """The ``n``-th label change: a pod moves to another app of its namespace (as a
+    redeploy with a new selector does). The pod's app has a same-app policy, so the set of
+    policies isolating it -- its group in the kernel -- changes. Returns (old, new) pod
+    objects; ``cluster`` is updated. Deterministic in ``n``; the pod's addresses stay."""
+    same_app = {(p["metadata"]["namespace"], p["metadata"]["name"][:-len("-same-app")])
+                for p in cluster.policies if p["metadata"]["name"].endswith("-same-app")}
     candidates = [i for i, p in enumerate(cluster.pods)
-                  if p["metadata"]["namespace"] not in (*SYSTEM, PAIR_NAMESPACE)]
+                  if (p["metadata"]["namespace"], p["metadata"]["labels"]["app"]) in same_app]
+    if not candidates:
+        raise ValueError("no pod of an app with a same-app policy")
     i = candidates[(n * 7919) % len(candidates)]
     old = cluster.pods[i]
     ns = old["metadata"]["namespace"]

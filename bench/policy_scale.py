@@ -37,11 +37,14 @@ conn_rate_ratio, plus the raw figures.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import copy
 import errno
 import ipaddress
 import json
 import os
+import shutil
 import socket
 import statistics
 import struct
@@ -187,6 +190,141 @@ class Nfnl:
 
 def ip_key(ip: str) -> bytes:
     return ipaddress.ip_address(ip).packed
+
+
+# --- sync: the real enforcer fed by the real informers from a memory store ------------------
+
+NODE = "node-0"
+
+
+async def inside(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs in a fresh namespace (see ``main``); every pod is on this node."""
+    from proxy_scale import FileRecordingCommands, floor_once, fresh_netns, rss_mb
+    from svcnet.policy.daemon import PolicyEnforcer, PolicyOptions
+    from svcnet.proxy.commands import SubprocessCommands
+
+    from svcnet.model import POD, kind_named
+    from svcnet.store.memory import MemoryStore
+    from svcnet.watch import InformerFactory
+
+    cluster = policy_gen.generate(args.pods, args.namespaces, args.policies, nodes=(NODE,))
+    shapes = policy_gen.summary(cluster)
+    future = copy.deepcopy(cluster)  # relabel() updates the cluster it is given
+    changes = [policy_gen.relabel(future, n) for n in range(args.changes)]
+    del future
+    store = MemoryStore(history=1000)
+    for kind_name, obj in cluster.objects():
+        await store.put(kind_named(kind_name), obj)
+    del cluster  # the store holds the objects, as the API server would
+    result: dict[str, Any] = {"store_rss_mb": rss_mb(), "shapes": shapes}
+    tmp = tempfile.mkdtemp(prefix="policy-bench-")
+    commands = FileRecordingCommands(tmp, args.timeout)
+    enforcer = PolicyEnforcer(PolicyOptions(node_name=NODE,
+                                            min_sync_period=args.min_sync_period), commands)
+    factory = InformerFactory(store)
+    started = time.monotonic()
+    enforcer.attach(factory)
+    factory.start()
+    await factory.wait_for_sync(600)
+    result["informers_synced_s"] = time.monotonic() - started
+    nfnl = Nfnl()
+    try:
+        # 1. The first sync, into this fresh namespace: desired state, rendering, loading.
+        first, cpu = await timed_sync(enforcer)
+        result["cold_start_s"] = time.monotonic() - started
+        full_inputs = list(commands.inputs)
+        commands.record_streams = False
+        result["state"] = {"isolated_ingress": len(enforcer.state.ingress),
+                           "isolated_egress": len(enforcer.state.egress),
+                           "groups": len(enforcer.state.groups)}
+        result["script_kib"] = sum(os.path.getsize(f) for _, f in full_inputs) >> 10
+        floors = [floor_once(full_inputs, "stdin", args.timeout)]
+        syncs, cpus = [first], [cpu]
+        # 2. Rounds of (cold full sync into a fresh namespace, floor), back to back.
+        for r in range(args.repeat):
+            with fresh_netns("sync") as ns:
+                commands.inner = SubprocessCommands(netns=ns, timeout=args.timeout)
+                enforcer.applied = None  # forget what the kernel has: a full sync
+                took, cpu = await timed_sync(enforcer)
+                syncs.append(took)
+                cpus.append(cpu)
+            floors.append(floor_once(full_inputs, "file" if r % 2 == 0 else "stdin",
+                                     args.timeout))
+        result["full_syncs_s"] = syncs
+        result["full_syncs_cpu_s"] = cpus
+        result["floors_s"] = [f for f, _ in floors]
+        result["floors_cpu_s"] = [c for _, c in floors]
+        # 3. Back in our namespace, whose table is the first sync's: a periodic full re-sync.
+        commands.inner = SubprocessCommands(timeout=args.timeout)
+        enforcer.applied = None
+        result["resync_s"], _ = await timed_sync(enforcer)
+        # 4. One pod label change at a time: store write -> the pod's element in the kernel
+        # points at its new group (polled over netlink every 0.5 ms).
+        result["one_change_all_ms"], result["one_change_tool_ms"] = await one_changes(
+            args, store, enforcer, commands.returned, changes, nfnl, POD)
+    finally:
+        nfnl.close()
+        await factory.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    result["rss_mb"] = rss_mb()
+    return result
+
+
+async def timed_sync(enforcer: Any) -> tuple[float, tuple[float, float]]:
+    """(wall seconds, (CPU seconds of this process, of the tools it ran)) of one sync."""
+    from proxy_scale import cpu_now
+
+    started, cpu = time.monotonic(), cpu_now()
+    if not await enforcer.sync_once():
+        raise RuntimeError("policy sync failed (see the log above)")
+    after = cpu_now()
+    return time.monotonic() - started, (after[0] - cpu[0], after[1] - cpu[1])
+
+
+async def one_changes(args: argparse.Namespace, store: Any, enforcer: Any,
+                      returned: list[float], changes: list[tuple[dict[str, Any], dict[str, Any]]],
+                      nfnl: Nfnl, pod_kind: Any, timeout: float = 30
+                      ) -> tuple[list[float], list[float]]:
+    """For each (old, new) pod: write it, then poll the kernel until the pod's element in
+    ``ingress-pods4`` points at another group, run by the enforcer's own loop."""
+    loop_task = asyncio.create_task(enforcer.loop())
+    seen: list[float] = []
+    tool: list[float] = []
+    try:
+        first = enforcer.syncs
+        deadline = time.monotonic() + timeout
+        while enforcer.syncs == first and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # the loop's own first sync, before any change
+        for old, new in changes:
+            await asyncio.sleep(args.min_sync_period + 0.1)
+            key = ip_key(new["status"]["podIP"])
+            before = nfnl.verdict("svcnet-policy", "ingress-pods4", key)
+            if before is None:
+                raise RuntimeError(f"pod {old['metadata']['name']} is not isolated")
+            calls, syncs = len(returned), enforcer.syncs
+            wrote = time.monotonic()
+            await store.put(pod_kind, new)
+            deadline = wrote + timeout
+            now = wrote
+            while nfnl.verdict("svcnet-policy", "ingress-pods4", key) == before:
+                if now > deadline:
+                    raise RuntimeError("the label change never reached the kernel")
+                await asyncio.sleep(0.0005)
+                now = time.monotonic()
+            seen.append((time.monotonic() - wrote) * 1000)
+            while enforcer.syncs == syncs and time.monotonic() < deadline:
+                await asyncio.sleep(0.001)  # the sync's bookkeeping, after nft returned
+            if len(returned) > calls:
+                tool.append((returned[calls] - wrote) * 1000)
+            want = f"goto {enforcer.state.ingress[new['status']['podIP']]}"
+            got = nfnl.verdict("svcnet-policy", "ingress-pods4", key)
+            if got != want:
+                raise RuntimeError(f"kernel has {got!r} for the relabelled pod, want {want!r} "
+                                   f"(before: {before!r})")
+    finally:
+        loop_task.cancel()
+        await asyncio.gather(loop_task, return_exceptions=True)
+    return seen, tool
 
 
 # --- datapath ---------------------------------------------------------------------------------
@@ -336,10 +474,17 @@ def ratios(a: list[float], b: list[float]) -> list[float]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help="smoke size: 300 pods, 12 namespaces, 40 policies, 2 short rounds")
+                   help="smoke size: 300 pods, 12 namespaces, 80 policies, short runs")
     p.add_argument("--pods", type=int, default=10_000)
     p.add_argument("--namespaces", type=int, default=100)
     p.add_argument("--policies", type=int, default=1_000)
+    p.add_argument("--repeat", type=int, default=2,
+                   help="rounds of (cold full sync, floor) after the first sync")
+    p.add_argument("--changes", type=int, default=7, help="pod label changes timed")
+    p.add_argument("--min-sync-period", type=float, default=0.05,
+                   help="the enforcer's gathering delay (the daemon's default)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="limit for each kernel tool run, seconds")
     p.add_argument("--rounds", type=int, default=6, help="datapath rounds (A/B each)")
     p.add_argument("--seconds", type=float, default=3.0, help="iperf3 run length")
     p.add_argument("--conn-seconds", type=float, default=2.0,
@@ -348,38 +493,109 @@ def main() -> int:
                    help="at most this many connections per connection-rate run")
     p.add_argument("--skip-datapath", action="store_true")
     p.add_argument("--skip-sync", action="store_true")
+    p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
-        args.pods, args.namespaces, args.policies = 300, 12, 40
+        args.pods, args.namespaces, args.policies = 300, 12, 80
+        args.repeat, args.changes = 1, 3
         args.rounds, args.seconds, args.conn_seconds = 2, 1.0, 0.5
     if os.geteuid() != 0:
         print("bench/policy_scale.py needs root (network namespaces)", file=sys.stderr)
         return 2
+    if args.inside:
+        print(json.dumps(asyncio.run(inside(args))))
+        return 0
     out: dict[str, Any] = {}
+    load = [os.getloadavg()[0]]
+    if not args.skip_sync:
+        ns = f"svcnet-polbench-{os.getpid()}"
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        try:
+            proc = subprocess.run(
+                ["ip", "netns", "exec", ns, sys.executable, __file__, *sys.argv[1:],
+                 "--inside"], capture_output=True, text=True, check=False,
+                timeout=args.timeout * (2 * args.repeat + 4) + 600)
+        finally:
+            subprocess.run(["ip", "netns", "delete", ns], check=False)
+        if proc.returncode != 0:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        out["sync"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        load.append(os.getloadavg()[0])
     if not args.skip_datapath:
-        dp = datapath(args, print)
-        out["datapath"] = dp
-    print(json.dumps(summary(args, out)))
+        out["datapath"] = datapath(args, print)
+        load.append(os.getloadavg()[0])
+    result = report(args, out)
+    result["load_average_max"] = round(max(load), 1)
+    print(json.dumps(result))
     return 0
 
 
-def summary(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
-    result: dict[str, Any] = {"pods": args.pods, "policies": args.policies}
+def med(values: list[float], digits: int = 3) -> float | None:
+    return round(statistics.median(values), digits) if values else None
+
+
+def report(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
+    """Print the tables; return the JSON summary (ratios are medians of paired ratios)."""
+    result: dict[str, Any] = {
+        "pods": args.pods, "namespaces": args.namespaces, "policies": args.policies,
+        "full_sync_ratio": None, "one_change_ms": None, "rss_mb": None,
+        "throughput_ratio": None, "conn_rate_ratio": None}
+    sy = out.get("sync")
+    if sy:
+        syncs, floors = sy["full_syncs_s"], sy["floors_s"]
+        paired = [a / b for a, b in zip(syncs, floors, strict=True) if b]
+        cpu_paired = [sum(a) / b for a, b in zip(sy["full_syncs_cpu_s"], sy["floors_cpu_s"],
+                                                   strict=True) if b]
+        result.update(
+            full_sync_ratio=med(paired), full_sync_s=med(syncs), floor_s=med(
+                [f for f in floors if f is not None]),
+            full_sync_cpu_ratio=med(cpu_paired),
+            one_change_ms=med(sy["one_change_all_ms"], 1), rss_mb=round(sy["rss_mb"], 1),
+            store_rss_mb=round(sy["store_rss_mb"], 1),
+            one_change_tool_ms=med(sy["one_change_tool_ms"], 1),
+            cold_start_s=round(sy["cold_start_s"], 3), resync_s=round(sy["resync_s"], 3),
+            script_kib=sy["script_kib"], **sy["state"])
+        print(f"workload: {json.dumps(sy['shapes'])}")
+        print(f"desired state for one node holding every pod: {json.dumps(sy['state'])}, "
+              f"nft script {sy['script_kib']} KiB")
+        print(f"{'full sync':>10} {'floor':>8} {'ratio':>6} {'1 change':>9} {'RSS':>7} "
+              f"{'(store)':>8}")
+        print(f"{result['full_sync_s']:>9.2f}s {result['floor_s'] or 0:>7.2f}s "
+              f"{result['full_sync_ratio'] or 0:>6.2f} {result['one_change_ms']:>7.1f}ms "
+              f"{result['rss_mb']:>5.0f}MB {result['store_rss_mb']:>6.0f}MB")
+        print("pairs (full sync: desired state + rendering + nft, into a namespace without "
+              "the table; floor: bare nft -f of the same script), back to back:")
+        for i, (a, b) in enumerate(zip(syncs, floors, strict=True)):
+            ours, tools = sy["full_syncs_cpu_s"][i]
+            print(f"  full sync {a:6.2f}s (CPU: Python {ours:5.2f}s + nft {tools:5.2f}s)   "
+                  f"floor {b or 0:6.2f}s (CPU {sy['floors_cpu_s'][i]:5.2f}s)   "
+                  f"ratio {a / b if b else 0:.2f}")
+        print(f"informers' initial list {sy['informers_synced_s']:.2f}s; store -> table from a "
+              f"cold start {sy['cold_start_s']:.2f}s; periodic full re-sync "
+              f"{sy['resync_s']:.2f}s")
+        print(f"one label change -> element in the kernel (ms): "
+              f"{[round(c, 1) for c in sy['one_change_all_ms']]}; -> nft returned: "
+              f"{[round(c, 1) for c in sy['one_change_tool_ms']]}")
     dp = out.get("datapath")
     if dp:
         w, wo = dp["with"], dp["without"]
         result.update(
-            throughput_ratio=round(statistics.median(ratios(w["gbps"], wo["gbps"])), 3),
-            conn_rate_ratio=round(statistics.median(ratios(w["conn_per_s"],
-                                                           wo["conn_per_s"])), 3),
-            gbps_with=round(statistics.median(w["gbps"]), 2),
-            gbps_without=round(statistics.median(wo["gbps"]), 2),
-            conn_per_s_with=round(statistics.median(w["conn_per_s"])),
-            conn_per_s_without=round(statistics.median(wo["conn_per_s"])),
-            cpu_efficiency_ratio=round(statistics.median(
-                ratios(wo["cpu_s_per_gbit"], w["cpu_s_per_gbit"])), 3),
-            datapath_table_load_s=round(statistics.median(dp["table_load_s"]), 2),
-        )
+            throughput_ratio=med(ratios(w["gbps"], wo["gbps"])),
+            conn_rate_ratio=med(ratios(w["conn_per_s"], wo["conn_per_s"])),
+            gbps_with=med(w["gbps"], 2), gbps_without=med(wo["gbps"], 2),
+            conn_per_s_with=med(w["conn_per_s"], 0),
+            conn_per_s_without=med(wo["conn_per_s"], 0),
+            cpu_efficiency_ratio=med(ratios(wo["cpu_s_per_gbit"], w["cpu_s_per_gbit"])),
+            datapath_table_load_s=med(dp["table_load_s"], 2))
+        print(f"datapath, pod to pod across VXLAN, {args.rounds} rounds alternating table / "
+              f"none; medians (ratio: median of per-round ratios):")
+        print(f"{'':12} {'Gbit/s':>8} {'conn/s':>8} {'CPU s/Gbit':>11}")
+        for name, d in ((f"{args.policies} policies", w), ("no table", wo)):
+            print(f"{name:12} {med(d['gbps'], 2):>8} {med(d['conn_per_s'], 0):>8.0f} "
+                  f"{med(d['cpu_s_per_gbit'], 3):>11}")
+        print(f"{'ratio':12} {result['throughput_ratio']:>8} {result['conn_rate_ratio']:>8} "
+              f"{result['cpu_efficiency_ratio']:>11} (CPU efficiency)")
     return result
 
 
