@@ -262,12 +262,33 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
         # points at its new group (polled over netlink every 0.5 ms).
         result["one_change_all_ms"], result["one_change_tool_ms"] = await one_changes(
             args, store, enforcer, commands.returned, changes, nfnl, POD)
+        result["rss_mb"] = rss_mb()
+        result["breakdown_s"] = breakdown(enforcer)  # after the RSS: it holds a 2nd state
     finally:
         nfnl.close()
         await factory.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    result["rss_mb"] = rss_mb()
     return result
+
+
+def breakdown(enforcer: Any) -> dict[str, float]:
+    """Where a sync's Python time goes (CPU seconds of each step, run once more here)."""
+    from svcnet.policy.nftables import full_script, render, update_script
+
+    out: dict[str, float] = {}
+    t = time.process_time()
+    state = enforcer.desired()
+    out["compute"] = time.process_time() - t
+    t = time.process_time()
+    rendered = render(state)
+    out["render"] = time.process_time() - t
+    t = time.process_time()
+    "".join(full_script(rendered))
+    out["full_script"] = time.process_time() - t
+    t = time.process_time()
+    update_script(enforcer.applied, rendered)
+    out["update_script_no_change"] = time.process_time() - t
+    return out
 
 
 async def timed_sync(enforcer: Any) -> tuple[float, tuple[float, float]]:
@@ -574,6 +595,8 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
         print(f"informers' initial list {sy['informers_synced_s']:.2f}s; store -> table from a "
               f"cold start {sy['cold_start_s']:.2f}s; periodic full re-sync "
               f"{sy['resync_s']:.2f}s")
+        print("Python CPU of a sync's steps (s): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in sy["breakdown_s"].items()))
         print(f"one label change -> element in the kernel (ms): "
               f"{[round(c, 1) for c in sy['one_change_all_ms']]}; -> nft returned: "
               f"{[round(c, 1) for c in sy['one_change_tool_ms']]}")
