@@ -35,7 +35,8 @@ def register(sub: Any) -> None:
     s.set_defaults(func=_status)
 
 
-async def load_state(store: Store, node_name: str | None) -> PolicyState:
+async def load_state(store: Store, node_name: str | None,
+                     rejected: list[str] | None = None) -> PolicyState:
     from svcnet.policy.state import compute
 
     from svcnet.model import NAMESPACE, NETWORK_POLICY, POD, InvalidObject, Kind
@@ -45,8 +46,9 @@ async def load_state(store: Store, node_name: str | None) -> PolicyState:
         for raw in (await store.list(kind)).items:
             try:
                 out.append(kind.decode(raw.data))
-            except InvalidObject:
-                continue  # the daemon's informer refuses it too
+            except InvalidObject as err:
+                if rejected is not None:  # the daemon's informer refuses it too
+                    rejected.append(f"rejected {err.kind} {err.key}: {err.problem}")
         return out
 
     try:
@@ -84,7 +86,8 @@ def _status(args: argparse.Namespace) -> int:
 
     from svcnet.store.open import store_from_args
 
-    state = asyncio.run(load_state(store_from_args(args), args.node_name))
+    rejected: list[str] = []
+    state = asyncio.run(load_state(store_from_args(args), args.node_name, rejected))
     try:
         kernel = kernel_items(SubprocessCommands(args.netns))
     except CommandFailed as err:
@@ -94,6 +97,8 @@ def _status(args: argparse.Namespace) -> int:
     print(f"policy status: {'in sync' if not missing and not extra else 'DRIFT'} "
           f"({len(state.ingress)} ingress- and {len(state.egress)} egress-isolated addresses, "
           f"{len(state.groups)} groups)")
+    for line in rejected:
+        print(f"  {line} (the daemon enforces its last good version: it shows as drift)")
     for item in sorted(missing)[:50]:
         print(f"  missing: {item}")
     for item in sorted(extra)[:50]:

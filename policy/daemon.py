@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -25,7 +24,7 @@ from svcnet.store.base import Store
 from svcnet.watch import InformerFactory
 
 if TYPE_CHECKING:
-    from svcnet.policy.nftables import Rendered
+    from svcnet.policy.nftables import ElementCache, Rendered
     from svcnet.policy.state import PolicyState
     from svcnet.proxy.commands import Commands
 
@@ -85,6 +84,7 @@ class PolicyEnforcer:
         self._last_full = -1e9
         self._sources: tuple[Any, Any, Any] | None = None
         self._empty = Rendered()
+        self._elements: ElementCache = {}
 
     def attach(self, factory: InformerFactory) -> None:
         from svcnet.model import NAMESPACE, NETWORK_POLICY, POD
@@ -155,7 +155,7 @@ class PolicyEnforcer:
         from svcnet.policy.nftables import full_script, render, update_script
 
         state = self.desired()
-        new = render(state, log=self.opts.log_denied)
+        new = render(state, log=self.opts.log_denied, cache=self._elements)
         if full or self.applied is None:
             apply_script(self.commands, full_script(new))
         else:
@@ -234,7 +234,8 @@ def cleanup(netns: str | None) -> list[str]:
     from svcnet.policy.nftables import delete_script
     from svcnet.proxy.commands import SubprocessCommands
 
-    with contextlib.suppress(Exception):
+    try:
         SubprocessCommands(netns).run(["nft", "-f", "-"], input=delete_script())
-        return []
-    return ["cannot remove table inet svcnet-policy"]
+    except Exception as err:  # the other components' cleanup goes on
+        return [f"cannot remove table inet svcnet-policy: {err}"]
+    return []

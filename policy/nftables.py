@@ -4,6 +4,7 @@ Layout (docs/policy.md has the why)::
 
     chain forward  (hook forward, priority filter)     chain input (hook input)
       ct state established,related accept               ct state established,related accept
+      icmpv6 type { nd-... } accept (neighbour discovery) (same)
       ip saddr vmap @egress-pods4   -> jump out-G        ip saddr vmap @egress-pods4
       ip6 saddr vmap @egress-pods6  -> jump out-G        ip6 saddr vmap @egress-pods6
       ip daddr vmap @ingress-pods4  -> goto in-G
@@ -43,6 +44,10 @@ LOG_RATE = "10/second"
 _PROTO_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
 # "every protocol" as disjoint protocol ranges, so a port-less grant never overlaps a TCP one
 _PROTO_CLASSES = ((0, 5), (6, 6), (7, 16), (17, 17), (18, 131), (132, 132), (133, 255))
+# IPv6 needs these to resolve any neighbour (the node's too): never judged by policy, as
+# ARP is not for IPv4.
+NEIGHBOUR_DISCOVERY = ("icmpv6 type { nd-router-solicit, nd-router-advert, nd-neighbor-solicit, "
+                       "nd-neighbor-advert, nd-redirect } accept")
 _POD_MAPS = ("ingress-pods4", "ingress-pods6", "egress-pods4", "egress-pods6")
 
 
@@ -68,7 +73,14 @@ class Rendered:
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-def render(state: PolicyState, *, log: bool = False) -> Rendered:
+ElementCache = dict[tuple[Group, int], dict[str, str]]
+
+
+def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None = None
+           ) -> Rendered:
+    """The table for ``state``. ``cache`` (kept by the daemon between syncs) maps
+    (group, family) to its elements: an unchanged group is not cut into boxes again; on
+    return it holds exactly the groups of this state."""
     maps: dict[str, str] = {
         "ingress-pods4": "{ type ipv4_addr : verdict ; }",
         "ingress-pods6": "{ type ipv6_addr : verdict ; }",
@@ -76,10 +88,11 @@ def render(state: PolicyState, *, log: bool = False) -> Rendered:
         "egress-pods6": "{ type ipv6_addr : verdict ; }",
     }
     egress_check = ("ip saddr vmap @egress-pods4", "ip6 saddr vmap @egress-pods6")
+    first = ("ct state established,related accept", NEIGHBOUR_DISCOVERY)
     chains: dict[str, tuple[str, ...]] = {
-        "forward": ("ct state established,related accept", *egress_check,
+        "forward": (*first, *egress_check,
                     "ip daddr vmap @ingress-pods4", "ip6 daddr vmap @ingress-pods6"),
-        "input": ("ct state established,related accept", *egress_check),
+        "input": (*first, *egress_check),
     }
     hooks = {"forward": "type filter hook forward priority filter ; policy accept ;",
              "input": "type filter hook input priority filter ; policy accept ;"}
@@ -87,6 +100,8 @@ def render(state: PolicyState, *, log: bool = False) -> Rendered:
     counters: set[str] = set()
     policies: dict[str, str] = {}
     groups: dict[str, tuple[str, ...]] = {}
+    old_cache: ElementCache = dict(cache) if cache is not None else {}
+    new_cache: ElementCache = {}
     for group in state.groups.values():
         d = "in" if group.direction == "ingress" else "out"
         peer = "saddr" if d == "in" else "daddr"
@@ -99,14 +114,15 @@ def render(state: PolicyState, *, log: bool = False) -> Rendered:
             maps[f"{name}-{family}"] = (f"{{ type {addr} . inet_proto . inet_service : "
                                         "verdict ; flags interval ; }")
             rules.append(f"{ip} {peer} . meta l4proto . th dport vmap @{name}-{family}")
-            elements[f"{name}-{family}"] = {
-                key: f"goto allow-{d}-{pid}"
-                for key, pid in group_elements(group, family)  # type: ignore[arg-type]
-            }
+            found = old_cache.get((group, family))
+            if found is None:
+                found = {key: f"goto allow-{d}-{pid}"
+                         for key, pid in group_elements(group, family)}  # type: ignore[arg-type]
+            new_cache[group, family] = elements[f"{name}-{family}"] = found
         if log:
-            first = group.policies[0] + (f"+{len(group.policies) - 1}"
-                                         if len(group.policies) > 1 else "")
-            prefix = f"svcnet-policy deny {group.direction} by {first}: "[:120]
+            by = group.policies[0] + (f"+{len(group.policies) - 1}"
+                                      if len(group.policies) > 1 else "")
+            prefix = f"svcnet-policy deny {group.direction} by {by}: "[:120]
             rules.append(f'limit rate {LOG_RATE} log prefix "{prefix}"')
         rules.append(f'counter name "deny-{name}" drop')
         counters.add(f"deny-{name}")
@@ -123,6 +139,9 @@ def render(state: PolicyState, *, log: bool = False) -> Rendered:
         jump = "goto" if direction == "ingress" else "jump"
         for ip, name in pods.items():
             elements[f"{direction}-pods{6 if ':' in ip else 4}"][ip] = f"{jump} {name}"
+    if cache is not None:
+        cache.clear()
+        cache.update(new_cache)
     return Rendered(maps=maps, chains=chains, hooks=hooks, elements=elements,
                     counters=frozenset(counters), policies=policies, groups=groups)
 
@@ -131,9 +150,14 @@ def group_elements(group: Group, family: Family) -> Iterator[tuple[str, str]]:
     """(element key, policy id) of a group's map for one family: disjoint boxes of
     peer address range . protocol range . port range."""
     # per protocol class: [(addr first, addr last, port first, port last, rank)]
-    boxes: dict[tuple[int, int], list[tuple[int, int, int, int, int]]] = defaultdict(list)
+    # Several policies often allow the same peers on the same ports: one box each, credited
+    # to the first policy.
+    boxes: dict[tuple[int, int], dict[tuple[int, int, int, int], int]] = defaultdict(dict)
     ranked = sorted({g.policy for g in group.grants})
     rank = {p: i for i, p in enumerate(ranked)}
+    # Only port-less grants (the common "allow from these pods"): one protocol range.
+    any_only = all(p.protocol == ANY for g in group.grants for p in g.ports)
+    any_classes = ((0, 255),) if any_only else _PROTO_CLASSES
     for grant in group.grants:
         peers = [r for r in grant.peers if r.family == family]
         if not peers:
@@ -141,64 +165,67 @@ def group_elements(group: Group, family: Family) -> Iterator[tuple[str, str]]:
         r_ = rank[grant.policy]
         for port in grant.ports:
             if port.protocol == ANY:
-                classes = [(c, 0, 65535) for c in _PROTO_CLASSES]
+                classes = [(c, 0, 65535) for c in any_classes]
             else:
                 n = _PROTO_NUMBERS[port.protocol]
                 classes = [((n, n), port.first, port.last)]
             for cls, lo, hi in classes:
-                boxes[cls].extend((a.first, a.last, lo, hi, r_) for a in peers)
+                found = boxes[cls]
+                for a in peers:
+                    key = (a.first, a.last, lo, hi)
+                    if found.setdefault(key, r_) > r_:
+                        found[key] = r_
     ids = [policy_id(p) for p in ranked]
     for cls in sorted(boxes):
         proto = str(cls[0]) if cls[0] == cls[1] else f"{cls[0]}-{cls[1]}"
-        for a_lo, a_hi, ports in _disjoint(boxes[cls]):
+        for a_lo, a_hi, ports in _disjoint(boxes[cls].items()):
             addr = str(AddressRange(family, a_lo, a_hi))
             for p_lo, p_hi, r_ in ports:
                 ports_text = str(p_lo) if p_lo == p_hi else f"{p_lo}-{p_hi}"
                 yield f"{addr} . {proto} . {ports_text}", ids[r_]
 
 
-def _disjoint(boxes: list[tuple[int, int, int, int, int]]
+def _disjoint(boxes: Iterable[tuple[tuple[int, int, int, int], int]]
               ) -> Iterator[tuple[int, int, tuple[tuple[int, int, int], ...]]]:
     """Sweep the address axis: yield (first, last, port segments) for maximal address
     ranges over which the covering boxes do not change, each port segment credited to the
-    lowest-ranked box covering it."""
-    events: dict[int, list[tuple[int, int, int, int, int]]] = defaultdict(list)
-    for box in boxes:
-        events[box[0]].append(box)
-        events[box[1] + 1].append(box)
-    active: dict[tuple[int, int, int, int, int], int] = {}
-    points = sorted(events)
-    pending: tuple[int, int, tuple[tuple[int, int, int], ...]] | None = None
-    for i, point in enumerate(points[:-1]):
-        for box in events[point]:
-            if box[0] == point:
-                active[box] = active.get(box, 0) + 1
-            if box[1] + 1 == point:
-                left = active[box] - 1
-                if left:
-                    active[box] = left
-                else:
-                    del active[box]
-        if not active:
-            if pending:
-                yield pending
-                pending = None
+    lowest-ranked box covering it.
+
+    Only the (port range, rank) spans matter, so the sweep counts those: consecutive pod
+    addresses allowed on the same ports (the common case) never change the span set and
+    cost one dictionary update each."""
+    events: dict[int, list[tuple[tuple[int, int, int], int]]] = defaultdict(list)
+    for (a_lo, a_hi, p_lo, p_hi), rank in boxes:
+        span = (p_lo, p_hi, rank)
+        events[a_lo].append((span, 1))
+        events[a_hi + 1].append((span, -1))
+    active: dict[tuple[int, int, int], int] = {}
+    computed_for: frozenset[tuple[int, int, int]] = frozenset()
+    segments: tuple[tuple[int, int, int], ...] = ()
+    start = 0
+    for point in sorted(events):
+        changed = False
+        for span, delta in events[point]:
+            count = active.get(span, 0) + delta
+            if count:
+                changed = changed or span not in active
+                active[span] = count
+            else:
+                del active[span]
+                changed = True
+        if not changed or active.keys() == computed_for:
             continue
-        segments = _port_segments(active)
-        end = points[i + 1] - 1
-        if pending and pending[2] == segments and pending[1] + 1 == point:
-            pending = (pending[0], end, segments)
+        computed_for = frozenset(active)
+        now = _port_segments(computed_for) if active else ()
+        if now == segments:
             continue
-        if pending:
-            yield pending
-        pending = (point, end, segments)
-    if pending:
-        yield pending
+        if segments:
+            yield start, point - 1, segments
+        segments, start = now, point
 
 
-def _port_segments(active: Iterable[tuple[int, int, int, int, int]]
-                   ) -> tuple[tuple[int, int, int], ...]:
-    spans = sorted({(b[2], b[3], b[4]) for b in active})
+def _port_segments(active: Iterable[tuple[int, int, int]]) -> tuple[tuple[int, int, int], ...]:
+    spans = sorted(active)
     if len(spans) == 1:
         return (spans[0],)
     cuts = sorted({lo for lo, _, _ in spans} | {hi + 1 for _, hi, _ in spans})

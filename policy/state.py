@@ -28,7 +28,9 @@ import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
+
+import msgspec
 
 from svcnet.model import (
     LabelSelector,
@@ -47,9 +49,9 @@ ANY = "any"
 """Protocol of a grant without ports: every protocol (ICMP too), every port."""
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class AddressRange:
-    """An inclusive range of addresses of one family, as integers."""
+class AddressRange(NamedTuple):
+    """An inclusive range of addresses of one family, as integers (a tuple: sorting and
+    hashing millions of them stays in C)."""
 
     family: Family
     first: int
@@ -69,8 +71,7 @@ class AddressRange:
         return str(nets[0]) if len(nets) == 1 else f"{lo}-{hi}"
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class PortRange:
+class PortRange(NamedTuple):
     """``protocol`` TCP/UDP/SCTP with an inclusive destination port range, or ``any``."""
 
     protocol: str
@@ -203,13 +204,21 @@ class _Computation:
             if _usable(pod):
                 self.pods_by_ns[pod.metadata.namespace].append(pod)
         self.ns_labels = {ns.metadata.name: ns.labels for ns in namespaces}
-        self._peer_cache: dict[tuple[str, str, int], list[Pod]] = {}
-        self._ns_cache: dict[int, list[str]] = {}
+        self.ranges: dict[int, tuple[AddressRange, ...]] = {
+            id(p): tuple(_range_of(ip) for ip in p.ips)
+            for ps in self.pods_by_ns.values() for p in ps}
+        # Policies repeat selectors (same labels in many namespaces): each distinct
+        # (namespaces, selector) is matched once.
+        self._selected: dict[tuple[tuple[str, ...], bytes], list[Pod]] = {}
+        self._ns_cache: dict[bytes, list[str]] = {}
+        self._peer_ranges: dict[tuple[str, bytes], tuple[AddressRange, ...]] = {}
+        self._ingress: dict[tuple[str, tuple[tuple[str, str, int | None], ...]],
+                            list[Grant]] = {}
 
     # --- selection ----------------------------------------------------------------------
 
     def _namespaces(self, selector: LabelSelector) -> list[str]:
-        key = id(selector)
+        key = msgspec.json.encode(selector)
         found = self._ns_cache.get(key)
         if found is None:
             found = [name for name, labels in self.ns_labels.items() if selector.matches(labels)]
@@ -221,18 +230,31 @@ class _Computation:
             spaces = self._namespaces(peer.namespace_selector)
         else:
             spaces = [policy_ns]
-        sel = peer.pod_selector
-        out: list[Pod] = []
-        for ns in spaces:
-            pods = self.pods_by_ns.get(ns, ())
-            out.extend(pods if sel is None else (p for p in pods if sel.matches(
-                p.metadata.labels)))
-        return out
+        return self.selected(tuple(spaces), peer.pod_selector)
+
+    def selected(self, spaces: tuple[str, ...], sel: LabelSelector | None) -> list[Pod]:
+        key = (spaces, msgspec.json.encode(sel))
+        found = self._selected.get(key)
+        if found is None:
+            found = []
+            for ns in spaces:
+                pods = self.pods_by_ns.get(ns, ())
+                found.extend(pods if sel is None else (
+                    p for p in pods if sel.matches(p.metadata.labels)))
+            self._selected[key] = found
+        return found
 
     def peer_ranges(self, policy_ns: str, peer: NetworkPolicyPeer) -> tuple[AddressRange, ...]:
-        if peer.ip_block is not None:
-            return ip_block_ranges(peer.ip_block.cidr, peer.ip_block.except_)
-        return tuple(_range_of(ip) for p in self.peer_pods(policy_ns, peer) for ip in p.ips)
+        key = (policy_ns, msgspec.json.encode(peer))
+        found = self._peer_ranges.get(key)
+        if found is None:
+            if peer.ip_block is not None:
+                found = ip_block_ranges(peer.ip_block.cidr, peer.ip_block.except_)
+            else:
+                ranges = self.ranges
+                found = tuple(r for p in self.peer_pods(policy_ns, peer) for r in ranges[id(p)])
+            self._peer_ranges[key] = found
+        return found
 
     # --- grants -------------------------------------------------------------------------
 
@@ -257,6 +279,17 @@ class _Computation:
             if peers:
                 out.append(Grant(key, i, tuple(sorted(set(peers))), ports))
         return out
+
+    def _ingress_of(self, policy: NetworkPolicy, named: Mapping[tuple[str, str], int]
+                    ) -> list[Grant]:
+        """``ingress_grants`` once per policy and resolution of the names it uses."""
+        used = tuple(sorted({(str(pp.port), pp.proto) for r in policy.spec.ingress
+                             for pp in r.ports if isinstance(pp.port, str)}))
+        key = (object_key(policy), tuple((n, p, named.get((n, p))) for n, p in used))
+        found = self._ingress.get(key)
+        if found is None:
+            found = self._ingress[key] = self.ingress_grants(policy, named)
+        return found
 
     def egress_grants(self, policy: NetworkPolicy) -> list[Grant]:
         key = object_key(policy)
@@ -292,7 +325,7 @@ class _Computation:
                     r for p in rule.ports if isinstance(p.port, str)
                     if (r := _port_range(p, named.get((p.port, p.proto)))) is not None)
                 if ports:
-                    by_ports[tuple(sorted(set(ports)))].update(_range_of(ip) for ip in pod.ips)
+                    by_ports[tuple(sorted(set(ports)))].update(self.ranges[id(pod)])
             for port_set, addresses in sorted(by_ports.items()):
                 if addresses:
                     out.append(Grant(key, i, tuple(sorted(addresses)), port_set))
@@ -330,7 +363,7 @@ class _Computation:
                 keys = tuple(object_key(p) for p in in_pols)
                 name = "in-" + _short_hash(repr((keys, resolution)))
                 if name not in groups:
-                    grants = [g for p in in_pols for g in self.ingress_grants(p, named)]
+                    grants = [g for p in in_pols for g in self._ingress_of(p, named)]
                     groups[name] = Group(name, "ingress", keys, tuple(grants))
                 for ip in pod.ips:
                     ingress[ip] = name

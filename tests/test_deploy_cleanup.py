@@ -58,6 +58,7 @@ def test_cleanup_removes_what_svcnet_put_and_nothing_else(netns: Callable[[str],
           "onlink")
     ns_sh(ns, "ip", "link", "add", "keep0", "type", "veth", "peer", "name", "keep1")
     ns_sh(ns, "nft", "add", "table", "inet", "keep")
+    ns_sh(ns, "nft", "add", "table", "inet", "svcnet-policy")  # as `svcnet node --policy`
     bin_dir, conf_dir, run_dir = tmp_path / "bin", tmp_path / "net.d", tmp_path / "run"
     run_dir.mkdir()
     subprocess.run([*SVCNET, "cni", "install", "--bin-dir", str(bin_dir), "--conf-dir",
