@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import copy
 import errno
+import gc
 import ipaddress
 import json
 import os
@@ -219,13 +220,19 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"store_rss_mb": rss_mb(), "shapes": shapes}
     tmp = tempfile.mkdtemp(prefix="policy-bench-")
     commands = FileRecordingCommands(tmp, args.timeout)
-    enforcer = PolicyEnforcer(PolicyOptions(node_name=NODE,
-                                            min_sync_period=args.min_sync_period), commands)
-    factory = InformerFactory(store)
+
+    async def start() -> tuple[PolicyEnforcer, InformerFactory]:
+        """A new enforcer (no caches) on new informers, synced with the store."""
+        enforcer = PolicyEnforcer(PolicyOptions(
+            node_name=NODE, min_sync_period=args.min_sync_period), commands)
+        factory = InformerFactory(store)
+        enforcer.attach(factory)
+        factory.start()
+        await factory.wait_for_sync(600)
+        return enforcer, factory
+
     started = time.monotonic()
-    enforcer.attach(factory)
-    factory.start()
-    await factory.wait_for_sync(600)
+    enforcer, factory = await start()
     result["informers_synced_s"] = time.monotonic() - started
     nfnl = Nfnl()
     try:
@@ -240,11 +247,15 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
         result["script_kib"] = sum(os.path.getsize(f) for _, f in full_inputs) >> 10
         floors = [floor_once(full_inputs, "stdin", args.timeout)]
         syncs, cpus = [first], [cpu]
-        # 2. Rounds of (cold full sync into a fresh namespace, floor), back to back.
+        # 2. Rounds of (cold full sync into a fresh namespace, floor), back to back. Cold:
+        # a new enforcer, so nothing computed or rendered before is reused.
         for r in range(args.repeat):
+            await factory.stop()
+            del enforcer, factory
+            gc.collect()
+            enforcer, factory = await start()
             with fresh_netns("sync") as ns:
                 commands.inner = SubprocessCommands(netns=ns, timeout=args.timeout)
-                enforcer.applied = None  # forget what the kernel has: a full sync
                 took, cpu = await timed_sync(enforcer)
                 syncs.append(took)
                 cpus.append(cpu)
@@ -254,7 +265,8 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
         result["full_syncs_cpu_s"] = cpus
         result["floors_s"] = [f for f, _ in floors]
         result["floors_cpu_s"] = [c for _, c in floors]
-        # 3. Back in our namespace, whose table is the first sync's: a periodic full re-sync.
+        # 3. Back in our namespace, whose table is the first sync's: a periodic full re-sync
+        # (caches kept, the table replaced in one transaction).
         commands.inner = SubprocessCommands(timeout=args.timeout)
         enforcer.applied = None
         result["resync_s"], _ = await timed_sync(enforcer)
