@@ -7,15 +7,21 @@ with except, named ports, port ranges, egress to DNS and the internet).
 
 Sync (in a fresh network namespace: the process re-executes itself inside it, as the
 daemon runs inside its node's namespace; every pod is on this node, the worst case):
-- ``full_sync_s``: the real node component, fed from an in-memory store through the real
-  informers, from start to the whole table in the kernel; then ``--repeat`` cold rounds
-  (state forgotten, fresh namespace). ``floor_s``: the bare ``nft -f`` of exactly the
-  ruleset that sync loaded, into a fresh namespace, right after each sync (same load).
-  ``full_sync_ratio``: median of the pairs' ratios;
-- ``one_change_ms``: store write of one pod label change -> the changed element is in the
-  kernel (polled with ``nft get element``), median of ``--changes``;
-- ``rss_mb``: peak RSS of that process (component + informers + the memory store holding
-  every object; a real node talks to the API server instead).
+- ``full_sync_s``: the real enforcer of the node component (``svcnet.policy.daemon``),
+  fed from an in-memory store through the real informers: one sync (desired state,
+  rendering, the ``nft`` transaction) into a namespace without the table. The first at
+  start, then ``--repeat`` cold rounds, each on a new enforcer (nothing reused) into a
+  fresh namespace. ``floor_s``: the bare ``nft -f`` of exactly the script the first sync
+  streamed, into a fresh namespace, right after each sync (same load).
+  ``full_sync_ratio``: median of the pairs' ratios (``full_sync_cpu_ratio``: the same with
+  CPU seconds, Python + nft against nft, which other jobs disturb less);
+- ``one_change_ms``: store write of one pod label change -> the pod's element in
+  ``ingress-pods4`` points at its new group in the kernel (polled over netlink every
+  0.5 ms: ``nft get element`` loads the whole table first, ~1 s here), run by the
+  enforcer's own loop with its default gathering delay; median of ``--changes``;
+- ``rss_mb``: peak RSS of that process (enforcer + informers + the memory store holding
+  every object; a real node talks to the API server instead); ``store_rss_mb`` once the
+  store was filled.
 
 Datapath: two simulated nodes (namespaces on a bridge underlay) running ``svcnet node
 --overlay`` (VXLAN) against etcd, one pod each, as ``bench/overlay.py`` builds them. The
@@ -26,7 +32,8 @@ its own pods. Rounds alternate table / no table (A/B, B/A, ...), each measuring:
   median of per-round table/no-table ratios);
 - new TCP connections per second: one Python client connecting and closing in a loop
   against a listener in the server pod, each connection a new conntrack entry judged by
-  the policy (``conn_rate_ratio``, same pairing).
+  the policy (``conn_rate_ratio``, same pairing); ``conn_cpu_efficiency_ratio``: the same
+  per CPU second of the client, which carries most of the datapath's work.
 Before the rounds it checks that the table enforces: a port no policy allows is refused.
 
 Usage (root): .venv/bin/python bench/policy_scale.py [--quick] [--pods 10000 --policies 1000]
