@@ -71,6 +71,7 @@ class PolicyEnforcer:
 
     def __init__(self, opts: PolicyOptions, commands: Commands) -> None:
         from svcnet.policy.nftables import Rendered
+        from svcnet.policy.state import Memo
 
         self.opts = opts
         self.commands = commands
@@ -85,6 +86,7 @@ class PolicyEnforcer:
         self._sources: tuple[Any, Any, Any] | None = None
         self._empty = Rendered()
         self._elements: ElementCache = {}
+        self._memo = Memo()
 
     def attach(self, factory: InformerFactory) -> None:
         from svcnet.model import NAMESPACE, NETWORK_POLICY, POD
@@ -125,7 +127,8 @@ class PolicyEnforcer:
 
         assert self._sources is not None
         policies, pods, namespaces = (inf.cache.values() for inf in self._sources)
-        return compute(policies, pods, namespaces, node_name=self.opts.node_name)
+        return compute(policies, pods, namespaces, node_name=self.opts.node_name,
+                       memo=self._memo)
 
     async def sync_once(self) -> bool:
         from svcnet.policy import metrics
@@ -153,7 +156,11 @@ class PolicyEnforcer:
     def _sync(self, full: bool) -> None:
         from svcnet.policy import metrics
         from svcnet.policy.nftables import full_script, render, update_script
+        from svcnet.policy.state import Memo
 
+        if full:  # nothing carried over from before a failure or across a full sync
+            self._memo = Memo()
+            self._elements.clear()
         state = self.desired()
         new = render(state, log=self.opts.log_denied, cache=self._elements)
         if full or self.applied is None:

@@ -73,7 +73,9 @@ class Rendered:
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-ElementCache = dict[tuple[Group, int], dict[str, str]]
+ElementCache = dict[tuple[str, int], tuple[Group, dict[str, str]]]
+"""(group name, family) -> (the group rendered, its elements): reused while the group is
+the same (identical grants objects make that check cheap; no hashing of large tuples)."""
 
 
 def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None = None
@@ -114,11 +116,13 @@ def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None 
             maps[f"{name}-{family}"] = (f"{{ type {addr} . inet_proto . inet_service : "
                                         "verdict ; flags interval ; }")
             rules.append(f"{ip} {peer} . meta l4proto . th dport vmap @{name}-{family}")
-            found = old_cache.get((group, family))
+            hit = old_cache.get((name, family))
+            found = hit[1] if hit is not None and (hit[0] is group or hit[0] == group) else None
             if found is None:
                 found = {key: f"goto allow-{d}-{pid}"
                          for key, pid in group_elements(group, family)}  # type: ignore[arg-type]
-            new_cache[group, family] = elements[f"{name}-{family}"] = found
+            elements[f"{name}-{family}"] = found
+            new_cache[name, family] = (group, found)
         if log:
             by = group.policies[0] + (f"+{len(group.policies) - 1}"
                                       if len(group.policies) > 1 else "")
@@ -178,11 +182,29 @@ def group_elements(group: Group, family: Family) -> Iterator[tuple[str, str]]:
     ids = [policy_id(p) for p in ranked]
     for cls in sorted(boxes):
         proto = str(cls[0]) if cls[0] == cls[1] else f"{cls[0]}-{cls[1]}"
-        for a_lo, a_hi, ports in _disjoint(boxes[cls].items()):
+        for a_lo, a_hi, ports in _disjoint_cached(boxes[cls]):
             addr = str(AddressRange(family, a_lo, a_hi))
             for p_lo, p_hi, r_ in ports:
                 ports_text = str(p_lo) if p_lo == p_hi else f"{p_lo}-{p_hi}"
                 yield f"{addr} . {proto} . {ports_text}", ids[r_]
+
+
+_SWEPT: dict[frozenset[tuple[tuple[int, int, int, int], int]],
+             list[tuple[int, int, tuple[tuple[int, int, int], ...]]]] = {}
+_SWEPT_MAX = 512
+
+
+def _disjoint_cached(boxes: dict[tuple[int, int, int, int], int]
+                     ) -> list[tuple[int, int, tuple[tuple[int, int, int], ...]]]:
+    """``_disjoint``, remembered: groups of different policies with rules of the same shape
+    (one per namespace, say) have the same boxes up to policy names."""
+    key = frozenset(boxes.items())
+    found = _SWEPT.get(key)
+    if found is None:
+        if len(_SWEPT) >= _SWEPT_MAX:
+            _SWEPT.clear()
+        found = _SWEPT[key] = list(_disjoint(boxes.items()))
+    return found
 
 
 def _disjoint(boxes: Iterable[tuple[tuple[int, int, int, int], int]]

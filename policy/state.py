@@ -28,7 +28,7 @@ import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 
@@ -132,10 +132,43 @@ class PolicyState:
     policies: tuple[str, ...] = ()
 
 
+@dataclass
+class Memo:
+    """What one ``compute`` leaves for the next (the daemon keeps one): selector matches,
+    peer ranges and grants, each dropped when a namespace it read from changed (a pod of it
+    added, removed or replaced), when its policy changed, or, for all of them, when any
+    namespace's labels did. Objects are compared by identity, as informer caches keep an
+    unchanged object."""
+
+    pods_by_ns: dict[str, list[Pod]] = field(default_factory=dict)
+    ns_labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    policies: dict[str, NetworkPolicy] = field(default_factory=dict)
+    ranges: dict[tuple[str, ...], tuple[AddressRange, ...]] = field(default_factory=dict)
+    selected: dict[tuple[tuple[str, ...], bytes], tuple[list[Pod], LabelSelector | None]] = \
+        field(default_factory=dict)
+    peer_ranges: dict[tuple[str, bytes], tuple[tuple[AddressRange, ...], Any]] = \
+        field(default_factory=dict)
+    ingress: dict[str, dict[tuple[tuple[str, str, int | None], ...], list[Grant]]] = \
+        field(default_factory=dict)
+    egress: dict[str, list[Grant]] = field(default_factory=dict)
+    deps: dict[str, frozenset[Any]] = field(default_factory=dict)
+    groups: dict[str, Group] = field(default_factory=dict)
+    names: dict[tuple[str, tuple[str, ...], tuple[Any, ...]], str] = field(default_factory=dict)
+
+
+_ALL_NAMESPACES = "*"
+
+
 def compute(policies: Iterable[NetworkPolicy], pods: Iterable[Pod],
-            namespaces: Iterable[Namespace], *, node_name: str | None) -> PolicyState:
-    """The desired state for the pods on ``node_name`` (every pod when None)."""
-    return _Computation(policies, pods, namespaces).run(node_name)
+            namespaces: Iterable[Namespace], *, node_name: str | None,
+            memo: Memo | None = None) -> PolicyState:
+    """The desired state for the pods on ``node_name`` (every pod when None); ``memo``
+    carries caches from the previous call (see ``Memo``)."""
+    return _Computation(policies, pods, namespaces, memo or Memo()).run(node_name)
+
+
+def _same(a: list[Pod], b: list[Pod]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 def _usable(pod: Pod) -> bool:
@@ -197,23 +230,76 @@ def _short_hash(text: str) -> str:
 
 class _Computation:
     def __init__(self, policies: Iterable[NetworkPolicy], pods: Iterable[Pod],
-                 namespaces: Iterable[Namespace]) -> None:
+                 namespaces: Iterable[Namespace], memo: Memo) -> None:
         self.policies = sorted(policies, key=object_key)
         self.pods_by_ns: dict[str, list[Pod]] = defaultdict(list)
         for pod in pods:
             if _usable(pod):
                 self.pods_by_ns[pod.metadata.namespace].append(pod)
         self.ns_labels = {ns.metadata.name: ns.labels for ns in namespaces}
-        self.ranges: dict[int, tuple[AddressRange, ...]] = {
-            id(p): tuple(_range_of(ip) for ip in p.ips)
-            for ps in self.pods_by_ns.values() for p in ps}
+        old_ranges = memo.ranges
+        self.ranges = {}
+        self.ips: dict[int, tuple[str, ...]] = {}
+        for ps in self.pods_by_ns.values():
+            for p in ps:
+                ips = self.ips[id(p)] = p.ips
+                found = old_ranges.get(ips)
+                self.ranges[ips] = found or tuple(_range_of(ip) for ip in ips)
+        memo.ranges = self.ranges
+        self._forget(memo)
         # Policies repeat selectors (same labels in many namespaces): each distinct
         # (namespaces, selector) is matched once.
-        self._selected: dict[tuple[tuple[str, ...], bytes], list[Pod]] = {}
+        self._selected = memo.selected
         self._ns_cache: dict[bytes, list[str]] = {}
-        self._peer_ranges: dict[tuple[str, bytes], tuple[AddressRange, ...]] = {}
-        self._ingress: dict[tuple[str, tuple[tuple[str, str, int | None], ...]],
-                            list[Grant]] = {}
+        self._peer_ranges = memo.peer_ranges
+        self._ingress = memo.ingress
+        self._egress = memo.egress
+        self._deps = memo.deps
+        self._memo = memo
+        self._names = memo.names
+
+    def _forget(self, memo: Memo) -> None:
+        """Drop what the changes since the last computation made stale."""
+        policies = {object_key(p): p for p in self.policies}
+        changed = {k for k in policies.keys() | memo.policies.keys()
+                   if policies.get(k) is not memo.policies.get(k)}
+        if self.ns_labels != memo.ns_labels:
+            memo.selected.clear()
+            memo.peer_ranges.clear()
+            memo.ingress.clear()
+            memo.egress.clear()
+            memo.deps.clear()
+        changed_pods: dict[str, list[Pod]] = {}
+        for ns in self.pods_by_ns.keys() | memo.pods_by_ns.keys():
+            now, before = self.pods_by_ns.get(ns, []), memo.pods_by_ns.get(ns, [])
+            if _same(now, before):
+                continue
+            now_ids, before_ids = {id(p) for p in now}, {id(p) for p in before}
+            changed_pods[ns] = [*(p for p in before if id(p) not in now_ids),
+                                *(p for p in now if id(p) not in before_ids)]
+        # A selection is stale only if a changed pod (either version) is in its namespaces
+        # and matches its selector; what was computed from it goes with it.
+        stale_selections: set[Any] = {_ALL_NAMESPACES} if changed_pods else set()
+        for sel_key, (_, sel) in memo.selected.items():
+            for ns in sel_key[0]:
+                if any(sel is None or sel.matches(p.metadata.labels)
+                       for p in changed_pods.get(ns, ())):
+                    stale_selections.add(sel_key)
+                    break
+        for sel_key in stale_selections - {_ALL_NAMESPACES}:
+            del memo.selected[sel_key]
+        for peer_key in [k for k, (_, dep) in memo.peer_ranges.items()
+                         if dep in stale_selections]:
+            del memo.peer_ranges[peer_key]
+        stale = changed | {k for k, deps in memo.deps.items()
+                           if not stale_selections.isdisjoint(deps)}
+        for policy_key in stale:
+            memo.deps.pop(policy_key, None)
+            memo.ingress.pop(policy_key, None)
+            memo.egress.pop(policy_key, None)
+        memo.pods_by_ns = dict(self.pods_by_ns)
+        memo.ns_labels = self.ns_labels
+        memo.policies = policies
 
     # --- selection ----------------------------------------------------------------------
 
@@ -225,36 +311,60 @@ class _Computation:
             self._ns_cache[key] = found
         return found
 
-    def peer_pods(self, policy_ns: str, peer: NetworkPolicyPeer) -> list[Pod]:
+    def peer_spaces(self, policy_ns: str, peer: NetworkPolicyPeer) -> tuple[str, ...]:
+        if peer.ip_block is not None:
+            return ()
         if peer.namespace_selector is not None:
-            spaces = self._namespaces(peer.namespace_selector)
-        else:
-            spaces = [policy_ns]
-        return self.selected(tuple(spaces), peer.pod_selector)
+            return tuple(self._namespaces(peer.namespace_selector))
+        return (policy_ns,)
+
+    def peer_pods(self, policy_ns: str, peer: NetworkPolicyPeer) -> list[Pod]:
+        return self.selected(self.peer_spaces(policy_ns, peer), peer.pod_selector)
 
     def selected(self, spaces: tuple[str, ...], sel: LabelSelector | None) -> list[Pod]:
         key = (spaces, msgspec.json.encode(sel))
-        found = self._selected.get(key)
-        if found is None:
-            found = []
+        cached = self._selected.get(key)
+        if cached is None:
+            found: list[Pod] = []
             for ns in spaces:
                 pods = self.pods_by_ns.get(ns, ())
                 found.extend(pods if sel is None else (
                     p for p in pods if sel.matches(p.metadata.labels)))
-            self._selected[key] = found
-        return found
+            cached = self._selected[key] = (found, sel)
+        return cached[0]
 
     def peer_ranges(self, policy_ns: str, peer: NetworkPolicyPeer) -> tuple[AddressRange, ...]:
-        key = (policy_ns, msgspec.json.encode(peer))
-        found = self._peer_ranges.get(key)
-        if found is None:
+        """Sorted and without duplicates (a rule with one peer uses the tuple as it is)."""
+        key = ("" if peer.namespace_selector else policy_ns, msgspec.json.encode(peer))
+        cached = self._peer_ranges.get(key)
+        if cached is None:
             if peer.ip_block is not None:
                 found = ip_block_ranges(peer.ip_block.cidr, peer.ip_block.except_)
+                dep = None
             else:
                 ranges = self.ranges
-                found = tuple(r for p in self.peer_pods(policy_ns, peer) for r in ranges[id(p)])
-            self._peer_ranges[key] = found
-        return found
+                found = tuple(sorted({r for p in self.peer_pods(policy_ns, peer)
+                                      for r in ranges[self.ips[id(p)]]}))
+                dep = self._selection_key(policy_ns, peer)
+            cached = self._peer_ranges[key] = (found, dep)
+        return cached[0]
+
+    def _selection_key(self, policy_ns: str, peer: NetworkPolicyPeer) -> Any:
+        return (self.peer_spaces(policy_ns, peer), msgspec.json.encode(peer.pod_selector))
+
+    def depends_on(self, policy: NetworkPolicy) -> frozenset[str]:
+        """The pod selections a policy's grants were computed from."""
+        ns = policy.metadata.namespace
+        out: set[Any] = set()
+        for rule in policy.spec.ingress:
+            out.update(self._selection_key(ns, peer) for peer in rule.from_
+                       if peer.ip_block is None)
+        for egress in policy.spec.egress:
+            out.update(self._selection_key(ns, peer) for peer in egress.to
+                       if peer.ip_block is None)
+            if not egress.to and _uses_named(egress.ports):
+                out.add(_ALL_NAMESPACES)  # named ports of every pod
+        return frozenset(out)
 
     # --- grants -------------------------------------------------------------------------
 
@@ -272,12 +382,9 @@ class _Computation:
                     continue
             else:
                 ports = ALL_PORTS
-            if rule.from_:
-                peers = tuple(r for peer in rule.from_ for r in self.peer_ranges(ns, peer))
-            else:
-                peers = EVERYWHERE
+            peers = self._rule_peers(ns, rule.from_)
             if peers:
-                out.append(Grant(key, i, tuple(sorted(set(peers))), ports))
+                out.append(Grant(key, i, peers, ports))
         return out
 
     def _ingress_of(self, policy: NetworkPolicy, named: Mapping[tuple[str, str], int]
@@ -285,11 +392,40 @@ class _Computation:
         """``ingress_grants`` once per policy and resolution of the names it uses."""
         used = tuple(sorted({(str(pp.port), pp.proto) for r in policy.spec.ingress
                              for pp in r.ports if isinstance(pp.port, str)}))
-        key = (object_key(policy), tuple((n, p, named.get((n, p))) for n, p in used))
-        found = self._ingress.get(key)
+        pk = object_key(policy)
+        resolution = tuple((n, p, named.get((n, p))) for n, p in used)
+        per_policy = self._ingress.setdefault(pk, {})
+        found = per_policy.get(resolution)
         if found is None:
-            found = self._ingress[key] = self.ingress_grants(policy, named)
+            found = per_policy[resolution] = self.ingress_grants(policy, named)
+            self._deps[pk] = self.depends_on(policy)
         return found
+
+    def _group(self, name: str, direction: Direction, keys: tuple[str, ...],
+               grants: list[Grant]) -> Group:
+        """The previous computation's group object when nothing in it changed, so the
+        renderer recognises it by identity."""
+        old = self._memo.groups.get(name)
+        if (old is not None and old.policies == keys and len(old.grants) == len(grants)
+                and all(a is b for a, b in zip(old.grants, grants, strict=True))):
+            return old
+        return Group(name, direction, keys, tuple(grants))
+
+    def _egress_of(self, policy: NetworkPolicy) -> list[Grant]:
+        pk = object_key(policy)
+        found = self._egress.get(pk)
+        if found is None:
+            found = self._egress[pk] = self.egress_grants(policy)
+            self._deps[pk] = self.depends_on(policy)
+        return found
+
+    def _rule_peers(self, ns: str, peers: tuple[NetworkPolicyPeer, ...]
+                    ) -> tuple[AddressRange, ...]:
+        if not peers:
+            return EVERYWHERE
+        if len(peers) == 1:
+            return self.peer_ranges(ns, peers[0])
+        return tuple(sorted({r for peer in peers for r in self.peer_ranges(ns, peer)}))
 
     def egress_grants(self, policy: NetworkPolicy) -> list[Grant]:
         key = object_key(policy)
@@ -298,12 +434,9 @@ class _Computation:
         for i, rule in enumerate(policy.spec.egress):
             if not _uses_named(rule.ports):
                 ports = tuple(r for p in rule.ports if (r := _port_range(p, None))) or ALL_PORTS
-                if rule.to:
-                    peers = tuple(r for peer in rule.to for r in self.peer_ranges(ns, peer))
-                else:
-                    peers = EVERYWHERE
+                peers = self._rule_peers(ns, rule.to)
                 if peers:
-                    out.append(Grant(key, i, tuple(sorted(set(peers))), ports))
+                    out.append(Grant(key, i, peers, ports))
                 continue
             # Named ports resolve on each destination pod: one grant per port set.
             numeric = tuple(r for p in rule.ports if not isinstance(p.port, str)
@@ -325,7 +458,7 @@ class _Computation:
                     r for p in rule.ports if isinstance(p.port, str)
                     if (r := _port_range(p, named.get((p.port, p.proto)))) is not None)
                 if ports:
-                    by_ports[tuple(sorted(set(ports)))].update(self.ranges[id(pod)])
+                    by_ports[tuple(sorted(set(ports)))].update(self.ranges[self.ips[id(pod)]])
             for port_set, addresses in sorted(by_ports.items()):
                 if addresses:
                     out.append(Grant(key, i, tuple(sorted(addresses)), port_set))
@@ -334,53 +467,65 @@ class _Computation:
     # --- the state ----------------------------------------------------------------------
 
     def run(self, node_name: str | None) -> PolicyState:
-        selecting: dict[tuple[str, str], list[NetworkPolicy]] = defaultdict(list)
+        selecting: dict[tuple[str, str], list[str]] = defaultdict(list)
         local: dict[tuple[str, str], Pod] = {}
-        for policy in self.policies:
+        by_key = {object_key(p): p for p in self.policies}
+        for key, policy in by_key.items():
             ns = policy.metadata.namespace
-            sel = policy.spec.pod_selector
-            for pod in self.pods_by_ns.get(ns, ()):
+            for pod in self.selected((ns,), policy.spec.pod_selector):
                 if node_name is not None and pod.spec.node_name != node_name:
                     continue
-                if sel.matches(pod.metadata.labels):
-                    k = (ns, pod.metadata.name)
-                    selecting[k].append(policy)
-                    local[k] = pod
+                k = (ns, pod.metadata.name)
+                selecting[k].append(key)
+                local[k] = pod
         groups: dict[str, Group] = {}
         ingress: dict[str, str] = {}
         egress: dict[str, str] = {}
-        egress_cache: dict[str, list[Grant]] = {}
-        for k, pols in selecting.items():
+        # Per distinct set of selecting policies: (ingress keys, egress keys, named ports
+        # the ingress rules use), so the per-pod work is a few lookups.
+        shapes: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[str, ...],
+                                            tuple[tuple[str, str], ...]]] = {}
+        names = self._names
+        for k, keys in selecting.items():
             pod = local[k]
-            in_pols = [p for p in pols if p.isolates_ingress]
-            out_pols = [p for p in pols if p.isolates_egress]
-            if in_pols:
-                named = named_ports(pod)
-                used = sorted({(str(pp.port), pp.proto) for p in in_pols
-                               for r in p.spec.ingress for pp in r.ports
-                               if isinstance(pp.port, str)})
+            shape = shapes.get(tuple(keys))
+            if shape is None:
+                pols = [by_key[key] for key in keys]
+                in_keys = tuple(object_key(p) for p in pols if p.isolates_ingress)
+                out_keys = tuple(object_key(p) for p in pols if p.isolates_egress)
+                used = tuple(sorted({(str(pp.port), pp.proto) for p in pols
+                                     if p.isolates_ingress for r in p.spec.ingress
+                                     for pp in r.ports if isinstance(pp.port, str)}))
+                shape = shapes[tuple(keys)] = (in_keys, out_keys, used)
+            in_keys, out_keys, used = shape
+            ips = self.ips[id(pod)]
+            if in_keys:
+                named = named_ports(pod) if used else {}
                 resolution = tuple((n, proto, named.get((n, proto))) for n, proto in used)
-                keys = tuple(object_key(p) for p in in_pols)
-                name = "in-" + _short_hash(repr((keys, resolution)))
+                name = names.get(("in", in_keys, resolution))
+                if name is None:
+                    name = names[("in", in_keys, resolution)] = "in-" + _short_hash(
+                        repr((in_keys, resolution)))
                 if name not in groups:
-                    grants = [g for p in in_pols for g in self._ingress_of(p, named)]
-                    groups[name] = Group(name, "ingress", keys, tuple(grants))
-                for ip in pod.ips:
+                    grants = [g for key in in_keys
+                              for g in self._ingress_of(by_key[key], named)]
+                    groups[name] = self._group(name, "ingress", in_keys, grants)
+                for ip in ips:
                     ingress[ip] = name
-            if out_pols:
-                keys = tuple(object_key(p) for p in out_pols)
-                name = "out-" + _short_hash(repr(keys))
+            if out_keys:
+                name = names.get(("out", out_keys, ()))
+                if name is None:
+                    name = names[("out", out_keys, ())] = "out-" + _short_hash(repr(out_keys))
                 if name not in groups:
-                    grants = []
-                    for p in out_pols:
-                        pk = object_key(p)
-                        if pk not in egress_cache:
-                            egress_cache[pk] = self.egress_grants(p)
-                        grants += egress_cache[pk]
-                    groups[name] = Group(name, "egress", keys, tuple(grants))
-                for ip in pod.ips:
+                    grants = [g for key in out_keys for g in self._egress_of(by_key[key])]
+                    groups[name] = self._group(name, "egress", out_keys, grants)
+                for ip in ips:
                     egress[ip] = name
+        self._memo.groups = groups
+        if len(names) > 4 * len(groups) + 1000:  # names of groups long gone
+            names.clear()
+        all_ips = self.ips
         pods = {ip: f"{ns}/{p.metadata.name}" for ns, ps in self.pods_by_ns.items() for p in ps
-                for ip in p.ips}
+                for ip in all_ips[id(p)]}
         return PolicyState(groups=groups, ingress=ingress, egress=egress, pods=pods,
                            policies=tuple(object_key(p) for p in self.policies))

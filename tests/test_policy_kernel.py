@@ -370,3 +370,36 @@ def test_sctp_rules_match_raw_sctp_packets(lab: Lab) -> None:
         time.sleep(0.1)
     assert packets(f"allow-in-{policy_id('x/sctp')}") == 1
     assert packets(f"deny-{group}") == 1
+
+
+def test_log_rules_and_incremental_scripts_load(netns: Callable[[str], str]) -> None:
+    """--policy-log's rules, and an incremental transaction that moves a pod between groups,
+    deletes a group and adds one, are accepted by the kernel as rendered."""
+    from svcnet.policy.nftables import full_script, render, update_script
+    from svcnet.policy.state import compute
+    from svcnet.policy.status import compare, kernel_items
+    from svcnet.proxy.commands import SubprocessCommands
+
+    from svcnet.model import NAMESPACE, NETWORK_POLICY, POD
+
+    require_binary("nft")
+    node = netns("node")
+    pods = [POD.convert(pod(ref)) for ref in PODS]
+    spaces = [NAMESPACE.convert({"metadata": {"name": n}}) for n in ("x", "y")]
+    first = [NETWORK_POLICY.convert(policy("deny", "x", {"podSelector": {}})),
+             NETWORK_POLICY.convert(policy("web", "x", {
+                 "podSelector": {"matchLabels": {"pod": "a"}},
+                 "ingress": [{"ports": [{"port": 80}, {"port": "serve-80-tcp"}]}]}))]
+    second = [NETWORK_POLICY.convert(policy("deny", "x", {
+                  "podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Egress"]})),
+              NETWORK_POLICY.convert(policy("c", "y", {"podSelector": {}, "ingress": [{}]}))]
+    commands = SubprocessCommands(node)
+    old = render(compute(first, pods, spaces, node_name="n1"), log=True)
+    commands.run(["nft", "-f", "-"], input="".join(full_script(old)))
+    assert 'log prefix "svcnet-policy deny ingress by x/deny+1: "' in commands.run(
+        ["nft", "list", "table", "inet", "svcnet-policy"])
+    for policies in (second, first, []):
+        new = render(compute(policies, pods, spaces, node_name="n1"), log=True)
+        commands.run(["nft", "-f", "-"], input=update_script(old, new))
+        assert compare(new, kernel_items(commands)) == (set(), set())
+        old = new

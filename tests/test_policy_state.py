@@ -395,3 +395,85 @@ def test_null_lists_decode_as_empty() -> None:
     pod = POD.decode(json.dumps({"metadata": {"name": "p", "namespace": "x"},
                                  "spec": {"containers": [{"name": "c", "ports": None}]}}))
     assert pod.spec.containers[0].ports == ()
+
+
+# --- the renderer's disjoint boxes agree with the grants, whatever overlaps -----------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from svcnet.policy.state import ANY, AddressRange, Grant, Group, PolicyState, PortRange  # noqa: E402
+
+_addresses = st.tuples(st.integers(0, 40), st.integers(0, 12)).map(
+    lambda t: AddressRange(4, (10 << 24) + t[0], (10 << 24) + t[0] + t[1]))
+_ports = st.one_of(
+    st.just(PortRange(ANY)),
+    st.tuples(st.sampled_from(["TCP", "UDP", "SCTP"]), st.integers(1, 30), st.integers(0, 6))
+    .map(lambda t: PortRange(t[0], t[1], t[1] + t[2])))
+_grants = st.lists(st.tuples(st.sampled_from(["ns/p1", "ns/p2", "ns/p3"]),
+                             st.lists(_addresses, min_size=1, max_size=4),
+                             st.lists(_ports, min_size=1, max_size=3)), max_size=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_grants, st.lists(st.tuples(st.integers(0, 60), st.sampled_from(
+    ["TCP", "UDP", "SCTP", "ICMP"]), st.integers(0, 40)), min_size=1, max_size=30))
+def test_rendered_elements_agree_with_the_grants(
+        raw: list[tuple[str, list[AddressRange], list[PortRange]]],
+        packets: list[tuple[int, str, int]]) -> None:
+    import ipaddress
+
+    grants = tuple(Grant(p, i, tuple(sorted(set(a))), tuple(sorted(set(ports))))
+                   for i, (p, a, ports) in enumerate(raw))
+    group = Group("in-g", "ingress", tuple(sorted({g.policy for g in grants})) or ("ns/p1",),
+                  grants)
+    state = PolicyState(groups={"in-g": group}, ingress={"10.200.0.1": "in-g"},
+                        pods={"10.200.0.1": "ns/target"}, policies=group.policies)
+    tracer = RulesetTracer(render_full(state))  # fails on overlapping elements
+    for offset, proto, port in packets:
+        src = str(ipaddress.IPv4Address((10 << 24) + offset))
+        allowing = sorted(g.policy for g in grants
+                          if g.allows(ipaddress.ip_address(src), proto, port))
+        ok, passed = tracer.verdict(src, "10.200.0.1", proto, port)
+        assert ok == bool(allowing)
+        assert ok == trace(state, src, "10.200.0.1", proto, port).allowed
+        if ok:
+            assert passed == [f"allow-in-{_pid(allowing[0])}"]
+
+
+def test_memo_gives_what_a_fresh_computation_gives_after_every_change() -> None:
+    """A sequence of pod, namespace and policy changes: the state computed with the
+    previous call's memo is the state computed from scratch, every time."""
+    import random
+
+    from svcnet.policy.state import Memo
+
+    rng = random.Random(7)
+    pods = {p.metadata.namespace + "/" + p.metadata.name: p for p in model_pods()}
+    spaces = {n.metadata.name: n for n in NAMESPACE_OBJECTS}
+    policies = {f"x/{name}": p for name, (ps, _) in list(CASES.items())[:1] for p in ps}
+    all_policies = [p for ps, _ in CASES.values() for p in ps]
+    memo = Memo()
+    for step in range(120):
+        what = rng.randrange(5)
+        if what == 0:
+            ref = rng.choice(ALL)
+            pods[ref] = make_pod(ref, node=rng.choice(["n1", "n2"]),
+                                 pod=rng.choice(PODS), tier=rng.choice(["web", "db"]))
+        elif what == 1 and pods:
+            ref = rng.choice(sorted(pods))
+            del pods[ref]
+        elif what == 2:
+            name = rng.choice(NAMESPACES)
+            spaces[name] = NAMESPACE.convert({"metadata": {"name": name, "labels": {
+                "ns": rng.choice(NAMESPACES)}}})
+        elif what == 3:
+            p = rng.choice(all_policies)
+            policies[f"{p.metadata.namespace}/{p.metadata.name}"] = p
+        elif policies:
+            del policies[rng.choice(sorted(policies))]
+        for ref in ALL:
+            if ref not in pods and rng.random() < 0.3:
+                pods[ref] = make_pod(ref)
+        node = "n1" if step % 2 else None
+        args = (list(policies.values()), list(pods.values()), list(spaces.values()))
+        assert compute(*args, node_name=node, memo=memo) == compute(*args, node_name=node), step
