@@ -279,7 +279,8 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
         result["resync_s"], _ = await timed_sync(enforcer)
         # 4. One pod label change at a time: store write -> the pod's element in the kernel
         # points at its new group (polled over netlink every 0.5 ms).
-        result["one_change_all_ms"], result["one_change_tool_ms"] = await one_changes(
+        (result["one_change_all_ms"], result["one_change_tool_ms"],
+         result["one_change_cpu_ms"]) = await one_changes(
             args, store, enforcer, commands.returned, changes, nfnl, POD)
         result["rss_mb"] = rss_mb()
         result["breakdown_s"] = breakdown(enforcer)  # after the RSS: it holds a 2nd state
@@ -324,12 +325,17 @@ async def timed_sync(enforcer: Any) -> tuple[float, tuple[float, float]]:
 async def one_changes(args: argparse.Namespace, store: Any, enforcer: Any,
                       returned: list[float], changes: list[tuple[dict[str, Any], dict[str, Any]]],
                       nfnl: Nfnl, pod_kind: Any, timeout: float = 30
-                      ) -> tuple[list[float], list[float]]:
+                      ) -> tuple[list[float], list[float], list[float]]:
     """For each (old, new) pod: write it, then poll the kernel until the pod's element in
-    ``ingress-pods4`` points at another group, run by the enforcer's own loop."""
+    ``ingress-pods4`` points at another group, run by the enforcer's own loop. Returns
+    the times (ms) until the kernel had it, until nft returned, and the CPU ms (this
+    process, including the polling, + nft) spent meanwhile."""
+    from proxy_scale import cpu_now
+
     loop_task = asyncio.create_task(enforcer.loop())
     seen: list[float] = []
     tool: list[float] = []
+    cpu_ms: list[float] = []
     try:
         first = enforcer.syncs
         deadline = time.monotonic() + timeout
@@ -342,6 +348,7 @@ async def one_changes(args: argparse.Namespace, store: Any, enforcer: Any,
             if before is None:
                 raise RuntimeError(f"pod {old['metadata']['name']} is not isolated")
             calls, syncs = len(returned), enforcer.syncs
+            cpu = cpu_now()
             wrote = time.monotonic()
             await store.put(pod_kind, new)
             deadline = wrote + timeout
@@ -352,6 +359,8 @@ async def one_changes(args: argparse.Namespace, store: Any, enforcer: Any,
                 await asyncio.sleep(0.0005)
                 now = time.monotonic()
             seen.append((time.monotonic() - wrote) * 1000)
+            after = cpu_now()
+            cpu_ms.append((after[0] - cpu[0] + after[1] - cpu[1]) * 1000)
             while enforcer.syncs == syncs and time.monotonic() < deadline:
                 await asyncio.sleep(0.001)  # the sync's bookkeeping, after nft returned
             if len(returned) > calls:
@@ -364,7 +373,7 @@ async def one_changes(args: argparse.Namespace, store: Any, enforcer: Any,
     finally:
         loop_task.cancel()
         await asyncio.gather(loop_task, return_exceptions=True)
-    return seen, tool
+    return seen, tool, cpu_ms
 
 
 # --- datapath ---------------------------------------------------------------------------------
@@ -605,6 +614,7 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
             one_change_ms=med(sy["one_change_all_ms"], 1), rss_mb=round(sy["rss_mb"], 1),
             store_rss_mb=round(sy["store_rss_mb"], 1),
             one_change_tool_ms=med(sy["one_change_tool_ms"], 1),
+            one_change_cpu_ms=med(sy["one_change_cpu_ms"], 1),
             cold_start_s=round(sy["cold_start_s"], 3), resync_s=round(sy["resync_s"], 3),
             script_kib=sy["script_kib"], **sy["state"])
         print(f"workload: {json.dumps(sy['shapes'])}")
@@ -629,7 +639,8 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
             f"{k} {v:.2f}" for k, v in sy["breakdown_s"].items()))
         print(f"one label change -> element in the kernel (ms): "
               f"{[round(c, 1) for c in sy['one_change_all_ms']]}; -> nft returned: "
-              f"{[round(c, 1) for c in sy['one_change_tool_ms']]}")
+              f"{[round(c, 1) for c in sy['one_change_tool_ms']]}; CPU meanwhile: "
+              f"{[round(c, 1) for c in sy['one_change_cpu_ms']]}")
     dp = out.get("datapath")
     if dp:
         w, wo = dp["with"], dp["without"]
