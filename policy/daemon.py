@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from svcnet.store.base import Store
 from svcnet.watch import InformerFactory
 
 if TYPE_CHECKING:
+    from svcnet.policy.nflog import Logged
     from svcnet.policy.nftables import ElementCache, Rendered
     from svcnet.policy.state import PolicyState
     from svcnet.proxy.commands import Commands
@@ -39,8 +41,12 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--policy-netns", default=None,
                    help="program this named network namespace instead of our own")
     g.add_argument("--policy-log", action="store_true",
-                   help="log denied connections (kernel log, rate-limited, prefix "
-                        "'svcnet-policy deny')")
+                   help="log denied connections (rate-limited, 10/s per group of pods) with "
+                        "the pod pair, port and isolating policies")
+    g.add_argument("--policy-log-file", default="",
+                   help="append those lines to this file (default: the daemon's log)")
+    g.add_argument("--policy-log-group", type=int, default=1717,
+                   help="NFLOG group the table logs denied packets to")
     g.add_argument("--policy-min-sync-period", type=float, default=0.05,
                    help="seconds to gather changes before a sync")
     g.add_argument("--policy-full-sync-period", type=float, default=3600.0)
@@ -53,6 +59,8 @@ class PolicyOptions:
     node_name: str
     netns: str | None = None
     log_denied: bool = False
+    log_file: str = ""
+    log_group: int = 1717
     min_sync_period: float = 0.05
     full_sync_period: float = 3600.0
     retry_delay: float = 1.0
@@ -61,6 +69,7 @@ class PolicyOptions:
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> PolicyOptions:
         return cls(node_name=a.policy_node_name, netns=a.policy_netns, log_denied=a.policy_log,
+                   log_file=a.policy_log_file, log_group=a.policy_log_group,
                    min_sync_period=a.policy_min_sync_period,
                    full_sync_period=a.policy_full_sync_period,
                    metrics=a.policy_metrics_bind_address)
@@ -122,13 +131,16 @@ class PolicyEnforcer:
                 await asyncio.sleep(self.opts.retry_delay)
                 self._wake.set()
 
-    def desired(self) -> PolicyState:
-        from svcnet.policy.state import compute
-
+    def snapshot(self) -> tuple[list[Any], list[Any], list[Any]]:
+        """The informers' objects, taken on the event loop (which alone changes them)."""
         assert self._sources is not None
         policies, pods, namespaces = (inf.cache.values() for inf in self._sources)
-        return compute(policies, pods, namespaces, node_name=self.opts.node_name,
-                       memo=self._memo)
+        return policies, pods, namespaces
+
+    def desired(self, objects: tuple[list[Any], list[Any], list[Any]]) -> PolicyState:
+        from svcnet.policy.state import compute
+
+        return compute(*objects, node_name=self.opts.node_name, memo=self._memo)
 
     async def sync_once(self) -> bool:
         from svcnet.policy import metrics
@@ -136,7 +148,7 @@ class PolicyEnforcer:
         now = time.monotonic()
         full = self._need_full or now - self._last_full >= self.opts.full_sync_period
         try:
-            await asyncio.to_thread(self._sync, full)
+            await asyncio.to_thread(self._sync, full, self.snapshot())
         except Exception:
             log.exception("policy sync failed (full=%s); the next one is full", full)
             metrics.SYNC_FAILURES.inc()
@@ -153,7 +165,7 @@ class PolicyEnforcer:
         self.synced.set()
         return True
 
-    def _sync(self, full: bool) -> None:
+    def _sync(self, full: bool, objects: tuple[list[Any], list[Any], list[Any]]) -> None:
         from svcnet.policy import metrics
         from svcnet.policy.nftables import full_script, render, update_script
         from svcnet.policy.state import Memo
@@ -161,8 +173,9 @@ class PolicyEnforcer:
         if full:  # nothing carried over from before a failure or across a full sync
             self._memo = Memo()
             self._elements.clear()
-        state = self.desired()
-        new = render(state, log=self.opts.log_denied, cache=self._elements)
+        state = self.desired(objects)
+        new = render(state, log=self.opts.log_denied, cache=self._elements,
+                     log_group=self.opts.log_group)
         if full or self.applied is None:
             apply_script(self.commands, full_script(new))
         else:
@@ -177,6 +190,44 @@ class PolicyEnforcer:
     def layout(self) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
         r = self.applied or self._empty
         return dict(r.policies), dict(r.groups)
+
+    def describe(self, record: Logged) -> str:
+        """One denied packet as a line naming the pods, the port and the policies."""
+        from svcnet.policy.nftables import LOG_PREFIX
+
+        state, applied = self.state, self.applied or self._empty
+        pods = state.pods if state is not None else {}
+        direction, _, group = record.prefix.removeprefix(LOG_PREFIX).strip(": ").partition(" ")
+        isolated = record.dst if direction == "ingress" else record.src
+        src = f"{pods.get(record.src, 'outside')} ({record.src})"
+        dst = f"{pods.get(record.dst, 'outside')} ({record.dst})"
+        port = f"{record.port}/{record.protocol}" if record.port else record.protocol
+        return (f"deny {direction or '?'}: {src} -> {dst} port {port}; "
+                f"{pods.get(isolated, isolated)} isolated by "
+                f"{', '.join(applied.groups.get(group, ())) or group}")
+
+    def log_denied(self, stop: threading.Event) -> None:
+        """Read the NFLOG group until ``stop``; a line per denied packet (worker thread)."""
+        from svcnet.policy.nflog import NflogSocket
+
+        try:
+            sock = NflogSocket(self.opts.log_group, self.opts.netns)
+        except OSError as err:  # enforcement goes on without the log
+            log.error("cannot read NFLOG group %d: denied connections are not logged: %s",
+                      self.opts.log_group, err)
+            return
+        out = open(self.opts.log_file, "a", buffering=1) if self.opts.log_file else None  # noqa: SIM115
+        try:
+            for record in sock.records(stop):
+                line = self.describe(record)
+                if out is not None:
+                    out.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {line}\n")
+                else:
+                    log.warning("%s", line)
+        finally:
+            sock.close()
+            if out is not None:
+                out.close()
 
     def read_counters(self) -> str:
         from svcnet.policy.nftables import T
@@ -224,9 +275,17 @@ class PolicyComponent:
                                 *_host_port(self.opts.metrics))
             await server.start()
         log.info("policy enforcement running for node %s", self.opts.node_name)
+        stop = threading.Event()
+        logger = None
+        if self.opts.log_denied:
+            logger = asyncio.create_task(asyncio.to_thread(enforcer.log_denied, stop),
+                                         name="policy-log")
         try:
             await enforcer.run(factory)
         finally:
+            stop.set()
+            if logger is not None:
+                await asyncio.gather(logger, return_exceptions=True)
             REGISTRY.unregister(collector)
             if server is not None:
                 await server.stop()

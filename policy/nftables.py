@@ -41,6 +41,7 @@ TABLE = "svcnet-policy"
 T = f"inet {TABLE}"
 ELEMENT_BATCH = 2000
 LOG_RATE = "10/second"
+LOG_PREFIX = "svcnet-policy deny"
 _PROTO_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
 # "every protocol" as disjoint protocol ranges, so a port-less grant never overlaps a TCP one
 _PROTO_CLASSES = ((0, 5), (6, 6), (7, 16), (17, 17), (18, 131), (132, 132), (133, 255))
@@ -78,8 +79,8 @@ ElementCache = dict[tuple[str, int], tuple[Group, dict[str, str]]]
 the same (identical grants objects make that check cheap; no hashing of large tuples)."""
 
 
-def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None = None
-           ) -> Rendered:
+def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None = None,
+           log_group: int | None = None) -> Rendered:
     """The table for ``state``. ``cache`` (kept by the daemon between syncs) maps
     (group, family) to its elements: an unchanged group is not cut into boxes again; on
     return it holds exactly the groups of this state."""
@@ -124,10 +125,11 @@ def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None 
             elements[f"{name}-{family}"] = found
             new_cache[name, family] = (group, found)
         if log:
-            by = group.policies[0] + (f"+{len(group.policies) - 1}"
-                                      if len(group.policies) > 1 else "")
-            prefix = f"svcnet-policy deny {group.direction} by {by}: "[:120]
-            rules.append(f'limit rate {LOG_RATE} log prefix "{prefix}"')
+            # The group names the isolating policies; the daemon reading the NFLOG group
+            # names the pods from the packet's addresses.
+            prefix = f"{LOG_PREFIX} {group.direction} {name}"
+            target = f" group {log_group}" if log_group is not None else ""
+            rules.append(f'limit rate {LOG_RATE} log prefix "{prefix}: "{target}')
         rules.append(f'counter name "deny-{name}" drop')
         counters.add(f"deny-{name}")
         chains[name] = tuple(rules)
@@ -267,9 +269,10 @@ def _port_segments(active: Iterable[tuple[int, int, int]]) -> tuple[tuple[int, i
 # --- scripts ----------------------------------------------------------------------------
 
 
-def render_full(state: PolicyState, *, log: bool = False) -> str:
+def render_full(state: PolicyState, *, log: bool = False, log_group: int | None = None
+                ) -> str:
     """One ``nft -f`` transaction that replaces the table with the desired state."""
-    return "".join(full_script(render(state, log=log)))
+    return "".join(full_script(render(state, log=log, log_group=log_group)))
 
 
 def full_script(r: Rendered) -> Iterator[str]:

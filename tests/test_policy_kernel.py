@@ -202,7 +202,8 @@ def daemon(lab: Lab, etcd: EtcdCluster, tmp_path: Path) -> Iterator[tuple[str, P
         proc = subprocess.Popen(
             [sys.executable, "-m", "svcnet.cli", "-v", "node", "--policy",
              "--store", f"etcd://{etcd.endpoints[0]}", "--policy-node-name", "n1",
-             "--policy-netns", lab.node, "--policy-metrics-bind-address", metrics],
+             "--policy-netns", lab.node, "--policy-metrics-bind-address", metrics,
+             "--policy-log", "--policy-log-file", str(tmp_path / "denied.log")],
             stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
@@ -229,7 +230,7 @@ def scrape(metrics: str) -> str:
 
 
 def test_enforcement_with_real_traffic(lab: Lab, etcd: EtcdCluster,
-                                       daemon: tuple[str, Path]) -> None:
+                                       daemon: tuple[str, Path], tmp_path: Path) -> None:
     from svcnet.model import NETWORK_POLICY
 
     metrics, log = daemon
@@ -259,6 +260,15 @@ def test_enforcement_with_real_traffic(lab: Lab, etcd: EtcdCluster,
         ("node", "y/c", 80, "UDP"): True,
     }
     lab.expect(table)
+    # Denied connections are logged with the pod pair, port and isolating policies.
+    denied = tmp_path / "denied.log"
+    deadline = time.monotonic() + 20
+    while "x/b (10.1.0.12) -> x/a (10.1.0.11) port 81/TCP; x/a isolated by x/a-from-b" \
+            not in (denied.read_text() if denied.exists() else ""):
+        assert time.monotonic() < deadline, denied.read_text() if denied.exists() else log
+        lab.run([("x/b", "x/a", 81, "TCP")])
+    assert "deny egress: y/c (fd01::13) -> x/b (fd01::12) port 80/UDP; y/c isolated by " \
+        "y/c-out-81" in denied.read_text()
 
     # An update changes the verdict: a now also from namespace y, every port.
     put(etcd, (NETWORK_POLICY, policy("a-from-b", "x", {
@@ -321,6 +331,14 @@ def test_deleting_the_policies_opens_everything(lab: Lab, etcd: EtcdCluster,
              ("x/a", "y/c", 80, "TCP"): False, ("y/c", "x/b", 80, "TCP"): False,
              ("node", "x/b", 80, "TCP"): True}
     lab.expect(table)
+    trace = subprocess.run(
+        [sys.executable, "-m", "svcnet.cli", "policy", "trace", "--store",
+         f"etcd://{etcd.endpoints[0]}", "--from", "x/b", "--to", "x/a", "--port", "80"],
+        capture_output=True, text=True, timeout=60)
+    assert trace.returncode == 1, trace.stdout + trace.stderr
+    assert trace.stdout.splitlines()[1:] == [
+        "egress: x/b isolated by x/deny; no rule allows: DENIED",
+        "ingress: x/a isolated by x/deny; no rule allows: DENIED", "verdict: DENY"]
 
     async def delete() -> None:
         store = EtcdStore(etcd.endpoints)
@@ -396,7 +414,8 @@ def test_log_rules_and_incremental_scripts_load(netns: Callable[[str], str]) -> 
     commands = SubprocessCommands(node)
     old = render(compute(first, pods, spaces, node_name="n1"), log=True)
     commands.run(["nft", "-f", "-"], input="".join(full_script(old)))
-    assert 'log prefix "svcnet-policy deny ingress by x/deny+1: "' in commands.run(
+    group = compute(first, pods, spaces, node_name="n1").ingress[PODS["x/a"][0]]
+    assert f'log prefix "svcnet-policy deny ingress {group}: "' in commands.run(
         ["nft", "list", "table", "inet", "svcnet-policy"])
     for policies in (second, first, []):
         new = render(compute(policies, pods, spaces, node_name="n1"), log=True)
