@@ -294,14 +294,19 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
 def breakdown(enforcer: Any) -> dict[str, float]:
     """Where a sync's Python time goes (CPU seconds of each step, run once more here)."""
     from svcnet.policy.nftables import full_script, render, update_script
+    from svcnet.policy.state import compute
 
     out: dict[str, float] = {}
+    objects = enforcer.snapshot()
     t = time.process_time()
-    state = enforcer.desired()
-    out["compute"] = time.process_time() - t
+    compute(*objects, node_name=NODE)
+    out["compute_cold"] = time.process_time() - t
+    t = time.process_time()
+    state = enforcer.desired(objects)
+    out["compute_memo"] = time.process_time() - t
     t = time.process_time()
     rendered = render(state)
-    out["render"] = time.process_time() - t
+    out["render_cold"] = time.process_time() - t
     t = time.process_time()
     "".join(full_script(rendered))
     out["full_script"] = time.process_time() - t
