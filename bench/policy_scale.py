@@ -215,7 +215,8 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
     from svcnet.store.memory import MemoryStore
     from svcnet.watch import InformerFactory
 
-    cluster = policy_gen.generate(args.pods, args.namespaces, args.policies, nodes=(NODE,))
+    cluster = policy_gen.generate(args.pods, args.namespaces, args.policies, nodes=(NODE,),
+                                  dual_stack=args.dual_stack)
     shapes = policy_gen.summary(cluster)
     future = copy.deepcopy(cluster)  # relabel() updates the cluster it is given
     changes = [policy_gen.relabel(future, n) for n in range(args.changes)]
@@ -556,6 +557,8 @@ def main() -> int:
                    help="length of a connection-rate run")
     p.add_argument("--connections", type=int, default=40_000,
                    help="at most this many connections per connection-rate run")
+    p.add_argument("--dual-stack", action="store_true",
+                   help="synthetic pods get an IPv6 address too (sync part only)")
     p.add_argument("--skip-datapath", action="store_true")
     p.add_argument("--skip-sync", action="store_true")
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
