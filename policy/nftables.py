@@ -104,6 +104,7 @@ def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None 
     policies: dict[str, str] = {}
     groups: dict[str, tuple[str, ...]] = {}
     old_cache: ElementCache = dict(cache) if cache is not None else {}
+    swept: Swept = {}
     new_cache: ElementCache = {}
     for group in state.groups.values():
         d = "in" if group.direction == "ingress" else "out"
@@ -121,7 +122,7 @@ def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None 
             found = hit[1] if hit is not None and (hit[0] is group or hit[0] == group) else None
             if found is None:
                 found = {key: f"goto allow-{d}-{pid}"
-                         for key, pid in group_elements(group, family)}  # type: ignore[arg-type]
+                         for key, pid in group_elements(group, family, swept)}  # type: ignore[arg-type]
             elements[f"{name}-{family}"] = found
             new_cache[name, family] = (group, found)
         if log:
@@ -152,7 +153,8 @@ def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None 
                     counters=frozenset(counters), policies=policies, groups=groups)
 
 
-def group_elements(group: Group, family: Family) -> Iterator[tuple[str, str]]:
+def group_elements(group: Group, family: Family, swept: Swept | None = None
+                   ) -> Iterator[tuple[str, str]]:
     """(element key, policy id) of a group's map for one family: disjoint boxes of
     peer address range . protocol range . port range."""
     # per protocol class: [(addr first, addr last, port first, port last, rank)]
@@ -184,28 +186,25 @@ def group_elements(group: Group, family: Family) -> Iterator[tuple[str, str]]:
     ids = [policy_id(p) for p in ranked]
     for cls in sorted(boxes):
         proto = str(cls[0]) if cls[0] == cls[1] else f"{cls[0]}-{cls[1]}"
-        for a_lo, a_hi, ports in _disjoint_cached(boxes[cls]):
+        for a_lo, a_hi, ports in _disjoint_cached(boxes[cls], {} if swept is None else swept):
             addr = str(AddressRange(family, a_lo, a_hi))
             for p_lo, p_hi, r_ in ports:
                 ports_text = str(p_lo) if p_lo == p_hi else f"{p_lo}-{p_hi}"
                 yield f"{addr} . {proto} . {ports_text}", ids[r_]
 
 
-_SWEPT: dict[frozenset[tuple[tuple[int, int, int, int], int]],
-             list[tuple[int, int, tuple[tuple[int, int, int], ...]]]] = {}
-_SWEPT_MAX = 512
+Swept = dict[frozenset[tuple[tuple[int, int, int, int], int]],
+             list[tuple[int, int, tuple[tuple[int, int, int], ...]]]]
 
 
-def _disjoint_cached(boxes: dict[tuple[int, int, int, int], int]
+def _disjoint_cached(boxes: dict[tuple[int, int, int, int], int], swept: Swept
                      ) -> list[tuple[int, int, tuple[tuple[int, int, int], ...]]]:
-    """``_disjoint``, remembered: groups of different policies with rules of the same shape
-    (one per namespace, say) have the same boxes up to policy names."""
+    """``_disjoint``, remembered for one render: groups of different policies with rules of
+    the same shape (one per namespace, say) have the same boxes up to policy names."""
     key = frozenset(boxes.items())
-    found = _SWEPT.get(key)
+    found = swept.get(key)
     if found is None:
-        if len(_SWEPT) >= _SWEPT_MAX:
-            _SWEPT.clear()
-        found = _SWEPT[key] = list(_disjoint(boxes.items()))
+        found = swept[key] = list(_disjoint(boxes.items()))
     return found
 
 

@@ -53,6 +53,12 @@ DNS_RULES: tuple[dict[str, Any], ...] = (
 )
 DNS_POD_RULE: dict[str, Any] = {"apiGroups": [""], "resources": ["pods"],
                                 "verbs": ["list", "watch"]}
+# svcnet node --policy (--network-policy) reads Pods, Namespaces and NetworkPolicies.
+POLICY_RULES: tuple[dict[str, Any], ...] = (
+    {"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+     "verbs": ["list", "watch"]},
+)
 
 
 class ManifestError(ValueError):
@@ -77,6 +83,7 @@ class Options:
     ClusterIP the kubelet passes, which works only where something already routes it."""
     dns_replicas: int = 2
     dns_pods: str = "insecure"
+    network_policy: bool = False
 
     def checked(self) -> Options:
         """Validate and fill in derived defaults; raises ``ManifestError``."""
@@ -137,7 +144,7 @@ def render(opts: Options) -> list[dict[str, Any]]:
     """Every object, in the order ``kubectl apply`` should create them."""
     o = opts.checked()
     return [
-        *_identity(o, NODE, NODE_RULES),
+        *_identity(o, NODE, (*NODE_RULES, *(POLICY_RULES if o.network_policy else ()))),
         *_identity(o, DNS, (*DNS_RULES, *([DNS_POD_RULE] if o.dns_pods == "verified" else []))),
         config_map(o), node_daemonset(o), dns_deployment(o), dns_service(o),
         dns_disruption_budget(o),
@@ -193,6 +200,7 @@ def node_command(o: Options) -> list[str]:
         "--proxy-cluster-cidr", o.cluster_cidr,
         "--proxy-healthz-bind-address", f"0.0.0.0:{PROXY_HEALTHZ_PORT}",
         "--proxy-metrics-bind-address", "127.0.0.1:10249",
+        *(["--policy"] if o.network_policy else []),  # node name: $NODE_NAME
     ]
 
 
@@ -382,6 +390,8 @@ def register(sub: Any) -> None:
     p.add_argument("--dns-replicas", type=int, default=d.dns_replicas)
     p.add_argument("--dns-pods", choices=("insecure", "verified", "disabled"),
                    default=d.dns_pods)
+    p.add_argument("--network-policy", action="store_true",
+                   help="enforce NetworkPolicy in the node agents (svcnet node --policy)")
     p.set_defaults(func=_run)
 
 

@@ -25,7 +25,21 @@ OPTION_SETS = [
             image="registry.example/svcnet:1.2", apiserver="192.0.2.1:6443"),
     Options(proxy_mode="ipvs", cluster_cidr="10.32.0.0/12", subnet_len=26, dns_replicas=3,
             dns_pods="verified", cluster_domain="corp.local", image_pull_policy="Never"),
+    Options(network_policy=True),
 ]
+
+
+def test_network_policy_option_runs_the_enforcer_with_read_access() -> None:
+    from svcnet.manifests import POLICY_RULES, node_command
+
+    assert "--policy" not in node_command(Options())
+    assert "--policy" in node_command(Options(network_policy=True))
+    roles = [d for d in render(Options(network_policy=True)) if d["kind"] == "ClusterRole"]
+    node_rules = next(r["rules"] for r in roles if r["metadata"]["name"].endswith("node"))
+    assert all(rule in node_rules for rule in POLICY_RULES)
+    plain = next(r["rules"] for r in render(Options()) if r["kind"] == "ClusterRole"
+                 and r["metadata"]["name"].endswith("node"))
+    assert not any(rule in plain for rule in POLICY_RULES)
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
