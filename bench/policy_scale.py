@@ -332,12 +332,17 @@ async def one_changes(args: argparse.Namespace, store: Any, enforcer: Any,
                       returned: list[float], changes: list[tuple[dict[str, Any], dict[str, Any]]],
                       nfnl: Nfnl, pod_kind: Any, timeout: float = 30
                       ) -> tuple[list[float], list[float], list[float]]:
-    """For each (old, new) pod: write it, then poll the kernel until the pod's element in
-    ``ingress-pods4`` points at another group, run by the enforcer's own loop. Returns
-    the times (ms) until the kernel had it, until nft returned, and the CPU ms (this
-    process, including the polling, + nft) spent meanwhile."""
+    """For each (old, new) pod: write it, and have a separate process (``poll_elements``:
+    polling here would take the GIL from the enforcer's worker thread every 0.5 ms) poll the
+    kernel until the pod's element in ``ingress-pods4`` points at another group; the
+    enforcer's own loop does the work. Returns the times (ms) until the kernel had it, until
+    nft returned, and the CPU ms of this process and nft meanwhile."""
     from proxy_scale import cpu_now
 
+    poller = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--poll-elements", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE)
+    assert poller.stdin is not None and poller.stdout is not None
     loop_task = asyncio.create_task(enforcer.loop())
     seen: list[float] = []
     tool: list[float] = []
@@ -353,33 +358,59 @@ async def one_changes(args: argparse.Namespace, store: Any, enforcer: Any,
             before = nfnl.verdict("svcnet-policy", "ingress-pods4", key)
             if before is None:
                 raise RuntimeError(f"pod {old['metadata']['name']} is not isolated")
+            poller.stdin.write(json.dumps(
+                {"key": key.hex(), "before": before, "timeout": timeout}).encode() + b"\n")
+            await poller.stdin.drain()
+            if (await poller.stdout.readline()).strip() != b"polling":
+                raise RuntimeError("the element poller did not start")
             calls, syncs = len(returned), enforcer.syncs
             cpu = cpu_now()
             wrote = time.monotonic()
             await store.put(pod_kind, new)
-            deadline = wrote + timeout
-            now = wrote
-            while nfnl.verdict("svcnet-policy", "ingress-pods4", key) == before:
-                if now > deadline:
-                    raise RuntimeError("the label change never reached the kernel")
-                await asyncio.sleep(0.0005)
-                now = time.monotonic()
-            seen.append((time.monotonic() - wrote) * 1000)
+            line = await asyncio.wait_for(poller.stdout.readline(), timeout + 10)
             after = cpu_now()
+            answer = json.loads(line)
+            if answer.get("at") is None:
+                raise RuntimeError("the label change never reached the kernel")
+            seen.append((answer["at"] - wrote) * 1000)
             cpu_ms.append((after[0] - cpu[0] + after[1] - cpu[1]) * 1000)
-            while enforcer.syncs == syncs and time.monotonic() < deadline:
+            while enforcer.syncs == syncs and time.monotonic() < deadline + timeout:
                 await asyncio.sleep(0.001)  # the sync's bookkeeping, after nft returned
             if len(returned) > calls:
                 tool.append((returned[calls] - wrote) * 1000)
             want = f"goto {enforcer.state.ingress[new['status']['podIP']]}"
             got = nfnl.verdict("svcnet-policy", "ingress-pods4", key)
-            if got != want:
-                raise RuntimeError(f"kernel has {got!r} for the relabelled pod, want {want!r} "
-                                   f"(before: {before!r})")
+            if got != want or answer["verdict"] != want:
+                raise RuntimeError(f"kernel has {got!r} for the relabelled pod (first seen "
+                                   f"{answer['verdict']!r}), want {want!r} (before: {before!r})")
     finally:
         loop_task.cancel()
         await asyncio.gather(loop_task, return_exceptions=True)
+        poller.stdin.close()
+        with contextlib.suppress(ProcessLookupError):
+            poller.kill()
+        await poller.wait()
     return seen, tool, cpu_ms
+
+
+def poll_elements() -> None:
+    """``--poll-elements``: per request line (key, verdict before, timeout), say "polling",
+    poll every 0.5 ms until the element's verdict differs, and answer with the monotonic
+    time it was first seen (CLOCK_MONOTONIC is shared between processes)."""
+    nfnl = Nfnl()
+    for line in sys.stdin:
+        req = json.loads(line)
+        key = bytes.fromhex(req["key"])
+        deadline = time.monotonic() + req["timeout"]
+        print("polling", flush=True)
+        answer: dict[str, Any] = {"at": None, "verdict": None}
+        while time.monotonic() < deadline:
+            got = nfnl.verdict("svcnet-policy", "ingress-pods4", key)
+            if got != req["before"]:
+                answer = {"at": time.monotonic(), "verdict": got}
+                break
+            time.sleep(0.0005)
+        print(json.dumps(answer), flush=True)
 
 
 # --- datapath ---------------------------------------------------------------------------------
@@ -562,7 +593,11 @@ def main() -> int:
     p.add_argument("--skip-datapath", action="store_true")
     p.add_argument("--skip-sync", action="store_true")
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--poll-elements", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.poll_elements:
+        poll_elements()
+        return 0
     if args.quick:
         args.pods, args.namespaces, args.policies = 300, 12, 80
         args.repeat, args.changes = 1, 3
