@@ -108,8 +108,14 @@ class PolicyEnforcer:
         self._sources = informers
 
     def _changed(self, old: Any, new: Any) -> None:
-        if old is not None and new is not None and old == new:
-            return
+        from svcnet.policy.state import policy_view
+
+        from svcnet.model import Pod
+
+        if old is not None and new is not None and (old == new or (
+                isinstance(old, Pod) and isinstance(new, Pod)
+                and policy_view(old) == policy_view(new))):
+            return  # e.g. a pod's readiness changed: nothing to enforce differently
         self._wake.set()
 
     async def run(self, factory: InformerFactory) -> None:
@@ -144,6 +150,7 @@ class PolicyEnforcer:
 
     async def sync_once(self) -> bool:
         from svcnet.policy import metrics
+        from svcnet.policy.state import Memo
 
         now = time.monotonic()
         full = self._need_full or now - self._last_full >= self.opts.full_sync_period
@@ -153,6 +160,8 @@ class PolicyEnforcer:
             log.exception("policy sync failed (full=%s); the next one is full", full)
             metrics.SYNC_FAILURES.inc()
             self._need_full = True
+            self._memo = Memo()  # whatever failed, the next sync starts from nothing
+            self._elements.clear()
             return False
         elapsed = time.monotonic() - now
         metrics.SYNC_DURATION.labels(str(full).lower()).observe(elapsed)
@@ -167,18 +176,24 @@ class PolicyEnforcer:
 
     def _sync(self, full: bool, objects: tuple[list[Any], list[Any], list[Any]]) -> None:
         from svcnet.policy import metrics
-        from svcnet.policy.nftables import full_script, render, update_script
-        from svcnet.policy.state import Memo
+        from svcnet.policy.nftables import render, stream_full_computing, update_script
+        from svcnet.policy.state import compute_stream
 
-        if full:  # nothing carried over from before a failure or across a full sync
-            self._memo = Memo()
-            self._elements.clear()
-        state = self.desired(objects)
-        new = render(state, log=self.opts.log_denied, cache=self._elements,
-                     log_group=self.opts.log_group)
+        # A periodic full sync is for the kernel's sake: the computation's caches stay valid
+        # (they depend on the objects only), so it costs little more than nft itself.
         if full or self.applied is None:
-            apply_script(self.commands, full_script(new))
+            states: list[PolicyState] = []
+            out: list[Rendered] = []
+            groups = compute_stream(*objects, node_name=self.opts.node_name,
+                                    memo=self._memo, out=states)
+            apply_script(self.commands, stream_full_computing(
+                groups, states, out, log=self.opts.log_denied, cache=self._elements,
+                log_group=self.opts.log_group))
+            new, state = out[0], states[0]
         else:
+            state = self.desired(objects)
+            new = render(state, log=self.opts.log_denied, cache=self._elements,
+                         log_group=self.opts.log_group)
             script = update_script(self.applied, new)
             if script:
                 apply_script(self.commands, [script])

@@ -31,9 +31,11 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import itertools
+import socket
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from svcnet.policy.state import ANY, AddressRange, Family, Group, PolicyState
 
@@ -84,6 +86,35 @@ def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None 
     """The table for ``state``. ``cache`` (kept by the daemon between syncs) maps
     (group, family) to its elements: an unchanged group is not cut into boxes again; on
     return it holds exactly the groups of this state."""
+    out: list[Rendered] = []
+    for _ in _render(iter(state.groups.values()), [state], log, cache, log_group, out,
+                     stream=False):
+        pass
+    return out[0]
+
+
+def stream_full(state: PolicyState, out: list[Rendered], *, log: bool = False,
+                cache: ElementCache | None = None, log_group: int | None = None
+                ) -> Iterator[str]:
+    """``full_script(render(...))`` as chunks for ``nft``; ``out`` gets the ``Rendered``."""
+    return _render(iter(state.groups.values()), [state], log, cache, log_group, out,
+                   stream=True)
+
+
+def stream_full_computing(groups: Iterator[Group], states: list[PolicyState],
+                          out: list[Rendered], *, log: bool = False,
+                          cache: ElementCache | None = None, log_group: int | None = None
+                          ) -> Iterator[str]:
+    """A full sync written while the state is being computed: ``groups`` is
+    ``compute_stream``'s iterator, which leaves the state in ``states`` once exhausted. The
+    table's frame goes first, then each group (its counters, maps, chains, elements) as
+    soon as it is complete, last the pod maps."""
+    return _render(groups, states, log, cache, log_group, out, stream=True)
+
+
+def _render(groups: Iterator[Group], states: list[PolicyState], log: bool,
+            cache: ElementCache | None, log_group: int | None, out: list[Rendered], *,
+            stream: bool) -> Iterator[str]:
     maps: dict[str, str] = {
         "ingress-pods4": "{ type ipv4_addr : verdict ; }",
         "ingress-pods6": "{ type ipv6_addr : verdict ; }",
@@ -99,32 +130,39 @@ def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None 
     }
     hooks = {"forward": "type filter hook forward priority filter ; policy accept ;",
              "input": "type filter hook input priority filter ; policy accept ;"}
-    elements: dict[str, dict[str, str]] = {name: {} for name in _POD_MAPS}
+    if stream:
+        yield from _skeleton(Rendered(maps=maps, chains=chains, hooks=hooks))
     counters: set[str] = set()
     policies: dict[str, str] = {}
-    groups: dict[str, tuple[str, ...]] = {}
+    group_policies: dict[str, tuple[str, ...]] = {}
+    elements: dict[str, dict[str, str]] = {name: {} for name in _POD_MAPS}
     old_cache: ElementCache = dict(cache) if cache is not None else {}
-    swept: Swept = {}
     new_cache: ElementCache = {}
-    for group in state.groups.values():
+    swept: Swept = {}
+    addresses: dict[tuple[int, int, int], str] = {}
+    for group in groups:
         d = "in" if group.direction == "ingress" else "out"
         peer = "saddr" if d == "in" else "daddr"
         name = group.name
-        groups[name] = group.policies
+        group_policies[name] = group.policies
+        new_maps: dict[str, str] = {}
+        new_chains: dict[str, tuple[str, ...]] = {}
+        new_counters = [f"deny-{name}"]
+        for policy in group.policies:
+            pid = policy_id(policy)
+            policies[pid] = policy
+            allow = f"allow-{d}-{pid}"
+            if allow not in chains:
+                verdict = " accept" if d == "in" else ""
+                new_chains[allow] = (f'counter name "{allow}"{verdict}',)
+                new_counters.append(allow)
         rules: list[str] = []
         for family in (4, 6):
             ip = "ip" if family == 4 else "ip6"
             addr = "ipv4_addr" if family == 4 else "ipv6_addr"
-            maps[f"{name}-{family}"] = (f"{{ type {addr} . inet_proto . inet_service : "
-                                        "verdict ; flags interval ; }")
+            new_maps[f"{name}-{family}"] = (f"{{ type {addr} . inet_proto . inet_service : "
+                                            "verdict ; flags interval ; }")
             rules.append(f"{ip} {peer} . meta l4proto . th dport vmap @{name}-{family}")
-            hit = old_cache.get((name, family))
-            found = hit[1] if hit is not None and (hit[0] is group or hit[0] == group) else None
-            if found is None:
-                found = {key: f"goto allow-{d}-{pid}"
-                         for key, pid in group_elements(group, family, swept)}  # type: ignore[arg-type]
-            elements[f"{name}-{family}"] = found
-            new_cache[name, family] = (group, found)
         if log:
             # The group names the isolating policies; the daemon reading the NFLOG group
             # names the pods from the packet's addresses.
@@ -132,80 +170,123 @@ def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None 
             target = f" group {log_group}" if log_group is not None else ""
             rules.append(f'limit rate {LOG_RATE} log prefix "{prefix}: "{target}')
         rules.append(f'counter name "deny-{name}" drop')
-        counters.add(f"deny-{name}")
-        chains[name] = tuple(rules)
-        for policy in group.policies:
-            pid = policy_id(policy)
-            policies[pid] = policy
-            allow = f"allow-{d}-{pid}"
-            if allow not in chains:
-                verdict = " accept" if d == "in" else ""
-                chains[allow] = (f'counter name "{allow}"{verdict}',)
-                counters.add(allow)
+        new_chains[name] = tuple(rules)
+        maps.update(new_maps)
+        chains.update(new_chains)
+        counters.update(new_counters)
+        lines: list[str] = []
+        if stream:
+            lines += [f"add counter {T} {c}\n" for c in new_counters]
+            lines += [f"add map {T} {m} {decl}\n" for m, decl in new_maps.items()]
+            lines += [f"add chain {T} {c}\n" for c in new_chains]
+            lines += [f"add rule {T} {c} {rule}\n" for c, rs in new_chains.items() for rule in rs]
+        for family in (4, 6):
+            hit = old_cache.get((name, family))
+            found = hit[1] if hit is not None and (hit[0] is group or hit[0] == group) else None
+            if found is None:
+                found = {key: f"goto allow-{d}-{pid}" for key, pid in group_elements(
+                    group, family, swept, addresses)}  # type: ignore[arg-type]
+            elements[f"{name}-{family}"] = found
+            new_cache[name, family] = (group, found)
+            if stream:
+                lines += element_lines("add", f"{name}-{family}", found)
+        if stream:
+            yield "".join(lines)
+    state = states[0]
     for direction, pods in (("ingress", state.ingress), ("egress", state.egress)):
         jump = "goto" if direction == "ingress" else "jump"
         for ip, name in pods.items():
             elements[f"{direction}-pods{6 if ':' in ip else 4}"][ip] = f"{jump} {name}"
+    if stream:
+        for name in _POD_MAPS:
+            yield "".join(element_lines("add", name, elements[name]))
     if cache is not None:
         cache.clear()
         cache.update(new_cache)
-    return Rendered(maps=maps, chains=chains, hooks=hooks, elements=elements,
-                    counters=frozenset(counters), policies=policies, groups=groups)
+    out.append(Rendered(maps=maps, chains=chains, hooks=hooks, elements=elements,
+                        counters=frozenset(counters), policies=policies,
+                        groups=group_policies))
 
 
-def group_elements(group: Group, family: Family, swept: Swept | None = None
+Swept = dict[Any, list[tuple[int, int, tuple[tuple[int, int, int], ...]]]]
+"""One render's sweeps by signature: groups of different policies with rules of the same
+shape (one policy per namespace, say) share peer tuples and port ranges, so their boxes
+and sweeps are the same up to policy names."""
+
+
+def group_elements(group: Group, family: Family, swept: Swept | None = None,
+                   addresses: dict[tuple[int, int, int], str] | None = None,
                    ) -> Iterator[tuple[str, str]]:
     """(element key, policy id) of a group's map for one family: disjoint boxes of
     peer address range . protocol range . port range."""
-    # per protocol class: [(addr first, addr last, port first, port last, rank)]
-    # Several policies often allow the same peers on the same ports: one box each, credited
-    # to the first policy.
-    boxes: dict[tuple[int, int], dict[tuple[int, int, int, int], int]] = defaultdict(dict)
     ranked = sorted({g.policy for g in group.grants})
     rank = {p: i for i, p in enumerate(ranked)}
     # Only port-less grants (the common "allow from these pods"): one protocol range.
     any_only = all(p.protocol == ANY for g in group.grants for p in g.ports)
     any_classes = ((0, 255),) if any_only else _PROTO_CLASSES
+    # (protocol class, port first, port last, rank, peers): peer tuples are shared between
+    # policies (state's cache), so their identity stands for their content in one render.
+    parts: set[tuple[tuple[int, int], int, int, int, int]] = set()
+    peers_of: dict[int, tuple[AddressRange, ...]] = {}
     for grant in group.grants:
-        peers = [r for r in grant.peers if r.family == family]
-        if not peers:
-            continue
         r_ = rank[grant.policy]
+        peers_of[id(grant.peers)] = grant.peers
         for port in grant.ports:
             if port.protocol == ANY:
-                classes = [(c, 0, 65535) for c in any_classes]
+                parts.update((c, 0, 65535, r_, id(grant.peers)) for c in any_classes)
             else:
                 n = _PROTO_NUMBERS[port.protocol]
-                classes = [((n, n), port.first, port.last)]
-            for cls, lo, hi in classes:
-                found = boxes[cls]
-                for a in peers:
-                    key = (a.first, a.last, lo, hi)
-                    if found.setdefault(key, r_) > r_:
-                        found[key] = r_
+                parts.add(((n, n), port.first, port.last, r_, id(grant.peers)))
+    swept = {} if swept is None else swept
+    by_class: dict[tuple[int, int], list[tuple[int, int, int, int]]] = defaultdict(list)
+    for cls, lo, hi, r_, peers_id in parts:
+        by_class[cls].append((lo, hi, r_, peers_id))
+    classes = []
+    for cls in sorted(by_class):
+        signature = (family, cls, tuple(sorted(by_class[cls])))
+        ranges = swept.get(signature)
+        if ranges is None:
+            ranges = swept[signature] = _sweep_class(by_class[cls], peers_of, family)
+        classes.append((cls, ranges))
     ids = [policy_id(p) for p in ranked]
-    for cls in sorted(boxes):
+    addresses = {} if addresses is None else addresses
+    for cls, ranges in classes:
         proto = str(cls[0]) if cls[0] == cls[1] else f"{cls[0]}-{cls[1]}"
-        for a_lo, a_hi, ports in _disjoint_cached(boxes[cls], {} if swept is None else swept):
-            addr = str(AddressRange(family, a_lo, a_hi))
+        for a_lo, a_hi, ports in ranges:
+            addr = addresses.get((family, a_lo, a_hi))
+            if addr is None:
+                addr = addresses[family, a_lo, a_hi] = _address_text(family, a_lo, a_hi)
             for p_lo, p_hi, r_ in ports:
                 ports_text = str(p_lo) if p_lo == p_hi else f"{p_lo}-{p_hi}"
                 yield f"{addr} . {proto} . {ports_text}", ids[r_]
 
 
-Swept = dict[frozenset[tuple[tuple[int, int, int, int], int]],
-             list[tuple[int, int, tuple[tuple[int, int, int], ...]]]]
+def _sweep_class(parts: list[tuple[int, int, int, int]],
+                 peers_of: dict[int, tuple[AddressRange, ...]], family: Family,
+                 ) -> list[tuple[int, int, tuple[tuple[int, int, int], ...]]]:
+    """The disjoint boxes of one protocol class. Several policies often allow the same
+    peers on the same ports: one box each, credited to the first policy."""
+    boxes: dict[tuple[int, int, int, int], int] = {}
+    for lo, hi, r_, peers_id in parts:
+        for a in peers_of[peers_id]:
+            if a.family != family:
+                continue
+            key = (a.first, a.last, lo, hi)
+            if boxes.setdefault(key, r_) > r_:
+                boxes[key] = r_
+    return list(_disjoint(boxes.items()))
 
 
-def _disjoint_cached(boxes: dict[tuple[int, int, int, int], int], swept: Swept
-                     ) -> list[tuple[int, int, tuple[tuple[int, int, int], ...]]]:
-    """``_disjoint``, remembered for one render: groups of different policies with rules of
-    the same shape (one per namespace, say) have the same boxes up to policy names."""
-    key = frozenset(boxes.items())
-    found = swept.get(key)
-    if found is None:
-        found = swept[key] = list(_disjoint(boxes.items()))
-    return found
+def _address_text(family: Family, first: int, last: int) -> str:
+    """An address, a CIDR when the range is one, else ``first-last``."""
+    af, bits = (socket.AF_INET, 32) if family == 4 else (socket.AF_INET6, 128)
+    text = socket.inet_ntop(af, first.to_bytes(bits // 8, "big"))
+    if first == last:
+        return text
+    size = last - first + 1
+    if size & (size - 1) == 0 and first % size == 0:
+        return f"{text}/{bits - size.bit_length() + 1}"
+    return f"{text}-{socket.inet_ntop(af, last.to_bytes(bits // 8, 'big'))}"
 
 
 def _disjoint(boxes: Iterable[tuple[tuple[int, int, int, int], int]]
@@ -275,6 +356,13 @@ def render_full(state: PolicyState, *, log: bool = False, log_group: int | None 
 
 
 def full_script(r: Rendered) -> Iterator[str]:
+    yield from _skeleton(r)
+    for name, elems in r.elements.items():
+        yield from element_lines("add", name, elems)
+
+
+def _skeleton(r: Rendered) -> Iterator[str]:
+    """Replace the table with ``r``'s counters, maps and chains (no elements)."""
     yield f"add table {T}\ndelete table {T}\nadd table {T}\n"
     lines: list[str] = [f"add counter {T} {name}" for name in sorted(r.counters)]
     lines += [f"add map {T} {name} {decl}" for name, decl in r.maps.items()]
@@ -282,8 +370,6 @@ def full_script(r: Rendered) -> Iterator[str]:
     yield "\n".join(lines) + "\n"
     for name, rules in r.chains.items():
         yield "".join(f"add rule {T} {name} {rule}\n" for rule in rules)
-    for name, elems in r.elements.items():
-        yield from element_lines("add", name, elems)
 
 
 def update_script(old: Rendered, new: Rendered) -> str:

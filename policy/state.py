@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import socket
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -157,6 +158,8 @@ class Memo:
 
 
 _ALL_NAMESPACES = "*"
+INDEX_MIN_PODS = 16
+"""Namespaces with at least this many pods get a label index for matchLabels selectors."""
 
 
 def compute(policies: Iterable[NetworkPolicy], pods: Iterable[Pod],
@@ -164,7 +167,25 @@ def compute(policies: Iterable[NetworkPolicy], pods: Iterable[Pod],
             memo: Memo | None = None) -> PolicyState:
     """The desired state for the pods on ``node_name`` (every pod when None); ``memo``
     carries caches from the previous call (see ``Memo``)."""
-    return _Computation(policies, pods, namespaces, memo or Memo()).run(node_name)
+    out: list[PolicyState] = []
+    for _ in compute_stream(policies, pods, namespaces, node_name=node_name, memo=memo,
+                            out=out):
+        pass
+    return out[0]
+
+
+def compute_stream(policies: Iterable[NetworkPolicy], pods: Iterable[Pod],
+                   namespaces: Iterable[Namespace], *, node_name: str | None,
+                   out: list[PolicyState], memo: Memo | None = None) -> Iterator[Group]:
+    """``compute``, yielding each group as soon as it is complete (a full sync writes it
+    to ``nft`` while the rest is computed); the state is appended to ``out`` at the end."""
+    return _Computation(policies, pods, namespaces, memo or Memo()).run(node_name, out)
+
+
+def policy_view(pod: Pod) -> tuple[object, ...]:
+    """What NetworkPolicy reads of a pod: two versions equal here enforce the same."""
+    return (pod.metadata.labels, pod.ips, pod.spec.node_name, _usable(pod),
+            tuple(sorted(named_ports(pod).items())))
 
 
 def _same(a: list[Pod], b: list[Pod]) -> bool:
@@ -177,8 +198,13 @@ def _usable(pod: Pod) -> bool:
 
 
 def _range_of(ip: str) -> AddressRange:
-    addr = ipaddress.ip_address(ip)
-    return AddressRange(addr.version, int(addr), int(addr))  # type: ignore[arg-type]
+    """One address (already validated by the Pod record) as a range; without ipaddress,
+    which costs several times more per pod."""
+    if ":" in ip:
+        value = int.from_bytes(socket.inet_pton(socket.AF_INET6, ip), "big")
+        return AddressRange(6, value, value)
+    value = int.from_bytes(socket.inet_aton(ip), "big")
+    return AddressRange(4, value, value)
 
 
 def ip_block_ranges(cidr: str, excepts: Iterable[str]) -> tuple[AddressRange, ...]:
@@ -257,6 +283,14 @@ class _Computation:
         self._deps = memo.deps
         self._memo = memo
         self._names = memo.names
+        self._label_index: dict[str, dict[tuple[str, str], list[Pod]]] = {}
+
+    def _ranges_of(self, pod: Pod) -> tuple[AddressRange, ...]:
+        """A pod's addresses; a cached selection may hold an earlier version of the pod
+        that differed only where policy does not look (``policy_view``)."""
+        ips = self.ips.get(id(pod)) or pod.ips
+        found = self.ranges.get(ips)
+        return found if found is not None else tuple(_range_of(ip) for ip in ips)
 
     def _forget(self, memo: Memo) -> None:
         """Drop what the changes since the last computation made stale."""
@@ -274,9 +308,14 @@ class _Computation:
             now, before = self.pods_by_ns.get(ns, []), memo.pods_by_ns.get(ns, [])
             if _same(now, before):
                 continue
-            now_ids, before_ids = {id(p) for p in now}, {id(p) for p in before}
-            changed_pods[ns] = [*(p for p in before if id(p) not in now_ids),
-                                *(p for p in now if id(p) not in before_ids)]
+            # A new version that policy sees the same way (a status update) changes nothing.
+            now_by, before_by = ({p.metadata.name: p for p in pods} for pods in (now, before))
+            moved = [(before_by.get(name), now_by.get(name))
+                     for name in now_by.keys() | before_by.keys()
+                     if now_by.get(name) is not before_by.get(name)]
+            changed_pods[ns] = [p for old, new in moved for p in (old, new) if p is not None
+                                if old is None or new is None
+                                or policy_view(old) != policy_view(new)]
         # A selection is stale only if a changed pod (either version) is in its namespaces
         # and matches its selector; what was computed from it goes with it.
         stale_selections: set[Any] = {_ALL_NAMESPACES} if changed_pods else set()
@@ -327,24 +366,41 @@ class _Computation:
         if cached is None:
             found: list[Pod] = []
             for ns in spaces:
-                pods = self.pods_by_ns.get(ns, ())
-                found.extend(pods if sel is None else (
-                    p for p in pods if sel.matches(p.metadata.labels)))
+                if sel is None:
+                    found.extend(self.pods_by_ns.get(ns, ()))
+                    continue
+                pods = self._candidates(ns, sel)
+                found.extend(p for p in pods if sel.matches(p.metadata.labels))
             cached = self._selected[key] = (found, sel)
         return cached[0]
 
+    def _candidates(self, ns: str, sel: LabelSelector) -> list[Pod]:
+        """The pods of ``ns`` that may match: those carrying the rarest of the selector's
+        matchLabels (a per-namespace label index), else all of them."""
+        pods = self.pods_by_ns.get(ns, [])
+        labels = sel.labels
+        if not labels or len(pods) < INDEX_MIN_PODS:
+            return pods
+        index = self._label_index.get(ns)
+        if index is None:
+            index = self._label_index[ns] = defaultdict(list)
+            for p in pods:
+                for item in p.metadata.labels.items():
+                    index[item].append(p)
+        return min((index.get(item, []) for item in labels.items()), key=len)
+
     def peer_ranges(self, policy_ns: str, peer: NetworkPolicyPeer) -> tuple[AddressRange, ...]:
         """Sorted and without duplicates (a rule with one peer uses the tuple as it is)."""
-        key = ("" if peer.namespace_selector else policy_ns, msgspec.json.encode(peer))
+        shared = peer.namespace_selector is not None or peer.ip_block is not None
+        key = ("" if shared else policy_ns, msgspec.json.encode(peer))
         cached = self._peer_ranges.get(key)
         if cached is None:
             if peer.ip_block is not None:
                 found = ip_block_ranges(peer.ip_block.cidr, peer.ip_block.except_)
                 dep = None
             else:
-                ranges = self.ranges
                 found = tuple(sorted({r for p in self.peer_pods(policy_ns, peer)
-                                      for r in ranges[self.ips[id(p)]]}))
+                                      for r in self._ranges_of(p)}))
                 dep = self._selection_key(policy_ns, peer)
             cached = self._peer_ranges[key] = (found, dep)
         return cached[0]
@@ -458,7 +514,7 @@ class _Computation:
                     r for p in rule.ports if isinstance(p.port, str)
                     if (r := _port_range(p, named.get((p.port, p.proto)))) is not None)
                 if ports:
-                    by_ports[tuple(sorted(set(ports)))].update(self.ranges[self.ips[id(pod)]])
+                    by_ports[tuple(sorted(set(ports)))].update(self._ranges_of(pod))
             for port_set, addresses in sorted(by_ports.items()):
                 if addresses:
                     out.append(Grant(key, i, tuple(sorted(addresses)), port_set))
@@ -466,7 +522,7 @@ class _Computation:
 
     # --- the state ----------------------------------------------------------------------
 
-    def run(self, node_name: str | None) -> PolicyState:
+    def run(self, node_name: str | None, out: list[PolicyState]) -> Iterator[Group]:
         selecting: dict[tuple[str, str], list[str]] = defaultdict(list)
         local: dict[tuple[str, str], Pod] = {}
         by_key = {object_key(p): p for p in self.policies}
@@ -498,7 +554,7 @@ class _Computation:
                                      for pp in r.ports if isinstance(pp.port, str)}))
                 shape = shapes[tuple(keys)] = (in_keys, out_keys, used)
             in_keys, out_keys, used = shape
-            ips = self.ips[id(pod)]
+            ips = self.ips.get(id(pod)) or pod.ips
             if in_keys:
                 named = named_ports(pod) if used else {}
                 resolution = tuple((n, proto, named.get((n, proto))) for n, proto in used)
@@ -510,6 +566,7 @@ class _Computation:
                     grants = [g for key in in_keys
                               for g in self._ingress_of(by_key[key], named)]
                     groups[name] = self._group(name, "ingress", in_keys, grants)
+                    yield groups[name]
                 for ip in ips:
                     ingress[ip] = name
             if out_keys:
@@ -519,6 +576,7 @@ class _Computation:
                 if name not in groups:
                     grants = [g for key in out_keys for g in self._egress_of(by_key[key])]
                     groups[name] = self._group(name, "egress", out_keys, grants)
+                    yield groups[name]
                 for ip in ips:
                     egress[ip] = name
         self._memo.groups = groups
@@ -527,5 +585,5 @@ class _Computation:
         all_ips = self.ips
         pods = {ip: f"{ns}/{p.metadata.name}" for ns, ps in self.pods_by_ns.items() for p in ps
                 for ip in all_ips[id(p)]}
-        return PolicyState(groups=groups, ingress=ingress, egress=egress, pods=pods,
-                           policies=tuple(object_key(p) for p in self.policies))
+        out.append(PolicyState(groups=groups, ingress=ingress, egress=egress, pods=pods,
+                               policies=tuple(object_key(p) for p in self.policies)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from svcnet.policy.state import Direction, PolicyState
@@ -159,9 +159,3 @@ def pod_address(state: PolicyState, ref: str) -> str:
         if name == ref:
             return ip
     raise KeyError(f"no pod {ref} with an address")
-
-
-def policy_names(state: PolicyState) -> Mapping[str, str]:
-    from svcnet.policy.nftables import policy_id
-
-    return {policy_id(p): p for p in state.policies}

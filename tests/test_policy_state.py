@@ -453,9 +453,17 @@ def test_memo_gives_what_a_fresh_computation_gives_after_every_change() -> None:
     policies = {f"x/{name}": p for name, (ps, _) in list(CASES.items())[:1] for p in ps}
     all_policies = [p for ps, _ in CASES.values() for p in ps]
     memo = Memo()
-    for step in range(120):
-        what = rng.randrange(5)
-        if what == 0:
+    for step in range(200):
+        what = rng.randrange(6)
+        if what == 5 and pods:  # a status update: a new object policy sees the same way
+            import msgspec
+
+            ref = rng.choice(sorted(pods))
+            raw = msgspec.to_builtins(pods[ref])
+            raw["status"]["conditions"] = [{"type": "Ready", "status": rng.choice(
+                ["True", "False"])}]
+            pods[ref] = POD.convert(raw)
+        elif what == 0:
             ref = rng.choice(ALL)
             pods[ref] = make_pod(ref, node=rng.choice(["n1", "n2"]),
                                  pod=rng.choice(PODS), tier=rng.choice(["web", "db"]))
@@ -477,3 +485,48 @@ def test_memo_gives_what_a_fresh_computation_gives_after_every_change() -> None:
         node = "n1" if step % 2 else None
         args = (list(policies.values()), list(pods.values()), list(spaces.values()))
         assert compute(*args, node_name=node, memo=memo) == compute(*args, node_name=node), step
+
+
+def test_streamed_full_sync_is_the_full_script() -> None:
+    from svcnet.policy.nftables import Rendered, full_script, stream_full, stream_full_computing
+    from svcnet.policy.state import compute_stream
+
+    for policies, _ in list(CASES.values())[::5]:
+        state = compute(policies, model_pods(), NAMESPACE_OBJECTS, node_name=None)
+        out: list[Rendered] = []
+        streamed = "".join(stream_full(state, out, log=True, log_group=5))
+        rendered = render(state, log=True, log_group=5)
+        assert out == [rendered]
+        assert sorted(streamed.splitlines()) == sorted("".join(full_script(rendered)).splitlines())
+        states: list[PolicyState] = []
+        out = []
+        computing = "".join(stream_full_computing(
+            compute_stream(policies, model_pods(), NAMESPACE_OBJECTS, node_name=None,
+                           out=states), states, out, log=True, log_group=5))
+        assert states == [state] and out == [rendered]
+        assert sorted(computing.splitlines()) == sorted(streamed.splitlines())
+
+
+def test_label_index_selects_what_matching_every_pod_selects(monkeypatch: Any) -> None:
+    import random
+
+    from svcnet.policy import state as state_module
+
+    rng = random.Random(3)
+    pods = [make_pod(f"x/p{i}", ips=(f"10.7.{i // 250}.{i % 250 + 1}",),
+                     app=rng.choice(["a", "b", "c"]), tier=rng.choice(["web", "db"]))
+            for i in range(60)]
+    policies = [
+        policy("web", podSelector={"matchLabels": {"app": "a", "tier": "web"}},
+               ingress=[{"from": [{"podSelector": {"matchLabels": {"tier": "db"},
+                                                   "matchExpressions": [
+                   {"key": "app", "operator": "NotIn", "values": ["c"]}]}}]}]),
+        policy("none", podSelector={"matchLabels": {"app": "zzz"}}),
+        policy("eg", podSelector={"matchLabels": {"app": "b"}}, policyTypes=["Egress"],
+               egress=[{"to": [{"namespaceSelector": {}, "podSelector": {
+                   "matchLabels": {"app": "c"}}}]}]),
+    ]
+    indexed = compute(policies, pods, NAMESPACE_OBJECTS, node_name=None)
+    monkeypatch.setattr(state_module, "INDEX_MIN_PODS", 10**9)
+    assert indexed == compute(policies, pods, NAMESPACE_OBJECTS, node_name=None)
+    assert indexed.ingress and indexed.egress
