@@ -14,7 +14,9 @@ daemon runs inside its node's namespace; every pod is on this node, the worst ca
   fresh namespace. ``floor_s``: the bare ``nft -f`` of exactly the script the first sync
   streamed, into a fresh namespace, right after each sync (same load).
   ``full_sync_ratio``: median of the pairs' ratios (``full_sync_cpu_ratio``: the same with
-  CPU seconds, Python + nft against nft, which other jobs disturb less);
+  CPU seconds, Python + nft against nft, which other jobs disturb less).
+  ``warm_full_sync_ratio``: the same for the periodic full sync (the enforcer keeps its
+  caches; the whole table goes to a fresh namespace), one per round with its own floor;
 - ``one_change_ms``: store write of one pod label change -> the pod's element in
   ``ingress-pods4`` points at its new group in the kernel (polled over netlink every
   0.5 ms: ``nft get element`` loads the whole table first, ~1 s here), run by the
@@ -255,6 +257,9 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
         result["script_kib"] = sum(os.path.getsize(f) for _, f in full_inputs) >> 10
         floors = [floor_once(full_inputs, "stdin", args.timeout)]
         syncs, cpus = [first], [cpu]
+        warm: list[float] = []
+        warm_cpus: list[tuple[float, float]] = []
+        warm_floors: list[tuple[float | None, float]] = []
         # 2. Rounds of (cold full sync into a fresh namespace, floor), back to back. Cold:
         # a new enforcer, so nothing computed or rendered before is reused.
         for r in range(args.repeat):
@@ -269,10 +274,24 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
                 cpus.append(cpu)
             floors.append(floor_once(full_inputs, "file" if r % 2 == 0 else "stdin",
                                      args.timeout))
+            # ... and a warm one (a periodic full sync: the enforcer keeps its caches, the
+            # kernel gets the whole table) into another fresh namespace, with its own floor.
+            with fresh_netns("warm") as ns:
+                commands.inner = SubprocessCommands(netns=ns, timeout=args.timeout)
+                enforcer.applied = None
+                took, cpu = await timed_sync(enforcer)
+                warm.append(took)
+                warm_cpus.append(cpu)
+            warm_floors.append(floor_once(full_inputs, "stdin" if r % 2 == 0 else "file",
+                                          args.timeout))
         result["full_syncs_s"] = syncs
         result["full_syncs_cpu_s"] = cpus
         result["floors_s"] = [f for f, _ in floors]
         result["floors_cpu_s"] = [c for _, c in floors]
+        result["warm_syncs_s"] = warm
+        result["warm_syncs_cpu_s"] = warm_cpus
+        result["warm_floors_s"] = [f for f, _ in warm_floors]
+        result["warm_floors_cpu_s"] = [c for _, c in warm_floors]
         # 3. Back in our namespace, whose table is the first sync's: a periodic full re-sync
         # (caches kept, the table replaced in one transaction).
         commands.inner = SubprocessCommands(timeout=args.timeout)
@@ -654,6 +673,9 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
             full_sync_ratio=med(paired), full_sync_s=med(syncs), floor_s=med(
                 [f for f in floors if f is not None]),
             full_sync_cpu_ratio=med(cpu_paired),
+            warm_full_sync_ratio=med([a / b for a, b in zip(
+                sy["warm_syncs_s"], sy["warm_floors_s"], strict=True) if b]),
+            warm_full_sync_s=med(sy["warm_syncs_s"]),
             one_change_ms=med(sy["one_change_all_ms"], 1), rss_mb=round(sy["rss_mb"], 1),
             store_rss_mb=round(sy["store_rss_mb"], 1),
             one_change_tool_ms=med(sy["one_change_tool_ms"], 1),
@@ -663,17 +685,26 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
         print(f"workload: {json.dumps(sy['shapes'])}")
         print(f"desired state for one node holding every pod: {json.dumps(sy['state'])}, "
               f"nft script {sy['script_kib']} KiB")
-        print(f"{'full sync':>10} {'floor':>8} {'ratio':>6} {'1 change':>9} {'RSS':>7} "
-              f"{'(store)':>8}")
+        print(f"{'cold sync':>10} {'floor':>8} {'ratio':>6} {'warm ratio':>10} {'1 change':>9} "
+              f"{'RSS':>7} {'(store)':>8}")
         print(f"{result['full_sync_s']:>9.2f}s {result['floor_s'] or 0:>7.2f}s "
-              f"{result['full_sync_ratio'] or 0:>6.2f} {result['one_change_ms']:>7.1f}ms "
+              f"{result['full_sync_ratio'] or 0:>6.2f} "
+              f"{result['warm_full_sync_ratio'] or 0:>10.2f} {result['one_change_ms']:>7.1f}ms "
               f"{result['rss_mb']:>5.0f}MB {result['store_rss_mb']:>6.0f}MB")
-        print("pairs (full sync: desired state + rendering + nft, into a namespace without "
-              "the table; floor: bare nft -f of the same script), back to back:")
+        print("cold full syncs (a new enforcer: desired state + rendering + nft, into a "
+              "namespace without the table), each with the floor (bare nft -f of the same "
+              "script) right after:")
         for i, (a, b) in enumerate(zip(syncs, floors, strict=True)):
             ours, tools = sy["full_syncs_cpu_s"][i]
             print(f"  full sync {a:6.2f}s (CPU: Python {ours:5.2f}s + nft {tools:5.2f}s)   "
                   f"floor {b or 0:6.2f}s (CPU {sy['floors_cpu_s'][i]:5.2f}s)   "
+                  f"ratio {a / b if b else 0:.2f}")
+        print("warm full syncs (a periodic full sync: the enforcer's caches kept, the whole "
+              "table into a fresh namespace), each with its own floor:")
+        for i, (a, b) in enumerate(zip(sy["warm_syncs_s"], sy["warm_floors_s"], strict=True)):
+            ours, tools = sy["warm_syncs_cpu_s"][i]
+            print(f"  warm sync {a:6.2f}s (CPU: Python {ours:5.2f}s + nft {tools:5.2f}s)   "
+                  f"floor {b or 0:6.2f}s (CPU {sy['warm_floors_cpu_s'][i]:5.2f}s)   "
                   f"ratio {a / b if b else 0:.2f}")
         print(f"informers' initial list {sy['informers_synced_s']:.2f}s; store -> table from a "
               f"cold start {sy['cold_start_s']:.2f}s; periodic full re-sync "
