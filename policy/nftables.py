@@ -265,16 +265,13 @@ def _sweep_class(parts: list[tuple[int, int, int, int]],
                  peers_of: dict[int, tuple[AddressRange, ...]], family: Family,
                  ) -> list[tuple[int, int, tuple[tuple[int, int, int], ...]]]:
     """The disjoint boxes of one protocol class. Several policies often allow the same
-    peers on the same ports: one box each, credited to the first policy."""
-    boxes: dict[tuple[int, int, int, int], int] = {}
+    peers on the same ports: the port segments credit the first policy."""
+    ranges: dict[tuple[int, int, int], list[tuple[int, int]]] = defaultdict(list)
     for lo, hi, r_, peers_id in parts:
-        for a in peers_of[peers_id]:
-            if a.family != family:
-                continue
-            key = (a.first, a.last, lo, hi)
-            if boxes.setdefault(key, r_) > r_:
-                boxes[key] = r_
-    return list(_disjoint(boxes.items()))
+        here = [(a.first, a.last) for a in peers_of[peers_id] if a.family == family]
+        if here:
+            ranges[lo, hi, r_].extend(here)
+    return list(_disjoint(ranges))
 
 
 def _address_text(family: Family, first: int, last: int) -> str:
@@ -289,38 +286,43 @@ def _address_text(family: Family, first: int, last: int) -> str:
     return f"{text}-{socket.inet_ntop(af, last.to_bytes(bits // 8, 'big'))}"
 
 
-def _disjoint(boxes: Iterable[tuple[tuple[int, int, int, int], int]]
+def _disjoint(ranges: Mapping[tuple[int, int, int], list[tuple[int, int]]]
               ) -> Iterator[tuple[int, int, tuple[tuple[int, int, int], ...]]]:
     """Sweep the address axis: yield (first, last, port segments) for maximal address
-    ranges over which the covering boxes do not change, each port segment credited to the
-    lowest-ranked box covering it.
+    ranges over which the covering (port range, rank) spans do not change, each port
+    segment credited to the lowest-ranked span covering it.
 
-    Only the (port range, rank) spans matter, so the sweep counts those: consecutive pod
-    addresses allowed on the same ports (the common case) never change the span set and
-    cost one dictionary update each."""
-    events: dict[int, list[tuple[tuple[int, int, int], int]]] = defaultdict(list)
-    for (a_lo, a_hi, p_lo, p_hi), rank in boxes:
-        span = (p_lo, p_hi, rank)
-        events[a_lo].append((span, 1))
-        events[a_hi + 1].append((span, -1))
-    active: dict[tuple[int, int, int], int] = {}
-    computed_for: frozenset[tuple[int, int, int]] = frozenset()
+    Each span's address ranges are merged first (sorted, overlapping and adjacent ones
+    joined), so at any address a span starts or ends at most once: the covering spans are
+    a bit mask toggled by XOR at each event, and a mask's port segments are computed once
+    per mask. Consecutive pod addresses allowed on the same ports (the common case) cost
+    one XOR and one dictionary look-up each."""
+    spans = list(ranges)
+    events: dict[int, int] = {}
+    get = events.get
+    for bit, span in enumerate(spans):
+        flag = 1 << bit
+        merged = sorted(ranges[span])
+        lo, hi = merged[0]
+        for a_lo, a_hi in merged:
+            if a_lo > hi + 1:
+                events[lo] = get(lo, 0) ^ flag
+                events[hi + 1] = get(hi + 1, 0) ^ flag
+                lo, hi = a_lo, a_hi
+            elif a_hi > hi:
+                hi = a_hi
+        events[lo] = get(lo, 0) ^ flag
+        events[hi + 1] = get(hi + 1, 0) ^ flag
+    known: dict[int, tuple[tuple[int, int, int], ...]] = {0: ()}
+    mask = 0
     segments: tuple[tuple[int, int, int], ...] = ()
     start = 0
     for point in sorted(events):
-        changed = False
-        for span, delta in events[point]:
-            count = active.get(span, 0) + delta
-            if count:
-                changed = changed or span not in active
-                active[span] = count
-            else:
-                del active[span]
-                changed = True
-        if not changed or active.keys() == computed_for:
-            continue
-        computed_for = frozenset(active)
-        now = _port_segments(computed_for) if active else ()
+        mask ^= events[point]
+        now = known.get(mask)
+        if now is None:
+            now = known[mask] = _port_segments(
+                [spans[i] for i in range(mask.bit_length()) if mask >> i & 1])
         if now == segments:
             continue
         if segments:
