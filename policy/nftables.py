@@ -392,6 +392,8 @@ def update_script(old: Rendered, new: Rendered) -> str:
     adds: list[str] = []
     for name, after in new.elements.items():
         had = old.elements.get(name, {})
+        if had is after:  # a group the render cache kept: the very same elements
+            continue
         gone = {k: v for k, v in had.items() if after.get(k) != v}
         if name in old.maps:
             deletes += element_lines("delete", name, gone)
