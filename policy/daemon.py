@@ -48,7 +48,8 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--policy-log-group", type=int, default=1717,
                    help="NFLOG group the table logs denied packets to")
     g.add_argument("--policy-min-sync-period", type=float, default=0.05,
-                   help="seconds to gather changes before a sync")
+                   help="at most one sync per this many seconds (a burst of changes is "
+                        "gathered; a change after a quiet spell syncs at once)")
     g.add_argument("--policy-full-sync-period", type=float, default=3600.0)
     g.add_argument("--policy-metrics-bind-address", default="127.0.0.1:10263",
                    help="host:port serving /metrics, /healthz ('' = off)")
@@ -128,11 +129,17 @@ class PolicyEnforcer:
         await self.loop()
 
     async def loop(self) -> None:
+        """At most one sync per ``min_sync_period``, as kube-proxy's minSyncPeriod: a change
+        after a quiet spell is applied at once, a burst is gathered until the period since
+        the last sync has passed."""
         self._wake.set()
+        last = -1e9
         while True:
             await self._wake.wait()
-            await asyncio.sleep(self.opts.min_sync_period)
+            # sleep(0) still lets the events already queued (one watch batch) arrive first
+            await asyncio.sleep(max(0.0, last + self.opts.min_sync_period - time.monotonic()))
             self._wake.clear()
+            last = time.monotonic()
             if not await self.sync_once():
                 await asyncio.sleep(self.opts.retry_delay)
                 self._wake.set()
