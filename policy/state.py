@@ -155,6 +155,13 @@ class Memo:
     deps: dict[str, frozenset[Any]] = field(default_factory=dict)
     groups: dict[str, Group] = field(default_factory=dict)
     names: dict[tuple[str, tuple[str, ...], tuple[Any, ...]], str] = field(default_factory=dict)
+    pod_groups: dict[int, tuple[Pod, tuple[str, ...], str, str]] = field(default_factory=dict)
+    local_of: dict[str, tuple[list[Pod], str | None, list[tuple[tuple[str, str], Pod]]]] = \
+        field(default_factory=dict)
+    """policy key -> (its pod selection, node, the (key, pod) pairs of it on the node)."""
+    """id(pod) -> (pod, its selecting policies, its ingress and egress group names or ''):
+    a pod object selected by the same policies is in the same groups (names are hashes of
+    what decides them), so a sync after one change re-derives only the changed pods."""
 
 
 _ALL_NAMESPACES = "*"
@@ -297,6 +304,8 @@ class _Computation:
         policies = {object_key(p): p for p in self.policies}
         changed = {k for k in policies.keys() | memo.policies.keys()
                    if policies.get(k) is not memo.policies.get(k)}
+        if changed:  # a pod's groups depend on its selecting policies' contents too
+            memo.pod_groups.clear()
         if self.ns_labels != memo.ns_labels:
             memo.selected.clear()
             memo.peer_ranges.clear()
@@ -522,18 +531,43 @@ class _Computation:
 
     # --- the state ----------------------------------------------------------------------
 
+    @staticmethod
+    def _shape(shapes: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[str, ...],
+                                                  tuple[tuple[str, str], ...]]],
+               by_key: dict[str, NetworkPolicy], keys: tuple[str, ...],
+               ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, str], ...]]:
+        """Per distinct set of selecting policies: (ingress keys, egress keys, named ports
+        the ingress rules use), so the per-pod work is a few lookups."""
+        shape = shapes.get(keys)
+        if shape is None:
+            pols = [by_key[key] for key in keys]
+            in_keys = tuple(object_key(p) for p in pols if p.isolates_ingress)
+            out_keys = tuple(object_key(p) for p in pols if p.isolates_egress)
+            used = tuple(sorted({(str(pp.port), pp.proto) for p in pols
+                                 if p.isolates_ingress for r in p.spec.ingress
+                                 for pp in r.ports if isinstance(pp.port, str)}))
+            shape = shapes[keys] = (in_keys, out_keys, used)
+        return shape
+
     def run(self, node_name: str | None, out: list[PolicyState]) -> Iterator[Group]:
         selecting: dict[tuple[str, str], list[str]] = defaultdict(list)
         local: dict[tuple[str, str], Pod] = {}
         by_key = {object_key(p): p for p in self.policies}
+        old_local, local_of = self._memo.local_of, {}
         for key, policy in by_key.items():
             ns = policy.metadata.namespace
-            for pod in self.selected((ns,), policy.spec.pod_selector):
-                if node_name is not None and pod.spec.node_name != node_name:
-                    continue
-                k = (ns, pod.metadata.name)
+            chosen = self.selected((ns,), policy.spec.pod_selector)
+            hit = old_local.get(key)
+            if hit is not None and hit[0] is chosen and hit[1] == node_name:
+                pairs = hit[2]
+            else:
+                pairs = [((ns, pod.metadata.name), pod) for pod in chosen
+                         if node_name is None or pod.spec.node_name == node_name]
+            local_of[key] = (chosen, node_name, pairs)
+            for k, pod in pairs:
                 selecting[k].append(key)
                 local[k] = pod
+        self._memo.local_of = local_of
         groups: dict[str, Group] = {}
         ingress: dict[str, str] = {}
         egress: dict[str, str] = {}
@@ -542,43 +576,52 @@ class _Computation:
         shapes: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[str, ...],
                                             tuple[tuple[str, str], ...]]] = {}
         names = self._names
-        for k, keys in selecting.items():
+        old_pod_groups = self._memo.pod_groups
+        pod_groups: dict[int, tuple[Pod, tuple[str, ...], str, str]] = {}
+        for k, key_list in selecting.items():
             pod = local[k]
-            shape = shapes.get(tuple(keys))
-            if shape is None:
-                pols = [by_key[key] for key in keys]
-                in_keys = tuple(object_key(p) for p in pols if p.isolates_ingress)
-                out_keys = tuple(object_key(p) for p in pols if p.isolates_egress)
-                used = tuple(sorted({(str(pp.port), pp.proto) for p in pols
-                                     if p.isolates_ingress for r in p.spec.ingress
-                                     for pp in r.ports if isinstance(pp.port, str)}))
-                shape = shapes[tuple(keys)] = (in_keys, out_keys, used)
-            in_keys, out_keys, used = shape
+            keys = tuple(key_list)
+            hit = old_pod_groups.get(id(pod))
+            named: dict[tuple[str, str], int] | None = None
+            if hit is not None and hit[0] is pod and hit[1] == keys:
+                in_name, out_name = hit[2], hit[3]
+            else:
+                in_keys, out_keys, used = self._shape(shapes, by_key, keys)
+                in_name = out_name = ""
+                if in_keys:
+                    named = named_ports(pod) if used else {}
+                    resolution = tuple((n, proto, named.get((n, proto))) for n, proto in used)
+                    in_name = names.get(("in", in_keys, resolution), "")
+                    if not in_name:
+                        in_name = names[("in", in_keys, resolution)] = "in-" + _short_hash(
+                            repr((in_keys, resolution)))
+                if out_keys:
+                    out_name = names.get(("out", out_keys, ()), "")
+                    if not out_name:
+                        out_name = names[("out", out_keys, ())] = "out-" + _short_hash(
+                            repr(out_keys))
+            pod_groups[id(pod)] = (pod, keys, in_name, out_name)
             ips = self.ips.get(id(pod)) or pod.ips
-            if in_keys:
-                named = named_ports(pod) if used else {}
-                resolution = tuple((n, proto, named.get((n, proto))) for n, proto in used)
-                name = names.get(("in", in_keys, resolution))
-                if name is None:
-                    name = names[("in", in_keys, resolution)] = "in-" + _short_hash(
-                        repr((in_keys, resolution)))
-                if name not in groups:
+            if in_name:
+                if in_name not in groups:
+                    in_keys, _, used = self._shape(shapes, by_key, keys)
+                    if named is None:
+                        named = named_ports(pod) if used else {}
                     grants = [g for key in in_keys
                               for g in self._ingress_of(by_key[key], named)]
-                    groups[name] = self._group(name, "ingress", in_keys, grants)
-                    yield groups[name]
+                    groups[in_name] = self._group(in_name, "ingress", in_keys, grants)
+                    yield groups[in_name]
                 for ip in ips:
-                    ingress[ip] = name
-            if out_keys:
-                name = names.get(("out", out_keys, ()))
-                if name is None:
-                    name = names[("out", out_keys, ())] = "out-" + _short_hash(repr(out_keys))
-                if name not in groups:
+                    ingress[ip] = in_name
+            if out_name:
+                if out_name not in groups:
+                    _, out_keys, _ = self._shape(shapes, by_key, keys)
                     grants = [g for key in out_keys for g in self._egress_of(by_key[key])]
-                    groups[name] = self._group(name, "egress", out_keys, grants)
-                    yield groups[name]
+                    groups[out_name] = self._group(out_name, "egress", out_keys, grants)
+                    yield groups[out_name]
                 for ip in ips:
-                    egress[ip] = name
+                    egress[ip] = out_name
+        self._memo.pod_groups = pod_groups
         self._memo.groups = groups
         if len(names) > 4 * len(groups) + 1000:  # names of groups long gone
             names.clear()
