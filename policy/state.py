@@ -553,13 +553,15 @@ class _Computation:
         selecting: dict[tuple[str, str], list[str]] = defaultdict(list)
         local: dict[tuple[str, str], Pod] = {}
         by_key = {object_key(p): p for p in self.policies}
-        old_local, local_of = self._memo.local_of, {}
+        old_local = self._memo.local_of
+        local_of: dict[str, tuple[list[Pod], str | None,
+                                  list[tuple[tuple[str, str], Pod]]]] = {}
         for key, policy in by_key.items():
             ns = policy.metadata.namespace
             chosen = self.selected((ns,), policy.spec.pod_selector)
-            hit = old_local.get(key)
-            if hit is not None and hit[0] is chosen and hit[1] == node_name:
-                pairs = hit[2]
+            seen = old_local.get(key)
+            if seen is not None and seen[0] is chosen and seen[1] == node_name:
+                pairs = seen[2]
             else:
                 pairs = [((ns, pod.metadata.name), pod) for pod in chosen
                          if node_name is None or pod.spec.node_name == node_name]
