@@ -3,15 +3,17 @@
 Layout (docs/policy.md has the why)::
 
     chain forward  (hook forward, priority filter)     chain input (hook input)
-      ct state established,related accept               ct state established,related accept
-      icmpv6 type { nd-... } accept (neighbour discovery) (same)
+      ct state established,related accept
+      icmpv6 type { nd-... } accept (neighbour discovery)
       ip saddr vmap @egress-pods4   -> jump out-G        ip saddr vmap @egress-pods4
       ip6 saddr vmap @egress-pods6  -> jump out-G        ip6 saddr vmap @egress-pods6
       ip daddr vmap @ingress-pods4  -> goto in-G
       ip6 daddr vmap @ingress-pods6 -> goto in-G
     chain in-G     ip saddr . meta l4proto . th dport vmap @in-G-4 -> goto allow-in-P
                    (same for ip6)  [limit + log]  counter name deny-in-G  drop
-    chain out-G    ip daddr . meta l4proto . th dport vmap @out-G-4 -> goto allow-out-P
+    chain out-G    ct state established,related return   (for input: forward has
+                   icmpv6 type { nd-... } return           accepted these already)
+                   ip daddr . meta l4proto . th dport vmap @out-G-4 -> goto allow-out-P
                    ...             [limit + log]  counter name deny-out-G drop
     chain allow-in-P    counter name allow-in-P accept
     chain allow-out-P   counter name allow-out-P       (returns: ingress is checked next)
@@ -126,7 +128,10 @@ def _render(groups: Iterator[Group], states: list[PolicyState], log: bool,
     chains: dict[str, tuple[str, ...]] = {
         "forward": (*first, *egress_check,
                     "ip daddr vmap @ingress-pods4", "ip6 daddr vmap @ingress-pods6"),
-        "input": (*first, *egress_check),
+        # Only pods' traffic is judged here, so the lookups come first: the node-bound
+        # traffic no pod sent (VXLAN from other nodes, say) costs two rules; a pod's
+        # established traffic and neighbour discovery return from its out-G chain.
+        "input": egress_check,
     }
     hooks = {"forward": "type filter hook forward priority filter ; policy accept ;",
              "input": "type filter hook input priority filter ; policy accept ;"}
@@ -156,7 +161,10 @@ def _render(groups: Iterator[Group], states: list[PolicyState], log: bool,
                 verdict = " accept" if d == "in" else ""
                 new_chains[allow] = (f'counter name "{allow}"{verdict}',)
                 new_counters.append(allow)
-        rules: list[str] = []
+        # In forward these come first already; the input chain jumps here directly.
+        rules: list[str] = [] if d == "in" else [
+            "ct state established,related return",
+            NEIGHBOUR_DISCOVERY.replace(" accept", " return")]
         for family in (4, 6):
             ip = "ip" if family == 4 else "ip6"
             addr = "ipv4_addr" if family == 4 else "ipv6_addr"
