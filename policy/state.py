@@ -156,6 +156,8 @@ class Memo:
     groups: dict[str, Group] = field(default_factory=dict)
     names: dict[tuple[str, tuple[str, ...], tuple[Any, ...]], str] = field(default_factory=dict)
     pod_groups: dict[int, tuple[Pod, tuple[str, ...], str, str]] = field(default_factory=dict)
+    pod_ips: dict[int, tuple[Pod, tuple[str, ...]]] = field(default_factory=dict)
+    """id(pod) -> (pod, its addresses; () when policy ignores it): read once per object."""
     local_of: dict[str, tuple[list[Pod], str | None, list[tuple[tuple[str, str], Pod]]]] = \
         field(default_factory=dict)
     """policy key -> (its pod selection, node, the (key, pod) pairs of it on the node)."""
@@ -266,19 +268,24 @@ class _Computation:
                  namespaces: Iterable[Namespace], memo: Memo) -> None:
         self.policies = sorted(policies, key=object_key)
         self.pods_by_ns: dict[str, list[Pod]] = defaultdict(list)
-        for pod in pods:
-            if _usable(pod):
-                self.pods_by_ns[pod.metadata.namespace].append(pod)
-        self.ns_labels = {ns.metadata.name: ns.labels for ns in namespaces}
-        old_ranges = memo.ranges
+        old_ranges, old_ips = memo.ranges, memo.pod_ips
         self.ranges = {}
         self.ips: dict[int, tuple[str, ...]] = {}
-        for ps in self.pods_by_ns.values():
-            for p in ps:
-                ips = self.ips[id(p)] = p.ips
+        pod_ips: dict[int, tuple[Pod, tuple[str, ...]]] = {}
+        for pod in pods:
+            seen = old_ips.get(id(pod))
+            if seen is not None and seen[0] is pod:
+                ips = seen[1]
+            else:
+                ips = pod.ips if _usable(pod) else ()
+            pod_ips[id(pod)] = (pod, ips)
+            if ips:
+                self.pods_by_ns[pod.metadata.namespace].append(pod)
+                self.ips[id(pod)] = ips
                 found = old_ranges.get(ips)
                 self.ranges[ips] = found or tuple(_range_of(ip) for ip in ips)
-        memo.ranges = self.ranges
+        self.ns_labels = {ns.metadata.name: ns.labels for ns in namespaces}
+        memo.ranges, memo.pod_ips = self.ranges, pod_ips
         self._forget(memo)
         # Policies repeat selectors (same labels in many namespaces): each distinct
         # (namespaces, selector) is matched once.
