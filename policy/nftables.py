@@ -39,7 +39,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from svcnet.policy.state import ANY, AddressRange, Family, Group, PolicyState
+from svcnet.policy.state import ANY, AddressRange, Family, Group, PolicyState, gc_paused
 
 TABLE = "svcnet-policy"
 T = f"inet {TABLE}"
@@ -89,9 +89,10 @@ def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None 
     (group, family) to its elements: an unchanged group is not cut into boxes again; on
     return it holds exactly the groups of this state."""
     out: list[Rendered] = []
-    for _ in _render(iter(state.groups.values()), [state], log, cache, log_group, out,
-                     stream=False):
-        pass
+    with gc_paused():  # its temporaries die by reference counting (see gc_paused)
+        for _ in _render(iter(state.groups.values()), [state], log, cache, log_group, out,
+                         stream=False):
+            pass
     return out[0]
 
 

@@ -23,6 +23,8 @@ pod address points at its group. Semantics follow networking.k8s.io/v1:
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import ipaddress
 import socket
@@ -177,10 +179,26 @@ def compute(policies: Iterable[NetworkPolicy], pods: Iterable[Pod],
     """The desired state for the pods on ``node_name`` (every pod when None); ``memo``
     carries caches from the previous call (see ``Memo``)."""
     out: list[PolicyState] = []
-    for _ in compute_stream(policies, pods, namespaces, node_name=node_name, memo=memo,
-                            out=out):
-        pass
+    with gc_paused():
+        for _ in compute_stream(policies, pods, namespaces, node_name=node_name, memo=memo,
+                                out=out):
+            pass
     return out[0]
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic collection during a computation: its temporaries (tens of thousands of
+    containers, freed by reference counting at its end) would otherwise be promoted to the
+    oldest generation and trigger a full collection of the informers' large heap every
+    other sync (~0.2 s at 10k pods). The collector resumes where it was afterwards."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def compute_stream(policies: Iterable[NetworkPolicy], pods: Iterable[Pod],
@@ -276,9 +294,10 @@ class _Computation:
             seen = old_ips.get(id(pod))
             if seen is not None and seen[0] is pod:
                 ips = seen[1]
+                pod_ips[id(pod)] = seen  # no new container: fewer for the collector
             else:
                 ips = pod.ips if _usable(pod) else ()
-            pod_ips[id(pod)] = (pod, ips)
+                pod_ips[id(pod)] = (pod, ips)
             if ips:
                 self.pods_by_ns[pod.metadata.namespace].append(pod)
                 self.ips[id(pod)] = ips
@@ -594,6 +613,7 @@ class _Computation:
             named: dict[tuple[str, str], int] | None = None
             if hit is not None and hit[0] is pod and hit[1] == keys:
                 in_name, out_name = hit[2], hit[3]
+                pod_groups[id(pod)] = hit
             else:
                 in_keys, out_keys, used = self._shape(shapes, by_key, keys)
                 in_name = out_name = ""
@@ -609,7 +629,7 @@ class _Computation:
                     if not out_name:
                         out_name = names[("out", out_keys, ())] = "out-" + _short_hash(
                             repr(out_keys))
-            pod_groups[id(pod)] = (pod, keys, in_name, out_name)
+                pod_groups[id(pod)] = (pod, keys, in_name, out_name)
             ips = self.ips.get(id(pod)) or pod.ips
             if in_name:
                 if in_name not in groups:
