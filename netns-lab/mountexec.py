@@ -100,7 +100,8 @@ def setup(spec: dict[str, Any]) -> None:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             if not os.path.lexists(target):
                 open(target, "a").close()  # a mount point
-        mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
+        mount(f"/proc/self/fd/{fd}", target, None,
+              MS_BIND | (MS_REC if bind.get("recursive", True) else 0))
         if bind.get("read_only"):
             mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
         os.close(fd)

@@ -65,6 +65,9 @@ class Bind:
     source: str
     target: str
     read_only: bool = False
+    recursive: bool = True
+    """False for a path bound back over a volume covering it: a recursive bind would copy
+    the covering mount along (it sits on the same path)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,19 @@ def host_path(cfg: LabConfig, node: str, path: str) -> Path:
 
 def venv_bin(cfg: LabConfig) -> str:
     return str(Path(cfg.python).parent)
+
+
+def install_binds(cfg: LabConfig, targets: list[str]) -> list[Bind]:
+    """The local install stands in for the image's files, so it must stay visible: where a
+    volume covers it (an emptyDir on ``/tmp`` over a checkout in ``/tmp``), it is bound back
+    on top, read-only."""
+    import svcnet
+
+    roots = sorted({Path(cfg.python).parent.parent,  # the venv (not resolved: its python
+                    Path(svcnet.__file__).resolve().parents[1]})  # links out of it)
+    covered = [r for r in roots if any(r == Path(t) or Path(t) in r.parents for t in targets)]
+    outermost = [r for r in covered if not any(o in r.parents for o in covered)]
+    return [Bind(str(r), str(r), read_only=True, recursive=False) for r in outermost]
 
 
 def mountexec_argv(cfg: LabConfig, spec: Path) -> list[str]:
@@ -383,6 +399,7 @@ class PodRunner:
             read_only = bool(vm.get("readOnly")) or any(
                 k in volume for k in ("configMap", "projected", "secret", "downwardAPI"))
             binds.append(Bind(str(source), vm["mountPath"], read_only))
+        binds += install_binds(self.cfg, [b.target for b in binds])
         spec = pod.get("spec", {})
         hostname = self.node if spec.get("hostNetwork") else (
             spec.get("hostname") or pod["metadata"]["name"])

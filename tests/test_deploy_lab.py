@@ -442,3 +442,26 @@ def test_projected_token_from_token_request_and_its_rotation(control_plane: Any,
     assert 0.75 * TOKEN_SECONDS < due <= 0.8 * TOKEN_SECONDS + 5 and not not_yet
     assert second["iat"] > first["iat"]
     assert second["kubernetes.io"]["pod"] == first["kubernetes.io"]["pod"]
+
+
+def test_the_local_install_stays_visible_under_a_volume_over_it(tmp_path: Path) -> None:
+    """The image's command runs from the local install: a volume over the checkout (the DNS
+    pod's emptyDir on /tmp when CI clones into /tmp) must not hide it."""
+    require_root()
+    from svcnet.lab.podrun import Bind, ContainerSpec, install_binds, mountexec_argv, venv_bin
+
+    import svcnet
+
+    cfg = LabConfig(name="t", nodes=1, lab_dir=str(tmp_path), python=sys.executable)
+    checkout = str(Path(svcnet.__file__).resolve().parents[1])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    covering = Bind(str(empty), checkout)
+    assert install_binds(cfg, ["/nowhere"]) == []
+    spec_path = tmp_path / "spec.json"
+    ContainerSpec(argv=("svcnet", "--version"), env={"PATH": venv_bin(cfg) + ":/usr/bin:/bin"},
+                  scratch=str(tmp_path / "scratch"),
+                  binds=(covering, *install_binds(cfg, [checkout]))).write(spec_path)
+    done = subprocess.run(mountexec_argv(cfg, spec_path), capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0 and svcnet.__version__ in done.stdout, done.stderr
