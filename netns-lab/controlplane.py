@@ -721,8 +721,16 @@ class ControlPlane:
     @contextlib.contextmanager
     def namespace(self, name: str) -> Iterator[str]:
         """A namespace deleted afterwards (its Pods with grace period 0: there is no kubelet
-        to finish their termination, and a namespace with Terminating Pods never goes)."""
+        to finish their termination, and a namespace with Terminating Pods never goes).
+        Ready once its ``default`` ServiceAccount exists: until the controller makes it,
+        the apiserver refuses Pods there (403), so the upstream e2e framework waits too."""
         self.kubectl("create", "namespace", name)
+        deadline = time.monotonic() + 60
+        while self.kubectl("get", "serviceaccount", "default", "-n", name,
+                           check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(f"namespace {name}: no default ServiceAccount in 60 s")
+            time.sleep(0.1)
         try:
             yield name
         finally:
