@@ -7,6 +7,7 @@ import itertools
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from svcnet.lab import etcdfault
 from svcnet.lab.etcdfault import free_port as free_port  # re-exported for the tests
+from svcnet.lab.state import LabConfig
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 _ns_counter = itertools.count()
@@ -152,6 +154,64 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield cp
     finally:
         cp.stop()
+
+
+# --- a whole lab (svcnet.lab: namespaces, node agents, daemons) for a module ----------------
+
+
+@contextlib.contextmanager
+def running_lab(base: Path, prefix: str, *, nodes: int, control_plane: str = "kubernetes",
+                binaries: tuple[str, ...] = (), needs: tuple[str, ...] = ("overlay", "proxy"),
+                **options: Any) -> Iterator[LabConfig]:
+    """A lab named ``<prefix><pid>`` in ``base``, up (on the real control plane unless told
+    otherwise) for the ``with`` block and always torn down.
+
+    The lab tests share these prerequisites and this teardown; ``needs`` names the parts the
+    tests judge (``overlay``: the VXLAN overlay, ``proxy``, ``dns``), which ``up`` would
+    otherwise quietly leave out when they are not installed (``resolve_choices``).
+    """
+    from svcnet.lab.cluster import down, up
+    from svcnet.lab.netns import RealKernel
+
+    require_root()
+    require_binary("ip", "nsenter", *binaries)
+    if control_plane == "kubernetes":
+        from svcnet.lab.controlplane import MissingBinaries, find_binaries
+
+        require_binary("openssl")
+        try:
+            find_binaries()
+        except MissingBinaries as err:
+            require(False, str(err))
+    name = f"{prefix}{os.getpid() % 10_000_000}"
+    cfg = LabConfig(name=name, nodes=nodes, lab_dir=str(base / name), python=sys.executable,
+                    control_plane=control_plane, cni="auto", overlay="auto", **options)
+    started = time.monotonic()
+    try:
+        cfg = up(cfg, RealKernel(), lambda msg: print(msg, file=sys.stderr))
+        print(f"lab {name} up in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        missing = [part for part in needs
+                   if not (cfg.overlay == "vxlan" if part == "overlay" else getattr(cfg, part))]
+        require(not missing, f"needs {', '.join(missing)} installed")
+        yield cfg
+    finally:
+        down(Path(cfg.lab_dir), RealKernel(), lambda msg: None)
+
+
+def lab_in_sync(cfg: LabConfig, timeout: float) -> list[dict[str, Any]]:
+    """Until every node's kernel equals the desired state recomputed from the store
+    (``svcnet lab verify``): the reports, for further checks; fails the test on timeout."""
+    from svcnet.lab.verify import format_report, verify_nodes
+
+    reports: list[dict[str, Any]] = []
+
+    def in_sync() -> bool:
+        nonlocal reports
+        reports = verify_nodes(cfg, cfg.node_names)
+        return all(r["in_sync"] for r in reports)
+
+    assert until(in_sync, timeout, 0.5), [format_report(r) for r in reports]
+    return reports
 
 
 # --- tests marked `vm` run inside svcnet.lab.vm's guest only ---------------------------------

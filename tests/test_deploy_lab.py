@@ -20,15 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require, require_binary, require_root
-from svcnet.lab.cluster import down, lab_command, up
-from svcnet.lab.controlplane import MissingBinaries, find_binaries
+from conftest import lab_in_sync, require_root, running_lab, until
+from svcnet.lab.cluster import lab_command
 from svcnet.lab.demo import DEMO_MANIFEST, echo_call, resolve
 from svcnet.lab.k8s import kubectl_argv
-from svcnet.lab.netns import NETNS_DIR, RealKernel
+from svcnet.lab.netns import NETNS_DIR
 from svcnet.lab.procs import Procs
 from svcnet.lab.state import LabConfig
-from svcnet.lab.verify import format_report, verify_nodes
 
 pytestmark = [pytest.mark.kernel]
 
@@ -119,43 +117,20 @@ def jwt_claims(token: str) -> dict[str, Any]:
     return claims
 
 
-def until(check: Any, timeout: float, what: str, period: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(period)
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabConfig]:
-    require_root()
-    require_binary("ip", "nsenter", "openssl", "nft", "iptables-save", "perl")
-    try:
-        find_binaries()
-    except MissingBinaries as err:
-        require(False, str(err))
     before = {p: os.path.lexists(p) for p in HOST_PATHS}
-    root = tmp_path_factory.mktemp("deploy-lab")
-    name = f"d{os.getpid() % 10_000_000}"
-    cfg = LabConfig(name=name, nodes=2, lab_dir=str(root / name), python=sys.executable,
-                    cni="auto", overlay="auto", control_plane="kubernetes",
-                    deploy="manifests")
-    started = time.monotonic()
     try:
-        cfg = up(cfg, RealKernel(), lambda msg: print(msg, file=sys.stderr))
-        print(f"lab up with the manifests in {time.monotonic() - started:.1f}s",
-              file=sys.stderr)
-        manifest = cfg.dir / "demo.yaml"
-        manifest.write_text(DEMO_MANIFEST % {"client_node": "n2"})
-        lab_command(cfg, "apply", "-f", str(manifest), "--lab-dir", cfg.lab_dir)
-        lab_command(cfg, "wait-ready", "--pods", "--timeout", "90", "--lab-dir", cfg.lab_dir,
-                    timeout=120)
-        yield cfg
+        with running_lab(tmp_path_factory.mktemp("deploy-lab"), "d", nodes=2,
+                         binaries=("nft", "iptables-save", "perl"), needs=(),
+                         deploy="manifests") as cfg:
+            manifest = cfg.dir / "demo.yaml"
+            manifest.write_text(DEMO_MANIFEST % {"client_node": "n2"})
+            lab_command(cfg, "apply", "-f", str(manifest), "--lab-dir", cfg.lab_dir)
+            lab_command(cfg, "wait-ready", "--pods", "--timeout", "90", "--lab-dir",
+                        cfg.lab_dir, timeout=120)
+            yield cfg
     finally:
-        down(Path(cfg.lab_dir), RealKernel(), lambda msg: None)
         # Containers saw their own /etc/svcnet, /run/svcnet ...: none of it reached the host.
         assert {p: os.path.lexists(p) for p in HOST_PATHS} == before
 
@@ -214,8 +189,8 @@ def test_controllers_pods_run_with_their_volumes_env_and_token(lab: LabConfig) -
 def test_demo_checks_pass(lab: LabConfig) -> None:
     """DNS through kube-dns (the svcnet-dns pods), ClusterIP and NodePort balance across
     both nodes."""
-    answer = until(lambda: (a := resolve(lab, "client", "web"))[:1].isdigit() and a, 30,
-                   "web to resolve")
+    answer = until(lambda: (a := resolve(lab, "client", "web"))[:1].isdigit() and a, 30, 0.5)
+    assert answer, "timed out waiting for web to resolve"
     assert answer.startswith("10.96."), answer
     web = {p["metadata"]["name"]: p["spec"]["nodeName"]
            for p in pods(lab, "app=web", namespace="default")}
@@ -237,14 +212,7 @@ def test_demo_checks_pass(lab: LabConfig) -> None:
 def assert_kernels_match_the_api(lab: LabConfig) -> None:
     """Every node's kernel against the desired state recomputed from the API server, with the
     flags the DaemonSet's pod on that node runs with (``lab verify``)."""
-    reports: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        reports = verify_nodes(lab, lab.node_names)
-        if all(r["in_sync"] for r in reports):
-            break
-        time.sleep(0.5)
-    assert all(r["in_sync"] for r in reports), [format_report(r) for r in reports]
+    reports = lab_in_sync(lab, 30)
     assert all(r["overlay"]["peers"] == len(lab.node_names) - 1 for r in reports), reports
 
 
@@ -259,7 +227,7 @@ def test_liveness_failure_restarts_and_env_is_resolved(lab: LabConfig) -> None:
             statuses = json.loads(out or "{}").get("status", {}).get("containerStatuses", [])
             return bool(statuses) and statuses[0].get("restartCount", 0) >= 1
 
-        until(restarted, 60, "a restart after the liveness probe failed")
+        assert until(restarted, 60, 0.5), "a restart after the liveness probe failed"
         sb = sandbox(lab, "kube-system", "probed")
         env = environ(sb["pid"])
         assert env["MY_IP"] == sb["ip"] and env["MY_NODE"] == "n1"
@@ -334,12 +302,14 @@ def test_deleting_the_manifests_removes_everything(lab: LabConfig) -> None:
             out.append("svcnet pods still there")
         return out
 
-    deadline = time.monotonic() + 90
-    left = leftovers()
-    while left and time.monotonic() < deadline:
-        time.sleep(0.5)
+    left: list[str] = []
+
+    def clean() -> bool:
+        nonlocal left
         left = leftovers()
-    assert not left, left
+        return not left
+
+    assert until(clean, 90, 0.5), left
     # the node agents keep running the other pods
     assert (NETNS_DIR / lab.pod_ns("default", "client")).exists()
 

@@ -10,7 +10,6 @@ control-plane kills come last.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require, require_binary, require_root, until
-from svcnet.lab.cluster import down, lab_command, up
-from svcnet.lab.controlplane import MissingBinaries, find_binaries
+from conftest import lab_in_sync, require_binary, running_lab, until
+from svcnet.lab.cluster import lab_command
 from svcnet.lab.demo import _show, echo_call, pod_exec, resolve
 from svcnet.lab.k8s import (
     LabControlPlane,
@@ -32,7 +30,6 @@ from svcnet.lab.k8s import (
 )
 from svcnet.lab.netns import RealKernel
 from svcnet.lab.state import POD_NETWORK, LabConfig
-from svcnet.lab.verify import format_report, verify_nodes
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -47,26 +44,11 @@ spec:
 """
 
 
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabConfig]:
-    require_root()
-    require_binary("ip", "nsenter", "openssl", "dig")
-    try:
-        find_binaries()
-    except MissingBinaries as err:
-        require(False, str(err))
-    root = tmp_path_factory.mktemp("lab")
-    name = f"c{os.getpid() % 10_000_000}"
-    cfg = LabConfig(name=name, nodes=3, lab_dir=str(root / name), python=sys.executable,
-                    control_plane="kubernetes", cni="auto", overlay="auto")
-    cfg = up(cfg, RealKernel(), lambda msg: print(msg, file=sys.stderr))
-    try:
-        require(cfg.overlay == "vxlan" and cfg.proxy and cfg.dns,
-                "needs the overlay, the proxy and DNS installed")
+    with running_lab(tmp_path_factory.mktemp("lab"), "c", nodes=3, binaries=("dig",),
+                     needs=("overlay", "proxy", "dns")) as cfg:
         yield cfg
-    finally:
-        down(Path(cfg.lab_dir), RealKernel(), lambda msg: None)
 
 
 def kubectl(cfg: LabConfig, *args: str, kubeconfig: str | None = None, check: bool = True,
@@ -103,20 +85,9 @@ def web_backends(cfg: LabConfig, pod: str, n: int, timeout: float) -> set[str]:
     return seen
 
 
-def nodes_in_sync(cfg: LabConfig, timeout: float = 60) -> None:
-    reports: list[dict[str, Any]] = []
-
-    def check() -> bool:
-        nonlocal reports
-        reports = verify_nodes(cfg, cfg.node_names)
-        return all(r["in_sync"] for r in reports)
-
-    assert until(check, timeout, 0.5), [format_report(r) for r in reports]
-
-
 def test_demo_runs_on_the_real_control_plane(lab: LabConfig) -> None:
     assert _show(lab, 9, lambda msg: print(msg, file=sys.stderr))
-    nodes_in_sync(lab)
+    lab_in_sync(lab, 60)
 
 
 def test_nodes_get_pod_cidrs_from_the_controller_manager_and_heartbeat(lab: LabConfig) -> None:
@@ -182,7 +153,7 @@ def test_scale_to_zero_rejects_at_once_and_back(lab: LabConfig) -> None:
     lab_command(lab, "scale", "deploy", "web", "--replicas", "3", "--lab-dir", lab.lab_dir)
     assert len(web_backends(lab, "client", 3, 60)) == 3
     assert until(lambda: resolve(lab, "client", "web-hl")[:1].isdigit(), 20)
-    nodes_in_sync(lab)
+    lab_in_sync(lab, 60)
 
 
 class RequestLoop:
@@ -225,7 +196,7 @@ def test_rollout_restart_under_50_requests_per_second_fails_none(lab: LabConfig)
     assert len(lines) > 100 and errors == [], (len(lines), errors[:5])
     new = web_pod_names(lab)
     assert len(new) == 3 and new <= set(lines[-60:]), (new, lines[-10:])
-    nodes_in_sync(lab)
+    lab_in_sync(lab, 60)
 
 
 BIG = """\
@@ -324,4 +295,4 @@ def test_kill_9_of_a_control_plane_component_under_traffic(lab: LabConfig, compo
     assert len(lines) > 50 and errors == [], errors[:5]
     lab_command(lab, "scale", "deploy", "web", "--replicas", "3", "--lab-dir", lab.lab_dir)
     assert len(web_backends(lab, "client", 3, 60)) == 3
-    nodes_in_sync(lab)
+    lab_in_sync(lab, 60)

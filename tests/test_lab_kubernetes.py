@@ -4,19 +4,13 @@ inside its control namespace, since the lab sends no traffic outside its namespa
 
 from __future__ import annotations
 
-import os
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import require, require_binary, require_root
-from svcnet.lab.cluster import down, lab_command, up
+from conftest import lab_in_sync, running_lab
+from svcnet.lab.cluster import lab_command
 from svcnet.lab.demo import echo_call, resolve
-from svcnet.lab.netns import RealKernel
-from svcnet.lab.state import LabConfig
-from svcnet.lab.verify import format_report, verify_nodes
 
 pytestmark = [pytest.mark.kernel]
 
@@ -73,19 +67,12 @@ spec: {nodeName: n2, containers: [{name: c, image: svcnet/echo}]}
 
 
 def test_lab_runs_against_a_kubernetes_api_server(tmp_path: Path) -> None:
-    require_root()
-    require_binary("ip", "nsenter")
     (tmp_path / "apiserver.py").write_text(RUNNER.format(tests=str(Path(__file__).parent)))
     (tmp_path / "kubeconfig").write_text(KUBECONFIG)
-    name = f"k{os.getpid() % 10_000_000}"
-    cfg = LabConfig(name=name, nodes=2, lab_dir=str(tmp_path / name), python=sys.executable,
-                    store="kubernetes", kubeconfig=str(tmp_path / "kubeconfig"),
-                    apiserver_argv=(sys.executable, str(tmp_path / "apiserver.py")),
-                    cni="auto", overlay="auto")
-    try:
-        cfg = up(cfg, RealKernel(), lambda msg: print(msg, file=sys.stderr))
-        require(cfg.overlay == "vxlan" and cfg.proxy and cfg.dns,
-                "needs the overlay, the proxy and DNS installed")
+    with running_lab(tmp_path, "k", nodes=2, control_plane="etcd",
+                     needs=("overlay", "proxy", "dns"), store="kubernetes",
+                     kubeconfig=str(tmp_path / "kubeconfig"),
+                     apiserver_argv=(sys.executable, str(tmp_path / "apiserver.py"))) as cfg:
         (tmp_path / "m.yaml").write_text(MANIFEST)
         lab_command(cfg, "apply", "-f", str(tmp_path / "m.yaml"), "--lab-dir", cfg.lab_dir)
         lab_command(cfg, "wait-ready", "--pods", "--timeout", "60", "--lab-dir", cfg.lab_dir,
@@ -103,14 +90,5 @@ def test_lab_runs_against_a_kubernetes_api_server(tmp_path: Path) -> None:
         assert resolve(cfg, "client", "web.default").startswith("10.96.")
         # Overlay (leases from the Nodes' podCIDRs and annotations) and proxy rules match
         # the desired state recomputed from the API server.
-        reports: list[dict[str, Any]] = []
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            reports = verify_nodes(cfg, cfg.node_names)
-            if all(r["in_sync"] for r in reports):
-                break
-            time.sleep(0.5)
-        assert all(r["in_sync"] for r in reports), [format_report(r) for r in reports]
+        reports = lab_in_sync(cfg, 20)
         assert all(r["overlay"]["peers"] == 1 for r in reports), reports
-    finally:
-        down(Path(cfg.lab_dir), RealKernel(), lambda msg: None)

@@ -16,7 +16,6 @@ the same tables: the tracer explains what the datapath does.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -25,10 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require, require_binary, require_root
+from conftest import require, running_lab, until
 from svcnet.lab import netpol
-from svcnet.lab.cluster import down, up
-from svcnet.lab.controlplane import MissingBinaries, find_binaries
 from svcnet.lab.netns import RealKernel
 from svcnet.lab.netpol import (
     ALL_PODS,
@@ -63,23 +60,9 @@ def P(ref: str) -> PodRef:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabConfig]:
-    require_root()
-    require_binary("ip", "nsenter", "openssl", "nft")
-    try:
-        find_binaries()
-    except MissingBinaries as err:
-        require(False, str(err))
-    root = tmp_path_factory.mktemp("lab")
-    name = f"m{os.getpid() % 10_000_000}"
-    cfg = LabConfig(name=name, nodes=2, lab_dir=str(root / name), python=sys.executable,
-                    control_plane="kubernetes", cni="auto", overlay="auto", dns=False,
-                    policy=True)
-    cfg = up(cfg, RealKernel(), lambda msg: print(msg, file=sys.stderr))
-    try:
-        require(cfg.overlay == "vxlan" and cfg.proxy, "needs the overlay and the proxy")
+    with running_lab(tmp_path_factory.mktemp("lab"), "m", nodes=2, binaries=("nft",),
+                     dns=False, policy=True) as cfg:
         yield cfg
-    finally:
-        down(Path(cfg.lab_dir), RealKernel(), lambda msg: None)
 
 
 def bridge_netfilter(ns: str) -> str:
@@ -187,12 +170,8 @@ def test_every_node_daemon_enforces_policy(lab: LabConfig, model: Model) -> None
         assert rec is not None and procs.running(rec)
         argv = list(rec.argv)
         assert argv[argv.index("--policy-node-name") + 1] == node and "--policy" in argv
-        health = ""
-        deadline = time.monotonic() + 30
-        while "policy=200" not in health and time.monotonic() < deadline:
-            health = node_health(lab, node)
-            time.sleep(0.2)
-        assert "policy=200" in health, (node, health)
+        assert until(lambda n=node: "policy=200" in node_health(lab, n), 30, 0.2), (
+            node, node_health(lab, node))
 
 
 def test_every_pair_connects_on_every_port_and_protocol_without_policies(
