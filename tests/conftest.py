@@ -32,6 +32,13 @@ def until(check: Callable[[], Any], timeout: float, interval: float = 0.1) -> An
     return value
 
 
+def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    """``until``, failing the test with ``what`` when ``check`` stays falsy."""
+    value = until(check, timeout, interval)
+    assert value, f"timed out after {timeout:g} s waiting for {what}"
+    return value
+
+
 def require(condition: bool, reason: str) -> None:
     """Skip when a prerequisite is missing, except under CI=true, where that is a failure."""
     if condition:

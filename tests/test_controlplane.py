@@ -5,11 +5,10 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
+from conftest import wait_for
 from svcnet.lab.controlplane import (
     K8S_SHA256,
     ControlPlane,
@@ -32,16 +31,6 @@ def test_unpack_checks_every_sum_and_leaves_nothing_behind(tmp_path: Path) -> No
         unpack_k8s(tarball, dest)
     assert not dest.exists()
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [".k8s.lock"]
-
-
-def wait_for(check: Any, timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        if result := check():
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def test_service_account_kubeconfig_is_least_privilege(control_plane: ControlPlane) -> None:
@@ -78,7 +67,7 @@ def test_node_identity_registers_its_node_and_gets_a_pod_cidr(control_plane: Con
                              kubeconfig=config)
             return got.stdout.strip()
 
-        assert wait_for(pod_cidr, what="podCIDR").startswith("10.244.")
+        assert wait_for(pod_cidr, 60, "podCIDR").startswith("10.244.")
     finally:
         cp.kubectl("delete", "node", "cpt1", "--wait=false", check=False)
 

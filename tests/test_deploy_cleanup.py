@@ -5,20 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import ns_sh, require_binary, stop
+from conftest import ns_sh, require_binary, stop, wait_for
 
 SVCNET = [sys.executable, "-m", "svcnet.cli"]
-
-
-def _wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def _run_proxy(ns: str, mode: str, log: Path, present: Callable[[], bool]) -> None:
@@ -30,7 +22,7 @@ def _run_proxy(ns: str, mode: str, log: Path, present: Callable[[], bool]) -> No
                                  "--proxy-metrics-bind-address", ""],
                                 stdout=out, stderr=out)
     try:
-        _wait_for(lambda: present() or proc.poll() is not None, f"{mode} rules")
+        wait_for(lambda: present() or proc.poll() is not None, 30, f"{mode} rules")
         assert proc.poll() is None, log.read_text()
     finally:
         stop(proc)

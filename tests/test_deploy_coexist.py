@@ -17,12 +17,11 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from conftest import require, require_binary
+from conftest import require, require_binary, wait_for
 from svcnet.cni.overlay.testbed import SimNode, Testbed, in_ns
 from svcnet.proxy.commands import SubprocessCommands
 from svcnet.proxy.migrate import iptables_script, remove_kube_proxy_leftovers
@@ -350,13 +349,6 @@ def answers(pod: str, tries: int = 30) -> set[str]:
     return {ask(pod, CLUSTER_IP) for _ in range(tries)}
 
 
-def until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout}s"
-        time.sleep(0.2)
-
-
 def flannel_node(bed: Testbed, node: SimNode, peers: list[SimNode]) -> None:
     """flanneld's datapath (vxlan backend, VNI 1, port 8472), subnet.env and chains."""
     i = node.index
@@ -436,7 +428,7 @@ def test_migration_from_kube_proxy_and_flannel_under_traffic(bed: Testbed, mode:
         in_ns(bed.underlay, SVCNET, "apply", "--store", store, "-f", "-",
               input="\n---\n".join(json.dumps(o) for o in objects))
         # before: kube-proxy's rules balance across both nodes, over Flannel's VXLAN
-        until(lambda: answers(client) == {"n1", "n2"}, "Service answered by both nodes", 20)
+        wait_for(lambda: answers(client) == {"n1", "n2"}, 20, "Service answered by both nodes")
         neighbours_before = {n.name: in_ns(n.ns, "ip", "neigh", "show", "dev", "flannel.1"
                                            ).stdout for n in nodes}
 
@@ -445,7 +437,7 @@ def test_migration_from_kube_proxy_and_flannel_under_traffic(bed: Testbed, mode:
         loop = subprocess.Popen(["ip", "netns", "exec", client, sys.executable, "-c", CLIENT,
                                  CLUSTER_IP, str(stop_file), str(results)])
         try:
-            until(lambda: results.exists() and results.stat().st_size > 0, "request loop", 20)
+            wait_for(lambda: results.exists() and results.stat().st_size > 0, 20, "request loop")
             for node in nodes:  # a rolling migration: one node after the other
                 node.subnet_file = bed.workdir / f"{node.name}-svcnet.env"
                 bed.start_daemon(node, "--proxy", "--no-cni-server", "--proxy-mode", mode,
@@ -458,13 +450,13 @@ def test_migration_from_kube_proxy_and_flannel_under_traffic(bed: Testbed, mode:
                                  str(bed.workdir / f"{node.name}-flannel" / "subnet.env"),
                                  config_file=str(conf_file))
                 bed.wait_ready(node, timeout=60)
-                until(lambda n=node: "KUBE-SEP-" not in in_ns(n.ns, "iptables-save").stdout
-                      or mode == "iptables", f"kube-proxy's rules gone on {node.name}")
-                until(lambda n=node: "FLANNEL-" not in in_ns(n.ns, "iptables-save").stdout,
-                      f"Flannel's chains gone on {node.name}")
+                wait_for(lambda n=node: "KUBE-SEP-" not in in_ns(n.ns, "iptables-save").stdout
+                         or mode == "iptables", 60, f"kube-proxy's rules gone on {node.name}")
+                wait_for(lambda n=node: "FLANNEL-" not in in_ns(n.ns, "iptables-save").stdout,
+                         60, f"Flannel's chains gone on {node.name}")
             during = len(results.read_text().splitlines())
-            until(lambda: len(results.read_text().splitlines()) >= during + 40,
-                  "40 more requests after both nodes switched")
+            wait_for(lambda: len(results.read_text().splitlines()) >= during + 40, 60,
+                     "40 more requests after both nodes switched")
         finally:
             stop_file.touch()
             loop.wait(30)
@@ -517,7 +509,7 @@ def test_migration_from_kube_proxy_and_flannel_under_traffic(bed: Testbed, mode:
         # had they stayed, would keep sending half the requests to n1's pod
         in_ns(bed.underlay, SVCNET, "apply", "--store", store, "-f", "-",
               input=json.dumps(service_objects(endpoints[1])[1]))
-        until(lambda: answers(client, 20) == {"n2"}, "only n2 answers after the change", 30)
+        wait_for(lambda: answers(client, 20) == {"n2"}, 30, "only n2 answers after the change")
     finally:
         for proc in procs:
             proc.kill()

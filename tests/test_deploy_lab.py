@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import lab_in_sync, require_root, running_lab, until
+from conftest import lab_in_sync, require_root, running_lab, until, wait_for
 from svcnet.lab.cluster import lab_command
 from svcnet.lab.demo import DEMO_MANIFEST, echo_call, resolve
 from svcnet.lab.k8s import kubectl_argv
@@ -189,8 +189,8 @@ def test_controllers_pods_run_with_their_volumes_env_and_token(lab: LabConfig) -
 def test_demo_checks_pass(lab: LabConfig) -> None:
     """DNS through kube-dns (the svcnet-dns pods), ClusterIP and NodePort balance across
     both nodes."""
-    answer = until(lambda: (a := resolve(lab, "client", "web"))[:1].isdigit() and a, 30, 0.5)
-    assert answer, "timed out waiting for web to resolve"
+    answer = wait_for(lambda: (a := resolve(lab, "client", "web"))[:1].isdigit() and a, 30,
+                      "web to resolve", 0.5)
     assert answer.startswith("10.96."), answer
     web = {p["metadata"]["name"]: p["spec"]["nodeName"]
            for p in pods(lab, "app=web", namespace="default")}
@@ -227,7 +227,7 @@ def test_liveness_failure_restarts_and_env_is_resolved(lab: LabConfig) -> None:
             statuses = json.loads(out or "{}").get("status", {}).get("containerStatuses", [])
             return bool(statuses) and statuses[0].get("restartCount", 0) >= 1
 
-        assert until(restarted, 60, 0.5), "a restart after the liveness probe failed"
+        wait_for(restarted, 60, "a restart after the liveness probe failed", 0.5)
         sb = sandbox(lab, "kube-system", "probed")
         env = environ(sb["pid"])
         assert env["MY_IP"] == sb["ip"] and env["MY_NODE"] == "n1"
