@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require, require_binary, require_root, until
-from svcnet.lab.cluster import component_available, down, lab_command, up
+from conftest import require, running_lab, until
+from svcnet.lab.cluster import component_available, lab_command
 from svcnet.lab.demo import echo_call, pod_exec, resolve
 from svcnet.lab.netns import RealKernel, kill_pids
 from svcnet.lab.procs import Procs
@@ -111,25 +111,16 @@ spec:
     for pod, node in (("client1", "n1"), ("client2", "n2"), ("client3", "n3")))
 
 
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabConfig]:
-    require_root()
-    require_binary("ip", "etcd", "nsenter", "dig")
-    root = tmp_path_factory.mktemp("lab")
-    name = f"t{os.getpid() % 10_000_000}"
-    cfg = LabConfig(name=name, nodes=3, lab_dir=str(root / name), python=sys.executable,
-                    etcd_members=3, cni="auto", overlay="auto")
-    cfg = up(cfg, RealKernel(), lambda msg: print(msg, file=sys.stderr))
-    try:
+    with running_lab(tmp_path_factory.mktemp("lab"), "t", nodes=3, control_plane="etcd",
+                     binaries=("etcd", "dig"), needs=(), etcd_members=3) as cfg:
         manifest = Path(cfg.lab_dir) / "e2e.yaml"
         manifest.write_text(MANIFEST)
         lab_command(cfg, "apply", "-f", str(manifest), "--lab-dir", cfg.lab_dir)
         lab_command(cfg, "wait-ready", "--pods", "--timeout", "60", "--lab-dir", cfg.lab_dir,
                     timeout=90)
         yield cfg
-    finally:
-        down(Path(cfg.lab_dir), RealKernel(), lambda msg: None)
 
 
 def objects(cfg: LabConfig, kind: str) -> list[dict[str, Any]]:
