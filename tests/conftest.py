@@ -166,6 +166,14 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 # --- a whole lab (svcnet.lab: namespaces, node agents, daemons) for a module ----------------
 
 
+LAB_PARTS: dict[str, Callable[[LabConfig], bool]] = {
+    "overlay": lambda cfg: cfg.overlay == "vxlan",
+    "proxy": lambda cfg: cfg.proxy,
+    "dns": lambda cfg: cfg.dns,
+}
+"""What ``running_lab(needs=...)`` can ask for, as seen in the config ``up`` returns."""
+
+
 @contextlib.contextmanager
 def running_lab(base: Path, prefix: str, *, nodes: int, control_plane: str = "kubernetes",
                 binaries: tuple[str, ...] = (), needs: tuple[str, ...] = ("overlay", "proxy"),
@@ -173,9 +181,9 @@ def running_lab(base: Path, prefix: str, *, nodes: int, control_plane: str = "ku
     """A lab named ``<prefix><pid>`` in ``base``, up (on the real control plane unless told
     otherwise) for the ``with`` block and always torn down.
 
-    The lab tests share these prerequisites and this teardown; ``needs`` names the parts the
-    tests judge (``overlay``: the VXLAN overlay, ``proxy``, ``dns``), which ``up`` would
-    otherwise quietly leave out when they are not installed (``resolve_choices``).
+    Every lab module's fixture shares these prerequisites and this teardown. ``needs`` names
+    the parts (``LAB_PARTS``) its tests judge: ``up`` quietly leaves out what is not
+    installed (``resolve_choices``), and a lab without them must not pass for one with them.
     """
     from svcnet.lab.cluster import down, up
     from svcnet.lab.netns import RealKernel
@@ -197,8 +205,7 @@ def running_lab(base: Path, prefix: str, *, nodes: int, control_plane: str = "ku
     try:
         cfg = up(cfg, RealKernel(), lambda msg: print(msg, file=sys.stderr))
         print(f"lab {name} up in {time.monotonic() - started:.1f} s", file=sys.stderr)
-        missing = [part for part in needs
-                   if not (cfg.overlay == "vxlan" if part == "overlay" else getattr(cfg, part))]
+        missing = [part for part in needs if not LAB_PARTS[part](cfg)]
         require(not missing, f"needs {', '.join(missing)} installed")
         yield cfg
     finally:
