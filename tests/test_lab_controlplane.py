@@ -241,6 +241,11 @@ def test_a_service_of_250_endpoints_in_three_slices_balances_over_all(lab: LabCo
     require_binary("busybox", "nft")
     www = Path(lab.lab_dir) / "www"
     (Path(lab.lab_dir) / "big.yaml").write_text(BIG % {"www": www})
+    started = time.monotonic()
+
+    def progress(what: str) -> None:
+        print(f"[{time.monotonic() - started:5.1f}s] {what}", file=sys.stderr)
+
     lab_command(lab, "apply", "-f", str(Path(lab.lab_dir) / "big.yaml"), "--lab-dir", lab.lab_dir)
     try:
         slices: list[dict[str, Any]] = []
@@ -252,10 +257,12 @@ def test_a_service_of_250_endpoints_in_three_slices_balances_over_all(lab: LabCo
                        if e["conditions"].get("ready")) == 250
 
         assert until(all_ready, 600, 2), f"{len(slices)} slices, not 250 ready endpoints"
+        progress("250 endpoints ready")
         assert sorted(len(s["endpoints"]) for s in slices) == [50, 100, 100]
         ips = {a for s in slices for e in s["endpoints"] for a in e["addresses"]}
         assert len(ips) == 250
         assert until(lambda: rulesets_hold(lab, ips), 60, 1), "a node lacks some endpoints"
+        progress("all 250 in every node's ruleset")
         answers = echo_call(lab, "client", "http://big/", 600, timeout=2)
         errors = [a for a in answers if a.startswith("ERROR")]
         assert errors == [] and len(answers) == 600, errors[:5]
@@ -265,6 +272,7 @@ def test_a_service_of_250_endpoints_in_three_slices_balances_over_all(lab: LabCo
         kubectl(lab, "delete", "deployment", "big", "--wait=false", check=False)
         kubectl(lab, "delete", "service", "big", "--wait=false", check=False)
         assert until(lambda: not get(lab, "pods", "-l", "app=big")["items"], 300, 2)
+        progress("all 250 pods gone")
 
 
 @pytest.mark.parametrize("component", ["kube-apiserver", "kube-controller-manager"])
