@@ -299,9 +299,11 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
         result["resync_s"], _ = await timed_sync(enforcer)
         # 4. One pod label change at a time: store write -> the pod's element in the kernel
         # points at its new group (polled over netlink every 0.5 ms).
-        (result["one_change_all_ms"], result["one_change_tool_ms"],
-         result["one_change_cpu_ms"]) = await one_changes(
-            args, store, enforcer, commands.returned, changes, nfnl, POD)
+        with profiled(args.profile, enforcer) as collections:
+            (result["one_change_all_ms"], result["one_change_tool_ms"],
+             result["one_change_cpu_ms"]) = await one_changes(
+                args, store, enforcer, commands.returned, changes, nfnl, POD)
+        result["one_change_gc"] = collections
         result["rss_mb"] = rss_mb()
         result["breakdown_s"] = breakdown(enforcer)  # after the RSS: it holds a 2nd state
     finally:
@@ -309,6 +311,57 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
         await factory.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+@contextlib.contextmanager
+def profiled(path: str, enforcer: Any) -> Iterator[dict[str, float]]:
+    """With ``path``: cProfile the enforcer's syncs (they run in a worker thread, which a
+    profiler enabled on the event loop does not see) and the event loop (informers, store),
+    into one file; always: count the cyclic collections meanwhile and their seconds."""
+    import cProfile
+    import pstats
+
+    collections = {"count": 0, "seconds": 0.0, "gen2": 0}
+    started: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            collections["count"] += 1
+            collections["seconds"] += time.perf_counter() - started.pop()
+            collections["gen2"] += info.get("generation") == 2
+
+    gc.callbacks.append(on_gc)
+    loop_prof = cProfile.Profile() if path else None
+    sync_prof = cProfile.Profile() if path else None
+    real_sync = enforcer._sync
+
+    def sync(*a: Any) -> None:
+        assert sync_prof is not None
+        sync_prof.enable()
+        try:
+            real_sync(*a)
+        finally:
+            sync_prof.disable()
+
+    if path:
+        enforcer._sync = sync
+        assert loop_prof is not None
+        loop_prof.enable()
+    try:
+        yield collections
+    finally:
+        gc.callbacks.remove(on_gc)
+        if loop_prof is not None and sync_prof is not None:
+            loop_prof.disable()
+            enforcer._sync = real_sync
+            with open(f"{path}.txt", "w") as text:
+                stats = pstats.Stats(sync_prof, stream=text)
+                stats.add(loop_prof)
+                stats.dump_stats(path)
+                stats.sort_stats("cumulative").print_stats(50)
+                stats.sort_stats("tottime").print_stats(30)
 
 
 def breakdown(enforcer: Any) -> dict[str, float]:
@@ -609,6 +662,9 @@ def main() -> int:
                    help="at most this many connections per connection-rate run")
     p.add_argument("--dual-stack", action="store_true",
                    help="synthetic pods get an IPv6 address too (sync part only)")
+    p.add_argument("--profile", default="",
+                   help="write a cProfile of the label changes' syncs (worker thread) and the "
+                        "event loop meanwhile to this file, and print the top functions")
     p.add_argument("--skip-datapath", action="store_true")
     p.add_argument("--skip-sync", action="store_true")
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
@@ -714,7 +770,8 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
         print(f"one label change -> element in the kernel (ms): "
               f"{[round(c, 1) for c in sy['one_change_all_ms']]}; -> nft returned: "
               f"{[round(c, 1) for c in sy['one_change_tool_ms']]}; CPU meanwhile: "
-              f"{[round(c, 1) for c in sy['one_change_cpu_ms']]}")
+              f"{[round(c, 1) for c in sy['one_change_cpu_ms']]}; cyclic collections "
+              f"meanwhile: {sy.get('one_change_gc')}")
     dp = out.get("datapath")
     if dp:
         w, wo = dp["with"], dp["without"]
