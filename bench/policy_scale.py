@@ -335,18 +335,20 @@ def profiled(path: str, enforcer: Any) -> Iterator[dict[str, float]]:
     gc.callbacks.append(on_gc)
     loop_prof = cProfile.Profile() if path else None
     sync_prof = cProfile.Profile() if path else None
-    real_sync = enforcer._sync
+    real = enforcer._sync, enforcer._sync_changes
 
-    def sync(*a: Any) -> None:
-        assert sync_prof is not None
-        sync_prof.enable()
-        try:
-            real_sync(*a)
-        finally:
-            sync_prof.disable()
+    def wrap(step: Callable[..., None]) -> Callable[..., None]:
+        def profiled_step(*a: Any) -> None:
+            assert sync_prof is not None
+            sync_prof.enable()
+            try:
+                step(*a)
+            finally:
+                sync_prof.disable()
+        return profiled_step
 
     if path:
-        enforcer._sync = sync
+        enforcer._sync, enforcer._sync_changes = (wrap(step) for step in real)
         assert loop_prof is not None
         loop_prof.enable()
     try:
@@ -355,7 +357,7 @@ def profiled(path: str, enforcer: Any) -> Iterator[dict[str, float]]:
         gc.callbacks.remove(on_gc)
         if loop_prof is not None and sync_prof is not None:
             loop_prof.disable()
-            enforcer._sync = real_sync
+            enforcer._sync, enforcer._sync_changes = real
             with open(f"{path}.txt", "w") as text:
                 stats = pstats.Stats(sync_prof, stream=text)
                 stats.add(loop_prof)

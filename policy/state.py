@@ -176,6 +176,8 @@ class Memo:
     namespaces: dict[str, Namespace] = field(default_factory=dict)
     ns_labels: dict[str, dict[str, str]] = field(default_factory=dict)
     policies: dict[str, NetworkPolicy] = field(default_factory=dict)
+    ids: dict[int, str] = field(default_factory=dict)
+    """id -> key of every object held in ``pods``, ``namespaces`` and ``policies``."""
     policies_by_ns: dict[str, set[str]] = field(default_factory=dict)
     # derived, each with the inverse index that finds it when what it read changes
     by_id: dict[int, tuple[Pod, tuple[AddressRange, ...]]] = field(default_factory=dict)
@@ -263,15 +265,28 @@ def compute_stream(policies: Iterable[NetworkPolicy], pods: Iterable[Pod],
     if not memo.started or memo.node_name != node_name:
         memo.reset(node_name)
     return _Computation(memo).run(
-        _differences(memo.policies, {object_key(p): p for p in policies}),
-        _differences(memo.pods, {object_key(p): p for p in pods}),
-        _differences(memo.namespaces, {n.metadata.name: n for n in namespaces}),
+        _differences(memo.policies, memo.ids, policies),
+        _differences(memo.pods, memo.ids, pods),
+        _differences(memo.namespaces, memo.ids, namespaces),
         out, every_group=True)
 
 
-def _differences(before: Mapping[str, Any], now: dict[str, Any]) -> dict[str, Any]:
-    changed = {k: v for k, v in now.items() if before.get(k) is not v}
-    changed.update((k, None) for k in before.keys() - now.keys())
+def _differences(before: Mapping[str, Any], ids: dict[int, str], now: Iterable[Any]
+                 ) -> dict[str, Any]:
+    """key -> object for the objects of ``now`` that are not the very ones of ``before``,
+    key -> None for those gone. By identity first (``ids``: id -> key of the objects
+    ``before`` holds), so an unchanged object costs a look-up, not its key."""
+    changed: dict[str, Any] = {}
+    kept = 0
+    for obj in now:
+        key = ids.get(id(obj))
+        if key is not None and before.get(key) is obj:
+            kept += 1
+        else:
+            changed[object_key(obj)] = obj
+    if kept + sum(1 for key in changed if key in before) < len(before):
+        present = {object_key(obj) for obj in now}
+        changed.update((key, None) for key in before.keys() - present)
     return changed
 
 
@@ -299,6 +314,13 @@ def policy_view(pod: Pod) -> tuple[object, ...]:
 def _usable(pod: Pod) -> bool:
     return (not pod.spec.host_network and bool(pod.ips)
             and pod.status.phase not in ("Succeeded", "Failed"))
+
+
+def _held(ids: dict[int, str], key: str, before: Any, now: Any) -> None:
+    if before is not None:
+        ids.pop(id(before), None)
+    if now is not None:
+        ids[id(now)] = key
 
 
 def _handed_on(pod: Pod) -> tuple[object, ...]:
@@ -414,6 +436,7 @@ class _Computation:
             if before is policy:
                 continue
             ns = key.partition("/")[0]
+            _held(memo.ids, key, before, policy)
             if policy is None:
                 del memo.policies[key]
                 memo.policies_by_ns[ns].discard(key)
@@ -432,8 +455,10 @@ class _Computation:
         memo = self.memo
         moved = False
         for name, space in namespaces.items():
-            if memo.namespaces.get(name) is space:
+            before = memo.namespaces.get(name)
+            if before is space:
                 continue
+            _held(memo.ids, name, before, space)
             if space is None:
                 del memo.namespaces[name]
                 labels = None
@@ -467,6 +492,7 @@ class _Computation:
             if before is pod:
                 continue
             ns = key.partition("/")[0]
+            _held(memo.ids, key, before, pod)
             if pod is None:
                 del memo.pods[key]
             else:
