@@ -26,7 +26,7 @@ from svcnet.watch import InformerFactory
 
 if TYPE_CHECKING:
     from svcnet.policy.nflog import Logged
-    from svcnet.policy.nftables import ElementCache, Rendered
+    from svcnet.policy.nftables import Rendered
     from svcnet.policy.state import PolicyState
     from svcnet.proxy.commands import Commands
 
@@ -80,7 +80,7 @@ class PolicyEnforcer:
     """The sync loop: informer events wake it, it computes, renders and applies."""
 
     def __init__(self, opts: PolicyOptions, commands: Commands) -> None:
-        from svcnet.policy.nftables import Rendered
+        from svcnet.policy.nftables import ElementCache, Rendered
         from svcnet.policy.state import Memo
 
         self.opts = opts
@@ -95,7 +95,7 @@ class PolicyEnforcer:
         self._last_full = -1e9
         self._sources: tuple[Any, Any, Any] | None = None
         self._empty = Rendered()
-        self._elements: ElementCache = {}
+        self._elements = ElementCache()
         self._memo = Memo()
 
     def attach(self, factory: InformerFactory) -> None:
