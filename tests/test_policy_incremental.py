@@ -157,7 +157,8 @@ def test_incremental_equals_from_scratch(first_pods: list[Pod],
     for step in steps:
         changed: dict[str, dict[str, Any]] = {"pods": {}, "ns": {}, "policies": {}}
 
-        def put(kind: str, key: str, obj: Any) -> None:
+        def put(kind: str, key: str, obj: Any, changed: dict[str, dict[str, Any]] = changed
+                ) -> None:
             if obj is None:
                 world[kind].pop(key, None)
             else:
