@@ -393,10 +393,12 @@ def group_elements(group: Group, family: Family, swept: Swept | None = None,
         by_class[cls].append((lo, hi, r_, peers_id))
     classes = []
     for cls in sorted(by_class):
-        signature = (family, cls, tuple(sorted(by_class[cls])))
+        # Not the class: the boxes of every protocol class with the same parts (the
+        # "any protocol" grants' classes, say) are the same.
+        signature = (family, tuple(sorted(by_class[cls])))
         ranges = swept.get(signature)
         if ranges is None:
-            ranges = swept[signature] = _sweep_class(by_class[cls], peers_of, family)
+            ranges = swept[signature] = _sweep_class(by_class[cls], peers_of, family, swept)
         classes.append((cls, ranges))
     ids = [policy_id(p) for p in ranked]
     addresses = {} if addresses is None else addresses
@@ -413,15 +415,49 @@ def group_elements(group: Group, family: Family, swept: Swept | None = None,
 
 def _sweep_class(parts: list[tuple[int, int, int, int]],
                  peers_of: dict[int, tuple[AddressRange, ...]], family: Family,
-                 ) -> list[tuple[int, int, tuple[tuple[int, int, int], ...]]]:
+                 swept: Swept) -> list[tuple[int, int, tuple[tuple[int, int, int], ...]]]:
     """The disjoint boxes of one protocol class. Several policies often allow the same
     peers on the same ports: the port segments credit the first policy."""
-    ranges: dict[tuple[int, int, int], list[tuple[int, int]]] = defaultdict(list)
+    sources: dict[tuple[int, int, int], list[int]] = defaultdict(list)
     for lo, hi, r_, peers_id in parts:
-        here = [(a.first, a.last) for a in peers_of[peers_id] if a.family == family]
+        sources[lo, hi, r_].append(peers_id)
+    ranges: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
+    for span, ids in sources.items():
+        if len(ids) == 1:
+            here = _merged(peers_of[ids[0]], family, swept)
+        else:
+            here = _merge(sorted(r for i in ids for r in _merged(peers_of[i], family, swept)))
         if here:
-            ranges[lo, hi, r_].extend(here)
+            ranges[span] = here
     return list(_disjoint(ranges))
+
+
+def _merged(peers: tuple[AddressRange, ...], family: Family, swept: Swept
+            ) -> list[tuple[int, int]]:
+    """A peers tuple's ranges of one family, merged (``_merge``), once per render: the
+    same tuple is a peer of many groups."""
+    key = ("merged", id(peers), family)
+    found = swept.get(key)
+    if found is None:
+        found = swept[key] = _merge(sorted(  # type: ignore[assignment]
+            (a.first, a.last) for a in peers if a.family == family))
+    return found  # type: ignore[return-value]
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted ranges with the overlapping and adjacent ones joined."""
+    if not ranges:
+        return []
+    out: list[tuple[int, int]] = []
+    lo, hi = ranges[0]
+    for a_lo, a_hi in ranges:
+        if a_lo > hi + 1:
+            out.append((lo, hi))
+            lo, hi = a_lo, a_hi
+        elif a_hi > hi:
+            hi = a_hi
+    out.append((lo, hi))
+    return out
 
 
 def _address_text(family: Family, first: int, last: int) -> str:
@@ -442,27 +478,19 @@ def _disjoint(ranges: Mapping[tuple[int, int, int], list[tuple[int, int]]]
     ranges over which the covering (port range, rank) spans do not change, each port
     segment credited to the lowest-ranked span covering it.
 
-    Each span's address ranges are merged first (sorted, overlapping and adjacent ones
-    joined), so at any address a span starts or ends at most once: the covering spans are
-    a bit mask toggled by XOR at each event, and a mask's port segments are computed once
-    per mask. Consecutive pod addresses allowed on the same ports (the common case) cost
-    one XOR and one dictionary look-up each."""
+    Each span's address ranges come merged (``_merge``), so at any address a span starts
+    or ends at most once: the covering spans are a bit mask toggled by XOR at each event,
+    and a mask's port segments are computed once per mask. Consecutive pod addresses
+    allowed on the same ports (the common case) cost one XOR and one dictionary look-up
+    each."""
     spans = list(ranges)
     events: dict[int, int] = {}
     get = events.get
     for bit, span in enumerate(spans):
         flag = 1 << bit
-        merged = sorted(ranges[span])
-        lo, hi = merged[0]
-        for a_lo, a_hi in merged:
-            if a_lo > hi + 1:
-                events[lo] = get(lo, 0) ^ flag
-                events[hi + 1] = get(hi + 1, 0) ^ flag
-                lo, hi = a_lo, a_hi
-            elif a_hi > hi:
-                hi = a_hi
-        events[lo] = get(lo, 0) ^ flag
-        events[hi + 1] = get(hi + 1, 0) ^ flag
+        for lo, hi in ranges[span]:
+            events[lo] = get(lo, 0) ^ flag
+            events[hi + 1] = get(hi + 1, 0) ^ flag
     known: dict[int, tuple[tuple[int, int, int], ...]] = {0: ()}
     mask = 0
     segments: tuple[tuple[int, int, int], ...] = ()

@@ -411,11 +411,18 @@ class _Computation:
         stale = self._apply_namespaces(namespaces)
         stale |= self._apply_pods(pods, touched)
         self._drop(stale, stale_policies)
-        changed_groups = self._assign_all(touched)
-        rebuild = {name for name in changed_groups if name not in memo.groups}
-        rebuild.update(name for pk in stale_policies for name in memo.groups_of.get(pk, ()))
-        for name in sorted(rebuild):
+        built: set[str] = set()
+        for ns_groups in self._assign_all(touched):
+            # A cold computation yields each namespace's groups right after assigning
+            # it: a full sync's nft parses them while the next namespaces are assigned.
+            for name in ns_groups:
+                if name not in memo.groups and name not in built:
+                    built.add(name)
+                    yield self._build(name)
+        rebuild = {name for pk in stale_policies for name in memo.groups_of.get(pk, ())}
+        for name in sorted(rebuild - built):
             yield self._build(name)
+        rebuild |= built
         if every_group:
             yield from (g for name, g in memo.groups.items() if name not in rebuild)
         if len(memo.names) > 4 * len(memo.groups) + 1000:  # names of groups long gone
@@ -570,15 +577,16 @@ class _Computation:
                 if users is not None:
                     users.discard(pk)
 
-    def _assign_all(self, touched: set[str]) -> set[str]:
+    def _assign_all(self, touched: set[str]) -> Iterator[set[str]]:
         """Assign the touched namespaces' local pods to groups again and patch the address
-        maps; the names of the groups that gained or lost a pod."""
+        maps, yielding after each namespace the names of the groups its pods are in now;
+        at the end, groups without pods go."""
         memo = self.memo
-        now = {ns: self._assign(ns) for ns in touched}
+        now = {ns: self._assign(ns) for ns in touched if ns in memo.assigned}
         changed: set[str] = set()
         maps = (memo.ingress_map, memo.egress_map)
         for ns, new in now.items():  # every removal first: an address may move
-            for key, entry in memo.assigned.get(ns, {}).items():
+            for key, entry in memo.assigned[ns].items():
                 if new.get(key) != entry:
                     ips = entry[0]
                     for name, table in zip(entry[1:], maps, strict=True):
@@ -588,9 +596,12 @@ class _Computation:
                                     del table[ip]
                             memo.members[name] -= 1
                             changed.add(name)
-        for ns, new in now.items():
+        for ns in touched:
+            new = now[ns] if ns in now else self._assign(ns)
             before = memo.assigned.get(ns, {})
+            names: set[str] = set()
             for key, entry in new.items():
+                names.update(entry[1:])
                 if before.get(key) != entry:
                     ips = entry[0]
                     for name, table in zip(entry[1:], maps, strict=True):
@@ -603,6 +614,8 @@ class _Computation:
                 memo.assigned[ns] = new
             else:
                 memo.assigned.pop(ns, None)
+            names.discard("")
+            yield names
         for name in changed:
             if memo.members[name] == 0:
                 del memo.members[name]
@@ -614,7 +627,6 @@ class _Computation:
                         found.discard(name)
                         if not found:
                             del memo.groups_of[pk]
-        return {name for name in changed if name in memo.members}
 
     def _assign(self, ns: str) -> dict[str, Assignment]:
         """The local pods of ``ns`` that policies isolate, each with its groups: pods
