@@ -249,6 +249,7 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
         # 1. The first sync, into this fresh namespace: desired state, rendering, loading.
         first, cpu = await timed_sync(enforcer)
         result["cold_start_s"] = time.monotonic() - started
+        result["peak_rss_mb_by_step"] = peaks = {"first sync": rss_mb()}
         full_inputs = list(commands.inputs)
         commands.record_streams = False
         result["state"] = {"isolated_ingress": len(enforcer.state.ingress),
@@ -272,6 +273,7 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
                 took, cpu = await timed_sync(enforcer)
                 syncs.append(took)
                 cpus.append(cpu)
+            peaks[f"cold sync {r + 1}"] = rss_mb()
             floors.append(floor_once(full_inputs, "file" if r % 2 == 0 else "stdin",
                                      args.timeout))
             # ... and a warm one (a periodic full sync: the enforcer keeps its caches, the
@@ -739,7 +741,8 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
             one_change_tool_ms=med(sy["one_change_tool_ms"], 1),
             one_change_cpu_ms=med(sy["one_change_cpu_ms"], 1),
             cold_start_s=round(sy["cold_start_s"], 3), resync_s=round(sy["resync_s"], 3),
-            script_kib=sy["script_kib"], **sy["state"])
+            script_kib=sy["script_kib"], **sy["state"],
+            peak_rss_mb_by_step={k: round(v, 1) for k, v in sy["peak_rss_mb_by_step"].items()})
         print(f"workload: {json.dumps(sy['shapes'])}")
         print(f"desired state for one node holding every pod: {json.dumps(sy['state'])}, "
               f"nft script {sy['script_kib']} KiB")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -211,15 +212,17 @@ class PolicyEnforcer:
         computed. A periodic one is for the kernel's sake: the computation's caches stay
         valid (they depend on the objects only), so it costs little more than nft itself."""
         from svcnet.policy.nftables import stream_full_computing
-        from svcnet.policy.state import compute_stream
+        from svcnet.policy.state import compute_stream, gc_paused
 
         states: list[PolicyState] = []
         out: list[Rendered] = []
         groups = compute_stream(*objects, node_name=self.opts.node_name, memo=self._memo,
                                 out=states)
-        apply_script(self.commands, stream_full_computing(
-            groups, states, out, log=self.opts.log_denied, cache=self._elements,
-            log_group=self.opts.log_group))
+        gc.collect()  # whatever earlier work left, before the collector pauses
+        with gc_paused():
+            apply_script(self.commands, stream_full_computing(
+                groups, states, out, log=self.opts.log_denied, cache=self._elements,
+                log_group=self.opts.log_group))
         self._applied(out[0], states[0])
 
     def layout(self) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
