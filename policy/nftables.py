@@ -208,8 +208,7 @@ def _render(groups: Iterator[Group], states: list[PolicyState], log: bool,
             hit = old_cache.get((name, family))
             found = hit[1] if hit is not None and (hit[0] is group or hit[0] == group) else None
             if found is None:
-                found = {key: f"goto allow-{d}-{pid}" for key, pid in group_elements(
-                    group, family, swept, addresses)}  # type: ignore[arg-type]
+                found = _element_map(group, family, swept, addresses)  # type: ignore[arg-type]
             elements[f"{name}-{family}"] = found
             new_cache[name, family] = (group, found)
             if stream:
@@ -329,8 +328,7 @@ def _patch(state: PolicyState, cache: ElementCache, log: bool, log_group: int | 
             if hit is not None and hit[0] == group:  # rebuilt, but the same grants
                 found = hit[1]
             else:
-                found = {key: f"goto allow-{d}-{pid}" for key, pid in group_elements(
-                    group, family, swept, addresses)}  # type: ignore[arg-type]
+                found = _element_map(group, family, swept, addresses)  # type: ignore[arg-type]
             elements[f"{name}-{family}"] = found
             cache.elements[name, family] = (group, found)
             touched[f"{name}-{family}"] = None
@@ -369,6 +367,38 @@ def group_elements(group: Group, family: Family, swept: Swept | None = None,
                    ) -> Iterator[tuple[str, str]]:
     """(element key, policy id) of a group's map for one family: disjoint boxes of
     peer address range . protocol range . port range."""
+    ranked, classes = _boxes(group, family, {} if swept is None else swept)
+    ids = [policy_id(p) for p in ranked]
+    for key, r_ in _element_keys(family, classes, {} if addresses is None else addresses):
+        yield key, ids[r_]
+
+
+def _element_map(group: Group, family: Family, swept: Swept,
+                 addresses: dict[tuple[int, int, int], str]) -> dict[str, str]:
+    """``group_elements`` as the map's {key: verdict} (the render's hot loop)."""
+    ranked, classes = _boxes(group, family, swept)
+    d = "in" if group.direction == "ingress" else "out"
+    verdicts = [f"goto allow-{d}-{policy_id(p)}" for p in ranked]
+    return {key: verdicts[r_] for key, r_ in _element_keys(family, classes, addresses)}
+
+
+def _element_keys(family: Family, classes: list[tuple[tuple[int, int], Any]],
+                  addresses: dict[tuple[int, int, int], str]) -> Iterator[tuple[str, int]]:
+    for cls, ranges in classes:
+        proto = str(cls[0]) if cls[0] == cls[1] else f"{cls[0]}-{cls[1]}"
+        for a_lo, a_hi, ports in ranges:
+            addr = addresses.get((family, a_lo, a_hi))
+            if addr is None:
+                addr = addresses[family, a_lo, a_hi] = _address_text(family, a_lo, a_hi)
+            head = f"{addr} . {proto} . "
+            for p_lo, p_hi, r_ in ports:
+                yield head + (str(p_lo) if p_lo == p_hi else f"{p_lo}-{p_hi}"), r_
+
+
+def _boxes(group: Group, family: Family, swept: Swept
+           ) -> tuple[list[str], list[tuple[tuple[int, int], Any]]]:
+    """The group's policies ranked by name, and per protocol class its disjoint boxes
+    (address first, last, port segments credited to a rank)."""
     ranked = sorted({g.policy for g in group.grants})
     rank = {p: i for i, p in enumerate(ranked)}
     # Only port-less grants (the common "allow from these pods"): one protocol range.
@@ -387,11 +417,10 @@ def group_elements(group: Group, family: Family, swept: Swept | None = None,
             else:
                 n = _PROTO_NUMBERS[port.protocol]
                 parts.add(((n, n), port.first, port.last, r_, id(grant.peers)))
-    swept = {} if swept is None else swept
     by_class: dict[tuple[int, int], list[tuple[int, int, int, int]]] = defaultdict(list)
     for cls, lo, hi, r_, peers_id in parts:
         by_class[cls].append((lo, hi, r_, peers_id))
-    classes = []
+    classes: list[tuple[tuple[int, int], Any]] = []
     for cls in sorted(by_class):
         # Not the class: the boxes of every protocol class with the same parts (the
         # "any protocol" grants' classes, say) are the same.
@@ -400,17 +429,7 @@ def group_elements(group: Group, family: Family, swept: Swept | None = None,
         if ranges is None:
             ranges = swept[signature] = _sweep_class(by_class[cls], peers_of, family, swept)
         classes.append((cls, ranges))
-    ids = [policy_id(p) for p in ranked]
-    addresses = {} if addresses is None else addresses
-    for cls, ranges in classes:
-        proto = str(cls[0]) if cls[0] == cls[1] else f"{cls[0]}-{cls[1]}"
-        for a_lo, a_hi, ports in ranges:
-            addr = addresses.get((family, a_lo, a_hi))
-            if addr is None:
-                addr = addresses[family, a_lo, a_hi] = _address_text(family, a_lo, a_hi)
-            for p_lo, p_hi, r_ in ports:
-                ports_text = str(p_lo) if p_lo == p_hi else f"{p_lo}-{p_hi}"
-                yield f"{addr} . {proto} . {ports_text}", ids[r_]
+    return ranked, classes
 
 
 def _sweep_class(parts: list[tuple[int, int, int, int]],
@@ -598,7 +617,10 @@ def update_script(old: Rendered, new: Rendered) -> str:
 
 
 def element_lines(op: str, name: str, elems: Mapping[str, str]) -> list[str]:
-    items = [f"{k} : {v}" if v and op == "add" else k for k, v in elems.items()]
+    if op == "add" and all(elems.values()):
+        items = list(map(" : ".join, elems.items()))
+    else:
+        items = [f"{k} : {v}" if v and op == "add" else k for k, v in elems.items()]
     return [f"{op} element {T} {name} {{ {', '.join(items[i:i + ELEMENT_BATCH])} }}\n"
             for i in range(0, len(items), ELEMENT_BATCH)]
 

@@ -400,6 +400,7 @@ class _Computation:
         self._label_index: dict[str, dict[tuple[str, str], list[Pod]]] = {}
         self._shapes: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[str, ...],
                                                   tuple[tuple[str, str], ...]]] = {}
+        self._group_names: dict[tuple[tuple[str, ...], Any], tuple[str, str]] = {}
 
     def run(self, policies: Changes, pods: Changes, namespaces: Changes,
             out: list[PolicyState], *, every_group: bool = False) -> Iterator[Group]:
@@ -633,44 +634,57 @@ class _Computation:
         isolated by the same policies (and resolving the same named ports) share one."""
         memo = self.memo
         node = memo.node_name
-        selecting: dict[str, list[str]] = {}
+        selecting: dict[str, list[str]] = {}  # pod name -> its selecting policies
         first: dict[str, Pod] = {}
         for pk in sorted(memo.policies_by_ns.get(ns, ())):
             for pod in self.selected((ns,), memo.policies[pk].spec.pod_selector):
                 if node is None or pod.spec.node_name == node:
-                    key = _pod_key(pod)
-                    found = selecting.get(key)
+                    name = pod.metadata.name
+                    found = selecting.get(name)
                     if found is None:
-                        selecting[key] = [pk]
-                        first[key] = pod
+                        selecting[name] = [pk]
+                        first[name] = pod
                     else:
                         found.append(pk)
-        names, specs = memo.names, memo.specs
         out: dict[str, Assignment] = {}
-        for key, pks in selecting.items():
-            pod = first[key]
-            in_keys, out_keys, used = self._shape(tuple(pks))
-            in_name = out_name = ""
-            if in_keys:
-                named = named_ports(pod) if used else {}
-                resolution = tuple((n, proto, named.get((n, proto))) for n, proto in used)
-                in_name = names.get(("in", in_keys, resolution), "")
-                if not in_name:
-                    in_name = names[("in", in_keys, resolution)] = "in-" + _short_hash(
-                        repr((in_keys, resolution)))
-                if in_name not in specs:
-                    specs[in_name] = ("ingress", in_keys, {
-                        (n, proto): port for n, proto, port in resolution if port is not None})
-            if out_keys:
-                out_name = names.get(("out", out_keys, ()), "")
-                if not out_name:
-                    out_name = names[("out", out_keys, ())] = "out-" + _short_hash(
-                        repr(out_keys))
-                if out_name not in specs:
-                    specs[out_name] = ("egress", out_keys, {})
-            if in_name or out_name:
-                out[key] = (memo.ips.get(key) or pod.ips, in_name, out_name)
+        group_names = self._group_names
+        for name, pks in selecting.items():
+            pod = first[name]
+            keys = tuple(pks)
+            shape = self._shape(keys)
+            resolution: tuple[tuple[str, str, int | None], ...] = ()
+            if shape[0] and shape[2]:
+                named = named_ports(pod)
+                resolution = tuple((n, proto, named.get((n, proto))) for n, proto in shape[2])
+            found_names = group_names.get((keys, resolution))
+            if found_names is None:
+                found_names = group_names[keys, resolution] = self._name(shape, resolution)
+            if found_names[0] or found_names[1]:
+                key = f"{ns}/{name}"
+                out[key] = (memo.ips.get(key) or pod.ips, *found_names)
         return out
+
+    def _name(self, shape: tuple[tuple[str, ...], tuple[str, ...], Any],
+              resolution: tuple[tuple[str, str, int | None], ...]) -> tuple[str, str]:
+        """The (ingress, egress) group names of pods with this shape and resolution."""
+        names, specs = self.memo.names, self.memo.specs
+        in_keys, out_keys, _ = shape
+        in_name = out_name = ""
+        if in_keys:
+            in_name = names.get(("in", in_keys, resolution), "")
+            if not in_name:
+                in_name = names[("in", in_keys, resolution)] = "in-" + _short_hash(
+                    repr((in_keys, resolution)))
+            if in_name not in specs:
+                specs[in_name] = ("ingress", in_keys, {
+                    (n, proto): port for n, proto, port in resolution if port is not None})
+        if out_keys:
+            out_name = names.get(("out", out_keys, ()), "")
+            if not out_name:
+                out_name = names[("out", out_keys, ())] = "out-" + _short_hash(repr(out_keys))
+            if out_name not in specs:
+                specs[out_name] = ("egress", out_keys, {})
+        return in_name, out_name
 
     def _shape(self, keys: tuple[str, ...]
                ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, str], ...]]:
