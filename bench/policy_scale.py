@@ -266,9 +266,11 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
         for r in range(args.repeat):
             await factory.stop()
             del enforcer, factory
-            gc.collect()
+            await asyncio.sleep(0.1)  # the stopped informers' tasks finish unwinding
+            gc.collect()  # so the last enforcer's garbage is gone before the next one
             enforcer, factory = await start()
-            with fresh_netns("sync") as ns:
+            with fresh_netns("sync") as ns, profiled(
+                    f"{args.profile}.cold{r + 1}" if args.profile else "", enforcer):
                 commands.inner = SubprocessCommands(netns=ns, timeout=args.timeout)
                 took, cpu = await timed_sync(enforcer)
                 syncs.append(took)
@@ -668,7 +670,8 @@ def main() -> int:
                    help="synthetic pods get an IPv6 address too (sync part only)")
     p.add_argument("--profile", default="",
                    help="write a cProfile of the label changes' syncs (worker thread) and the "
-                        "event loop meanwhile to this file, and print the top functions")
+                        "event loop meanwhile to this file (the cold rounds' to FILE.coldN), "
+                        "with the top functions in FILE.txt")
     p.add_argument("--skip-datapath", action="store_true")
     p.add_argument("--skip-sync", action="store_true")
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import os
 import socket
@@ -218,7 +217,6 @@ class PolicyEnforcer:
         out: list[Rendered] = []
         groups = compute_stream(*objects, node_name=self.opts.node_name, memo=self._memo,
                                 out=states)
-        gc.collect()  # whatever earlier work left, before the collector pauses
         with gc_paused():
             apply_script(self.commands, stream_full_computing(
                 groups, states, out, log=self.opts.log_denied, cache=self._elements,
