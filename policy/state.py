@@ -311,9 +311,13 @@ def policy_view(pod: Pod) -> tuple[object, ...]:
             tuple(sorted(named_ports(pod).items())))
 
 
+_FINISHED = ("Succeeded", "Failed")
+
+
 def _usable(pod: Pod) -> bool:
-    return (not pod.spec.host_network and bool(pod.ips)
-            and pod.status.phase not in ("Succeeded", "Failed"))
+    """Policy neither isolates nor selects hostNetwork pods, pods without addresses or
+    finished ones (``_apply_pods`` inlines this)."""
+    return not pod.spec.host_network and bool(pod.ips) and pod.status.phase not in _FINISHED
 
 
 def _held(ids: dict[int, str], key: str, before: Any, now: Any) -> None:
@@ -522,9 +526,9 @@ class _Computation:
                     if memo.pod_names.get(ip) == key:
                         del memo.pod_names[ip]
             now = None
-            if pod is not None and _usable(pod):
+            ips = pod.ips if pod is not None else ()
+            if ips and not pod.spec.host_network and pod.status.phase not in _FINISHED:
                 now = pod
-                ips = pod.ips
                 memo.ips[key] = ips
                 memo.pods_by_ns.setdefault(ns, {})[key] = pod
                 memo.by_id[id(pod)] = (pod, tuple(_range_of(ip) for ip in ips))
@@ -601,16 +605,22 @@ class _Computation:
             new = now[ns] if ns in now else self._assign(ns)
             before = memo.assigned.get(ns, {})
             names: set[str] = set()
+            members = memo.members
             for key, entry in new.items():
-                names.update(entry[1:])
-                if before.get(key) != entry:
-                    ips = entry[0]
-                    for name, table in zip(entry[1:], maps, strict=True):
-                        if name:
-                            for ip in ips:
-                                table[ip] = name
-                            memo.members[name] = memo.members.get(name, 0) + 1
-                            changed.add(name)
+                if before.get(key) == entry:
+                    names.update(entry[1:])
+                    continue
+                ips, in_name, out_name = entry
+                if in_name:
+                    for ip in ips:
+                        memo.ingress_map[ip] = in_name
+                    members[in_name] = members.get(in_name, 0) + 1
+                    names.add(in_name)
+                if out_name:
+                    for ip in ips:
+                        memo.egress_map[ip] = out_name
+                    members[out_name] = members.get(out_name, 0) + 1
+                    names.add(out_name)
             if new:
                 memo.assigned[ns] = new
             else:
@@ -775,6 +785,17 @@ class _Computation:
                     index[item].append(p)
         return min((index.get(item, []) for item in labels.items()), key=len)
 
+    def _sorted_ranges(self, pods: list[Pod]) -> tuple[AddressRange, ...]:
+        """The pods' addresses, sorted and without duplicates (``_ranges_of`` inlined:
+        the hot loop of a cold computation)."""
+        by_id = self.memo.by_id
+        out: set[AddressRange] = set()
+        for pod in pods:
+            found = by_id.get(id(pod))
+            out.update(found[1] if found is not None and found[0] is pod
+                       else self._ranges_of(pod))
+        return tuple(sorted(out))
+
     def _ranges_of(self, pod: Pod) -> tuple[AddressRange, ...]:
         """A pod's addresses; a cached selection may hold an earlier version of the pod
         that differed only in what it does not hand on (``_handed_on``)."""
@@ -794,8 +815,7 @@ class _Computation:
                 cached = (ip_block_ranges(peer.ip_block.cidr, peer.ip_block.except_), None)
             else:
                 dep = self._selection_key(policy_ns, peer)
-                cached = (tuple(sorted({r for p in self.peer_pods(policy_ns, peer)
-                                        for r in self._ranges_of(p)})), dep)
+                cached = (self._sorted_ranges(self.peer_pods(policy_ns, peer)), dep)
                 memo.peers_of.setdefault(dep, set()).add(key)
                 if peer.namespace_selector is not None:
                     memo.ns_peers[key] = peer
