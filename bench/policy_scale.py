@@ -39,6 +39,8 @@ its own pods. Rounds alternate table / no table (A/B, B/A, ...), each measuring:
 Before the rounds it checks that the table enforces: a port no policy allows is refused.
 
 Usage (root): .venv/bin/python bench/policy_scale.py [--quick] [--pods 10000 --policies 1000]
+(``--profile FILE``: a cProfile of the label changes' and the cold rounds' syncs, and the
+cyclic collections during the changes; ``peak_rss_mb_by_step`` says where the peak was.)
 The last line is one JSON object: full_sync_ratio, one_change_ms, rss_mb, throughput_ratio,
 conn_rate_ratio, plus the raw figures.
 """
