@@ -145,6 +145,9 @@ _ALL_NAMESPACES: Any = "*"
 """The dependency of an egress rule with named ports and no ``to``: every pod's ports."""
 INDEX_MIN_PODS = 16
 """Namespaces with at least this many pods get a label index for matchLabels selectors."""
+SWEEP_MIN = 1000
+"""The memo's unused selections and peers are swept once there are more than this many
+(or twice as many as the last sweep kept)."""
 
 
 @dataclass
@@ -212,6 +215,10 @@ class Memo:
     ingress_map: dict[str, str] = field(default_factory=dict)
     egress_map: dict[str, str] = field(default_factory=dict)
     pod_names: dict[str, str] = field(default_factory=dict)
+
+    sweep_at: int = 0
+    """``_Computation._sweep`` runs once the cached selections and peers outgrow this (0:
+    not set yet)."""
 
     def reset(self, node_name: str | None) -> None:
         """Forget everything (another node, or a failed sync)."""
@@ -432,9 +439,53 @@ class _Computation:
             yield from (g for name, g in memo.groups.items() if name not in rebuild)
         if len(memo.names) > 4 * len(memo.groups) + 1000:  # names of groups long gone
             memo.names.clear()
+        size = len(memo.selected) + len(memo.peer_ranges)
+        if memo.sweep_at == 0:  # the first computation: everything in use
+            memo.sweep_at = max(SWEEP_MIN, 2 * size)
+        elif size > memo.sweep_at:
+            self._sweep()
         out.append(PolicyState(groups=dict(memo.groups), ingress=dict(memo.ingress_map),
                                egress=dict(memo.egress_map), pods=dict(memo.pod_names),
                                policies=tuple(sorted(memo.policies))))
+
+    def _sweep(self) -> None:
+        """Forget the peers no policy has any more and the selections nothing reads (a
+        deleted policy's, those of namespaces a selector no longer matches), so the memo
+        stays the size of what the objects need. A selection something was computed from
+        stays: its staleness is how that is found out."""
+        memo = self.memo
+        live: set[PeerKey] = set()
+        used: set[Any] = set()
+        for policy in memo.policies.values():
+            ns = policy.metadata.namespace
+            used.add(((ns,), msgspec.json.encode(policy.spec.pod_selector)))
+            rules = [r.from_ for r in policy.spec.ingress] + [r.to for r in policy.spec.egress]
+            for peers in rules:
+                for peer in peers:
+                    shared = peer.namespace_selector is not None or peer.ip_block is not None
+                    live.add(("" if shared else ns, msgspec.json.encode(peer)))
+        for peer_key in [k for k in memo.peer_ranges if k not in live]:
+            del memo.peer_ranges[peer_key]
+            memo.ns_peers.pop(peer_key, None)
+        for dep, peer_keys in list(memo.peers_of.items()):
+            peer_keys &= memo.peer_ranges.keys()
+            if peer_keys:
+                memo.peers_of[dep] = peer_keys
+                used.add(dep)
+            else:
+                del memo.peers_of[dep]
+        for dep, users in list(memo.dependents.items()):
+            if users:
+                used.add(dep)
+            else:
+                del memo.dependents[dep]
+        for sel_key in [k for k in memo.selected if k not in used]:
+            del memo.selected[sel_key]
+            for ns in sel_key[0]:
+                memo.selections_of_ns[ns].discard(sel_key)
+        for ns in [n for n, keys in memo.selections_of_ns.items() if not keys]:
+            del memo.selections_of_ns[ns]
+        memo.sweep_at = max(SWEEP_MIN, 2 * (len(memo.selected) + len(memo.peer_ranges)))
 
     # --- changes ------------------------------------------------------------------------
 

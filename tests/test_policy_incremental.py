@@ -137,11 +137,13 @@ def statements(script: str) -> list[str]:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(first_pods=st.lists(pods, max_size=16), first_policies=st.lists(policies, max_size=8),
        steps=st.lists(st.lists(operation, min_size=1, max_size=3), min_size=1, max_size=15),
-       node=st.sampled_from(["n1", None]))
+       node=st.sampled_from(["n1", None]), sweep=st.booleans())
 def test_incremental_equals_from_scratch(first_pods: list[Pod],
                                          first_policies: list[NetworkPolicy],
                                          steps: list[list[tuple[Any, ...]]],
-                                         node: str | None) -> None:
+                                         node: str | None, sweep: bool) -> None:
+    """``sweep``: the memo forgets what nothing reads after every step (as it does once
+    it grows), which must not change any result."""
     world: dict[str, dict[str, Any]] = {
         "pods": {f"{p.metadata.namespace}/{p.metadata.name}": p for p in first_pods},
         "ns": {n: make_ns(n, "t1" if n != "z" else "t2", "prod" if n == "y" else None)
@@ -187,6 +189,8 @@ def test_incremental_equals_from_scratch(first_pods: list[Pod],
             elif op[0] == "policy-":
                 put("policies", f"{op[1]}/{op[2]}", None)
         expected = compute(*snapshot(), node_name=node)
+        if sweep:
+            by_changes.sweep_at = by_snapshot.sweep_at = -1
         incremental = compute_changes(by_changes, node_name=node, policies=changed["policies"],
                                       pods=changed["pods"], namespaces=changed["ns"])
         assert incremental == expected, step
@@ -197,3 +201,28 @@ def test_incremental_equals_from_scratch(first_pods: list[Pod],
         unhinted = update_script(rendered, dataclasses.replace(patched, base=None))
         assert statements(script) == statements(unhinted), step
         rendered = patched
+
+
+def test_memo_stays_bounded_under_policy_churn(monkeypatch: Any) -> None:
+    """Policies that come and go, each with selectors of its own, leave nothing behind
+    for ever: the memo's selections and peers are swept once they outgrow the bound."""
+    from svcnet.policy import state as state_module
+
+    monkeypatch.setattr(state_module, "SWEEP_MIN", 50)
+    memo = Memo()
+    pods = {f"x/{n}": make_pod("x", n, "a", "web", "n1", 0, 80, "Running", False, True)
+            for n in NAMES}
+    compute([], list(pods.values()), [make_ns(n, "t1", None) for n in SPACES],
+            node_name="n1", memo=memo)
+    sizes = []
+    for i in range(200):
+        p = NETWORK_POLICY.convert({"metadata": {"name": f"q{i}", "namespace": "x"}, "spec": {
+            "podSelector": {"matchLabels": {"app": "a"}, "matchExpressions": [
+                {"key": f"k{i}", "operator": "DoesNotExist"}]},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"tier": str(i)}}},
+                                  {"namespaceSelector": {"matchLabels": {"team": str(i)}}}]}]}})
+        compute_changes(memo, node_name="n1", policies={f"x/q{i}": p})
+        compute_changes(memo, node_name="n1", policies={f"x/q{i}": None})
+        sizes.append(len(memo.selected) + len(memo.peer_ranges) + len(memo.peers_of)
+                     + len(memo.dependents))
+    assert max(sizes) <= 4 * 50 + 10, sizes[-5:]
