@@ -39,6 +39,8 @@ its own pods. Rounds alternate table / no table (A/B, B/A, ...), each measuring:
 Before the rounds it checks that the table enforces: a port no policy allows is refused.
 
 Usage (root): .venv/bin/python bench/policy_scale.py [--quick] [--pods 10000 --policies 1000]
+(``--profile FILE``: a cProfile of the label changes' and the cold rounds' syncs, and the
+cyclic collections during the changes; ``peak_rss_mb_by_step`` says where the peak was.)
 The last line is one JSON object: full_sync_ratio, one_change_ms, rss_mb, throughput_ratio,
 conn_rate_ratio, plus the raw figures.
 """
@@ -249,6 +251,7 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
         # 1. The first sync, into this fresh namespace: desired state, rendering, loading.
         first, cpu = await timed_sync(enforcer)
         result["cold_start_s"] = time.monotonic() - started
+        result["peak_rss_mb_by_step"] = peaks = {"first sync": rss_mb()}
         full_inputs = list(commands.inputs)
         commands.record_streams = False
         result["state"] = {"isolated_ingress": len(enforcer.state.ingress),
@@ -265,13 +268,16 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
         for r in range(args.repeat):
             await factory.stop()
             del enforcer, factory
-            gc.collect()
+            await asyncio.sleep(0.1)  # the stopped informers' tasks finish unwinding
+            gc.collect()  # so the last enforcer's garbage is gone before the next one
             enforcer, factory = await start()
-            with fresh_netns("sync") as ns:
+            with fresh_netns("sync") as ns, profiled(
+                    f"{args.profile}.cold{r + 1}" if args.profile else "", enforcer):
                 commands.inner = SubprocessCommands(netns=ns, timeout=args.timeout)
                 took, cpu = await timed_sync(enforcer)
                 syncs.append(took)
                 cpus.append(cpu)
+            peaks[f"cold sync {r + 1}"] = rss_mb()
             floors.append(floor_once(full_inputs, "file" if r % 2 == 0 else "stdin",
                                      args.timeout))
             # ... and a warm one (a periodic full sync: the enforcer keeps its caches, the
@@ -299,9 +305,11 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
         result["resync_s"], _ = await timed_sync(enforcer)
         # 4. One pod label change at a time: store write -> the pod's element in the kernel
         # points at its new group (polled over netlink every 0.5 ms).
-        (result["one_change_all_ms"], result["one_change_tool_ms"],
-         result["one_change_cpu_ms"]) = await one_changes(
-            args, store, enforcer, commands.returned, changes, nfnl, POD)
+        with profiled(args.profile, enforcer) as collections:
+            (result["one_change_all_ms"], result["one_change_tool_ms"],
+             result["one_change_cpu_ms"]) = await one_changes(
+                args, store, enforcer, commands.returned, changes, nfnl, POD)
+        result["one_change_gc"] = collections
         result["rss_mb"] = rss_mb()
         result["breakdown_s"] = breakdown(enforcer)  # after the RSS: it holds a 2nd state
     finally:
@@ -309,6 +317,59 @@ async def inside(args: argparse.Namespace) -> dict[str, Any]:
         await factory.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+@contextlib.contextmanager
+def profiled(path: str, enforcer: Any) -> Iterator[dict[str, float]]:
+    """With ``path``: cProfile the enforcer's syncs (they run in a worker thread, which a
+    profiler enabled on the event loop does not see) and the event loop (informers, store),
+    into one file; always: count the cyclic collections meanwhile and their seconds."""
+    import cProfile
+    import pstats
+
+    collections = {"count": 0, "seconds": 0.0, "gen2": 0}
+    started: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            collections["count"] += 1
+            collections["seconds"] += time.perf_counter() - started.pop()
+            collections["gen2"] += info.get("generation") == 2
+
+    gc.callbacks.append(on_gc)
+    loop_prof = cProfile.Profile() if path else None
+    sync_prof = cProfile.Profile() if path else None
+    real = enforcer._sync, enforcer._sync_changes
+
+    def wrap(step: Callable[..., None]) -> Callable[..., None]:
+        def profiled_step(*a: Any) -> None:
+            assert sync_prof is not None
+            sync_prof.enable()
+            try:
+                step(*a)
+            finally:
+                sync_prof.disable()
+        return profiled_step
+
+    if path:
+        enforcer._sync, enforcer._sync_changes = (wrap(step) for step in real)
+        assert loop_prof is not None
+        loop_prof.enable()
+    try:
+        yield collections
+    finally:
+        gc.callbacks.remove(on_gc)
+        if loop_prof is not None and sync_prof is not None:
+            loop_prof.disable()
+            enforcer._sync, enforcer._sync_changes = real
+            with open(f"{path}.txt", "w") as text:
+                stats = pstats.Stats(sync_prof, stream=text)
+                stats.add(loop_prof)
+                stats.dump_stats(path)
+                stats.sort_stats("cumulative").print_stats(50)
+                stats.sort_stats("tottime").print_stats(30)
 
 
 def breakdown(enforcer: Any) -> dict[str, float]:
@@ -609,6 +670,10 @@ def main() -> int:
                    help="at most this many connections per connection-rate run")
     p.add_argument("--dual-stack", action="store_true",
                    help="synthetic pods get an IPv6 address too (sync part only)")
+    p.add_argument("--profile", default="",
+                   help="write a cProfile of the label changes' syncs (worker thread) and the "
+                        "event loop meanwhile to this file (the cold rounds' to FILE.coldN), "
+                        "with the top functions in FILE.txt")
     p.add_argument("--skip-datapath", action="store_true")
     p.add_argument("--skip-sync", action="store_true")
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
@@ -681,7 +746,8 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
             one_change_tool_ms=med(sy["one_change_tool_ms"], 1),
             one_change_cpu_ms=med(sy["one_change_cpu_ms"], 1),
             cold_start_s=round(sy["cold_start_s"], 3), resync_s=round(sy["resync_s"], 3),
-            script_kib=sy["script_kib"], **sy["state"])
+            script_kib=sy["script_kib"], **sy["state"],
+            peak_rss_mb_by_step={k: round(v, 1) for k, v in sy["peak_rss_mb_by_step"].items()})
         print(f"workload: {json.dumps(sy['shapes'])}")
         print(f"desired state for one node holding every pod: {json.dumps(sy['state'])}, "
               f"nft script {sy['script_kib']} KiB")
@@ -714,7 +780,8 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
         print(f"one label change -> element in the kernel (ms): "
               f"{[round(c, 1) for c in sy['one_change_all_ms']]}; -> nft returned: "
               f"{[round(c, 1) for c in sy['one_change_tool_ms']]}; CPU meanwhile: "
-              f"{[round(c, 1) for c in sy['one_change_cpu_ms']]}")
+              f"{[round(c, 1) for c in sy['one_change_cpu_ms']]}; cyclic collections "
+              f"meanwhile: {sy.get('one_change_gc')}")
     dp = out.get("datapath")
     if dp:
         w, wo = dp["with"], dp["without"]

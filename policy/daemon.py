@@ -26,7 +26,7 @@ from svcnet.watch import InformerFactory
 
 if TYPE_CHECKING:
     from svcnet.policy.nflog import Logged
-    from svcnet.policy.nftables import ElementCache, Rendered
+    from svcnet.policy.nftables import Rendered
     from svcnet.policy.state import PolicyState
     from svcnet.proxy.commands import Commands
 
@@ -80,7 +80,7 @@ class PolicyEnforcer:
     """The sync loop: informer events wake it, it computes, renders and applies."""
 
     def __init__(self, opts: PolicyOptions, commands: Commands) -> None:
-        from svcnet.policy.nftables import Rendered
+        from svcnet.policy.nftables import ElementCache, Rendered
         from svcnet.policy.state import Memo
 
         self.opts = opts
@@ -95,7 +95,7 @@ class PolicyEnforcer:
         self._last_full = -1e9
         self._sources: tuple[Any, Any, Any] | None = None
         self._empty = Rendered()
-        self._elements: ElementCache = {}
+        self._elements = ElementCache()
         self._memo = Memo()
 
     def attach(self, factory: InformerFactory) -> None:
@@ -160,9 +160,11 @@ class PolicyEnforcer:
         from svcnet.policy.state import Memo
 
         now = time.monotonic()
-        full = self._need_full or now - self._last_full >= self.opts.full_sync_period
+        full = (self._need_full or now - self._last_full >= self.opts.full_sync_period
+                or self.applied is None or not self._memo.started)
         try:
-            await asyncio.to_thread(self._sync, full, self.snapshot())
+            await asyncio.to_thread(self._sync if full else self._sync_changes,
+                                    self.snapshot())
         except Exception:
             log.exception("policy sync failed (full=%s); the next one is full", full)
             metrics.SYNC_FAILURES.inc()
@@ -181,33 +183,45 @@ class PolicyEnforcer:
         self.synced.set()
         return True
 
-    def _sync(self, full: bool, objects: tuple[list[Any], list[Any], list[Any]]) -> None:
-        from svcnet.policy import metrics
-        from svcnet.policy.nftables import render, stream_full_computing, update_script
-        from svcnet.policy.state import compute_stream
+    def _sync_changes(self, objects: tuple[list[Any], list[Any], list[Any]]) -> None:
+        """An incremental sync: the objects that are not the very ones of the last sync
+        (found by identity, ~1 ms at 10k pods) and their reach are computed again; only
+        the changed chains and elements are sent."""
+        from svcnet.policy.nftables import render, update_script
 
-        # A periodic full sync is for the kernel's sake: the computation's caches stay valid
-        # (they depend on the objects only), so it costs little more than nft itself.
-        if full or self.applied is None:
-            states: list[PolicyState] = []
-            out: list[Rendered] = []
-            groups = compute_stream(*objects, node_name=self.opts.node_name,
-                                    memo=self._memo, out=states)
-            apply_script(self.commands, stream_full_computing(
-                groups, states, out, log=self.opts.log_denied, cache=self._elements,
-                log_group=self.opts.log_group))
-            new, state = out[0], states[0]
-        else:
-            state = self.desired(objects)
-            new = render(state, log=self.opts.log_denied, cache=self._elements,
-                         log_group=self.opts.log_group)
-            script = update_script(self.applied, new)
-            if script:
-                apply_script(self.commands, [script])
+        state = self.desired(objects)
+        new = render(state, log=self.opts.log_denied, cache=self._elements,
+                     log_group=self.opts.log_group)
+        assert self.applied is not None
+        script = update_script(self.applied, new)
+        if script:
+            apply_script(self.commands, [script])
+        self._applied(new, state)
+
+    def _applied(self, new: Rendered, state: PolicyState) -> None:
+        from svcnet.policy import metrics
+
         self.applied, self.state = new, state
         metrics.ISOLATED.labels("ingress").set(len(state.ingress))
         metrics.ISOLATED.labels("egress").set(len(state.egress))
         metrics.POLICIES.set(len(state.policies))
+
+    def _sync(self, objects: tuple[list[Any], list[Any], list[Any]]) -> None:
+        """A full sync: the table replaced in one transaction, written while the state is
+        computed. A periodic one is for the kernel's sake: the computation's caches stay
+        valid (they depend on the objects only), so it costs little more than nft itself."""
+        from svcnet.policy.nftables import stream_full_computing
+        from svcnet.policy.state import compute_stream, gc_paused
+
+        states: list[PolicyState] = []
+        out: list[Rendered] = []
+        groups = compute_stream(*objects, node_name=self.opts.node_name, memo=self._memo,
+                                out=states)
+        with gc_paused():
+            apply_script(self.commands, stream_full_computing(
+                groups, states, out, log=self.opts.log_denied, cache=self._elements,
+                log_group=self.opts.log_group))
+        self._applied(out[0], states[0])
 
     def layout(self) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
         r = self.applied or self._empty

@@ -30,6 +30,7 @@ credited to the first policy by name (``Grant`` order).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import itertools
@@ -56,9 +57,13 @@ NEIGHBOUR_DISCOVERY = ("icmpv6 type { nd-router-solicit, nd-router-advert, nd-ne
 _POD_MAPS = ("ingress-pods4", "ingress-pods6", "egress-pods4", "egress-pods6")
 
 
+@functools.lru_cache(maxsize=65536)
 def policy_id(policy: str) -> str:
     """A short, stable object-name-safe id for a ``namespace/name`` policy key."""
     return hashlib.sha256(policy.encode()).hexdigest()[:12]
+
+
+_SERIALS = itertools.count(1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,18 +81,44 @@ class Rendered:
     counters: frozenset[str] = frozenset()
     policies: Mapping[str, str] = field(default_factory=dict)
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    serial: int = field(default_factory=lambda: next(_SERIALS), compare=False)
+    base: int | None = field(default=None, compare=False)
+    """The ``serial`` of the table this one was patched from (``render`` with a cache);
+    ``touched`` then lists, per element map, the keys whose verdict may differ from it
+    (None: any), and the maps it does not list have the same elements."""
+    touched: Mapping[str, frozenset[str] | None] = field(default_factory=dict, compare=False)
 
 
-ElementCache = dict[tuple[str, int], tuple[Group, dict[str, str]]]
-"""(group name, family) -> (the group rendered, its elements): reused while the group is
-the same (identical grants objects make that check cheap; no hashing of large tuples)."""
+@dataclass
+class ElementCache:
+    """What one render leaves for the next (the daemon keeps one): ``elements`` maps
+    (group name, family) to (the group rendered, its elements), reused while the group is
+    the same (identical grants objects make that check cheap; no hashing of large tuples);
+    ``state`` and ``rendered`` are the last render's input and output, which the next one
+    patches where the state differs (``uses``: allow chain or policy id -> how many groups
+    of it need it)."""
+
+    elements: dict[tuple[str, int], tuple[Group, dict[str, str]]] = field(default_factory=dict)
+    state: PolicyState | None = None
+    rendered: Rendered | None = None
+    options: tuple[bool, int | None] = (False, None)
+    uses: dict[str, int] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.elements.clear()
+        self.state = self.rendered = None
+        self.uses.clear()
 
 
 def render(state: PolicyState, *, log: bool = False, cache: ElementCache | None = None,
            log_group: int | None = None) -> Rendered:
-    """The table for ``state``. ``cache`` (kept by the daemon between syncs) maps
-    (group, family) to its elements: an unchanged group is not cut into boxes again; on
-    return it holds exactly the groups of this state."""
+    """The table for ``state``. ``cache`` (kept by the daemon between syncs) holds the
+    last render: only the groups and pod addresses that differ from its state are rendered
+    again (an unchanged group is not cut into boxes again); on return it holds this one."""
+    if (cache is not None and cache.state is not None and cache.rendered is not None
+            and cache.options == (log, log_group)):
+        with gc_paused():
+            return _patch(state, cache, log, log_group)
     out: list[Rendered] = []
     with gc_paused():  # its temporaries die by reference counting (see gc_paused)
         for _ in _render(iter(state.groups.values()), [state], log, cache, log_group, out,
@@ -142,13 +173,12 @@ def _render(groups: Iterator[Group], states: list[PolicyState], log: bool,
     policies: dict[str, str] = {}
     group_policies: dict[str, tuple[str, ...]] = {}
     elements: dict[str, dict[str, str]] = {name: {} for name in _POD_MAPS}
-    old_cache: ElementCache = dict(cache) if cache is not None else {}
-    new_cache: ElementCache = {}
+    old_cache = dict(cache.elements) if cache is not None else {}
+    new_cache: dict[tuple[str, int], tuple[Group, dict[str, str]]] = {}
     swept: Swept = {}
     addresses: dict[tuple[int, int, int], str] = {}
     for group in groups:
         d = "in" if group.direction == "ingress" else "out"
-        peer = "saddr" if d == "in" else "daddr"
         name = group.name
         group_policies[name] = group.policies
         new_maps: dict[str, str] = {}
@@ -162,24 +192,9 @@ def _render(groups: Iterator[Group], states: list[PolicyState], log: bool,
                 verdict = " accept" if d == "in" else ""
                 new_chains[allow] = (f'counter name "{allow}"{verdict}',)
                 new_counters.append(allow)
-        # In forward these come first already; the input chain jumps here directly.
-        rules: list[str] = [] if d == "in" else [
-            "ct state established,related return",
-            NEIGHBOUR_DISCOVERY.replace(" accept", " return")]
-        for family in (4, 6):
-            ip = "ip" if family == 4 else "ip6"
-            addr = "ipv4_addr" if family == 4 else "ipv6_addr"
-            new_maps[f"{name}-{family}"] = (f"{{ type {addr} . inet_proto . inet_service : "
-                                            "verdict ; flags interval ; }")
-            rules.append(f"{ip} {peer} . meta l4proto . th dport vmap @{name}-{family}")
-        if log:
-            # The group names the isolating policies; the daemon reading the NFLOG group
-            # names the pods from the packet's addresses.
-            prefix = f"{LOG_PREFIX} {group.direction} {name}"
-            target = f" group {log_group}" if log_group is not None else ""
-            rules.append(f'limit rate {LOG_RATE} log prefix "{prefix}: "{target}')
-        rules.append(f'counter name "deny-{name}" drop')
-        new_chains[name] = tuple(rules)
+        new_maps[f"{name}-4"] = _GROUP_MAP4
+        new_maps[f"{name}-6"] = _GROUP_MAP6
+        new_chains[name] = _group_chain(group, log, log_group)
         maps.update(new_maps)
         chains.update(new_chains)
         counters.update(new_counters)
@@ -193,8 +208,7 @@ def _render(groups: Iterator[Group], states: list[PolicyState], log: bool,
             hit = old_cache.get((name, family))
             found = hit[1] if hit is not None and (hit[0] is group or hit[0] == group) else None
             if found is None:
-                found = {key: f"goto allow-{d}-{pid}" for key, pid in group_elements(
-                    group, family, swept, addresses)}  # type: ignore[arg-type]
+                found = _element_map(group, family, swept, addresses)  # type: ignore[arg-type]
             elements[f"{name}-{family}"] = found
             new_cache[name, family] = (group, found)
             if stream:
@@ -209,12 +223,137 @@ def _render(groups: Iterator[Group], states: list[PolicyState], log: bool,
     if stream:
         for name in _POD_MAPS:
             yield "".join(element_lines("add", name, elements[name]))
-    if cache is not None:
-        cache.clear()
-        cache.update(new_cache)
-    out.append(Rendered(maps=maps, chains=chains, hooks=hooks, elements=elements,
+    rendered = Rendered(maps=maps, chains=chains, hooks=hooks, elements=elements,
                         counters=frozenset(counters), policies=policies,
-                        groups=group_policies))
+                        groups=group_policies)
+    if cache is not None:
+        cache.elements = new_cache
+        cache.state, cache.rendered, cache.options = state, rendered, (log, log_group)
+        cache.uses = _uses(state.groups.values())
+    out.append(rendered)
+
+
+_GROUP_MAP4 = "{ type ipv4_addr . inet_proto . inet_service : verdict ; flags interval ; }"
+_GROUP_MAP6 = "{ type ipv6_addr . inet_proto . inet_service : verdict ; flags interval ; }"
+
+
+def _group_chain(group: Group, log: bool, log_group: int | None) -> tuple[str, ...]:
+    name = group.name
+    peer = "saddr" if group.direction == "ingress" else "daddr"
+    # In forward these come first already; the input chain jumps here directly.
+    rules: list[str] = [] if group.direction == "ingress" else [
+        "ct state established,related return",
+        NEIGHBOUR_DISCOVERY.replace(" accept", " return")]
+    rules.append(f"ip {peer} . meta l4proto . th dport vmap @{name}-4")
+    rules.append(f"ip6 {peer} . meta l4proto . th dport vmap @{name}-6")
+    if log:
+        # The group names the isolating policies; the daemon reading the NFLOG group
+        # names the pods from the packet's addresses.
+        prefix = f"{LOG_PREFIX} {group.direction} {name}"
+        target = f" group {log_group}" if log_group is not None else ""
+        rules.append(f'limit rate {LOG_RATE} log prefix "{prefix}: "{target}')
+    rules.append(f'counter name "deny-{name}" drop')
+    return tuple(rules)
+
+
+def _allow_chains(group: Group) -> Iterator[tuple[str, str]]:
+    """(allow chain, policy id) of each of a group's policies."""
+    d = "in" if group.direction == "ingress" else "out"
+    for policy in group.policies:
+        pid = policy_id(policy)
+        yield f"allow-{d}-{pid}", pid
+
+
+def _uses(groups: Iterable[Group]) -> dict[str, int]:
+    uses: dict[str, int] = defaultdict(int)
+    for group in groups:
+        for allow, pid in _allow_chains(group):
+            uses[allow] += 1
+            uses[pid] += 1
+    return dict(uses)
+
+
+def _patch(state: PolicyState, cache: ElementCache, log: bool, log_group: int | None
+           ) -> Rendered:
+    """``render`` by patching the last render where ``state`` differs from its state:
+    the groups that are not the very same objects, and the pod addresses whose group
+    changed (a few dictionary operations per address in C)."""
+    before, prev = cache.state, cache.rendered
+    assert before is not None and prev is not None
+    maps, chains, elements = dict(prev.maps), dict(prev.chains), dict(prev.elements)
+    counters, policies, groups = set(prev.counters), dict(prev.policies), dict(prev.groups)
+    touched: dict[str, frozenset[str] | None] = {}
+    uses = cache.uses
+    gone = [g for name, g in before.groups.items() if state.groups.get(name) is not g]
+    kept: dict[tuple[str, int], tuple[Group, dict[str, str]]] = {}
+    for group in gone:
+        name = group.name
+        for family in (4, 6):
+            del maps[f"{name}-{family}"]
+            del elements[f"{name}-{family}"]
+            hit = cache.elements.pop((name, family), None)
+            if hit is not None:
+                kept[name, family] = hit
+            touched[f"{name}-{family}"] = None
+        del chains[name]
+        del groups[name]
+        counters.discard(f"deny-{name}")
+        for allow, pid in _allow_chains(group):
+            uses[allow] -= 1
+            if not uses[allow]:
+                del uses[allow], chains[allow]
+                counters.discard(allow)
+            uses[pid] -= 1
+            if not uses[pid]:
+                del uses[pid], policies[pid]
+    swept: Swept = {}
+    addresses: dict[tuple[int, int, int], str] = {}
+    for name, group in state.groups.items():
+        if before.groups.get(name) is group:
+            continue
+        d = "in" if group.direction == "ingress" else "out"
+        maps[f"{name}-4"], maps[f"{name}-6"] = _GROUP_MAP4, _GROUP_MAP6
+        chains[name] = _group_chain(group, log, log_group)
+        groups[name] = group.policies
+        counters.add(f"deny-{name}")
+        for (allow, pid), policy in zip(_allow_chains(group), group.policies, strict=True):
+            uses[allow] = uses.get(allow, 0) + 1
+            if uses[allow] == 1:
+                chains[allow] = (f'counter name "{allow}"{" accept" if d == "in" else ""}',)
+                counters.add(allow)
+            uses[pid] = uses.get(pid, 0) + 1
+            policies[pid] = policy
+        for family in (4, 6):
+            hit = kept.get((name, family))
+            if hit is not None and hit[0] == group:  # rebuilt, but the same grants
+                found = hit[1]
+            else:
+                found = _element_map(group, family, swept, addresses)  # type: ignore[arg-type]
+            elements[f"{name}-{family}"] = found
+            cache.elements[name, family] = (group, found)
+            touched[f"{name}-{family}"] = None
+    for direction, now, was in (("ingress", state.ingress, before.ingress),
+                                ("egress", state.egress, before.egress)):
+        jump = "goto" if direction == "ingress" else "jump"
+        get = was.get
+        moved = [(ip, g) for ip, g in now.items() if get(ip) != g]
+        left = was.keys() - now.keys() if len(was) + len(moved) > len(now) else ()
+        for family in (4, 6):
+            name = f"{direction}-pods{family}"
+            here = [(ip, g) for ip, g in moved if (":" in ip) == (family == 6)]
+            out = [ip for ip in left if (":" in ip) == (family == 6)]
+            if not here and not out:
+                continue
+            table = elements[name] = dict(elements[name])
+            for ip in out:
+                del table[ip]
+            table.update((ip, f"{jump} {g}") for ip, g in here)
+            touched[name] = frozenset(out).union(ip for ip, _ in here)
+    rendered = Rendered(maps=maps, chains=chains, hooks=prev.hooks, elements=elements,
+                        counters=frozenset(counters), policies=policies, groups=groups,
+                        base=prev.serial, touched=touched)
+    cache.state, cache.rendered = state, rendered
+    return rendered
 
 
 Swept = dict[Any, list[tuple[int, int, tuple[tuple[int, int, int], ...]]]]
@@ -228,6 +367,38 @@ def group_elements(group: Group, family: Family, swept: Swept | None = None,
                    ) -> Iterator[tuple[str, str]]:
     """(element key, policy id) of a group's map for one family: disjoint boxes of
     peer address range . protocol range . port range."""
+    ranked, classes = _boxes(group, family, {} if swept is None else swept)
+    ids = [policy_id(p) for p in ranked]
+    for key, r_ in _element_keys(family, classes, {} if addresses is None else addresses):
+        yield key, ids[r_]
+
+
+def _element_map(group: Group, family: Family, swept: Swept,
+                 addresses: dict[tuple[int, int, int], str]) -> dict[str, str]:
+    """``group_elements`` as the map's {key: verdict} (the render's hot loop)."""
+    ranked, classes = _boxes(group, family, swept)
+    d = "in" if group.direction == "ingress" else "out"
+    verdicts = [f"goto allow-{d}-{policy_id(p)}" for p in ranked]
+    return {key: verdicts[r_] for key, r_ in _element_keys(family, classes, addresses)}
+
+
+def _element_keys(family: Family, classes: list[tuple[tuple[int, int], Any]],
+                  addresses: dict[tuple[int, int, int], str]) -> Iterator[tuple[str, int]]:
+    for cls, ranges in classes:
+        proto = str(cls[0]) if cls[0] == cls[1] else f"{cls[0]}-{cls[1]}"
+        for a_lo, a_hi, ports in ranges:
+            addr = addresses.get((family, a_lo, a_hi))
+            if addr is None:
+                addr = addresses[family, a_lo, a_hi] = _address_text(family, a_lo, a_hi)
+            head = f"{addr} . {proto} . "
+            for p_lo, p_hi, r_ in ports:
+                yield head + (str(p_lo) if p_lo == p_hi else f"{p_lo}-{p_hi}"), r_
+
+
+def _boxes(group: Group, family: Family, swept: Swept
+           ) -> tuple[list[str], list[tuple[tuple[int, int], Any]]]:
+    """The group's policies ranked by name, and per protocol class its disjoint boxes
+    (address first, last, port segments credited to a rank)."""
     ranked = sorted({g.policy for g in group.grants})
     rank = {p: i for i, p in enumerate(ranked)}
     # Only port-less grants (the common "allow from these pods"): one protocol range.
@@ -246,41 +417,66 @@ def group_elements(group: Group, family: Family, swept: Swept | None = None,
             else:
                 n = _PROTO_NUMBERS[port.protocol]
                 parts.add(((n, n), port.first, port.last, r_, id(grant.peers)))
-    swept = {} if swept is None else swept
     by_class: dict[tuple[int, int], list[tuple[int, int, int, int]]] = defaultdict(list)
     for cls, lo, hi, r_, peers_id in parts:
         by_class[cls].append((lo, hi, r_, peers_id))
-    classes = []
+    classes: list[tuple[tuple[int, int], Any]] = []
     for cls in sorted(by_class):
-        signature = (family, cls, tuple(sorted(by_class[cls])))
+        # Not the class: the boxes of every protocol class with the same parts (the
+        # "any protocol" grants' classes, say) are the same.
+        signature = (family, tuple(sorted(by_class[cls])))
         ranges = swept.get(signature)
         if ranges is None:
-            ranges = swept[signature] = _sweep_class(by_class[cls], peers_of, family)
+            ranges = swept[signature] = _sweep_class(by_class[cls], peers_of, family, swept)
         classes.append((cls, ranges))
-    ids = [policy_id(p) for p in ranked]
-    addresses = {} if addresses is None else addresses
-    for cls, ranges in classes:
-        proto = str(cls[0]) if cls[0] == cls[1] else f"{cls[0]}-{cls[1]}"
-        for a_lo, a_hi, ports in ranges:
-            addr = addresses.get((family, a_lo, a_hi))
-            if addr is None:
-                addr = addresses[family, a_lo, a_hi] = _address_text(family, a_lo, a_hi)
-            for p_lo, p_hi, r_ in ports:
-                ports_text = str(p_lo) if p_lo == p_hi else f"{p_lo}-{p_hi}"
-                yield f"{addr} . {proto} . {ports_text}", ids[r_]
+    return ranked, classes
 
 
 def _sweep_class(parts: list[tuple[int, int, int, int]],
                  peers_of: dict[int, tuple[AddressRange, ...]], family: Family,
-                 ) -> list[tuple[int, int, tuple[tuple[int, int, int], ...]]]:
+                 swept: Swept) -> list[tuple[int, int, tuple[tuple[int, int, int], ...]]]:
     """The disjoint boxes of one protocol class. Several policies often allow the same
     peers on the same ports: the port segments credit the first policy."""
-    ranges: dict[tuple[int, int, int], list[tuple[int, int]]] = defaultdict(list)
+    sources: dict[tuple[int, int, int], list[int]] = defaultdict(list)
     for lo, hi, r_, peers_id in parts:
-        here = [(a.first, a.last) for a in peers_of[peers_id] if a.family == family]
+        sources[lo, hi, r_].append(peers_id)
+    ranges: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
+    for span, ids in sources.items():
+        if len(ids) == 1:
+            here = _merged(peers_of[ids[0]], family, swept)
+        else:
+            here = _merge(sorted(r for i in ids for r in _merged(peers_of[i], family, swept)))
         if here:
-            ranges[lo, hi, r_].extend(here)
+            ranges[span] = here
     return list(_disjoint(ranges))
+
+
+def _merged(peers: tuple[AddressRange, ...], family: Family, swept: Swept
+            ) -> list[tuple[int, int]]:
+    """A peers tuple's ranges of one family, merged (``_merge``), once per render: the
+    same tuple is a peer of many groups."""
+    key = ("merged", id(peers), family)
+    found = swept.get(key)
+    if found is None:
+        found = swept[key] = _merge(sorted(  # type: ignore[assignment]
+            (a.first, a.last) for a in peers if a.family == family))
+    return found  # type: ignore[return-value]
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted ranges with the overlapping and adjacent ones joined."""
+    if not ranges:
+        return []
+    out: list[tuple[int, int]] = []
+    lo, hi = ranges[0]
+    for a_lo, a_hi in ranges:
+        if a_lo > hi + 1:
+            out.append((lo, hi))
+            lo, hi = a_lo, a_hi
+        elif a_hi > hi:
+            hi = a_hi
+    out.append((lo, hi))
+    return out
 
 
 def _address_text(family: Family, first: int, last: int) -> str:
@@ -301,27 +497,19 @@ def _disjoint(ranges: Mapping[tuple[int, int, int], list[tuple[int, int]]]
     ranges over which the covering (port range, rank) spans do not change, each port
     segment credited to the lowest-ranked span covering it.
 
-    Each span's address ranges are merged first (sorted, overlapping and adjacent ones
-    joined), so at any address a span starts or ends at most once: the covering spans are
-    a bit mask toggled by XOR at each event, and a mask's port segments are computed once
-    per mask. Consecutive pod addresses allowed on the same ports (the common case) cost
-    one XOR and one dictionary look-up each."""
+    Each span's address ranges come merged (``_merge``), so at any address a span starts
+    or ends at most once: the covering spans are a bit mask toggled by XOR at each event,
+    and a mask's port segments are computed once per mask. Consecutive pod addresses
+    allowed on the same ports (the common case) cost one XOR and one dictionary look-up
+    each."""
     spans = list(ranges)
     events: dict[int, int] = {}
     get = events.get
     for bit, span in enumerate(spans):
         flag = 1 << bit
-        merged = sorted(ranges[span])
-        lo, hi = merged[0]
-        for a_lo, a_hi in merged:
-            if a_lo > hi + 1:
-                events[lo] = get(lo, 0) ^ flag
-                events[hi + 1] = get(hi + 1, 0) ^ flag
-                lo, hi = a_lo, a_hi
-            elif a_hi > hi:
-                hi = a_hi
-        events[lo] = get(lo, 0) ^ flag
-        events[hi + 1] = get(hi + 1, 0) ^ flag
+        for lo, hi in ranges[span]:
+            events[lo] = get(lo, 0) ^ flag
+            events[hi + 1] = get(hi + 1, 0) ^ flag
     known: dict[int, tuple[tuple[int, int, int], ...]] = {0: ()}
     mask = 0
     segments: tuple[tuple[int, int, int], ...] = ()
@@ -399,10 +587,22 @@ def update_script(old: Rendered, new: Rendered) -> str:
         body += [f"add rule {T} {name} {rule}" for rule in rules]
     deletes: list[str] = []
     adds: list[str] = []
+    hinted = new.base == old.serial
     for name, after in new.elements.items():
         had = old.elements.get(name, {})
         if had is after:  # a group the render cache kept: the very same elements
             continue
+        if hinted:  # patched from ``old``: only the keys it says may differ
+            if name not in new.touched:
+                continue
+            keys = new.touched[name]
+            if keys is not None:
+                gone = {k: had[k] for k in keys if k in had and after.get(k) != had[k]}
+                if name in old.maps:
+                    deletes += element_lines("delete", name, gone)
+                adds += element_lines("add", name, {k: after[k] for k in keys if k in after
+                                                    and had.get(k) != after[k]})
+                continue
         gone = {k: v for k, v in had.items() if after.get(k) != v}
         if name in old.maps:
             deletes += element_lines("delete", name, gone)
@@ -417,7 +617,10 @@ def update_script(old: Rendered, new: Rendered) -> str:
 
 
 def element_lines(op: str, name: str, elems: Mapping[str, str]) -> list[str]:
-    items = [f"{k} : {v}" if v and op == "add" else k for k, v in elems.items()]
+    if op == "add" and all(elems.values()):
+        items = list(map(" : ".join, elems.items()))
+    else:
+        items = [f"{k} : {v}" if v and op == "add" else k for k, v in elems.items()]
     return [f"{op} element {T} {name} {{ {', '.join(items[i:i + ELEMENT_BATCH])} }}\n"
             for i in range(0, len(items), ELEMENT_BATCH)]
 

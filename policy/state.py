@@ -30,7 +30,7 @@ import ipaddress
 import socket
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, NamedTuple
 
 import msgspec
@@ -135,55 +135,166 @@ class PolicyState:
     policies: tuple[str, ...] = ()
 
 
+SelectionKey = tuple[tuple[str, ...], bytes]
+"""(namespaces, the encoded pod selector): one pod selection, shared by every peer and
+policy selecting the same pods."""
+PeerKey = tuple[str, bytes]
+Assignment = tuple[tuple[str, ...], str, str]
+"""A local isolated pod's (addresses, ingress group name or '', egress group name or '')."""
+_ALL_NAMESPACES: Any = "*"
+"""The dependency of an egress rule with named ports and no ``to``: every pod's ports."""
+INDEX_MIN_PODS = 16
+"""Namespaces with at least this many pods get a label index for matchLabels selectors."""
+SWEEP_MIN = 1000
+"""The memo's unused selections and peers are swept once there are more than this many
+(or twice as many as the last sweep kept)."""
+
+
 @dataclass
 class Memo:
-    """What one ``compute`` leaves for the next (the daemon keeps one): selector matches,
-    peer ranges and grants, each dropped when a namespace it read from changed (a pod of it
-    added, removed or replaced), when its policy changed, or, for all of them, when any
-    namespace's labels did. Objects are compared by identity, as informer caches keep an
-    unchanged object."""
+    """The computation kept between syncs (the daemon keeps one): the objects last
+    computed from, indexes over them, what was derived from them and the state itself.
+    A computation takes only what changed since (pods, namespaces, policies by key) and
+    maps each change to what it can affect:
 
-    pods_by_ns: dict[str, list[Pod]] = field(default_factory=dict)
+    - a pod (labels, addresses, named ports, node, phase): the selections of its namespace
+      that match either version, the policies whose grants read those selections, and the
+      assignment (selecting policies -> groups) of its namespace's local pods;
+    - a policy: its grants and the assignment of its namespace's pods;
+    - a namespace's labels: the namespace-selector peers whose namespaces changed.
+
+    Everything else -- selections, grants, groups, the address maps -- is reused, and a
+    group whose grants are the very same objects stays the very same ``Group`` (the
+    renderer recognises it by identity). Objects are compared by identity: informer caches
+    keep an unchanged object."""
+
+    node_name: str | None = None
+    started: bool = False
+    # the objects, and indexes over them
+    pods: dict[str, Pod] = field(default_factory=dict)
+    ips: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """pod key -> its addresses, for the pods policy sees (``_usable``) only."""
+    pods_by_ns: dict[str, dict[str, Pod]] = field(default_factory=dict)
+    """namespace -> pod key -> pod, for the pods policy sees."""
+    namespaces: dict[str, Namespace] = field(default_factory=dict)
     ns_labels: dict[str, dict[str, str]] = field(default_factory=dict)
     policies: dict[str, NetworkPolicy] = field(default_factory=dict)
-    ranges: dict[tuple[str, ...], tuple[AddressRange, ...]] = field(default_factory=dict)
-    selected: dict[tuple[tuple[str, ...], bytes], tuple[list[Pod], LabelSelector | None]] = \
+    ids: dict[int, str] = field(default_factory=dict)
+    """id -> key of every object held in ``pods``, ``namespaces`` and ``policies``."""
+    policies_by_ns: dict[str, set[str]] = field(default_factory=dict)
+    # derived, each with the inverse index that finds it when what it read changes
+    by_id: dict[int, tuple[Pod, tuple[AddressRange, ...]]] = field(default_factory=dict)
+    """id(pod) -> (pod, its addresses as ranges), for the pods of ``pods_by_ns``."""
+    selected: dict[SelectionKey, tuple[list[Pod], LabelSelector | None]] = \
         field(default_factory=dict)
-    peer_ranges: dict[tuple[str, bytes], tuple[tuple[AddressRange, ...], Any]] = \
+    selections_of_ns: dict[str, set[SelectionKey]] = field(default_factory=dict)
+    peer_ranges: dict[PeerKey, tuple[tuple[AddressRange, ...], Any]] = \
         field(default_factory=dict)
+    peers_of: dict[Any, set[PeerKey]] = field(default_factory=dict)
+    """selection key -> the cached peers computed from it."""
+    ns_peers: dict[PeerKey, NetworkPolicyPeer] = field(default_factory=dict)
+    """cached peers with a namespace selector: their namespaces move with labels."""
     ingress: dict[str, dict[tuple[tuple[str, str, int | None], ...], list[Grant]]] = \
         field(default_factory=dict)
     egress: dict[str, list[Grant]] = field(default_factory=dict)
     deps: dict[str, frozenset[Any]] = field(default_factory=dict)
-    groups: dict[str, Group] = field(default_factory=dict)
+    dependents: dict[Any, set[str]] = field(default_factory=dict)
+    """selection key -> the policies whose grants were computed from it."""
     names: dict[tuple[str, tuple[str, ...], tuple[Any, ...]], str] = field(default_factory=dict)
-    pod_groups: dict[int, tuple[Pod, tuple[str, ...], str, str]] = field(default_factory=dict)
-    pod_ips: dict[int, tuple[Pod, tuple[str, ...]]] = field(default_factory=dict)
-    """id(pod) -> (pod, its addresses; () when policy ignores it): read once per object."""
-    local_of: dict[str, tuple[list[Pod], str | None, list[tuple[tuple[str, str], Pod]]]] = \
+    # the state
+    assigned: dict[str, dict[str, Assignment]] = field(default_factory=dict)
+    """namespace -> local isolated pod key -> its assignment."""
+    members: dict[str, int] = field(default_factory=dict)
+    """group name -> how many pods are in it (a group goes with its last pod)."""
+    specs: dict[str, tuple[Direction, tuple[str, ...], dict[tuple[str, str], int]]] = \
         field(default_factory=dict)
-    """policy key -> (its pod selection, node, the (key, pod) pairs of it on the node)."""
-    """id(pod) -> (pod, its selecting policies, its ingress and egress group names or ''):
-    a pod object selected by the same policies is in the same groups (names are hashes of
-    what decides them), so a sync after one change re-derives only the changed pods."""
+    """group name -> (direction, policies, the named ports its pods resolve)."""
+    groups_of: dict[str, set[str]] = field(default_factory=dict)
+    """policy key -> the groups it isolates."""
+    groups: dict[str, Group] = field(default_factory=dict)
+    ingress_map: dict[str, str] = field(default_factory=dict)
+    egress_map: dict[str, str] = field(default_factory=dict)
+    pod_names: dict[str, str] = field(default_factory=dict)
+
+    sweep_at: int = 0
+    """``_Computation._sweep`` runs once the cached selections and peers outgrow this (0:
+    not set yet)."""
+
+    def reset(self, node_name: str | None) -> None:
+        """Forget everything (another node, or a failed sync)."""
+        fresh = Memo(node_name=node_name)
+        for f in fields(self):
+            setattr(self, f.name, getattr(fresh, f.name))
 
 
-_ALL_NAMESPACES = "*"
-INDEX_MIN_PODS = 16
-"""Namespaces with at least this many pods get a label index for matchLabels selectors."""
+Changes = Mapping[str, Any]
+"""key -> the object now, or None when it is gone."""
+_EMPTY: Changes = {}
 
 
 def compute(policies: Iterable[NetworkPolicy], pods: Iterable[Pod],
             namespaces: Iterable[Namespace], *, node_name: str | None,
             memo: Memo | None = None) -> PolicyState:
     """The desired state for the pods on ``node_name`` (every pod when None); ``memo``
-    carries caches from the previous call (see ``Memo``)."""
+    carries the previous call's computation (see ``Memo``): only what differs from the
+    objects it was computed from is computed again."""
     out: list[PolicyState] = []
     with gc_paused():
         for _ in compute_stream(policies, pods, namespaces, node_name=node_name, memo=memo,
                                 out=out):
             pass
     return out[0]
+
+
+def compute_changes(memo: Memo, *, node_name: str | None, policies: Changes = _EMPTY,
+                    pods: Changes = _EMPTY, namespaces: Changes = _EMPTY) -> PolicyState:
+    """The state after these changes (key -> object now, or None when deleted; pods and
+    policies by ``namespace/name``, namespaces by name) to what ``memo`` was computed from:
+    what ``compute`` gives for the objects after the changes, at the cost of the
+    changes' reach instead of the cluster's size."""
+    out: list[PolicyState] = []
+    with gc_paused():
+        if memo.started and memo.node_name == node_name:
+            for _ in _Computation(memo).run(policies, pods, namespaces, out):
+                pass
+        else:
+            raise ValueError("compute_changes needs a memo computed for this node")
+    return out[0]
+
+
+def compute_stream(policies: Iterable[NetworkPolicy], pods: Iterable[Pod],
+                   namespaces: Iterable[Namespace], *, node_name: str | None,
+                   out: list[PolicyState], memo: Memo | None = None) -> Iterator[Group]:
+    """``compute``, yielding every group of the state, each as soon as it is complete (a
+    full sync writes it to ``nft`` while the rest is computed); the state is appended to
+    ``out`` at the end."""
+    memo = memo if memo is not None else Memo(node_name=node_name)
+    if not memo.started or memo.node_name != node_name:
+        memo.reset(node_name)
+    return _Computation(memo).run(
+        _differences(memo.policies, memo.ids, policies),
+        _differences(memo.pods, memo.ids, pods),
+        _differences(memo.namespaces, memo.ids, namespaces),
+        out, every_group=True)
+
+
+def _differences(before: Mapping[str, Any], ids: dict[int, str], now: Iterable[Any]
+                 ) -> dict[str, Any]:
+    """key -> object for the objects of ``now`` that are not the very ones of ``before``,
+    key -> None for those gone. By identity first (``ids``: id -> key of the objects
+    ``before`` holds), so an unchanged object costs a look-up, not its key."""
+    changed: dict[str, Any] = {}
+    kept = 0
+    for obj in now:
+        key = ids.get(id(obj))
+        if key is not None and before.get(key) is obj:
+            kept += 1
+        else:
+            changed[object_key(obj)] = obj
+    if kept + sum(1 for key in changed if key in before) < len(before):
+        present = {object_key(obj) for obj in now}
+        changed.update((key, None) for key in before.keys() - present)
+    return changed
 
 
 @contextlib.contextmanager
@@ -201,28 +312,36 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def compute_stream(policies: Iterable[NetworkPolicy], pods: Iterable[Pod],
-                   namespaces: Iterable[Namespace], *, node_name: str | None,
-                   out: list[PolicyState], memo: Memo | None = None) -> Iterator[Group]:
-    """``compute``, yielding each group as soon as it is complete (a full sync writes it
-    to ``nft`` while the rest is computed); the state is appended to ``out`` at the end."""
-    return _Computation(policies, pods, namespaces, memo or Memo()).run(node_name, out)
-
-
 def policy_view(pod: Pod) -> tuple[object, ...]:
     """What NetworkPolicy reads of a pod: two versions equal here enforce the same."""
     return (pod.metadata.labels, pod.ips, pod.spec.node_name, _usable(pod),
             tuple(sorted(named_ports(pod).items())))
 
 
-def _same(a: list[Pod], b: list[Pod]) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+_FINISHED = ("Succeeded", "Failed")
 
 
 def _usable(pod: Pod) -> bool:
-    return (not pod.spec.host_network and bool(pod.ips)
-            and pod.status.phase not in ("Succeeded", "Failed"))
+    """Policy neither isolates nor selects hostNetwork pods, pods without addresses or
+    finished ones (``_apply_pods`` inlines this)."""
+    return not pod.spec.host_network and bool(pod.ips) and pod.status.phase not in _FINISHED
 
+
+def _held(ids: dict[int, str], key: str, before: Any, now: Any) -> None:
+    if before is not None:
+        ids.pop(id(before), None)
+    if now is not None:
+        ids[id(now)] = key
+
+
+def _handed_on(pod: Pod) -> tuple[object, ...]:
+    """What a selection hands on of a pod it holds (``policy_view`` less the labels that
+    decide whether it holds it)."""
+    return (pod.ips, pod.spec.node_name, tuple(sorted(named_ports(pod).items())))
+
+
+def _pod_key(pod: Pod) -> str:
+    return f"{pod.metadata.namespace}/{pod.metadata.name}"
 
 def _range_of(ip: str) -> AddressRange:
     """One address (already validated by the Pod record) as a range; without ipaddress,
@@ -281,170 +400,488 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+
+
 class _Computation:
-    def __init__(self, policies: Iterable[NetworkPolicy], pods: Iterable[Pod],
-                 namespaces: Iterable[Namespace], memo: Memo) -> None:
-        self.policies = sorted(policies, key=object_key)
-        self.pods_by_ns: dict[str, list[Pod]] = defaultdict(list)
-        old_ranges, old_ips = memo.ranges, memo.pod_ips
-        self.ranges = {}
-        self.ips: dict[int, tuple[str, ...]] = {}
-        pod_ips: dict[int, tuple[Pod, tuple[str, ...]]] = {}
-        for pod in pods:
-            seen = old_ips.get(id(pod))
-            if seen is not None and seen[0] is pod:
-                ips = seen[1]
-                pod_ips[id(pod)] = seen  # no new container: fewer for the collector
-            else:
-                ips = pod.ips if _usable(pod) else ()
-                pod_ips[id(pod)] = (pod, ips)
-            if ips:
-                self.pods_by_ns[pod.metadata.namespace].append(pod)
-                self.ips[id(pod)] = ips
-                found = old_ranges.get(ips)
-                self.ranges[ips] = found or tuple(_range_of(ip) for ip in ips)
-        self.ns_labels = {ns.metadata.name: ns.labels for ns in namespaces}
-        memo.ranges, memo.pod_ips = self.ranges, pod_ips
-        self._forget(memo)
-        # Policies repeat selectors (same labels in many namespaces): each distinct
-        # (namespaces, selector) is matched once.
-        self._selected = memo.selected
-        self._ns_cache: dict[bytes, list[str]] = {}
-        self._peer_ranges = memo.peer_ranges
-        self._ingress = memo.ingress
-        self._egress = memo.egress
-        self._deps = memo.deps
-        self._memo = memo
-        self._names = memo.names
+    """One computation: applies changes to a ``Memo`` and leaves the new state."""
+
+    def __init__(self, memo: Memo) -> None:
+        self.memo = memo
+        self._ns_cache: dict[bytes, tuple[str, ...]] = {}
         self._label_index: dict[str, dict[tuple[str, str], list[Pod]]] = {}
+        self._shapes: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[str, ...],
+                                                  tuple[tuple[str, str], ...]]] = {}
+        self._group_names: dict[tuple[tuple[str, ...], Any], tuple[str, str]] = {}
 
-    def _ranges_of(self, pod: Pod) -> tuple[AddressRange, ...]:
-        """A pod's addresses; a cached selection may hold an earlier version of the pod
-        that differed only where policy does not look (``policy_view``)."""
-        ips = self.ips.get(id(pod)) or pod.ips
-        found = self.ranges.get(ips)
-        return found if found is not None else tuple(_range_of(ip) for ip in ips)
+    def run(self, policies: Changes, pods: Changes, namespaces: Changes,
+            out: list[PolicyState], *, every_group: bool = False) -> Iterator[Group]:
+        memo = self.memo
+        memo.started = True
+        touched: set[str] = set()
+        """namespaces whose pods' assignment is computed again"""
+        stale_policies = self._apply_policies(policies, touched)
+        stale = self._apply_namespaces(namespaces)
+        stale |= self._apply_pods(pods, touched)
+        self._drop(stale, stale_policies)
+        built: set[str] = set()
+        for ns_groups in self._assign_all(touched):
+            # A cold computation yields each namespace's groups right after assigning
+            # it: a full sync's nft parses them while the next namespaces are assigned.
+            for name in ns_groups:
+                if name not in memo.groups and name not in built:
+                    built.add(name)
+                    yield self._build(name)
+        rebuild = {name for pk in stale_policies for name in memo.groups_of.get(pk, ())}
+        for name in sorted(rebuild - built):
+            yield self._build(name)
+        rebuild |= built
+        if every_group:
+            yield from (g for name, g in memo.groups.items() if name not in rebuild)
+        if len(memo.names) > 4 * len(memo.groups) + 1000:  # names of groups long gone
+            memo.names.clear()
+        size = len(memo.selected) + len(memo.peer_ranges)
+        if memo.sweep_at == 0:  # the first computation: everything in use
+            memo.sweep_at = max(SWEEP_MIN, 2 * size)
+        elif size > memo.sweep_at:
+            self._sweep()
+        out.append(PolicyState(groups=dict(memo.groups), ingress=dict(memo.ingress_map),
+                               egress=dict(memo.egress_map), pods=dict(memo.pod_names),
+                               policies=tuple(sorted(memo.policies))))
 
-    def _forget(self, memo: Memo) -> None:
-        """Drop what the changes since the last computation made stale."""
-        policies = {object_key(p): p for p in self.policies}
-        changed = {k for k in policies.keys() | memo.policies.keys()
-                   if policies.get(k) is not memo.policies.get(k)}
-        if changed:  # a pod's groups depend on its selecting policies' contents too
-            memo.pod_groups.clear()
-        if self.ns_labels != memo.ns_labels:
-            memo.selected.clear()
-            memo.peer_ranges.clear()
-            memo.ingress.clear()
-            memo.egress.clear()
-            memo.deps.clear()
-        changed_pods: dict[str, list[Pod]] = {}
-        for ns in self.pods_by_ns.keys() | memo.pods_by_ns.keys():
-            now, before = self.pods_by_ns.get(ns, []), memo.pods_by_ns.get(ns, [])
-            if _same(now, before):
-                continue
-            # A new version that policy sees the same way (a status update) changes nothing.
-            now_by, before_by = ({p.metadata.name: p for p in pods} for pods in (now, before))
-            moved = [(before_by.get(name), now_by.get(name))
-                     for name in now_by.keys() | before_by.keys()
-                     if now_by.get(name) is not before_by.get(name)]
-            changed_pods[ns] = [p for old, new in moved for p in (old, new) if p is not None
-                                if old is None or new is None
-                                or policy_view(old) != policy_view(new)]
-        # A selection is stale only if a changed pod (either version) is in its namespaces
-        # and matches its selector; what was computed from it goes with it.
-        stale_selections: set[Any] = {_ALL_NAMESPACES} if changed_pods else set()
-        for sel_key, (_, sel) in memo.selected.items():
-            for ns in sel_key[0]:
-                if any(sel is None or sel.matches(p.metadata.labels)
-                       for p in changed_pods.get(ns, ())):
-                    stale_selections.add(sel_key)
-                    break
-        for sel_key in stale_selections - {_ALL_NAMESPACES}:
-            del memo.selected[sel_key]
-        for peer_key in [k for k, (_, dep) in memo.peer_ranges.items()
-                         if dep in stale_selections]:
+    def _sweep(self) -> None:
+        """Forget the peers no policy has any more and the selections nothing reads (a
+        deleted policy's, those of namespaces a selector no longer matches), so the memo
+        stays the size of what the objects need. A selection something was computed from
+        stays: its staleness is how that is found out."""
+        memo = self.memo
+        live: set[PeerKey] = set()
+        used: set[Any] = set()
+        for policy in memo.policies.values():
+            ns = policy.metadata.namespace
+            used.add(((ns,), msgspec.json.encode(policy.spec.pod_selector)))
+            rules = [r.from_ for r in policy.spec.ingress] + [r.to for r in policy.spec.egress]
+            for peers in rules:
+                for peer in peers:
+                    shared = peer.namespace_selector is not None or peer.ip_block is not None
+                    live.add(("" if shared else ns, msgspec.json.encode(peer)))
+        for peer_key in [k for k in memo.peer_ranges if k not in live]:
             del memo.peer_ranges[peer_key]
-        stale = changed | {k for k, deps in memo.deps.items()
-                           if not stale_selections.isdisjoint(deps)}
-        for policy_key in stale:
-            memo.deps.pop(policy_key, None)
-            memo.ingress.pop(policy_key, None)
-            memo.egress.pop(policy_key, None)
-        memo.pods_by_ns = dict(self.pods_by_ns)
-        memo.ns_labels = self.ns_labels
-        memo.policies = policies
+            memo.ns_peers.pop(peer_key, None)
+        for dep, peer_keys in list(memo.peers_of.items()):
+            peer_keys &= memo.peer_ranges.keys()
+            if peer_keys:
+                memo.peers_of[dep] = peer_keys
+                used.add(dep)
+            else:
+                del memo.peers_of[dep]
+        for dep, users in list(memo.dependents.items()):
+            if users:
+                used.add(dep)
+            else:
+                del memo.dependents[dep]
+        for sel_key in [k for k in memo.selected if k not in used]:
+            del memo.selected[sel_key]
+            for ns in sel_key[0]:
+                memo.selections_of_ns[ns].discard(sel_key)
+        for ns in [n for n, keys in memo.selections_of_ns.items() if not keys]:
+            del memo.selections_of_ns[ns]
+        memo.sweep_at = max(SWEEP_MIN, 2 * (len(memo.selected) + len(memo.peer_ranges)))
+
+    # --- changes ------------------------------------------------------------------------
+
+    def _apply_policies(self, policies: Changes, touched: set[str]) -> set[str]:
+        """Take the changed policies; the keys of those whose grants must be computed
+        again (their namespaces' assignment too)."""
+        memo = self.memo
+        stale: set[str] = set()
+        for key, policy in policies.items():
+            before = memo.policies.get(key)
+            if before is policy:
+                continue
+            ns = key.partition("/")[0]
+            _held(memo.ids, key, before, policy)
+            if policy is None:
+                del memo.policies[key]
+                memo.policies_by_ns[ns].discard(key)
+            else:
+                memo.policies[key] = policy
+                memo.policies_by_ns.setdefault(ns, set()).add(key)
+                if before is not None and before == policy:
+                    continue
+            stale.add(key)
+            touched.add(ns)
+        return stale
+
+    def _apply_namespaces(self, namespaces: Changes) -> set[Any]:
+        """Take the changed namespaces; the selections of namespace-selector peers whose
+        namespaces are no longer the same (what was computed from them goes)."""
+        memo = self.memo
+        moved = False
+        for name, space in namespaces.items():
+            before = memo.namespaces.get(name)
+            if before is space:
+                continue
+            _held(memo.ids, name, before, space)
+            if space is None:
+                del memo.namespaces[name]
+                labels = None
+            else:
+                memo.namespaces[name] = space
+                labels = space.labels
+            if memo.ns_labels.get(name) != labels:
+                moved = True
+                if labels is None:
+                    del memo.ns_labels[name]
+                else:
+                    memo.ns_labels[name] = labels
+        stale: set[Any] = set()
+        if moved:
+            for peer_key, peer in list(memo.ns_peers.items()):
+                cached = memo.peer_ranges.get(peer_key)
+                if cached is None or peer.namespace_selector is None:
+                    del memo.ns_peers[peer_key]
+                elif self._namespaces(peer.namespace_selector) != cached[1][0]:
+                    stale.add(cached[1])
+        return stale
+
+    def _apply_pods(self, pods: Changes, touched: set[str]) -> set[Any]:
+        """Take the changed pods; the selections a changed pod entered or left, or is in
+        with other addresses, named ports or node."""
+        memo = self.memo
+        changed: dict[str, list[tuple[Pod | None, Pod | None]]] = defaultdict(list)
+        added: list[tuple[str, tuple[str, ...]]] = []
+        for key, pod in pods.items():
+            before = memo.pods.get(key)
+            if before is pod:
+                continue
+            ns = key.partition("/")[0]
+            _held(memo.ids, key, before, pod)
+            if pod is None:
+                del memo.pods[key]
+            else:
+                memo.pods[key] = pod
+            if before is not None and pod is not None and \
+                    policy_view(before) == policy_view(pod):
+                if key in memo.ips:  # the newer version, for the next selections
+                    memo.pods_by_ns[ns][key] = pod
+                    found = memo.by_id.pop(id(before), None)
+                    if found is not None:
+                        memo.by_id[id(pod)] = (pod, found[1])
+                continue
+            old_ips = memo.ips.pop(key, ())
+            seen = None
+            if old_ips:
+                seen = memo.pods_by_ns[ns].pop(key)
+                memo.by_id.pop(id(seen), None)
+                for ip in old_ips:
+                    if memo.pod_names.get(ip) == key:
+                        del memo.pod_names[ip]
+            now = None
+            ips = pod.ips if pod is not None else ()
+            if ips and not pod.spec.host_network and pod.status.phase not in _FINISHED:
+                now = pod
+                memo.ips[key] = ips
+                memo.pods_by_ns.setdefault(ns, {})[key] = pod
+                memo.by_id[id(pod)] = (pod, tuple(_range_of(ip) for ip in ips))
+                added.append((key, ips))
+            if seen is not None or now is not None:
+                changed[ns].append((seen, now))
+        for key, ips in added:  # after every removal: an address may move between pods
+            for ip in ips:
+                memo.pod_names[ip] = key
+        stale: set[Any] = set()
+        for ns, pairs in changed.items():
+            touched.add(ns)
+            # (before, after, whether what a selection hands on -- addresses, named
+            # ports, node -- differs): a selection is stale when the pod entered or left
+            # it, or is in it with something else to hand on.
+            moves = [(a, b, a is None or b is None or _handed_on(a) != _handed_on(b))
+                     for a, b in pairs]
+            if any(other for _, _, other in moves):
+                stale.add(_ALL_NAMESPACES)
+            for sel_key in memo.selections_of_ns.get(ns, ()):
+                cached = memo.selected.get(sel_key)
+                if cached is None:
+                    continue
+                sel = cached[1]
+                for a, b, other in moves:
+                    was = a is not None and (sel is None or sel.matches(a.metadata.labels))
+                    now_in = b is not None and (sel is None or sel.matches(b.metadata.labels))
+                    if was != now_in or (was and other):
+                        stale.add(sel_key)
+                        break
+        return stale
+
+    def _drop(self, stale: set[Any], stale_policies: set[str]) -> None:
+        """Forget the stale selections, the peers computed from them, and the grants of
+        the policies that read them (adding those to ``stale_policies``)."""
+        memo = self.memo
+        for sel_key in stale:
+            cached = memo.selected.pop(sel_key, None)
+            if cached is not None:
+                for ns in sel_key[0]:
+                    memo.selections_of_ns[ns].discard(sel_key)
+            for peer_key in memo.peers_of.pop(sel_key, ()):
+                memo.peer_ranges.pop(peer_key, None)
+                memo.ns_peers.pop(peer_key, None)
+            stale_policies |= memo.dependents.pop(sel_key, set())
+        for pk in stale_policies:
+            memo.ingress.pop(pk, None)
+            memo.egress.pop(pk, None)
+            for dep in memo.deps.pop(pk, ()):
+                users = memo.dependents.get(dep)
+                if users is not None:
+                    users.discard(pk)
+
+    def _assign_all(self, touched: set[str]) -> Iterator[set[str]]:
+        """Assign the touched namespaces' local pods to groups again and patch the address
+        maps, yielding after each namespace the names of the groups its pods are in now;
+        at the end, groups without pods go."""
+        memo = self.memo
+        now = {ns: self._assign(ns) for ns in touched if ns in memo.assigned}
+        changed: set[str] = set()
+        maps = (memo.ingress_map, memo.egress_map)
+        for ns, new in now.items():  # every removal first: an address may move
+            for key, entry in memo.assigned[ns].items():
+                if new.get(key) != entry:
+                    ips = entry[0]
+                    for name, table in zip(entry[1:], maps, strict=True):
+                        if name:
+                            for ip in ips:
+                                if table.get(ip) == name:
+                                    del table[ip]
+                            memo.members[name] -= 1
+                            changed.add(name)
+        for ns in touched:
+            new = now[ns] if ns in now else self._assign(ns)
+            before = memo.assigned.get(ns, {})
+            names: set[str] = set()
+            members = memo.members
+            for key, entry in new.items():
+                if before.get(key) == entry:
+                    names.update(entry[1:])
+                    continue
+                ips, in_name, out_name = entry
+                if in_name:
+                    for ip in ips:
+                        memo.ingress_map[ip] = in_name
+                    members[in_name] = members.get(in_name, 0) + 1
+                    names.add(in_name)
+                if out_name:
+                    for ip in ips:
+                        memo.egress_map[ip] = out_name
+                    members[out_name] = members.get(out_name, 0) + 1
+                    names.add(out_name)
+            if new:
+                memo.assigned[ns] = new
+            else:
+                memo.assigned.pop(ns, None)
+            names.discard("")
+            yield names
+        for name in changed:
+            if memo.members[name] == 0:
+                del memo.members[name]
+                memo.groups.pop(name, None)
+                _, keys, _ = memo.specs.pop(name)
+                for pk in keys:
+                    found = memo.groups_of.get(pk)
+                    if found is not None:
+                        found.discard(name)
+                        if not found:
+                            del memo.groups_of[pk]
+
+    def _assign(self, ns: str) -> dict[str, Assignment]:
+        """The local pods of ``ns`` that policies isolate, each with its groups: pods
+        isolated by the same policies (and resolving the same named ports) share one."""
+        memo = self.memo
+        node = memo.node_name
+        selecting: dict[str, list[str]] = {}  # pod name -> its selecting policies
+        first: dict[str, Pod] = {}
+        for pk in sorted(memo.policies_by_ns.get(ns, ())):
+            for pod in self.selected((ns,), memo.policies[pk].spec.pod_selector):
+                if node is None or pod.spec.node_name == node:
+                    name = pod.metadata.name
+                    found = selecting.get(name)
+                    if found is None:
+                        selecting[name] = [pk]
+                        first[name] = pod
+                    else:
+                        found.append(pk)
+        out: dict[str, Assignment] = {}
+        group_names = self._group_names
+        for name, pks in selecting.items():
+            pod = first[name]
+            keys = tuple(pks)
+            shape = self._shape(keys)
+            resolution: tuple[tuple[str, str, int | None], ...] = ()
+            if shape[0] and shape[2]:
+                named = named_ports(pod)
+                resolution = tuple((n, proto, named.get((n, proto))) for n, proto in shape[2])
+            found_names = group_names.get((keys, resolution))
+            if found_names is None:
+                found_names = group_names[keys, resolution] = self._name(shape, resolution)
+            if found_names[0] or found_names[1]:
+                key = f"{ns}/{name}"
+                out[key] = (memo.ips.get(key) or pod.ips, *found_names)
+        return out
+
+    def _name(self, shape: tuple[tuple[str, ...], tuple[str, ...], Any],
+              resolution: tuple[tuple[str, str, int | None], ...]) -> tuple[str, str]:
+        """The (ingress, egress) group names of pods with this shape and resolution."""
+        names, specs = self.memo.names, self.memo.specs
+        in_keys, out_keys, _ = shape
+        in_name = out_name = ""
+        if in_keys:
+            in_name = names.get(("in", in_keys, resolution), "")
+            if not in_name:
+                in_name = names[("in", in_keys, resolution)] = "in-" + _short_hash(
+                    repr((in_keys, resolution)))
+            if in_name not in specs:
+                specs[in_name] = ("ingress", in_keys, {
+                    (n, proto): port for n, proto, port in resolution if port is not None})
+        if out_keys:
+            out_name = names.get(("out", out_keys, ()), "")
+            if not out_name:
+                out_name = names[("out", out_keys, ())] = "out-" + _short_hash(repr(out_keys))
+            if out_name not in specs:
+                specs[out_name] = ("egress", out_keys, {})
+        return in_name, out_name
+
+    def _shape(self, keys: tuple[str, ...]
+               ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, str], ...]]:
+        """Per distinct set of selecting policies: (ingress keys, egress keys, named ports
+        the ingress rules use), so the per-pod work is a few lookups."""
+        shape = self._shapes.get(keys)
+        if shape is None:
+            pols = [self.memo.policies[key] for key in keys]
+            in_keys = tuple(object_key(p) for p in pols if p.isolates_ingress)
+            out_keys = tuple(object_key(p) for p in pols if p.isolates_egress)
+            used = tuple(sorted({(str(pp.port), pp.proto) for p in pols
+                                 if p.isolates_ingress for r in p.spec.ingress
+                                 for pp in r.ports if isinstance(pp.port, str)}))
+            shape = self._shapes[keys] = (in_keys, out_keys, used)
+        return shape
+
+    def _build(self, name: str) -> Group:
+        memo = self.memo
+        direction, keys, named = memo.specs[name]
+        if direction == "ingress":
+            grants = [g for pk in keys for g in self._ingress_of(memo.policies[pk], named)]
+        else:
+            grants = [g for pk in keys for g in self._egress_of(memo.policies[pk])]
+        group = self._group(name, direction, keys, grants)
+        memo.groups[name] = group
+        for pk in keys:
+            memo.groups_of.setdefault(pk, set()).add(name)
+        return group
+
+    def _group(self, name: str, direction: Direction, keys: tuple[str, ...],
+               grants: list[Grant]) -> Group:
+        """The previous computation's group object when nothing in it changed, so the
+        renderer recognises it by identity."""
+        old = self.memo.groups.get(name)
+        if (old is not None and old.policies == keys and len(old.grants) == len(grants)
+                and all(a is b for a, b in zip(old.grants, grants, strict=True))):
+            return old
+        return Group(name, direction, keys, tuple(grants))
 
     # --- selection ----------------------------------------------------------------------
 
-    def _namespaces(self, selector: LabelSelector) -> list[str]:
+    def _namespaces(self, selector: LabelSelector) -> tuple[str, ...]:
         key = msgspec.json.encode(selector)
         found = self._ns_cache.get(key)
         if found is None:
-            found = [name for name, labels in self.ns_labels.items() if selector.matches(labels)]
-            self._ns_cache[key] = found
+            found = self._ns_cache[key] = tuple(sorted(
+                name for name, labels in self.memo.ns_labels.items() if selector.matches(labels)))
         return found
 
     def peer_spaces(self, policy_ns: str, peer: NetworkPolicyPeer) -> tuple[str, ...]:
         if peer.ip_block is not None:
             return ()
         if peer.namespace_selector is not None:
-            return tuple(self._namespaces(peer.namespace_selector))
+            return self._namespaces(peer.namespace_selector)
         return (policy_ns,)
 
     def peer_pods(self, policy_ns: str, peer: NetworkPolicyPeer) -> list[Pod]:
         return self.selected(self.peer_spaces(policy_ns, peer), peer.pod_selector)
 
     def selected(self, spaces: tuple[str, ...], sel: LabelSelector | None) -> list[Pod]:
+        memo = self.memo
         key = (spaces, msgspec.json.encode(sel))
-        cached = self._selected.get(key)
+        cached = memo.selected.get(key)
         if cached is None:
             found: list[Pod] = []
             for ns in spaces:
+                memo.selections_of_ns.setdefault(ns, set()).add(key)
                 if sel is None:
-                    found.extend(self.pods_by_ns.get(ns, ()))
+                    found.extend(memo.pods_by_ns.get(ns, {}).values())
                     continue
-                pods = self._candidates(ns, sel)
-                found.extend(p for p in pods if sel.matches(p.metadata.labels))
-            cached = self._selected[key] = (found, sel)
+                found.extend(p for p in self._candidates(ns, sel)
+                             if sel.matches(p.metadata.labels))
+            cached = memo.selected[key] = (found, sel)
         return cached[0]
 
-    def _candidates(self, ns: str, sel: LabelSelector) -> list[Pod]:
+    def _candidates(self, ns: str, sel: LabelSelector) -> Iterable[Pod]:
         """The pods of ``ns`` that may match: those carrying the rarest of the selector's
         matchLabels (a per-namespace label index), else all of them."""
-        pods = self.pods_by_ns.get(ns, [])
+        pods = self.memo.pods_by_ns.get(ns, {})
         labels = sel.labels
         if not labels or len(pods) < INDEX_MIN_PODS:
-            return pods
+            return pods.values()
         index = self._label_index.get(ns)
         if index is None:
             index = self._label_index[ns] = defaultdict(list)
-            for p in pods:
+            for p in pods.values():
                 for item in p.metadata.labels.items():
                     index[item].append(p)
         return min((index.get(item, []) for item in labels.items()), key=len)
 
+    def _sorted_ranges(self, pods: list[Pod]) -> tuple[AddressRange, ...]:
+        """The pods' addresses, sorted and without duplicates (``_ranges_of`` inlined:
+        the hot loop of a cold computation)."""
+        by_id = self.memo.by_id
+        out: set[AddressRange] = set()
+        for pod in pods:
+            found = by_id.get(id(pod))
+            out.update(found[1] if found is not None and found[0] is pod
+                       else self._ranges_of(pod))
+        return tuple(sorted(out))
+
+    def _ranges_of(self, pod: Pod) -> tuple[AddressRange, ...]:
+        """A pod's addresses; a cached selection may hold an earlier version of the pod
+        that differed only in what it does not hand on (``_handed_on``)."""
+        found = self.memo.by_id.get(id(pod))
+        if found is not None and found[0] is pod:
+            return found[1]
+        return tuple(_range_of(ip) for ip in pod.ips)
+
     def peer_ranges(self, policy_ns: str, peer: NetworkPolicyPeer) -> tuple[AddressRange, ...]:
         """Sorted and without duplicates (a rule with one peer uses the tuple as it is)."""
+        memo = self.memo
         shared = peer.namespace_selector is not None or peer.ip_block is not None
         key = ("" if shared else policy_ns, msgspec.json.encode(peer))
-        cached = self._peer_ranges.get(key)
+        cached = memo.peer_ranges.get(key)
         if cached is None:
             if peer.ip_block is not None:
-                found = ip_block_ranges(peer.ip_block.cidr, peer.ip_block.except_)
-                dep = None
+                cached = (ip_block_ranges(peer.ip_block.cidr, peer.ip_block.except_), None)
             else:
-                found = tuple(sorted({r for p in self.peer_pods(policy_ns, peer)
-                                      for r in self._ranges_of(p)}))
                 dep = self._selection_key(policy_ns, peer)
-            cached = self._peer_ranges[key] = (found, dep)
+                cached = (self._sorted_ranges(self.peer_pods(policy_ns, peer)), dep)
+                memo.peers_of.setdefault(dep, set()).add(key)
+                if peer.namespace_selector is not None:
+                    memo.ns_peers[key] = peer
+            memo.peer_ranges[key] = cached
         return cached[0]
 
     def _selection_key(self, policy_ns: str, peer: NetworkPolicyPeer) -> Any:
         return (self.peer_spaces(policy_ns, peer), msgspec.json.encode(peer.pod_selector))
 
-    def depends_on(self, policy: NetworkPolicy) -> frozenset[str]:
-        """The pod selections a policy's grants were computed from."""
+    def _depends_on(self, policy: NetworkPolicy) -> None:
+        """Record the pod selections a policy's grants were computed from."""
+        memo = self.memo
+        pk = object_key(policy)
+        if pk in memo.deps:
+            return
         ns = policy.metadata.namespace
         out: set[Any] = set()
         for rule in policy.spec.ingress:
@@ -455,7 +892,9 @@ class _Computation:
                        if peer.ip_block is None)
             if not egress.to and _uses_named(egress.ports):
                 out.add(_ALL_NAMESPACES)  # named ports of every pod
-        return frozenset(out)
+        memo.deps[pk] = frozenset(out)
+        for dep in out:
+            memo.dependents.setdefault(dep, set()).add(pk)
 
     # --- grants -------------------------------------------------------------------------
 
@@ -485,29 +924,19 @@ class _Computation:
                              for pp in r.ports if isinstance(pp.port, str)}))
         pk = object_key(policy)
         resolution = tuple((n, p, named.get((n, p))) for n, p in used)
-        per_policy = self._ingress.setdefault(pk, {})
+        per_policy = self.memo.ingress.setdefault(pk, {})
         found = per_policy.get(resolution)
         if found is None:
             found = per_policy[resolution] = self.ingress_grants(policy, named)
-            self._deps[pk] = self.depends_on(policy)
+            self._depends_on(policy)
         return found
-
-    def _group(self, name: str, direction: Direction, keys: tuple[str, ...],
-               grants: list[Grant]) -> Group:
-        """The previous computation's group object when nothing in it changed, so the
-        renderer recognises it by identity."""
-        old = self._memo.groups.get(name)
-        if (old is not None and old.policies == keys and len(old.grants) == len(grants)
-                and all(a is b for a, b in zip(old.grants, grants, strict=True))):
-            return old
-        return Group(name, direction, keys, tuple(grants))
 
     def _egress_of(self, policy: NetworkPolicy) -> list[Grant]:
         pk = object_key(policy)
-        found = self._egress.get(pk)
+        found = self.memo.egress.get(pk)
         if found is None:
-            found = self._egress[pk] = self.egress_grants(policy)
-            self._deps[pk] = self.depends_on(policy)
+            found = self.memo.egress[pk] = self.egress_grants(policy)
+            self._depends_on(policy)
         return found
 
     def _rule_peers(self, ns: str, peers: tuple[NetworkPolicyPeer, ...]
@@ -540,7 +969,7 @@ class _Computation:
                         for p in self.peer_pods(ns, peer)]
             else:
                 blocks = list(EVERYWHERE)
-                pods = [p for ps in self.pods_by_ns.values() for p in ps]
+                pods = [p for ps in self.memo.pods_by_ns.values() for p in ps.values()]
             if numeric:
                 by_ports[numeric].update(blocks)
             for pod in pods:
@@ -554,108 +983,3 @@ class _Computation:
                 if addresses:
                     out.append(Grant(key, i, tuple(sorted(addresses)), port_set))
         return out
-
-    # --- the state ----------------------------------------------------------------------
-
-    @staticmethod
-    def _shape(shapes: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[str, ...],
-                                                  tuple[tuple[str, str], ...]]],
-               by_key: dict[str, NetworkPolicy], keys: tuple[str, ...],
-               ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, str], ...]]:
-        """Per distinct set of selecting policies: (ingress keys, egress keys, named ports
-        the ingress rules use), so the per-pod work is a few lookups."""
-        shape = shapes.get(keys)
-        if shape is None:
-            pols = [by_key[key] for key in keys]
-            in_keys = tuple(object_key(p) for p in pols if p.isolates_ingress)
-            out_keys = tuple(object_key(p) for p in pols if p.isolates_egress)
-            used = tuple(sorted({(str(pp.port), pp.proto) for p in pols
-                                 if p.isolates_ingress for r in p.spec.ingress
-                                 for pp in r.ports if isinstance(pp.port, str)}))
-            shape = shapes[keys] = (in_keys, out_keys, used)
-        return shape
-
-    def run(self, node_name: str | None, out: list[PolicyState]) -> Iterator[Group]:
-        selecting: dict[tuple[str, str], list[str]] = defaultdict(list)
-        local: dict[tuple[str, str], Pod] = {}
-        by_key = {object_key(p): p for p in self.policies}
-        old_local = self._memo.local_of
-        local_of: dict[str, tuple[list[Pod], str | None,
-                                  list[tuple[tuple[str, str], Pod]]]] = {}
-        for key, policy in by_key.items():
-            ns = policy.metadata.namespace
-            chosen = self.selected((ns,), policy.spec.pod_selector)
-            seen = old_local.get(key)
-            if seen is not None and seen[0] is chosen and seen[1] == node_name:
-                pairs = seen[2]
-            else:
-                pairs = [((ns, pod.metadata.name), pod) for pod in chosen
-                         if node_name is None or pod.spec.node_name == node_name]
-            local_of[key] = (chosen, node_name, pairs)
-            for k, pod in pairs:
-                selecting[k].append(key)
-                local[k] = pod
-        self._memo.local_of = local_of
-        groups: dict[str, Group] = {}
-        ingress: dict[str, str] = {}
-        egress: dict[str, str] = {}
-        # Per distinct set of selecting policies: (ingress keys, egress keys, named ports
-        # the ingress rules use), so the per-pod work is a few lookups.
-        shapes: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[str, ...],
-                                            tuple[tuple[str, str], ...]]] = {}
-        names = self._names
-        old_pod_groups = self._memo.pod_groups
-        pod_groups: dict[int, tuple[Pod, tuple[str, ...], str, str]] = {}
-        for k, key_list in selecting.items():
-            pod = local[k]
-            keys = tuple(key_list)
-            hit = old_pod_groups.get(id(pod))
-            named: dict[tuple[str, str], int] | None = None
-            if hit is not None and hit[0] is pod and hit[1] == keys:
-                in_name, out_name = hit[2], hit[3]
-                pod_groups[id(pod)] = hit
-            else:
-                in_keys, out_keys, used = self._shape(shapes, by_key, keys)
-                in_name = out_name = ""
-                if in_keys:
-                    named = named_ports(pod) if used else {}
-                    resolution = tuple((n, proto, named.get((n, proto))) for n, proto in used)
-                    in_name = names.get(("in", in_keys, resolution), "")
-                    if not in_name:
-                        in_name = names[("in", in_keys, resolution)] = "in-" + _short_hash(
-                            repr((in_keys, resolution)))
-                if out_keys:
-                    out_name = names.get(("out", out_keys, ()), "")
-                    if not out_name:
-                        out_name = names[("out", out_keys, ())] = "out-" + _short_hash(
-                            repr(out_keys))
-                pod_groups[id(pod)] = (pod, keys, in_name, out_name)
-            ips = self.ips.get(id(pod)) or pod.ips
-            if in_name:
-                if in_name not in groups:
-                    in_keys, _, used = self._shape(shapes, by_key, keys)
-                    if named is None:
-                        named = named_ports(pod) if used else {}
-                    grants = [g for key in in_keys
-                              for g in self._ingress_of(by_key[key], named)]
-                    groups[in_name] = self._group(in_name, "ingress", in_keys, grants)
-                    yield groups[in_name]
-                for ip in ips:
-                    ingress[ip] = in_name
-            if out_name:
-                if out_name not in groups:
-                    _, out_keys, _ = self._shape(shapes, by_key, keys)
-                    grants = [g for key in out_keys for g in self._egress_of(by_key[key])]
-                    groups[out_name] = self._group(out_name, "egress", out_keys, grants)
-                    yield groups[out_name]
-                for ip in ips:
-                    egress[ip] = out_name
-        self._memo.pod_groups = pod_groups
-        self._memo.groups = groups
-        if len(names) > 4 * len(groups) + 1000:  # names of groups long gone
-            names.clear()
-        all_ips = self.ips
-        pods = {ip: f"{ns}/{p.metadata.name}" for ns, ps in self.pods_by_ns.items() for p in ps
-                for ip in all_ips[id(p)]}
-        out.append(PolicyState(groups=groups, ingress=ingress, egress=egress, pods=pods,
-                               policies=tuple(object_key(p) for p in self.policies)))
