@@ -82,7 +82,7 @@ class IptTable(Struct, frozen=True, gc=False):
     name: str  # "nat", "filter"
 
 
-class IptChain(Struct, frozen=True, gc=False):
+class IptChain(Struct, frozen=True, gc=False, order=True):
     table: str
     name: str
 
@@ -98,7 +98,7 @@ IptObject: TypeAlias = IptTable | IptChain | IptRule
 # --- ipset ----------------------------------------------------------------------------------
 
 
-class IpsetMember(Struct, frozen=True, gc=False):
+class IpsetMember(Struct, frozen=True, gc=False, order=True):
     set: str
     entry: str  # "10.96.0.1,tcp:80"
 

@@ -8,12 +8,13 @@ same table).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from itertools import groupby, repeat
+from itertools import groupby
 from typing import cast
 
 from svcnet.proxy.objects import (
     Chain,
     Element,
+    IpsetMember,
     IptChain,
     IptRule,
     IptTable,
@@ -110,34 +111,57 @@ def _nft_command(t: str, verb: str, obj: object) -> str:
 
 # --- iptables-restore --noflush -------------------------------------------------------------
 
+# A command that names no chain and changes nothing: iptables-nft then reads the whole table
+# once (see ``iptables.WHOLE_TABLE_CACHE``).
+LIST_TABLE = "-S"
+
+
 def restore_lines(ops: Iterable[Op]) -> Iterator[str]:
-    """``iptables-restore --noflush`` lines (newline-terminated) of ``ops``, which may still
-    be being recorded: a ``*table`` header whenever the table changes, ``COMMIT`` after
-    each. ``add`` of a chain creates it (``-N``: it must not exist), ``flush`` declares it
-    (creates or empties it), ``delete`` removes it (``-X``: it must be empty and
-    unreferenced); ``flush`` of a table (``IptTable``) makes iptables-nft read the whole
-    table at once (see ``iptables.WHOLE_TABLE_CACHE``)."""
+    """``iptables-restore --noflush`` input of ``ops``, which may still be being recorded,
+    as one piece of text (whole lines) per operation: a ``*table`` header whenever the
+    table changes, ``COMMIT`` after each. ``add`` of a chain creates it (``-N``: it must
+    not exist), ``flush`` declares it (creates or empties it), ``delete`` removes it
+    (``-X``: it must be empty and unreferenced); ``flush`` of a table (``IptTable``) makes
+    iptables-nft read the whole table at once (see ``iptables.WHOLE_TABLE_CACHE``)."""
     table = ""
-    for verb, obj in (pair for op in ops for pair in zip(repeat(op.verb), op.objs)):
-        if isinstance(obj, IptRule):
-            line = f"{'-A' if verb == 'add' else '-D'} {obj.chain} {obj.spec}\n"
-            if verb == "flush":
-                raise ValueError("flush of a rule")
-        elif isinstance(obj, IptChain):
-            line = (f"-N {obj.name}\n" if verb == "add" else f":{obj.name} - [0:0]\n"
-                    if verb == "flush" else f"-X {obj.name}\n")
-        elif isinstance(obj, IptTable):
-            if verb != "flush":
-                raise ValueError(f"{verb} of a table")
-            line = "-S\n"
-        else:
-            raise TypeError(f"not an iptables object: {obj!r}")
-        name = obj.name if isinstance(obj, IptTable) else obj.table
-        if name != table:
-            if table:
-                yield "COMMIT\n"
-            table = name
-            yield f"*{name}\n"
-        yield line
+    for verb, objs in ops:
+        out: list[str] = []
+        for obj in objs:
+            if isinstance(obj, IptRule):
+                if verb == "flush":
+                    raise ValueError("flush of a rule")
+                name = obj.table
+                line = f"{'-A' if verb == 'add' else '-D'} {obj.chain} {obj.spec}\n"
+            elif isinstance(obj, IptChain):
+                name = obj.table
+                line = (f"-N {obj.name}\n" if verb == "add" else f":{obj.name} - [0:0]\n"
+                        if verb == "flush" else f"-X {obj.name}\n")
+            elif isinstance(obj, IptTable):
+                if verb != "flush":
+                    raise ValueError(f"{verb} of a table")
+                name, line = obj.name, LIST_TABLE + "\n"
+            else:
+                raise TypeError(f"not an iptables object: {obj!r}")
+            if name != table:
+                if table:
+                    out.append("COMMIT\n")
+                table = name
+                out.append(f"*{name}\n")
+            out.append(line)
+        if out:
+            yield "".join(out)
     if table:
         yield "COMMIT\n"
+
+
+# --- ipset restore --------------------------------------------------------------------------
+
+def ipset_lines(ops: Iterable[Op]) -> Iterator[str]:
+    """``ipset restore -exist`` lines of member additions and removals (a set's creation,
+    sizing and swap stay with ``ipvs.set_restore_lines``)."""
+    for verb, objs in ops:
+        word = {"add": "add", "delete": "del"}[verb]
+        for obj in objs:
+            if not isinstance(obj, IpsetMember):
+                raise TypeError(f"not an ipset member: {obj!r}")
+            yield f"{word} {obj.set} {obj.entry} -exist\n"
