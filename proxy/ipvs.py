@@ -41,7 +41,9 @@ from svcnet.proxy.ipvs_kernel import (
     ServiceOptions,
     VirtualServer,
 )
+from svcnet.proxy.objects import IpsetMember, Transaction
 from svcnet.proxy.rules import Shared, diff
+from svcnet.proxy.serialize import ipset_lines
 from svcnet.proxy.state import Changes, Family, FrontendKind, PortKey, ServicePortState
 
 from svcnet.iptables_save import is_declaration, rule_target, save_lines, spec_of
@@ -106,7 +108,7 @@ class Rendered:
     servers: dict[VirtualServer, tuple[ServiceOptions, frozenset[RealServer]]] = field(
         default_factory=dict)
     addresses: frozenset[str] = frozenset()
-    members: frozenset[tuple[str, str]] = frozenset()  # (set name, member)
+    members: frozenset[IpsetMember] = frozenset()
 
 
 class IpvsBackend:
@@ -124,7 +126,7 @@ class IpvsBackend:
         # Held by service ports (the diff engine's counts): what the kernel has of ours.
         self._servers: Shared[VirtualServer] = Shared()
         self._addresses: Shared[str] = Shared()
-        self._members: Shared[tuple[str, str]] = Shared()
+        self._members: Shared[IpsetMember] = Shared()
         self._set_lengths: Counter[str] = Counter()  # members per set, as in the kernel
         self._set_capacity: dict[str, int] = {}  # maxelem of each set as we created it
         self._graceful: dict[tuple[VirtualServer, RealServer], float] = {}
@@ -201,7 +203,7 @@ class IpvsBackend:
         fam = sp.family
         servers: dict[VirtualServer, tuple[ServiceOptions, frozenset[RealServer]]] = {}
         addresses: set[str] = set()
-        members: set[tuple[str, str]] = set()
+        members: set[IpsetMember] = set()
         options = ServiceOptions(self.scheduler, sp.affinity_timeout)
         for fe in sp.frontends:
             if fe.kind is not FrontendKind.NODE_PORT:
@@ -210,16 +212,17 @@ class IpvsBackend:
             endpoints = sp.endpoints_for(fe)
             if not endpoints:
                 base = SET_NO_LOCAL if sp.has_endpoints else SET_NO_ENDPOINTS
-                members.add((set_name(base, fam), member))
+                members.add(IpsetMember(set_name(base, fam), member))
                 continue
             vs = VirtualServer(fe.ip, proto, fe.port)
             servers[vs] = (options, frozenset(RealServer(b.ip, b.port) for b in endpoints))
             if not fe.kind.external:
-                members.add((set_name(SET_CLUSTER_IP, fam), member))
+                members.add(IpsetMember(set_name(SET_CLUSTER_IP, fam), member))
             elif not sp.external_local:
-                members.add((set_name(SET_EXTERNAL, fam), member))
+                members.add(IpsetMember(set_name(SET_EXTERNAL, fam), member))
         for b in sp.all_endpoints:
-            members.add((set_name(SET_LOOP_BACK, fam), f"{b.ip},{proto.lower()}:{b.port},{b.ip}"))
+            members.add(IpsetMember(set_name(SET_LOOP_BACK, fam),
+                                    f"{b.ip},{proto.lower()}:{b.port},{b.ip}"))
         return Rendered(servers, frozenset(addresses), frozenset(members))
 
     # --- syncs ----------------------------------------------------------------------------
@@ -230,7 +233,7 @@ class IpvsBackend:
         self._servers.reset(vs for r in rendered.values() for vs in r.servers)
         self._addresses.reset(a for r in rendered.values() for a in r.addresses)
         self._members.reset(m for r in rendered.values() for m in r.members)
-        self._set_lengths = Counter(s for s, _ in self._members)
+        self._set_lengths = Counter(m.set for m in self._members)
         # Sets first (the rules match them), then rules, link and addresses, then IPVS.
         self.commands.run(["sysctl", "-q", "-w", *(s for f in self.config.families
                                                    for s in SYSCTLS[f])], check=False)
@@ -266,8 +269,8 @@ class IpvsBackend:
     def _partial_sync(self, changes: Changes) -> None:
         add_addr: set[str] = set()
         del_addr: set[str] = set()
-        add_mem: set[tuple[str, str]] = set()
-        del_mem: set[tuple[str, str]] = set()
+        add_mem: set[IpsetMember] = set()
+        del_mem: set[IpsetMember] = set()
         for key, change in sorted(changes.changed.items()):
             if key.family not in self.config.families:
                 continue
@@ -423,28 +426,29 @@ class IpvsBackend:
         if lines:
             self.commands.run(["ip", "-batch", "-"], input="\n".join(lines) + "\n")
 
-    def _apply_members(self, *, add: Iterable[tuple[str, str]],
-                       remove: Iterable[tuple[str, str]]) -> None:
-        add, remove = sorted(add), sorted(remove)
-        for s, _ in remove:
-            self._set_lengths[s] -= 1
-        for s, _ in add:
-            self._set_lengths[s] += 1
+    def _apply_members(self, *, add: Iterable[IpsetMember],
+                       remove: Iterable[IpsetMember]) -> None:
+        removed, added = sorted(remove), sorted(add)
+        for m in removed:
+            self._set_lengths[m.set] -= 1
+        for m in added:
+            self._set_lengths[m.set] += 1
+        tx = Transaction()
+        tx.delete_all(removed)
+        tx.add_all(added)
         if any(n > self._set_capacity.get(s, MIN_MAXELEM) for s, n in self._set_lengths.items()):
             self._replace_sets()  # a set outgrew its maxelem: a bigger one is swapped in
             return
-        lines = [f"del {s} {m} -exist" for s, m in remove]
-        lines += [f"add {s} {m} -exist" for s, m in add]
-        if lines:
-            self.commands.run(["ipset", "restore", "-exist"], input="\n".join(lines) + "\n")
+        if tx:
+            self.commands.run(["ipset", "restore", "-exist"], input="".join(ipset_lines(tx.ops)))
 
     def _replace_sets(self) -> None:
         """Fill temporary sets sized for their members and swap them in, so no member is
         ever missing and a set that must grow does (``create`` cannot resize a set)."""
         existing = set(self.commands.run(["ipset", "list", "-n"], check=False).split())
         by_set: dict[str, list[str]] = {}
-        for s, m in sorted(self._members):
-            by_set.setdefault(s, []).append(m)
+        for m in sorted(self._members):
+            by_set.setdefault(m.set, []).append(m.entry)
         self._set_lengths = Counter({s: len(ms) for s, ms in by_set.items()})
         lines = set_restore_lines(self.config.families, by_set, existing, self._set_capacity)
         self.commands.run(["ipset", "restore", "-exist"], input="\n".join(lines) + "\n")
