@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from svcnet.proxy.builders import endpoint, endpoint_slice, service, to_service, to_slice
+from svcnet.proxy.commands import CommandFailed
 from svcnet.proxy.config import BackendConfig, LocalDetector
 from svcnet.proxy.fake_nft import FakeNft, NftError
 from svcnet.proxy.nft_model import to_dump
@@ -132,3 +133,47 @@ def test_fake_refuses_typed_operations_as_the_kernel_refuses_their_text() -> Non
         with pytest.raises(NftError, match="nowhere"):
             apply(fake)
         assert fake.tables == {}
+
+
+def test_iptables_transaction_as_objects_equals_its_text() -> None:
+    """The iptables backend's full and partial transactions of the every-feature cluster,
+    applied to the iptables fake as objects and as ``restore_lines`` text."""
+    from svcnet.proxy.fake_iptables import FakeIptables
+    from svcnet.proxy.iptables import IptablesBackend, _Current
+    from svcnet.proxy.objects import IptRule, Op
+    from svcnet.proxy.serialize import restore_lines
+
+    typed, text = FakeIptables(), FakeIptables()
+    backend = IptablesBackend(text, BackendConfig(
+        families=(4,), detect_local=LocalDetector("ClusterCIDR", ("10.1.0.0/16", "10.2.0.0/16"))),
+        legacy=False, node_addresses={4: (NODE_IP,)})
+    c = Cluster((4,), LocalDetector("ClusterCIDR", ("10.1.0.0/16",)))
+    half = len(OBJECTS) // 2
+    c.put(OBJECTS[:half])
+    changes = c.tracker.drain(c.services.get, lambda k: c.slices.get(k, []),
+                              lambda: list(c.services))
+    totals = {"nat": 0, "filter": 0}
+
+    def apply(ops: list[Op]) -> None:
+        typed.apply_transaction(4, ops)
+        text.run(["iptables-nft-restore", "--noflush"], input="".join(restore_lines(ops)))
+        assert typed.save(4) == text.save(4)
+
+    apply(list(backend._full_ops(4, changes.state.values(), _Current(), totals)))
+    c.put(OBJECTS[half:])
+    c.remove(["web", "local"])
+    changes = c.tracker.drain(c.services.get, lambda k: c.slices.get(k, []),
+                              lambda: list(c.services))
+    ops = backend.partial_transaction(changes, 4, totals).ops
+    assert {("delete", "IptRule"), ("add", "IptRule"), ("delete", "IptChain"),
+            ("flush", "IptChain")} <= {(v, type(o).__name__) for v, objs in ops for o in objs}
+    apply(ops)
+    assert "KUBE-SVC-" in typed.save(4)
+    bad = [Op("add", (IptRule("nat", "KUBE-NOWHERE", "-j RETURN"),))]
+    for apply in (lambda: typed.apply_transaction(4, bad),
+                  lambda: typed.run(["iptables-nft-restore", "--noflush"],
+                                    input="".join(restore_lines(bad)))):
+        before = typed.save(4)
+        with pytest.raises(CommandFailed):
+            apply()
+        assert typed.save(4) == before
