@@ -41,9 +41,9 @@ from svcnet.proxy.ipvs_kernel import (
     ServiceOptions,
     VirtualServer,
 )
-from svcnet.proxy.objects import IpsetMember, Transaction
+from svcnet.proxy.objects import IpsetMember, IpvsDest, IpvsService, Transaction
 from svcnet.proxy.rules import Shared, diff
-from svcnet.proxy.serialize import ipset_lines
+from svcnet.proxy.serialize import apply_ipvs, ipset_lines
 from svcnet.proxy.state import Changes, Family, FrontendKind, PortKey, ServicePortState
 
 from svcnet.iptables_save import is_declaration, rule_target, save_lines, spec_of
@@ -252,25 +252,27 @@ class IpvsBackend:
             wanted.update(r.servers)
         current = self.table.services()
         owned = have_addresses | wanted_addresses | self._node_ips
+        tx = Transaction()
         for vs in current.keys() - wanted.keys():
             if vs.ip in owned:
-                self.table.delete_service(vs)
+                tx.delete(IpvsService(vs))
                 self._forget_graceful(vs)
         for vs, (options, reals) in wanted.items():
             if vs not in current:
-                self.table.add_service(vs, options)
-                for rs in sorted(reals):
-                    self.table.add_dest(vs, rs, WEIGHT)
+                tx.add(IpvsService(vs, options))
+                tx.add_all([IpvsDest(vs, rs, WEIGHT) for rs in sorted(reals)])
                 continue
             if current[vs] != options:
-                self.table.update_service(vs, options)
-            self._reconcile_dests(vs, reals, self.table.dests(vs))
+                tx.update(IpvsService(vs, options))
+            self._reconcile_dests(tx, vs, reals, self.table.dests(vs))
+        apply_ipvs(self.table, tx.ops)
 
     def _partial_sync(self, changes: Changes) -> None:
         add_addr: set[str] = set()
         del_addr: set[str] = set()
         add_mem: set[IpsetMember] = set()
         del_mem: set[IpsetMember] = set()
+        tx = Transaction()
         for key, change in sorted(changes.changed.items()):
             if key.family not in self.config.families:
                 continue
@@ -281,19 +283,18 @@ class IpvsBackend:
             self._servers.change(old.servers, new.servers)
             servers = diff(old.servers, new.servers)
             for vs in servers.removed.keys() - new.servers.keys():
-                self.table.delete_service(vs)
+                tx.delete(IpvsService(vs))
                 self._forget_graceful(vs)
             for vs, (options, reals) in servers.added.items():
                 before = old.servers.get(vs)
                 if before is None:
-                    self.table.add_service(vs, options)
-                    for rs in sorted(reals):
-                        self.table.add_dest(vs, rs, WEIGHT)
+                    tx.add(IpvsService(vs, options))
+                    tx.add_all([IpvsDest(vs, rs, WEIGHT) for rs in sorted(reals)])
                     continue
                 if before[0] != options:
-                    self.table.update_service(vs, options)
+                    tx.update(IpvsService(vs, options))
                 if before[1] != reals:
-                    self._reconcile_dests(vs, reals, {
+                    self._reconcile_dests(tx, vs, reals, {
                         **{rs: None for rs in before[1]},
                         **{rs: None for (v, rs) in self._graceful if v == vs}})
             gone, taken = self._addresses.change(old.addresses, new.addresses)
@@ -302,24 +303,27 @@ class IpvsBackend:
             lost, got = self._members.change(old.members, new.members)
             del_mem |= lost
             add_mem |= got
+        apply_ipvs(self.table, tx.ops)
         self._apply_addresses(add=add_addr - del_addr, remove=del_addr - add_addr)
         self._apply_members(add=add_mem - del_mem, remove=del_mem - add_mem)
 
-    def _reconcile_dests(self, vs: VirtualServer, reals: frozenset[RealServer],
+    def _reconcile_dests(self, tx: Transaction, vs: VirtualServer, reals: frozenset[RealServer],
                          current: Mapping[RealServer, DestState | None]) -> None:
+        """Record what brings ``vs``'s real servers from ``current`` to ``reals``: TCP ones
+        that go are drained (weight 0) first, see ``finish_graceful``."""
         for rs in sorted(reals):
             if rs not in current:
-                self.table.add_dest(vs, rs, WEIGHT)
+                tx.add(IpvsDest(vs, rs, WEIGHT))
             elif (vs, rs) in self._graceful or _weight(current[rs]) not in (None, WEIGHT):
-                self.table.set_weight(vs, rs, WEIGHT)
+                tx.update(IpvsDest(vs, rs, WEIGHT))
                 self._graceful.pop((vs, rs), None)
         for rs in sorted(current.keys() - reals):
             if (vs, rs) in self._graceful:
                 continue
             if vs.protocol == "UDP":
-                self.table.delete_dest(vs, rs)
+                tx.delete(IpvsDest(vs, rs))
             else:
-                self.table.set_weight(vs, rs, 0)
+                tx.update(IpvsDest(vs, rs, 0))
                 self._graceful[(vs, rs)] = time.monotonic() + self.grace_period
 
     def finish_graceful(self) -> None:
@@ -327,6 +331,7 @@ class IpvsBackend:
         if not self._graceful:
             return
         now = time.monotonic()
+        tx = Transaction()
         for vs in {vs for vs, _ in self._graceful}:
             try:
                 dests = self.table.dests(vs)
@@ -340,8 +345,11 @@ class IpvsBackend:
                 if state is None:
                     del self._graceful[(v, rs)]
                 elif state.active_connections == 0 or now >= deadline:
-                    self.table.delete_dest(vs, rs)
-                    del self._graceful[(v, rs)]
+                    tx.delete(IpvsDest(vs, rs))
+        apply_ipvs(self.table, tx.ops)
+        for _, dest in tx.operations():  # forgotten once gone: a failure retries them
+            if isinstance(dest, IpvsDest):
+                del self._graceful[(dest.server, dest.real)]
 
     def _forget_graceful(self, vs: VirtualServer) -> None:
         for key in [k for k in self._graceful if k[0] == vs]:

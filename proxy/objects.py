@@ -21,8 +21,11 @@ from collections.abc import Iterable, Iterator
 from typing import Literal, NamedTuple, TypeAlias
 
 from msgspec import Struct
+from svcnet.proxy.ipvs_kernel import RealServer, ServiceOptions, VirtualServer
 
-Verb = Literal["add", "delete", "flush"]
+# "update": change an existing object's attributes in place (an IPVS service's scheduler,
+# a real server's weight), which IPVS does and the rule tools do not.
+Verb = Literal["add", "delete", "flush", "update"]
 
 # --- nftables (one table per transaction) ----------------------------------------------------
 
@@ -103,6 +106,24 @@ class IpsetMember(Struct, frozen=True, gc=False, order=True):
     entry: str  # "10.96.0.1,tcp:80"
 
 
+# --- IPVS (the kernel's own records, from its adapter) -----------------------------------
+
+
+class IpvsService(Struct, frozen=True):
+    """A virtual server with its scheduler and persistence."""
+
+    server: VirtualServer
+    options: ServiceOptions = ServiceOptions()
+
+
+class IpvsDest(Struct, frozen=True):
+    """A real server of a virtual server (``weight`` 0: draining, see graceful termination)."""
+
+    server: VirtualServer
+    real: RealServer
+    weight: int = 1
+
+
 # --- the transaction ------------------------------------------------------------------------
 
 
@@ -136,6 +157,9 @@ class Transaction:
 
     def flush(self, obj: object) -> None:
         self.ops.append(Op("flush", (obj,)))
+
+    def update(self, obj: object) -> None:
+        self.ops.append(Op("update", (obj,)))
 
     def add_all(self, objs: Iterable[object]) -> None:
         self._record("add", objs)

@@ -1,8 +1,8 @@
 """One serializer per tool: a ``Transaction`` of typed objects (``objects.py``) as that tool's
-input. Nothing else in the proxy writes ``nft`` or ``iptables-restore`` syntax; the streaming
-writers (``Commands.stream``) feed what these produce, and the fakes read it back
-(``test_proxy_model.py`` checks that a transaction applied as objects and as text give the
-same table).
+input (for IPVS: netlink calls on its adapter). Nothing else in the proxy writes ``nft``,
+``iptables-restore`` or ``ipset`` syntax; the streaming writers (``Commands.stream``) feed
+what these produce, and the fakes read it back (``test_proxy_model.py`` checks that a
+transaction applied as objects and as text give the same tables).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from itertools import groupby
 from typing import cast
 
+from svcnet.proxy.ipvs_kernel import IpvsTable
 from svcnet.proxy.objects import (
     Chain,
     Element,
@@ -18,6 +19,8 @@ from svcnet.proxy.objects import (
     IptChain,
     IptRule,
     IptTable,
+    IpvsDest,
+    IpvsService,
     Map,
     Op,
     Rule,
@@ -165,3 +168,33 @@ def ipset_lines(ops: Iterable[Op]) -> Iterator[str]:
             if not isinstance(obj, IpsetMember):
                 raise TypeError(f"not an ipset member: {obj!r}")
             yield f"{word} {obj.set} {obj.entry} -exist\n"
+
+
+# --- IPVS (netlink) -------------------------------------------------------------------------
+
+def apply_ipvs(table: IpvsTable, ops: Iterable[Op]) -> None:
+    """Virtual and real server operations as calls on the IPVS adapter (netlink), in order.
+    IPVS has no transactions: a failure leaves the ones before it applied, and the next
+    sync is full."""
+    for verb, objs in ops:
+        for obj in objs:
+            if isinstance(obj, IpvsDest):
+                if verb == "add":
+                    table.add_dest(obj.server, obj.real, obj.weight)
+                elif verb == "update":
+                    table.set_weight(obj.server, obj.real, obj.weight)
+                elif verb == "delete":
+                    table.delete_dest(obj.server, obj.real)
+                else:
+                    raise ValueError(f"{verb} of a real server")
+            elif isinstance(obj, IpvsService):
+                if verb == "add":
+                    table.add_service(obj.server, obj.options)
+                elif verb == "update":
+                    table.update_service(obj.server, obj.options)
+                elif verb == "delete":
+                    table.delete_service(obj.server)
+                else:
+                    raise ValueError(f"{verb} of a virtual server")
+            else:
+                raise TypeError(f"not an IPVS object: {obj!r}")

@@ -177,3 +177,32 @@ def test_iptables_transaction_as_objects_equals_its_text() -> None:
         with pytest.raises(CommandFailed):
             apply()
         assert typed.save(4) == before
+
+
+def test_ipvs_and_ipset_serializers() -> None:
+    """IPVS operations become adapter calls in order; ipset members restore lines."""
+    from svcnet.proxy.ipvs_kernel import FakeIpvs, RealServer, ServiceOptions, VirtualServer
+    from svcnet.proxy.objects import IpsetMember, IpvsDest, IpvsService
+    from svcnet.proxy.serialize import apply_ipvs, ipset_lines
+
+    table = FakeIpvs()
+    vs, rs = VirtualServer("10.96.0.1", "TCP", 80), RealServer("10.1.0.1", 8080)
+    tx = Transaction()
+    tx.add(IpvsService(vs, ServiceOptions("rr", 0)))
+    tx.add_all([IpvsDest(vs, rs, 1), IpvsDest(vs, RealServer("10.1.0.2", 8080), 1)])
+    tx.update(IpvsDest(vs, rs, 0))
+    tx.update(IpvsService(vs, ServiceOptions("rr", 60)))
+    tx.delete(IpvsDest(vs, RealServer("10.1.0.2", 8080)))
+    apply_ipvs(table, tx.ops)
+    assert table.services() == {vs: ServiceOptions("rr", 60)}
+    assert {r: d.weight for r, d in table.dests(vs).items()} == {rs: 0}
+    gone = Transaction()
+    gone.delete(IpvsService(vs))
+    apply_ipvs(table, gone.ops)
+    assert table.services() == {}
+    members = Transaction()
+    members.delete(IpsetMember("KUBE-CLUSTER-IP", "10.96.0.1,tcp:80"))
+    members.add(IpsetMember("KUBE-CLUSTER-IP", "10.96.0.2,tcp:80"))
+    assert "".join(ipset_lines(members.ops)) == (
+        "del KUBE-CLUSTER-IP 10.96.0.1,tcp:80 -exist\n"
+        "add KUBE-CLUSTER-IP 10.96.0.2,tcp:80 -exist\n")
