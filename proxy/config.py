@@ -66,8 +66,8 @@ class LocalDetector:
 
     def iptables_masquerade(self, rule: str, family: Family, mark_chain: str,
                             not_local_chain: str) -> str:
-        """``rule`` (an ``-A CHAIN matches`` prefix) marking non-local traffic for
-        masquerade: inline ``! -s``/``! -i`` when one match says it, else a jump to
+        """``rule`` (an ``-A CHAIN matches`` prefix, or only the matches) marking non-local
+        traffic for masquerade: inline ``! -s``/``! -i`` when one match says it, else a jump to
         ``not_local_chain`` (see ``iptables_not_local_chain``)."""
         local = self.iptables_local(family)
         if len(local) == 1:
@@ -78,11 +78,15 @@ class LocalDetector:
                                  not_local_chain: str) -> list[str]:
         """The rules of ``not_local_chain``: RETURN for each local match, else mark.
         Empty when a single inline match does (the chain is then left empty)."""
+        return [f"-A {not_local_chain} {spec}"
+                for spec in self.iptables_not_local_specs(family, mark_chain)]
+
+    def iptables_not_local_specs(self, family: Family, mark_chain: str) -> list[str]:
+        """The same rules without their ``-A CHAIN``."""
         local = self.iptables_local(family)
         if not self.active(family) or len(local) == 1:
             return []
-        return [*(f"-A {not_local_chain} {m} -j RETURN" for m in local),
-                f"-A {not_local_chain} -j {mark_chain}"]
+        return [*(f"{m} -j RETURN" for m in local), f"-j {mark_chain}"]
 
     def _iface(self, wildcard: str) -> str:
         return self.interface + (wildcard if self.mode == "InterfaceNamePrefix" else "")

@@ -10,7 +10,8 @@ holding or receiving rules), ``--noflush`` keeps what is not declared, a ``:CHAI
 declaration flushes or creates a user chain. Rules are kept as written -- the kernel's
 ``iptables-save`` normalises them (``--or-mark`` becomes ``--set-xmark``, ``/32`` suffixes
 go), which the tracer reads either way. With it the packet-flow tables run through the
-tracer on every commit without root (``tests/test_proxy_fake.py``).
+tracer on every commit without root (``tests/test_proxy_fake.py``). It applies typed
+transactions (``objects.Transaction``) as well as restore text.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from svcnet.proxy.commands import CommandFailed
+from svcnet.proxy.objects import IptChain, IptRule, IptTable, Op
 from svcnet.proxy.sealed_input import Seal
 
 BUILTIN = {"nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
@@ -112,6 +114,37 @@ class FakeIptables:
                 raise _Failed(f"line {n} failed: {err}") from None
         for tname, table in work.items():  # only what was committed
             self.tables[family, tname] = table
+        self.restores += 1
+
+    def apply_transaction(self, family: int, ops: Iterable[Op]) -> None:
+        """A typed transaction (``objects.py``) applied as ``iptables-restore --noflush``
+        applies its text, all or nothing, without the text: what the serializer's text
+        must do too (``test_proxy_model.py``). A rule's spec is read as text, as in the
+        model."""
+        work: dict[str, Table] = {}
+        try:
+            for verb, objs in ops:
+                for obj in objs:
+                    if isinstance(obj, IptTable):
+                        continue  # the listing: changes nothing
+                    if not isinstance(obj, (IptChain, IptRule)):
+                        raise _Failed(f"not an iptables object: {obj!r}")
+                    table = work.get(obj.table)
+                    if table is None:
+                        base = self._table(family, obj.table)
+                        table = work[obj.table] = {c: list(r) for c, r in base.items()}
+                    if isinstance(obj, IptRule):
+                        _apply(table, obj.table, ["-A" if verb == "add" else "-D", obj.chain,
+                                                  *shlex.split(obj.spec)])
+                    elif verb == "flush":
+                        if obj.name not in BUILTIN.get(obj.table, ()):
+                            table[obj.name] = []
+                    else:
+                        _apply(table, obj.table, ["-N" if verb == "add" else "-X", obj.name])
+        except _Failed as err:
+            raise CommandFailed(["iptables-restore"], 1, str(err)) from None
+        for name, table in work.items():
+            self.tables[family, name] = table
         self.restores += 1
 
     def _command(self, family: int, args: list[str]) -> str:

@@ -9,6 +9,9 @@ interval (``10.1.0.0/16, 10.2.0.0/16`` -> range ``10.1.0.0-10.2.255.255``), ``ct
 and ``ct status`` match with ``in``, ``reject`` gets its ICMP type. ``test_proxy_fake.py``
 checks the fake's dump equals the kernel's for the every-feature table.
 
+It applies typed transactions (``objects.Transaction``) as well as text: the objects go
+straight into the table, so a test can check that the serializer's text does the same.
+
 A transaction is all or nothing and fails where the kernel fails: a rule or element
 jumping to a chain that does not exist (yet, in the order of the script), a rule or chain
 in a table that does not exist, ``delete`` of an absent element, chain, set or table,
@@ -30,6 +33,7 @@ from typing import Any
 
 from svcnet.proxy.commands import CommandFailed
 from svcnet.proxy.nft_model import Expr, NftChain, NftSet, NftTable, to_dump
+from svcnet.proxy.objects import Chain, Element, Map, Rule, Set, Table, Transaction
 from svcnet.proxy.sealed_input import Seal
 
 _TOKEN = re.compile(r'"[^"]*"|[{},;]|[^\s{},;]+')
@@ -94,6 +98,21 @@ class FakeNft:
         self.tables = tx.tables
         self.transactions += 1
 
+    def apply_transactions(self, txs: Iterable[Transaction]) -> None:
+        """Typed transactions applied as one ``nft -f`` run, without their text: what
+        the serializer's text must do too (``test_proxy_model.py``)."""
+        tx = _Transaction({k: copy.deepcopy(t) for k, t in self.tables.items()})
+        for part in txs:
+            assert part.table is not None
+            family, name = part.table.family, part.table.name
+            for verb, obj in part.operations():
+                try:
+                    tx.typed(family, name, verb, obj)
+                except (NftError, IndexError, ValueError, KeyError) as err:
+                    raise NftError(f"{verb} {obj!r}: {err!r}") from None
+        self.tables = tx.tables
+        self.transactions += 1
+
 
 @dataclass(slots=True)
 class _Transaction:
@@ -117,24 +136,62 @@ class _Transaction:
             raise NftError("No such file or directory (table)")
         name, rest = words[4], words[5:]
         if kind == "chain":
-            self._chain(table, op, name, rest)
+            self._chain(table, op, name, _base_chain(rest))
         elif kind == "rule":
             chain = table.chains.get(name)
             if chain is None or op != "add":
                 raise NftError(f"No such file or directory (chain {name})")
             chain.rules.append(_Rule(table, self, rest).parse())
         elif kind in ("set", "map"):
-            self._set(table, op, kind, name, rest)
+            self._set(table, op, kind, name, _set_decl(table.family, rest) if op == "add" else {})
         elif kind == "element":
             self._elements(table, op, name, rest)
         else:
             raise NftError(f"unknown object {kind}")
 
-    def _chain(self, table: NftTable, op: str, name: str, rest: list[str]) -> None:
+    def typed(self, family: str, table_name: str, verb: str, obj: object) -> None:
+        """One operation on a typed object (``objects.py``) of table ``family table_name``;
+        only a rule's body is read as text (it is text in the model too)."""
+        if isinstance(obj, Table):
+            self.command([verb, "table", obj.family, obj.name])
+            return
+        table = self.tables.get((family, table_name))
+        if table is None:
+            raise NftError("No such file or directory (table)")
+        if isinstance(obj, Chain):
+            base = {"type": obj.type, "hook": obj.hook, "prio": _priority(obj.priority),
+                    "policy": "accept"} if obj.hook else {}
+            self._chain(table, verb, obj.name, base)
+        elif isinstance(obj, Rule):
+            chain = table.chains.get(obj.chain)
+            if chain is None or verb != "add":
+                raise NftError(f"No such file or directory (chain {obj.chain})")
+            chain.rules.append(_Rule(table, self, _TOKEN.findall(obj.body)).parse())
+        elif isinstance(obj, (Set, Map)):
+            kind = "set" if isinstance(obj, Set) else "map"
+            decl: dict[str, Any] = {}
+            if verb == "add":
+                what = "typeof" if obj.typeof else "type"
+                decl = _decl_type(family, what, (obj.typeof or obj.type).split())
+                if isinstance(obj, Set):
+                    decl.update(_decl_flags(obj.flags.split(",")) if obj.flags else {})
+                    if obj.timeout:
+                        decl["timeout"] = obj.timeout
+            self._set(table, verb, kind, obj.name, decl)
+        elif isinstance(obj, Element):
+            s = table.sets.get(obj.set)
+            if s is None:
+                raise NftError(f"No such file or directory (set {obj.set})")
+            self._element(table, s, verb, _TOKEN.findall(obj.key),
+                          _TOKEN.findall(obj.value) if obj.value else [])
+        else:
+            raise NftError(f"not an nftables object: {obj!r}")
+
+    def _chain(self, table: NftTable, op: str, name: str, base: dict[str, Any]) -> None:
         chain = table.chains.get(name)
         if op == "add":
             if chain is None:
-                table.chains[name] = NftChain(name, _base_chain(rest))
+                table.chains[name] = NftChain(name, base)
         elif chain is None:
             raise NftError(f"No such file or directory (chain {name})")
         elif op == "flush":
@@ -148,10 +205,11 @@ class _Transaction:
         else:
             raise NftError(f"{op} chain")
 
-    def _set(self, table: NftTable, op: str, kind: str, name: str, rest: list[str]) -> None:
+    def _set(self, table: NftTable, op: str, kind: str, name: str, decl: dict[str, Any]
+             ) -> None:
         if op == "add":
             if name not in table.sets:
-                table.sets[name] = NftSet(name, kind, _set_decl(table.family, rest))
+                table.sets[name] = NftSet(name, kind, decl)
                 self.new_sets.add((table.family, table.name, name))
         elif op == "delete":
             if name not in table.sets:
@@ -170,27 +228,29 @@ class _Transaction:
         if rest[0] != "{" or rest[-1] != "}":
             raise NftError("element list expected")
         for words in _split(rest[1:-1], ","):
-            if not words:
-                continue
-            key_words, value_words = _cut(words, ":")
-            key = _concat_value(key_words)
-            if s.kind == "map" and op == "add":
-                value = (_verdict(table, value_words) if s.decl.get("map") == "verdict"
-                         else _concat_value(value_words))
-                elem: Any = [key, value]
-            else:
-                elem = key
-            k = json.dumps(key, sort_keys=True)  # as nft_model.elem_key
-            if op == "add":
-                old = s.elems.get(k)
-                if old is not None and old != elem:
-                    raise NftError(f"File exists (element {k} in {name})")
-                s.elems[k] = elem
-            elif op == "delete":
-                if s.elems.pop(k, None) is None:
-                    raise NftError(f"No such file or directory (element {k} in {name})")
-            else:
-                raise NftError(f"{op} element")
+            if words:
+                self._element(table, s, op, *_cut(words, ":"))
+
+    def _element(self, table: NftTable, s: NftSet, op: str, key_words: list[str],
+                 value_words: list[str]) -> None:
+        key = _concat_value(key_words)
+        if s.kind == "map" and op == "add":
+            value = (_verdict(table, value_words) if s.decl.get("map") == "verdict"
+                     else _concat_value(value_words))
+            elem: Any = [key, value]
+        else:
+            elem = key
+        k = json.dumps(key, sort_keys=True)  # as nft_model.elem_key
+        if op == "add":
+            old = s.elems.get(k)
+            if old is not None and old != elem:
+                raise NftError(f"File exists (element {k} in {s.name})")
+            s.elems[k] = elem
+        elif op == "delete":
+            if s.elems.pop(k, None) is None:
+                raise NftError(f"No such file or directory (element {k} in {s.name})")
+        else:
+            raise NftError(f"{op} element")
 
 
 def _references(table: NftTable) -> set[str]:
@@ -204,9 +264,34 @@ def _base_chain(rest: list[str]) -> dict[str, Any]:
         return {}
     words = [w for w in rest if w not in ("{", "}", ";")]
     opts = dict(zip(words[0::2], words[1::2], strict=False))
-    prio = opts["priority"]
-    return {"type": opts["type"], "hook": opts["hook"],
-            "prio": _PRIO[prio] if prio in _PRIO else int(prio), "policy": "accept"}
+    return {"type": opts["type"], "hook": opts["hook"], "prio": _priority(opts["priority"]),
+            "policy": "accept"}
+
+
+def _priority(text: str) -> int:
+    return _PRIO[text] if text in _PRIO else int(text)
+
+
+def _decl_type(family: str, what: str, value: list[str]) -> dict[str, Any]:
+    """A set's or map's ``type`` / ``typeof`` as nft -j prints it."""
+    decl: dict[str, Any] = {}
+    key, data = _cut(value, ":")
+    if what == "typeof":
+        types = [_typeof(family, w) for w in _split(key, ".")]
+        maps = [_typeof(family, w) for w in _split(data, ".")] if data else []
+    else:
+        types = [w for w in key if w != "."]
+        maps = [w for w in data if w != "."]
+    decl["type"] = types[0] if len(types) == 1 else types
+    if maps:
+        decl["map"] = " . ".join(maps)
+    return decl
+
+
+def _decl_flags(flags: list[str]) -> dict[str, Any]:
+    decl: dict[str, Any] = {"size": 65535} if "dynamic" in flags else {}
+    decl["flags"] = [f for f in flags if f != "dynamic"]
+    return decl
 
 
 def _set_decl(family: str, rest: list[str]) -> dict[str, Any]:
@@ -216,21 +301,9 @@ def _set_decl(family: str, rest: list[str]) -> dict[str, Any]:
             continue
         what, value = words[0], words[1:]
         if what in ("type", "typeof"):
-            key, data = _cut(value, ":")
-            if what == "typeof":
-                types = [_typeof(family, w) for w in _split(key, ".")]
-                maps = [_typeof(family, w) for w in _split(data, ".")] if data else []
-            else:
-                types = [w for w in key if w != "."]
-                maps = [w for w in data if w != "."]
-            decl["type"] = types[0] if len(types) == 1 else types
-            if maps:
-                decl["map"] = " . ".join(maps)
-        elif what == "flags":
-            flags = value[0].split(",")
-            if "dynamic" in flags:
-                decl["size"] = 65535
-            decl["flags"] = [f for f in flags if f != "dynamic"]
+            decl.update(_decl_type(family, what, value))
+        elif what == "flags":  # the tokenizer split "dynamic,timeout" at the comma
+            decl.update(_decl_flags("".join(value).split(",")))
         elif what == "timeout":
             decl["timeout"] = _seconds(value[0])
         else:

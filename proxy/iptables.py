@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from svcnet.proxy import metrics
 from svcnet.proxy.commands import CommandFailed, Commands
 from svcnet.proxy.config import BackendConfig, short_hash
+from svcnet.proxy.objects import IptChain, IptRule, IptTable, Op, Transaction
 from svcnet.proxy.rules import diff, diff_lines
+from svcnet.proxy.serialize import LIST_TABLE, restore_lines
 from svcnet.proxy.state import Backend, Changes, Family, ServicePortState
 
 from svcnet.iptables_save import is_declaration, rule_target, save_lines, spec_of
@@ -87,7 +89,7 @@ class Variant:
 # a later append to one fails with ENOENT because nothing created it. Measured at 10k
 # services x 10 endpoints, bare tool: 16.7 s cold, 18.6 s with the table present. A small
 # partial sync names a few chains and does without it.
-WHOLE_TABLE_CACHE = "-S\n"
+WHOLE_TABLE_CACHE = LIST_TABLE + "\n"  # written by ``flush`` of an ``IptTable``
 # A partial sync lists too once it writes more rules plus deletes more chains than this (a
 # burst: hundreds of services changed within one minSyncPeriod): the sorted list of the
 # chains they name then costs more than reading the table, ~0.5 s at 10k names and growing
@@ -116,17 +118,18 @@ def detect_legacy(run: Commands) -> bool:
 
 @dataclass(slots=True)
 class Rendered:
-    """One service port's share of the rules."""
+    """One service port's share of the rules, typed: its own nat chains with their rules,
+    and its rules in the shared top-level chains."""
 
-    nat_chains: dict[str, list[str]] = field(default_factory=dict)
-    nat_services: list[str] = field(default_factory=list)
-    nat_nodeports: list[str] = field(default_factory=list)
-    filter_services: list[str] = field(default_factory=list)
-    filter_external: list[str] = field(default_factory=list)
-    filter_firewall: list[str] = field(default_factory=list)
+    nat_chains: dict[IptChain, list[IptRule]] = field(default_factory=dict)
+    nat_services: list[IptRule] = field(default_factory=list)
+    nat_nodeports: list[IptRule] = field(default_factory=list)
+    filter_services: list[IptRule] = field(default_factory=list)
+    filter_external: list[IptRule] = field(default_factory=list)
+    filter_firewall: list[IptRule] = field(default_factory=list)
 
     @property
-    def filter_lines(self) -> list[str]:
+    def filter_lines(self) -> list[IptRule]:
         return self.filter_services + self.filter_external + self.filter_firewall
 
     @property
@@ -185,8 +188,8 @@ class IptablesBackend:
             v = variant(family, self.legacy)
             current = _Current.parse(self.run.run([v.save]))
             source = ports if i == 0 else list(rest)
-            lines = self._full_lines(family, of(family, source, i == 0), current, totals)
-            self._restore(v, _chunked(lines))
+            ops = self._full_ops(family, of(family, source, i == 0), current, totals)
+            self._restore(v, _chunked(restore_lines(ops)))
         self._totals = totals
         self._synced_once = True
 
@@ -209,7 +212,8 @@ class IptablesBackend:
                 dump = self.run.run([v.save])
             except (CommandFailed, OSError):
                 continue
-            self._restore(v, [_flush_ours(dump, whole_table=not self.legacy)])
+            self._restore(v, ["".join(restore_lines(
+                _flush_ours(dump, whole_table=not self.legacy)))])
         self._synced_once = False
 
     def _restore(self, v: Variant, chunks: Iterable[str]) -> None:
@@ -246,80 +250,93 @@ class IptablesBackend:
 
     def _full_lines(self, family: Family, ports: Iterable[ServicePortState], current: _Current,
                     totals: dict[str, int]) -> Iterator[str]:
-        """Full-sync restore input, line by line as each port is rendered.
+        return restore_lines(self._full_ops(family, ports, current, totals))
+
+    def _full_ops(self, family: Family, ports: Iterable[ServicePortState], current: _Current,
+                  totals: dict[str, int]) -> Iterator[Op]:
+        """The full sync's transaction, operation by operation as each port is rendered.
 
         ``current`` is what the kernel holds now: chains that do not exist yet are created
-        with ``-N`` rather than declared (iptables-nft's ``--noflush`` declares are slow),
-        each port's chains are declared right before its rules, stale service chains are
-        deleted and missing jumps from the built-in chains added, all in the same
-        transaction. The nat table goes first; the filter lines (few: frontends without
-        endpoints, firewalls) are kept for the second table.
+        (``add``) rather than declared (``flush``: iptables-nft's ``--noflush`` declares
+        are slow), each port's chains are declared right before its rules, stale service
+        chains are deleted and missing jumps from the built-in chains added, all in the
+        same transaction. The nat table goes first; the filter rules (few: frontends
+        without endpoints, firewalls) are kept for the second table.
         """
         mark = f"{self.config.masq_mark:#x}"
 
-        def declare(table: str, chain: str) -> str:
-            return (f":{chain} - [0:0]" if chain in current.chains.get(table, ())
-                    else f"-N {chain}")
+        def declare(chain: IptChain) -> Op:
+            return Op("flush" if chain.name in current.chains.get(chain.table, ()) else "add",
+                      (chain,))
 
-        def jumps(table: str) -> list[str]:
-            lines = [f"-A {chain} {_quoted(spec)}" for t, chain, spec in JUMPS if t == table]
-            return [ln + "\n" for ln in lines if ln not in current.rules.get(table, set())]
+        def jumps(table: str) -> Op:
+            return Op("add", tuple(
+                rule for rule in (IptRule(t, chain, _quoted(spec)) for t, chain, spec in JUMPS
+                                  if t == table)
+                if rule not in current.rules))
 
-        yield "*nat\n"
-        yield "".join(declare("nat", c) + "\n" for c in NAT_TOP)
-        yield "".join(jumps("nat"))
+        yield from (declare(IptChain("nat", c)) for c in NAT_TOP)
+        yield jumps("nat")
         if not self.legacy:  # after the jumps: a listing first would fake missing built-ins
-            yield WHOLE_TABLE_CACHE
-        yield (f"-A KUBE-POSTROUTING -m mark ! --mark {mark}/{mark} -j RETURN\n"
-               f"-A KUBE-POSTROUTING -j MARK --xor-mark {mark}\n"
-               "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic "
-               "requiring SNAT\" -j MASQUERADE --random-fully\n"
-               f"-A KUBE-MARK-MASQ -j MARK --or-mark {mark}\n"
-               f"-A KUBE-MARK-DROP -j MARK --or-mark {DROP_MARK:#x}\n")
-        yield "".join(ln + "\n" for ln in self.config.detect_local.iptables_not_local_chain(
-            family, "KUBE-MARK-MASQ", NOT_LOCAL))
+            yield Op("flush", (IptTable("nat"),))
+        yield Op("add", (
+            IptRule("nat", "KUBE-POSTROUTING", f"-m mark ! --mark {mark}/{mark} -j RETURN"),
+            IptRule("nat", "KUBE-POSTROUTING", f"-j MARK --xor-mark {mark}"),
+            IptRule("nat", "KUBE-POSTROUTING", "-m comment --comment \"kubernetes service "
+                    "traffic requiring SNAT\" -j MASQUERADE --random-fully"),
+            IptRule("nat", "KUBE-MARK-MASQ", f"-j MARK --or-mark {mark}"),
+            IptRule("nat", "KUBE-MARK-DROP", f"-j MARK --or-mark {DROP_MARK:#x}"),
+            *(IptRule("nat", NOT_LOCAL, spec) for spec in
+              self.config.detect_local.iptables_not_local_specs(family, "KUBE-MARK-MASQ")),
+        ))
         ours: set[str] = set()
-        filter_lines: list[str] = []
+        filter_rules: list[IptRule] = []
         render = self.render
         for sp in ports:
             r = render(sp)
-            out = [declare("nat", c) for c in r.nat_chains]
-            ours.update(r.nat_chains)
-            for rules in r.nat_chains.values():
-                out += rules
-            out += r.nat_services
-            out += r.nat_nodeports
-            yield "\n".join(out) + "\n"
-            filter_lines += r.filter_lines
+            # every chain of the port first: its rules jump between them
+            yield from map(declare, r.nat_chains)
+            ours.update(chain.name for chain in r.nat_chains)
+            yield Op("add", (*(rule for rules in r.nat_chains.values() for rule in rules),
+                             *r.nat_services, *r.nat_nodeports))
+            filter_rules += r.filter_lines
             nat, filt = r.rule_count
             totals["nat"] += nat
             totals["filter"] += filt
-        yield "".join(f"-A KUBE-SERVICES -d {_host(addr)} -j KUBE-NODEPORTS\n"
-                      for addr in self._node_addresses.get(family, ()))
-        stale = sorted(c for c in current.chains.get("nat", ())
-                       if c.startswith(SERVICE_CHAIN_PREFIXES) and c not in ours)
+        yield Op("add", tuple(IptRule("nat", "KUBE-SERVICES", f"-d {_host(addr)} -j KUBE-NODEPORTS")
+                              for addr in self._node_addresses.get(family, ())))
+        stale = tuple(IptChain("nat", c) for c in sorted(current.chains.get("nat", ()))
+                      if c.startswith(SERVICE_CHAIN_PREFIXES) and c not in ours)
         del ours
-        yield "".join([f":{c} - [0:0]\n" for c in stale] + [f"-X {c}\n" for c in stale])
-        yield "COMMIT\n*filter\n"
-        yield "".join(declare("filter", c) + "\n" for c in FILTER_TOP)
-        yield "".join(jumps("filter"))
-        yield (f"-A KUBE-FIREWALL -m mark --mark {DROP_MARK:#x}/{DROP_MARK:#x} -j DROP\n"
-               "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n"
-               f"-A KUBE-FORWARD -m mark --mark {mark}/{mark} -j ACCEPT\n"
-               "-A KUBE-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n")
-        yield "".join(ln + "\n" for ln in filter_lines)
-        yield "COMMIT\n"
+        yield Op("flush", stale)
+        yield Op("delete", stale)
+        yield from (declare(IptChain("filter", c)) for c in FILTER_TOP)
+        yield jumps("filter")
+        yield Op("add", (
+            IptRule("filter", "KUBE-FIREWALL",
+                    f"-m mark --mark {DROP_MARK:#x}/{DROP_MARK:#x} -j DROP"),
+            IptRule("filter", "KUBE-FORWARD", "-m conntrack --ctstate INVALID -j DROP"),
+            IptRule("filter", "KUBE-FORWARD", f"-m mark --mark {mark}/{mark} -j ACCEPT"),
+            IptRule("filter", "KUBE-FORWARD",
+                    "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"),
+            *filter_rules,
+        ))
 
     def partial_input(self, changes: Changes, family: Family, totals: dict[str, int]) -> str:
+        return "".join(restore_lines(self.partial_transaction(changes, family, totals).ops))
+
+    def partial_transaction(self, changes: Changes, family: Family, totals: dict[str, int]
+                            ) -> Transaction:
         """Touches only what changed: the chains of changed service ports are rewritten
         (the previous rendering comes from ``change.previous``; any failed sync makes the
-        next one full), and top-level chains are edited rule by rule (``-D`` the old line,
-        ``-A`` the new one; their rules match disjoint frontends, so order does not matter)
+        next one full), and top-level chains are edited rule by rule (delete the old rule,
+        add the new one; their rules match disjoint frontends, so order does not matter)
         instead of being flushed and rewritten -- kube-proxy rewrites them, which at 10k
         services costs more than everything else in a small change."""
-        changed: dict[str, list[str]] = {}
-        deleted: set[str] = set()
-        top: dict[str, tuple[list[str], list[str]]] = {"filter": ([], []), "nat": ([], [])}
+        changed: dict[IptChain, list[IptRule]] = {}
+        deleted: set[IptChain] = set()
+        top: dict[str, tuple[list[IptRule], list[IptRule]]] = {"filter": ([], []),
+                                                                "nat": ([], [])}
         for key, change in changes.changed.items():
             if key.family != family:
                 continue
@@ -335,24 +352,26 @@ class IptablesBackend:
             ):
                 gone, added = top[table]
                 lost, got = diff_lines(before, after)
-                gone += ["-D" + ln[2:] for ln in lost]
+                gone += lost
                 added += got
             (old_nat, old_filter), (new_nat, new_filter) = old.rule_count, new.rule_count
             totals["nat"] += new_nat - old_nat
             totals["filter"] += new_filter - old_filter
+        tx = Transaction()
         gone, added = top["filter"]
-        out = ["*filter", *gone, *added, "COMMIT", "*nat"]
+        tx.delete_all(gone)
+        tx.add_all(added)
         named = len(deleted) + sum(len(rules) for rules in changed.values())
         if not self.legacy and named > PARTIAL_LISTING_ABOVE:
-            out.append(WHOLE_TABLE_CACHE.strip())  # a burst of changes: see WHOLE_TABLE_CACHE
-        out += [f":{c} - [0:0]" for c in sorted(changed.keys() | deleted)]
+            tx.flush(IptTable("nat"))  # a burst of changes: see WHOLE_TABLE_CACHE
+        tx.ops.append(Op("flush", tuple(sorted(changed.keys() | deleted))))
         gone, added = top["nat"]
-        out += gone + added
-        for c in sorted(changed):
-            out += changed[c]
-        out += [f"-X {c}" for c in sorted(deleted)]
-        out.append("COMMIT")
-        return "\n".join(out) + "\n"
+        tx.delete_all(gone)
+        tx.add_all(added)
+        for chain in sorted(changed):
+            tx.add_all(changed[chain])
+        tx.delete_all(sorted(deleted))
+        return tx
 
     # --- one service port -------------------------------------------------------------------
 
@@ -370,31 +389,30 @@ class IptablesBackend:
         family = sp.family
 
         def balance(chain: str, endpoints: tuple[Backend, ...], masq_cluster_ips: bool) -> None:
-            rules: list[str] = []
+            specs: list[str] = []
             if masq_cluster_ips:
                 for fe in sp.frontends:
                     if fe.kind.external:
                         continue
                     d = f"-d {_host(fe.ip)} {m} --dport {fe.port}"
                     if self.config.masquerade_all:
-                        rules.append(f"-A {chain} {comment} cluster IP\" {d} -j KUBE-MARK-MASQ")
+                        specs.append(f"{comment} cluster IP\" {d} -j KUBE-MARK-MASQ")
                     elif detect.active(family):
-                        rules.append(detect.iptables_masquerade(
-                            f"-A {chain} {comment} cluster IP\" {d}", family,
-                            "KUBE-MARK-MASQ", NOT_LOCAL))
+                        specs.append(detect.iptables_masquerade(
+                            f"{comment} cluster IP\" {d}", family, "KUBE-MARK-MASQ", NOT_LOCAL))
             seps = [self._endpoint_chain(r, sp, b, m) for b in endpoints]
             if sp.affinity_timeout:
                 for sep in seps:
-                    rules.append(f"-A {chain} {comment} -> {sep}\" -m recent --name {sep} "
+                    specs.append(f"{comment} -> {sep}\" -m recent --name {sep} "
                                  f"--rcheck --seconds {sp.affinity_timeout} --reap -j {sep}")
             n = len(seps)
             for i, sep in enumerate(seps):
                 if i < n - 1:
-                    rules.append(f"-A {chain} {comment}\" -m statistic --mode random "
+                    specs.append(f"{comment}\" -m statistic --mode random "
                                  f"--probability {1.0 / (n - i):.10f} -j {sep}")
                 else:
-                    rules.append(f"-A {chain} {comment}\" -j {sep}")
-            r.nat_chains[chain] = rules
+                    specs.append(f"{comment}\" -j {sep}")
+            r.nat_chains[IptChain("nat", chain)] = [IptRule("nat", chain, x) for x in specs]
 
         internal_chain = svl_chain if sp.internal_local else svc_chain
         if sp.cluster_endpoints:
@@ -405,56 +423,61 @@ class IptablesBackend:
         if external and any(fe.kind.external for fe in sp.frontends):
             ext: list[str] = []
             if not sp.external_local:
-                ext.append(f"-A {ext_chain} {comment} external\" -j KUBE-MARK-MASQ")
-                ext.append(f"-A {ext_chain} -j {svc_chain}")
+                ext.append(f"{comment} external\" -j KUBE-MARK-MASQ")
+                ext.append(f"-j {svc_chain}")
             else:
                 if sp.cluster_endpoints:
                     if detect.active(family):
-                        ext += [f"-A {ext_chain} {comment} pod traffic\" {match} -j {svc_chain}"
+                        ext += [f"{comment} pod traffic\" {match} -j {svc_chain}"
                                 for match in detect.iptables_local(family)]
-                    ext.append(f"-A {ext_chain} -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ")
-                    ext.append(f"-A {ext_chain} -m addrtype --src-type LOCAL -j {svc_chain}")
-                ext.append(f"-A {ext_chain} -j {svl_chain}")
-            r.nat_chains[ext_chain] = ext
+                    ext.append("-m addrtype --src-type LOCAL -j KUBE-MARK-MASQ")
+                    ext.append(f"-m addrtype --src-type LOCAL -j {svc_chain}")
+                ext.append(f"-j {svl_chain}")
+            r.nat_chains[IptChain("nat", ext_chain)] = [IptRule("nat", ext_chain, x)
+                                                        for x in ext]
         for fe in sp.frontends:
             d = f"-d {_host(fe.ip)} {m} --dport {fe.port}"
             endpoints = sp.endpoints_for(fe)
             if not endpoints:
                 target = "DROP" if sp.has_endpoints else "REJECT"
-                line = f"{comment} has no endpoints\" {d} -j {target}"
+                spec = f"{comment} has no endpoints\" {d} -j {target}"
                 if fe.kind.external:
-                    r.filter_external.append(f"-A KUBE-EXTERNAL-SERVICES {line}")
+                    r.filter_external.append(IptRule("filter", "KUBE-EXTERNAL-SERVICES", spec))
                 else:
-                    r.filter_services.append(f"-A KUBE-SERVICES {line}")
+                    r.filter_services.append(IptRule("filter", "KUBE-SERVICES", spec))
                 continue
             if not fe.kind.external:
-                r.nat_services.append(f"-A KUBE-SERVICES {comment} cluster IP\" {d} "
-                                      f"-j {internal_chain}")
+                r.nat_services.append(IptRule(
+                    "nat", "KUBE-SERVICES", f"{comment} cluster IP\" {d} -j {internal_chain}"))
                 continue
             if fe.kind.value == "NodePort":
-                r.nat_nodeports.append(f"-A KUBE-NODEPORTS {comment}\" {d} -j {ext_chain}")
+                r.nat_nodeports.append(IptRule("nat", "KUBE-NODEPORTS",
+                                               f"{comment}\" {d} -j {ext_chain}"))
             elif fe.kind.value == "LoadBalancer" and sp.source_ranges:
-                r.nat_services.append(f"-A KUBE-SERVICES {comment} loadbalancer IP\" {d} "
-                                      f"-j {fw_chain}")
-                r.nat_chains[fw_chain] = [
-                    f"-A {fw_chain} {comment} source range\" -s {cidr} -j {ext_chain}"
+                r.nat_services.append(IptRule(
+                    "nat", "KUBE-SERVICES", f"{comment} loadbalancer IP\" {d} -j {fw_chain}"))
+                r.nat_chains[IptChain("nat", fw_chain)] = [
+                    IptRule("nat", fw_chain, f"{comment} source range\" -s {cidr} -j {ext_chain}")
                     for cidr in sp.source_ranges
                 ]
-                r.filter_firewall.append(
-                    f"-A KUBE-PROXY-FIREWALL {comment} not allowed by {fw_chain}\" {d} -j DROP")
+                r.filter_firewall.append(IptRule(
+                    "filter", "KUBE-PROXY-FIREWALL",
+                    f"{comment} not allowed by {fw_chain}\" {d} -j DROP"))
             else:
-                r.nat_services.append(f"-A KUBE-SERVICES {comment} {fe.kind.value}\" {d} "
-                                      f"-j {ext_chain}")
+                r.nat_services.append(IptRule(
+                    "nat", "KUBE-SERVICES", f"{comment} {fe.kind.value}\" {d} -j {ext_chain}"))
         return r
 
     def _endpoint_chain(self, r: Rendered, sp: ServicePortState, b: Backend, m: str) -> str:
         sep = _chain("KUBE-SEP", str(sp.key), str(b))
-        if sep not in r.nat_chains:
+        chain = IptChain("nat", sep)
+        if chain not in r.nat_chains:
             dest = f"[{b.ip}]:{b.port}" if sp.family == 6 else f"{b.ip}:{b.port}"
-            rules = [f"-A {sep} -s {_host(b.ip)} -j KUBE-MARK-MASQ"]
             affinity = f" -m recent --name {sep} --set" if sp.affinity_timeout else ""
-            rules.append(f"-A {sep} {m}{affinity} -j DNAT --to-destination {dest}")
-            r.nat_chains[sep] = rules
+            r.nat_chains[chain] = [
+                IptRule("nat", sep, f"-s {_host(b.ip)} -j KUBE-MARK-MASQ"),
+                IptRule("nat", sep, f"{m}{affinity} -j DNAT --to-destination {dest}"),
+            ]
         return sep
 
 
@@ -474,7 +497,7 @@ class _Current:
     """Chains and rules per table, from one ``iptables-save``."""
 
     chains: dict[str, set[str]] = field(default_factory=dict)
-    rules: dict[str, set[str]] = field(default_factory=dict)
+    rules: set[IptRule] = field(default_factory=set)  # in built-in chains only
 
     @classmethod
     def parse(cls, save: str) -> _Current:
@@ -483,7 +506,7 @@ class _Current:
             if line[0] == ":":
                 cur.chains.setdefault(table, set()).add(chain)
             elif not chain.startswith("KUBE-"):
-                cur.rules.setdefault(table, set()).add(line)
+                cur.rules.add(IptRule(table, chain, spec_of(chain, line)))
         return cur
 
 
@@ -505,22 +528,20 @@ def _quoted(spec: tuple[str, ...]) -> str:
     return " ".join(f'"{a}"' if " " in a else a for a in spec)
 
 
-def _flush_ours(save: str, *, whole_table: bool) -> str:
-    """Restore input that flushes and deletes every KUBE-* chain found in a save dump
+def _flush_ours(save: str, *, whole_table: bool) -> list[Op]:
+    """A transaction flushing and deleting every KUBE-* chain found in a save dump
     (``whole_table``: with the listing iptables-nft needs to name 110k chains at once)."""
-    chains: dict[str, list[str]] = {}
+    chains: dict[str, list[IptChain]] = {}
     for table, chain, line in save_lines(save):
         if line[0] == ":" and chain.startswith("KUBE-"):
-            chains.setdefault(table, []).append(chain)
-    out: list[str] = []
+            chains.setdefault(table, []).append(IptChain(table, chain))
+    tx = Transaction()
     for table, names in chains.items():
-        out.append(f"*{table}")
         if whole_table:
-            out.append(WHOLE_TABLE_CACHE.strip())
-        out += [f":{c} - [0:0]" for c in names]
-        out += [f"-X {c}" for c in names]
-        out.append("COMMIT")
-    return "\n".join(out) + "\n"
+            tx.flush(IptTable(table))
+        tx.ops.append(Op("flush", tuple(names)))
+        tx.delete_all(names)
+    return tx.ops
 
 
 # --- the dump, normalised (drift check, ``proxy check``) ----------------------------------

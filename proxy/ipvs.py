@@ -41,7 +41,9 @@ from svcnet.proxy.ipvs_kernel import (
     ServiceOptions,
     VirtualServer,
 )
+from svcnet.proxy.objects import IpsetMember, IpvsDest, IpvsService, Transaction
 from svcnet.proxy.rules import Shared, diff
+from svcnet.proxy.serialize import apply_ipvs, ipset_lines
 from svcnet.proxy.state import Changes, Family, FrontendKind, PortKey, ServicePortState
 
 from svcnet.iptables_save import is_declaration, rule_target, save_lines, spec_of
@@ -106,7 +108,7 @@ class Rendered:
     servers: dict[VirtualServer, tuple[ServiceOptions, frozenset[RealServer]]] = field(
         default_factory=dict)
     addresses: frozenset[str] = frozenset()
-    members: frozenset[tuple[str, str]] = frozenset()  # (set name, member)
+    members: frozenset[IpsetMember] = frozenset()
 
 
 class IpvsBackend:
@@ -124,7 +126,7 @@ class IpvsBackend:
         # Held by service ports (the diff engine's counts): what the kernel has of ours.
         self._servers: Shared[VirtualServer] = Shared()
         self._addresses: Shared[str] = Shared()
-        self._members: Shared[tuple[str, str]] = Shared()
+        self._members: Shared[IpsetMember] = Shared()
         self._set_lengths: Counter[str] = Counter()  # members per set, as in the kernel
         self._set_capacity: dict[str, int] = {}  # maxelem of each set as we created it
         self._graceful: dict[tuple[VirtualServer, RealServer], float] = {}
@@ -201,7 +203,7 @@ class IpvsBackend:
         fam = sp.family
         servers: dict[VirtualServer, tuple[ServiceOptions, frozenset[RealServer]]] = {}
         addresses: set[str] = set()
-        members: set[tuple[str, str]] = set()
+        members: set[IpsetMember] = set()
         options = ServiceOptions(self.scheduler, sp.affinity_timeout)
         for fe in sp.frontends:
             if fe.kind is not FrontendKind.NODE_PORT:
@@ -210,16 +212,17 @@ class IpvsBackend:
             endpoints = sp.endpoints_for(fe)
             if not endpoints:
                 base = SET_NO_LOCAL if sp.has_endpoints else SET_NO_ENDPOINTS
-                members.add((set_name(base, fam), member))
+                members.add(IpsetMember(set_name(base, fam), member))
                 continue
             vs = VirtualServer(fe.ip, proto, fe.port)
             servers[vs] = (options, frozenset(RealServer(b.ip, b.port) for b in endpoints))
             if not fe.kind.external:
-                members.add((set_name(SET_CLUSTER_IP, fam), member))
+                members.add(IpsetMember(set_name(SET_CLUSTER_IP, fam), member))
             elif not sp.external_local:
-                members.add((set_name(SET_EXTERNAL, fam), member))
+                members.add(IpsetMember(set_name(SET_EXTERNAL, fam), member))
         for b in sp.all_endpoints:
-            members.add((set_name(SET_LOOP_BACK, fam), f"{b.ip},{proto.lower()}:{b.port},{b.ip}"))
+            members.add(IpsetMember(set_name(SET_LOOP_BACK, fam),
+                                    f"{b.ip},{proto.lower()}:{b.port},{b.ip}"))
         return Rendered(servers, frozenset(addresses), frozenset(members))
 
     # --- syncs ----------------------------------------------------------------------------
@@ -230,7 +233,7 @@ class IpvsBackend:
         self._servers.reset(vs for r in rendered.values() for vs in r.servers)
         self._addresses.reset(a for r in rendered.values() for a in r.addresses)
         self._members.reset(m for r in rendered.values() for m in r.members)
-        self._set_lengths = Counter(s for s, _ in self._members)
+        self._set_lengths = Counter(m.set for m in self._members)
         # Sets first (the rules match them), then rules, link and addresses, then IPVS.
         self.commands.run(["sysctl", "-q", "-w", *(s for f in self.config.families
                                                    for s in SYSCTLS[f])], check=False)
@@ -249,25 +252,27 @@ class IpvsBackend:
             wanted.update(r.servers)
         current = self.table.services()
         owned = have_addresses | wanted_addresses | self._node_ips
+        tx = Transaction()
         for vs in current.keys() - wanted.keys():
             if vs.ip in owned:
-                self.table.delete_service(vs)
+                tx.delete(IpvsService(vs))
                 self._forget_graceful(vs)
         for vs, (options, reals) in wanted.items():
             if vs not in current:
-                self.table.add_service(vs, options)
-                for rs in sorted(reals):
-                    self.table.add_dest(vs, rs, WEIGHT)
+                tx.add(IpvsService(vs, options))
+                tx.add_all([IpvsDest(vs, rs, WEIGHT) for rs in sorted(reals)])
                 continue
             if current[vs] != options:
-                self.table.update_service(vs, options)
-            self._reconcile_dests(vs, reals, self.table.dests(vs))
+                tx.update(IpvsService(vs, options))
+            self._reconcile_dests(tx, vs, reals, self.table.dests(vs))
+        apply_ipvs(self.table, tx.ops)
 
     def _partial_sync(self, changes: Changes) -> None:
         add_addr: set[str] = set()
         del_addr: set[str] = set()
-        add_mem: set[tuple[str, str]] = set()
-        del_mem: set[tuple[str, str]] = set()
+        add_mem: set[IpsetMember] = set()
+        del_mem: set[IpsetMember] = set()
+        tx = Transaction()
         for key, change in sorted(changes.changed.items()):
             if key.family not in self.config.families:
                 continue
@@ -278,19 +283,18 @@ class IpvsBackend:
             self._servers.change(old.servers, new.servers)
             servers = diff(old.servers, new.servers)
             for vs in servers.removed.keys() - new.servers.keys():
-                self.table.delete_service(vs)
+                tx.delete(IpvsService(vs))
                 self._forget_graceful(vs)
             for vs, (options, reals) in servers.added.items():
                 before = old.servers.get(vs)
                 if before is None:
-                    self.table.add_service(vs, options)
-                    for rs in sorted(reals):
-                        self.table.add_dest(vs, rs, WEIGHT)
+                    tx.add(IpvsService(vs, options))
+                    tx.add_all([IpvsDest(vs, rs, WEIGHT) for rs in sorted(reals)])
                     continue
                 if before[0] != options:
-                    self.table.update_service(vs, options)
+                    tx.update(IpvsService(vs, options))
                 if before[1] != reals:
-                    self._reconcile_dests(vs, reals, {
+                    self._reconcile_dests(tx, vs, reals, {
                         **{rs: None for rs in before[1]},
                         **{rs: None for (v, rs) in self._graceful if v == vs}})
             gone, taken = self._addresses.change(old.addresses, new.addresses)
@@ -299,24 +303,27 @@ class IpvsBackend:
             lost, got = self._members.change(old.members, new.members)
             del_mem |= lost
             add_mem |= got
+        apply_ipvs(self.table, tx.ops)
         self._apply_addresses(add=add_addr - del_addr, remove=del_addr - add_addr)
         self._apply_members(add=add_mem - del_mem, remove=del_mem - add_mem)
 
-    def _reconcile_dests(self, vs: VirtualServer, reals: frozenset[RealServer],
+    def _reconcile_dests(self, tx: Transaction, vs: VirtualServer, reals: frozenset[RealServer],
                          current: Mapping[RealServer, DestState | None]) -> None:
+        """Record what brings ``vs``'s real servers from ``current`` to ``reals``: TCP ones
+        that go are drained (weight 0) first, see ``finish_graceful``."""
         for rs in sorted(reals):
             if rs not in current:
-                self.table.add_dest(vs, rs, WEIGHT)
+                tx.add(IpvsDest(vs, rs, WEIGHT))
             elif (vs, rs) in self._graceful or _weight(current[rs]) not in (None, WEIGHT):
-                self.table.set_weight(vs, rs, WEIGHT)
+                tx.update(IpvsDest(vs, rs, WEIGHT))
                 self._graceful.pop((vs, rs), None)
         for rs in sorted(current.keys() - reals):
             if (vs, rs) in self._graceful:
                 continue
             if vs.protocol == "UDP":
-                self.table.delete_dest(vs, rs)
+                tx.delete(IpvsDest(vs, rs))
             else:
-                self.table.set_weight(vs, rs, 0)
+                tx.update(IpvsDest(vs, rs, 0))
                 self._graceful[(vs, rs)] = time.monotonic() + self.grace_period
 
     def finish_graceful(self) -> None:
@@ -324,6 +331,7 @@ class IpvsBackend:
         if not self._graceful:
             return
         now = time.monotonic()
+        tx = Transaction()
         for vs in {vs for vs, _ in self._graceful}:
             try:
                 dests = self.table.dests(vs)
@@ -337,8 +345,11 @@ class IpvsBackend:
                 if state is None:
                     del self._graceful[(v, rs)]
                 elif state.active_connections == 0 or now >= deadline:
-                    self.table.delete_dest(vs, rs)
-                    del self._graceful[(v, rs)]
+                    tx.delete(IpvsDest(vs, rs))
+        apply_ipvs(self.table, tx.ops)
+        for _, dest in tx.operations():  # forgotten once gone: a failure retries them
+            if isinstance(dest, IpvsDest):
+                del self._graceful[(dest.server, dest.real)]
 
     def _forget_graceful(self, vs: VirtualServer) -> None:
         for key in [k for k in self._graceful if k[0] == vs]:
@@ -423,28 +434,29 @@ class IpvsBackend:
         if lines:
             self.commands.run(["ip", "-batch", "-"], input="\n".join(lines) + "\n")
 
-    def _apply_members(self, *, add: Iterable[tuple[str, str]],
-                       remove: Iterable[tuple[str, str]]) -> None:
-        add, remove = sorted(add), sorted(remove)
-        for s, _ in remove:
-            self._set_lengths[s] -= 1
-        for s, _ in add:
-            self._set_lengths[s] += 1
+    def _apply_members(self, *, add: Iterable[IpsetMember],
+                       remove: Iterable[IpsetMember]) -> None:
+        removed, added = sorted(remove), sorted(add)
+        for m in removed:
+            self._set_lengths[m.set] -= 1
+        for m in added:
+            self._set_lengths[m.set] += 1
+        tx = Transaction()
+        tx.delete_all(removed)
+        tx.add_all(added)
         if any(n > self._set_capacity.get(s, MIN_MAXELEM) for s, n in self._set_lengths.items()):
             self._replace_sets()  # a set outgrew its maxelem: a bigger one is swapped in
             return
-        lines = [f"del {s} {m} -exist" for s, m in remove]
-        lines += [f"add {s} {m} -exist" for s, m in add]
-        if lines:
-            self.commands.run(["ipset", "restore", "-exist"], input="\n".join(lines) + "\n")
+        if tx:
+            self.commands.run(["ipset", "restore", "-exist"], input="".join(ipset_lines(tx.ops)))
 
     def _replace_sets(self) -> None:
         """Fill temporary sets sized for their members and swap them in, so no member is
         ever missing and a set that must grow does (``create`` cannot resize a set)."""
         existing = set(self.commands.run(["ipset", "list", "-n"], check=False).split())
         by_set: dict[str, list[str]] = {}
-        for s, m in sorted(self._members):
-            by_set.setdefault(s, []).append(m)
+        for m in sorted(self._members):
+            by_set.setdefault(m.set, []).append(m.entry)
         self._set_lengths = Counter({s: len(ms) for s, ms in by_set.items()})
         lines = set_restore_lines(self.config.families, by_set, existing, self._set_capacity)
         self.commands.run(["ipset", "restore", "-exist"], input="\n".join(lines) + "\n")

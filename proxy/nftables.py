@@ -31,13 +31,14 @@ from svcnet.proxy import metrics
 from svcnet.proxy.commands import Commands
 from svcnet.proxy.config import BackendConfig, short_hash
 from svcnet.proxy.nft_model import nft_items
+from svcnet.proxy.objects import Chain, Element, Map, Rule, Set, Table, Transaction
 from svcnet.proxy.rules import Shared, diff
 from svcnet.proxy.sealed_input import NFT_SEAL
+from svcnet.proxy.serialize import ELEMENT_BATCH, nft_lines, nft_script
 from svcnet.proxy.state import (
     Backend,
     Changes,
     Family,
-    FrontendKind,
     PortKey,
     ServicePortState,
 )
@@ -47,7 +48,8 @@ log = logging.getLogger(__name__)
 TABLE = "svcnet"
 LOCAL_OFFSET = 1 << 20
 LB_CHAINS_MIN = 32
-ELEMENT_BATCH = 2000
+# A full sync hands nft what it recorded each time this many operations are pending.
+STREAM_OPS = 4 * ELEMENT_BATCH
 # nft reads this as a file, parsing while we still write; "-f -" reads all stdin first.
 STREAMED_INPUT = "/proc/self/fd/0"
 # Maps whose values jump to chains: their elements go after the chains in a full sync.
@@ -62,18 +64,31 @@ def nft_family(family: Family) -> str:
     return "ip" if family == 4 else "ip6"
 
 
+def table_of(family: Family) -> Table:
+    return Table(nft_family(family), TABLE)
+
+
 @dataclass(slots=True)
 class Rendered:
-    """Everything one service port puts in the table."""
+    """Everything one service port puts in the table, as typed objects: elements per set
+    or map, ClientIP-affinity chains with their rules and timeout sets; plus the hairpin
+    endpoint IPs (shared between ports) and the shared ``lb-N`` chains it jumps to."""
 
-    elements: dict[str, dict[str, str]] = field(default_factory=dict)
-    chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    sets: dict[str, str] = field(default_factory=dict)
+    elements: dict[str, list[Element]] = field(default_factory=dict)
+    chains: dict[Chain, tuple[Rule, ...]] = field(default_factory=dict)
+    sets: list[Set] = field(default_factory=list)
     hairpin: frozenset[str] = frozenset()
     lb_chains: frozenset[str] = frozenset()
 
     def element(self, name: str, key: str, value: str = "") -> None:
-        self.elements.setdefault(name, {})[key] = value
+        got = self.elements.get(name)
+        if got is None:
+            got = self.elements[name] = []
+        got.append(Element(name, key, value))
+
+    def keyed_elements(self) -> dict[tuple[str, str], Element]:
+        """Elements by identity (set, key), for the diff engine."""
+        return {(e.set, e.key): e for elems in self.elements.values() for e in elems}
 
 
 class NftablesBackend:
@@ -96,9 +111,9 @@ class NftablesBackend:
         if full or not self._synced_once or self._needs_full(changes):
             self.sync_full(changes.state.values())
         else:
-            script = self._partial_script(changes)
-            if script:
-                self._apply([script])
+            txs = self.partial_transactions(changes)
+            if txs:
+                self._apply([nft_script(txs)])
         self._synced_once = True
 
     def sync_full(self, ports: Iterable[ServicePortState]) -> None:
@@ -109,7 +124,7 @@ class NftablesBackend:
         reads its input as a file (``/proc/self/fd/0``; ``-f -`` would buffer all of stdin
         before parsing), so the model, rendering and nft's parsing overlap.
         """
-        self._apply(self._full_chunks(ports))
+        self._apply(_chunks(self.full_transaction(ports)))
         self._synced_once = True
 
     def _apply(self, chunks: Iterable[str]) -> None:
@@ -125,9 +140,11 @@ class NftablesBackend:
 
     def cleanup(self) -> None:
         for family in (4, 6):
-            fam = nft_family(family)  # type: ignore[arg-type]
-            self.nft.run(["nft", "-f", "-"],
-                         input=f"add table {fam} {TABLE}\ndelete table {fam} {TABLE}\n")
+            table = table_of(family)  # type: ignore[arg-type]
+            tx = Transaction(table)
+            tx.add(table)
+            tx.delete(table)
+            self.nft.run(["nft", "-f", "-"], input=nft_script([tx]))
         self._synced_once = False
 
     def set_node_addresses(self, addresses: Mapping[Family, tuple[str, ...]]) -> None:
@@ -148,13 +165,14 @@ class NftablesBackend:
         result: dict[str, object] = json.loads(out)
         return result
 
-    # --- full and partial scripts -------------------------------------------------------------
+    # --- full and partial transactions ----------------------------------------------------------
 
     def _full_script(self, state: Mapping[PortKey, ServicePortState]) -> str:
-        return "".join(self._full_chunks(state.values()))
+        return "".join(_chunks(self.full_transaction(state.values())))
 
-    def _full_chunks(self, ports: Iterable[ServicePortState]) -> Iterator[str]:
-        """The full-sync script, produced while ``nft`` already parses the start of it.
+    def full_transaction(self, ports: Iterable[ServicePortState]) -> Iterator[Transaction]:
+        """The full sync: per family, the table rebuilt in one transaction, handed out in
+        parts while ``nft`` already parses the first ones (one ``nft -f`` applies them all).
 
         Order: the fixed skeleton; per port its affinity sets and chains and, batched per
         set, the elements that reference no chain; then the shared ``lb-N`` chains (their
@@ -162,32 +180,27 @@ class NftablesBackend:
         jump to them; last the hairpin pairs (deduplicated over all ports).
         """
         families = self._families
-        head: list[str] = []
+        txs: dict[Family, Transaction] = {}
         for family in families:
-            fam = nft_family(family)
-            head += [f"add table {fam} {TABLE}", f"delete table {fam} {TABLE}"]
-            head += self._skeleton(family)
+            table = table_of(family)
+            tx = txs[family] = Transaction(table)
+            tx.add(table)
+            tx.delete(table)
+            self._skeleton(family, tx)
             self._lb_chains[family] = set()
             self._hairpin[family].reset()
-        yield "\n".join(head) + "\n"
+        yield from _drain(txs)
         most = dict.fromkeys(families, LB_CHAINS_MIN)
-        # Element texts ("key" or "key : value") per (family, set), emitted in batches.
-        pending: dict[tuple[Family, str], list[str]] = {}
-        deferred: dict[tuple[Family, str], list[str]] = {}
+        # Elements per (family, set), recorded in batches; verdict-map ones at the end.
+        pending: dict[tuple[Family, str], list[Element]] = {}
+        deferred: dict[tuple[Family, str], list[Element]] = {}
         seen: set[str] = set()
-        out: list[str] = []
         render = self.render
-
-        def items(where: dict[tuple[Family, str], list[str]], family: Family, name: str
-                  ) -> list[str]:
-            got = where.get((family, name))
-            if got is None:
-                got = where[family, name] = []
-            return got
-
+        recorded = 0
         for sp in ports:
             family = sp.family
-            if family not in most:
+            part = txs.get(family)
+            if part is None:
                 continue
             proto = sp.key.protocol.lower()
             keys = [f"{fe.ip} . {proto} . {fe.port}" for fe in sp.frontends]
@@ -200,54 +213,43 @@ class NftablesBackend:
             n = max(len(sp.cluster_endpoints), len(sp.local_endpoints))
             if n > most[family]:
                 most[family] = n
-            eps = sp.cluster_endpoints
-            if (eps and not sp.affinity_timeout and not sp.internal_local
-                    and all(fe.kind is FrontendKind.CLUSTER_IP for fe in sp.frontends)):
-                # The common case, written directly: what render() gives for it (a test
-                # checks they agree), without the intermediate dicts.
-                ips = {b.ip for b in eps}
-                ips.update(b.ip for b in sp.local_endpoints)
-                self._hairpin[family].hold(ips)
-                backends = items(pending, family, "backends")
-                verdict = f" : goto lb-{len(eps)}"
-                for key in keys:
-                    backends += [f"{key} . {i} : {b.ip} . {b.port}" for i, b in enumerate(eps)]
-                    items(deferred, family, "service-ips").append(key + verdict)
-                    items(pending, family, "cluster-ips").append(key)
-            else:
-                fam = nft_family(family)
-                r = render(sp)
-                self._hairpin[family].hold(r.hairpin)
-                for name, decl in r.sets.items():
-                    out.append(f"add set {fam} {TABLE} {name} {decl}\n")
-                for name in r.chains:
-                    out.append(f"add chain {fam} {TABLE} {name}\n")
-                for name, rules in r.chains.items():
-                    out += [f"add rule {fam} {TABLE} {name} {rule}\n" for rule in rules]
-                for name, elems in r.elements.items():
-                    items(deferred if name in VERDICT_MAPS else pending, family, name).extend(
-                        f"{k} : {v}" if v else k for k, v in elems.items())
-            for (family, name), texts in pending.items():
-                if len(texts) >= ELEMENT_BATCH:
-                    out += _add_elements(family, name, texts)
-                    texts.clear()
-            if len(out) >= 16:
-                yield "".join(out)
-                out = []
-        for (family, name), texts in pending.items():
-            out += _add_elements(family, name, texts)
+            r = render(sp)
+            self._hairpin[family].hold(r.hairpin)
+            if r.chains:
+                part.add_all(r.sets)
+                part.add_all(r.chains)
+                for rules in r.chains.values():
+                    part.add_all(rules)
+                recorded += ELEMENT_BATCH  # rare: hand them over soon
+            for name, elems in r.elements.items():
+                where = deferred if name in VERDICT_MAPS else pending
+                got = where.get((family, name))
+                if got is None:
+                    where[family, name] = elems
+                    continue
+                got += elems
+                if len(got) >= ELEMENT_BATCH and where is pending:
+                    part.add_all(got)
+                    recorded += len(got)
+                    where[family, name] = []
+            if recorded >= STREAM_OPS:
+                yield from _drain(txs)
+                recorded = 0
+        for (family, _), elems in pending.items():
+            txs[family].add_all(elems)
         del pending
         for family in families:
             self._lb_max[family] = most[family] * 2
-            out += [ln + "\n" for ln in self._ensure_lb_chains(family, {
-                f"{kind}-{n}" for kind in ("lb", "lbl") for n in range(1, most[family] * 2 + 1)})]
-        for (family, name), texts in deferred.items():
-            out += _add_elements(family, name, texts)
+            self._ensure_lb_chains(family, {
+                f"{kind}-{n}" for kind in ("lb", "lbl") for n in range(1, most[family] * 2 + 1)},
+                txs[family])
+        for (family, _), elems in deferred.items():
+            txs[family].add_all(elems)
         del deferred
         for family in families:
-            hairpin = [f"{ip} . {ip}" for ip in self._hairpin[family].counts]
-            out += _add_elements(family, "hairpin", hairpin)
-        yield "".join(out)
+            txs[family].add_all([Element("hairpin", _hairpin_key(ip))
+                                 for ip in self._hairpin[family]])
+        yield from _drain(txs)
 
     def _needs_full(self, changes: Changes) -> bool:
         """A port with more endpoints than the lb chains made at the last full sync."""
@@ -259,143 +261,141 @@ class NftablesBackend:
                 return True
         return False
 
-    def _partial_script(self, changes: Changes) -> str:
-        head: list[str] = []
-        body: list[str] = []
-        tail: list[str] = []
-        adds: dict[tuple[Family, str], dict[str, str]] = {}
-        dels: dict[tuple[Family, str], dict[str, str]] = {}
+    def partial_transactions(self, changes: Changes) -> list[Transaction]:
+        """Per family, one transaction of what changed: what the kernel has for a port is
+        what its previous state rendered to (any sync that failed made this one full), so
+        the diff engine compares the renderings of ``previous`` and ``current``."""
+        # per family: head (new sets and chains), body (chain contents), tail (deletions)
+        parts: dict[Family, tuple[Transaction, Transaction, Transaction]] = {}
+        adds: dict[Family, dict[str, dict[str, Element]]] = {}
+        dels: dict[Family, dict[str, dict[str, Element]]] = {}
         for key, change in changes.changed.items():
-            if key.family not in self._families:
+            family = key.family
+            if family not in self._families:
                 continue
-            family, fam = key.family, nft_family(key.family)
-            # What the kernel has for this port is what its previous state rendered to
-            # (any sync that failed made this one full): no rendered copy is kept.
+            if family not in parts:
+                table = table_of(family)
+                parts[family] = (Transaction(table), Transaction(table), Transaction(table))
+                adds[family], dels[family] = {}, {}
+            head, body, tail = parts[family]
             old = self.render(change.previous) if change.previous else Rendered()
             new = self.render(change.current) if change.current else Rendered()
-            head += self._ensure_lb_chains(family, set(new.lb_chains))
-            sets = diff(old.sets, new.sets)
-            head += [f"add set {fam} {TABLE} {name} {decl}" for name, decl in sets.added.items()
-                     if name not in old.sets]
+            self._ensure_lb_chains(family, set(new.lb_chains), head)
+            old_sets = {s.name: s for s in old.sets}
+            new_sets = {s.name: s for s in new.sets}
+            sets = diff(old_sets, new_sets)
+            head.add_all(s for name, s in sets.added.items() if name not in old_sets)
             chains = diff(old.chains, new.chains)
-            for name, rules in chains.added.items():
-                head.append(f"add chain {fam} {TABLE} {name}")
-                if name in old.chains:
-                    body.append(f"flush chain {fam} {TABLE} {name}")
-                body += [f"add rule {fam} {TABLE} {name} {rule}" for rule in rules]
-            for name in chains.removed.keys() - new.chains.keys():
-                body.append(f"flush chain {fam} {TABLE} {name}")
-                tail.append(f"delete chain {fam} {TABLE} {name}")
-            tail += [f"delete set {fam} {TABLE} {name}" for name in sets.removed
-                     if name not in new.sets]
-            for name in old.elements.keys() | new.elements.keys():
-                delta = diff(old.elements.get(name, {}), new.elements.get(name, {}))
-                if delta.removed:
-                    dels.setdefault((family, name), {}).update(delta.removed)
-                if delta.added:
-                    adds.setdefault((family, name), {}).update(delta.added)
+            for chain, rules in chains.added.items():
+                head.add(chain)
+                if chain in old.chains:
+                    body.flush(chain)
+                body.add_all(rules)
+            for chain in chains.removed.keys() - new.chains.keys():
+                body.flush(chain)
+                tail.delete(chain)
+            tail.delete_all(s for name, s in sets.removed.items() if name not in new_sets)
+            elements = diff(old.keyed_elements(), new.keyed_elements())
+            for e in elements.removed.values():
+                dels[family].setdefault(e.set, {})[e.key] = e
+            for e in elements.added.values():
+                adds[family].setdefault(e.set, {})[e.key] = e
             gone, taken = self._hairpin[family].change(old.hairpin, new.hairpin)
             for ip in gone:
-                dels.setdefault((family, "hairpin"), {})[_hairpin_key(ip)] = ""
+                dels[family].setdefault("hairpin", {})[_hairpin_key(ip)] = Element(
+                    "hairpin", _hairpin_key(ip))
             for ip in taken:
-                adds.setdefault((family, "hairpin"), {})[_hairpin_key(ip)] = ""
-        elements: list[str] = []
-        for (family, name), elems in dels.items():
-            elements += _element_lines("delete", nft_family(family), name, elems)
-        for (family, name), elems in adds.items():
-            elements += _element_lines("add", nft_family(family), name, elems)
-        # Chains referenced by elements must exist before the elements, and elements must go
-        # before the chains they referenced are deleted.
-        lines = head + body + elements + tail
-        return "\n".join(lines) + "\n" if lines else ""
+                adds[family].setdefault("hairpin", {})[_hairpin_key(ip)] = Element(
+                    "hairpin", _hairpin_key(ip))
+        out: list[Transaction] = []
+        for family, (head, body, tail) in parts.items():
+            # Chains referenced by elements must exist before the elements, and elements
+            # must go before the chains they referenced are deleted.
+            tx = head
+            tx.extend(body)
+            for elems in dels[family].values():
+                tx.delete_all(elems.values())
+            for elems in adds[family].values():
+                tx.add_all(elems.values())
+            tx.extend(tail)
+            if tx:
+                out.append(tx)
+        return out
 
     @property
     def _families(self) -> tuple[Family, ...]:
         return self.config.families
 
-    def _ensure_lb_chains(self, family: Family, wanted: set[str]) -> list[str]:
-        fam, ip = nft_family(family), nft_family(family)
-        lines: list[str] = []
-        for name in sorted(wanted - self._lb_chains[family]):
+    def _ensure_lb_chains(self, family: Family, wanted: set[str], tx: Transaction) -> None:
+        ip = nft_family(family)
+        made = self._lb_chains[family]
+        for name in sorted(wanted - made):
             local, count = name.startswith("lbl-"), int(name.split("-")[1])
             offset = f" offset {LOCAL_OFFSET}" if local else ""
-            lines += [
-                f"add chain {fam} {TABLE} {name}",
-                f"add rule {fam} {TABLE} {name} dnat {ip} to {ip} daddr . meta l4proto . "
-                f"th dport . numgen random mod {count}{offset} map @backends",
-            ]
-            self._lb_chains[family].add(name)
-        return lines
+            tx.add(Chain(name))
+            tx.add(Rule(name, f"dnat {ip} to {ip} daddr . meta l4proto . th dport . "
+                              f"numgen random mod {count}{offset} map @backends"))
+            made.add(name)
 
     # --- the fixed part of the table ------------------------------------------------------------
 
-    def _skeleton(self, family: Family) -> list[str]:
-        fam = nft_family(family)
+    def _skeleton(self, family: Family, tx: Transaction) -> None:
+        ip = nft_family(family)
         addr = "ipv4_addr" if family == 4 else "ipv6_addr"
-        ip = fam
-        t = f"{fam} {TABLE}"
         frontend = f"{addr} . inet_proto . inet_service"
         key = f"{ip} daddr . meta l4proto . th dport"
         mark = self.config.masq_mark
         detect = self.config.detect_local
-        lines = [
-            f"add table {t} {{ comment \"svcnet service proxy\" ; }}",
-            f"add map {t} service-ips {{ type {frontend} : verdict ; }}",
-            f"add map {t} local-shortcut {{ type {frontend} : verdict ; }}",
-            f"add map {t} no-endpoints {{ type {frontend} : verdict ; }}",
-            f"add map {t} backends {{ typeof {ip} daddr . meta l4proto . th dport . "
-            f"numgen random mod 1 : {ip} daddr . th dport ; }}",
-            f"add set {t} cluster-ips {{ type {frontend} ; }}",
-            f"add set {t} external-masq {{ type {frontend} ; }}",
-            f"add set {t} local-policy {{ type {frontend} ; }}",
-            f"add set {t} firewall-ips {{ type {frontend} ; }}",
-            f"add set {t} firewall-allow {{ type {frontend} . {addr} ; flags interval ; }}",
-            f"add set {t} hairpin {{ type {addr} . {addr} ; }}",
-            f"add chain {t} reject-chain",
-            f"add rule {t} reject-chain reject",
-            f"add chain {t} mark-for-masquerade",
-            f"add rule {t} mark-for-masquerade meta mark set meta mark | {mark:#x}",
-            f"add chain {t} masquerading",
-            f"add rule {t} masquerading ct status dnat {ip} saddr . {ip} daddr @hairpin "
-            "masquerade fully-random",
-            f"add rule {t} masquerading meta mark & {mark:#x} == 0 return",
-            f"add rule {t} masquerading meta mark set meta mark ^ {mark:#x}",
-            f"add rule {t} masquerading masquerade fully-random",
-            f"add chain {t} services",
-        ]
-        svc = f"add rule {t} services"
+        tx.add(Table(ip, TABLE, "svcnet service proxy"))
+        tx.add_all([
+            Map("service-ips", f"{frontend} : verdict"),
+            Map("local-shortcut", f"{frontend} : verdict"),
+            Map("no-endpoints", f"{frontend} : verdict"),
+            Map("backends", typeof=f"{ip} daddr . meta l4proto . th dport . "
+                                  f"numgen random mod 1 : {ip} daddr . th dport"),
+            Set("cluster-ips", frontend),
+            Set("external-masq", frontend),
+            Set("local-policy", frontend),
+            Set("firewall-ips", frontend),
+            Set("firewall-allow", f"{frontend} . {addr}", flags="interval"),
+            Set("hairpin", f"{addr} . {addr}"),
+        ])
+
+        def chain(name: str, *bodies: str, base: tuple[str, str, str] | None = None) -> None:
+            tx.add(Chain(name, *base) if base else Chain(name))
+            tx.add_all([Rule(name, body) for body in bodies])
+
+        chain("reject-chain", "reject")
+        chain("mark-for-masquerade", f"meta mark set meta mark | {mark:#x}")
+        chain("masquerading",
+              f"ct status dnat {ip} saddr . {ip} daddr @hairpin masquerade fully-random",
+              f"meta mark & {mark:#x} == 0 return",
+              f"meta mark set meta mark ^ {mark:#x}",
+              "masquerade fully-random")
+        services: list[str] = []
         if self.config.masquerade_all:
-            lines.append(f"{svc} {key} @cluster-ips jump mark-for-masquerade")
+            services.append(f"{key} @cluster-ips jump mark-for-masquerade")
         elif detect.active(family):
-            lines.append(f"{svc} {key} @cluster-ips {detect.nft_not_local(family)} "
-                         "jump mark-for-masquerade")
-        lines.append(f"{svc} {key} @external-masq jump mark-for-masquerade")
+            services.append(f"{key} @cluster-ips {detect.nft_not_local(family)} "
+                            "jump mark-for-masquerade")
+        services.append(f"{key} @external-masq jump mark-for-masquerade")
         if detect.active(family):
-            lines.append(f"{svc} {detect.nft_local(family)} {key} vmap @local-shortcut")
-        lines += [
-            f"{svc} fib saddr type local {key} @local-policy jump mark-for-masquerade",
-            f"{svc} fib saddr type local {key} vmap @local-shortcut",
-            f"{svc} {key} vmap @service-ips",
-            f"add chain {t} filter-checks",
-            f"add rule {t} filter-checks {key} @firewall-ips {key} . {ip} saddr != "
-            "@firewall-allow drop",
-            f"add rule {t} filter-checks {key} vmap @no-endpoints",
+            services.append(f"{detect.nft_local(family)} {key} vmap @local-shortcut")
+        services += [
+            f"fib saddr type local {key} @local-policy jump mark-for-masquerade",
+            f"fib saddr type local {key} vmap @local-shortcut",
+            f"{key} vmap @service-ips",
         ]
-        for hook, prio in (("prerouting", "-110"), ("output", "-110")):
-            lines += [
-                f"add chain {t} filter-{hook} {{ type filter hook {hook} priority {prio} ; }}",
-                f"add rule {t} filter-{hook} ct state new jump filter-checks",
-            ]
-        for hook, prio in (("prerouting", "-100"), ("output", "-100")):
-            lines += [
-                f"add chain {t} nat-{hook} {{ type nat hook {hook} priority {prio} ; }}",
-                f"add rule {t} nat-{hook} jump services",
-            ]
-        lines += [
-            f"add chain {t} nat-postrouting {{ type nat hook postrouting priority srcnat ; }}",
-            f"add rule {t} nat-postrouting jump masquerading",
-        ]
-        return lines
+        chain("services", *services)
+        chain("filter-checks",
+              f"{key} @firewall-ips {key} . {ip} saddr != @firewall-allow drop",
+              f"{key} vmap @no-endpoints")
+        for hook in ("prerouting", "output"):
+            chain(f"filter-{hook}", "ct state new jump filter-checks",
+                  base=("filter", hook, "-110"))
+        for hook in ("prerouting", "output"):
+            chain(f"nat-{hook}", "jump services", base=("nat", hook, "-100"))
+        chain("nat-postrouting", "jump masquerading", base=("nat", "postrouting", "srcnat"))
 
     # --- one service port -----------------------------------------------------------------------
 
@@ -443,9 +443,13 @@ class NftablesBackend:
         if sp.affinity_timeout:
             return f"goto {self._affinity_chains(r, sp, endpoints, local_list)}"
         offset = LOCAL_OFFSET if local_list else 0
-        backends = r.elements.setdefault("backends", {})
-        for i, b in enumerate(endpoints, offset):
-            backends[f"{key} . {i}"] = f"{b.ip} . {b.port}"
+        backends = [Element("backends", f"{key} . {i}", f"{b.ip} . {b.port}")
+                    for i, b in enumerate(endpoints, offset)]
+        got = r.elements.get("backends")
+        if got is None:
+            r.elements["backends"] = backends
+        else:
+            got += backends
         chain = f"{'lbl' if local_list else 'lb'}-{len(endpoints)}"
         lb_chains.add(chain)
         return f"goto {chain}"
@@ -457,51 +461,38 @@ class NftablesBackend:
         ip = nft_family(sp.family)
         addr = "ipv4_addr" if sp.family == 4 else "ipv6_addr"
         base = f"aff-{short_hash(str(sp.key), 'local' if local_list else 'cluster', length=12)}"
-        if base in r.chains:
+        if Chain(base) in r.chains:
             return base
         proto = sp.protocol.lower()
-        rules: list[str] = []
+        rules: list[Rule] = []
         targets: list[str] = []
         for b in endpoints:
             ep = f"{base}-{short_hash(str(b), length=8)}"
-            r.sets[ep] = (f"{{ type {addr} ; flags dynamic,timeout ; "
-                          f"timeout {sp.affinity_timeout}s ; }}")
+            r.sets.append(Set(ep, addr, flags="dynamic,timeout", timeout=sp.affinity_timeout))
             dest = f"[{b.ip}]:{b.port}" if sp.family == 6 else f"{b.ip}:{b.port}"
-            r.chains[ep] = (
-                f"update @{ep} {{ {ip} saddr }} meta l4proto {proto} dnat {ip} to {dest}",
+            r.chains[Chain(ep)] = (
+                Rule(ep, f"update @{ep} {{ {ip} saddr }} meta l4proto {proto} dnat {ip} to {dest}"),
             )
-            rules.append(f"{ip} saddr @{ep} goto {ep}")
+            rules.append(Rule(base, f"{ip} saddr @{ep} goto {ep}"))
             targets.append(ep)
         vmap = ", ".join(f"{i} : goto {t}" for i, t in enumerate(targets))
-        rules.append(f"numgen random mod {len(targets)} vmap {{ {vmap} }}")
-        r.chains[base] = tuple(rules)
+        rules.append(Rule(base, f"numgen random mod {len(targets)} vmap {{ {vmap} }}"))
+        r.chains[Chain(base)] = tuple(rules)
         return base
-
-
-def _add_elements(family: Family, name: str, texts: list[str]) -> list[str]:
-    """``add element`` lines for element texts, ``ELEMENT_BATCH`` per line."""
-    fam = nft_family(family)
-    return [f"add element {fam} {TABLE} {name} {{ {', '.join(texts[i : i + ELEMENT_BATCH])} }}\n"
-            for i in range(0, len(texts), ELEMENT_BATCH)]
 
 
 def _hairpin_key(ip: str) -> str:
     return f"{ip} . {ip}"
 
 
-def _element_lines(op: str, fam: str, name: str, elems: Mapping[str, str],
-                   batch: int = ELEMENT_BATCH, *, newline: bool = False) -> list[str]:
-    if op == "add" and any(elems.values()):
-        items = [f"{k} : {v}" if v else k for k, v in elems.items()]
-    else:
-        items = list(elems)
-    end = "\n" if newline else ""
-    return [
-        f"{op} element {fam} {TABLE} {name} {{ {', '.join(chunk)} }}{end}"
-        for chunk in _chunks(items, batch)
-    ]
+def _drain(txs: Mapping[Family, Transaction]) -> Iterator[Transaction]:
+    """What each family's transaction recorded so far, handed out for writing."""
+    for tx in txs.values():
+        if tx:
+            yield Transaction(tx.table, tx.drain())
 
 
-def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def _chunks(txs: Iterable[Transaction]) -> Iterator[str]:
+    """The streaming writer's input: one chunk of ``nft -f`` text per transaction part."""
+    for tx in txs:
+        yield "".join(nft_lines(tx))

@@ -1,12 +1,14 @@
 """The one diff engine of the rule backends.
 
-Each backend turns a service port's state into its share of the kernel objects -- nftables
-elements, chains and sets (``nftables.Rendered``), iptables chains and top-level rules
-(``iptables.Rendered``), IPVS virtual servers with their real servers, link addresses and
-ipset members (``ipvs.Rendered``) -- as dicts keyed by the object's identity. What a port
-holds in the kernel is what its *previous* state renders to (any failed sync makes the next
-one full), so a partial sync renders ``change.previous`` and ``change.current`` and asks
-this module what changed; no backend keeps a rendered copy or diffs by hand.
+Each backend turns a service port's state into its share of the kernel objects, typed
+(``objects.py``) -- nftables elements, chains with their rules and sets
+(``nftables.Rendered``), iptables chains and top-level rules (``iptables.Rendered``), IPVS
+virtual servers with their real servers, link addresses and ipset members
+(``ipvs.Rendered``) -- keyed here by the object's identity (an element's set and key, a
+chain's name). What a port holds in the kernel is what its *previous* state renders to (any
+failed sync makes the next one full), so a partial sync renders ``change.previous`` and
+``change.current``, asks this module what changed and records that in a ``Transaction``; no
+backend keeps a rendered copy or diffs by hand.
 
 Some objects are shared by several ports and exist once in the kernel: nftables hairpin
 pairs (one endpoint in two services), IPVS link addresses (one IP, several ports) and ipset

@@ -98,3 +98,9 @@ def test_every_backend_implements_the_whole_protocol(cls: type) -> None:
         assert hasattr(cls, name), f"{cls.__name__} lacks {name}"
         assert list(inspect.signature(getattr(cls, name)).parameters) == list(
             inspect.signature(getattr(ProxyBackend, name)).parameters), f"{cls.__name__}.{name}"
+
+
+@pytest.mark.parametrize("module", ["objects", "serialize"])
+def test_the_rule_model_and_serializers_import_no_backend(module: str) -> None:
+    """Every backend builds on them; they build on none."""
+    assert reachable(module) & BACKEND_MODULES == set()

@@ -391,8 +391,8 @@ def test_nftables_full_script_order_and_partial_diff_from_previous_state() -> No
     assert "10.96.0.0" not in partial and "10.96.0.2" not in partial
 
 
-def test_nftables_full_sync_fast_path_writes_what_render_gives() -> None:
-    """Plain ClusterIP ports skip render() in a full sync; the elements must be the same."""
+def test_nftables_full_sync_writes_what_render_gives() -> None:
+    """The full sync's elements, batched per set, are exactly what render() gives."""
     from svcnet.proxy.nftables import NftablesBackend
 
     backend = NftablesBackend(FakeCommands(), BackendConfig())
@@ -418,8 +418,8 @@ def test_nftables_full_sync_fast_path_writes_what_render_gives() -> None:
     for sp in state.values():
         r = backend.render(sp)
         for name, elems in r.elements.items():
-            want.setdefault(name, set()).update(f"{k} : {v}" if v else k
-                                                for k, v in elems.items())
+            want.setdefault(name, set()).update(f"{e.key} : {e.value}" if e.value else e.key
+                                                for e in elems)
         want.setdefault("hairpin", set()).update(f"{ip} . {ip}" for ip in r.hairpin)
     assert got == want
     assert "10.96.0.1 . udp . 53 . 1 : 10.1.0.2 . 5353" in got["backends"]
