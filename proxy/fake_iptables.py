@@ -304,7 +304,14 @@ class FakeIpset:
                     if obj.set not in work:
                         raise _Failed(f"{verb} {obj.set}: set does not exist")
                     if verb == "add":
-                        work[obj.set].add(obj.entry)
+                        header = headers.get(obj.set)
+                        members = work[obj.set]
+                        if (header is not None and header.maxelem
+                                and obj.entry not in members
+                                and len(members) >= header.maxelem):
+                            raise _Failed(f"add {obj.set}: Hash is full, cannot add more "
+                                          "elements")
+                        members.add(obj.entry)
                     else:
                         work[obj.set].discard(obj.entry)
                 else:
