@@ -20,8 +20,9 @@ import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
 from svcnet.proxy.commands import CommandFailed
-from svcnet.proxy.objects import IptChain, IptRule, IptTable, Op
+from svcnet.proxy.objects import IpsetMember, IpsetSet, IpsetSwap, IptChain, IptRule, IptTable, Op
 from svcnet.proxy.sealed_input import Seal
 
 BUILTIN = {"nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
@@ -134,8 +135,11 @@ class FakeIptables:
                         base = self._table(family, obj.table)
                         table = work[obj.table] = {c: list(r) for c, r in base.items()}
                     if isinstance(obj, IptRule):
-                        _apply(table, obj.table, ["-A" if verb == "add" else "-D", obj.chain,
-                                                  *shlex.split(obj.spec)])
+                        command = {"add": ["-A", obj.chain], "delete": ["-D", obj.chain],
+                                   "insert": ["-I", obj.chain, "1"]}.get(verb)
+                        if command is None:
+                            raise _Failed(f"{verb} of a rule")
+                        _apply(table, obj.table, [*command, *shlex.split(obj.spec)])
                     elif verb == "flush":
                         if obj.name not in BUILTIN.get(obj.table, ()):
                             table[obj.name] = []
@@ -230,9 +234,12 @@ def _target(rule: str) -> str:
 
 @dataclass(slots=True)
 class FakeIpset:
-    """``ipset restore`` (create, add, del, swap, destroy, flush) and ``ipset list -n``."""
+    """``ipset restore`` (create, add, del, swap, destroy, flush) and ``ipset list -n``, as
+    text or as a typed transaction (``apply_transaction``), all or nothing. A set keeps the
+    header it was created with (swapped with its members, as the kernel swaps sets)."""
 
     sets: dict[str, set[str]] = field(default_factory=dict)
+    headers: dict[str, IpsetSet] = field(default_factory=dict)
 
     def run(self, argv: Sequence[str], *, input: str | None = None, check: bool = True) -> str:
         if list(argv[1:3]) == ["list", "-n"]:
@@ -240,35 +247,97 @@ class FakeIpset:
         if argv[1] != "restore":
             raise CommandFailed(argv, 127, "ipset: not faked")
         exist = "-exist" in argv
-        work = {name: set(members) for name, members in self.sets.items()}
+        ops: list[Op] = []
         for line in (input or "").splitlines():
             words = [w for w in line.split() if w != "-exist"]
             if not words:
                 continue
-            op, name = words[0], words[1]
-            if op != "create" and name not in work:
-                raise CommandFailed(argv, 1, f"{line}: set {name} does not exist")
-            if op == "create":
-                if name in work and not exist:
-                    raise CommandFailed(argv, 1, f"{line}: set exists")
-                work.setdefault(name, set())
-            elif op == "add":
-                work[name].add(words[2])
-            elif op == "del":
-                work[name].discard(words[2])
-            elif op == "flush":
-                work[name].clear()
-            elif op == "destroy":
-                del work[name]
-            elif op == "swap":
-                work[name], work[words[2]] = work[words[2]], work[name]
-            else:
-                raise CommandFailed(argv, 1, f"{line}: unknown command")
-        self.sets = work
+            try:
+                ops.append(_ipset_op(words))
+            except (IndexError, ValueError):
+                raise CommandFailed(argv, 1, f"{line}: syntax error") from None
+        try:
+            self._apply(ops, exist=exist)
+        except _Failed as err:
+            raise CommandFailed(argv, 1, str(err)) from None
         return ""
+
+    def apply_transaction(self, ops: Iterable[Op]) -> None:
+        """What ``ipset restore -exist`` does with ``ipset_lines(ops)``."""
+        try:
+            self._apply(ops, exist=True)
+        except _Failed as err:
+            raise CommandFailed(["ipset", "restore"], 1, str(err)) from None
+
+    def _apply(self, ops: Iterable[Op], *, exist: bool) -> None:
+        work = {name: set(members) for name, members in self.sets.items()}
+        headers = dict(self.headers)
+        for verb, objs in ops:
+            for obj in objs:
+                if isinstance(obj, IpsetSet):
+                    name = obj.name
+                    if verb == "add":
+                        if name in work and not exist:
+                            raise _Failed(f"create {name}: set exists")
+                        work.setdefault(name, set())
+                        headers.setdefault(name, obj)
+                        continue
+                    if name not in work:
+                        raise _Failed(f"{verb} {name}: set does not exist")
+                    if verb == "flush":
+                        work[name].clear()
+                    elif verb == "delete":
+                        del work[name]
+                        headers.pop(name, None)
+                    else:
+                        raise _Failed(f"{verb} of a set")
+                elif isinstance(obj, IpsetSwap):
+                    a, b = obj.set, obj.other
+                    if a not in work or b not in work:
+                        raise _Failed(f"swap {a} {b}: set does not exist")
+                    work[a], work[b] = work[b], work[a]
+                    ha, hb = headers.get(a), headers.get(b)
+                    if ha is not None and hb is not None:
+                        headers[a], headers[b] = (msgspec.structs.replace(hb, name=a),
+                                                  msgspec.structs.replace(ha, name=b))
+                elif isinstance(obj, IpsetMember):
+                    if obj.set not in work:
+                        raise _Failed(f"{verb} {obj.set}: set does not exist")
+                    if verb == "add":
+                        header = headers.get(obj.set)
+                        members = work[obj.set]
+                        if (header is not None and header.maxelem
+                                and obj.entry not in members
+                                and len(members) >= header.maxelem):
+                            raise _Failed(f"add {obj.set}: Hash is full, cannot add more "
+                                          "elements")
+                        members.add(obj.entry)
+                    else:
+                        work[obj.set].discard(obj.entry)
+                else:
+                    raise _Failed(f"not an ipset object: {obj!r}")
+        self.sets = work
+        self.headers = headers
 
     def members(self) -> dict[str, frozenset[str]]:
         return {name: frozenset(m) for name, m in self.sets.items()}
+
+
+def _ipset_op(words: list[str]) -> Op:
+    """One ``ipset restore`` line as the typed operation it serializes."""
+    command, name = words[0], words[1]
+    if command == "create":
+        spec = dict(zip(words[3::2], words[4::2], strict=False))
+        return Op("add", (IpsetSet(name, words[2], spec.get("family", "inet"),
+                                   int(spec.get("hashsize", 1024)),
+                                   int(spec.get("maxelem", 65536))),))
+    if command in ("add", "del"):
+        return Op("add" if command == "add" else "delete", (IpsetMember(name, words[2]),))
+    if command in ("destroy", "flush"):
+        return Op("delete" if command == "destroy" else "flush", (IpsetSet(name),))
+    if command == "swap":
+        return Op("update", (IpsetSwap(name, words[2]),))
+    raise ValueError(command)
 
 
 @dataclass(slots=True)

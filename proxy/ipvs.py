@@ -41,9 +41,18 @@ from svcnet.proxy.ipvs_kernel import (
     ServiceOptions,
     VirtualServer,
 )
-from svcnet.proxy.objects import IpsetMember, IpvsDest, IpvsService, Transaction
+from svcnet.proxy.objects import (
+    IpsetMember,
+    IpsetSet,
+    IpsetSwap,
+    IptChain,
+    IptRule,
+    IpvsDest,
+    IpvsService,
+    Transaction,
+)
 from svcnet.proxy.rules import Shared, diff
-from svcnet.proxy.serialize import apply_ipvs, ipset_lines
+from svcnet.proxy.serialize import apply_ipvs, ipset_lines, restore_lines
 from svcnet.proxy.state import Changes, Family, FrontendKind, PortKey, ServicePortState
 
 from svcnet.iptables_save import is_declaration, rule_target, save_lines, spec_of
@@ -180,14 +189,16 @@ class IpvsBackend:
         for family in self.config.families:
             tool = _iptables(family)
             saved = self.commands.run([f"{tool}-save"], check=False)
-            script = self._removal_script(saved)
-            if script:
-                self.commands.run([f"{tool}-restore", "--noflush"], input=script)
+            removal = self.removal_transaction(saved)
+            if removal:
+                self.commands.run([f"{tool}-restore", "--noflush"],
+                                  input="".join(restore_lines(removal.ops)))
         existing = set(self.commands.run(["ipset", "list", "-n"], check=False).split())
         doomed = [set_name(base, f) for f in (4, 6) for base in SET_TYPES]
-        lines = [f"destroy {name}" for name in doomed if name in existing]
-        if lines:
-            self.commands.run(["ipset", "restore"], input="\n".join(lines) + "\n")
+        sets = Transaction()
+        sets.delete_all(IpsetSet(name) for name in doomed if name in existing)
+        if sets:
+            self.commands.run(["ipset", "restore"], input="".join(ipset_lines(sets.ops)))
         self._servers.reset()
         self._addresses.reset()
         self._members.reset()
@@ -358,62 +369,82 @@ class IpvsBackend:
     # --- link, sets, rules ------------------------------------------------------------------
 
     def _rules(self, family: Family, saved: str) -> str:
-        """Our chains for ``iptables-restore --noflush``, plus jumps missing from ``saved``."""
+        """Our chains as ``iptables-restore --noflush`` input (see ``rules_transaction``)."""
+        return "".join(restore_lines(self.rules_transaction(family, saved).ops))
+
+    def rules_transaction(self, family: Family, saved: str) -> Transaction:
+        """Our chains declared (created or emptied) with their rules, plus the jumps into
+        them missing from ``saved``, put first in their built-in chains."""
         mark = f"{self.config.masq_mark:#x}"
         cluster, external = set_name(SET_CLUSTER_IP, family), set_name(SET_EXTERNAL, family)
         detect = self.config.detect_local
-        lines = ["*nat"] + [f":{c} - [0:0]" for c in (CHAIN_SERVICES, CHAIN_MARK,
-                                                      CHAIN_NOT_LOCAL, CHAIN_POSTROUTING)]
-        lines.append(f"-A {CHAIN_MARK} -j MARK --or-mark {mark}")
-        match_cluster = f"-A {CHAIN_SERVICES} -m set --match-set {cluster} dst,dst"
+
+        def nat(chain: str, spec: str) -> IptRule:
+            return IptRule("nat", chain, spec)
+
+        tx = Transaction()
+        for chain in (CHAIN_SERVICES, CHAIN_MARK, CHAIN_NOT_LOCAL, CHAIN_POSTROUTING):
+            tx.flush(IptChain("nat", chain))
+        rules = [nat(CHAIN_MARK, f"-j MARK --or-mark {mark}")]
+        match_cluster = f"-m set --match-set {cluster} dst,dst"
         if self.config.masquerade_all:
-            lines.append(f"{match_cluster} -j {CHAIN_MARK}")
+            rules.append(nat(CHAIN_SERVICES, f"{match_cluster} -j {CHAIN_MARK}"))
         elif detect.active(family):
-            lines.append(detect.iptables_masquerade(match_cluster, family, CHAIN_MARK,
-                                                    CHAIN_NOT_LOCAL))
-            lines += detect.iptables_not_local_chain(family, CHAIN_MARK, CHAIN_NOT_LOCAL)
-        lines += [
-            f"-A {CHAIN_SERVICES} -m set --match-set {external} dst,dst -j {CHAIN_MARK}",
-            f"-A {CHAIN_POSTROUTING} -m set --match-set {set_name(SET_LOOP_BACK, family)} "
-            "dst,dst,src -j MASQUERADE",
-            f"-A {CHAIN_POSTROUTING} -m mark ! --mark {mark}/{mark} -j RETURN",
-            f"-A {CHAIN_POSTROUTING} -j MARK --xor-mark {mark}",
-            f"-A {CHAIN_POSTROUTING} -j MASQUERADE --random-fully",
-            *self._missing_jumps("nat", saved),
-            "COMMIT", "*filter", f":{CHAIN_FILTER} - [0:0]",
-            f"-A {CHAIN_FILTER} -m conntrack --ctstate NEW -m set --match-set "
-            f"{set_name(SET_NO_ENDPOINTS, family)} dst,dst -j REJECT",
-            f"-A {CHAIN_FILTER} -m conntrack --ctstate NEW -m set --match-set "
-            f"{set_name(SET_NO_LOCAL, family)} dst,dst -j DROP",
-            *self._missing_jumps("filter", saved),
-            "COMMIT", "",
+            rules.append(nat(CHAIN_SERVICES, detect.iptables_masquerade(
+                match_cluster, family, CHAIN_MARK, CHAIN_NOT_LOCAL)))
+            rules += [nat(CHAIN_NOT_LOCAL, spec)
+                      for spec in detect.iptables_not_local_specs(family, CHAIN_MARK)]
+        rules += [
+            nat(CHAIN_SERVICES, f"-m set --match-set {external} dst,dst -j {CHAIN_MARK}"),
+            nat(CHAIN_POSTROUTING, f"-m set --match-set {set_name(SET_LOOP_BACK, family)} "
+                "dst,dst,src -j MASQUERADE"),
+            nat(CHAIN_POSTROUTING, f"-m mark ! --mark {mark}/{mark} -j RETURN"),
+            nat(CHAIN_POSTROUTING, f"-j MARK --xor-mark {mark}"),
+            nat(CHAIN_POSTROUTING, "-j MASQUERADE --random-fully"),
         ]
-        return "\n".join(lines)
+        tx.add_all(rules)
+        self._insert_missing_jumps(tx, "nat", saved)
+        tx.flush(IptChain("filter", CHAIN_FILTER))
+        tx.add_all([
+            IptRule("filter", CHAIN_FILTER, "-m conntrack --ctstate NEW -m set --match-set "
+                    f"{set_name(SET_NO_ENDPOINTS, family)} dst,dst -j REJECT"),
+            IptRule("filter", CHAIN_FILTER, "-m conntrack --ctstate NEW -m set --match-set "
+                    f"{set_name(SET_NO_LOCAL, family)} dst,dst -j DROP"),
+        ])
+        self._insert_missing_jumps(tx, "filter", saved)
+        return tx
 
     @staticmethod
     def _removal_script(saved: str) -> str:
         """An ``iptables-restore --noflush`` script deleting our jumps and chains."""
+        return "".join(restore_lines(IpvsBackend.removal_transaction(saved).ops))
+
+    @staticmethod
+    def removal_transaction(saved: str) -> Transaction:
+        """Per table: other chains' jumps into ours deleted, ours flushed, then deleted."""
         ours = {CHAIN_SERVICES, CHAIN_MARK, CHAIN_NOT_LOCAL, CHAIN_POSTROUTING, CHAIN_FILTER}
-        tables: dict[str, list[str]] = {}
+        jumps: dict[str, list[IptRule]] = {}
+        chains: dict[str, list[IptChain]] = {}
         for table, chain, line in save_lines(saved):
             if is_declaration(line):
                 if chain in ours:
-                    tables.setdefault(table, []).extend([f"-F {chain}", f"-X {chain}"])
-            elif chain not in ours and rule_target(spec_of(chain, line)) in ours:
-                tables.setdefault(table, []).insert(0, "-D" + line[2:])
-        out: list[str] = []
-        for table, lines in tables.items():
-            flushes = [x for x in lines if x.startswith("-F")]
-            deletes = [x for x in lines if x.startswith("-D")]
-            removes = [x for x in lines if x.startswith("-X")]
-            out += [f"*{table}", *deletes, *flushes, *removes, "COMMIT"]
-        return "\n".join(out) + "\n" if out else ""
+                    chains.setdefault(table, []).append(IptChain(table, chain))
+            elif chain not in ours and rule_target(spec := spec_of(chain, line)) in ours:
+                jumps.setdefault(table, []).append(IptRule(table, chain, spec))
+        tx = Transaction()
+        for table in dict.fromkeys([*jumps, *chains]):
+            tx.delete_all(reversed(jumps.get(table, [])))
+            for ours_chain in chains.get(table, []):
+                tx.flush(ours_chain)
+            tx.delete_all(chains.get(table, []))
+        return tx
 
     @staticmethod
-    def _missing_jumps(table: str, saved: str) -> list[str]:
+    def _insert_missing_jumps(tx: Transaction, table: str, saved: str) -> None:
         present = {line for t, _, line in save_lines(saved) if t == table}
-        return [f"-I {chain} 1 -j {target}" for t, chain, target in JUMPS
-                if t == table and f"-A {chain} -j {target}" not in present]
+        for t, chain, target in JUMPS:
+            if t == table and f"-A {chain} -j {target}" not in present:
+                tx.insert(IptRule(table, chain, f"-j {target}"))
 
     def _link_state(self) -> tuple[bool, set[str]]:
         """Whether our link exists, and its global addresses."""
@@ -458,15 +489,16 @@ class IpvsBackend:
         for m in sorted(self._members):
             by_set.setdefault(m.set, []).append(m.entry)
         self._set_lengths = Counter({s: len(ms) for s, ms in by_set.items()})
-        lines = set_restore_lines(self.config.families, by_set, existing, self._set_capacity)
-        self.commands.run(["ipset", "restore", "-exist"], input="\n".join(lines) + "\n")
+        tx = sets_transaction(self.config.families, by_set, existing, self._set_capacity)
+        self.commands.run(["ipset", "restore", "-exist"], input="".join(ipset_lines(tx.ops)))
 
 
-def set_restore_lines(families: Iterable[Family], members: Mapping[str, list[str]],
-                      existing: set[str], capacity: dict[str, int]) -> list[str]:
-    """``ipset restore`` input replacing every set of ours with one holding ``members``
-    (per set name), each sized by ``set_size``; records each set's maxelem in ``capacity``."""
-    lines: list[str] = []
+def sets_transaction(families: Iterable[Family], members: Mapping[str, list[str]],
+                     existing: set[str], capacity: dict[str, int]) -> Transaction:
+    """Every set of ours replaced by one holding ``members`` (per set name), each sized by
+    ``set_size``: created if missing, filled under a temporary name, swapped in; records
+    each set's maxelem in ``capacity``."""
+    tx = Transaction()
     for family in families:
         inet = "inet" if family == 4 else "inet6"
         for base, kind in SET_TYPES.items():
@@ -474,16 +506,16 @@ def set_restore_lines(families: Iterable[Family], members: Mapping[str, list[str
             tmp = f"{name}-T"[:31]
             want = members.get(name, [])
             hashsize, maxelem = set_size(len(want))
-            spec = f"{kind} family {inet} hashsize {hashsize} maxelem {maxelem}"
             if name not in existing:
-                lines.append(f"create {name} {spec}")
+                tx.add(IpsetSet(name, kind, inet, hashsize, maxelem))
             if tmp in existing:  # left by a run that died mid-way, perhaps another size
-                lines.append(f"destroy {tmp}")
-            lines.append(f"create {tmp} {spec}")
-            lines += [f"add {tmp} {m}" for m in want]
-            lines += [f"swap {tmp} {name}", f"destroy {tmp}"]
+                tx.delete(IpsetSet(tmp))
+            tx.add(IpsetSet(tmp, kind, inet, hashsize, maxelem))
+            tx.add_all(IpsetMember(tmp, m) for m in want)
+            tx.update(IpsetSwap(tmp, name))
+            tx.delete(IpsetSet(tmp))
             capacity[name] = maxelem
-    return lines
+    return tx
 
 
 def _iptables(family: Family) -> str:

@@ -24,8 +24,10 @@ from msgspec import Struct
 from svcnet.proxy.ipvs_kernel import RealServer, ServiceOptions, VirtualServer
 
 # "update": change an existing object's attributes in place (an IPVS service's scheduler,
-# a real server's weight), which IPVS does and the rule tools do not.
-Verb = Literal["add", "delete", "flush", "update"]
+# a real server's weight; the contents of two ipsets exchanged), which IPVS and ipset do and
+# the rule tools do not. "insert": an iptables rule put first in its chain (a jump into our
+# chains from a built-in one must run before what others appended).
+Verb = Literal["add", "delete", "flush", "update", "insert"]
 
 # --- nftables (one table per transaction) ----------------------------------------------------
 
@@ -106,6 +108,26 @@ class IpsetMember(Struct, frozen=True, gc=False, order=True):
     entry: str  # "10.96.0.1,tcp:80"
 
 
+class IpsetSet(Struct, frozen=True, gc=False):
+    """A set as created (``add``); ``delete`` (destroy) and ``flush`` need only its name.
+    ``create`` cannot resize an existing set, so a set that must grow is replaced by a
+    bigger one, filled under a temporary name and swapped in (``IpsetSwap``)."""
+
+    name: str
+    type: str = ""  # "hash:ip,port"
+    family: str = ""  # "inet" / "inet6"
+    hashsize: int = 0
+    maxelem: int = 0
+
+
+class IpsetSwap(Struct, frozen=True, gc=False):
+    """``update``: exchange the contents (members and sizes) of two existing sets, at once
+    for the packets matching them."""
+
+    set: str
+    other: str
+
+
 # --- IPVS (the kernel's own records, from its adapter) -----------------------------------
 
 
@@ -160,6 +182,9 @@ class Transaction:
 
     def update(self, obj: object) -> None:
         self.ops.append(Op("update", (obj,)))
+
+    def insert(self, obj: object) -> None:
+        self.ops.append(Op("insert", (obj,)))
 
     def add_all(self, objs: Iterable[object]) -> None:
         self._record("add", objs)

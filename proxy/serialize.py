@@ -16,6 +16,8 @@ from svcnet.proxy.objects import (
     Chain,
     Element,
     IpsetMember,
+    IpsetSet,
+    IpsetSwap,
     IptChain,
     IptRule,
     IptTable,
@@ -119,23 +121,31 @@ def _nft_command(t: str, verb: str, obj: object) -> str:
 LIST_TABLE = "-S"
 
 
+# A rule's command by verb, around its chain: "-I CHAIN 1" puts it first.
+_RULE_COMMAND = {"add": ("-A", ""), "delete": ("-D", ""), "insert": ("-I", " 1")}
+
+
 def restore_lines(ops: Iterable[Op]) -> Iterator[str]:
     """``iptables-restore --noflush`` input of ``ops``, which may still be being recorded,
     as one piece of text (whole lines) per operation: a ``*table`` header whenever the
     table changes, ``COMMIT`` after each. ``add`` of a chain creates it (``-N``: it must
     not exist), ``flush`` declares it (creates or empties it), ``delete`` removes it
     (``-X``: it must be empty and unreferenced); ``flush`` of a table (``IptTable``) makes
-    iptables-nft read the whole table at once (see ``iptables.WHOLE_TABLE_CACHE``)."""
+    iptables-nft read the whole table at once (see ``iptables.WHOLE_TABLE_CACHE``);
+    ``insert`` of a rule puts it first in its chain (``-I CHAIN 1``)."""
     table = ""
     for verb, objs in ops:
         out: list[str] = []
         for obj in objs:
             if isinstance(obj, IptRule):
-                if verb == "flush":
-                    raise ValueError("flush of a rule")
+                if verb not in _RULE_COMMAND:
+                    raise ValueError(f"{verb} of a rule")
+                command, position = _RULE_COMMAND[verb]
                 name = obj.table
-                line = f"{'-A' if verb == 'add' else '-D'} {obj.chain} {obj.spec}\n"
+                line = f"{command} {obj.chain}{position} {obj.spec}\n"
             elif isinstance(obj, IptChain):
+                if verb not in ("add", "flush", "delete"):
+                    raise ValueError(f"{verb} of a chain")
                 name = obj.table
                 line = (f"-N {obj.name}\n" if verb == "add" else f":{obj.name} - [0:0]\n"
                         if verb == "flush" else f"-X {obj.name}\n")
@@ -160,14 +170,29 @@ def restore_lines(ops: Iterable[Op]) -> Iterator[str]:
 # --- ipset restore --------------------------------------------------------------------------
 
 def ipset_lines(ops: Iterable[Op]) -> Iterator[str]:
-    """``ipset restore -exist`` lines of member additions and removals (a set's creation,
-    sizing and swap stay with ``ipvs.set_restore_lines``)."""
+    """``ipset restore -exist`` lines: sets created (``add``, with type, family and size),
+    flushed and destroyed (``delete``), members added and removed, two sets' contents
+    swapped (``update`` of an ``IpsetSwap``)."""
     for verb, objs in ops:
-        word = {"add": "add", "delete": "del"}[verb]
         for obj in objs:
-            if not isinstance(obj, IpsetMember):
-                raise TypeError(f"not an ipset member: {obj!r}")
-            yield f"{word} {obj.set} {obj.entry} -exist\n"
+            if isinstance(obj, IpsetMember):
+                if verb not in ("add", "delete"):
+                    raise ValueError(f"{verb} of an ipset member")
+                yield f"{'add' if verb == 'add' else 'del'} {obj.set} {obj.entry} -exist\n"
+            elif isinstance(obj, IpsetSet):
+                if verb == "add":
+                    yield (f"create {obj.name} {obj.type} family {obj.family} "
+                           f"hashsize {obj.hashsize} maxelem {obj.maxelem}\n")
+                elif verb in ("delete", "flush"):
+                    yield f"{'destroy' if verb == 'delete' else 'flush'} {obj.name}\n"
+                else:
+                    raise ValueError(f"{verb} of an ipset")
+            elif isinstance(obj, IpsetSwap):
+                if verb != "update":
+                    raise ValueError(f"{verb} of an ipset swap")
+                yield f"swap {obj.set} {obj.other}\n"
+            else:
+                raise TypeError(f"not an ipset object: {obj!r}")
 
 
 # --- IPVS (netlink) -------------------------------------------------------------------------

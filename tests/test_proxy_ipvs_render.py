@@ -191,7 +191,7 @@ def test_cleanup_script_removes_only_our_jumps_and_chains() -> None:
         "-A SVCNET-IPVS-SERVICES -m set --match-set X dst,dst -j SVCNET-IPVS-MARK-MASQ",
         "COMMIT"])
     assert IpvsBackend._removal_script(saved) == (
-        "*nat\n-D PREROUTING -j SVCNET-IPVS-SERVICES\n-F SVCNET-IPVS-SERVICES\n"
+        "*nat\n-D PREROUTING -j SVCNET-IPVS-SERVICES\n:SVCNET-IPVS-SERVICES - [0:0]\n"
         "-X SVCNET-IPVS-SERVICES\nCOMMIT\n")
     assert IpvsBackend._removal_script("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n") == ""
 

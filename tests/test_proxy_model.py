@@ -206,3 +206,107 @@ def test_ipvs_and_ipset_serializers() -> None:
     assert "".join(ipset_lines(members.ops)) == (
         "del KUBE-CLUSTER-IP 10.96.0.1,tcp:80 -exist\n"
         "add KUBE-CLUSTER-IP 10.96.0.2,tcp:80 -exist\n")
+
+
+IPVS_DETECT = {
+    "cidr": BackendConfig(families=(4, 6), detect_local=LocalDetector(
+        "ClusterCIDR", ("10.1.0.0/16", "fd00:1::/64"))),
+    "two-cidrs": BackendConfig(families=(4,), detect_local=LocalDetector(
+        "ClusterCIDR", ("10.1.0.0/16", "10.2.0.0/16"))),
+    "bridge": BackendConfig(families=(4, 6), detect_local=LocalDetector(
+        "BridgeInterface", (), "br0")),
+    "masquerade-all": BackendConfig(families=(4,), masquerade_all=True),
+}
+
+
+@pytest.mark.parametrize("config", IPVS_DETECT.values(), ids=IPVS_DETECT.keys())
+def test_ipvs_rules_and_removal_as_objects_equal_their_text(config: BackendConfig) -> None:
+    """The IPVS backend's own chains, the jumps into them (put first, once) and their
+    removal, applied to the iptables fake as objects and as ``restore_lines`` text."""
+    from svcnet.proxy.fake_iptables import FakeIptables
+    from svcnet.proxy.ipvs import CHAIN_SERVICES, IpvsBackend
+    from svcnet.proxy.ipvs_kernel import FakeIpvs
+    from svcnet.proxy.serialize import restore_lines
+
+    backend = IpvsBackend(FakeIpvs(), FakeIptables(), config)
+    for family in config.families:
+        tool = "iptables-restore" if family == 4 else "ip6tables-restore"
+        typed, text = FakeIptables(), FakeIptables()
+        for fake in (typed, text):
+            fake.run([tool], input="*nat\n:OTHER - [0:0]\n-A PREROUTING -j OTHER\nCOMMIT\n")
+
+        def apply(tx: Transaction, typed: FakeIptables = typed, text: FakeIptables = text,
+                  family: Family = family, tool: str = tool) -> None:
+            typed.apply_transaction(family, tx.ops)
+            text.run([tool, "--noflush"], input="".join(restore_lines(tx.ops)))
+            assert typed.save(family) == text.save(family)
+
+        first = backend.rules_transaction(family, typed.save(family))
+        assert ("insert", "IptRule") in {(v, type(o).__name__) for v, o in first.operations()}
+        apply(first)
+        again = backend.rules_transaction(family, typed.save(family))
+        assert "insert" not in {v for v, _ in again.operations()}, "jumps already there"
+        apply(again)
+        nat = typed.tables[family, "nat"]
+        assert nat["PREROUTING"] == [f"-j {CHAIN_SERVICES}", "-j OTHER"]
+        assert nat["OUTPUT"] == [f"-j {CHAIN_SERVICES}"]
+        removal = backend.removal_transaction(typed.save(family))
+        assert {v for v, _ in removal.operations()} == {"delete", "flush"}
+        apply(removal)
+        assert "SVCNET" not in typed.save(family)
+        assert typed.tables[family, "nat"]["PREROUTING"] == ["-j OTHER"]
+        assert not backend.removal_transaction(typed.save(family))
+
+
+def test_ipvs_set_replacement_as_objects_equals_its_text() -> None:
+    """The full sync's ipset replacement (create sized, fill a temporary set, swap,
+    destroy; a leftover temporary set destroyed first), and the cleanup's destroys, applied
+    to the ipset fake as objects and as ``ipset_lines`` text: same members and headers."""
+    from svcnet.proxy.fake_iptables import FakeIpset
+    from svcnet.proxy.ipvs import SET_TYPES, set_name, set_size, sets_transaction
+    from svcnet.proxy.objects import IpsetMember, IpsetSet
+    from svcnet.proxy.serialize import ipset_lines
+
+    typed, text = FakeIpset(), FakeIpset()
+    for fake in (typed, text):
+        fake.run(["ipset", "restore"], input=(
+            "create SVCNET-CLUSTER-IP hash:ip,port family inet hashsize 1024 maxelem 65536\n"
+            "add SVCNET-CLUSTER-IP 10.96.9.9,tcp:80\n"
+            "create SVCNET-LOOP-BACK-T hash:ip,port,ip family inet hashsize 1024 "
+            "maxelem 65536\n"))
+
+    def apply(tx: Transaction) -> None:
+        typed.apply_transaction(tx.ops)
+        text.run(["ipset", "restore", "-exist"], input="".join(ipset_lines(tx.ops)))
+        assert typed.members() == text.members()
+        assert typed.headers == text.headers
+
+    loop_back = [f"10.1.{i // 256}.{i % 256},tcp:8080,10.1.{i // 256}.{i % 256}"
+                 for i in range(70_000)]  # past ipset's default maxelem
+    members = {"SVCNET-CLUSTER-IP": ["10.96.0.1,tcp:80", "10.96.0.2,udp:53"],
+               "SVCNET-LOOP-BACK": loop_back}
+    capacity: dict[str, int] = {}
+    apply(sets_transaction((4, 6), members, set(typed.sets), capacity))
+    names = {set_name(base, f) for f in (4, 6) for base in SET_TYPES}
+    assert set(typed.sets) == names, "temporary sets gone"
+    assert typed.sets["SVCNET-CLUSTER-IP"] == set(members["SVCNET-CLUSTER-IP"])
+    assert len(typed.sets["SVCNET-LOOP-BACK"]) == len(loop_back)
+    hashsize, maxelem = set_size(len(loop_back))
+    assert typed.headers["SVCNET-LOOP-BACK"] == IpsetSet(
+        "SVCNET-LOOP-BACK", "hash:ip,port,ip", "inet", hashsize, maxelem)
+    assert typed.headers["SVCNET-CLUSTER-IP-6"].family == "inet6"
+    assert capacity["SVCNET-LOOP-BACK"] == maxelem
+    full = Transaction()
+    full.add(IpsetSet("SMALL", "hash:ip,port", "inet", 1024, 1))
+    full.add_all([IpsetMember("SMALL", "10.96.0.1,tcp:80"),
+                  IpsetMember("SMALL", "10.96.0.2,tcp:80")])
+    for run in (lambda: typed.apply_transaction(full.ops),
+                lambda: typed.run(["ipset", "restore", "-exist"],
+                                  input="".join(ipset_lines(full.ops)))):
+        with pytest.raises(CommandFailed, match="Hash is full"):
+            run()
+        assert "SMALL" not in typed.sets, "all or nothing"
+    gone = Transaction()
+    gone.delete_all(IpsetSet(name) for name in sorted(names))
+    apply(gone)
+    assert typed.sets == {}
