@@ -30,6 +30,7 @@ credited to the first policy by name (``Grant`` order).
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import ipaddress
@@ -490,18 +491,22 @@ def _sweep_class(parts: list[tuple[int, int, int, int]],
             here = _merge(sorted(r for i in ids for r in _merged(peers_of[i], family, swept)))
         if here:
             ranges[span] = here
-    return list(_disjoint(ranges))
+    return _disjoint(ranges)
 
 
 def _merged(peers: tuple[AddressRange, ...], family: Family, swept: Swept
             ) -> list[tuple[int, int]]:
     """A peers tuple's ranges of one family, merged (``_merge``), once per render: the
-    same tuple is a peer of many groups."""
+    same tuple is a peer of many groups. The tuple is sorted in C (the state's come sorted:
+    a linear pass) and cut at the family boundary, so no per-range work is in Python but
+    the merge."""
     key = ("merged", id(peers), family)
     found = swept.get(key)
     if found is None:
-        found = swept[key] = _merge(sorted(  # type: ignore[assignment]
-            (a.first, a.last) for a in peers if a.family == family))
+        ordered = sorted(peers)
+        cut = bisect.bisect_left(ordered, (6,))
+        found = swept[key] = _merge_peers(  # type: ignore[assignment]
+            ordered[:cut] if family == 4 else ordered[cut:])
     return found  # type: ignore[return-value]
 
 
@@ -512,6 +517,23 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     lo, hi = ranges[0]
     for a_lo, a_hi in ranges:
+        if a_lo > hi + 1:
+            out.append((lo, hi))
+            lo, hi = a_lo, a_hi
+        elif a_hi > hi:
+            hi = a_hi
+    out.append((lo, hi))
+    return out
+
+
+def _merge_peers(ranges: list[AddressRange]) -> list[tuple[int, int]]:
+    """``_merge`` of sorted ranges of one family, read from the ``AddressRange`` as they
+    are (no pairs built first: the peers of a cold render are ~100k ranges)."""
+    if not ranges:
+        return []
+    out: list[tuple[int, int]] = []
+    _, lo, hi = ranges[0]
+    for _, a_lo, a_hi in ranges:
         if a_lo > hi + 1:
             out.append((lo, hi))
             lo, hi = a_lo, a_hi
@@ -534,7 +556,7 @@ def _address_text(family: Family, first: int, last: int) -> str:
 
 
 def _disjoint(ranges: Mapping[tuple[int, int, int], list[tuple[int, int]]]
-              ) -> Iterator[tuple[int, int, tuple[tuple[int, int, int], ...]]]:
+              ) -> list[tuple[int, int, tuple[tuple[int, int, int], ...]]]:
     """Sweep the address axis: yield (first, last, port segments) for maximal address
     ranges over which the covering (port range, rank) spans do not change, each port
     segment credited to the lowest-ranked span covering it.
@@ -545,6 +567,11 @@ def _disjoint(ranges: Mapping[tuple[int, int, int], list[tuple[int, int]]]
     allowed on the same ports (the common case) cost one XOR and one dictionary look-up
     each."""
     spans = list(ranges)
+    if len(spans) == 1:  # merged ranges never touch: each is a box as it is
+        only = (spans[0],)
+        return [(lo, hi, only) for lo, hi in ranges[spans[0]]]
+    out: list[tuple[int, int, tuple[tuple[int, int, int], ...]]] = []
+    add = out.append
     events: dict[int, int] = {}
     get = events.get
     for bit, span in enumerate(spans):
@@ -565,8 +592,9 @@ def _disjoint(ranges: Mapping[tuple[int, int, int], list[tuple[int, int]]]
         if now == segments:
             continue
         if segments:
-            yield start, point - 1, segments
+            add((start, point - 1, segments))
         segments, start = now, point
+    return out
 
 
 def _port_segments(active: Iterable[tuple[int, int, int]]) -> tuple[tuple[int, int, int], ...]:
