@@ -217,7 +217,7 @@ class PolicyEnforcer:
         out: list[Rendered] = []
         groups = compute_stream(*objects, node_name=self.opts.node_name, memo=self._memo,
                                 out=states)
-        with gc_paused():
+        with gc_paused(long_lived=True):
             apply_script(self.commands, stream_full_computing(
                 groups, states, out, log=self.opts.log_denied, cache=self._elements,
                 log_group=self.opts.log_group))

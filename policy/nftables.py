@@ -30,6 +30,7 @@ credited to the first policy by name (``Grant`` order).
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import ipaddress
@@ -176,7 +177,7 @@ def _render(groups: Iterator[Group], states: list[PolicyState], log: bool,
     old_cache = dict(cache.elements) if cache is not None else {}
     new_cache: dict[tuple[str, int], tuple[Group, dict[str, str]]] = {}
     swept: Swept = {}
-    addresses: dict[tuple[int, int, int], str] = {}
+    texts = _Texts()
     for group in groups:
         d = "in" if group.direction == "ingress" else "out"
         name = group.name
@@ -208,7 +209,7 @@ def _render(groups: Iterator[Group], states: list[PolicyState], log: bool,
             hit = old_cache.get((name, family))
             found = hit[1] if hit is not None and (hit[0] is group or hit[0] == group) else None
             if found is None:
-                found = _element_map(group, family, swept, addresses)  # type: ignore[arg-type]
+                found = _element_map(group, family, swept, texts)  # type: ignore[arg-type]
             elements[f"{name}-{family}"] = found
             new_cache[name, family] = (group, found)
             if stream:
@@ -307,7 +308,7 @@ def _patch(state: PolicyState, cache: ElementCache, log: bool, log_group: int | 
             if not uses[pid]:
                 del uses[pid], policies[pid]
     swept: Swept = {}
-    addresses: dict[tuple[int, int, int], str] = {}
+    texts = _Texts()
     for name, group in state.groups.items():
         if before.groups.get(name) is group:
             continue
@@ -328,7 +329,7 @@ def _patch(state: PolicyState, cache: ElementCache, log: bool, log_group: int | 
             if hit is not None and hit[0] == group:  # rebuilt, but the same grants
                 found = hit[1]
             else:
-                found = _element_map(group, family, swept, addresses)  # type: ignore[arg-type]
+                found = _element_map(group, family, swept, texts)  # type: ignore[arg-type]
             elements[f"{name}-{family}"] = found
             cache.elements[name, family] = (group, found)
             touched[f"{name}-{family}"] = None
@@ -362,37 +363,79 @@ shape (one policy per namespace, say) share peer tuples and port ranges, so thei
 and sweeps are the same up to policy names."""
 
 
+class _Texts:
+    """One render's element key parts, each formatted once: the address texts by (first,
+    last) per family, and per protocol class the tails (`` . proto . ports``) and ranks of
+    each port-segments tuple. Those tuples are keyed by identity: the render's sweeps
+    (``Swept``) share one tuple between the addresses allowed on the same ports, and the
+    entry keeps it alive, so an id is never reused while it is cached."""
+
+    __slots__ = ("addresses", "tails")
+
+    def __init__(self) -> None:
+        self.addresses: dict[int, dict[tuple[int, int], str]] = {4: {}, 6: {}}
+        self.tails: dict[tuple[int, int], dict[int, tuple[object, tuple[str, ...],
+                                                         tuple[int, ...]]]] = {}
+
+
 def group_elements(group: Group, family: Family, swept: Swept | None = None,
-                   addresses: dict[tuple[int, int, int], str] | None = None,
-                   ) -> Iterator[tuple[str, str]]:
+                   texts: _Texts | None = None) -> Iterator[tuple[str, str]]:
     """(element key, policy id) of a group's map for one family: disjoint boxes of
     peer address range . protocol range . port range."""
     ranked, classes = _boxes(group, family, {} if swept is None else swept)
     ids = [policy_id(p) for p in ranked]
-    for key, r_ in _element_keys(family, classes, {} if addresses is None else addresses):
+    keys, ranks = _element_keys(family, classes, _Texts() if texts is None else texts)
+    for key, r_ in zip(keys, ranks, strict=True):
         yield key, ids[r_]
 
 
-def _element_map(group: Group, family: Family, swept: Swept,
-                 addresses: dict[tuple[int, int, int], str]) -> dict[str, str]:
+def _element_map(group: Group, family: Family, swept: Swept, texts: _Texts
+                 ) -> dict[str, str]:
     """``group_elements`` as the map's {key: verdict} (the render's hot loop)."""
     ranked, classes = _boxes(group, family, swept)
     d = "in" if group.direction == "ingress" else "out"
     verdicts = [f"goto allow-{d}-{policy_id(p)}" for p in ranked]
-    return {key: verdicts[r_] for key, r_ in _element_keys(family, classes, addresses)}
+    keys, ranks = _element_keys(family, classes, texts)
+    return dict(zip(keys, map(verdicts.__getitem__, ranks), strict=True))
 
 
-def _element_keys(family: Family, classes: list[tuple[tuple[int, int], Any]],
-                  addresses: dict[tuple[int, int, int], str]) -> Iterator[tuple[str, int]]:
+def _element_keys(family: Family, classes: list[tuple[tuple[int, int], Any]], texts: _Texts
+                  ) -> tuple[list[str], list[int]]:
+    """The keys of a group's boxes and the rank each is credited to. An address allowed
+    on one port segment (most are) costs two dictionary look-ups and one concatenation."""
+    keys: list[str] = []
+    ranks: list[int] = []
+    add_key, add_rank = keys.append, ranks.append
+    addresses = texts.addresses[family]
+    addr_get = addresses.get
     for cls, ranges in classes:
-        proto = str(cls[0]) if cls[0] == cls[1] else f"{cls[0]}-{cls[1]}"
+        tails = texts.tails.get(cls)
+        if tails is None:
+            tails = texts.tails[cls] = {}
+        tails_get = tails.get
         for a_lo, a_hi, ports in ranges:
-            addr = addresses.get((family, a_lo, a_hi))
+            addr = addr_get((a_lo, a_hi))
             if addr is None:
-                addr = addresses[family, a_lo, a_hi] = _address_text(family, a_lo, a_hi)
-            head = f"{addr} . {proto} . "
-            for p_lo, p_hi, r_ in ports:
-                yield head + (str(p_lo) if p_lo == p_hi else f"{p_lo}-{p_hi}"), r_
+                addr = addresses[a_lo, a_hi] = _address_text(family, a_lo, a_hi)
+            found = tails_get(id(ports))
+            if found is None:
+                found = tails[id(ports)] = _tails(cls, ports)
+            _, ends, owners = found
+            if len(ends) == 1:
+                add_key(addr + ends[0])
+                add_rank(owners[0])
+            else:
+                keys += [addr + end for end in ends]
+                ranks += owners
+    return keys, ranks
+
+
+def _tails(cls: tuple[int, int], ports: tuple[tuple[int, int, int], ...]
+           ) -> tuple[object, tuple[str, ...], tuple[int, ...]]:
+    proto = str(cls[0]) if cls[0] == cls[1] else f"{cls[0]}-{cls[1]}"
+    ends = tuple(f" . {proto} . {lo}" if lo == hi else f" . {proto} . {lo}-{hi}"
+                 for lo, hi, _ in ports)
+    return ports, ends, tuple(r_ for _, _, r_ in ports)
 
 
 def _boxes(group: Group, family: Family, swept: Swept
@@ -448,18 +491,22 @@ def _sweep_class(parts: list[tuple[int, int, int, int]],
             here = _merge(sorted(r for i in ids for r in _merged(peers_of[i], family, swept)))
         if here:
             ranges[span] = here
-    return list(_disjoint(ranges))
+    return _disjoint(ranges)
 
 
 def _merged(peers: tuple[AddressRange, ...], family: Family, swept: Swept
             ) -> list[tuple[int, int]]:
     """A peers tuple's ranges of one family, merged (``_merge``), once per render: the
-    same tuple is a peer of many groups."""
+    same tuple is a peer of many groups. The tuple is sorted in C (the state's come sorted:
+    a linear pass) and cut at the family boundary, so no per-range work is in Python but
+    the merge."""
     key = ("merged", id(peers), family)
     found = swept.get(key)
     if found is None:
-        found = swept[key] = _merge(sorted(  # type: ignore[assignment]
-            (a.first, a.last) for a in peers if a.family == family))
+        ordered = sorted(peers)
+        cut = bisect.bisect_left(ordered, (6,))
+        found = swept[key] = _merge_peers(  # type: ignore[assignment]
+            ordered[:cut] if family == 4 else ordered[cut:])
     return found  # type: ignore[return-value]
 
 
@@ -470,6 +517,23 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     lo, hi = ranges[0]
     for a_lo, a_hi in ranges:
+        if a_lo > hi + 1:
+            out.append((lo, hi))
+            lo, hi = a_lo, a_hi
+        elif a_hi > hi:
+            hi = a_hi
+    out.append((lo, hi))
+    return out
+
+
+def _merge_peers(ranges: list[AddressRange]) -> list[tuple[int, int]]:
+    """``_merge`` of sorted ranges of one family, read from the ``AddressRange`` as they
+    are (no pairs built first: the peers of a cold render are ~100k ranges)."""
+    if not ranges:
+        return []
+    out: list[tuple[int, int]] = []
+    _, lo, hi = ranges[0]
+    for _, a_lo, a_hi in ranges:
         if a_lo > hi + 1:
             out.append((lo, hi))
             lo, hi = a_lo, a_hi
@@ -492,7 +556,7 @@ def _address_text(family: Family, first: int, last: int) -> str:
 
 
 def _disjoint(ranges: Mapping[tuple[int, int, int], list[tuple[int, int]]]
-              ) -> Iterator[tuple[int, int, tuple[tuple[int, int, int], ...]]]:
+              ) -> list[tuple[int, int, tuple[tuple[int, int, int], ...]]]:
     """Sweep the address axis: yield (first, last, port segments) for maximal address
     ranges over which the covering (port range, rank) spans do not change, each port
     segment credited to the lowest-ranked span covering it.
@@ -503,6 +567,11 @@ def _disjoint(ranges: Mapping[tuple[int, int, int], list[tuple[int, int]]]
     allowed on the same ports (the common case) cost one XOR and one dictionary look-up
     each."""
     spans = list(ranges)
+    if len(spans) == 1:  # merged ranges never touch: each is a box as it is
+        only = (spans[0],)
+        return [(lo, hi, only) for lo, hi in ranges[spans[0]]]
+    out: list[tuple[int, int, tuple[tuple[int, int, int], ...]]] = []
+    add = out.append
     events: dict[int, int] = {}
     get = events.get
     for bit, span in enumerate(spans):
@@ -523,8 +592,9 @@ def _disjoint(ranges: Mapping[tuple[int, int, int], list[tuple[int, int]]]
         if now == segments:
             continue
         if segments:
-            yield start, point - 1, segments
+            add((start, point - 1, segments))
         segments, start = now, point
+    return out
 
 
 def _port_segments(active: Iterable[tuple[int, int, int]]) -> tuple[tuple[int, int, int], ...]:

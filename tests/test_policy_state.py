@@ -530,3 +530,43 @@ def test_label_index_selects_what_matching_every_pod_selects(monkeypatch: Any) -
     monkeypatch.setattr(state_module, "INDEX_MIN_PODS", 10**9)
     assert indexed == compute(policies, pods, NAMESPACE_OBJECTS, node_name=None)
     assert indexed.ingress and indexed.egress
+
+
+def test_gc_paused_long_lived_promotes_without_a_young_collection() -> None:
+    """A full sync's state goes to the oldest generation when the collector resumes (no
+    young collection scanning it), and stays collectable: a cycle made inside is freed by
+    the next full collection."""
+    import gc
+    import weakref
+
+    from svcnet.policy.state import gc_paused
+
+    class Node:
+        other: Any = None
+
+    collections: list[int] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    assert gc.isenabled()
+    gc.callbacks.append(on_gc)
+    try:
+        with gc_paused(long_lived=True):
+            kept = [[i] for i in range(5000)]  # far past the young threshold
+            a, b = Node(), Node()
+            a.other, b.other = b, a
+            gone = weakref.ref(a)
+            del a, b
+        assert gc.isenabled()
+        survivor = [[]]  # an allocation that would start the young collection
+        assert collections == []
+        assert gc.get_count()[0] < 10
+        assert any(x is kept for x in gc.get_objects(generation=2))
+        assert gone() is not None
+        gc.collect()
+        assert gone() is None
+    finally:
+        gc.callbacks.remove(on_gc)
+    assert survivor and len(kept) == 5000
