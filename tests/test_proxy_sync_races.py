@@ -4,13 +4,21 @@ answers as the kernel does: ``File exists`` for a map key re-added with another 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import random
+from collections.abc import Iterable, Iterator, Sequence
 
+import pytest
 from svcnet.proxy.builders import endpoint, endpoint_slice, port, service, to_service, to_slice
+from svcnet.proxy.commands import CommandFailed
 from svcnet.proxy.config import BackendConfig
 from svcnet.proxy.fake_nft import FakeNft
+from svcnet.proxy.nft_model import nft_items, to_dump
 from svcnet.proxy.nftables import NftablesBackend
-from svcnet.proxy.state import ChangeTracker, NodeConfig
+from svcnet.proxy.proxier import Proxier, SyncSettings
+from svcnet.proxy.state import ChangeTracker, NodeConfig, ServicePortState
 
 from svcnet.model import EndpointSlice, Service
 
@@ -85,3 +93,96 @@ def test_frontend_handed_over_when_its_owner_goes() -> None:
     c.sync(full=False)  # before the fix: the survivor's element was never written
     assert c.verdict("service-ips") is not None
     assert c.verdict("service-ips") != first
+
+
+class FlakyNft(FakeNft):
+    """Fails the next ``nft -f`` once: before applying it, or after (the tool's answer
+    lost, the kernel changed)."""
+
+    fail_before = False
+    fail_after = False
+
+    def run(self, argv: Sequence[str], *, input: str | None = None, check: bool = True) -> str:
+        if argv[1:2] != ["-f"]:
+            return super().run(argv, input=input, check=check)
+        if self.fail_before:
+            self.fail_before = False
+            raise CommandFailed(argv, 1, "injected before applying")
+        out = super().run(argv, input=input, check=check)
+        if self.fail_after:
+            self.fail_after = False
+            raise CommandFailed(argv, 1, "injected after applying")
+        return out
+
+
+def kernel_items(fake: FakeNft) -> list[str]:
+    return sorted(nft_items(to_dump(fake.tables.values())))
+
+
+async def interleave(seed: int, steps: int = 40) -> None:
+    """Random informer events (also while a full sync streams the model into nft), forced
+    full syncs and failed ones, driven through ``Proxier.sync_once`` in a fixed order;
+    after every sync that succeeded the table is what a full sync of the tracker's state
+    writes (what every later partial sync assumes)."""
+    rng = random.Random(seed)
+    fake = FlakyNft()
+    backend = NftablesBackend(fake, BackendConfig(families=(4,)))
+    proxier = Proxier(backend, NodeConfig("n1"),
+                      settings=SyncSettings(min_sync_period=0, full_sync_period=1e9))
+    services: dict[str, Service] = {}
+    slices: dict[str, list[EndpointSlice]] = {}
+    proxier._services = services.get
+    proxier._slices = lambda key: list(slices.get(key, []))
+    proxier._service_keys = lambda: list(services)
+
+    def event() -> None:
+        i = rng.randrange(4)
+        key = f"default/s{i}"
+        roll = rng.random()
+        if roll < 0.2 and key in services:
+            proxier.on_service(services.pop(key), None)
+            slices.pop(key, None)
+        elif key not in services or roll < 0.35:
+            ports = [port(80, name="a"), port(443, name="b")] if rng.random() < 0.3 else [
+                port(80)]
+            svc = to_service(service(f"s{i}", f"10.96.0.{i}", *ports))
+            proxier.on_service(services.get(key), svc)
+            services[key] = svc
+        else:
+            eps = [endpoint(f"10.1.{i}.{j}") for j in range(rng.randrange(5))]
+            new = to_slice(endpoint_slice(f"s{i}", *eps)) if eps else None
+            old = (slices.get(key) or [None])[0]
+            slices[key] = [new] if new else []
+            if old or new:
+                proxier.on_slice(old, new)
+
+    full_sync = backend.sync_full
+
+    def streamed(ports: Iterable[ServicePortState]) -> None:
+        def with_events() -> Iterator[ServicePortState]:
+            for sp in ports:
+                if rng.random() < 0.3:
+                    event()  # the informer's thread is the test's: the order is fixed
+                yield sp
+        full_sync(with_events())
+
+    backend.sync_full = streamed  # type: ignore[method-assign]
+    for step in range(steps):
+        for _ in range(rng.randrange(3)):
+            event()
+        if rng.random() < 0.15:
+            proxier.request_full_sync()
+        fake.fail_before = rng.random() < 0.1
+        fake.fail_after = not fake.fail_before and rng.random() < 0.1
+        if await proxier.sync_once():
+            ref = FakeNft()
+            NftablesBackend(ref, BackendConfig(families=(4,))).sync_full(
+                sorted(proxier.tracker.state.values(), key=lambda sp: sp.key))
+            assert kernel_items(fake) == kernel_items(ref), f"seed {seed} step {step}"
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_kernel_holds_the_trackers_state_after_every_sync(
+        seed: int, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.CRITICAL, logger="svcnet.proxy.proxier")
+    asyncio.run(interleave(seed))
