@@ -8,11 +8,13 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import pytest
+from conftest import require_binary
 from svcnet.proxy.builders import endpoint, endpoint_slice, port, service, to_service, to_slice
-from svcnet.proxy.commands import CommandFailed
+from svcnet.proxy.commands import CommandFailed, Commands, SubprocessCommands
 from svcnet.proxy.config import BackendConfig
 from svcnet.proxy.fake_nft import FakeNft
 from svcnet.proxy.nft_model import nft_items, to_dump
@@ -28,9 +30,8 @@ KEY = json.dumps({"concat": ["10.96.0.10", "tcp", 80]}, sort_keys=True)
 class Cluster:
     """Services and slices as an informer cache holds them, a tracker and the backend."""
 
-    def __init__(self) -> None:
-        self.fake = FakeNft()
-        self.backend = NftablesBackend(self.fake, BackendConfig(families=(4,)))
+    def __init__(self, nft: Commands) -> None:
+        self.backend = NftablesBackend(nft, BackendConfig(families=(4,)))
         self.tracker = ChangeTracker(NodeConfig("n1"))
         self.services: dict[str, Service] = {}
         self.slices: dict[str, list[EndpointSlice]] = {}
@@ -53,15 +54,33 @@ class Cluster:
         self.backend.sync(changes, full=full)
 
     def verdict(self, map_name: str) -> object:
-        elems = self.fake.tables["ip", "svcnet"].sets[map_name].elems
-        return elems[KEY][1] if KEY in elems else None
+        """What ``map_name`` maps 10.96.0.10 . tcp . 80 to, as ``nft -j`` prints it."""
+        items: list[dict[str, Any]] = self.backend.dump()["nftables"]  # type: ignore[assignment]
+        for item in items:
+            body = item.get("map", {})
+            if body.get("name") == map_name:
+                for key, value in body.get("elem", []):
+                    if json.dumps(key, sort_keys=True) == KEY:
+                        return value
+        return None
 
 
-def test_second_service_on_a_taken_frontend_changes_nothing_the_first_owns() -> None:
+@pytest.fixture(params=["fake", "kernel"])
+def nft(request: pytest.FixtureRequest) -> Commands:
+    """The stateful fake, and the real ``nft`` in a throwaway namespace."""
+    if request.param == "fake":
+        return FakeNft()
+    require_binary("nft")
+    netns: Callable[[str], str] = request.getfixturevalue("netns")
+    return SubprocessCommands(netns("races"))
+
+
+def test_second_service_on_a_taken_frontend_changes_nothing_the_first_owns(
+        nft: Commands) -> None:
     """Two Services with one ClusterIP and port (an API server refuses it; a store may hold
     it): the full sync writes the first one only, so a partial sync of the other must not
     diff against a rendering the kernel never got."""
-    c = Cluster()
+    c = Cluster(nft)
     c.put("a", "10.1.0.1", "10.1.0.2")
     c.sync(full=True)
     owned = c.verdict("service-ips")
@@ -83,8 +102,8 @@ def test_second_service_on_a_taken_frontend_changes_nothing_the_first_owns() -> 
     assert c.verdict("service-ips") == {"goto": {"target": "lb-1"}}
 
 
-def test_frontend_handed_over_when_its_owner_goes() -> None:
-    c = Cluster()
+def test_frontend_handed_over_when_its_owner_goes(nft: Commands) -> None:
+    c = Cluster(nft)
     c.put("a", "10.1.0.1", "10.1.0.2")
     c.put("b", "10.1.0.3")
     c.sync(full=True)
