@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -103,6 +104,10 @@ class NftablesBackend:
         self._lb_max: dict[Family, int] = {f: 0 for f in config.families}
         # endpoint IPs whose hairpin pair is in the table, with how many ports hold each
         self._hairpin: dict[Family, Shared[str]] = {f: Shared() for f in config.families}
+        # How many service ports claim each frontend (``addr . proto . port``): a full sync
+        # writes only the first claimant, so a partial one touching a frontend claimed
+        # twice cannot diff renderings (one of them never reached the kernel).
+        self._claims: dict[Family, Counter[str]] = {f: Counter() for f in config.families}
         self._synced_once = False
 
     # --- public ---------------------------------------------------------------------------
@@ -189,6 +194,7 @@ class NftablesBackend:
             self._skeleton(family, tx)
             self._lb_chains[family] = set()
             self._hairpin[family].reset()
+            self._claims[family] = Counter()
         yield from _drain(txs)
         most = dict.fromkeys(families, LB_CHAINS_MIN)
         # Elements per (family, set), recorded in batches; verdict-map ones at the end.
@@ -202,8 +208,8 @@ class NftablesBackend:
             part = txs.get(family)
             if part is None:
                 continue
-            proto = sp.key.protocol.lower()
-            keys = [f"{fe.ip} . {proto} . {fe.port}" for fe in sp.frontends]
+            keys = _frontends(sp)
+            self._claims[family].update(keys)
             if not seen.isdisjoint(keys):
                 # Two services claiming one address and port (an API server prevents it):
                 # the first keeps it, as one nft transaction cannot hold both.
@@ -252,12 +258,24 @@ class NftablesBackend:
         yield from _drain(txs)
 
     def _needs_full(self, changes: Changes) -> bool:
-        """A port with more endpoints than the lb chains made at the last full sync."""
+        """A port with more endpoints than the lb chains made at the last full sync, or
+        a change to a frontend that several ports claim (before or after it)."""
+        delta: dict[tuple[Family, str], int] = {}
         for key, change in changes.changed.items():
+            if key.family not in self._families:
+                continue
             cur = change.current
-            if cur is not None and key.family in self._families and max(
+            if cur is not None and max(
                 len(cur.cluster_endpoints), len(cur.local_endpoints)
             ) > self._lb_max[key.family]:
+                return True
+            for sp, step in ((change.previous, -1), (cur, 1)):
+                for fe in _frontends(sp) if sp is not None else ():
+                    delta[key.family, fe] = delta.get((key.family, fe), 0) + step
+        claims = self._claims
+        for (family, fe), step in delta.items():
+            before = claims[family][fe]
+            if before > 1 or before + step > 1:
                 return True
         return False
 
@@ -280,6 +298,13 @@ class NftablesBackend:
             head, body, tail = parts[family]
             old = self.render(change.previous) if change.previous else Rendered()
             new = self.render(change.current) if change.current else Rendered()
+            claims = self._claims[family]
+            for fe in _frontends(change.previous) if change.previous else ():
+                claims[fe] -= 1
+                if claims[fe] <= 0:
+                    del claims[fe]
+            if change.current is not None:
+                claims.update(_frontends(change.current))
             self._ensure_lb_chains(family, set(new.lb_chains), head)
             old_sets = {s.name: s for s in old.sets}
             new_sets = {s.name: s for s in new.sets}
@@ -479,6 +504,12 @@ class NftablesBackend:
         rules.append(Rule(base, f"numgen random mod {len(targets)} vmap {{ {vmap} }}"))
         r.chains[Chain(base)] = tuple(rules)
         return base
+
+
+def _frontends(sp: ServicePortState) -> frozenset[str]:
+    """The frontends a port claims, as the verdict maps' keys."""
+    proto = sp.key.protocol.lower()
+    return frozenset(f"{fe.ip} . {proto} . {fe.port}" for fe in sp.frontends)
 
 
 def _hairpin_key(ip: str) -> str:
