@@ -186,6 +186,11 @@ def test_controllers_pods_run_with_their_volumes_env_and_token(lab: LabConfig) -
         assert env["KUBERNETES_SERVICE_HOST"] == "10.96.0.1"  # as a kubelet sets it
 
 
+def answers_all(lab: LabConfig, url: str, n: int) -> bool:
+    answers = echo_call(lab, "client", url, n)
+    return len(answers) == n and not [a for a in answers if a.startswith("ERROR")]
+
+
 def test_demo_checks_pass(lab: LabConfig) -> None:
     """DNS through kube-dns (the svcnet-dns pods), ClusterIP and NodePort balance across
     both nodes."""
@@ -197,6 +202,9 @@ def test_demo_checks_pass(lab: LabConfig) -> None:
     node_port = json.loads(kubectl(lab, "get", "svc", "web", "-o", "json").stdout)[
         "spec"]["ports"][0]["nodePort"]
     for target in ("http://web/", f"http://{lab.node_ip('n1')}:{node_port}/"):
+        # Ready pods reach the proxies through the EndpointSlice controller a moment later
+        # (as on any cluster); from the first full answer on, nothing may fail.
+        wait_for(lambda url=target: answers_all(lab, url, 4), 15, f"{target} to answer", 0.5)
         seen: set[str] = set()
         for _ in range(10):
             answers = echo_call(lab, "client", target, 12)

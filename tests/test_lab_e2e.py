@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -385,13 +386,34 @@ class RequestLoop:
             ["ip", "netns", "exec", cfg.pod_ns("default", pod), cfg.python, "-m",
              "svcnet.lab.echo", "call", target, "--count", str(count), "--interval",
              str(interval), "--timeout", str(timeout)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.out = b""  # read from the pipe's fd directly: no buffer that communicate skips
+        # The loop must be running before the test disrupts anything: on a quiet machine a
+        # heal can finish before a new Python process has sent its first request.
+        assert self._read(1, 30), "the request loop printed nothing in 30 s"
 
-    def stop(self) -> list[str]:
-        time.sleep(0.3)
+    def _read(self, n: int, timeout: float) -> bool:
+        """Until ``n`` more answers (True), ``timeout`` seconds or the loop's end."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        want, deadline = self.out.count(b"\n") + n, time.monotonic() + timeout
+        while self.out.count(b"\n") < want:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return False
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return False
+            self.out += chunk
+        return True
+
+    def stop(self, more: int = 60, timeout: float = 15) -> list[str]:
+        """All answers, once ``more`` have come after this call (or ``timeout``): requests
+        in flight across a disruption finish (TCP retransmits) before the loop ends."""
+        self._read(more, timeout)
         self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=10)
-        return out.splitlines()
+        rest, _ = self.proc.communicate(timeout=10)
+        return (self.out + rest).decode().splitlines()
 
 
 def failures(lines: list[str]) -> list[str]:
