@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -243,3 +245,43 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if in_vm_only:
         config.hook.pytest_deselected(items=in_vm_only)
         items[:] = [item for item in items if not item.get_closest_marker("vm")]
+
+
+class RequestLoop:
+    """At most ``count`` HTTP requests from a lab pod (``svcnet.lab.echo call``), in the
+    background, until stopped."""
+
+    def __init__(self, cfg: LabConfig, pod: str, target: str, *, count: int = 3000,
+                 interval: float = 0.01, timeout: float = 3.0) -> None:
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", cfg.pod_ns("default", pod), cfg.python, "-m",
+             "svcnet.lab.echo", "call", target, "--count", str(count), "--interval",
+             str(interval), "--timeout", str(timeout)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.out = b""  # read from the pipe's fd directly: no buffer that communicate skips
+        # The loop must be running before the test disrupts anything: on a quiet machine a
+        # heal can finish before a new Python process has sent its first request.
+        assert self._read(1, 30), "the request loop printed nothing in 30 s"
+
+    def _read(self, n: int, timeout: float) -> bool:
+        """Until ``n`` more answers (True), ``timeout`` seconds or the loop's end."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        want, deadline = self.out.count(b"\n") + n, time.monotonic() + timeout
+        while self.out.count(b"\n") < want:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return False
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return False
+            self.out += chunk
+        return True
+
+    def stop(self, more: int = 60, timeout: float = 15) -> list[str]:
+        """All answers, once ``more`` have come after this call (or ``timeout``): requests
+        in flight across a disruption finish (TCP retransmits) before the loop ends."""
+        self._read(more, timeout)
+        self.proc.send_signal(signal.SIGTERM)
+        rest, _ = self.proc.communicate(timeout=10)
+        return (self.out + rest).decode().splitlines()

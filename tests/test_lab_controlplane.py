@@ -10,7 +10,6 @@ control-plane kills come last.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import lab_in_sync, require_binary, running_lab, until
+from conftest import RequestLoop, lab_in_sync, require_binary, running_lab, until
 from svcnet.lab.cluster import lab_command
 from svcnet.lab.demo import _show, echo_call, pod_exec, resolve
 from svcnet.lab.k8s import (
@@ -156,24 +155,6 @@ def test_scale_to_zero_rejects_at_once_and_back(lab: LabConfig) -> None:
     lab_in_sync(lab, 60)
 
 
-class RequestLoop:
-    """At most ``count`` requests from a pod to the web ClusterIP until stopped."""
-
-    def __init__(self, cfg: LabConfig, pod: str, *, count: int = 6000,
-                 interval: float = 0.02) -> None:
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", cfg.pod_ns("default", pod), cfg.python, "-m",
-             "svcnet.lab.echo", "call", web_url(cfg), "--count", str(count), "--interval",
-             str(interval), "--timeout", "3"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-
-    def stop(self) -> list[str]:
-        time.sleep(0.3)
-        self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=20)
-        return out.splitlines()
-
-
 def web_pod_names(cfg: LabConfig) -> set[str]:
     return {p["metadata"]["name"] for p in get(cfg, "pods", "-l", "app=web")["items"]}
 
@@ -183,7 +164,7 @@ def test_rollout_restart_under_50_requests_per_second_fails_none(lab: LabConfig)
     Ready, its endpoint terminating, and it drains (lameduck) before it exits: not one of the
     requests through the ClusterIP may fail."""
     old = web_pod_names(lab)
-    loop = RequestLoop(lab, "client", count=9000, interval=0.02)
+    loop = RequestLoop(lab, "client", web_url(lab), count=9000, interval=0.02)
     try:
         time.sleep(1)
         kubectl(lab, "rollout", "restart", "deployment/web")
@@ -282,7 +263,7 @@ def test_kill_9_of_a_control_plane_component_under_traffic(lab: LabConfig, compo
     converges once it is back."""
     cp = LabControlPlane(lab, RealKernel())
     url = web_url(lab)
-    loop = RequestLoop(lab, "client")
+    loop = RequestLoop(lab, "client", web_url(lab), count=6000, interval=0.02)
     try:
         time.sleep(1)
         cp.kill(component)
